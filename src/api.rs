@@ -1,0 +1,578 @@
+//! The OpenAI-compatible HTTP surface: routes, request validation, and the stamping of every
+//! response (`x-request-id`, `x-mofa-backend`, `x-mofa-latency-ms`).
+//!
+//! Owns reading and checking client requests and turning upstream replies into responses.
+//! It must not decide statuses for failures itself (that is `error`), nor talk to a backend
+//! directly (that is `upstream`). A request is forwarded as sent; only `model` may be rewritten.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::{Config, DeploymentKind};
+use crate::error::{kind_for_status, ApiError};
+use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
+use crate::upstream::{Deployment, Endpoint, Reply};
+
+/// A model clients can ask for, and where it can run.
+pub struct Model {
+    pub name: String,
+    pub deployments: Vec<Arc<Deployment>>,
+}
+
+/// What every handler shares. Immutable after start-up: no lock on the request path.
+pub struct AppState {
+    pub models: HashMap<String, Arc<Model>>,
+    /// The `GET /v1/models` body, built once.
+    model_list: Bytes,
+    created: u64,
+    max_body_bytes: usize,
+}
+
+impl AppState {
+    /// Builds the runtime state from a validated config, starting in-process simulators.
+    pub async fn build(cfg: &Config) -> Result<AppState, String> {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut models = HashMap::new();
+        let mut listed = Vec::new();
+        for m in &cfg.models {
+            let mut deployments = Vec::new();
+            for d in &m.deployments {
+                let url = match d.kind {
+                    DeploymentKind::Sim => {
+                        let served = d.upstream_model.clone().unwrap_or_else(|| m.name.clone());
+                        let opts = crate::sim::SimOptions {
+                            models: vec![served],
+                            ttft: std::time::Duration::from_millis(d.ttft_ms.unwrap_or(0)),
+                            tokens_per_sec: d.tokens_per_sec.unwrap_or(0.0),
+                            ..Default::default()
+                        };
+                        let addr = crate::sim::spawn_local(opts).await.map_err(|e| {
+                            format!("cannot start the simulator for {}: {e}", m.name)
+                        })?;
+                        format!("http://{addr}/v1")
+                    }
+                    _ => d.url.clone().unwrap_or_default(),
+                };
+                let dep = Deployment::new(&m.name, d, &url, cfg.server.max_response_bytes)
+                    .map_err(|e| format!("model {}: {e}", m.name))?;
+                deployments.push(Arc::new(dep));
+            }
+            listed.push(json!({"id": m.name, "object": "model", "created": created, "owned_by": "mofa-gateway"}));
+            models.insert(
+                m.name.clone(),
+                Arc::new(Model {
+                    name: m.name.clone(),
+                    deployments,
+                }),
+            );
+        }
+        let model_list = Bytes::from(
+            serde_json::to_vec(&json!({"object": "list", "data": listed})).unwrap_or_default(),
+        );
+        Ok(AppState {
+            models,
+            model_list,
+            created,
+            max_body_bytes: cfg.server.max_body_bytes,
+        })
+    }
+}
+
+/// The gateway's router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route(
+            "/healthz",
+            get(|| async { json_ok(json!({"status": "ok"})) }),
+        )
+        .route(
+            "/readyz",
+            get(|| async { json_ok(json!({"status": "ready"})) }),
+        )
+        .fallback(unknown_url)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(stamp))
+        .with_state(state)
+}
+
+/// The request id of the request being served, as the stamp layer decided it.
+#[derive(Clone)]
+struct RequestId(HeaderValue);
+
+/// Stamps every response with `x-request-id`, `x-mofa-backend` (default `gateway`) and
+/// `x-mofa-latency-ms`, and turns any error that is not yet an envelope into one.
+async fn stamp(mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let rid = req
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| valid_request_id(v.as_bytes()))
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    req.extensions_mut().insert(RequestId(rid.clone()));
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    if (status.is_client_error() || status.is_server_error()) && !is_json(resp.headers()) {
+        // A reply from outside our handlers (a layer, an extractor): give it the envelope.
+        let code = status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+            .replace(' ', "_");
+        let body = crate::error::envelope(
+            status.canonical_reason().unwrap_or("error"),
+            kind_for_status(status),
+            None,
+            &code,
+        );
+        let (mut parts, _) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp = Response::from_parts(parts, Body::from(body));
+    }
+    let h = resp.headers_mut();
+    h.insert(REQUEST_ID, rid);
+    h.entry(BACKEND)
+        .or_insert(HeaderValue::from_static("gateway"));
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = HeaderValue::from_str(&format!("{ms:.3}")) {
+        h.insert(LATENCY_MS, v);
+    }
+    resp
+}
+
+fn is_json(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// A client's id is echoed if it is 1..=128 visible ASCII characters.
+fn valid_request_id(b: &[u8]) -> bool {
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+fn new_request_id() -> HeaderValue {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let prefix = *PREFIX.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        t ^ std::process::id().rotate_left(16)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::from_str(&format!("req-{prefix:08x}{n:012x}"))
+        .unwrap_or(HeaderValue::from_static("req-unknown"))
+}
+
+fn json_ok(v: Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(&v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn unknown_url(method: Method, uri: Uri) -> ApiError {
+    ApiError::unknown_url(method.as_str(), uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+async fn list_models(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        st.model_list.clone(),
+    )
+        .into_response()
+}
+
+async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match st.models.get(&id) {
+        Some(m) => json_ok(
+            json!({"id": m.name, "object": "model", "created": st.created, "owned_by": "mofa-gateway"}),
+        ),
+        None => ApiError::model_not_found(&id).into_response(),
+    }
+}
+
+async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    proxy(st, Endpoint::ChatCompletions, req).await
+}
+
+async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    proxy(st, Endpoint::Completions, req).await
+}
+
+async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    proxy(st, Endpoint::Embeddings, req).await
+}
+
+async fn proxy(st: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {
+    match try_proxy(&st, endpoint, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The parts of a request body the gateway looks at; everything else is forwarded untouched.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    model: Option<Field<'a>>,
+    #[serde(borrow)]
+    stream: Option<Field<'a>>,
+    #[serde(borrow)]
+    messages: Option<Field<'a>>,
+    #[serde(borrow)]
+    prompt: Option<Field<'a>>,
+    #[serde(borrow)]
+    input: Option<Field<'a>>,
+}
+
+/// A top-level field, known by its JSON type; strings are kept, containers are skipped.
+enum Field<'a> {
+    Str(Cow<'a, str>),
+    Bool(bool),
+    Array(usize),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Field<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'a>, E> {
+                Ok(Field::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field<'a>, E> {
+                Ok(Field::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Field<'a>, E> {
+                Ok(Field::Bool(v))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Field<'a>, A::Error> {
+                let mut n = 0;
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Field::Array(n))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Field<'a>, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Field::Other)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// What a valid request asks for.
+struct Parsed {
+    model: String,
+    stream: bool,
+}
+
+/// Checks the content type, size and JSON of a request, and the fields the gateway needs.
+fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
+    let head: Head = match serde_json::from_slice(body) {
+        Ok(h) => h,
+        Err(e) if e.is_data() => {
+            return Err(ApiError::invalid_json("the body must be a JSON object"))
+        }
+        Err(e) => return Err(ApiError::invalid_json(e)),
+    };
+    let model = match head.model {
+        Some(Field::Str(m)) if !m.is_empty() => m.into_owned(),
+        Some(Field::Str(_)) | None => {
+            return Err(ApiError::invalid_value(
+                "model",
+                "you must provide a model parameter",
+            ))
+        }
+        Some(_) => return Err(ApiError::invalid_value("model", "`model` must be a string")),
+    };
+    let stream = match head.stream {
+        None | Some(Field::Other) if endpoint == Endpoint::Embeddings => false,
+        None => false,
+        Some(Field::Bool(b)) => b && endpoint != Endpoint::Embeddings,
+        Some(_) => {
+            return Err(ApiError::invalid_value(
+                "stream",
+                "`stream` must be a boolean",
+            ))
+        }
+    };
+    match endpoint {
+        Endpoint::ChatCompletions => match head.messages {
+            Some(Field::Array(n)) if n > 0 => {}
+            Some(Field::Array(_)) => {
+                return Err(ApiError::invalid_value(
+                    "messages",
+                    "`messages` must not be empty",
+                ))
+            }
+            None => {
+                return Err(ApiError::invalid_value(
+                    "messages",
+                    "you must provide a messages parameter",
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::invalid_value(
+                    "messages",
+                    "`messages` must be an array",
+                ))
+            }
+        },
+        Endpoint::Completions => {
+            if !matches!(head.prompt, Some(Field::Str(_) | Field::Array(_))) {
+                return Err(ApiError::invalid_value(
+                    "prompt",
+                    "`prompt` must be a string or an array",
+                ));
+            }
+        }
+        Endpoint::Embeddings => match head.input {
+            Some(Field::Str(_)) => {}
+            Some(Field::Array(n)) if n > 0 => {}
+            _ => {
+                return Err(ApiError::invalid_value(
+                    "input",
+                    "`input` must be a string or a non-empty array",
+                ))
+            }
+        },
+    }
+    Ok(Parsed { model, stream })
+}
+
+/// `body` with `model` replaced, other fields and their order kept.
+fn rewrite_model(body: &[u8], model: &str) -> Result<Bytes, ApiError> {
+    let mut v: serde_json::Map<String, Value> =
+        serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
+    v.insert("model".into(), Value::String(model.to_owned()));
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(ApiError::invalid_json)
+}
+
+async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
+    let h = req.headers();
+    let json_type = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json_type {
+        return Err(ApiError::unsupported_media_type());
+    }
+    let limit = st.max_body_bytes;
+    if let Some(len) = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(ApiError::too_large(limit));
+        }
+    }
+    match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::invalid_json(format!(
+            "the body could not be read: {e}"
+        ))),
+    }
+}
+
+async fn try_proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Result<Response, ApiError> {
+    let rid = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(new_request_id);
+    let body = read_body(st, req).await?;
+    let parsed = parse_request(endpoint, &body)?;
+    let model = st
+        .models
+        .get(&parsed.model)
+        .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
+    let dep = model
+        .deployments
+        .first()
+        .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
+    let forward = match &dep.upstream_model {
+        Some(m) if *m != parsed.model => rewrite_model(&body, m)?,
+        _ => body,
+    };
+    let rid_str = rid.to_str().unwrap_or_default();
+    let reply = dep
+        .call(endpoint, forward, rid_str, parsed.stream)
+        .await
+        .map_err(|e| ApiError::from_upstream(&dep.label, e))?;
+    Ok(respond(reply, &dep.label))
+}
+
+fn respond(reply: Reply, label: &str) -> Response {
+    let mut resp = match reply {
+        Reply::Full { content_type, body } => {
+            let mut r = Response::new(Body::from(body));
+            r.headers_mut().insert(header::CONTENT_TYPE, content_type);
+            r
+        }
+        Reply::Stream(body) => {
+            let mut r = Response::new(body);
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
+    };
+    *resp.status_mut() = StatusCode::OK;
+    if let Ok(v) = HeaderValue::from_str(label) {
+        resp.headers_mut().insert(BACKEND, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(e: Endpoint, s: &str) -> Result<Parsed, ApiError> {
+        parse_request(e, s.as_bytes())
+    }
+
+    #[test]
+    fn parse_accepts_a_chat_request() {
+        let p = parse(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"x":{"y":[1]}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.model, "m");
+        assert!(p.stream);
+    }
+
+    #[test]
+    fn parse_names_the_bad_field() {
+        let cases = [
+            (Endpoint::ChatCompletions, r#"{"messages":[{}]}"#, "model"),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":1,"messages":[{}]}"#,
+                "model",
+            ),
+            (Endpoint::ChatCompletions, r#"{"model":"m"}"#, "messages"),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":"m","messages":[]}"#,
+                "messages",
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":"m","messages":"hi"}"#,
+                "messages",
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":"m","messages":[{}],"stream":"yes"}"#,
+                "stream",
+            ),
+            (Endpoint::Completions, r#"{"model":"m"}"#, "prompt"),
+            (Endpoint::Embeddings, r#"{"model":"m","input":[]}"#, "input"),
+        ];
+        for (e, body, param) in cases {
+            let err = parse(e, body)
+                .err()
+                .unwrap_or_else(|| panic!("{body} passed"));
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(err.param, Some(param), "{body}");
+        }
+    }
+
+    #[test]
+    fn parse_rejects_non_objects_and_broken_json() {
+        for body in ["[1]", "\"m\"", "{\"model\":", "", "nul"] {
+            let err = parse(Endpoint::ChatCompletions, body).err().unwrap();
+            assert_eq!(err.code, "invalid_json", "{body}");
+        }
+    }
+
+    #[test]
+    fn rewrite_keeps_order_and_unknown_fields() {
+        let out = rewrite_model(br#"{"z":1,"model":"a","tools":[{"x":null}]}"#, "b").unwrap();
+        assert_eq!(&out[..], br#"{"z":1,"model":"b","tools":[{"x":null}]}"#);
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+        assert_ne!(new_request_id(), new_request_id());
+    }
+}

@@ -1,0 +1,371 @@
+//! The one place that turns a gateway error into an HTTP response.
+//!
+//! Every non-2xx reply the gateway produces goes through [`ApiError`], so every one carries the
+//! OpenAI error envelope `{"error":{"message","type","param","code"}}` with the status that
+//! `docs/http-contract.md` gives for it, plus `Retry-After` / `x-should-retry` where they apply.
+//! This module decides statuses and envelopes; it must not do I/O or know about routing.
+
+use std::borrow::Cow;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use crate::headers::{BACKEND, REJECT_REASON, SHOULD_RETRY};
+use crate::upstream::UpstreamError;
+
+/// Lowest and highest `Retry-After` the gateway ever sends: every OpenAI SDK honours (0, 60].
+pub const RETRY_AFTER_MIN_S: u64 = 1;
+pub const RETRY_AFTER_MAX_S: u64 = 60;
+
+/// Clamps a wait in seconds into the range every SDK honours.
+pub fn clamp_retry_after(secs: u64) -> u64 {
+    secs.clamp(RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S)
+}
+
+/// A failure to be answered with the OpenAI error envelope (boxed: it travels in `Result`s).
+#[derive(Debug, Clone)]
+pub struct ApiError(Box<ErrorReply>);
+
+impl std::ops::Deref for ApiError {
+    type Target = ErrorReply;
+    fn deref(&self) -> &ErrorReply {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ErrorReply {
+        &mut self.0
+    }
+}
+
+/// What an [`ApiError`] answers with.
+#[derive(Debug, Clone)]
+pub struct ErrorReply {
+    pub status: StatusCode,
+    /// Envelope `type`, e.g. `invalid_request_error`.
+    pub kind: &'static str,
+    /// Envelope `code`, e.g. `model_not_found`.
+    pub code: Cow<'static, str>,
+    pub message: String,
+    /// Envelope `param`: the request field at fault, if any.
+    pub param: Option<&'static str>,
+    /// `Retry-After` in seconds (already clamped to [1, 60] when set through the constructors).
+    pub retry_after: Option<u64>,
+    /// `x-should-retry`, for failures that retrying cannot fix.
+    pub should_retry: Option<bool>,
+    /// `x-mofa-backend` for this reply; `None` leaves the default (`gateway`).
+    pub backend: Option<String>,
+    /// Sets `x-mofa-reject-reason` (the code) on admission rejections.
+    pub rejected: bool,
+    /// An upstream's own error envelope, sent as it came instead of one built here.
+    pub passthrough: Option<Bytes>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
+        ApiError(Box::new(ErrorReply {
+            status,
+            kind,
+            code: Cow::Borrowed(code),
+            message,
+            param: None,
+            retry_after: None,
+            should_retry: None,
+            backend: None,
+            rejected: false,
+            passthrough: None,
+        }))
+    }
+
+    pub fn invalid_json(detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            format!("We could not parse the JSON body of your request: {detail}"),
+        )
+    }
+
+    pub fn invalid_value(param: &'static str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            message.into(),
+        );
+        e.param = Some(param);
+        e
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "The model `{}` does not exist or you do not have access to it.",
+                truncate(model, 200)
+            ),
+        );
+        e.param = Some("model");
+        e
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("The request body is larger than the limit of {limit} bytes."),
+        )
+    }
+
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            "The request body must be JSON, sent with `Content-Type: application/json`.".into(),
+        )
+    }
+
+    pub fn unknown_url(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_url",
+            format!("Unknown request URL: {method} {}.", truncate(path, 200)),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("{method} is not allowed on {}.", truncate(path, 200)),
+        )
+    }
+
+    /// Upstream could not be reached, or broke, before the first byte reached the client.
+    pub fn upstream_unavailable(backend: &str, detail: impl std::fmt::Display) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_unavailable",
+            format!("The backend {backend} failed before responding: {detail}"),
+        );
+        e.backend = Some(backend.to_owned());
+        e
+    }
+
+    /// Upstream did not send its first byte in time.
+    pub fn upstream_timeout(backend: &str, what: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            "upstream_timeout",
+            format!("The backend {backend} timed out ({what})."),
+        );
+        e.backend = Some(backend.to_owned());
+        e
+    }
+
+    /// Upstream itself is overloaded (its 429 or 503): the client may retry later.
+    pub fn upstream_busy(backend: &str, upstream_status: StatusCode, retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "upstream_overloaded",
+            format!(
+                "The backend {backend} is overloaded (it answered {}).",
+                upstream_status.as_u16()
+            ),
+        );
+        e.retry_after = Some(clamp_retry_after(retry_after));
+        e.backend = Some(backend.to_owned());
+        e
+    }
+
+    /// Maps a failed upstream call (nothing sent to the client yet) to the client's answer:
+    /// connect failure 502, timeout 504, upstream 429/503 503 with `Retry-After`, other 5xx 502,
+    /// other 4xx passed through with their status (wrapped in the envelope if they were not).
+    pub fn from_upstream(backend: &str, e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Connect(detail) => Self::upstream_unavailable(backend, detail),
+            UpstreamError::Timeout(what) => Self::upstream_timeout(backend, what),
+            UpstreamError::Invalid(detail) => Self::upstream_unavailable(backend, detail),
+            UpstreamError::TooLarge(limit) => Self::upstream_unavailable(
+                backend,
+                format!("its reply is larger than server.max_response_bytes ({limit})"),
+            ),
+            UpstreamError::Status {
+                status,
+                retry_after,
+                body,
+            } => match status.as_u16() {
+                429 | 503 => Self::upstream_busy(backend, status, retry_after.unwrap_or(1)),
+                408 => Self::upstream_timeout(backend, "the backend answered 408"),
+                400..=499 => {
+                    let mut e = Self::new(
+                        status,
+                        kind_for_status(status),
+                        "upstream_error",
+                        crate::upstream::error_message(&body).unwrap_or_else(|| {
+                            format!(
+                                "The backend {backend} rejected the request ({}): {}",
+                                status.as_u16(),
+                                truncate(&String::from_utf8_lossy(&body), 300)
+                            )
+                        }),
+                    )
+                    .at(backend);
+                    if is_envelope(&body) {
+                        e.passthrough = Some(body);
+                    }
+                    e
+                }
+                _ => {
+                    Self::upstream_unavailable(backend, format!("it answered {}", status.as_u16()))
+                }
+            },
+        }
+    }
+
+    /// Sets the backend named in `x-mofa-backend`.
+    pub fn at(mut self, backend: &str) -> Self {
+        self.backend = Some(backend.to_owned());
+        self
+    }
+
+    /// The envelope as JSON bytes.
+    pub fn envelope(&self) -> Bytes {
+        envelope(&self.message, self.kind, self.param, &self.code)
+    }
+}
+
+/// Builds `{"error":{"message","type","param","code"}}`.
+pub fn envelope(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": param, "code": code }
+    });
+    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+}
+
+/// The SSE event that ends a stream that failed after its first byte (no `[DONE]` follows).
+pub fn sse_error_event(message: &str, code: &str) -> Bytes {
+    let env = envelope(message, "upstream_error", None, code);
+    let mut out = Vec::with_capacity(env.len() + 24);
+    out.extend_from_slice(b"event: error\ndata: ");
+    out.extend_from_slice(&env);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// Envelope `type` for a status the gateway did not produce itself (safety net, pass-through).
+pub fn kind_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        503 => "service_unavailable",
+        502 | 504 => "upstream_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// Whether `body` is an OpenAI error envelope (an object whose `error` has a string `message`).
+fn is_envelope(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error")?.get("message")?.as_str().map(|_| ()))
+        .is_some()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match &self.passthrough {
+            Some(b) => b.clone(),
+            None => self.envelope(),
+        };
+        let mut resp = (self.status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(retry) = self.should_retry {
+            h.insert(
+                SHOULD_RETRY,
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+        }
+        if self.rejected {
+            if let Ok(v) = HeaderValue::from_str(&self.code) {
+                h.insert(REJECT_REASON, v);
+            }
+            h.insert(BACKEND, HeaderValue::from_static("rejected"));
+        } else if let Some(b) = self.backend.as_deref() {
+            if let Ok(v) = HeaderValue::from_str(b) {
+                h.insert(BACKEND, v);
+            }
+        }
+        resp
+    }
+}
+
+/// Shortens client-supplied text quoted back in a message.
+pub fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_has_all_four_fields() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&ApiError::model_not_found("x").envelope()).unwrap();
+        let e = &v["error"];
+        assert_eq!(e["type"], "invalid_request_error");
+        assert_eq!(e["code"], "model_not_found");
+        assert_eq!(e["param"], "model");
+        assert!(e["message"].as_str().unwrap().contains("`x`"));
+        let v: serde_json::Value =
+            serde_json::from_slice(&ApiError::unsupported_media_type().envelope()).unwrap();
+        assert!(v["error"].as_object().unwrap().contains_key("param"));
+        assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn retry_after_is_clamped() {
+        assert_eq!(clamp_retry_after(0), 1);
+        assert_eq!(clamp_retry_after(30), 30);
+        assert_eq!(clamp_retry_after(3600), 60);
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "hé");
+        assert_eq!(truncate("hi", 10), "hi");
+    }
+
+    #[test]
+    fn sse_error_event_is_one_event() {
+        let ev = sse_error_event("boom", "upstream_disconnected");
+        let s = std::str::from_utf8(&ev).unwrap();
+        assert!(s.starts_with("event: error\ndata: {\"error\":"));
+        assert!(s.ends_with("\n\n"));
+        assert!(!s.contains("[DONE]"));
+    }
+}

@@ -1,0 +1,15 @@
+//! mofa-gateway: an OpenAI-compatible LLM inference gateway.
+//!
+//! The path of a request: `api` reads and checks it, picks the model's deployment and hands the
+//! body to `upstream`, which calls the backend and waits for its first byte; `error` is the one
+//! place that turns any failure into a status and an OpenAI error envelope. `config` turns TOML
+//! into a validated [`config::Config`]; `sim` is the built-in simulated backend; `server` wires
+//! them together and serves until shutdown.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod server;
+pub mod sim;
+pub mod upstream;

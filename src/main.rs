@@ -1,0 +1,190 @@
+//! The `mofa-gateway` command: `serve` (the default), `sim` and `check-config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use mofa_gateway::config::Config;
+use mofa_gateway::server::{shutdown_signal, Gateway};
+use mofa_gateway::sim::SimOptions;
+
+#[derive(Parser)]
+#[command(
+    name = "mofa-gateway",
+    version,
+    about = "OpenAI-compatible LLM inference gateway",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand: the options of `serve`.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gateway (the default). Without --config: one simulated model, `mofa-sim`.
+    Serve(ServeArgs),
+    /// Serve a simulated OpenAI-compatible model server (tests, benchmarks, demos).
+    Sim(SimArgs),
+    /// Validate a config file and print it resolved, with secrets masked.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address to listen on; overrides `server.listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Address to listen on (port 0: any free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    listen: SocketAddr,
+    /// Model ids to serve (repeatable).
+    #[arg(long = "model", default_values_t = vec!["mofa-sim".to_string()])]
+    models: Vec<String>,
+    /// Time to first token, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    ttft_ms: u64,
+    /// Tokens per second after the first; 0 means as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    tokens_per_sec: f64,
+    /// Requests in flight at once; more get 503. 0 means no limit.
+    #[arg(long, default_value_t = 0)]
+    max_concurrency: usize,
+    /// Share of requests answered with a 500, from 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Drop the connection after this many tokens.
+    #[arg(long)]
+    die_after_tokens: Option<u64>,
+    /// Never answer (requests hang until the client gives up).
+    #[arg(long)]
+    hang: bool,
+    /// Require `Authorization: Bearer <KEY>`, read from this environment variable.
+    #[arg(long, value_name = "ENV_VAR")]
+    api_key_env: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+    if let Command::CheckConfig { file } = &command {
+        return match Config::load(file) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_masked_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match command {
+            Command::Serve(args) => serve(args).await,
+            Command::Sim(args) => sim(args).await,
+            Command::CheckConfig { .. } => Ok(()),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => {
+            tracing::info!("no --config given: serving the built-in simulated model `mofa-sim`");
+            Config::default_config()
+        }
+    };
+    if let Some(listen) = args.listen {
+        cfg.server.listen = listen;
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}: {e} (server.listen / --listen)",
+                cfg.server.listen
+            )
+        })?;
+    let gw = Gateway::build(&cfg, listener).await?;
+    let addr = gw.local_addr().map_err(|e| e.to_string())?;
+    let names: Vec<&str> = cfg.models.iter().map(|m| m.name.as_str()).collect();
+    tracing::info!(%addr, models = ?names, "mofa-gateway listening");
+    gw.serve(shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+async fn sim(args: SimArgs) -> Result<(), String> {
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        return Err("--fail-rate must be between 0 and 1".into());
+    }
+    if !(args.tokens_per_sec.is_finite() && args.tokens_per_sec >= 0.0) {
+        return Err("--tokens-per-sec must be a number >= 0".into());
+    }
+    let api_key = match &args.api_key_env {
+        Some(var) => {
+            Some(std::env::var(var).map_err(|_| format!("--api-key-env: {var} is not set"))?)
+        }
+        None => None,
+    };
+    let opts = SimOptions {
+        models: args.models,
+        ttft: Duration::from_millis(args.ttft_ms),
+        tokens_per_sec: args.tokens_per_sec,
+        max_concurrency: args.max_concurrency,
+        fail_rate: args.fail_rate,
+        die_after_tokens: args.die_after_tokens,
+        hang: args.hang,
+        api_key,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    // Printed on stdout so that scripts and tests can read the port.
+    println!("mofa-sim listening on http://{addr}/v1");
+    tracing::info!(%addr, models = ?opts.models, "simulator listening");
+    tokio::select! {
+        r = mofa_gateway::sim::serve(listener, opts) => r.map_err(|e| e.to_string()),
+        _ = shutdown_signal() => Ok(()),
+    }
+}

@@ -1,0 +1,466 @@
+//! The upstream client: sends one request to one deployment and reports what came back.
+//!
+//! Owns the connection pool and timeouts of each deployment, the credentials sent upstream
+//! (from the deployment's config, never from the client), and the rule that nothing reaches the
+//! client before the upstream's first body byte: until then every failure is an
+//! [`UpstreamError`] that the caller can still answer with a proper status (or retry). After
+//! it, failures become an SSE `error` event that ends the stream without `[DONE]`.
+//! It must not choose deployments or build client-facing error bodies (see `error`).
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use crate::config::{DeploymentConfig, DeploymentKind, Secret};
+use crate::error::sse_error_event;
+use crate::headers::REQUEST_ID;
+
+/// The OpenAI endpoints the gateway forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+}
+
+/// One place a model can run, ready to be called.
+pub struct Deployment {
+    /// The `x-mofa-backend` value, e.g. `local(llama-3-8b@q8)`.
+    pub label: String,
+    pub kind: DeploymentKind,
+    pub upstream_model: Option<String>,
+    pub max_concurrency: u32,
+    base_url: String,
+    auth: Option<HeaderValue>,
+    extra_headers: Vec<(HeaderName, HeaderValue)>,
+    client: reqwest::Client,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+    max_response_bytes: usize,
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployment")
+            .field("label", &self.label)
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an upstream call failed before anything reached the client.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Could not connect, or the connection broke before the reply's first body byte.
+    Connect(String),
+    /// No reply (head or first body byte) within the deadline; names the deadline.
+    Timeout(&'static str),
+    /// The upstream answered with a non-2xx status.
+    Status {
+        status: StatusCode,
+        retry_after: Option<u64>,
+        body: Bytes,
+    },
+    /// A 2xx whose body carries an error object, or is not what was asked for.
+    Invalid(String),
+    /// A non-streaming reply larger than `server.max_response_bytes`.
+    TooLarge(usize),
+}
+
+/// A successful upstream reply, ready to send.
+pub enum Reply {
+    /// A complete body (non-streaming), already checked.
+    Full {
+        content_type: HeaderValue,
+        body: Bytes,
+    },
+    /// A stream whose first chunk has arrived and is not an error.
+    Stream(Body),
+}
+
+impl Deployment {
+    /// Builds a deployment from its config; `url` overrides the config's (for in-process sims).
+    pub fn new(
+        model: &str,
+        cfg: &DeploymentConfig,
+        url: &str,
+        max_response_bytes: usize,
+    ) -> Result<Deployment, String> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let auth = cfg.api_key.as_ref().map(bearer).transpose()?;
+        let extra_headers = cfg
+            .headers
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect();
+        Ok(Deployment {
+            label: cfg.label(model),
+            kind: cfg.kind,
+            upstream_model: cfg.upstream_model.clone(),
+            max_concurrency: cfg.max_concurrency,
+            base_url: url.trim_end_matches('/').to_owned(),
+            auth,
+            extra_headers,
+            client,
+            first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
+            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            max_response_bytes,
+        })
+    }
+
+    /// Sends `body` to `endpoint` and waits for the reply's first body byte (streaming) or its
+    /// whole body (non-streaming).
+    pub async fn call(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        request_id: &str,
+        stream: bool,
+    ) -> Result<Reply, UpstreamError> {
+        let mut req = self
+            .client
+            .post(format!("{}{}", self.base_url, endpoint.path()))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(
+                header::ACCEPT,
+                if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                },
+            )
+            .header(REQUEST_ID, request_id)
+            .body(body);
+        if let Some(auth) = &self.auth {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        for (k, v) in &self.extra_headers {
+            req = req.header(k, v);
+        }
+        let first = async {
+            let resp = req.send().await.map_err(connect_error)?;
+            let status = resp.status();
+            let is_sse = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            if !status.is_success() || !stream || !is_sse {
+                return Ok(Err(resp));
+            }
+            let mut body = resp.bytes_stream();
+            let first = loop {
+                match body.next().await {
+                    Some(Ok(chunk)) if chunk.is_empty() => continue,
+                    Some(Ok(chunk)) => break chunk,
+                    Some(Err(e)) => return Err(connect_error(e)),
+                    None => {
+                        return Err(UpstreamError::Connect(
+                            "the stream ended before its first event".into(),
+                        ))
+                    }
+                }
+            };
+            Ok(Ok((first, body)))
+        };
+        let got = tokio::time::timeout(self.first_byte_timeout, first)
+            .await
+            .map_err(|_| UpstreamError::Timeout("first byte"))??;
+        match got {
+            Ok((first, rest)) => {
+                if let Some(msg) = sse_error_in(&first) {
+                    return Err(UpstreamError::Invalid(msg));
+                }
+                Ok(Reply::Stream(self.relay(first, rest)))
+            }
+            Err(resp) => self.read_full(resp).await,
+        }
+    }
+
+    /// Reads a whole (non-streaming or error) reply, bounded in size and idle time.
+    async fn read_full(&self, resp: reqwest::Response) -> Result<Reply, UpstreamError> {
+        let status = resp.status();
+        let retry_after = retry_after_secs(resp.headers());
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/json"));
+        let limit = self.max_response_bytes;
+        let mut buf = BytesMut::new();
+        let mut body = resp.bytes_stream();
+        loop {
+            match tokio::time::timeout(self.idle_timeout, body.next()).await {
+                Err(_) => return Err(UpstreamError::Timeout("idle body")),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(connect_error(e)),
+                Ok(Some(Ok(chunk))) => {
+                    if buf.len() + chunk.len() > limit {
+                        return Err(UpstreamError::TooLarge(limit));
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+        }
+        let body = buf.freeze();
+        if !status.is_success() {
+            return Err(UpstreamError::Status {
+                status,
+                retry_after,
+                body,
+            });
+        }
+        #[derive(Deserialize)]
+        struct Probe {
+            error: Option<IgnoredAny>,
+        }
+        match serde_json::from_slice::<Probe>(&body) {
+            Ok(Probe { error: None }) => Ok(Reply::Full { content_type, body }),
+            Ok(Probe { error: Some(_) }) => Err(UpstreamError::Invalid(
+                error_message(&body).unwrap_or_else(|| "the reply carries an error".into()),
+            )),
+            Err(_) => Err(UpstreamError::Invalid("the reply is not JSON".into())),
+        }
+    }
+
+    /// Relays the rest of a stream chunk by chunk. An upstream failure, idle timeout or an end
+    /// without `data: [DONE]` appends an SSE error event and ends the stream (no `[DONE]`).
+    fn relay(
+        &self,
+        first: Bytes,
+        rest: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    ) -> Body {
+        struct Relay {
+            rest: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+            first: Option<Bytes>,
+            tail: Tail,
+            idle: Duration,
+            label: String,
+            ended: bool,
+        }
+        let state = Relay {
+            rest: Box::pin(rest),
+            first: Some(first),
+            tail: Tail::default(),
+            idle: self.idle_timeout,
+            label: self.label.clone(),
+            ended: false,
+        };
+        let s = futures_util::stream::unfold(state, |mut st| async move {
+            if st.ended {
+                return None;
+            }
+            if let Some(first) = st.first.take() {
+                st.tail.push(&first);
+                return Some((Ok::<_, std::convert::Infallible>(first), st));
+            }
+            let failure = match tokio::time::timeout(st.idle, st.rest.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    st.tail.push(&chunk);
+                    return Some((Ok(chunk), st));
+                }
+                Ok(None) if st.tail.ends_with_done() => return None,
+                Ok(None) => format!(
+                    "the backend {} closed the stream before it was complete",
+                    st.label
+                ),
+                Ok(Some(Err(e))) => format!(
+                    "the backend {} broke off the stream: {}",
+                    st.label,
+                    error_chain(&e)
+                ),
+                Err(_) => format!(
+                    "the backend {} sent nothing for {} ms",
+                    st.label,
+                    st.idle.as_millis()
+                ),
+            };
+            tracing::warn!(backend = %st.label, "{failure}");
+            st.ended = true;
+            let code = if failure.contains("sent nothing") {
+                "upstream_timeout"
+            } else {
+                "upstream_disconnected"
+            };
+            Some((Ok(sse_error_event(&failure, code)), st))
+        });
+        Body::from_stream(s)
+    }
+}
+
+fn bearer(key: &Secret) -> Result<HeaderValue, String> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+        .map_err(|_| "api_key is not a valid header value".to_string())?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+fn connect_error(e: reqwest::Error) -> UpstreamError {
+    if e.is_timeout() {
+        UpstreamError::Timeout("connect")
+    } else {
+        UpstreamError::Connect(error_chain(&e))
+    }
+}
+
+/// The error and its causes on one line (reqwest's own Display stops at the top).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// `Retry-After` (seconds or `retry-after-ms`) of an upstream reply, rounded up to seconds.
+pub fn retry_after_secs(h: &HeaderMap) -> Option<u64> {
+    if let Some(ms) = h
+        .get(crate::headers::RETRY_AFTER_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some((ms / 1000.0).ceil() as u64);
+    }
+    h.get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| v.ceil() as u64)
+}
+
+/// `error.message` of an OpenAI envelope, if `body` is one.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let e = v.get("error")?;
+    Some(
+        e.get("message")
+            .and_then(|m| m.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| e.to_string()),
+    )
+}
+
+/// If a chunk of SSE holds a `data:` event whose JSON has an `error` key, its message.
+fn sse_error_in(chunk: &[u8]) -> Option<String> {
+    if !chunk.windows(7).any(|w| w == b"\"error\"") {
+        return None;
+    }
+    let text = std::str::from_utf8(chunk).ok()?;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .find_map(|d| error_message(d.trim().as_bytes()))
+}
+
+/// The last bytes of a stream, to tell whether it ended with `data: [DONE]`.
+#[derive(Default)]
+struct Tail {
+    buf: Vec<u8>,
+}
+
+impl Tail {
+    const KEEP: usize = 32;
+
+    fn push(&mut self, chunk: &[u8]) {
+        if chunk.len() >= Self::KEEP {
+            self.buf.clear();
+            self.buf
+                .extend_from_slice(&chunk[chunk.len() - Self::KEEP..]);
+        } else {
+            self.buf.extend_from_slice(chunk);
+            let extra = self.buf.len().saturating_sub(Self::KEEP);
+            self.buf.drain(..extra);
+        }
+    }
+
+    fn ends_with_done(&self) -> bool {
+        let end = self
+            .buf
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
+        let t = &self.buf[..end];
+        t.ends_with(b"data: [DONE]") || t.ends_with(b"data:[DONE]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_sees_done_across_chunks() {
+        let mut t = Tail::default();
+        t.push(b"data: {\"x\":1}\n\ndata: [DO");
+        assert!(!t.ends_with_done());
+        t.push(b"NE]\n\n");
+        assert!(t.ends_with_done());
+        t.push(b"data: {\"content\":\"[DONE]\"}\n\n");
+        assert!(!t.ends_with_done());
+        let mut t = Tail::default();
+        t.push(&[b'x'; 100]);
+        t.push(b"\ndata:[DONE]\r\n");
+        assert!(t.ends_with_done());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after_secs(&h), None);
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2.5"));
+        assert_eq!(retry_after_secs(&h), Some(3));
+        h.insert(
+            crate::headers::RETRY_AFTER_MS,
+            HeaderValue::from_static("1200"),
+        );
+        assert_eq!(retry_after_secs(&h), Some(2));
+        h.insert(
+            crate::headers::RETRY_AFTER_MS,
+            HeaderValue::from_static("-5"),
+        );
+        assert_eq!(retry_after_secs(&h), Some(3));
+    }
+
+    #[test]
+    fn sse_error_is_found_only_in_data_events() {
+        assert_eq!(
+            sse_error_in(b"data: {\"error\":{\"message\":\"boom\"}}\n\n").as_deref(),
+            Some("boom")
+        );
+        assert_eq!(sse_error_in(b"data: {\"choices\":[]}\n\n"), None);
+        assert_eq!(
+            sse_error_in(b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"error\\\"\"}}]}\n\n"),
+            None
+        );
+    }
+}
