@@ -149,6 +149,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let gw = Gateway::build(&cfg, listener).await?;
     let addr = gw.local_addr().map_err(|e| e.to_string())?;
     let names: Vec<&str> = cfg.models.iter().map(|m| m.name.as_str()).collect();
+    // Printed on stdout so that scripts and tests can read the port.
+    println!("mofa-gateway listening on http://{addr}");
     tracing::info!(%addr, models = ?names, "mofa-gateway listening");
     gw.serve(shutdown_signal()).await.map_err(|e| e.to_string())
 }

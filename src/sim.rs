@@ -509,6 +509,7 @@ fn stream_response(gen: Gen, guard: InFlight) -> Response {
                 (Ok(gen.chunk(delta, None)), next)
             }
             Step::Token(i) => {
+                tokio::time::sleep_until(start + gen.due(i)).await;
                 if gen.die_after.is_some_and(|d| i >= d) {
                     guard.fail();
                     (
@@ -516,7 +517,6 @@ fn stream_response(gen: Gen, guard: InFlight) -> Response {
                         Step::End,
                     )
                 } else {
-                    tokio::time::sleep_until(start + gen.due(i)).await;
                     let text = if i == 0 {
                         gen.token(i).to_string()
                     } else {

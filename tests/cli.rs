@@ -1,0 +1,94 @@
+//! The `mofa-gateway` binary as a user runs it: zero-config serve, `sim`, `check-config`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
+
+/// Kills the child when the test ends, pass or fail.
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary with `args`; returns it and the URL it printed (`... listening on URL`).
+fn start(args: &[&str]) -> (Kill, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "printed {line:?}");
+    (Kill(child), url)
+}
+
+#[tokio::test]
+async fn zero_config_serves_the_simulated_model() {
+    let (_gw, url) = start(&["--listen", "127.0.0.1:0"]);
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-mofa-backend"], "sim(mofa-sim)");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sim_subcommand_serves_its_models() {
+    let (_sim, url) = start(&["sim", "--listen", "127.0.0.1:0", "--model", "a", "--model", "b"]);
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let v: serde_json::Value = c.get(format!("{url}/models")).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a", "b"]);
+}
+
+#[test]
+fn check_config_masks_secrets_and_names_bad_keys() {
+    let dir = std::env::temp_dir().join(format!("mofa-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gw.toml");
+    std::fs::write(
+        &file,
+        "[[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"cloud\"\nprovider = \"openai\"\nurl = \"https://api.example.test/v1\"\napi_key = \"${MOFA_TEST_KEY}\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", file.to_str().unwrap()])
+        .env("MOFA_TEST_KEY", "sk-very-secret")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("api_key = \"***\""), "{stdout}");
+    assert!(!stdout.contains("sk-very-secret"));
+
+    let out = Command::new(BIN)
+        .args(["check-config", file.to_str().unwrap()])
+        .env_remove("MOFA_TEST_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("models[0].deployments[0].api_key"), "{stderr}");
+    assert!(stderr.contains("MOFA_TEST_KEY is not set"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,162 @@
+//! Shared helpers for the integration tests: start simulators and gateways on ephemeral
+//! loopback ports, and check the headers every gateway response must carry.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use mofa_gateway::config::Config;
+use mofa_gateway::server::Gateway;
+use mofa_gateway::sim::SimOptions;
+use serde_json::Value;
+
+/// Starts a simulator in this process; returns its base URL (`http://127.0.0.1:P/v1`).
+pub async fn sim(opts: SimOptions) -> String {
+    let addr = mofa_gateway::sim::spawn_local(opts).await.unwrap();
+    format!("http://{addr}/v1")
+}
+
+/// Simulator options serving `model` with no pacing.
+pub fn sim_opts(model: &str) -> SimOptions {
+    SimOptions {
+        models: vec![model.to_string()],
+        ..Default::default()
+    }
+}
+
+/// Starts a gateway for the TOML `config`; `env` supplies `${VAR}`s. Returns its address.
+pub async fn gateway_env(config: &str, env: &[(&str, &str)]) -> SocketAddr {
+    let cfg = Config::parse(config, &|k| {
+        env.iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap_or_else(|e| panic!("bad test config: {e}\n{config}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Gateway::build(&cfg, listener).await.unwrap().spawn().unwrap()
+}
+
+pub async fn gateway(config: &str) -> SocketAddr {
+    gateway_env(config, &[]).await
+}
+
+/// A config with one model `name` served by one local deployment at `url`, plus `extra`
+/// lines appended to the deployment table.
+pub fn one_model(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"{name}\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{url}\"\n{extra}\n"
+    )
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+pub fn chat_body(model: &str, stream: bool) -> Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 5,
+        "stream": stream,
+    })
+}
+
+/// POSTs JSON to the gateway at `addr`.
+pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> reqwest::Response {
+    client()
+        .post(format!("http://{addr}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Asserts the headers every response carries; returns `x-mofa-backend`.
+pub fn assert_stamped(resp: &reqwest::Response) -> String {
+    let h = resp.headers();
+    let rid = h
+        .get("x-request-id")
+        .expect("x-request-id")
+        .to_str()
+        .unwrap();
+    assert!(!rid.is_empty());
+    let ms: f64 = h
+        .get("x-mofa-latency-ms")
+        .expect("x-mofa-latency-ms")
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("x-mofa-latency-ms is a number");
+    assert!((0.0..60_000.0).contains(&ms), "latency {ms}");
+    h.get("x-mofa-backend")
+        .expect("x-mofa-backend")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Reads an error reply and checks the envelope: returns `error` (message, type, param, code).
+pub async fn envelope(resp: reqwest::Response) -> Value {
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(ct.as_deref(), Some("application/json"));
+    let v: Value = resp.json().await.expect("error body is JSON");
+    let e = v.get("error").expect("envelope has `error`").clone();
+    for key in ["message", "type", "param", "code"] {
+        assert!(e.get(key).is_some(), "envelope lacks {key}: {v}");
+    }
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    e
+}
+
+/// Splits an SSE body into its events' `data:` payloads, and says whether any event was named `error`.
+pub fn sse_events(body: &str) -> (Vec<String>, bool) {
+    let mut data = Vec::new();
+    let mut named_error = false;
+    for event in body.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        for line in event.lines() {
+            if let Some(d) = line.strip_prefix("data:") {
+                data.push(d.trim().to_string());
+            } else if line.trim() == "event: error" {
+                named_error = true;
+            }
+        }
+    }
+    (data, named_error)
+}
+
+/// The simulator's counters.
+pub async fn sim_stats(sim_url: &str) -> Value {
+    let base = sim_url.trim_end_matches("/v1");
+    client()
+        .get(format!("{base}/sim/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The last request the simulator received.
+pub async fn sim_last_request(sim_url: &str) -> Value {
+    let base = sim_url.trim_end_matches("/v1");
+    client()
+        .get(format!("{base}/sim/last_request"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A loopback URL on which nothing listens.
+pub async fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}/v1")
+}

@@ -1,0 +1,358 @@
+//! The gateway over real TCP in front of the simulator: the success paths, the forwarding
+//! rules, and every row of the error contract (status, envelope, headers).
+
+mod common;
+
+use common::*;
+use mofa_gateway::sim::SimOptions;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn chat_non_streaming_is_forwarded_and_stamped() {
+    let sim_url = sim(sim_opts("m")).await;
+    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let resp = client()
+        .post(format!("http://{gw}/v1/chat/completions"))
+        .header("x-request-id", "client-id-123")
+        .json(&chat_body("m", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(assert_stamped(&resp), "local(m)");
+    assert_eq!(resp.headers()["x-request-id"], "client-id-123");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "m");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content.split(' ').count(), 5, "{content}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    // The request id goes upstream too.
+    assert_eq!(sim_last_request(&sim_url).await["x_request_id"], "client-id-123");
+}
+
+#[tokio::test]
+async fn request_id_is_made_when_missing_or_invalid() {
+    let sim_url = sim(sim_opts("m")).await;
+    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let a = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    let b = client()
+        .post(format!("http://{gw}/v1/chat/completions"))
+        .header("x-request-id", "has space")
+        .json(&chat_body("m", false))
+        .send()
+        .await
+        .unwrap();
+    let ida = a.headers()["x-request-id"].to_str().unwrap().to_string();
+    let idb = b.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(ida.starts_with("req-") && idb.starts_with("req-"), "{ida} {idb}");
+    assert_ne!(ida, idb);
+}
+
+#[tokio::test]
+async fn chat_streaming_relays_every_chunk_then_done() {
+    let sim_url = sim(sim_opts("m")).await;
+    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let mut body = chat_body("m", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let resp = post(gw, "/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(assert_stamped(&resp), "local(m)");
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let (data, named_error) = sse_events(&text);
+    assert!(!named_error);
+    // role, 5 tokens, finish, usage, [DONE]
+    assert_eq!(data.len(), 9, "{text}");
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..8]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks[1..6]
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(content.split(' ').count(), 5);
+    assert_eq!(chunks[6]["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks[7]["usage"]["completion_tokens"], 5);
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+}
+
+#[tokio::test]
+async fn completions_embeddings_and_models() {
+    let sim_url = sim(sim_opts("m")).await;
+    let cfg = format!(
+        "{}\n[[models]]\nname = \"other\"\n[[models.deployments]]\nkind = \"sim\"\n",
+        one_model("m", &sim_url, "")
+    );
+    let gw = gateway(&cfg).await;
+
+    let resp = post(gw, "/v1/completions", &json!({"model": "m", "prompt": "say", "max_tokens": 3})).await;
+    assert_eq!(resp.status(), 200);
+    assert_stamped(&resp);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap().split(' ').count(), 3);
+
+    let resp = post(gw, "/v1/embeddings", &json!({"model": "m", "input": ["a", "b", "c"], "dimensions": 4})).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(assert_stamped(&resp), "local(m)");
+    let v: Value = resp.json().await.unwrap();
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    assert_eq!(data[2]["index"], 2);
+    assert_eq!(data[0]["embedding"].as_array().unwrap().len(), 4);
+
+    let resp = client().get(format!("http://{gw}/v1/models")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(assert_stamped(&resp), "gateway");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["m", "other"]);
+
+    let resp = client().get(format!("http://{gw}/v1/models/other")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["id"], "other");
+    assert_eq!(v["object"], "model");
+
+    let resp = client().get(format!("http://{gw}/v1/models/nope")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_stamped(&resp);
+    assert_eq!(envelope(resp).await["code"], "model_not_found");
+
+    // The in-process sim deployment answers too, named sim(other).
+    let resp = post(gw, "/v1/chat/completions", &chat_body("other", false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(assert_stamped(&resp), "sim(other)");
+
+    for path in ["/healthz", "/readyz"] {
+        let resp = client().get(format!("http://{gw}{path}")).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_stamped(&resp);
+    }
+}
+
+#[tokio::test]
+async fn request_is_forwarded_as_sent_with_only_model_rewritten() {
+    let sim_url = sim(sim_opts("upstream-name")).await;
+    let gw = gateway(&one_model("m", &sim_url, "upstream_model = \"upstream-name\"")).await;
+    let sent = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "response_format": {"type": "json_object"},
+        "logprobs": true, "n": 1, "temperature": 0.25,
+        "x_vendor_extension": {"nested": [1, 2, null]},
+        "max_tokens": 2
+    });
+    let resp = post(gw, "/v1/chat/completions", &sent).await;
+    assert_eq!(resp.status(), 200);
+    let got = sim_last_request(&sim_url).await;
+    let mut expected = sent.clone();
+    expected["model"] = json!("upstream-name");
+    assert_eq!(got["body"], expected);
+    assert_eq!(got["path"], "/v1/chat/completions");
+    // Key order is kept too.
+    let keys: Vec<&String> = got["body"].as_object().unwrap().keys().collect();
+    let want: Vec<&String> = expected.as_object().unwrap().keys().collect();
+    assert_eq!(keys, want);
+}
+
+#[tokio::test]
+async fn upstream_auth_comes_from_the_deployment_never_the_client() {
+    let sim_url = sim(SimOptions {
+        api_key: Some("sk-upstream".into()),
+        ..sim_opts("m")
+    })
+    .await;
+    let good = gateway_env(
+        &one_model("m", &sim_url, "api_key = \"${UP_KEY}\""),
+        &[("UP_KEY", "sk-upstream")],
+    )
+    .await;
+    let resp = client()
+        .post(format!("http://{good}/v1/chat/completions"))
+        .bearer_auth("sk-client-key")
+        .json(&chat_body("m", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // A client key is not passed on: with no deployment key the upstream refuses, and its
+    // 401 reaches the client as an envelope with the upstream's status.
+    let keyless = gateway(&one_model("m", &sim_url, "")).await;
+    let resp = client()
+        .post(format!("http://{keyless}/v1/chat/completions"))
+        .bearer_auth("sk-upstream")
+        .json(&chat_body("m", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(assert_stamped(&resp), "local(m)");
+    let e = envelope(resp).await;
+    assert_eq!(e["type"], "authentication_error");
+    assert_eq!(e["code"], "invalid_api_key");
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
+    let sim_url = sim(sim_opts("m")).await;
+    let gw = gateway(&format!(
+        "[server]\nmax_body_bytes = 2048\n{}",
+        one_model("m", &sim_url, "")
+    ))
+    .await;
+    let url = format!("http://{gw}/v1/chat/completions");
+    let c = client();
+
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str, Option<&str>)> = vec![
+        (c.post(&url).header("content-type", "application/json").body("{\"model\":"), 400, "invalid_json", None),
+        (c.post(&url).header("content-type", "application/json").body("[1,2]"), 400, "invalid_json", None),
+        (c.post(&url).json(&json!({"messages": [{"role": "user", "content": "x"}]})), 400, "invalid_value", Some("model")),
+        (c.post(&url).json(&json!({"model": "m"})), 400, "invalid_value", Some("messages")),
+        (c.post(&url).json(&json!({"model": "m", "messages": [{}], "stream": "yes"})), 400, "invalid_value", Some("stream")),
+        (c.post(&url).json(&chat_body("nope", false)), 404, "model_not_found", Some("model")),
+        (c.post(&url).json(&chat_body("nope", true)), 404, "model_not_found", Some("model")),
+        (c.post(&url).header("content-type", "application/json").body(format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(4096))), 413, "request_too_large", None),
+        (c.post(&url).header("content-type", "text/plain").body("{}"), 415, "unsupported_media_type", None),
+        (c.post(&url).body("{}"), 415, "unsupported_media_type", None),
+        (c.get(&url), 405, "method_not_allowed", None),
+        (c.get(format!("http://{gw}/v2/whatever")), 404, "unknown_url", None),
+        (c.post(format!("http://{gw}/v1/embeddings")).json(&json!({"model": "m"})), 400, "invalid_value", Some("input")),
+    ];
+    for (i, (req, status, code, param)) in cases.into_iter().enumerate() {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "case {i}");
+        assert_eq!(assert_stamped(&resp), "gateway", "case {i}");
+        let e = envelope(resp).await;
+        assert_eq!(e["code"], code, "case {i}: {e}");
+        assert_eq!(e["param"].as_str(), param, "case {i}: {e}");
+    }
+    // Nothing reached the upstream.
+    assert_eq!(sim_stats(&sim_url).await["requests"], 0);
+}
+
+#[tokio::test]
+async fn a_body_too_large_without_content_length_is_413() {
+    let sim_url = sim(sim_opts("m")).await;
+    let gw = gateway(&format!("[server]\nmax_body_bytes = 1024\n{}", one_model("m", &sim_url, ""))).await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..8).map(|_| Ok(vec![b' '; 512])).collect();
+    let resp = client()
+        .post(format!("http://{gw}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(envelope(resp).await["code"], "request_too_large");
+}
+
+#[tokio::test]
+async fn upstream_refusing_connections_is_502() {
+    let gw = gateway(&one_model("m", &dead_url().await, "")).await;
+    for stream in [false, true] {
+        let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
+        assert_eq!(resp.status(), 502, "stream={stream}");
+        assert_eq!(assert_stamped(&resp), "local(m)");
+        let e = envelope(resp).await;
+        assert_eq!(e["type"], "upstream_error");
+        assert_eq!(e["code"], "upstream_unavailable");
+    }
+}
+
+#[tokio::test]
+async fn upstream_hanging_is_504() {
+    let sim_url = sim(SimOptions { hang: true, ..sim_opts("m") }).await;
+    let gw = gateway(&one_model("m", &sim_url, "first_byte_timeout_ms = 200")).await;
+    for stream in [false, true] {
+        let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
+        assert_eq!(resp.status(), 504, "stream={stream}");
+        assert_eq!(assert_stamped(&resp), "local(m)");
+        let e = envelope(resp).await;
+        assert_eq!(e["code"], "upstream_timeout");
+    }
+    // The gateway dropped its upstream requests when it gave up.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let stats = sim_stats(&sim_url).await;
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+    assert_eq!(stats["cancelled"], 2, "{stats}");
+}
+
+#[tokio::test]
+async fn upstream_500_is_502_and_upstream_overload_is_503_with_retry_after() {
+    let failing = sim(SimOptions { fail_rate: 1.0, ..sim_opts("m") }).await;
+    let gw = gateway(&one_model("m", &failing, "")).await;
+    for stream in [false, true] {
+        let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
+        assert_eq!(resp.status(), 502);
+        assert_eq!(envelope(resp).await["code"], "upstream_unavailable");
+    }
+
+    // A simulator at its concurrency limit answers 503 + Retry-After; the client gets a 503
+    // with a Retry-After in [1, 60].
+    let busy = sim(SimOptions { hang: true, max_concurrency: 1, ..sim_opts("m") }).await;
+    let gw = gateway(&one_model("m", &busy, "")).await;
+    let hold = tokio::spawn(async move { post(gw, "/v1/chat/completions", &chat_body("m", false)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    assert_eq!(resp.status(), 503);
+    let ra: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&ra));
+    let e = envelope(resp).await;
+    assert_eq!(e["type"], "service_unavailable");
+    assert_eq!(e["code"], "upstream_overloaded");
+    hold.abort();
+}
+
+#[tokio::test]
+async fn stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
+    // Paced, so that each chunk leaves the simulator before it drops the connection.
+    let sim_url = sim(SimOptions {
+        die_after_tokens: Some(2),
+        tokens_per_sec: 100.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    // The first byte had already been relayed: the status is 200, the end is an error event.
+    assert_eq!(resp.status(), 200);
+    assert_eq!(assert_stamped(&resp), "local(m)");
+    let text = resp.text().await.expect("the gateway ends the stream cleanly");
+    let (data, named_error) = sse_events(&text);
+    assert!(named_error, "{text}");
+    assert!(!data.iter().any(|d| d == "[DONE]"), "{text}");
+    // role + 2 tokens relayed, then the error.
+    assert_eq!(data.len(), 4, "{text}");
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_disconnected");
+    assert!(last["error"]["message"].as_str().unwrap().contains("local(m)"));
+
+    // Non-streaming: the body broke before the client saw a byte, so it is a 502.
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(envelope(resp).await["code"], "upstream_unavailable");
+}
+
+#[tokio::test]
+async fn stream_idle_gap_ends_with_an_error_event() {
+    // 2 tokens per second: a gap of 500 ms between chunks, over an idle limit of 150 ms.
+    let sim_url = sim(SimOptions { tokens_per_sec: 2.0, ..sim_opts("m") }).await;
+    let gw = gateway(&one_model("m", &sim_url, "idle_timeout_ms = 150")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let (data, named_error) = sse_events(&text);
+    assert!(named_error, "{text}");
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_timeout");
+}
