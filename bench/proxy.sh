@@ -156,8 +156,12 @@ TICK=$(getconf CLK_TCK)
 # CPU time (user+system, clock ticks) of a process so far.
 proc_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 # CPU time (user+system, seconds) of this shell's waited-for children so far (wrk).
-child_secs() { times | awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/);
-                                      printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }'; }
+# `times` must run in this shell, not in a $(...) subshell, hence the file.
+child_secs() {
+    times >"$TMP/times"
+    awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/)
+                   printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TMP/times"
+}
 
 # run NAME URL CONNS THREADS DURATION: one wrk run; its RESULT line goes to $TMP/NAME.result,
 # with the CPU seconds of each process appended.
@@ -165,10 +169,13 @@ run() {
     local name=$1 url=$2 conns=$3 threads=$4 secs=$5
     local sim0 gw0 wrk0 sim1 gw1 wrk1
     echo "== $name: $conns connections, $threads threads, ${secs}s -> $url" >&2
-    sim0=$(proc_ticks "$SIM_PID"); gw0=$(proc_ticks "$GW_PID"); wrk0=$(child_secs)
+    child_secs >"$TMP/wrk0"
+    sim0=$(proc_ticks "$SIM_PID"); gw0=$(proc_ticks "$GW_PID")
     wrk -t "$threads" -c "$conns" -d "${secs}s" --timeout 5s --latency -s "$TMP/chat.lua" "$url" \
         >"$TMP/$name.out" 2>&1 || { cat "$TMP/$name.out" >&2; echo "error: wrk failed" >&2; exit 1; }
-    sim1=$(proc_ticks "$SIM_PID"); gw1=$(proc_ticks "$GW_PID"); wrk1=$(child_secs)
+    sim1=$(proc_ticks "$SIM_PID"); gw1=$(proc_ticks "$GW_PID")
+    child_secs >"$TMP/wrk1"
+    wrk0=$(<"$TMP/wrk0"); wrk1=$(<"$TMP/wrk1")
     sed 's/^/    /' "$TMP/$name.out" | grep -v '^    RESULT' >&2
     if ! grep -q '^RESULT ' "$TMP/$name.out"; then
         echo "error: no RESULT line from wrk" >&2
