@@ -6,10 +6,9 @@
 //! directly (that is `upstream`). A request is forwarded as sent; only `model` may be rewritten.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -23,20 +22,17 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::admission::Priority;
 use crate::config::{Config, DeploymentKind};
 use crate::error::{kind_for_status, ApiError};
-use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
+use crate::headers::{BACKEND, LATENCY_MS, MAX_WAIT_MS, PRECISION, PRIORITY, REQUEST_ID};
+use crate::orchestrator::Orchestrator;
 use crate::upstream::{Deployment, Endpoint, Reply};
 
-/// A model clients can ask for, and where it can run.
-pub struct Model {
-    pub name: String,
-    pub deployments: Vec<Arc<Deployment>>,
-}
-
-/// What every handler shares. Immutable after start-up: no lock on the request path.
+/// What every handler shares. Immutable after start-up; admission state lives per model in
+/// the orchestrator, behind short per-model locks.
 pub struct AppState {
-    pub models: HashMap<String, Arc<Model>>,
+    pub orch: Orchestrator,
     /// The `GET /v1/models` body, built once.
     model_list: Bytes,
     created: u64,
@@ -50,7 +46,7 @@ impl AppState {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut models = HashMap::new();
+        let mut all = Vec::new();
         let mut listed = Vec::new();
         for m in &cfg.models {
             let mut deployments = Vec::new();
@@ -76,19 +72,13 @@ impl AppState {
                 deployments.push(Arc::new(dep));
             }
             listed.push(json!({"id": m.name, "object": "model", "created": created, "owned_by": "mofa-gateway"}));
-            models.insert(
-                m.name.clone(),
-                Arc::new(Model {
-                    name: m.name.clone(),
-                    deployments,
-                }),
-            );
+            all.push(deployments);
         }
         let model_list = Bytes::from(
             serde_json::to_vec(&json!({"object": "list", "data": listed})).unwrap_or_default(),
         );
         Ok(AppState {
-            models,
+            orch: Orchestrator::build(cfg, all),
             model_list,
             created,
             max_body_bytes: cfg.server.max_body_bytes,
@@ -112,6 +102,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/readyz",
             get(|| async { json_ok(json!({"status": "ready"})) }),
         )
+        .route("/admin/orchestrator", get(admin_orchestrator))
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(stamp))
@@ -217,8 +208,12 @@ async fn list_models(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+async fn admin_orchestrator(State(st): State<Arc<AppState>>) -> Response {
+    json_ok(st.orch.snapshot())
+}
+
 async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match st.models.get(&id) {
+    match st.orch.models.get(&id) {
         Some(m) => json_ok(
             json!({"id": m.name, "object": "model", "created": st.created, "owned_by": "mofa-gateway"}),
         ),
@@ -258,6 +253,8 @@ struct Head<'a> {
     prompt: Option<Field<'a>>,
     #[serde(borrow)]
     input: Option<Field<'a>>,
+    #[serde(borrow)]
+    priority: Option<Field<'a>>,
 }
 
 /// A top-level field, known by its JSON type; strings are kept, containers are skipped.
@@ -326,6 +323,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
 struct Parsed {
     model: String,
     stream: bool,
+    /// The body's `priority`, which is not forwarded.
+    priority: Option<Priority>,
 }
 
 /// Checks the content type, size and JSON of a request, and the fields the gateway needs.
@@ -399,14 +398,62 @@ fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
             }
         },
     }
-    Ok(Parsed { model, stream })
+    let priority = match head.priority {
+        None => None,
+        Some(Field::Str(p)) => Some(Priority::parse(&p).ok_or_else(bad_priority)?),
+        Some(_) => return Err(bad_priority()),
+    };
+    Ok(Parsed {
+        model,
+        stream,
+        priority,
+    })
 }
 
-/// `body` with `model` replaced, other fields and their order kept.
-fn rewrite_model(body: &[u8], model: &str) -> Result<Bytes, ApiError> {
+fn bad_priority() -> ApiError {
+    ApiError::invalid_value(
+        "priority",
+        "`priority` (or `x-mofa-priority`) must be one of low, normal, high, critical",
+    )
+}
+
+/// The admission headers: `x-mofa-priority` and `x-mofa-max-wait-ms`.
+fn admission_headers(h: &HeaderMap) -> Result<(Option<Priority>, Option<Duration>), ApiError> {
+    let prio = match h.get(PRIORITY) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| Priority::parse(s.trim()))
+                .ok_or_else(bad_priority)?,
+        ),
+    };
+    let wait = match h.get(MAX_WAIT_MS) {
+        None => None,
+        Some(v) => Some(Duration::from_millis(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::invalid_value(
+                        "x-mofa-max-wait-ms",
+                        "`x-mofa-max-wait-ms` must be a whole number of milliseconds",
+                    )
+                })?,
+        )),
+    };
+    Ok((prio, wait))
+}
+
+/// `body` with `model` replaced (if `model` is given) and `priority` removed, other fields and
+/// their order kept.
+fn rewrite(body: &[u8], model: Option<&str>) -> Result<Bytes, ApiError> {
     let mut v: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
-    v.insert("model".into(), Value::String(model.to_owned()));
+    if let Some(model) = model {
+        v.insert("model".into(), Value::String(model.to_owned()));
+    }
+    v.shift_remove("priority");
     serde_json::to_vec(&v)
         .map(Bytes::from)
         .map_err(ApiError::invalid_json)
@@ -450,29 +497,36 @@ async fn try_proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Result<Re
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_else(new_request_id);
+    let (header_prio, max_wait) = admission_headers(req.headers())?;
     let body = read_body(st, req).await?;
     let parsed = parse_request(endpoint, &body)?;
     let model = st
+        .orch
         .models
         .get(&parsed.model)
         .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
-    let dep = model
-        .deployments
-        .first()
-        .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
-    let forward = match &dep.upstream_model {
-        Some(m) if *m != parsed.model => rewrite_model(&body, m)?,
-        _ => body,
+    let prio = header_prio.or(parsed.priority).unwrap_or_default();
+    // Decided before the first byte, for streams as for the rest.
+    let permit = model.admit(prio, max_wait).await?;
+    let dep = permit.deployment().clone();
+    let new_model = dep.upstream_model.as_deref().filter(|m| *m != parsed.model);
+    let forward = if new_model.is_some() || parsed.priority.is_some() {
+        rewrite(&body, new_model)?
+    } else {
+        body
     };
     let rid_str = rid.to_str().unwrap_or_default();
+    let ttfb = permit.ttfb_recorder();
+    let sent = Instant::now();
     let reply = dep
-        .call(endpoint, forward, rid_str, parsed.stream)
+        .call(endpoint, forward, rid_str, parsed.stream, permit)
         .await
         .map_err(|e| ApiError::from_upstream(&dep.label, e))?;
-    Ok(respond(reply, &dep.label))
+    ttfb.observe(sent.elapsed());
+    Ok(respond(reply, &dep))
 }
 
-fn respond(reply: Reply, label: &str) -> Response {
+fn respond(reply: Reply, dep: &Deployment) -> Response {
     let mut resp = match reply {
         Reply::Full { content_type, body } => {
             let mut r = Response::new(Body::from(body));
@@ -491,8 +545,12 @@ fn respond(reply: Reply, label: &str) -> Response {
         }
     };
     *resp.status_mut() = StatusCode::OK;
-    if let Ok(v) = HeaderValue::from_str(label) {
-        resp.headers_mut().insert(BACKEND, v);
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&dep.label) {
+        h.insert(BACKEND, v);
+    }
+    if let Some(Ok(v)) = dep.variant.as_deref().map(HeaderValue::from_str) {
+        h.insert(PRECISION, v);
     }
     resp
 }
@@ -563,8 +621,10 @@ mod tests {
 
     #[test]
     fn rewrite_keeps_order_and_unknown_fields() {
-        let out = rewrite_model(br#"{"z":1,"model":"a","tools":[{"x":null}]}"#, "b").unwrap();
+        let out = rewrite(br#"{"z":1,"model":"a","tools":[{"x":null}]}"#, Some("b")).unwrap();
         assert_eq!(&out[..], br#"{"z":1,"model":"b","tools":[{"x":null}]}"#);
+        let out = rewrite(br#"{"model":"a","priority":"high","n":1}"#, None).unwrap();
+        assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::routing::Policy;
+
 /// The configuration used when no file is given: one simulated model, `mofa-sim`.
 pub const DEFAULT_CONFIG: &str = r#"
 [server]
@@ -74,7 +76,81 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
+    pub admission: AdmissionConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Waiters per model; beyond it the least important newest one is shed (503 `queue_full`).
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Longest a request waits for a slot (503 `queue_timeout` after); `x-mofa-max-wait-ms` may
+    /// lower it per request. 0: never wait.
+    #[serde(default = "default_max_queue_wait_ms")]
+    pub max_queue_wait_ms: u64,
+    /// Memory budget of local models that declare `memory_mb`; 0 turns memory admission off.
+    #[serde(default)]
+    pub memory_capacity_mb: u64,
+    /// Share of the budget above which `low`/`normal` requests that would load a model wait.
+    #[serde(default = "default_defer_threshold")]
+    pub defer_threshold: f64,
+    /// Share of the budget above which loading is refused (`critical` may evict idle models first).
+    #[serde(default = "default_reject_threshold")]
+    pub reject_threshold: f64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            max_queue: default_max_queue(),
+            max_queue_wait_ms: default_max_queue_wait_ms(),
+            memory_capacity_mb: 0,
+            defer_threshold: default_defer_threshold(),
+            reject_threshold: default_reject_threshold(),
+        }
+    }
+}
+
+fn default_max_queue() -> usize {
+    256
+}
+fn default_max_queue_wait_ms() -> u64 {
+    30_000
+}
+fn default_defer_threshold() -> f64 {
+    0.75
+}
+fn default_reject_threshold() -> f64 {
+    0.90
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Policy of models that do not set their own.
+    #[serde(default)]
+    pub policy: Policy,
+    /// `cost` policy: the longest expected wait worth taking for a cheaper deployment.
+    #[serde(default = "default_cost_max_queue_wait_ms")]
+    pub cost_max_queue_wait_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            policy: Policy::default(),
+            cost_max_queue_wait_ms: default_cost_max_queue_wait_ms(),
+        }
+    }
+}
+
+fn default_cost_max_queue_wait_ms() -> u64 {
+    2_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +192,9 @@ fn default_max_response_bytes() -> usize {
 pub struct ModelConfig {
     /// The name clients send as `model`.
     pub name: String,
+    /// Overrides `routing.policy` for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
     #[serde(default)]
     pub deployments: Vec<DeploymentConfig>,
 }
@@ -150,6 +229,12 @@ pub struct DeploymentConfig {
     /// Replaces `model` in the forwarded request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_model: Option<String>,
+    /// `local`/`sim`: memory the model takes when loaded, for memory admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Price per 1k tokens, for the `cost` policy (local and sim: 0 unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_1k_tokens: Option<f64>,
     /// Most requests in flight on this deployment at once.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: u32,
@@ -242,6 +327,19 @@ impl Config {
         if self.server.max_response_bytes == 0 {
             return err("server.max_response_bytes", "must be at least 1");
         }
+        let a = &self.admission;
+        if !(a.defer_threshold > 0.0
+            && a.defer_threshold <= a.reject_threshold
+            && a.reject_threshold <= 1.0)
+        {
+            return err(
+                "admission.defer_threshold",
+                format!(
+                    "need 0 < defer_threshold <= reject_threshold <= 1, got {} and {}",
+                    a.defer_threshold, a.reject_threshold
+                ),
+            );
+        }
         if self.models.is_empty() {
             return err(
                 "models",
@@ -271,6 +369,64 @@ impl Config {
             }
             for (j, d) in m.deployments.iter().enumerate() {
                 d.validate(&format!("{key}.deployments[{j}]"))?;
+            }
+            let policy = m.policy.unwrap_or(self.routing.policy);
+            let has = |k: DeploymentKind| m.deployments.iter().any(|d| d.kind == k);
+            let has_local = has(DeploymentKind::Local) || has(DeploymentKind::Sim);
+            let pkey = if m.policy.is_some() {
+                format!("{key}.policy")
+            } else {
+                "routing.policy".to_string()
+            };
+            match policy {
+                Policy::LocalOnly if !has_local => {
+                    return err(
+                        pkey,
+                        format!(
+                            "\"local-only\" but model \"{}\" has no local or sim deployment",
+                            m.name
+                        ),
+                    );
+                }
+                Policy::CloudOnly if !has(DeploymentKind::Cloud) => {
+                    return err(
+                        pkey,
+                        format!(
+                            "\"cloud-only\" but model \"{}\" has no cloud deployment",
+                            m.name
+                        ),
+                    );
+                }
+                Policy::DegradationLadder => {
+                    if !has_local {
+                        return err(
+                            pkey,
+                            format!(
+                                "\"degradation-ladder\" but model \"{}\" has no local variants",
+                                m.name
+                            ),
+                        );
+                    }
+                    for (j, d) in m.deployments.iter().enumerate() {
+                        if d.kind != DeploymentKind::Cloud && d.variant.is_none() {
+                            return err(
+                                format!("{key}.deployments[{j}].variant"),
+                                "required under \"degradation-ladder\": name each local variant (e.g. \"f16\", \"q8\", \"q4\"), listed from highest precision to lowest",
+                            );
+                        }
+                    }
+                }
+                Policy::Cost => {
+                    for (j, d) in m.deployments.iter().enumerate() {
+                        if d.kind == DeploymentKind::Cloud && d.price_per_1k_tokens.is_none() {
+                            return err(
+                                format!("{key}.deployments[{j}].price_per_1k_tokens"),
+                                "required for a cloud deployment under the \"cost\" policy, e.g. price_per_1k_tokens = 0.15",
+                            );
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -352,6 +508,20 @@ impl DeploymentConfig {
                 return err(
                     format!("{key}.upstream_model"),
                     "is empty; remove it to forward the client's model name",
+                );
+            }
+        }
+        if self.memory_mb.is_some() && self.kind == DeploymentKind::Cloud {
+            return err(
+                format!("{key}.memory_mb"),
+                "a cloud deployment takes no local memory; remove it",
+            );
+        }
+        if let Some(p) = self.price_per_1k_tokens {
+            if !(p.is_finite() && p >= 0.0) {
+                return err(
+                    format!("{key}.price_per_1k_tokens"),
+                    "must be a number >= 0",
                 );
             }
         }
@@ -596,6 +766,12 @@ mod tests {
                 "server.listen",
             ),
             (String::new(), "models"),
+            (format!("{CLOUD}\nmemory_mb = 5"), "models[0].deployments[0].memory_mb"),
+            (format!("[admission]\ndefer_threshold = 0.95\n{CLOUD}"), "admission.defer_threshold"),
+            (format!("[routing]\npolicy = \"local-only\"\n{CLOUD}"), "routing.policy"),
+            (format!("[routing]\npolicy = \"fastest\"\n{CLOUD}"), "routing.policy"),
+            (CLOUD.replace("name = \"m\"", "name = \"m\"\npolicy = \"cost\""), "models[0].deployments[0].price_per_1k_tokens"),
+            ("[[models]]\nname = \"x\"\npolicy = \"degradation-ladder\"\n[[models.deployments]]\nkind = \"sim\"".to_string(), "models[0].deployments[0].variant"),
         ];
         for (text, key) in cases {
             let e = parse(&text).unwrap_err().0;

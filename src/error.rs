@@ -234,6 +234,32 @@ impl ApiError {
         }
     }
 
+    /// An admission rejection: 503 with `Retry-After`, `x-mofa-backend: rejected` and
+    /// `x-mofa-reject-reason`; `model_too_large` also says `x-should-retry: false`.
+    pub fn rejected(code: &'static str, model: &str, retry_after_s: u64) -> Self {
+        let message = match code {
+            "queue_full" => format!("Model `{model}` has too many requests waiting; retry later."),
+            "queue_timeout" => format!("No capacity for model `{model}` freed up in time; retry later."),
+            "capacity_exceeded" => format!("Every deployment of model `{model}` is busy and this request may not wait; retry later."),
+            "memory_exhausted" => format!("Not enough memory to load model `{model}` now; retry later."),
+            "model_too_large" => format!("Model `{model}` needs more memory than the budget allows; it cannot be served here."),
+            "no_healthy_backend" => format!("No deployment of model `{model}` can serve requests now."),
+            _ => format!("Model `{model}` cannot take this request now."),
+        };
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            code,
+            message,
+        );
+        e.retry_after = Some(clamp_retry_after(retry_after_s));
+        e.rejected = true;
+        if code == "model_too_large" {
+            e.should_retry = Some(false);
+        }
+        e
+    }
+
     /// Sets the backend named in `x-mofa-backend`.
     pub fn at(mut self, backend: &str) -> Self {
         self.backend = Some(backend.to_owned());

@@ -14,3 +14,9 @@ pub const REJECT_REASON: HeaderName = HeaderName::from_static("x-mofa-reject-rea
 pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// Read by the OpenAI SDKs before `Retry-After`.
 pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+/// The variant (precision) of the local model that served the request, e.g. `q4`.
+pub const PRECISION: HeaderName = HeaderName::from_static("x-mofa-precision");
+/// A request's priority: `low`, `normal`, `high`, `critical`.
+pub const PRIORITY: HeaderName = HeaderName::from_static("x-mofa-priority");
+/// The longest a request will wait in the queue, in ms (only lowers the configured bound).
+pub const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-mofa-max-wait-ms");

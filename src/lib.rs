@@ -1,15 +1,20 @@
 //! mofa-gateway: an OpenAI-compatible LLM inference gateway.
 //!
-//! The path of a request: `api` reads and checks it, picks the model's deployment and hands the
+//! The path of a request: `api` reads and checks it; `orchestrator` admits it (a slot on a
+//! deployment chosen by `routing` under the model's policy, a place in the wait queue, or a
+//! rejection), with every decision made by the pure core in `admission`; `api` then hands the
 //! body to `upstream`, which calls the backend and waits for its first byte; `error` is the one
 //! place that turns any failure into a status and an OpenAI error envelope. `config` turns TOML
 //! into a validated [`config::Config`]; `sim` is the built-in simulated backend; `server` wires
 //! them together and serves until shutdown.
 
+pub mod admission;
 pub mod api;
 pub mod config;
 pub mod error;
 pub mod headers;
+pub mod orchestrator;
+pub mod routing;
 pub mod server;
 pub mod sim;
 pub mod upstream;

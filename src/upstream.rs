@@ -44,8 +44,9 @@ pub struct Deployment {
     /// The `x-mofa-backend` value, e.g. `local(llama-3-8b@q8)`.
     pub label: String,
     pub kind: DeploymentKind,
+    /// The variant (precision) label, e.g. `q4`, sent as `x-mofa-precision`.
+    pub variant: Option<String>,
     pub upstream_model: Option<String>,
-    pub max_concurrency: u32,
     base_url: String,
     auth: Option<HeaderValue>,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
@@ -123,8 +124,8 @@ impl Deployment {
         Ok(Deployment {
             label: cfg.label(model),
             kind: cfg.kind,
+            variant: cfg.variant.clone(),
             upstream_model: cfg.upstream_model.clone(),
-            max_concurrency: cfg.max_concurrency,
             base_url: url.trim_end_matches('/').to_owned(),
             auth,
             extra_headers,
@@ -136,13 +137,15 @@ impl Deployment {
     }
 
     /// Sends `body` to `endpoint` and waits for the reply's first body byte (streaming) or its
-    /// whole body (non-streaming).
-    pub async fn call(
+    /// whole body (non-streaming). `hold` (a slot permit) is kept until the reply is complete:
+    /// for a stream, until its last byte is relayed or the client goes away.
+    pub async fn call<H: Send + 'static>(
         &self,
         endpoint: Endpoint,
         body: Bytes,
         request_id: &str,
         stream: bool,
+        hold: H,
     ) -> Result<Reply, UpstreamError> {
         let mut req = self
             .client
@@ -198,7 +201,7 @@ impl Deployment {
                 if let Some(msg) = sse_error_in(&first) {
                     return Err(UpstreamError::Invalid(msg));
                 }
-                Ok(Reply::Stream(self.relay(first, rest)))
+                Ok(Reply::Stream(self.relay(first, rest, Box::new(hold))))
             }
             Err(resp) => self.read_full(resp).await,
         }
@@ -256,8 +259,10 @@ impl Deployment {
         &self,
         first: Bytes,
         rest: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+        hold: Box<dyn Send>,
     ) -> Body {
         struct Relay {
+            _hold: Box<dyn Send>,
             rest: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
             first: Option<Bytes>,
             tail: Tail,
@@ -266,6 +271,7 @@ impl Deployment {
             ended: bool,
         }
         let state = Relay {
+            _hold: hold,
             rest: Box::pin(rest),
             first: Some(first),
             tail: Tail::default(),

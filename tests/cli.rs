@@ -49,15 +49,38 @@ async fn zero_config_serves_the_simulated_model() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-mofa-backend"], "sim(mofa-sim)");
     let v: serde_json::Value = resp.json().await.unwrap();
-    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert!(!v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
 async fn sim_subcommand_serves_its_models() {
-    let (_sim, url) = start(&["sim", "--listen", "127.0.0.1:0", "--model", "a", "--model", "b"]);
+    let (_sim, url) = start(&[
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        "a",
+        "--model",
+        "b",
+    ]);
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
-    let v: serde_json::Value = c.get(format!("{url}/models")).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let v: serde_json::Value = c
+        .get(format!("{url}/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["a", "b"]);
 }
 
@@ -77,7 +100,11 @@ fn check_config_masks_secrets_and_names_bad_keys() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("api_key = \"***\""), "{stdout}");
     assert!(!stdout.contains("sk-very-secret"));
 
@@ -88,7 +115,10 @@ fn check_config_masks_secrets_and_names_bad_keys() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("models[0].deployments[0].api_key"), "{stderr}");
+    assert!(
+        stderr.contains("models[0].deployments[0].api_key"),
+        "{stderr}"
+    );
     assert!(stderr.contains("MOFA_TEST_KEY is not set"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

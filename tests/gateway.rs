@@ -29,7 +29,10 @@ async fn chat_non_streaming_is_forwarded_and_stamped() {
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 5);
     // The request id goes upstream too.
-    assert_eq!(sim_last_request(&sim_url).await["x_request_id"], "client-id-123");
+    assert_eq!(
+        sim_last_request(&sim_url).await["x_request_id"],
+        "client-id-123"
+    );
 }
 
 #[tokio::test]
@@ -46,7 +49,10 @@ async fn request_id_is_made_when_missing_or_invalid() {
         .unwrap();
     let ida = a.headers()["x-request-id"].to_str().unwrap().to_string();
     let idb = b.headers()["x-request-id"].to_str().unwrap().to_string();
-    assert!(ida.starts_with("req-") && idb.starts_with("req-"), "{ida} {idb}");
+    assert!(
+        ida.starts_with("req-") && idb.starts_with("req-"),
+        "{ida} {idb}"
+    );
     assert_ne!(ida, idb);
 }
 
@@ -78,7 +84,9 @@ async fn chat_streaming_relays_every_chunk_then_done() {
     assert_eq!(content.split(' ').count(), 5);
     assert_eq!(chunks[6]["choices"][0]["finish_reason"], "length");
     assert_eq!(chunks[7]["usage"]["completion_tokens"], 5);
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
 }
 
 #[tokio::test]
@@ -90,14 +98,27 @@ async fn completions_embeddings_and_models() {
     );
     let gw = gateway(&cfg).await;
 
-    let resp = post(gw, "/v1/completions", &json!({"model": "m", "prompt": "say", "max_tokens": 3})).await;
+    let resp = post(
+        gw,
+        "/v1/completions",
+        &json!({"model": "m", "prompt": "say", "max_tokens": 3}),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_stamped(&resp);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["object"], "text_completion");
-    assert_eq!(v["choices"][0]["text"].as_str().unwrap().split(' ').count(), 3);
+    assert_eq!(
+        v["choices"][0]["text"].as_str().unwrap().split(' ').count(),
+        3
+    );
 
-    let resp = post(gw, "/v1/embeddings", &json!({"model": "m", "input": ["a", "b", "c"], "dimensions": 4})).await;
+    let resp = post(
+        gw,
+        "/v1/embeddings",
+        &json!({"model": "m", "input": ["a", "b", "c"], "dimensions": 4}),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "local(m)");
     let v: Value = resp.json().await.unwrap();
@@ -106,21 +127,38 @@ async fn completions_embeddings_and_models() {
     assert_eq!(data[2]["index"], 2);
     assert_eq!(data[0]["embedding"].as_array().unwrap().len(), 4);
 
-    let resp = client().get(format!("http://{gw}/v1/models")).send().await.unwrap();
+    let resp = client()
+        .get(format!("http://{gw}/v1/models"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "gateway");
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["object"], "list");
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["m", "other"]);
 
-    let resp = client().get(format!("http://{gw}/v1/models/other")).send().await.unwrap();
+    let resp = client()
+        .get(format!("http://{gw}/v1/models/other"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["id"], "other");
     assert_eq!(v["object"], "model");
 
-    let resp = client().get(format!("http://{gw}/v1/models/nope")).send().await.unwrap();
+    let resp = client()
+        .get(format!("http://{gw}/v1/models/nope"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
     assert_stamped(&resp);
     assert_eq!(envelope(resp).await["code"], "model_not_found");
@@ -131,7 +169,11 @@ async fn completions_embeddings_and_models() {
     assert_eq!(assert_stamped(&resp), "sim(other)");
 
     for path in ["/healthz", "/readyz"] {
-        let resp = client().get(format!("http://{gw}{path}")).send().await.unwrap();
+        let resp = client()
+            .get(format!("http://{gw}{path}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200, "{path}");
         assert_stamped(&resp);
     }
@@ -140,7 +182,12 @@ async fn completions_embeddings_and_models() {
 #[tokio::test]
 async fn request_is_forwarded_as_sent_with_only_model_rewritten() {
     let sim_url = sim(sim_opts("upstream-name")).await;
-    let gw = gateway(&one_model("m", &sim_url, "upstream_model = \"upstream-name\"")).await;
+    let gw = gateway(&one_model(
+        "m",
+        &sim_url,
+        "upstream_model = \"upstream-name\"",
+    ))
+    .await;
     let sent = json!({
         "model": "m",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}],
@@ -213,19 +260,86 @@ async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
     let c = client();
 
     let cases: Vec<(reqwest::RequestBuilder, u16, &str, Option<&str>)> = vec![
-        (c.post(&url).header("content-type", "application/json").body("{\"model\":"), 400, "invalid_json", None),
-        (c.post(&url).header("content-type", "application/json").body("[1,2]"), 400, "invalid_json", None),
-        (c.post(&url).json(&json!({"messages": [{"role": "user", "content": "x"}]})), 400, "invalid_value", Some("model")),
-        (c.post(&url).json(&json!({"model": "m"})), 400, "invalid_value", Some("messages")),
-        (c.post(&url).json(&json!({"model": "m", "messages": [{}], "stream": "yes"})), 400, "invalid_value", Some("stream")),
-        (c.post(&url).json(&chat_body("nope", false)), 404, "model_not_found", Some("model")),
-        (c.post(&url).json(&chat_body("nope", true)), 404, "model_not_found", Some("model")),
-        (c.post(&url).header("content-type", "application/json").body(format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(4096))), 413, "request_too_large", None),
-        (c.post(&url).header("content-type", "text/plain").body("{}"), 415, "unsupported_media_type", None),
+        (
+            c.post(&url)
+                .header("content-type", "application/json")
+                .body("{\"model\":"),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            c.post(&url)
+                .header("content-type", "application/json")
+                .body("[1,2]"),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            c.post(&url)
+                .json(&json!({"messages": [{"role": "user", "content": "x"}]})),
+            400,
+            "invalid_value",
+            Some("model"),
+        ),
+        (
+            c.post(&url).json(&json!({"model": "m"})),
+            400,
+            "invalid_value",
+            Some("messages"),
+        ),
+        (
+            c.post(&url)
+                .json(&json!({"model": "m", "messages": [{}], "stream": "yes"})),
+            400,
+            "invalid_value",
+            Some("stream"),
+        ),
+        (
+            c.post(&url).json(&chat_body("nope", false)),
+            404,
+            "model_not_found",
+            Some("model"),
+        ),
+        (
+            c.post(&url).json(&chat_body("nope", true)),
+            404,
+            "model_not_found",
+            Some("model"),
+        ),
+        (
+            c.post(&url)
+                .header("content-type", "application/json")
+                .body(format!(
+                    "{{\"model\":\"m\",\"pad\":\"{}\"}}",
+                    "x".repeat(4096)
+                )),
+            413,
+            "request_too_large",
+            None,
+        ),
+        (
+            c.post(&url).header("content-type", "text/plain").body("{}"),
+            415,
+            "unsupported_media_type",
+            None,
+        ),
         (c.post(&url).body("{}"), 415, "unsupported_media_type", None),
         (c.get(&url), 405, "method_not_allowed", None),
-        (c.get(format!("http://{gw}/v2/whatever")), 404, "unknown_url", None),
-        (c.post(format!("http://{gw}/v1/embeddings")).json(&json!({"model": "m"})), 400, "invalid_value", Some("input")),
+        (
+            c.get(format!("http://{gw}/v2/whatever")),
+            404,
+            "unknown_url",
+            None,
+        ),
+        (
+            c.post(format!("http://{gw}/v1/embeddings"))
+                .json(&json!({"model": "m"})),
+            400,
+            "invalid_value",
+            Some("input"),
+        ),
     ];
     for (i, (req, status, code, param)) in cases.into_iter().enumerate() {
         let resp = req.send().await.unwrap();
@@ -242,12 +356,19 @@ async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
 #[tokio::test]
 async fn a_body_too_large_without_content_length_is_413() {
     let sim_url = sim(sim_opts("m")).await;
-    let gw = gateway(&format!("[server]\nmax_body_bytes = 1024\n{}", one_model("m", &sim_url, ""))).await;
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..8).map(|_| Ok(vec![b' '; 512])).collect();
+    let gw = gateway(&format!(
+        "[server]\nmax_body_bytes = 1024\n{}",
+        one_model("m", &sim_url, "")
+    ))
+    .await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..8).map(|_| Ok(vec![b' '; 512])).collect();
     let resp = client()
         .post(format!("http://{gw}/v1/chat/completions"))
         .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
@@ -270,7 +391,11 @@ async fn upstream_refusing_connections_is_502() {
 
 #[tokio::test]
 async fn upstream_hanging_is_504() {
-    let sim_url = sim(SimOptions { hang: true, ..sim_opts("m") }).await;
+    let sim_url = sim(SimOptions {
+        hang: true,
+        ..sim_opts("m")
+    })
+    .await;
     let gw = gateway(&one_model("m", &sim_url, "first_byte_timeout_ms = 200")).await;
     for stream in [false, true] {
         let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
@@ -288,7 +413,11 @@ async fn upstream_hanging_is_504() {
 
 #[tokio::test]
 async fn upstream_500_is_502_and_upstream_overload_is_503_with_retry_after() {
-    let failing = sim(SimOptions { fail_rate: 1.0, ..sim_opts("m") }).await;
+    let failing = sim(SimOptions {
+        fail_rate: 1.0,
+        ..sim_opts("m")
+    })
+    .await;
     let gw = gateway(&one_model("m", &failing, "")).await;
     for stream in [false, true] {
         let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
@@ -298,13 +427,23 @@ async fn upstream_500_is_502_and_upstream_overload_is_503_with_retry_after() {
 
     // A simulator at its concurrency limit answers 503 + Retry-After; the client gets a 503
     // with a Retry-After in [1, 60].
-    let busy = sim(SimOptions { hang: true, max_concurrency: 1, ..sim_opts("m") }).await;
+    let busy = sim(SimOptions {
+        hang: true,
+        max_concurrency: 1,
+        ..sim_opts("m")
+    })
+    .await;
     let gw = gateway(&one_model("m", &busy, "")).await;
-    let hold = tokio::spawn(async move { post(gw, "/v1/chat/completions", &chat_body("m", false)).await });
+    let hold =
+        tokio::spawn(async move { post(gw, "/v1/chat/completions", &chat_body("m", false)).await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
     assert_eq!(resp.status(), 503);
-    let ra: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let ra: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&ra));
     let e = envelope(resp).await;
     assert_eq!(e["type"], "service_unavailable");
@@ -326,7 +465,10 @@ async fn stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
     // The first byte had already been relayed: the status is 200, the end is an error event.
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "local(m)");
-    let text = resp.text().await.expect("the gateway ends the stream cleanly");
+    let text = resp
+        .text()
+        .await
+        .expect("the gateway ends the stream cleanly");
     let (data, named_error) = sse_events(&text);
     assert!(named_error, "{text}");
     assert!(!data.iter().any(|d| d == "[DONE]"), "{text}");
@@ -334,7 +476,10 @@ async fn stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
     assert_eq!(data.len(), 4, "{text}");
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "upstream_disconnected");
-    assert!(last["error"]["message"].as_str().unwrap().contains("local(m)"));
+    assert!(last["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("local(m)"));
 
     // Non-streaming: the body broke before the client saw a byte, so it is a 502.
     let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
@@ -345,7 +490,11 @@ async fn stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
 #[tokio::test]
 async fn stream_idle_gap_ends_with_an_error_event() {
     // 2 tokens per second: a gap of 500 ms between chunks, over an idle limit of 150 ms.
-    let sim_url = sim(SimOptions { tokens_per_sec: 2.0, ..sim_opts("m") }).await;
+    let sim_url = sim(SimOptions {
+        tokens_per_sec: 2.0,
+        ..sim_opts("m")
+    })
+    .await;
     let gw = gateway(&one_model("m", &sim_url, "idle_timeout_ms = 150")).await;
     let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
     assert_eq!(resp.status(), 200);

@@ -44,7 +44,10 @@ pub async fn run_checks(base_url: &str, checks: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
     for c in checks {
-        assert!(stdout.lines().any(|l| l == format!("ok {c}")), "{c} did not report ok: {stdout}");
+        assert!(
+            stdout.lines().any(|l| l == format!("ok {c}")),
+            "{c} did not report ok: {stdout}"
+        );
     }
 }
 
@@ -57,11 +60,23 @@ async fn official_python_sdk_works_unchanged() {
         ..sim_opts("cut")
     })
     .await;
-    let cfg = format!("{}\n{}", one_model("mofa-sim", &ok, ""), one_model("cut", &cut, ""));
+    let cfg = format!(
+        "{}\n{}",
+        one_model("mofa-sim", &ok, ""),
+        one_model("cut", &cut, "")
+    );
     let gw = gateway(&cfg).await;
     run_checks(
         &format!("http://{gw}/v1"),
-        &["models", "chat", "stream", "embeddings", "not_found", "bad_request", "stream_cut"],
+        &[
+            "models",
+            "chat",
+            "stream",
+            "embeddings",
+            "not_found",
+            "bad_request",
+            "stream_cut",
+        ],
     )
     .await;
 }

@@ -33,7 +33,11 @@ pub async fn gateway_env(config: &str, env: &[(&str, &str)]) -> SocketAddr {
     })
     .unwrap_or_else(|e| panic!("bad test config: {e}\n{config}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(&cfg, listener).await.unwrap().spawn().unwrap()
+    Gateway::build(&cfg, listener)
+        .await
+        .unwrap()
+        .spawn()
+        .unwrap()
 }
 
 pub async fn gateway(config: &str) -> SocketAddr {

@@ -1,0 +1,917 @@
+//! Admission control: the pure decision core of the orchestrator.
+//!
+//! Owns the bookkeeping that decides whether a request runs now, waits, or is rejected: the
+//! slots of each deployment, the bounded priority queue of each model, the memory ledger, and the
+//! estimates behind `Retry-After`. Everything here takes state, a clock reading (`now`) and
+//! randomness as arguments and returns decisions; it does no I/O, spawns nothing, and reads no
+//! clock, so that it can be tested exhaustively. The `orchestrator` module carries decisions out.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::routing::{route, Block, Candidate, Policy, Route};
+
+/// A request's priority: `x-mofa-priority` or the body's `priority`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+    Critical,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 4] = [
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::Critical,
+    ];
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "low" => Some(Priority::Low),
+            "normal" => Some(Priority::Normal),
+            "high" => Some(Priority::High),
+            "critical" => Some(Priority::Critical),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wait queue
+
+/// Where a waiter stands: higher priority first, then earlier arrival.
+pub type WaitKey = (Reverse<Priority>, u64);
+
+/// A bounded priority queue of waiters, served by priority then arrival. When full, the
+/// lowest-priority newest waiter is shed for a newcomer of higher priority.
+#[derive(Debug)]
+pub struct WaitQueue<T> {
+    cap: usize,
+    next_seq: u64,
+    items: BTreeMap<WaitKey, (Instant, T)>,
+}
+
+/// What happened to a newcomer.
+#[derive(Debug)]
+pub enum Push<T> {
+    Queued(WaitKey),
+    /// Queued, and this waiter was shed to make room.
+    Displaced(WaitKey, T),
+    /// The queue is full of waiters at least as important: the newcomer is turned away.
+    Full(T),
+}
+
+impl<T> WaitQueue<T> {
+    pub fn new(cap: usize) -> Self {
+        WaitQueue {
+            cap,
+            next_seq: 0,
+            items: BTreeMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn push(&mut self, prio: Priority, deadline: Instant, item: T) -> Push<T> {
+        let key = (Reverse(prio), self.next_seq);
+        self.next_seq += 1;
+        if self.items.len() < self.cap {
+            self.items.insert(key, (deadline, item));
+            return Push::Queued(key);
+        }
+        match self.items.last_key_value() {
+            Some((&(Reverse(worst), _), _)) if worst < prio => {
+                let (_, (_, shed)) = self.items.pop_last().expect("non-empty");
+                self.items.insert(key, (deadline, item));
+                Push::Displaced(key, shed)
+            }
+            _ => Push::Full(item),
+        }
+    }
+
+    /// The first waiter in service order.
+    pub fn peek(&self) -> Option<(WaitKey, Instant)> {
+        self.items.first_key_value().map(|(k, (d, _))| (*k, *d))
+    }
+
+    pub fn pop(&mut self) -> Option<(WaitKey, T)> {
+        self.items.pop_first().map(|(k, (_, t))| (k, t))
+    }
+
+    pub fn remove(&mut self, key: &WaitKey) -> Option<T> {
+        self.items.remove(key).map(|(_, t)| t)
+    }
+
+    /// How many wait ahead of a newcomer of priority `prio` (all of at least that priority).
+    pub fn ahead_of(&self, prio: Priority) -> usize {
+        self.items.range(..(Reverse(prio), u64::MAX)).count()
+    }
+
+    /// Waiters per priority, lowest first.
+    pub fn depth_by_priority(&self) -> [usize; 4] {
+        let mut out = [0; 4];
+        for (Reverse(p), _) in self.items.keys() {
+            out[*p as usize] += 1;
+        }
+        out
+    }
+
+    /// Removes and returns every waiter whose deadline is at or before `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<T> {
+        let late: Vec<WaitKey> = self
+            .items
+            .iter()
+            .filter(|(_, (d, _))| *d <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        late.iter().filter_map(|k| self.remove(k)).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The memory ledger
+
+/// Memory thresholds, as shares of the capacity.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryLimits {
+    /// 0: memory is not tracked.
+    pub capacity_mb: u64,
+    pub defer: f64,
+    pub reject: f64,
+}
+
+/// One deployment whose model takes memory when loaded.
+#[derive(Debug, Clone)]
+pub struct MemEntry {
+    pub mb: u64,
+    pub resident: bool,
+    pub in_flight: u32,
+    pub last_used: Option<Instant>,
+    pub last_priority: Priority,
+}
+
+/// The memory budget shared by all local models: what is resident, what is in use.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pub limits: MemoryLimits,
+    pub entries: Vec<MemEntry>,
+}
+
+/// Whether a deployment's model can be used now, memory-wise.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemVerdict {
+    Fits,
+    /// Fits once these idle residents are evicted (critical only).
+    FitsAfterEvicting(Vec<usize>),
+    Blocked(Block),
+}
+
+impl Ledger {
+    pub fn new(limits: MemoryLimits) -> Self {
+        Ledger {
+            limits,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Registers a deployment that takes `mb` when loaded; returns its entry id.
+    pub fn register(&mut self, mb: u64) -> usize {
+        self.entries.push(MemEntry {
+            mb,
+            resident: false,
+            in_flight: 0,
+            last_used: None,
+            last_priority: Priority::Low,
+        });
+        self.entries.len() - 1
+    }
+
+    pub fn resident_mb(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.resident)
+            .map(|e| e.mb)
+            .sum()
+    }
+
+    fn limit(&self, share: f64) -> f64 {
+        self.limits.capacity_mb as f64 * share
+    }
+
+    /// Can entry `id` be used by a request of priority `prio`? Does not change anything.
+    pub fn check(&self, id: usize, prio: Priority) -> MemVerdict {
+        let e = &self.entries[id];
+        if self.limits.capacity_mb == 0 || e.resident {
+            return MemVerdict::Fits;
+        }
+        if e.mb as f64 > self.limit(self.limits.reject) {
+            // Even alone it would be over the reject line: it can never be admitted.
+            return MemVerdict::Blocked(Block::TooLarge);
+        }
+        let projected = (self.resident_mb() + e.mb) as f64;
+        if projected <= self.limit(self.limits.defer) {
+            return MemVerdict::Fits;
+        }
+        if projected <= self.limit(self.limits.reject) {
+            return if prio >= Priority::High {
+                MemVerdict::Fits
+            } else {
+                MemVerdict::Blocked(Block::MemoryDefer)
+            };
+        }
+        if prio == Priority::Critical {
+            // Evict idle residents used at lower priority: lowest priority, then least recent.
+            let mut idle: Vec<usize> = (0..self.entries.len())
+                .filter(|&i| {
+                    let x = &self.entries[i];
+                    i != id
+                        && x.resident
+                        && x.in_flight == 0
+                        && x.last_priority < Priority::Critical
+                })
+                .collect();
+            idle.sort_by_key(|&i| (self.entries[i].last_priority, self.entries[i].last_used));
+            let mut freed = 0u64;
+            let mut evict = Vec::new();
+            for i in idle {
+                evict.push(i);
+                freed += self.entries[i].mb;
+                if (self.resident_mb() - freed + e.mb) as f64 <= self.limit(self.limits.reject) {
+                    return MemVerdict::FitsAfterEvicting(evict);
+                }
+            }
+        }
+        MemVerdict::Blocked(Block::MemoryExhausted)
+    }
+
+    /// Starts a request on entry `id`: evicts `evict`, makes it resident, counts it in use.
+    pub fn acquire(&mut self, id: usize, prio: Priority, evict: &[usize], now: Instant) {
+        for &i in evict {
+            self.entries[i].resident = false;
+        }
+        let e = &mut self.entries[id];
+        e.resident = true;
+        e.in_flight += 1;
+        e.last_used = Some(now);
+        e.last_priority = prio;
+    }
+
+    pub fn release(&mut self, id: usize, now: Instant) {
+        let e = &mut self.entries[id];
+        e.in_flight = e.in_flight.saturating_sub(1);
+        e.last_used = Some(now);
+    }
+
+    /// Marks entry `id` as no longer loaded (the pool stopped it). Refused while in use.
+    pub fn unload(&mut self, id: usize) -> bool {
+        let e = &mut self.entries[id];
+        if e.in_flight > 0 {
+            return false;
+        }
+        e.resident = false;
+        true
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One model's core
+
+/// Admission settings of one model.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelLimits {
+    pub policy: Policy,
+    pub max_queue: usize,
+    pub cost_wait_ms: f64,
+}
+
+/// One deployment as admission sees it.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub local: bool,
+    pub rank: usize,
+    pub max: u32,
+    pub in_flight: u32,
+    pub price: f64,
+    /// Entry in the ledger, for deployments that take memory.
+    pub mem: Option<usize>,
+    /// EWMA of time to first byte.
+    pub ttfb_ms: Option<f64>,
+    /// EWMA of time from start to release.
+    pub service_ms: Option<f64>,
+}
+
+/// Weight of a new observation in the EWMAs.
+const EWMA_ALPHA: f64 = 0.2;
+/// Service time assumed before any is observed.
+const DEFAULT_SERVICE_MS: f64 = 1000.0;
+
+fn ewma(old: Option<f64>, x: f64) -> f64 {
+    match old {
+        Some(o) => o + EWMA_ALPHA * (x - o),
+        None => x,
+    }
+}
+
+/// A request allowed to run: on deployment `dep`, after evicting `evict` from memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub dep: usize,
+}
+
+/// The answer to a new request.
+#[derive(Debug)]
+pub enum Admit<T> {
+    Run(Grant),
+    /// Queued under this key; `shed` (if any) was pushed out to make room and must be rejected.
+    Queued {
+        key: WaitKey,
+        shed: Option<T>,
+    },
+    Reject {
+        code: &'static str,
+        retry_after_s: u64,
+    },
+}
+
+/// What a change of state (a release, a tick) does to waiters.
+#[derive(Debug)]
+pub enum Wake<T> {
+    Run(T, Grant),
+    Reject(T, &'static str, u64),
+}
+
+/// A model's admission state: its deployments' slots and its wait queue.
+#[derive(Debug)]
+pub struct ModelCore<T> {
+    pub limits: ModelLimits,
+    pub slots: Vec<Slot>,
+    pub queue: WaitQueue<(Priority, T)>,
+    rng: u64,
+    /// Completions seen (for the admin view).
+    pub completed: u64,
+}
+
+impl<T> ModelCore<T> {
+    pub fn new(limits: ModelLimits, slots: Vec<Slot>, seed: u64) -> Self {
+        ModelCore {
+            queue: WaitQueue::new(limits.max_queue),
+            limits,
+            slots,
+            rng: seed | 1,
+            completed: 0,
+        }
+    }
+
+    fn next_rng(&mut self) -> u64 {
+        // xorshift64*
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+
+    /// Expected service time of one request, from what was observed.
+    fn service_ms(&self) -> f64 {
+        let seen: Vec<f64> = self.slots.iter().filter_map(|s| s.service_ms).collect();
+        if seen.is_empty() {
+            DEFAULT_SERVICE_MS
+        } else {
+            seen.iter().sum::<f64>() / seen.len() as f64
+        }
+    }
+
+    /// Expected wait, in ms, for a request with `ahead` requests before it.
+    pub fn expected_wait_ms(&self, ahead: usize) -> f64 {
+        let slots: u32 = self.slots.iter().map(|s| s.max).sum::<u32>().max(1);
+        // Every in-flight request, and everyone ahead, must finish before one slot frees
+        // for this request: (ahead + 1) services spread over all slots.
+        self.service_ms() * (ahead as f64 + 1.0) / slots as f64
+    }
+
+    /// `Retry-After` for a rejection of a request of priority `prio`: in [1, 60].
+    pub fn retry_after_s(&self, prio: Priority) -> u64 {
+        let ms = self.expected_wait_ms(self.queue.ahead_of(prio));
+        crate::error::clamp_retry_after((ms / 1000.0).ceil() as u64)
+    }
+
+    fn candidates(&self, ledger: &Ledger, prio: Priority) -> (Vec<Candidate>, Vec<MemVerdict>) {
+        let ahead = self.queue.ahead_of(prio);
+        let mut verdicts = Vec::with_capacity(self.slots.len());
+        let cands = self
+            .slots
+            .iter()
+            .map(|s| {
+                let v = s.mem.map_or(MemVerdict::Fits, |id| ledger.check(id, prio));
+                let block = match &v {
+                    MemVerdict::Blocked(b) => Some(*b),
+                    _ if s.in_flight >= s.max => Some(Block::Full),
+                    _ => None,
+                };
+                verdicts.push(v);
+                Candidate {
+                    local: s.local,
+                    rank: s.rank,
+                    in_flight: s.in_flight,
+                    block,
+                    price: s.price,
+                    ttfb_ms: s.ttfb_ms,
+                    wait_ms: s.service_ms.unwrap_or(DEFAULT_SERVICE_MS) * (ahead as f64 + 1.0)
+                        / s.max.max(1) as f64,
+                }
+            })
+            .collect();
+        (cands, verdicts)
+    }
+
+    /// Routes without queueing; on `Run`, takes the slot (and the memory).
+    fn try_run(&mut self, ledger: &mut Ledger, prio: Priority, now: Instant) -> Route {
+        let (cands, verdicts) = self.candidates(ledger, prio);
+        let rng = self.next_rng();
+        let r = route(self.limits.policy, &cands, rng, self.limits.cost_wait_ms);
+        if let Route::Run(i) = r {
+            self.slots[i].in_flight += 1;
+            if let Some(id) = self.slots[i].mem {
+                let evict = match &verdicts[i] {
+                    MemVerdict::FitsAfterEvicting(e) => e.as_slice(),
+                    _ => &[],
+                };
+                ledger.acquire(id, prio, evict, now);
+            }
+        }
+        r
+    }
+
+    /// A new request of priority `prio` that may wait until `deadline` (`None`: may not wait).
+    pub fn admit(
+        &mut self,
+        ledger: &mut Ledger,
+        prio: Priority,
+        deadline: Option<Instant>,
+        now: Instant,
+        item: T,
+    ) -> Admit<T> {
+        // Waiters of at least this priority go first: only run now if none are waiting.
+        let may_run_now = self.queue.ahead_of(prio) == 0;
+        let route = if may_run_now {
+            self.try_run(ledger, prio, now)
+        } else {
+            Route::Wait { memory: false }
+        };
+        let memory = match route {
+            Route::Run(dep) => return Admit::Run(Grant { dep }),
+            Route::Reject(code) => {
+                return Admit::Reject {
+                    code,
+                    retry_after_s: self.retry_after_s(prio),
+                }
+            }
+            Route::Wait { memory } => memory,
+        };
+        let waiting_code = if memory {
+            "memory_exhausted"
+        } else {
+            "capacity_exceeded"
+        };
+        let Some(deadline) = deadline.filter(|d| *d > now) else {
+            return Admit::Reject {
+                code: waiting_code,
+                retry_after_s: self.retry_after_s(prio),
+            };
+        };
+        if self.limits.max_queue == 0 {
+            return Admit::Reject {
+                code: waiting_code,
+                retry_after_s: self.retry_after_s(prio),
+            };
+        }
+        match self.queue.push(prio, deadline, (prio, item)) {
+            Push::Queued(key) => Admit::Queued { key, shed: None },
+            Push::Displaced(key, (_, shed)) => Admit::Queued {
+                key,
+                shed: Some(shed),
+            },
+            Push::Full(_) => Admit::Reject {
+                code: "queue_full",
+                retry_after_s: self.retry_after_s(prio),
+            },
+        }
+    }
+
+    /// A waiter that gave up (deadline, disconnect): removes it if still queued.
+    pub fn cancel(&mut self, key: &WaitKey) -> Option<T> {
+        self.queue.remove(key).map(|(_, t)| t)
+    }
+
+    /// A request on `dep` finished after `service`: frees its slot, then serves waiters.
+    pub fn release(
+        &mut self,
+        ledger: &mut Ledger,
+        dep: usize,
+        service: Duration,
+        now: Instant,
+    ) -> Vec<Wake<T>> {
+        let s = &mut self.slots[dep];
+        s.in_flight = s.in_flight.saturating_sub(1);
+        s.service_ms = Some(ewma(s.service_ms, service.as_secs_f64() * 1000.0));
+        if let Some(id) = s.mem {
+            ledger.release(id, now);
+        }
+        self.completed += 1;
+        self.pump(ledger, now)
+    }
+
+    /// Records an observed time to first byte on `dep`.
+    pub fn observe_ttfb(&mut self, dep: usize, ttfb: Duration) {
+        let s = &mut self.slots[dep];
+        s.ttfb_ms = Some(ewma(s.ttfb_ms, ttfb.as_secs_f64() * 1000.0));
+    }
+
+    /// Serves waiters in order while they can run; rejects those past their deadline.
+    pub fn pump(&mut self, ledger: &mut Ledger, now: Instant) -> Vec<Wake<T>> {
+        let mut out = Vec::new();
+        for (prio, t) in self.queue.expire(now) {
+            out.push(Wake::Reject(t, "queue_timeout", self.retry_after_s(prio)));
+        }
+        while let Some(((Reverse(prio), _), _)) = self.queue.peek() {
+            match self.try_run(ledger, prio, now) {
+                Route::Run(dep) => {
+                    let (_, (_, t)) = self.queue.pop().expect("peeked");
+                    out.push(Wake::Run(t, Grant { dep }));
+                }
+                Route::Reject(code) => {
+                    let (_, (_, t)) = self.queue.pop().expect("peeked");
+                    let ra = self.retry_after_s(prio);
+                    out.push(Wake::Reject(t, code, ra));
+                }
+                // The first in line cannot run: nobody behind it may (strict priority order).
+                Route::Wait { .. } => break,
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn slot(local: bool, max: u32) -> Slot {
+        Slot {
+            local,
+            rank: 0,
+            max,
+            in_flight: 0,
+            price: 0.0,
+            mem: None,
+            ttfb_ms: None,
+            service_ms: None,
+        }
+    }
+
+    fn limits(policy: Policy, max_queue: usize) -> ModelLimits {
+        ModelLimits {
+            policy,
+            max_queue,
+            cost_wait_ms: 0.0,
+        }
+    }
+
+    fn no_memory() -> Ledger {
+        Ledger::new(MemoryLimits {
+            capacity_mb: 0,
+            defer: 0.75,
+            reject: 0.9,
+        })
+    }
+
+    #[test]
+    fn queue_sheds_lowest_newest_for_a_more_important_newcomer() {
+        let now = t0();
+        let mut q = WaitQueue::new(3);
+        assert!(matches!(q.push(Priority::Low, now, "l1"), Push::Queued(_)));
+        assert!(matches!(q.push(Priority::Low, now, "l2"), Push::Queued(_)));
+        assert!(matches!(q.push(Priority::High, now, "h1"), Push::Queued(_)));
+        assert!(matches!(q.push(Priority::Low, now, "l3"), Push::Full("l3")));
+        assert!(matches!(
+            q.push(Priority::Normal, now, "n1"),
+            Push::Displaced(_, "l2")
+        ));
+        assert!(matches!(
+            q.push(Priority::Normal, now, "n2"),
+            Push::Displaced(_, "l1")
+        ));
+        assert!(matches!(
+            q.push(Priority::Normal, now, "n3"),
+            Push::Full("n3")
+        ));
+        let order: Vec<&str> = std::iter::from_fn(|| q.pop().map(|(_, t)| t)).collect();
+        assert_eq!(order, ["h1", "n1", "n2"]);
+    }
+
+    #[test]
+    fn ledger_defer_reject_and_critical_eviction() {
+        let now = t0();
+        let mut l = Ledger::new(MemoryLimits {
+            capacity_mb: 100,
+            defer: 0.75,
+            reject: 0.9,
+        });
+        let a = l.register(50);
+        let b = l.register(30);
+        let c = l.register(200);
+        assert_eq!(
+            l.check(c, Priority::Critical),
+            MemVerdict::Blocked(Block::TooLarge)
+        );
+        assert_eq!(l.check(a, Priority::Low), MemVerdict::Fits);
+        l.acquire(a, Priority::Low, &[], now);
+        // 50 + 30 = 80: in the defer band.
+        assert_eq!(
+            l.check(b, Priority::Normal),
+            MemVerdict::Blocked(Block::MemoryDefer)
+        );
+        assert_eq!(l.check(b, Priority::High), MemVerdict::Fits);
+        l.acquire(b, Priority::High, &[], now);
+        let d = l.register(20);
+        // 100 > 90: over; critical may evict `a` only once it is idle.
+        assert_eq!(
+            l.check(d, Priority::Critical),
+            MemVerdict::Blocked(Block::MemoryExhausted)
+        );
+        l.release(a, now);
+        assert_eq!(
+            l.check(d, Priority::High),
+            MemVerdict::Blocked(Block::MemoryExhausted)
+        );
+        assert_eq!(
+            l.check(d, Priority::Critical),
+            MemVerdict::FitsAfterEvicting(vec![a])
+        );
+        l.acquire(d, Priority::Critical, &[a], now);
+        assert_eq!(l.resident_mb(), 50);
+        assert!(!l.unload(b));
+    }
+
+    #[test]
+    fn admit_runs_then_queues_then_serves_in_order() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut m: ModelCore<&str> =
+            ModelCore::new(limits(Policy::LocalOnly, 8), vec![slot(true, 1)], 1);
+        let later = Some(now + Duration::from_secs(10));
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, later, now, "a"),
+            Admit::Run(Grant { dep: 0 })
+        ));
+        assert!(matches!(
+            m.admit(&mut l, Priority::Low, later, now, "low"),
+            Admit::Queued { .. }
+        ));
+        assert!(matches!(
+            m.admit(&mut l, Priority::Critical, later, now, "crit"),
+            Admit::Queued { .. }
+        ));
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, None, now, "x"),
+            Admit::Reject {
+                code: "capacity_exceeded",
+                ..
+            }
+        ));
+        let w = m.release(&mut l, 0, Duration::from_millis(10), now);
+        assert!(matches!(
+            w.as_slice(),
+            [Wake::Run("crit", Grant { dep: 0 })]
+        ));
+        let w = m.release(&mut l, 0, Duration::from_millis(10), now);
+        assert!(matches!(w.as_slice(), [Wake::Run("low", _)]));
+    }
+
+    #[test]
+    fn deadline_passed_waiters_are_rejected_not_served() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut m: ModelCore<u32> =
+            ModelCore::new(limits(Policy::LocalOnly, 8), vec![slot(true, 1)], 1);
+        m.admit(
+            &mut l,
+            Priority::Normal,
+            Some(now + Duration::from_secs(1)),
+            now,
+            0,
+        );
+        m.admit(
+            &mut l,
+            Priority::Normal,
+            Some(now + Duration::from_millis(100)),
+            now,
+            1,
+        );
+        m.admit(
+            &mut l,
+            Priority::Normal,
+            Some(now + Duration::from_secs(5)),
+            now,
+            2,
+        );
+        let w = m.release(
+            &mut l,
+            0,
+            Duration::from_millis(10),
+            now + Duration::from_millis(500),
+        );
+        assert!(matches!(
+            w.as_slice(),
+            [Wake::Reject(1, "queue_timeout", _), Wake::Run(2, _)]
+        ));
+    }
+
+    #[test]
+    fn retry_after_follows_observed_service_time_and_queue() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut m: ModelCore<u32> =
+            ModelCore::new(limits(Policy::LocalOnly, 100), vec![slot(true, 1)], 1);
+        m.admit(&mut l, Priority::Normal, None, now, 0);
+        m.release(&mut l, 0, Duration::from_secs(4), now);
+        assert_eq!(m.retry_after_s(Priority::Normal), 4);
+        m.admit(&mut l, Priority::Normal, None, now, 0);
+        for i in 0..5 {
+            m.admit(
+                &mut l,
+                Priority::Normal,
+                Some(now + Duration::from_secs(100)),
+                now,
+                i,
+            );
+        }
+        assert_eq!(m.retry_after_s(Priority::Normal), 24);
+        assert_eq!(m.retry_after_s(Priority::Critical), 4);
+        for i in 0..50 {
+            m.admit(
+                &mut l,
+                Priority::Normal,
+                Some(now + Duration::from_secs(100)),
+                now,
+                i,
+            );
+        }
+        assert_eq!(m.retry_after_s(Priority::Normal), 60);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Arrive(Priority, u64),
+        Finish(usize),
+        Tick(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..4usize, 0..500u64).prop_map(|(p, w)| Op::Arrive(Priority::ALL[p], w)),
+            3 => (0..64usize).prop_map(Op::Finish),
+            1 => (0..300u64).prop_map(Op::Tick),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// Whatever happens: slots never over-committed, memory never above the reject line by
+        /// admission, waiters served in strict priority order and never after their deadline,
+        /// shedding only of the least important, Retry-After always in [1, 60].
+        #[test]
+        fn core_invariants(ops in proptest::collection::vec(op(), 1..200), maxes in proptest::collection::vec(1..4u32, 1..4), mems in proptest::collection::vec(0..60u64, 1..4), policy in 0..6usize) {
+            let policies = [Policy::LocalOnly, Policy::CloudOnly, Policy::LocalFirst, Policy::Latency, Policy::Cost, Policy::DegradationLadder];
+            let policy = policies[policy];
+            let start = t0();
+            let mut now = start;
+            let mut ledger = Ledger::new(MemoryLimits { capacity_mb: 100, defer: 0.75, reject: 0.9 });
+            let mut slots = Vec::new();
+            for (i, max) in maxes.iter().enumerate() {
+                let local = i % 2 == 0 || policy == Policy::LocalOnly;
+                let mut s = slot(local, *max);
+                s.rank = i;
+                s.price = if local { 0.0 } else { 1.0 + i as f64 };
+                if local {
+                    s.mem = Some(ledger.register(mems[i % mems.len()]));
+                }
+                slots.push(s);
+            }
+            let n = slots.len();
+            let mut m: ModelCore<(u64, Priority, Instant)> = ModelCore::new(ModelLimits { policy, max_queue: 5, cost_wait_ms: 500.0 }, slots, 42);
+            let mut running: Vec<(usize, Instant)> = Vec::new();
+            let mut id = 0u64;
+            let mut served: Vec<(Priority, u64)> = Vec::new();
+            let reject_line = 90.0;
+
+            let check_wakes = |wakes: Vec<Wake<(u64, Priority, Instant)>>, now: Instant, running: &mut Vec<(usize, Instant)>, served: &mut Vec<(Priority, u64)>| {
+                let mut last: Option<(Priority, u64)> = None;
+                for w in wakes {
+                    match w {
+                        Wake::Run((wid, p, deadline), g) => {
+                            assert!(now < deadline, "served after its deadline");
+                            if let Some((lp, lid)) = last {
+                                assert!(lp > p || (lp == p && lid < wid), "priority order broken");
+                            }
+                            last = Some((p, wid));
+                            served.push((p, wid));
+                            running.push((g.dep, now));
+                        }
+                        Wake::Reject(_, code, ra) => {
+                            assert!((1..=60).contains(&ra));
+                            assert!(["queue_timeout", "memory_exhausted", "model_too_large", "no_healthy_backend"].contains(&code));
+                        }
+                    }
+                }
+            };
+
+            for op in ops {
+                match op {
+                    Op::Arrive(p, wait) => {
+                        id += 1;
+                        let deadline = now + Duration::from_millis(wait);
+                        let before: Vec<Priority> = m.queue.items.keys().map(|(Reverse(p), _)| *p).collect();
+                        let full = m.queue.len() == 5;
+                        match m.admit(&mut ledger, p, (wait > 0).then_some(deadline), now, (id, p, deadline)) {
+                            Admit::Run(g) => running.push((g.dep, now)),
+                            Admit::Queued { shed, .. } => {
+                                if let Some((_, sp, _)) = shed {
+                                    assert!(full);
+                                    assert!(sp < p, "shed a waiter as important as the newcomer");
+                                    assert!(before.iter().all(|b| *b >= sp), "shed was not the least important");
+                                }
+                            }
+                            Admit::Reject { code, retry_after_s } => {
+                                assert!((1..=60).contains(&retry_after_s));
+                                if code == "queue_full" {
+                                    assert!(full && before.iter().all(|b| *b >= p));
+                                }
+                            }
+                        }
+                    }
+                    Op::Finish(k) => {
+                        if !running.is_empty() {
+                            let (dep, _) = running.remove(k % running.len());
+                            let w = m.release(&mut ledger, dep, Duration::from_millis(20), now);
+                            check_wakes(w, now, &mut running, &mut served);
+                        }
+                    }
+                    Op::Tick(ms) => {
+                        now += Duration::from_millis(ms);
+                        let w = m.pump(&mut ledger, now);
+                        check_wakes(w, now, &mut running, &mut served);
+                    }
+                }
+                for d in 0..n {
+                    let s = &m.slots[d];
+                    assert!(s.in_flight <= s.max, "over max_concurrency");
+                    assert_eq!(s.in_flight as usize, running.iter().filter(|(x, _)| *x == d).count());
+                }
+                assert!(ledger.resident_mb() as f64 <= reject_line + 1e-9, "memory over the reject line: {}", ledger.resident_mb());
+                for e in &ledger.entries {
+                    assert!(e.in_flight == 0 || e.resident);
+                }
+            }
+        }
+    }
+}

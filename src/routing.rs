@@ -1,0 +1,377 @@
+//! Routing: which deployment of a model a request should run on, under the model's policy.
+//!
+//! Pure: takes a snapshot of the deployments (slots, observed latency, price, memory verdicts)
+//! and returns a choice, a reason to wait, or a reason to reject. No I/O, no clock reads, no
+//! locks; randomness (for the power of two choices) comes in as a number.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A model's routing policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Only local deployments (and simulators).
+    LocalOnly,
+    /// Only cloud deployments.
+    CloudOnly,
+    /// Local if admitted now, else cloud; wait if neither.
+    #[default]
+    LocalFirst,
+    /// The deployment with the lowest expected time to first byte.
+    Latency,
+    /// The cheapest deployment admitted now; waits for a cheaper one up to a bound.
+    Cost,
+    /// The highest-precision local variant admitted now, else cloud.
+    DegradationLadder,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::LocalOnly => "local-only",
+            Policy::CloudOnly => "cloud-only",
+            Policy::LocalFirst => "local-first",
+            Policy::Latency => "latency",
+            Policy::Cost => "cost",
+            Policy::DegradationLadder => "degradation-ladder",
+        })
+    }
+}
+
+/// Why a deployment cannot take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Every slot is taken: wait for one.
+    Full,
+    /// Its model would load into the defer band: wait for memory.
+    MemoryDefer,
+    /// Its model would load above the reject threshold.
+    MemoryExhausted,
+    /// Its model is larger than the whole memory budget: never.
+    TooLarge,
+}
+
+/// What routing needs to know of one deployment.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub local: bool,
+    /// Precision rank for the ladder: 0 is the highest precision; equal ranks are equivalent.
+    pub rank: usize,
+    pub in_flight: u32,
+    /// `None` when it can take the request now.
+    pub block: Option<Block>,
+    /// Price per 1k tokens (local: 0).
+    pub price: f64,
+    /// Observed time to first byte (EWMA), if any.
+    pub ttfb_ms: Option<f64>,
+    /// Expected wait for a slot here when full, in ms.
+    pub wait_ms: f64,
+}
+
+/// Routing's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    Run(usize),
+    /// Nothing can run it now, but something may soon; `memory` when memory is the reason.
+    Wait {
+        memory: bool,
+    },
+    /// Nothing can ever, or for now nothing may: the code says which.
+    Reject(&'static str),
+}
+
+/// Picks a deployment for a request under `policy`. `cost_wait_ms` is how long the cost policy
+/// waits for a cheaper deployment before paying for a dearer one.
+pub fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Route {
+    let eligible: Vec<usize> = (0..c.len())
+        .filter(|&i| match policy {
+            Policy::LocalOnly => c[i].local,
+            Policy::CloudOnly => !c[i].local,
+            _ => true,
+        })
+        .collect();
+    if eligible.is_empty() {
+        return Route::Reject("no_healthy_backend");
+    }
+    let free = |i: &usize| c[*i].block.is_none();
+    let pick = match policy {
+        Policy::LocalOnly | Policy::CloudOnly => p2c(c, eligible.iter().copied().filter(free), rng),
+        Policy::LocalFirst => {
+            let local = eligible.iter().copied().filter(|&i| c[i].local && free(&i));
+            p2c(c, local, rng).or_else(|| {
+                p2c(
+                    c,
+                    eligible
+                        .iter()
+                        .copied()
+                        .filter(|&i| !c[i].local && free(&i)),
+                    rng,
+                )
+            })
+        }
+        Policy::DegradationLadder => {
+            let mut ranks: Vec<usize> = eligible
+                .iter()
+                .filter(|&&i| c[i].local)
+                .map(|&i| c[i].rank)
+                .collect();
+            ranks.sort_unstable();
+            ranks.dedup();
+            ranks
+                .into_iter()
+                .find_map(|r| {
+                    p2c(
+                        c,
+                        eligible
+                            .iter()
+                            .copied()
+                            .filter(|&i| c[i].local && c[i].rank == r && free(&i)),
+                        rng,
+                    )
+                })
+                .or_else(|| {
+                    p2c(
+                        c,
+                        eligible
+                            .iter()
+                            .copied()
+                            .filter(|&i| !c[i].local && free(&i)),
+                        rng,
+                    )
+                })
+        }
+        Policy::Latency => {
+            // Expected time = wait for a slot (0 when free) + observed time to first byte.
+            // A deployment never observed counts as 0, so that each is tried.
+            let expected =
+                |i: usize| c[i].ttfb_ms.unwrap_or(0.0) + if free(&i) { 0.0 } else { c[i].wait_ms };
+            let best = eligible
+                .iter()
+                .copied()
+                .filter(|&i| matches!(c[i].block, None | Some(Block::Full)))
+                .min_by(|&a, &b| {
+                    expected(a)
+                        .total_cmp(&expected(b))
+                        .then(c[a].in_flight.cmp(&c[b].in_flight))
+                });
+            best.filter(free)
+        }
+        Policy::Cost => {
+            let mut by_price: Vec<usize> = eligible.clone();
+            by_price.sort_by(|&a, &b| c[a].price.total_cmp(&c[b].price));
+            let mut chosen = None;
+            for (n, &i) in by_price.iter().enumerate() {
+                if free(&i) {
+                    // Equivalent = same price: balance among them.
+                    let same = by_price[n..]
+                        .iter()
+                        .copied()
+                        .filter(|&j| c[j].price == c[i].price && free(&j));
+                    chosen = p2c(c, same, rng);
+                    break;
+                }
+                if c[i].block == Some(Block::Full) && c[i].wait_ms <= cost_wait_ms {
+                    // Worth waiting for this cheaper one rather than paying more.
+                    break;
+                }
+            }
+            chosen
+        }
+    };
+    if let Some(i) = pick {
+        return Route::Run(i);
+    }
+    let blocks = || eligible.iter().filter_map(|&i| c[i].block);
+    if blocks().any(|b| b == Block::Full)
+        || policy == Policy::Cost && eligible.iter().any(|&i| c[i].block.is_none())
+    {
+        Route::Wait { memory: false }
+    } else if blocks().any(|b| b == Block::MemoryDefer) {
+        Route::Wait { memory: true }
+    } else if blocks().all(|b| b == Block::TooLarge) {
+        Route::Reject("model_too_large")
+    } else {
+        Route::Reject("memory_exhausted")
+    }
+}
+
+/// Power of two choices: of two candidates drawn at random, the one with fewer in flight.
+fn p2c(c: &[Candidate], pool: impl Iterator<Item = usize>, rng: u64) -> Option<usize> {
+    let pool: Vec<usize> = pool.collect();
+    match pool.len() {
+        0 => None,
+        1 => Some(pool[0]),
+        n => {
+            let a = pool[(rng % n as u64) as usize];
+            let mut b = pool[((rng >> 32) % (n as u64 - 1)) as usize];
+            if b == a {
+                b = pool[n - 1];
+            }
+            Some(if c[b].in_flight < c[a].in_flight {
+                b
+            } else {
+                a
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(local: bool, block: Option<Block>) -> Candidate {
+        Candidate {
+            local,
+            rank: 0,
+            in_flight: 0,
+            block,
+            price: if local { 0.0 } else { 1.0 },
+            ttfb_ms: None,
+            wait_ms: 1000.0,
+        }
+    }
+
+    #[test]
+    fn local_first_falls_back_to_cloud_then_waits() {
+        let free = [cand(true, None), cand(false, None)];
+        assert_eq!(route(Policy::LocalFirst, &free, 7, 0.0), Route::Run(0));
+        let local_full = [cand(true, Some(Block::Full)), cand(false, None)];
+        assert_eq!(
+            route(Policy::LocalFirst, &local_full, 7, 0.0),
+            Route::Run(1)
+        );
+        let both_full = [
+            cand(true, Some(Block::Full)),
+            cand(false, Some(Block::Full)),
+        ];
+        assert_eq!(
+            route(Policy::LocalFirst, &both_full, 7, 0.0),
+            Route::Wait { memory: false }
+        );
+        let deferred = [cand(true, Some(Block::MemoryDefer)), cand(false, None)];
+        assert_eq!(route(Policy::LocalFirst, &deferred, 7, 0.0), Route::Run(1));
+    }
+
+    #[test]
+    fn only_policies_never_cross() {
+        let c = [cand(true, Some(Block::Full)), cand(false, None)];
+        assert_eq!(
+            route(Policy::LocalOnly, &c, 1, 0.0),
+            Route::Wait { memory: false }
+        );
+        let c = [cand(true, None), cand(false, Some(Block::Full))];
+        assert_eq!(
+            route(Policy::CloudOnly, &c, 1, 0.0),
+            Route::Wait { memory: false }
+        );
+        assert_eq!(
+            route(Policy::CloudOnly, &[cand(true, None)], 1, 0.0),
+            Route::Reject("no_healthy_backend")
+        );
+    }
+
+    #[test]
+    fn memory_reasons() {
+        assert_eq!(
+            route(
+                Policy::LocalOnly,
+                &[cand(true, Some(Block::TooLarge))],
+                1,
+                0.0
+            ),
+            Route::Reject("model_too_large")
+        );
+        assert_eq!(
+            route(
+                Policy::LocalOnly,
+                &[cand(true, Some(Block::MemoryExhausted))],
+                1,
+                0.0
+            ),
+            Route::Reject("memory_exhausted")
+        );
+        assert_eq!(
+            route(
+                Policy::LocalOnly,
+                &[cand(true, Some(Block::MemoryDefer))],
+                1,
+                0.0
+            ),
+            Route::Wait { memory: true }
+        );
+        // Too large locally but a cloud deployment exists: that one is waited for.
+        let c = [
+            cand(true, Some(Block::TooLarge)),
+            cand(false, Some(Block::Full)),
+        ];
+        assert_eq!(
+            route(Policy::LocalFirst, &c, 1, 0.0),
+            Route::Wait { memory: false }
+        );
+    }
+
+    #[test]
+    fn ladder_steps_down_by_precision_then_cloud() {
+        let mut c = vec![
+            cand(true, None),
+            cand(true, None),
+            cand(true, None),
+            cand(false, None),
+        ];
+        for (i, x) in c.iter_mut().take(3).enumerate() {
+            x.rank = i;
+        }
+        assert_eq!(route(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(0));
+        c[0].block = Some(Block::MemoryExhausted);
+        assert_eq!(route(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(1));
+        c[1].block = Some(Block::MemoryDefer);
+        assert_eq!(route(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(2));
+        c[2].block = Some(Block::Full);
+        assert_eq!(route(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(3));
+    }
+
+    #[test]
+    fn latency_prefers_the_fastest_observed() {
+        let mut c = vec![cand(true, None), cand(false, None)];
+        c[0].ttfb_ms = Some(50.0);
+        c[1].ttfb_ms = Some(20.0);
+        assert_eq!(route(Policy::Latency, &c, 0, 0.0), Route::Run(1));
+        // Full, and its expected wait makes it slower than the other.
+        c[1].block = Some(Block::Full);
+        assert_eq!(route(Policy::Latency, &c, 0, 0.0), Route::Run(0));
+        // Full but barely: better to wait for it.
+        c[1].wait_ms = 5.0;
+        assert_eq!(
+            route(Policy::Latency, &c, 0, 0.0),
+            Route::Wait { memory: false }
+        );
+    }
+
+    #[test]
+    fn cost_waits_for_cheap_up_to_a_bound() {
+        let c = [cand(true, Some(Block::Full)), cand(false, None)];
+        assert_eq!(
+            route(Policy::Cost, &c, 0, 2000.0),
+            Route::Wait { memory: false }
+        );
+        assert_eq!(route(Policy::Cost, &c, 0, 10.0), Route::Run(1));
+        let c = [cand(false, None), cand(true, None)];
+        assert_eq!(route(Policy::Cost, &c, 0, 0.0), Route::Run(1));
+    }
+
+    #[test]
+    fn p2c_prefers_fewer_in_flight() {
+        let mut c = vec![cand(true, None), cand(true, None)];
+        c[0].in_flight = 5;
+        for rng in 0..64 {
+            assert_eq!(p2c(&c, 0..2, rng), Some(1));
+        }
+        let c: Vec<Candidate> = (0..5).map(|_| cand(true, None)).collect();
+        for rng in 0..1000u64 {
+            assert!(p2c(&c, 0..5, rng.wrapping_mul(0x9e3779b97f4a7c15)).unwrap() < 5);
+        }
+    }
+}
