@@ -98,6 +98,58 @@ def stream_cut():
     raise AssertionError(f"a cut stream ended without an error after {seen} chunks")
 
 
+def hold_busy(tokens):
+    """Occupies the single slot of model `busy` (10 tokens/s) from a thread; returns the thread."""
+    import threading
+    import time
+
+    def run():
+        OpenAI(base_url=BASE, api_key="k", max_retries=0).chat.completions.create(
+            model="busy", messages=[{"role": "user", "content": "x"}], max_tokens=tokens
+        )
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.3)
+    return t
+
+
+def rejected_503():
+    # No retries: the rejection surfaces as a 503 status error with the envelope.
+    holder = hold_busy(10)
+    try:
+        client.chat.completions.create(
+            model="busy", messages=[{"role": "user", "content": "x"}], max_tokens=1
+        )
+    except openai.InternalServerError as e:
+        assert e.status_code == 503
+        assert e.code == "capacity_exceeded", e.body
+        assert e.response.headers["x-mofa-backend"] == "rejected"
+        assert 1 <= int(e.response.headers["retry-after"]) <= 60
+        holder.join()
+        return
+    raise AssertionError("no InternalServerError")
+
+
+def retry_503():
+    # The SDK's own retries honour Retry-After and succeed once the slot frees.
+    import time
+
+    holder = hold_busy(15)
+    retrying = OpenAI(base_url=BASE, api_key="sk-client-test", max_retries=3, timeout=20)
+    start = time.monotonic()
+    raw = retrying.chat.completions.with_raw_response.create(
+        model="busy", messages=[{"role": "user", "content": "x"}], max_tokens=1
+    )
+    waited = time.monotonic() - start
+    assert raw.http_response.status_code == 200
+    assert raw.retries_taken >= 1, raw.retries_taken
+    # Each retry waited Retry-After (>= 1 s), not the SDK's 0.5 s default backoff.
+    assert waited >= raw.retries_taken * 1.0, (waited, raw.retries_taken)
+    holder.join()
+    print(f"retries_taken={raw.retries_taken} waited={waited:.2f}s")
+
+
 for name in sys.argv[2:]:
     globals()[name]()
     print(f"ok {name}")
