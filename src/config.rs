@@ -681,6 +681,23 @@ mod tests {
         api_key = "${KEY}"
     "#;
 
+    /// The examples in docs/configuration.md are valid, and the documented default is the real one.
+    #[test]
+    fn documented_examples_parse() {
+        let doc = include_str!("../docs/configuration.md");
+        let blocks: Vec<&str> = doc
+            .split("```toml")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap())
+            .collect();
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(blocks[0].trim(), DEFAULT_CONFIG.trim());
+        let c = Config::parse(blocks[1], &|k| Some(format!("value-of-{k}"))).unwrap();
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models[0].deployments.len(), 4);
+        assert_eq!(c.admission.memory_capacity_mb, 24000);
+    }
+
     #[test]
     fn default_config_is_one_sim_model() {
         let c = Config::default_config();
