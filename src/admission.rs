@@ -172,6 +172,15 @@ pub struct MemoryLimits {
     pub reject: f64,
 }
 
+impl MemoryLimits {
+    /// Memory not tracked (an empty ledger, for models whose deployments declare none).
+    pub const OFF: MemoryLimits = MemoryLimits {
+        capacity_mb: 0,
+        defer: 1.0,
+        reject: 1.0,
+    };
+}
+
 /// One deployment whose model takes memory when loaded.
 #[derive(Debug, Clone)]
 pub struct MemEntry {

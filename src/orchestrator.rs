@@ -36,7 +36,9 @@ pub struct ModelRt {
     pub deployments: Vec<Arc<Deployment>>,
     max_wait: Duration,
     core: Mutex<ModelCore<Waiter>>,
-    ledger: Arc<Mutex<Ledger>>,
+    /// The shared memory ledger, only for models with a deployment that declares `memory_mb`:
+    /// the others never take the shared lock.
+    ledger: Option<Arc<Mutex<Ledger>>>,
 }
 
 /// Holds a slot on one deployment; dropping it frees the slot and serves the next waiter.
@@ -85,11 +87,10 @@ impl TtfbRecorder {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let wakes = {
-            let mut core = lock(&self.model.core);
-            let mut ledger = lock(&self.model.ledger);
-            core.release(&mut ledger, self.dep, self.start.elapsed(), Instant::now())
-        };
+        let (dep, service) = (self.dep, self.start.elapsed());
+        let wakes = self
+            .model
+            .decide(|core, ledger| core.release(ledger, dep, service, Instant::now()));
         self.model.deliver(wakes);
     }
 }
@@ -122,11 +123,7 @@ impl ModelRt {
         let wait = max_wait.map_or(self.max_wait, |w| w.min(self.max_wait));
         let deadline = (!wait.is_zero()).then(|| now + wait);
         let (tx, mut rx) = oneshot::channel();
-        let decision = {
-            let mut core = lock(&self.core);
-            let mut ledger = lock(&self.ledger);
-            core.admit(&mut ledger, prio, deadline, now, tx)
-        };
+        let decision = self.decide(|core, ledger| core.admit(ledger, prio, deadline, now, tx));
         let key = match decision {
             Admit::Run(g) => return Ok(self.permit(g.dep, now)),
             Admit::Reject {
@@ -162,6 +159,16 @@ impl ModelRt {
                     rx.await.unwrap_or_else(|_| Err(self.reject("queue_timeout", 1)))
                 }
             }
+        }
+    }
+
+    /// Runs one decision of the core under the model's lock (and the memory ledger's, for a
+    /// model that uses memory; lock order: core, then ledger).
+    fn decide<R>(&self, f: impl FnOnce(&mut ModelCore<Waiter>, &mut Ledger) -> R) -> R {
+        let mut core = lock(&self.core);
+        match &self.ledger {
+            Some(shared) => f(&mut core, &mut lock(shared)),
+            None => f(&mut core, &mut Ledger::new(MemoryLimits::OFF)),
         }
     }
 
@@ -288,13 +295,14 @@ impl Orchestrator {
         let models = models
             .into_iter()
             .map(|(name, (policy, deployments, core))| {
+                let uses_memory = core.slots.iter().any(|s| s.mem.is_some());
                 let rt = Arc::new(ModelRt {
                     name: name.clone(),
                     policy,
                     deployments,
                     max_wait: Duration::from_millis(a.max_queue_wait_ms),
                     core: Mutex::new(core),
-                    ledger: ledger.clone(),
+                    ledger: uses_memory.then(|| ledger.clone()),
                 });
                 (name, rt)
             })

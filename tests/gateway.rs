@@ -505,3 +505,65 @@ async fn stream_idle_gap_ends_with_an_error_event() {
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "upstream_timeout");
 }
+
+#[tokio::test]
+async fn upstream_4xx_is_passed_through_and_wrapped_when_not_an_envelope() {
+    let plain = fixed_upstream(422, "text/plain", "field x is wrong").await;
+    let gw = gateway(&one_model("m", &plain, "")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    assert_eq!(resp.status(), 422);
+    assert_eq!(assert_stamped(&resp), "local(m)");
+    let e = envelope(resp).await;
+    assert_eq!(e["type"], "invalid_request_error");
+    assert!(
+        e["message"].as_str().unwrap().contains("field x is wrong"),
+        "{e}"
+    );
+
+    let own = fixed_upstream(400, "application/json", r#"{"error":{"message":"context too long","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#).await;
+    let gw = gateway(&one_model("m", &own, "")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    assert_eq!(resp.status(), 400);
+    let e = envelope(resp).await;
+    assert_eq!(e["code"], "context_length_exceeded");
+    assert_eq!(e["param"], "messages");
+}
+
+#[tokio::test]
+async fn upstream_200_carrying_an_error_is_never_a_200() {
+    let inband = fixed_upstream(
+        200,
+        "application/json",
+        r#"{"error":{"message":"model crashed"}}"#,
+    )
+    .await;
+    let gw = gateway(&one_model("m", &inband, "")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    assert_eq!(resp.status(), 502);
+    let e = envelope(resp).await;
+    assert!(
+        e["message"].as_str().unwrap().contains("model crashed"),
+        "{e}"
+    );
+
+    let sse = fixed_upstream(
+        200,
+        "text/event-stream",
+        "data: {\"error\":{\"message\":\"out of memory\"}}\n\n",
+    )
+    .await;
+    let gw = gateway(&one_model("m", &sse, "")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    assert_eq!(resp.status(), 502);
+    let e = envelope(resp).await;
+    assert!(
+        e["message"].as_str().unwrap().contains("out of memory"),
+        "{e}"
+    );
+
+    let garbage = fixed_upstream(200, "application/json", "<html>proxy login</html>").await;
+    let gw = gateway(&one_model("m", &garbage, "")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    assert_eq!(resp.status(), 502);
+    envelope(resp).await;
+}

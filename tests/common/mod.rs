@@ -164,3 +164,19 @@ pub async fn dead_url() -> String {
     drop(l);
     format!("http://{addr}/v1")
 }
+
+/// An upstream that answers every request with this status, content type and body.
+pub async fn fixed_upstream(status: u16, content_type: &'static str, body: &'static str) -> String {
+    use axum::http::StatusCode;
+    let app = axum::Router::new().fallback(move || async move {
+        (
+            StatusCode::from_u16(status).unwrap(),
+            [("content-type", content_type)],
+            body,
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
