@@ -347,9 +347,10 @@ fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
         Some(_) => return Err(ApiError::invalid_value("model", "`model` must be a string")),
     };
     let stream = match head.stream {
-        None | Some(Field::Other) if endpoint == Endpoint::Embeddings => false,
+        // Embeddings do not stream; `stream` there is forwarded untouched.
+        _ if endpoint == Endpoint::Embeddings => false,
         None => false,
-        Some(Field::Bool(b)) => b && endpoint != Endpoint::Embeddings,
+        Some(Field::Bool(b)) => b,
         Some(_) => {
             return Err(ApiError::invalid_value(
                 "stream",
