@@ -111,14 +111,17 @@ impl<T> WaitQueue<T> {
             self.items.insert(key, (deadline, item));
             return Push::Queued(key);
         }
-        match self.items.last_key_value() {
-            Some((&(Reverse(worst), _), _)) if worst < prio => {
-                let (_, (_, shed)) = self.items.pop_last().expect("non-empty");
+        let worst_is_less = self
+            .items
+            .last_key_value()
+            .is_some_and(|(&(Reverse(worst), _), _)| worst < prio);
+        if worst_is_less {
+            if let Some((_, (_, shed))) = self.items.pop_last() {
                 self.items.insert(key, (deadline, item));
-                Push::Displaced(key, shed)
+                return Push::Displaced(key, shed);
             }
-            _ => Push::Full(item),
         }
+        Push::Full(item)
     }
 
     /// The first waiter in service order.
@@ -249,40 +252,40 @@ impl Ledger {
             // Even alone it would be over the reject line: it can never be admitted.
             return MemVerdict::Blocked(Block::TooLarge);
         }
-        let projected = (self.resident_mb() + e.mb) as f64;
-        if projected <= self.limit(self.limits.defer) {
+        // The line this request may fill memory up to: high and critical skip the defer band.
+        let line = self.limit(if prio >= Priority::High {
+            self.limits.reject
+        } else {
+            self.limits.defer
+        });
+        let resident = self.resident_mb();
+        if (resident + e.mb) as f64 <= line {
             return MemVerdict::Fits;
         }
-        if projected <= self.limit(self.limits.reject) {
-            return if prio >= Priority::High {
-                MemVerdict::Fits
-            } else {
-                MemVerdict::Blocked(Block::MemoryDefer)
-            };
-        }
-        if prio == Priority::Critical {
-            // Evict idle residents used at lower priority: lowest priority, then least recent.
-            let mut idle: Vec<usize> = (0..self.entries.len())
-                .filter(|&i| {
-                    let x = &self.entries[i];
-                    i != id
-                        && x.resident
-                        && x.in_flight == 0
-                        && x.last_priority < Priority::Critical
-                })
-                .collect();
-            idle.sort_by_key(|&i| (self.entries[i].last_priority, self.entries[i].last_used));
-            let mut freed = 0u64;
-            let mut evict = Vec::new();
-            for i in idle {
-                evict.push(i);
-                freed += self.entries[i].mb;
-                if (self.resident_mb() - freed + e.mb) as f64 <= self.limit(self.limits.reject) {
-                    return MemVerdict::FitsAfterEvicting(evict);
-                }
+        // Make room by stopping idle residents last used at this priority or lower: lowest
+        // priority of last use first, then least recently used.
+        let mut idle: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| {
+                let x = &self.entries[i];
+                i != id && x.resident && x.in_flight == 0 && x.last_priority <= prio
+            })
+            .collect();
+        idle.sort_by_key(|&i| (self.entries[i].last_priority, self.entries[i].last_used));
+        let mut left = resident;
+        let mut evict = Vec::new();
+        for i in idle {
+            evict.push(i);
+            left -= self.entries[i].mb;
+            if (left + e.mb) as f64 <= line {
+                return MemVerdict::FitsAfterEvicting(evict);
             }
         }
-        MemVerdict::Blocked(Block::MemoryExhausted)
+        // Not enough can be freed now: wait in the defer band, else refuse.
+        if ((left + e.mb) as f64) <= self.limit(self.limits.reject) {
+            MemVerdict::Blocked(Block::MemoryDefer)
+        } else {
+            MemVerdict::Blocked(Block::MemoryExhausted)
+        }
     }
 
     /// Starts a request on entry `id`: evicts `evict`, makes it resident, counts it in use.
@@ -295,6 +298,29 @@ impl Ledger {
         e.in_flight += 1;
         e.last_used = Some(now);
         e.last_priority = prio;
+    }
+
+    /// Marks entry `id` as loaded without a request (the pool's explicit load): evicts `evict`.
+    pub fn load(&mut self, id: usize, prio: Priority, now: Instant) -> Result<Vec<usize>, Block> {
+        let evict = match self.check(id, prio) {
+            MemVerdict::Fits => Vec::new(),
+            MemVerdict::FitsAfterEvicting(e) => e,
+            MemVerdict::Blocked(b) => return Err(b),
+        };
+        for &i in &evict {
+            self.entries[i].resident = false;
+        }
+        let e = &mut self.entries[id];
+        e.resident = true;
+        e.last_used = Some(now);
+        e.last_priority = e.last_priority.max(prio);
+        Ok(evict)
+    }
+
+    /// The model's process is gone (crashed, failed to start): its memory is free, whatever is
+    /// still counted in flight on it (those requests fail on their own).
+    pub fn force_unload(&mut self, id: usize) {
+        self.entries[id].resident = false;
     }
 
     pub fn release(&mut self, id: usize, now: Instant) {
@@ -353,10 +379,19 @@ fn ewma(old: Option<f64>, x: f64) -> f64 {
     }
 }
 
-/// A request allowed to run: on deployment `dep`, after evicting `evict` from memory.
+/// A request allowed to run on deployment `dep`; `evicted` are the ledger entries it pushed
+/// out of memory (their processes must be stopped).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
     pub dep: usize,
+    pub evicted: Vec<usize>,
+}
+
+/// Why a request cannot run now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NotNow {
+    Wait { memory: bool },
+    Reject(&'static str),
 }
 
 /// The answer to a new request.
@@ -467,21 +502,30 @@ impl<T> ModelCore<T> {
     }
 
     /// Routes without queueing; on `Run`, takes the slot (and the memory).
-    fn try_run(&mut self, ledger: &mut Ledger, prio: Priority, now: Instant) -> Route {
-        let (cands, verdicts) = self.candidates(ledger, prio);
+    /// Routes without queueing; on `Run`, takes the slot (and the memory) and returns the grant.
+    fn try_run(
+        &mut self,
+        ledger: &mut Ledger,
+        prio: Priority,
+        now: Instant,
+    ) -> Result<Grant, NotNow> {
+        let (cands, mut verdicts) = self.candidates(ledger, prio);
         let rng = self.next_rng();
-        let r = route(self.limits.policy, &cands, rng, self.limits.cost_wait_ms);
-        if let Route::Run(i) = r {
-            self.slots[i].in_flight += 1;
-            if let Some(id) = self.slots[i].mem {
-                let evict = match &verdicts[i] {
-                    MemVerdict::FitsAfterEvicting(e) => e.as_slice(),
-                    _ => &[],
+        match route(self.limits.policy, &cands, rng, self.limits.cost_wait_ms) {
+            Route::Run(i) => {
+                self.slots[i].in_flight += 1;
+                let evicted = match verdicts.swap_remove(i) {
+                    MemVerdict::FitsAfterEvicting(e) => e,
+                    _ => Vec::new(),
                 };
-                ledger.acquire(id, prio, evict, now);
+                if let Some(id) = self.slots[i].mem {
+                    ledger.acquire(id, prio, &evicted, now);
+                }
+                Ok(Grant { dep: i, evicted })
             }
+            Route::Wait { memory } => Err(NotNow::Wait { memory }),
+            Route::Reject(code) => Err(NotNow::Reject(code)),
         }
-        r
     }
 
     /// A new request of priority `prio` that may wait until `deadline` (`None`: may not wait).
@@ -498,17 +542,17 @@ impl<T> ModelCore<T> {
         let route = if may_run_now {
             self.try_run(ledger, prio, now)
         } else {
-            Route::Wait { memory: false }
+            Err(NotNow::Wait { memory: false })
         };
         let memory = match route {
-            Route::Run(dep) => return Admit::Run(Grant { dep }),
-            Route::Reject(code) => {
+            Ok(grant) => return Admit::Run(grant),
+            Err(NotNow::Reject(code)) => {
                 return Admit::Reject {
                     code,
                     retry_after_s: self.retry_after_s(prio),
                 }
             }
-            Route::Wait { memory } => memory,
+            Err(NotNow::Wait { memory }) => memory,
         };
         let waiting_code = if memory {
             "memory_exhausted"
@@ -577,17 +621,19 @@ impl<T> ModelCore<T> {
         }
         while let Some(((Reverse(prio), _), _)) = self.queue.peek() {
             match self.try_run(ledger, prio, now) {
-                Route::Run(dep) => {
-                    let (_, (_, t)) = self.queue.pop().expect("peeked");
-                    out.push(Wake::Run(t, Grant { dep }));
+                Ok(grant) => {
+                    if let Some((_, (_, t))) = self.queue.pop() {
+                        out.push(Wake::Run(t, grant));
+                    }
                 }
-                Route::Reject(code) => {
-                    let (_, (_, t)) = self.queue.pop().expect("peeked");
+                Err(NotNow::Reject(code)) => {
                     let ra = self.retry_after_s(prio);
-                    out.push(Wake::Reject(t, code, ra));
+                    if let Some((_, (_, t))) = self.queue.pop() {
+                        out.push(Wake::Reject(t, code, ra));
+                    }
                 }
                 // The first in line cannot run: nobody behind it may (strict priority order).
-                Route::Wait { .. } => break,
+                Err(NotNow::Wait { .. }) => break,
             }
         }
         out
@@ -687,17 +733,42 @@ mod tests {
             MemVerdict::Blocked(Block::MemoryExhausted)
         );
         l.release(a, now);
+        // `a` is idle now: evictable by anyone at or above its last priority (low).
         assert_eq!(
             l.check(d, Priority::High),
-            MemVerdict::Blocked(Block::MemoryExhausted)
+            MemVerdict::FitsAfterEvicting(vec![a])
         );
         assert_eq!(
-            l.check(d, Priority::Critical),
+            l.check(d, Priority::Low),
             MemVerdict::FitsAfterEvicting(vec![a])
         );
         l.acquire(d, Priority::Critical, &[a], now);
         assert_eq!(l.resident_mb(), 50);
         assert!(!l.unload(b));
+        // b (last used at high) and d (critical) idle: a normal request may evict neither.
+        l.release(d, now);
+        l.release(b, now);
+        let e = l.register(40);
+        assert_eq!(
+            l.check(e, Priority::Normal),
+            MemVerdict::Blocked(Block::MemoryDefer)
+        );
+        assert_eq!(l.check(e, Priority::High), MemVerdict::Fits);
+        let f = l.register(60);
+        assert_eq!(
+            l.check(f, Priority::High),
+            MemVerdict::FitsAfterEvicting(vec![b])
+        );
+        assert_eq!(
+            l.check(f, Priority::Critical),
+            MemVerdict::FitsAfterEvicting(vec![b])
+        );
+        assert!(l.unload(d));
+        assert_eq!(l.resident_mb(), 30);
+        assert_eq!(l.load(f, Priority::High, now), Ok(vec![]));
+        assert_eq!(l.resident_mb(), 90);
+        l.force_unload(f);
+        assert_eq!(l.resident_mb(), 30);
     }
 
     #[test]
@@ -709,7 +780,7 @@ mod tests {
         let later = Some(now + Duration::from_secs(10));
         assert!(matches!(
             m.admit(&mut l, Priority::Normal, later, now, "a"),
-            Admit::Run(Grant { dep: 0 })
+            Admit::Run(Grant { dep: 0, .. })
         ));
         assert!(matches!(
             m.admit(&mut l, Priority::Low, later, now, "low"),
@@ -729,7 +800,7 @@ mod tests {
         let w = m.release(&mut l, 0, Duration::from_millis(10), now);
         assert!(matches!(
             w.as_slice(),
-            [Wake::Run("crit", Grant { dep: 0 })]
+            [Wake::Run("crit", Grant { dep: 0, .. })]
         ));
         let w = m.release(&mut l, 0, Duration::from_millis(10), now);
         assert!(matches!(w.as_slice(), [Wake::Run("low", _)]));

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::admission::Priority;
-use crate::config::{Config, DeploymentKind};
+use crate::config::Config;
 use crate::error::{kind_for_status, ApiError};
 use crate::headers::{BACKEND, LATENCY_MS, MAX_WAIT_MS, PRECISION, PRIORITY, REQUEST_ID};
 use crate::orchestrator::Orchestrator;
@@ -46,39 +46,16 @@ impl AppState {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut all = Vec::new();
-        let mut listed = Vec::new();
-        for m in &cfg.models {
-            let mut deployments = Vec::new();
-            for d in &m.deployments {
-                let url = match d.kind {
-                    DeploymentKind::Sim => {
-                        let served = d.upstream_model.clone().unwrap_or_else(|| m.name.clone());
-                        let opts = crate::sim::SimOptions {
-                            models: vec![served],
-                            ttft: std::time::Duration::from_millis(d.ttft_ms.unwrap_or(0)),
-                            tokens_per_sec: d.tokens_per_sec.unwrap_or(0.0),
-                            ..Default::default()
-                        };
-                        let addr = crate::sim::spawn_local(opts).await.map_err(|e| {
-                            format!("cannot start the simulator for {}: {e}", m.name)
-                        })?;
-                        format!("http://{addr}/v1")
-                    }
-                    _ => d.url.clone().unwrap_or_default(),
-                };
-                let dep = Deployment::new(&m.name, d, &url, cfg.server.max_response_bytes)
-                    .map_err(|e| format!("model {}: {e}", m.name))?;
-                deployments.push(Arc::new(dep));
-            }
-            listed.push(json!({"id": m.name, "object": "model", "created": created, "owned_by": "mofa-gateway"}));
-            all.push(deployments);
-        }
+        let listed: Vec<Value> = cfg
+            .models
+            .iter()
+            .map(|m| json!({"id": m.name, "object": "model", "created": created, "owned_by": "mofa-gateway"}))
+            .collect();
         let model_list = Bytes::from(
             serde_json::to_vec(&json!({"object": "list", "data": listed})).unwrap_or_default(),
         );
         Ok(AppState {
-            orch: Orchestrator::build(cfg, all),
+            orch: Orchestrator::build(cfg).await?,
             model_list,
             created,
             max_body_bytes: cfg.server.max_body_bytes,
@@ -103,6 +80,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { json_ok(json!({"status": "ready"})) }),
         )
         .route("/admin/orchestrator", get(admin_orchestrator))
+        .route("/admin/pool", get(admin_pool))
+        .route("/admin/pool/{name}/load", post(admin_load))
+        .route("/admin/pool/{name}/unload", post(admin_unload))
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(stamp))
@@ -210,6 +190,38 @@ async fn list_models(State(st): State<Arc<AppState>>) -> Response {
 
 async fn admin_orchestrator(State(st): State<Arc<AppState>>) -> Response {
     json_ok(st.orch.snapshot())
+}
+
+async fn admin_pool(State(st): State<Arc<AppState>>) -> Response {
+    json_ok(st.orch.pool_snapshot())
+}
+
+/// Loads a pool model now (at `normal` priority for memory), and waits until it is ready.
+async fn admin_load(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let Some(p) = st.orch.managed(&name) else {
+        return ApiError::unknown_pool_model(&name).into_response();
+    };
+    if let Err(e) = st.orch.load(p) {
+        return e.into_response();
+    }
+    let deadline = std::time::Instant::now() + p.startup_timeout();
+    match p.ensure_ready(deadline).await {
+        Ok(()) => json_ok(p.snapshot()),
+        Err(e) => ApiError::from_start(&name, e).into_response(),
+    }
+}
+
+/// Stops a pool model that has no request in flight.
+async fn admin_unload(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let Some(p) = st.orch.managed(&name) else {
+        return ApiError::unknown_pool_model(&name).into_response();
+    };
+    if let Err(e) = st.orch.unload(p) {
+        return e.into_response();
+    }
+    p.wait_stopped(crate::pool::STOP_GRACE + Duration::from_secs(1))
+        .await;
+    json_ok(p.snapshot())
 }
 
 async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
@@ -508,8 +520,16 @@ async fn try_proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Result<Re
         .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
     let prio = header_prio.or(parsed.priority).unwrap_or_default();
     // Decided before the first byte, for streams as for the rest.
+    let arrival = std::time::Instant::now();
     let permit = model.admit(prio, max_wait).await?;
     let dep = permit.deployment().clone();
+    if let Some(m) = &dep.managed {
+        // A model the pool runs: start it if it is not running (its slot is held meanwhile,
+        // so it cannot be evicted), within this request's deadline.
+        m.ensure_ready(model.deadline(arrival, max_wait))
+            .await
+            .map_err(|e| ApiError::from_start(&model.name, e))?;
+    }
     let new_model = dep.upstream_model.as_deref().filter(|m| *m != parsed.model);
     let forward = if new_model.is_some() || parsed.priority.is_some() {
         rewrite(&body, new_model)?

@@ -235,6 +235,25 @@ pub struct DeploymentConfig {
     /// Price per 1k tokens, for the `cost` policy (local and sim: 0 unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_per_1k_tokens: Option<f64>,
+    /// `local` only: run the model server ourselves (instead of `url`). `{port}`, `{host}` and
+    /// `{model}` are filled in at each start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// With `command`: the path that answers 2xx once the server is ready.
+    #[serde(default = "default_ready_path")]
+    pub ready_path: String,
+    /// With `command`: how long a start may take before it is killed.
+    #[serde(default = "default_startup_timeout_s")]
+    pub startup_timeout_s: u64,
+    /// With `command`: stop the server after this long without requests; 0 = never.
+    #[serde(default)]
+    pub idle_ttl_s: u64,
+    /// With `command`: extra environment variables (values may use `${ENV}` and the placeholders).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// With `command`: its working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
     /// Most requests in flight on this deployment at once.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: u32,
@@ -258,6 +277,12 @@ pub struct DeploymentConfig {
     pub tokens_per_sec: Option<f64>,
 }
 
+fn default_ready_path() -> String {
+    "/v1/models".into()
+}
+fn default_startup_timeout_s() -> u64 {
+    120
+}
 fn default_max_concurrency() -> u32 {
     64
 }
@@ -435,7 +460,52 @@ impl Config {
 
 impl DeploymentConfig {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if let Some(cmd) = &self.command {
+            if self.kind != DeploymentKind::Local {
+                return err(
+                    format!("{key}.command"),
+                    "only a \"local\" deployment can be launched by the gateway; remove it",
+                );
+            }
+            if self.url.is_some() {
+                return err(
+                    format!("{key}.url"),
+                    "give either url (a server you run) or command (the gateway runs it), not both",
+                );
+            }
+            if cmd.is_empty() || cmd[0].trim().is_empty() {
+                return err(format!("{key}.command"), "must name a program, e.g. command = [\"llama-server\", \"-m\", \"model.gguf\", \"--port\", \"{port}\"]");
+            }
+            if !cmd.iter().any(|a| a.contains("{port}"))
+                && !self.env.values().any(|v| v.contains("{port}"))
+            {
+                return err(format!("{key}.command"), "must pass \"{port}\" to the server (in an argument or env), so that the gateway knows where it listens");
+            }
+            if !self.ready_path.starts_with('/') {
+                return err(
+                    format!("{key}.ready_path"),
+                    "must start with '/', e.g. \"/v1/models\" or \"/health\"",
+                );
+            }
+            if self.startup_timeout_s == 0 {
+                return err(format!("{key}.startup_timeout_s"), "must be at least 1");
+            }
+        } else {
+            for (name, set) in [
+                ("idle_ttl_s", self.idle_ttl_s != 0),
+                ("env", !self.env.is_empty()),
+                ("cwd", self.cwd.is_some()),
+            ] {
+                if set {
+                    return err(
+                        format!("{key}.{name}"),
+                        "only applies with command (a server the gateway runs); remove it",
+                    );
+                }
+            }
+        }
         match (self.kind, &self.url) {
+            (_, None) if self.command.is_some() => {}
             (DeploymentKind::Sim, Some(_)) => {
                 return err(
                     format!("{key}.url"),
@@ -445,7 +515,7 @@ impl DeploymentConfig {
             (DeploymentKind::Local | DeploymentKind::Cloud, None) => {
                 return err(
                     format!("{key}.url"),
-                    "required: the base URL of an OpenAI-compatible API, e.g. url = \"http://127.0.0.1:9001/v1\"",
+                    "required: the base URL of an OpenAI-compatible API, e.g. url = \"http://127.0.0.1:9001/v1\" (or, for kind = \"local\", a command the gateway runs)",
                 )
             }
             (_, Some(url)) => match reqwest::Url::parse(url) {
@@ -784,6 +854,11 @@ mod tests {
             ),
             (String::new(), "models"),
             (format!("{CLOUD}\nmemory_mb = 5"), "models[0].deployments[0].memory_mb"),
+            (format!("{CLOUD}\ncommand = [\"x\", \"{{port}}\"]"), "models[0].deployments[0].command"),
+            (format!("{CLOUD}\nidle_ttl_s = 5"), "models[0].deployments[0].idle_ttl_s"),
+            ("[[models]]\nname = \"x\"\n[[models.deployments]]\nkind = \"local\"\ncommand = [\"srv\"]".to_string(), "models[0].deployments[0].command"),
+            ("[[models]]\nname = \"x\"\n[[models.deployments]]\nkind = \"local\"\ncommand = []".to_string(), "models[0].deployments[0].command"),
+            ("[[models]]\nname = \"x\"\n[[models.deployments]]\nkind = \"local\"\ncommand = [\"s\", \"{port}\"]\nurl = \"http://a/v1\"".to_string(), "models[0].deployments[0].url"),
             (format!("[admission]\ndefer_threshold = 0.95\n{CLOUD}"), "admission.defer_threshold"),
             (format!("[routing]\npolicy = \"local-only\"\n{CLOUD}"), "routing.policy"),
             (format!("[routing]\npolicy = \"fastest\"\n{CLOUD}"), "routing.policy"),

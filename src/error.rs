@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::headers::{BACKEND, REJECT_REASON, SHOULD_RETRY};
+use crate::pool::StartError;
 use crate::upstream::UpstreamError;
 
 /// Lowest and highest `Retry-After` the gateway ever sends: every OpenAI SDK honours (0, 60].
@@ -244,6 +245,7 @@ impl ApiError {
             "memory_exhausted" => format!("Not enough memory to load model `{model}` now; retry later."),
             "model_too_large" => format!("Model `{model}` needs more memory than the budget allows; it cannot be served here."),
             "no_healthy_backend" => format!("No deployment of model `{model}` can serve requests now."),
+            "backend_start_failed" => format!("The server for model `{model}` failed to start; retry later."),
             _ => format!("Model `{model}` cannot take this request now."),
         };
         let mut e = Self::new(
@@ -258,6 +260,45 @@ impl ApiError {
             e.should_retry = Some(false);
         }
         e
+    }
+
+    /// A pool model could not be made ready for this request.
+    pub fn from_start(model: &str, e: StartError) -> Self {
+        match e {
+            StartError::Failed {
+                message,
+                retry_after_s,
+            } => {
+                let mut err = Self::rejected("backend_start_failed", model, retry_after_s);
+                err.message = format!("{} ({message})", err.message);
+                err
+            }
+            StartError::Deadline => Self::rejected("queue_timeout", model, 5),
+        }
+    }
+
+    pub fn unknown_pool_model(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "No model server named `{}` is run by the pool.",
+                truncate(name, 200)
+            ),
+        )
+    }
+
+    pub fn model_busy(name: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "model_busy",
+            format!(
+                "`{}` has requests in flight; unload it when they are done.",
+                truncate(name, 200)
+            ),
+        )
     }
 
     /// Sets the backend named in `x-mofa-backend`.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod orchestrator;
+pub mod pool;
 pub mod routing;
 pub mod server;
 pub mod sim;

@@ -19,6 +19,7 @@ use crate::admission::{
 };
 use crate::config::{Config, DeploymentKind};
 use crate::error::ApiError;
+use crate::pool::{Managed, Spec};
 use crate::routing::Policy;
 use crate::upstream::Deployment;
 
@@ -36,9 +37,71 @@ pub struct ModelRt {
     pub deployments: Vec<Arc<Deployment>>,
     max_wait: Duration,
     core: Mutex<ModelCore<Waiter>>,
-    /// The shared memory ledger, only for models with a deployment that declares `memory_mb`:
-    /// the others never take the shared lock.
-    ledger: Option<Arc<Mutex<Ledger>>>,
+    /// The shared memory ledger, only for models with a deployment that takes memory (declares
+    /// `memory_mb`, or is run by the pool): the others never take the shared lock.
+    memory: Option<Arc<Memory>>,
+}
+
+/// The memory budget shared by local models: the ledger, the process the pool runs for each
+/// ledger entry (if any), and the models that wait for memory.
+pub struct Memory {
+    pub ledger: Arc<Mutex<Ledger>>,
+    /// By ledger id.
+    pub procs: Vec<Option<Arc<Managed>>>,
+    models: std::sync::OnceLock<Vec<std::sync::Weak<ModelRt>>>,
+}
+
+impl Memory {
+    /// Stops the processes of ledger entries that admission evicted.
+    fn retire(&self, evicted: &[usize]) {
+        for id in evicted {
+            if let Some(Some(p)) = self.procs.get(*id) {
+                p.retire();
+            }
+        }
+    }
+
+    /// Memory freed (a request ended on a resident model, a process stopped): serve the
+    /// models' waiters that can run now.
+    pub fn pump_all(&self) {
+        for m in self.models.get().into_iter().flatten() {
+            if let Some(m) = m.upgrade() {
+                let wakes = m.decide(|core, ledger| core.pump(ledger, Instant::now()));
+                m.deliver(wakes);
+            }
+        }
+    }
+
+    /// Stops models idle for longer than their `idle_ttl_s`.
+    pub fn reap_idle(&self) {
+        for p in self.procs.iter().flatten() {
+            let Some(ttl) = p.idle_ttl() else { continue };
+            let unloaded = {
+                let mut l = lock(&self.ledger);
+                let e = &l.entries[p.ledger_id];
+                let idle = e.resident
+                    && e.in_flight == 0
+                    && e.last_used.is_none_or(|t| t.elapsed() >= ttl);
+                idle && p.phase() == crate::pool::Phase::Ready && l.unload(p.ledger_id)
+            };
+            if unloaded {
+                tracing::info!(model = %p.name, ttl_s = ttl.as_secs(), "stopping idle model server");
+                p.retire();
+            }
+        }
+    }
+
+    /// Stops every process the pool runs (shutdown), waiting up to the stop grace for each.
+    pub async fn stop_all(&self) {
+        for p in self.procs.iter().flatten() {
+            lock(&self.ledger).force_unload(p.ledger_id);
+            p.retire();
+        }
+        for p in self.procs.iter().flatten() {
+            p.wait_stopped(crate::pool::STOP_GRACE + Duration::from_secs(1))
+                .await;
+        }
+    }
 }
 
 /// Holds a slot on one deployment; dropping it frees the slot and serves the next waiter.
@@ -92,6 +155,10 @@ impl Drop for Permit {
             .model
             .decide(|core, ledger| core.release(ledger, dep, service, Instant::now()));
         self.model.deliver(wakes);
+        if let Some(memory) = &self.model.memory {
+            // This model may now be evictable: other models' memory waiters may fit.
+            memory.pump_all();
+        }
     }
 }
 
@@ -125,7 +192,10 @@ impl ModelRt {
         let (tx, mut rx) = oneshot::channel();
         let decision = self.decide(|core, ledger| core.admit(ledger, prio, deadline, now, tx));
         let key = match decision {
-            Admit::Run(g) => return Ok(self.permit(g.dep, now)),
+            Admit::Run(g) => {
+                self.retire(&g.evicted);
+                return Ok(self.permit(g.dep, now));
+            }
             Admit::Reject {
                 code,
                 retry_after_s,
@@ -166,10 +236,21 @@ impl ModelRt {
     /// model that uses memory; lock order: core, then ledger).
     fn decide<R>(&self, f: impl FnOnce(&mut ModelCore<Waiter>, &mut Ledger) -> R) -> R {
         let mut core = lock(&self.core);
-        match &self.ledger {
-            Some(shared) => f(&mut core, &mut lock(shared)),
+        match &self.memory {
+            Some(m) => f(&mut core, &mut lock(&m.ledger)),
             None => f(&mut core, &mut Ledger::new(MemoryLimits::OFF)),
         }
+    }
+
+    fn retire(&self, evicted: &[usize]) {
+        if let Some(m) = &self.memory {
+            m.retire(evicted);
+        }
+    }
+
+    /// When a request arriving now must be served by, at the latest, given its `max_wait`.
+    pub fn deadline(&self, arrival: Instant, max_wait: Option<Duration>) -> Instant {
+        arrival + max_wait.map_or(self.max_wait, |w| w.min(self.max_wait))
     }
 
     fn permit(self: &Arc<Self>, dep: usize, start: Instant) -> Permit {
@@ -186,6 +267,7 @@ impl ModelRt {
         for w in wakes {
             match w {
                 Wake::Run(tx, g) => {
+                    self.retire(&g.evicted);
                     let permit = self.permit(g.dep, now);
                     // A waiter that left meanwhile: its permit is dropped here, freeing the slot.
                     let _ = tx.send(Ok(permit));
@@ -232,69 +314,124 @@ impl ModelRt {
     }
 }
 
-/// All models and the shared memory ledger.
+/// All models and the shared memory.
 pub struct Orchestrator {
     pub models: HashMap<String, Arc<ModelRt>>,
-    ledger: Arc<Mutex<Ledger>>,
+    pub memory: Arc<Memory>,
 }
 
 impl Orchestrator {
-    /// Builds the admission state of every model; `deployments[i]` are model `i`'s, in config order.
-    pub fn build(cfg: &Config, deployments: Vec<Vec<Arc<Deployment>>>) -> Orchestrator {
+    /// Builds every model's deployments and admission state: starts in-process simulators,
+    /// registers memory, and sets up the pool's processes (started on demand, not here).
+    pub async fn build(cfg: &Config) -> Result<Orchestrator, String> {
         let a = &cfg.admission;
         let mut ledger = Ledger::new(MemoryLimits {
             capacity_mb: a.memory_capacity_mb,
             defer: a.defer_threshold,
             reject: a.reject_threshold,
         });
-        let mut models = HashMap::new();
-        for (mi, (m, deps)) in cfg.models.iter().zip(deployments).enumerate() {
+        // Ledger entries: deployments that declare memory, and every one the pool runs.
+        let mem_ids: Vec<Vec<Option<usize>>> = cfg
+            .models
+            .iter()
+            .map(|m| {
+                m.deployments
+                    .iter()
+                    .map(|d| {
+                        (d.memory_mb.is_some() || d.command.is_some())
+                            .then(|| ledger.register(d.memory_mb.unwrap_or(0)))
+                    })
+                    .collect()
+            })
+            .collect();
+        let ledger = Arc::new(Mutex::new(ledger));
+        let mut procs: Vec<Option<Arc<Managed>>> = vec![None; lock(&ledger).entries.len()];
+        let mut models = Vec::new();
+        for (mi, m) in cfg.models.iter().enumerate() {
+            let mut deployments = Vec::new();
+            let mut slots = Vec::new();
             let mut variants: Vec<&str> = Vec::new();
-            let slots = m
-                .deployments
-                .iter()
-                .map(|d| {
-                    let local = d.kind != DeploymentKind::Cloud;
-                    let rank = match (&d.variant, local) {
-                        (Some(v), true) => {
-                            variants.iter().position(|x| x == v).unwrap_or_else(|| {
-                                variants.push(v);
-                                variants.len() - 1
-                            })
-                        }
-                        _ => 0,
-                    };
-                    Slot {
-                        local,
-                        rank,
-                        max: d.max_concurrency,
-                        in_flight: 0,
-                        price: d.price_per_1k_tokens.unwrap_or(0.0),
-                        mem: d.memory_mb.map(|mb| ledger.register(mb)),
-                        ttfb_ms: None,
-                        service_ms: None,
+            for (d, mem) in m.deployments.iter().zip(&mem_ids[mi]) {
+                let managed = match (&d.command, mem) {
+                    (Some(command), Some(id)) => {
+                        let label = d.label(&m.name);
+                        let name = label
+                            .strip_prefix("local(")
+                            .and_then(|l| l.strip_suffix(')'))
+                            .unwrap_or(&label)
+                            .to_string();
+                        let spec = Spec {
+                            command: command.clone(),
+                            env: d.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                            cwd: d.cwd.clone(),
+                            ready_path: d.ready_path.clone(),
+                            startup_timeout: Duration::from_secs(d.startup_timeout_s),
+                            idle_ttl: (d.idle_ttl_s > 0).then(|| Duration::from_secs(d.idle_ttl_s)),
+                            model: d.upstream_model.clone().unwrap_or_else(|| m.name.clone()),
+                        };
+                        let p = Managed::new(name, spec, *id, ledger.clone());
+                        procs[*id] = Some(p.clone());
+                        Some(p)
                     }
-                })
-                .collect();
+                    _ => None,
+                };
+                let url = match d.kind {
+                    DeploymentKind::Sim => {
+                        let opts = crate::sim::SimOptions {
+                            models: vec![d
+                                .upstream_model
+                                .clone()
+                                .unwrap_or_else(|| m.name.clone())],
+                            ttft: Duration::from_millis(d.ttft_ms.unwrap_or(0)),
+                            tokens_per_sec: d.tokens_per_sec.unwrap_or(0.0),
+                            ..Default::default()
+                        };
+                        let addr = crate::sim::spawn_local(opts).await.map_err(|e| {
+                            format!("cannot start the simulator for {}: {e}", m.name)
+                        })?;
+                        format!("http://{addr}/v1")
+                    }
+                    _ => d.url.clone().unwrap_or_default(),
+                };
+                let dep = Deployment::new(&m.name, d, &url, managed, cfg.server.max_response_bytes)
+                    .map_err(|e| format!("model {}: {e}", m.name))?;
+                deployments.push(Arc::new(dep));
+                let local = d.kind != DeploymentKind::Cloud;
+                let rank = match (&d.variant, local) {
+                    (Some(v), true) => variants.iter().position(|x| x == v).unwrap_or_else(|| {
+                        variants.push(v);
+                        variants.len() - 1
+                    }),
+                    _ => 0,
+                };
+                slots.push(Slot {
+                    local,
+                    rank,
+                    max: d.max_concurrency,
+                    in_flight: 0,
+                    price: d.price_per_1k_tokens.unwrap_or(0.0),
+                    mem: *mem,
+                    ttfb_ms: None,
+                    service_ms: None,
+                });
+            }
             let policy = m.policy.unwrap_or(cfg.routing.policy);
             let limits = ModelLimits {
                 policy,
                 max_queue: a.max_queue,
                 cost_wait_ms: cfg.routing.cost_max_queue_wait_ms as f64,
             };
-            models.insert(
-                m.name.clone(),
-                (
-                    policy,
-                    deps,
-                    ModelCore::new(limits, slots, 0x9e37_79b9_7f4a_7c15 ^ mi as u64),
-                ),
-            );
+            let core = ModelCore::new(limits, slots, 0x9e37_79b9_7f4a_7c15 ^ mi as u64);
+            models.push((m.name.clone(), policy, deployments, core));
         }
-        let ledger = Arc::new(Mutex::new(ledger));
-        let models = models
+        let memory = Arc::new(Memory {
+            ledger,
+            procs,
+            models: std::sync::OnceLock::new(),
+        });
+        let models: HashMap<String, Arc<ModelRt>> = models
             .into_iter()
-            .map(|(name, (policy, deployments, core))| {
+            .map(|(name, policy, deployments, core)| {
                 let uses_memory = core.slots.iter().any(|s| s.mem.is_some());
                 let rt = Arc::new(ModelRt {
                     name: name.clone(),
@@ -302,12 +439,44 @@ impl Orchestrator {
                     deployments,
                     max_wait: Duration::from_millis(a.max_queue_wait_ms),
                     core: Mutex::new(core),
-                    ledger: uses_memory.then(|| ledger.clone()),
+                    memory: uses_memory.then(|| memory.clone()),
                 });
                 (name, rt)
             })
-            .collect::<HashMap<_, _>>();
-        Orchestrator { models, ledger }
+            .collect();
+        let _ = memory.models.set(
+            models
+                .values()
+                .filter(|m| m.memory.is_some())
+                .map(Arc::downgrade)
+                .collect(),
+        );
+        for p in memory.procs.iter().flatten() {
+            let weak = Arc::downgrade(&memory);
+            p.on_free(move || {
+                if let Some(m) = weak.upgrade() {
+                    m.pump_all();
+                }
+            });
+        }
+        if memory
+            .procs
+            .iter()
+            .any(|p| p.as_ref().is_some_and(|p| p.idle_ttl().is_some()))
+        {
+            let weak = Arc::downgrade(&memory);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    match weak.upgrade() {
+                        Some(m) => m.reap_idle(),
+                        None => return,
+                    }
+                }
+            });
+        }
+        Ok(Orchestrator { models, memory })
     }
 
     /// The admin view: every model, and memory.
@@ -318,7 +487,7 @@ impl Orchestrator {
             .into_iter()
             .map(|n| (n.clone(), self.models[n].snapshot()))
             .collect();
-        let ledger = lock(&self.ledger);
+        let ledger = lock(&self.memory.ledger);
         json!({
             "models": models,
             "memory": {
@@ -328,5 +497,46 @@ impl Orchestrator {
                 "reject_threshold": ledger.limits.reject,
             }
         })
+    }
+
+    /// The pool's admin view.
+    pub fn pool_snapshot(&self) -> Value {
+        let procs: Vec<Value> = self
+            .memory
+            .procs
+            .iter()
+            .flatten()
+            .map(|p| p.snapshot())
+            .collect();
+        json!({ "models": procs })
+    }
+
+    /// Marks a pool model resident (evicting idle ones if needed) so that it can be started.
+    pub fn load(&self, p: &Managed) -> Result<(), ApiError> {
+        let evicted = lock(&self.memory.ledger)
+            .load(p.ledger_id, Priority::Normal, Instant::now())
+            .map_err(|b| {
+                let code = match b {
+                    crate::routing::Block::TooLarge => "model_too_large",
+                    _ => "memory_exhausted",
+                };
+                ApiError::rejected(code, &p.name, 5)
+            })?;
+        self.memory.retire(&evicted);
+        Ok(())
+    }
+
+    /// Releases a pool model's memory and stops it; refused while requests are in flight.
+    pub fn unload(&self, p: &Managed) -> Result<(), ApiError> {
+        if !lock(&self.memory.ledger).unload(p.ledger_id) {
+            return Err(ApiError::model_busy(&p.name));
+        }
+        p.retire();
+        Ok(())
+    }
+
+    /// The pool's process named `name` (`model` or `model@variant`).
+    pub fn managed(&self, name: &str) -> Option<&Arc<Managed>> {
+        self.memory.procs.iter().flatten().find(|p| p.name == name)
     }
 }

@@ -14,6 +14,7 @@ use crate::config::Config;
 pub struct Gateway {
     listener: TcpListener,
     app: axum::Router,
+    state: Arc<AppState>,
 }
 
 impl Gateway {
@@ -22,7 +23,8 @@ impl Gateway {
         let state = Arc::new(AppState::build(cfg).await?);
         Ok(Gateway {
             listener,
-            app: router(state),
+            app: router(state.clone()),
+            state,
         })
     }
 
@@ -40,9 +42,12 @@ impl Gateway {
         let listener = self.listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, self.app)
+        let served = axum::serve(listener, self.app)
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        // No model server outlives the gateway.
+        self.state.orch.memory.stop_all().await;
+        served
     }
 
     /// Starts serving on a background task (tests, embedding); returns the address.

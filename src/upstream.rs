@@ -8,6 +8,7 @@
 //! It must not choose deployments or build client-facing error bodies (see `error`).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,6 +21,7 @@ use serde::Deserialize;
 use crate::config::{DeploymentConfig, DeploymentKind, Secret};
 use crate::error::sse_error_event;
 use crate::headers::REQUEST_ID;
+use crate::pool::Managed;
 
 /// The OpenAI endpoints the gateway forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,8 @@ pub struct Deployment {
     pub variant: Option<String>,
     pub upstream_model: Option<String>,
     base_url: String,
+    /// For a server the gateway runs: where it listens now (its port changes at each start).
+    pub managed: Option<Arc<Managed>>,
     auth: Option<HeaderValue>,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
     client: reqwest::Client,
@@ -96,11 +100,13 @@ pub enum Reply {
 }
 
 impl Deployment {
-    /// Builds a deployment from its config; `url` overrides the config's (for in-process sims).
+    /// Builds a deployment from its config; `url` overrides the config's (for in-process sims);
+    /// `managed` is the pool's process for a deployment with a `command`.
     pub fn new(
         model: &str,
         cfg: &DeploymentConfig,
         url: &str,
+        managed: Option<Arc<Managed>>,
         max_response_bytes: usize,
     ) -> Result<Deployment, String> {
         let client = reqwest::Client::builder()
@@ -127,6 +133,7 @@ impl Deployment {
             variant: cfg.variant.clone(),
             upstream_model: cfg.upstream_model.clone(),
             base_url: url.trim_end_matches('/').to_owned(),
+            managed,
             auth,
             extra_headers,
             client,
@@ -147,9 +154,20 @@ impl Deployment {
         stream: bool,
         hold: H,
     ) -> Result<Reply, UpstreamError> {
+        let url = match &self.managed {
+            Some(m) => match m.url() {
+                Some(base) => format!("{base}{}", endpoint.path()),
+                None => {
+                    return Err(UpstreamError::Connect(
+                        "the model server is not running".into(),
+                    ))
+                }
+            },
+            None => format!("{}{}", self.base_url, endpoint.path()),
+        };
         let mut req = self
             .client
-            .post(format!("{}{}", self.base_url, endpoint.path()))
+            .post(url)
             .header(header::CONTENT_TYPE, "application/json")
             .header(
                 header::ACCEPT,

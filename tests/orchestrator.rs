@@ -372,9 +372,13 @@ async fn latency_prefers_the_deployment_with_the_fastest_first_byte() {
 }
 
 /// A ladder f16 (60 MB) / q8 (35) / q4 (20) beside model `other` (50 MB), in a budget of 100 MB.
-async fn ladder() -> std::net::SocketAddr {
+/// `other` is kept busy (so it cannot be evicted) by a request of about a second, returned.
+async fn ladder() -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<reqwest::StatusCode>,
+) {
     let s = sim(sim_opts("m")).await;
-    let o = sim(sim_opts("other")).await;
+    let o = slow_sim("other", 20.0, 0).await;
     let cfg = format!(
         "[admission]\nmemory_capacity_mb = 100\n\
          [[models]]\nname = \"other\"\npolicy = \"local-only\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{o}\"\nmemory_mb = 50\n\
@@ -384,15 +388,15 @@ async fn ladder() -> std::net::SocketAddr {
          [[models.deployments]]\nkind = \"local\"\nvariant = \"q4\"\nurl = \"{s}\"\nmemory_mb = 20\n"
     );
     let gw = gateway(&cfg).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("other", false)).await;
-    assert_eq!(resp.status(), 200);
-    gw
+    let busy = tokio::spawn(async move { chat(gw, "other", "normal", false, 20).await.status() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (gw, busy)
 }
 
 #[tokio::test]
 async fn ladder_steps_down_to_the_precision_that_fits() {
-    // 50 resident: f16 would make 110 (over 90), q8 85 (defer band), q4 70 (fits).
-    let gw = ladder().await;
+    // 50 resident and busy: f16 would make 110 (over 90), q8 85 (defer band), q4 70 (fits).
+    let (gw, busy) = ladder().await;
     let resp = chat(gw, "m", "normal", false, 1).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-mofa-backend"], "local(m@q4)");
@@ -401,21 +405,37 @@ async fn ladder_steps_down_to_the_precision_that_fits() {
     assert_eq!(backend_of(gw, &[]).await, "local(m@q4)");
     let a = admin(gw).await;
     assert_eq!(a["memory"]["resident_mb"], 70, "{a}");
+    assert_eq!(busy.await.unwrap(), 200);
 
     // A high-priority request skips the defer band: q8 (85) is admitted.
-    let gw = ladder().await;
+    let (gw, busy) = ladder().await;
     assert_eq!(
         backend_of(gw, &[("x-mofa-priority", "high")]).await,
         "local(m@q8)"
     );
+    assert_eq!(busy.await.unwrap(), 200);
+    // Once `other` is idle, idle models may be evicted to load the highest precision.
+    assert_eq!(
+        backend_of(gw, &[("x-mofa-priority", "high")]).await,
+        "local(m@f16)"
+    );
+    let (gw, busy) = ladder().await;
+    assert_eq!(busy.await.unwrap(), 200);
+    assert_eq!(backend_of(gw, &[]).await, "local(m@f16)");
+    let a = admin(gw).await;
+    assert_eq!(a["memory"]["resident_mb"], 60, "{a}");
 }
 
 #[tokio::test]
-async fn memory_rejections_defer_and_critical_eviction() {
-    let s = sim(sim_opts("big")).await;
-    let o = sim(sim_opts("other")).await;
+async fn memory_rejections_defer_and_eviction() {
+    let s = sim(SimOptions {
+        models: vec!["big".into(), "huge".into(), "mid".into()],
+        ..Default::default()
+    })
+    .await;
+    let o = slow_sim("other", 20.0, 0).await;
     let cfg = format!(
-        "[admission]\nmemory_capacity_mb = 100\nmax_queue_wait_ms = 300\n[routing]\npolicy = \"local-only\"\n\
+        "[admission]\nmemory_capacity_mb = 100\nmax_queue_wait_ms = 2000\n[routing]\npolicy = \"local-only\"\n\
          [[models]]\nname = \"other\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{o}\"\nmemory_mb = 50\n\
          [[models]]\nname = \"big\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{s}\"\nmemory_mb = 45\n\
          [[models]]\nname = \"huge\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{s}\"\nmemory_mb = 500\n\
@@ -428,25 +448,35 @@ async fn memory_rejections_defer_and_critical_eviction() {
     assert_eq!(resp.headers()["x-should-retry"], "false");
     assert_eq!(assert_rejected(resp).await, "model_too_large");
 
-    assert_eq!(
-        post(gw, "/v1/chat/completions", &chat_body("other", false))
-            .await
-            .status(),
-        200
-    );
+    // `other` (50) busy for about a second, so it cannot be evicted.
+    let busy = tokio::spawn(async move { chat(gw, "other", "normal", false, 20).await.status() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
     // 50 + 30 = 80: the defer band. A normal request waits for memory, then times out.
     let start = Instant::now();
-    let resp = chat(gw, "mid", "normal", false, 1).await;
+    let resp = client()
+        .post(format!("http://{gw}/v1/chat/completions"))
+        .header("x-mofa-max-wait-ms", "300")
+        .json(&chat_body("mid", false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(assert_rejected(resp).await, "queue_timeout");
     assert!(start.elapsed() >= Duration::from_millis(300));
-    // 50 + 45 = 95: over the reject line.
-    let resp = chat(gw, "big", "high", false, 1).await;
-    assert_eq!(assert_rejected(resp).await, "memory_exhausted");
-    // Critical evicts the idle `other` (used at normal priority) to fit.
-    let resp = chat(gw, "big", "critical", false, 1).await;
-    assert_eq!(resp.status(), 200);
+    // 50 + 45 = 95: over the reject line, for every priority while `other` is busy.
+    for prio in ["high", "critical"] {
+        let resp = chat(gw, "big", prio, false, 1).await;
+        assert_eq!(assert_rejected(resp).await, "memory_exhausted");
+    }
+    // A waiter for memory is served as soon as `other` finishes and can be evicted.
+    let waiter = tokio::spawn(async move {
+        post(gw, "/v1/chat/completions", &chat_body("mid", false))
+            .await
+            .status()
+    });
+    assert_eq!(busy.await.unwrap(), 200);
+    assert_eq!(waiter.await.unwrap(), 200);
     let a = admin(gw).await;
-    assert_eq!(a["memory"]["resident_mb"], 45, "{a}");
+    assert_eq!(a["memory"]["resident_mb"], 30, "{a}");
 }
 
 #[tokio::test]

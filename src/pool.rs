@@ -1,0 +1,576 @@
+//! The model pool: launches, health-checks and stops the local model servers the gateway
+//! manages (deployments with a `command`), within the memory budget of the admission ledger.
+//!
+//! Owns each managed process's life: start on demand (one start however many requests wait for
+//! it), readiness polling of `ready_path`, crash detection, restart backoff, stop (SIGTERM to the
+//! process group, SIGKILL after a grace period), idle-TTL stops, a bounded ring buffer of its
+//! output, and no orphans (`PR_SET_PDEATHSIG`, process groups, stop on shutdown). What is
+//! resident is decided by the ledger (`admission`); this module carries those decisions out and
+//! reports back what really happened (a crash or a failed start frees the memory). Lock order:
+//! the ledger, then a process's state; neither is held across an `.await`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{oneshot, Notify};
+
+use crate::admission::Ledger;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Lines of a process's output kept for the admin API.
+const LOG_LINES: usize = 200;
+/// Longest output line kept (longer ones are cut).
+const LOG_LINE_MAX: usize = 2000;
+/// Time between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Longest wait between restarts after repeated failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A process up this long before it crashed restarts without backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// Time between two readiness probes.
+const READY_POLL: Duration = Duration::from_millis(100);
+
+/// How to run one managed model server.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// argv, with `{port}`, `{host}` and `{model}` still in it.
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub ready_path: String,
+    pub startup_timeout: Duration,
+    /// `None`: never stopped for being idle.
+    pub idle_ttl: Option<Duration>,
+    /// What `{model}` stands for.
+    pub model: String,
+}
+
+/// Where a managed process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Stopped,
+    Starting,
+    Ready,
+    Stopping,
+    Failed,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Stopped => "stopped",
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Stopping => "stopping",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+struct ProcState {
+    phase: Phase,
+    pid: Option<u32>,
+    port: Option<u16>,
+    /// Starts so far (the first included).
+    starts: u64,
+    /// Restarts after a crash or a failed start.
+    restarts: u64,
+    consecutive_failures: u32,
+    /// No new start before this (backoff after failures).
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+    /// Asks the supervising task to stop the process.
+    stop_tx: Option<oneshot::Sender<()>>,
+    /// A stop was asked for while starting: stop as soon as the start ends.
+    stop_requested: bool,
+    /// Unix time of the last start, for the admin view.
+    started_at: Option<u64>,
+    /// When it last became ready: a crash after a long healthy run starts the backoff afresh.
+    ready_at: Option<Instant>,
+}
+
+/// Why a managed model could not be made ready.
+#[derive(Debug, Clone)]
+pub enum StartError {
+    /// It failed to start (or is in backoff after failures): retry after this many seconds.
+    Failed { message: String, retry_after_s: u64 },
+    /// Still starting when the request's deadline passed.
+    Deadline,
+}
+
+/// One managed model server.
+pub struct Managed {
+    /// Shown in logs and the admin API, e.g. `llama-3-8b@q8`.
+    pub name: String,
+    spec: Spec,
+    /// The entry of this model in the memory ledger.
+    pub ledger_id: usize,
+    ledger: Arc<Mutex<Ledger>>,
+    state: Mutex<ProcState>,
+    changed: Notify,
+    logs: Mutex<VecDeque<String>>,
+    /// Called when memory frees (a stop or a crash), so that waiters for memory are served.
+    on_free: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    this: Weak<Managed>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Backoff before start number `failures + 1`: none after the first failure, then 1 s, 2 s, ... 30 s.
+pub fn backoff(failures: u32) -> Duration {
+    match failures {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 2).min(5)).min(MAX_BACKOFF),
+    }
+}
+
+/// `template` with `{port}`, `{host}` and `{model}` filled in.
+pub fn fill(template: &str, host: &str, port: u16, model: &str) -> String {
+    template
+        .replace("{port}", &port.to_string())
+        .replace("{host}", host)
+        .replace("{model}", model)
+}
+
+impl Managed {
+    pub fn new(
+        name: String,
+        spec: Spec,
+        ledger_id: usize,
+        ledger: Arc<Mutex<Ledger>>,
+    ) -> Arc<Managed> {
+        Arc::new_cyclic(|this| Managed {
+            name,
+            spec,
+            ledger_id,
+            ledger,
+            state: Mutex::new(ProcState {
+                phase: Phase::Stopped,
+                pid: None,
+                port: None,
+                starts: 0,
+                restarts: 0,
+                consecutive_failures: 0,
+                retry_at: None,
+                last_error: None,
+                stop_tx: None,
+                stop_requested: false,
+                started_at: None,
+                ready_at: None,
+            }),
+            changed: Notify::new(),
+            logs: Mutex::new(VecDeque::new()),
+            on_free: Mutex::new(None),
+            this: this.clone(),
+        })
+    }
+
+    /// Sets what to call when this model's memory frees.
+    pub fn on_free(&self, f: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.on_free) = Some(Box::new(f));
+    }
+
+    fn freed(&self) {
+        if let Some(f) = lock(&self.on_free).as_ref() {
+            f();
+        }
+    }
+
+    /// The base URL while the process is ready.
+    pub fn url(&self) -> Option<String> {
+        let st = lock(&self.state);
+        match (st.phase, st.port) {
+            (Phase::Ready, Some(p)) => Some(format!("http://127.0.0.1:{p}/v1")),
+            _ => None,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        lock(&self.state).phase
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        lock(&self.state).pid
+    }
+
+    pub fn startup_timeout(&self) -> Duration {
+        self.spec.startup_timeout
+    }
+
+    pub fn idle_ttl(&self) -> Option<Duration> {
+        self.spec.idle_ttl
+    }
+
+    fn set_phase(&self, st: &mut ProcState, phase: Phase) {
+        st.phase = phase;
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the process is ready, starting it if needed (once, however many wait).
+    /// A start that fails while this request waits for it is its failure too.
+    pub async fn ensure_ready(&self, deadline: Instant) -> Result<(), StartError> {
+        let mut saw_start = false;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wait_until = {
+                let mut st = lock(&self.state);
+                let now = Instant::now();
+                match st.phase {
+                    Phase::Ready => return Ok(()),
+                    Phase::Failed if saw_start => return Err(Self::start_error(&st, now)),
+                    Phase::Starting => {
+                        saw_start = true;
+                        deadline
+                    }
+                    Phase::Stopping => deadline,
+                    Phase::Stopped | Phase::Failed => match st.retry_at.filter(|at| *at > now) {
+                        // Backing off after failures, past this request's deadline.
+                        Some(at) if at >= deadline => return Err(Self::start_error(&st, now)),
+                        // Backing off: wait for it to end, then start.
+                        Some(at) => at,
+                        None => {
+                            st.starts += 1;
+                            st.stop_requested = false;
+                            st.pid = None;
+                            st.port = None;
+                            self.set_phase(&mut st, Phase::Starting);
+                            if let Some(me) = self.this.upgrade() {
+                                tokio::spawn(me.run());
+                            }
+                            saw_start = true;
+                            deadline
+                        }
+                    },
+                }
+            };
+            let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(wait_until));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = timer => {
+                    if wait_until >= deadline {
+                        return Err(StartError::Deadline);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_error(st: &ProcState, now: Instant) -> StartError {
+        let secs = st.retry_at.map_or(1, |at| {
+            at.saturating_duration_since(now).as_secs_f64().ceil() as u64
+        });
+        StartError::Failed {
+            message: st
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "it failed to start".into()),
+            retry_after_s: secs.max(1),
+        }
+    }
+
+    /// Starts the process, waits for it to be ready, and supervises it until it stops.
+    async fn run(self: Arc<Self>) {
+        let port = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+            Ok(a) => a.port(),
+            Err(e) => return self.start_failed(format!("no free port: {e}"), None).await,
+        };
+        let argv: Vec<String> = self
+            .spec
+            .command
+            .iter()
+            .map(|a| fill(a, "127.0.0.1", port, &self.spec.model))
+            .collect();
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .envs(
+                self.spec
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k, fill(v, "127.0.0.1", port, &self.spec.model))),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(cwd) = &self.spec.cwd {
+            cmd.current_dir(cwd);
+        }
+        #[cfg(unix)]
+        {
+            // Its own process group, so that a stop reaches its children too; and killed by
+            // the kernel if the gateway dies without stopping it.
+            cmd.process_group(0);
+            let parent = std::process::id();
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    #[cfg(target_os = "linux")]
+                    {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        if libc::getppid() as u32 != parent {
+                            // The gateway died before the prctl took effect.
+                            libc::_exit(1);
+                        }
+                    }
+                    let _ = parent;
+                    Ok(())
+                });
+            }
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                return self
+                    .start_failed(format!("cannot run {:?}: {e}", argv[0]), None)
+                    .await
+            }
+        };
+        let pid = child.id();
+        {
+            let mut st = lock(&self.state);
+            st.pid = pid;
+            st.port = Some(port);
+            st.started_at = Some(unix_now());
+        }
+        tracing::info!(model = %self.name, pid, port, "starting model server");
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(self.clone().pipe_logs(out));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(self.clone().pipe_logs(err));
+        }
+
+        let probe = format!("http://127.0.0.1:{port}{}", self.spec.ready_path);
+        let ready = tokio::select! {
+            r = tokio::time::timeout(self.spec.startup_timeout, poll_ready(&probe)) => r.is_ok(),
+            status = child.wait() => {
+                let msg = match status {
+                    Ok(s) => format!("it exited while starting ({s})"),
+                    Err(e) => format!("it could not be watched: {e}"),
+                };
+                return self.start_failed(msg, None).await;
+            }
+        };
+        if !ready {
+            let msg = format!(
+                "it did not answer {} within startup_timeout_s ({} s)",
+                self.spec.ready_path,
+                self.spec.startup_timeout.as_secs()
+            );
+            return self.start_failed(msg, Some(child)).await;
+        }
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let stop_now = {
+            let mut st = lock(&self.state);
+            st.retry_at = None;
+            st.ready_at = Some(Instant::now());
+            st.stop_tx = Some(stop_tx);
+            self.set_phase(&mut st, Phase::Ready);
+            st.stop_requested
+        };
+        tracing::info!(model = %self.name, pid, port, "model server ready");
+        if stop_now {
+            self.retire();
+        }
+        tokio::select! {
+            status = child.wait() => {
+                let msg = match status {
+                    Ok(s) => format!("it exited ({s})"),
+                    Err(e) => format!("it could not be watched: {e}"),
+                };
+                tracing::warn!(model = %self.name, pid, "model server died: {msg}");
+                self.crashed(msg);
+            }
+            _ = stop_rx => {
+                terminate(&mut child).await;
+                tracing::info!(model = %self.name, pid, "model server stopped");
+                let mut st = lock(&self.state);
+                st.pid = None;
+                st.port = None;
+                st.stop_tx = None;
+                self.set_phase(&mut st, Phase::Stopped);
+            }
+        }
+        self.freed();
+    }
+
+    /// A start failed: kill what is left, back off, free the memory, wake the waiters.
+    async fn start_failed(&self, msg: String, child: Option<tokio::process::Child>) {
+        if let Some(mut c) = child {
+            terminate(&mut c).await;
+        }
+        tracing::warn!(model = %self.name, "model server failed to start: {msg}");
+        self.push_log(format!("[mofa-gateway] start failed: {msg}"));
+        self.crashed(msg);
+        self.freed();
+    }
+
+    fn crashed(&self, msg: String) {
+        lock(&self.ledger).force_unload(self.ledger_id);
+        let mut st = lock(&self.state);
+        st.pid = None;
+        st.port = None;
+        st.stop_tx = None;
+        st.restarts += 1;
+        if st.ready_at.is_some_and(|t| t.elapsed() >= HEALTHY_RUN) {
+            st.consecutive_failures = 0;
+        }
+        st.ready_at = None;
+        st.consecutive_failures += 1;
+        st.retry_at = Some(Instant::now() + backoff(st.consecutive_failures));
+        st.last_error = Some(msg);
+        self.set_phase(&mut st, Phase::Failed);
+    }
+
+    /// Stops the process if the ledger no longer holds it resident (evicted, unloaded). A
+    /// request that made it resident again meanwhile keeps it running.
+    pub fn retire(&self) {
+        let stop = {
+            let ledger = lock(&self.ledger);
+            if ledger.entries[self.ledger_id].resident {
+                return;
+            }
+            let mut st = lock(&self.state);
+            match st.phase {
+                Phase::Ready => {
+                    let tx = st.stop_tx.take();
+                    self.set_phase(&mut st, Phase::Stopping);
+                    tx
+                }
+                Phase::Starting => {
+                    st.stop_requested = true;
+                    None
+                }
+                _ => None,
+            }
+        };
+        if let Some(tx) = stop {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits until the process is stopped (or failed), up to `timeout`.
+    pub async fn wait_stopped(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if matches!(self.phase(), Phase::Stopped | Phase::Failed) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    async fn pipe_logs(self: Arc<Self>, out: impl AsyncRead + Unpin) {
+        let mut lines = BufReader::new(out).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let line = crate::error::truncate(&line, LOG_LINE_MAX).to_string();
+            tracing::info!(model = %self.name, "{line}");
+            self.push_log(line);
+        }
+    }
+
+    fn push_log(&self, line: String) {
+        let mut logs = lock(&self.logs);
+        if logs.len() == LOG_LINES {
+            logs.pop_front();
+        }
+        logs.push_back(line);
+    }
+
+    /// The admin view of this process.
+    pub fn snapshot(&self) -> Value {
+        let (mb, in_flight, last_used_ago) = {
+            let l = lock(&self.ledger);
+            let e = &l.entries[self.ledger_id];
+            (
+                e.mb,
+                e.in_flight,
+                e.last_used.map(|t| t.elapsed().as_secs_f64()),
+            )
+        };
+        let st = lock(&self.state);
+        let logs: Vec<String> = lock(&self.logs)
+            .iter()
+            .rev()
+            .take(20)
+            .rev()
+            .cloned()
+            .collect();
+        json!({
+            "name": self.name,
+            "state": st.phase.as_str(),
+            "pid": st.pid,
+            "port": st.port,
+            "memory_mb": mb,
+            "in_flight": in_flight,
+            "last_used_s_ago": last_used_ago,
+            "started_at": st.started_at,
+            "starts": st.starts,
+            "restarts": st.restarts,
+            "last_error": st.last_error,
+            "idle_ttl_s": self.spec.idle_ttl.map(|d| d.as_secs()),
+            "log": logs,
+        })
+    }
+}
+
+/// Polls `url` until it answers 2xx.
+async fn poll_ready(url: &str) {
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+    {
+        Ok(c) => c,
+        Err(_) => return std::future::pending().await,
+    };
+    loop {
+        if let Ok(r) = client.get(url).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
+/// SIGTERM to the process group, SIGKILL after [`STOP_GRACE`].
+async fn terminate(child: &mut tokio::process::Child) {
+    #[cfg(unix)]
+    if let Some(pid) = child.id() {
+        // SAFETY: plain syscall; the group is the child's own (process_group(0)).
+        unsafe {
+            libc::kill(-(pid as i32), libc::SIGTERM);
+        }
+        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+            }
+            return;
+        }
+        unsafe {
+            libc::kill(-(pid as i32), libc::SIGKILL);
+        }
+    }
+    let _ = child.kill().await;
+}
