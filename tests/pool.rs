@@ -1,0 +1,401 @@
+//! The model pool with real processes: `mofa-gateway sim` launched by the gateway as a managed
+//! local model server. Start on demand, one start for concurrent requests, eviction order,
+//! idle TTL, crashes, failed starts, admin load/unload, and no orphans.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
+
+/// A managed deployment running `mofa-gateway sim` for the model, with `extra` lines.
+fn managed(name: &str, mb: u64, sim_args: &str, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"{name}\"\n[[models.deployments]]\nkind = \"local\"\n\
+         command = [\"{BIN}\", \"sim\", \"--listen\", \"{{host}}:{{port}}\", \"--model\", \"{{model}}\"{sim_args}]\n\
+         memory_mb = {mb}\nstartup_timeout_s = 20\n{extra}\n"
+    )
+}
+
+/// Budget 100 MB; loads may fill it to 90.
+const BUDGET: &str =
+    "[admission]\nmemory_capacity_mb = 100\ndefer_threshold = 0.9\nreject_threshold = 0.9\n";
+
+async fn pool(gw: SocketAddr) -> Vec<Value> {
+    let v: Value = client()
+        .get(format!("http://{gw}/admin/pool"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["models"].as_array().unwrap().clone()
+}
+
+async fn proc_of(gw: SocketAddr, name: &str) -> Value {
+    pool(gw)
+        .await
+        .into_iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in the pool"))
+}
+
+/// Whether `pid` is a live process (a zombie counts as dead).
+fn alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `secs` for `cond`.
+async fn eventually(secs: u64, mut cond: impl AsyncFnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+async fn chat_ok(gw: SocketAddr, model: &str) -> reqwest::Response {
+    let resp = post(gw, "/v1/chat/completions", &chat_body(model, false)).await;
+    assert_eq!(resp.status(), 200, "{model}");
+    resp
+}
+
+#[tokio::test]
+async fn starts_on_demand_once_for_concurrent_requests() {
+    let gw = gateway(&format!("{BUDGET}{}", managed("a", 40, "", ""))).await;
+    let p = proc_of(gw, "a").await;
+    assert_eq!(p["state"], "stopped");
+    assert!(p["pid"].is_null());
+
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let resp = post(gw, "/v1/chat/completions", &chat_body("a", i % 2 == 0)).await;
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["x-mofa-backend"], "local(a)");
+            resp.text().await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert!(!t.await.unwrap().is_empty());
+    }
+    let p = proc_of(gw, "a").await;
+    assert_eq!(p["state"], "ready", "{p}");
+    assert_eq!(p["starts"], 1, "one start for all: {p}");
+    assert_eq!(p["restarts"], 0);
+    assert!(alive(p["pid"].as_u64().unwrap()));
+    assert!(
+        p["log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("listening")),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn evicts_the_least_recently_used_idle_model_to_fit() {
+    // Two of the three fit (80 <= 90); the third needs one evicted.
+    let cfg = format!(
+        "{BUDGET}{}{}{}",
+        managed("a", 40, "", ""),
+        managed("b", 40, "", ""),
+        managed("c", 40, "", "")
+    );
+    let gw = gateway(&cfg).await;
+    chat_ok(gw, "a").await;
+    chat_ok(gw, "b").await;
+    chat_ok(gw, "a").await; // a is now the more recently used
+    let b_pid = proc_of(gw, "b").await["pid"].as_u64().unwrap();
+    chat_ok(gw, "c").await;
+    assert!(eventually(10, async || proc_of(gw, "b").await["state"] == "stopped").await);
+    assert_eq!(proc_of(gw, "a").await["state"], "ready");
+    assert_eq!(proc_of(gw, "c").await["state"], "ready");
+    assert!(!alive(b_pid), "evicted process {b_pid} still runs");
+    let a: Value = client()
+        .get(format!("http://{gw}/admin/orchestrator"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(a["memory"]["resident_mb"], 80, "{a}");
+}
+
+#[tokio::test]
+async fn a_model_with_requests_in_flight_is_never_evicted() {
+    let cfg = format!(
+        "{BUDGET}{}{}{}",
+        managed("a", 40, ", \"--tokens-per-sec\", \"20\"", ""),
+        managed("b", 40, "", ""),
+        managed("c", 40, "", "")
+    );
+    let gw = gateway(&cfg).await;
+    chat_ok(gw, "a").await;
+    chat_ok(gw, "b").await;
+    // `a` (the least recently used) busy with a stream of about a second.
+    let mut body = chat_body("a", true);
+    body["max_tokens"] = serde_json::json!(20);
+    let stream = tokio::spawn(async move {
+        let resp = post(gw, "/v1/chat/completions", &body).await;
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    chat_ok(gw, "c").await;
+    assert!(eventually(10, async || proc_of(gw, "b").await["state"] == "stopped").await);
+    assert_eq!(proc_of(gw, "a").await["state"], "ready");
+    let text = stream.await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
+
+#[tokio::test]
+async fn an_idle_model_is_stopped_after_its_ttl() {
+    let gw = gateway(&format!(
+        "{BUDGET}{}",
+        managed("a", 40, "", "idle_ttl_s = 1")
+    ))
+    .await;
+    chat_ok(gw, "a").await;
+    let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
+    assert!(eventually(5, async || proc_of(gw, "a").await["state"] == "stopped").await);
+    assert!(!alive(pid));
+    let a: Value = client()
+        .get(format!("http://{gw}/admin/orchestrator"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(a["memory"]["resident_mb"], 0, "{a}");
+    // And it starts again on the next request.
+    chat_ok(gw, "a").await;
+    assert_eq!(proc_of(gw, "a").await["starts"], 2);
+}
+
+#[tokio::test]
+async fn a_killed_model_fails_its_requests_and_restarts_on_the_next() {
+    let gw = gateway(&format!(
+        "{BUDGET}{}",
+        managed("a", 40, ", \"--tokens-per-sec\", \"20\"", "")
+    ))
+    .await;
+    let mut long = chat_body("a", true);
+    long["max_tokens"] = serde_json::json!(40);
+    let resp = post(gw, "/v1/chat/completions", &long).await;
+    assert_eq!(resp.status(), 200);
+    let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
+    let mut nonstream = chat_body("a", false);
+    nonstream["max_tokens"] = serde_json::json!(40);
+    let pending = tokio::spawn(async move { post(gw, "/v1/chat/completions", &nonstream).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+
+    // The stream in progress ends with an error event, no [DONE]; the non-stream gets a 502.
+    let text = resp.text().await.unwrap();
+    let (data, named_error) = sse_events(&text);
+    assert!(named_error, "{text}");
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    let r = pending.await.unwrap();
+    assert_eq!(r.status(), 502);
+    envelope(r).await;
+    assert!(eventually(5, async || proc_of(gw, "a").await["state"] == "failed").await);
+
+    // The next request restarts it.
+    chat_ok(gw, "a").await;
+    let p = proc_of(gw, "a").await;
+    assert_eq!(p["state"], "ready");
+    assert_eq!(p["restarts"], 1);
+    assert_ne!(p["pid"].as_u64().unwrap(), pid);
+}
+
+#[tokio::test]
+async fn a_server_that_never_becomes_ready_is_killed_and_gets_503() {
+    let cfg = format!(
+        "{BUDGET}[[models]]\nname = \"dud\"\n[[models.deployments]]\nkind = \"local\"\n\
+         command = [\"sh\", \"-c\", \"echo not listening on {{port}}; exec sleep 60\"]\nmemory_mb = 10\nstartup_timeout_s = 1\n"
+    );
+    let gw = gateway(&cfg).await;
+    let start = Instant::now();
+    let resp = post(gw, "/v1/chat/completions", &chat_body("dud", true)).await;
+    assert!(start.elapsed() >= Duration::from_secs(1));
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers()["x-mofa-reject-reason"],
+        "backend_start_failed"
+    );
+    let ra: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&ra));
+    let e = envelope(resp).await;
+    assert_eq!(e["code"], "backend_start_failed");
+    let p = proc_of(gw, "dud").await;
+    assert_eq!(p["state"], "failed", "{p}");
+    assert!(
+        p["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("startup_timeout_s"),
+        "{p}"
+    );
+    assert!(
+        p["log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().starts_with("not listening on")),
+        "{p}"
+    );
+    let a: Value = client()
+        .get(format!("http://{gw}/admin/orchestrator"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        a["memory"]["resident_mb"], 0,
+        "a failed start frees its memory: {a}"
+    );
+}
+
+#[tokio::test]
+async fn admin_load_and_unload() {
+    let gw = gateway(&format!(
+        "{BUDGET}{}",
+        managed("a", 40, ", \"--tokens-per-sec\", \"20\"", "")
+    ))
+    .await;
+    let c = client();
+    let r = c
+        .post(format!("http://{gw}/admin/pool/a/load"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["state"], "ready");
+    let pid = v["pid"].as_u64().unwrap();
+    assert!(alive(pid));
+
+    // Busy: unload refused.
+    let mut body = chat_body("a", false);
+    body["max_tokens"] = serde_json::json!(20);
+    let busy = tokio::spawn(async move { post(gw, "/v1/chat/completions", &body).await.status() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = c
+        .post(format!("http://{gw}/admin/pool/a/unload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(envelope(r).await["code"], "model_busy");
+    assert_eq!(busy.await.unwrap(), 200);
+
+    let r = c
+        .post(format!("http://{gw}/admin/pool/a/unload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["state"], "stopped");
+    assert!(!alive(pid));
+    let r = c
+        .post(format!("http://{gw}/admin/pool/nope/load"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+/// Runs the gateway binary on `config`; returns it and its address.
+fn spawn_gateway(config: &str) -> (std::process::Child, SocketAddr, std::path::PathBuf) {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!(
+        "mofa-pool-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gw.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (child, addr, dir)
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[tokio::test]
+async fn no_model_server_outlives_the_gateway() {
+    for signal in ["-TERM", "-KILL"] {
+        let (mut gw_proc, gw, dir) =
+            spawn_gateway(&format!("{BUDGET}{}", managed("a", 40, "", "")));
+        chat_ok(gw, "a").await;
+        let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
+        assert!(alive(pid));
+        std::process::Command::new("kill")
+            .args([signal, &gw_proc.id().to_string()])
+            .status()
+            .unwrap();
+        let status = gw_proc.wait().unwrap();
+        if signal == "-TERM" {
+            assert!(status.success(), "graceful stop exits 0: {status}");
+        }
+        assert!(
+            eventually(10, async || !alive(pid)).await,
+            "model server {pid} outlived the gateway ({signal})"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
