@@ -763,8 +763,9 @@ mod tests {
         assert_eq!(blocks.len(), 2);
         assert_eq!(blocks[0].trim(), DEFAULT_CONFIG.trim());
         let c = Config::parse(blocks[1], &|k| Some(format!("value-of-{k}"))).unwrap();
-        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models.len(), 3);
         assert_eq!(c.models[0].deployments.len(), 4);
+        assert!(c.models[1].deployments[0].command.is_some());
         assert_eq!(c.admission.memory_capacity_mb, 24000);
     }
 
