@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::Breaker;
 use crate::routing::{route, Block, Candidate, Policy, Route};
 
 /// A request's priority: `x-mofa-priority` or the body's `priority`.
@@ -365,6 +366,19 @@ pub struct Slot {
     pub ttfb_ms: Option<f64>,
     /// EWMA of time from start to release.
     pub service_ms: Option<f64>,
+    /// Circuit breaker and upstream cool-down.
+    pub breaker: Breaker,
+}
+
+/// What became of a request on a deployment, for its breaker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// It answered (a 2xx, or a client error that is the client's fault).
+    Success,
+    /// It failed (connect error, 5xx, timeout, broken reply).
+    Failure,
+    /// It asked for a pause (429/503): skip it until then.
+    CoolDown(Instant),
 }
 
 /// Weight of a new observation in the EWMAs.
@@ -385,6 +399,8 @@ fn ewma(old: Option<f64>, x: f64) -> f64 {
 pub struct Grant {
     pub dep: usize,
     pub evicted: Vec<usize>,
+    /// It is its deployment's half-open probe: report its outcome.
+    pub probe: bool,
 }
 
 /// Why a request cannot run now.
@@ -472,15 +488,25 @@ impl<T> ModelCore<T> {
         crate::error::clamp_retry_after((ms / 1000.0).ceil() as u64)
     }
 
-    fn candidates(&self, ledger: &Ledger, prio: Priority) -> (Vec<Candidate>, Vec<MemVerdict>) {
+    fn candidates(
+        &self,
+        ledger: &Ledger,
+        prio: Priority,
+        exclude: u64,
+        now: Instant,
+    ) -> (Vec<Candidate>, Vec<MemVerdict>) {
         let ahead = self.queue.ahead_of(prio);
         let mut verdicts = Vec::with_capacity(self.slots.len());
         let cands = self
             .slots
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 let v = s.mem.map_or(MemVerdict::Fits, |id| ledger.check(id, prio));
+                let unavailable =
+                    exclude & (1 << i.min(63)) != 0 || s.breaker.blocked_until(now).is_some();
                 let block = match &v {
+                    _ if unavailable => Some(Block::Unavailable),
                     MemVerdict::Blocked(b) => Some(*b),
                     _ if s.in_flight >= s.max => Some(Block::Full),
                     _ => None,
@@ -501,15 +527,15 @@ impl<T> ModelCore<T> {
         (cands, verdicts)
     }
 
-    /// Routes without queueing; on `Run`, takes the slot (and the memory).
     /// Routes without queueing; on `Run`, takes the slot (and the memory) and returns the grant.
     fn try_run(
         &mut self,
         ledger: &mut Ledger,
         prio: Priority,
+        exclude: u64,
         now: Instant,
     ) -> Result<Grant, NotNow> {
-        let (cands, mut verdicts) = self.candidates(ledger, prio);
+        let (cands, mut verdicts) = self.candidates(ledger, prio, exclude, now);
         let rng = self.next_rng();
         match route(self.limits.policy, &cands, rng, self.limits.cost_wait_ms) {
             Route::Run(i) => {
@@ -521,7 +547,12 @@ impl<T> ModelCore<T> {
                 if let Some(id) = self.slots[i].mem {
                     ledger.acquire(id, prio, &evicted, now);
                 }
-                Ok(Grant { dep: i, evicted })
+                let probe = self.slots[i].breaker.on_send(now);
+                Ok(Grant {
+                    dep: i,
+                    evicted,
+                    probe,
+                })
             }
             Route::Wait { memory } => Err(NotNow::Wait { memory }),
             Route::Reject(code) => Err(NotNow::Reject(code)),
@@ -529,27 +560,33 @@ impl<T> ModelCore<T> {
     }
 
     /// A new request of priority `prio` that may wait until `deadline` (`None`: may not wait).
+    /// `exclude` is a bit set of deployments not to use (already tried by this request): a
+    /// retry, which runs now on another deployment or not at all (it never waits).
     pub fn admit(
         &mut self,
         ledger: &mut Ledger,
         prio: Priority,
         deadline: Option<Instant>,
+        exclude: u64,
         now: Instant,
         item: T,
     ) -> Admit<T> {
         // Waiters of at least this priority go first: only run now if none are waiting.
-        let may_run_now = self.queue.ahead_of(prio) == 0;
+        // A retry was admitted once already and does not queue again.
+        let retry = exclude != 0;
+        let may_run_now = retry || self.queue.ahead_of(prio) == 0;
         let route = if may_run_now {
-            self.try_run(ledger, prio, now)
+            self.try_run(ledger, prio, exclude, now)
         } else {
             Err(NotNow::Wait { memory: false })
         };
+        let deadline = if retry { None } else { deadline };
         let memory = match route {
             Ok(grant) => return Admit::Run(grant),
             Err(NotNow::Reject(code)) => {
                 return Admit::Reject {
                     code,
-                    retry_after_s: self.retry_after_s(prio),
+                    retry_after_s: self.reject_retry_after_s(code, prio, now),
                 }
             }
             Err(NotNow::Wait { memory }) => memory,
@@ -584,19 +621,56 @@ impl<T> ModelCore<T> {
         }
     }
 
+    /// Removes every waiter (shutdown).
+    pub fn drain(&mut self) -> Vec<T> {
+        std::iter::from_fn(|| self.queue.pop().map(|(_, (_, t))| t)).collect()
+    }
+
     /// A waiter that gave up (deadline, disconnect): removes it if still queued.
     pub fn cancel(&mut self, key: &WaitKey) -> Option<T> {
         self.queue.remove(key).map(|(_, t)| t)
     }
 
+    /// Feeds what became of a request on `dep` to its breaker.
+    pub fn record(&mut self, dep: usize, outcome: Outcome, now: Instant) {
+        let b = &mut self.slots[dep].breaker;
+        match outcome {
+            Outcome::Success => b.on_success(),
+            Outcome::Failure => b.on_failure(now),
+            Outcome::CoolDown(until) => b.cool_down(until),
+        }
+    }
+
+    /// `Retry-After` for a rejection with `code`: for `no_healthy_backend`, the time until the
+    /// first deployment may be tried again; otherwise the expected wait.
+    fn reject_retry_after_s(&self, code: &str, prio: Priority, now: Instant) -> u64 {
+        if code != "no_healthy_backend" {
+            return self.retry_after_s(prio);
+        }
+        let soonest = self
+            .slots
+            .iter()
+            .filter_map(|s| s.breaker.blocked_until(now))
+            .min()
+            .map_or(1, |t| {
+                t.saturating_duration_since(now).as_secs_f64().ceil() as u64
+            });
+        crate::error::clamp_retry_after(soonest)
+    }
+
     /// A request on `dep` finished after `service`: frees its slot, then serves waiters.
+    /// `abandoned_probe`: it was the breaker's probe and ended without an outcome.
     pub fn release(
         &mut self,
         ledger: &mut Ledger,
         dep: usize,
         service: Duration,
+        abandoned_probe: bool,
         now: Instant,
     ) -> Vec<Wake<T>> {
+        if abandoned_probe {
+            self.slots[dep].breaker.on_abandoned_probe(now);
+        }
         let s = &mut self.slots[dep];
         s.in_flight = s.in_flight.saturating_sub(1);
         s.service_ms = Some(ewma(s.service_ms, service.as_secs_f64() * 1000.0));
@@ -620,14 +694,14 @@ impl<T> ModelCore<T> {
             out.push(Wake::Reject(t, "queue_timeout", self.retry_after_s(prio)));
         }
         while let Some(((Reverse(prio), _), _)) = self.queue.peek() {
-            match self.try_run(ledger, prio, now) {
+            match self.try_run(ledger, prio, 0, now) {
                 Ok(grant) => {
                     if let Some((_, (_, t))) = self.queue.pop() {
                         out.push(Wake::Run(t, grant));
                     }
                 }
                 Err(NotNow::Reject(code)) => {
-                    let ra = self.retry_after_s(prio);
+                    let ra = self.reject_retry_after_s(code, prio, now);
                     if let Some((_, (_, t))) = self.queue.pop() {
                         out.push(Wake::Reject(t, code, ra));
                     }
@@ -659,6 +733,12 @@ mod tests {
             mem: None,
             ttfb_ms: None,
             service_ms: None,
+            breaker: Breaker::new(crate::breaker::BreakerConfig {
+                failures: 5,
+                error_rate: 0.5,
+                window: 20,
+                open_for: Duration::from_secs(10),
+            }),
         }
     }
 
@@ -779,30 +859,30 @@ mod tests {
             ModelCore::new(limits(Policy::LocalOnly, 8), vec![slot(true, 1)], 1);
         let later = Some(now + Duration::from_secs(10));
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, later, now, "a"),
+            m.admit(&mut l, Priority::Normal, later, 0, now, "a"),
             Admit::Run(Grant { dep: 0, .. })
         ));
         assert!(matches!(
-            m.admit(&mut l, Priority::Low, later, now, "low"),
+            m.admit(&mut l, Priority::Low, later, 0, now, "low"),
             Admit::Queued { .. }
         ));
         assert!(matches!(
-            m.admit(&mut l, Priority::Critical, later, now, "crit"),
+            m.admit(&mut l, Priority::Critical, later, 0, now, "crit"),
             Admit::Queued { .. }
         ));
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, None, now, "x"),
+            m.admit(&mut l, Priority::Normal, None, 0, now, "x"),
             Admit::Reject {
                 code: "capacity_exceeded",
                 ..
             }
         ));
-        let w = m.release(&mut l, 0, Duration::from_millis(10), now);
+        let w = m.release(&mut l, 0, Duration::from_millis(10), false, now);
         assert!(matches!(
             w.as_slice(),
             [Wake::Run("crit", Grant { dep: 0, .. })]
         ));
-        let w = m.release(&mut l, 0, Duration::from_millis(10), now);
+        let w = m.release(&mut l, 0, Duration::from_millis(10), false, now);
         assert!(matches!(w.as_slice(), [Wake::Run("low", _)]));
     }
 
@@ -816,6 +896,7 @@ mod tests {
             &mut l,
             Priority::Normal,
             Some(now + Duration::from_secs(1)),
+            0,
             now,
             0,
         );
@@ -823,6 +904,7 @@ mod tests {
             &mut l,
             Priority::Normal,
             Some(now + Duration::from_millis(100)),
+            0,
             now,
             1,
         );
@@ -830,6 +912,7 @@ mod tests {
             &mut l,
             Priority::Normal,
             Some(now + Duration::from_secs(5)),
+            0,
             now,
             2,
         );
@@ -837,6 +920,7 @@ mod tests {
             &mut l,
             0,
             Duration::from_millis(10),
+            false,
             now + Duration::from_millis(500),
         );
         assert!(matches!(
@@ -851,15 +935,16 @@ mod tests {
         let mut l = no_memory();
         let mut m: ModelCore<u32> =
             ModelCore::new(limits(Policy::LocalOnly, 100), vec![slot(true, 1)], 1);
-        m.admit(&mut l, Priority::Normal, None, now, 0);
-        m.release(&mut l, 0, Duration::from_secs(4), now);
+        m.admit(&mut l, Priority::Normal, None, 0, now, 0);
+        m.release(&mut l, 0, Duration::from_secs(4), false, now);
         assert_eq!(m.retry_after_s(Priority::Normal), 4);
-        m.admit(&mut l, Priority::Normal, None, now, 0);
+        m.admit(&mut l, Priority::Normal, None, 0, now, 0);
         for i in 0..5 {
             m.admit(
                 &mut l,
                 Priority::Normal,
                 Some(now + Duration::from_secs(100)),
+                0,
                 now,
                 i,
             );
@@ -871,6 +956,7 @@ mod tests {
                 &mut l,
                 Priority::Normal,
                 Some(now + Duration::from_secs(100)),
+                0,
                 now,
                 i,
             );
@@ -952,7 +1038,7 @@ mod tests {
                         let deadline = now + Duration::from_millis(wait);
                         let before: Vec<Priority> = m.queue.items.keys().map(|(Reverse(p), _)| *p).collect();
                         let full = m.queue.len() == 5;
-                        match m.admit(&mut ledger, p, (wait > 0).then_some(deadline), now, (id, p, deadline)) {
+                        match m.admit(&mut ledger, p, (wait > 0).then_some(deadline), 0, now, (id, p, deadline)) {
                             Admit::Run(g) => running.push((g.dep, now)),
                             Admit::Queued { shed, .. } => {
                                 if let Some((_, sp, _)) = shed {
@@ -972,7 +1058,7 @@ mod tests {
                     Op::Finish(k) => {
                         if !running.is_empty() {
                             let (dep, _) = running.remove(k % running.len());
-                            let w = m.release(&mut ledger, dep, Duration::from_millis(20), now);
+                            let w = m.release(&mut ledger, dep, Duration::from_millis(20), false, now);
                             check_wakes(w, now, &mut running, &mut served);
                         }
                     }

@@ -22,10 +22,10 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::admission::Priority;
+use crate::admission::{Outcome, Priority};
 use crate::config::Config;
 use crate::error::{kind_for_status, ApiError};
-use crate::headers::{BACKEND, LATENCY_MS, MAX_WAIT_MS, PRECISION, PRIORITY, REQUEST_ID};
+use crate::headers::{ATTEMPTS, BACKEND, LATENCY_MS, MAX_WAIT_MS, PRECISION, PRIORITY, REQUEST_ID};
 use crate::orchestrator::Orchestrator;
 use crate::upstream::{Deployment, Endpoint, Reply};
 
@@ -37,6 +37,11 @@ pub struct AppState {
     model_list: Bytes,
     created: u64,
     max_body_bytes: usize,
+    body_read_timeout: Duration,
+    max_attempts: u32,
+    retry_budget: Duration,
+    /// Set by the first shutdown signal: not ready, no new requests.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -59,7 +64,21 @@ impl AppState {
             model_list,
             created,
             max_body_bytes: cfg.server.max_body_bytes,
+            body_read_timeout: Duration::from_millis(cfg.server.body_read_timeout_ms),
+            max_attempts: cfg.resilience.max_attempts,
+            retry_budget: Duration::from_millis(cfg.resilience.retry_budget_ms),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Shutdown begins: `/readyz` answers 503, new and queued requests get 503 `shutting_down`.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.orch.shutdown();
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
     }
 }
 
@@ -75,10 +94,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/healthz",
             get(|| async { json_ok(json!({"status": "ok"})) }),
         )
-        .route(
-            "/readyz",
-            get(|| async { json_ok(json!({"status": "ready"})) }),
-        )
+        .route("/readyz", get(readyz))
         .route("/admin/orchestrator", get(admin_orchestrator))
         .route("/admin/pool", get(admin_pool))
         .route("/admin/pool/{name}/load", post(admin_load))
@@ -186,6 +202,13 @@ async fn list_models(State(st): State<Arc<AppState>>) -> Response {
         st.model_list.clone(),
     )
         .into_response()
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if st.is_shutting_down() {
+        return ApiError::shutting_down().into_response();
+    }
+    json_ok(json!({"status": "ready"}))
 }
 
 async fn admin_orchestrator(State(st): State<Arc<AppState>>) -> Response {
@@ -492,10 +515,11 @@ async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
             return Err(ApiError::too_large(limit));
         }
     }
-    match http_body_util::Limited::new(req.into_body(), limit)
-        .collect()
+    let collect = http_body_util::Limited::new(req.into_body(), limit).collect();
+    let collected = tokio::time::timeout(st.body_read_timeout, collect)
         .await
-    {
+        .map_err(|_| ApiError::request_timeout(st.body_read_timeout))?;
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
         Err(e) => Err(ApiError::invalid_json(format!(
@@ -519,32 +543,71 @@ async fn try_proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Result<Re
         .get(&parsed.model)
         .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
     let prio = header_prio.or(parsed.priority).unwrap_or_default();
-    // Decided before the first byte, for streams as for the rest.
-    let arrival = std::time::Instant::now();
-    let permit = model.admit(prio, max_wait).await?;
-    let dep = permit.deployment().clone();
-    if let Some(m) = &dep.managed {
-        // A model the pool runs: start it if it is not running (its slot is held meanwhile,
-        // so it cannot be evicted), within this request's deadline.
-        m.ensure_ready(model.deadline(arrival, max_wait))
-            .await
-            .map_err(|e| ApiError::from_start(&model.name, e))?;
+    if st.is_shutting_down() {
+        return Err(ApiError::shutting_down());
     }
-    let new_model = dep.upstream_model.as_deref().filter(|m| *m != parsed.model);
-    let forward = if new_model.is_some() || parsed.priority.is_some() {
-        rewrite(&body, new_model)?
-    } else {
-        body
-    };
+    let arrival = Instant::now();
+    let budget_end = arrival + st.retry_budget;
     let rid_str = rid.to_str().unwrap_or_default();
-    let ttfb = permit.ttfb_recorder();
-    let sent = Instant::now();
-    let reply = dep
-        .call(endpoint, forward, rid_str, parsed.stream, permit)
-        .await
-        .map_err(|e| ApiError::from_upstream(&dep.label, e))?;
-    ttfb.observe(sent.elapsed());
-    Ok(respond(reply, &dep))
+    let mut exclude = 0u64;
+    let mut failures: Vec<ApiError> = Vec::new();
+    for attempt in 1..=st.max_attempts {
+        // Decided before the first byte, for streams as for the rest. A retry goes to another
+        // deployment with a free slot now, or not at all.
+        let permit = match model.admit(prio, max_wait, exclude).await {
+            Ok(p) => p,
+            Err(e) if failures.is_empty() => return Err(e),
+            Err(_) => break,
+        };
+        let dep = permit.deployment().clone();
+        exclude |= 1 << permit.dep_index().min(63);
+        let feedback = permit.feedback();
+        if let Some(m) = &dep.managed {
+            // A model the pool runs: start it if it is not running (its slot is held meanwhile,
+            // so it cannot be evicted), within this request's deadline.
+            if let Err(e) = m.ensure_ready(model.deadline(arrival, max_wait)).await {
+                failures.push(ApiError::from_start(&model.name, e).at(&dep.label));
+                if Instant::now() >= budget_end {
+                    break;
+                }
+                continue;
+            }
+        }
+        let new_model = dep.upstream_model.as_deref().filter(|m| *m != parsed.model);
+        let forward = if new_model.is_some() || parsed.priority.is_some() {
+            rewrite(&body, new_model)?
+        } else {
+            body.clone()
+        };
+        let sent = Instant::now();
+        match dep
+            .call(endpoint, forward, rid_str, parsed.stream, permit)
+            .await
+        {
+            Ok(reply) => {
+                feedback.observe_ttfb(sent.elapsed());
+                feedback.report(Outcome::Success);
+                return Ok(with_attempts(respond(reply, &dep), attempt));
+            }
+            Err(e) => {
+                feedback.report(e.outcome(Instant::now()));
+                let retry = e.retryable();
+                tracing::warn!(backend = %dep.label, attempt, retry, "upstream failed: {e:?}");
+                failures.push(ApiError::from_upstream(&dep.label, e));
+                if !retry || Instant::now() >= budget_end {
+                    break;
+                }
+            }
+        }
+    }
+    let n = failures.len().max(1) as u32;
+    Err(ApiError::worst_of(failures).attempts(n))
+}
+
+fn with_attempts(mut resp: Response, attempts: u32) -> Response {
+    resp.headers_mut()
+        .insert(ATTEMPTS, HeaderValue::from(attempts));
+    resp
 }
 
 fn respond(reply: Reply, dep: &Deployment) -> Response {

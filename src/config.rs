@@ -80,7 +80,64 @@ pub struct Config {
     #[serde(default)]
     pub routing: RoutingConfig,
     #[serde(default)]
+    pub resilience: ResilienceConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResilienceConfig {
+    /// Tries per request, over different deployments, before the first byte (1: no retry).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Time for all tries together, from the first; no new try starts after it.
+    #[serde(default = "default_retry_budget_ms")]
+    pub retry_budget_ms: u64,
+    /// Consecutive failures that open a deployment's breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// Error rate over the recent window that opens it.
+    #[serde(default = "default_breaker_error_rate")]
+    pub breaker_error_rate: f64,
+    /// Outcomes in that window.
+    #[serde(default = "default_breaker_window")]
+    pub breaker_window: usize,
+    /// How long an open breaker stays open before one probe is let through.
+    #[serde(default = "default_breaker_open_ms")]
+    pub breaker_open_ms: u64,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        ResilienceConfig {
+            max_attempts: default_max_attempts(),
+            retry_budget_ms: default_retry_budget_ms(),
+            breaker_failures: default_breaker_failures(),
+            breaker_error_rate: default_breaker_error_rate(),
+            breaker_window: default_breaker_window(),
+            breaker_open_ms: default_breaker_open_ms(),
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_retry_budget_ms() -> u64 {
+    30_000
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_error_rate() -> f64 {
+    0.5
+}
+fn default_breaker_window() -> usize {
+    20
+}
+fn default_breaker_open_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -165,6 +222,18 @@ pub struct ServerConfig {
     /// Largest non-streaming upstream reply the gateway will hold; larger ones get 502.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// A client must send its request head within this time.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// ... and its body within this time (408 after).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Largest request head (request line and headers).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// On SIGTERM/SIGINT: how long in-flight requests and streams may take to finish.
+    #[serde(default = "default_shutdown_grace_s")]
+    pub shutdown_grace_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -173,8 +242,25 @@ impl Default for ServerConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body_bytes(),
             max_response_bytes: default_max_response_bytes(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
+            max_header_bytes: default_max_header_bytes(),
+            shutdown_grace_s: default_shutdown_grace_s(),
         }
     }
+}
+
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_shutdown_grace_s() -> u64 {
+    30
 }
 
 fn default_listen() -> SocketAddr {
@@ -266,6 +352,12 @@ pub struct DeploymentConfig {
     /// Longest silence allowed between two chunks of a reply.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Longest a whole upstream exchange may take, stream included; 0: no limit.
+    #[serde(default)]
+    pub total_timeout_ms: u64,
+    /// Probe the deployment (`GET <url>/models`) this often when idle; 0: no active check.
+    #[serde(default)]
+    pub health_check_interval_s: u64,
     /// Extra headers sent upstream (e.g. `OpenAI-Organization`); values may use `${ENV}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
@@ -352,6 +444,39 @@ impl Config {
         if self.server.max_response_bytes == 0 {
             return err("server.max_response_bytes", "must be at least 1");
         }
+        if self.server.max_header_bytes < 8192 {
+            return err("server.max_header_bytes", "must be at least 8192");
+        }
+        for (name, v) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.body_read_timeout_ms",
+                self.server.body_read_timeout_ms,
+            ),
+        ] {
+            if v == 0 {
+                return err(name, "must be at least 1 (milliseconds)");
+            }
+        }
+        let r = &self.resilience;
+        if r.max_attempts == 0 {
+            return err(
+                "resilience.max_attempts",
+                "must be at least 1 (1: no retries)",
+            );
+        }
+        if r.breaker_failures == 0 || r.breaker_window == 0 || r.breaker_window > 10_000 {
+            return err(
+                "resilience.breaker_failures",
+                "breaker_failures and breaker_window (up to 10000) must be at least 1",
+            );
+        }
+        if !(r.breaker_error_rate > 0.0 && r.breaker_error_rate <= 1.0) {
+            return err("resilience.breaker_error_rate", "must be in (0, 1]");
+        }
         let a = &self.admission;
         if !(a.defer_threshold > 0.0
             && a.defer_threshold <= a.reject_threshold
@@ -384,6 +509,12 @@ impl Config {
                 return err(
                     format!("{key}.name"),
                     format!("model \"{}\" is defined twice; merge its deployments into one [[models]] table", m.name),
+                );
+            }
+            if m.deployments.len() > 64 {
+                return err(
+                    format!("{key}.deployments"),
+                    "at most 64 deployments per model",
                 );
             }
             if m.deployments.is_empty() {
@@ -622,6 +753,12 @@ impl DeploymentConfig {
                     "set the key with api_key instead, so that it stays masked",
                 );
             }
+        }
+        if self.health_check_interval_s > 0 && self.kind == DeploymentKind::Sim {
+            return err(
+                format!("{key}.health_check_interval_s"),
+                "the in-process simulator needs no health check; remove it",
+            );
         }
         if self.kind != DeploymentKind::Sim {
             if self.ttft_ms.is_some() {

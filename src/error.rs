@@ -62,6 +62,8 @@ pub struct ErrorReply {
     pub rejected: bool,
     /// An upstream's own error envelope, sent as it came instead of one built here.
     pub passthrough: Option<Bytes>,
+    /// `x-mofa-attempts`: deployments tried.
+    pub attempts: Option<u32>,
 }
 
 impl ApiError {
@@ -77,6 +79,7 @@ impl ApiError {
             backend: None,
             rejected: false,
             passthrough: None,
+            attempts: None,
         }))
     }
 
@@ -129,6 +132,24 @@ impl ApiError {
             "invalid_request_error",
             "unsupported_media_type",
             "The request body must be JSON, sent with `Content-Type: application/json`.".into(),
+        )
+    }
+
+    /// The gateway is shutting down.
+    pub fn shutting_down() -> Self {
+        Self::rejected("shutting_down", "", 1)
+    }
+
+    /// The client did not send its body in time.
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!(
+                "The request body was not received within {} ms.",
+                limit.as_millis()
+            ),
         )
     }
 
@@ -246,6 +267,7 @@ impl ApiError {
             "model_too_large" => format!("Model `{model}` needs more memory than the budget allows; it cannot be served here."),
             "no_healthy_backend" => format!("No deployment of model `{model}` can serve requests now."),
             "backend_start_failed" => format!("The server for model `{model}` failed to start; retry later."),
+            "shutting_down" => "The gateway is shutting down; retry on another replica or later.".to_string(),
             _ => format!("Model `{model}` cannot take this request now."),
         };
         let mut e = Self::new(
@@ -260,6 +282,41 @@ impl ApiError {
             e.should_retry = Some(false);
         }
         e
+    }
+
+    /// The answer when every try failed: an overload (503, the shortest `Retry-After`) if any
+    /// deployment asked to come back later, else a timeout (504) if any timed out, else the
+    /// last failure (502 or a client error).
+    pub fn worst_of(mut failures: Vec<ApiError>) -> ApiError {
+        let busy = failures
+            .iter()
+            .filter(|e| e.status == StatusCode::SERVICE_UNAVAILABLE)
+            .min_by_key(|e| e.retry_after.unwrap_or(RETRY_AFTER_MAX_S))
+            .cloned();
+        if let Some(e) = busy {
+            return e;
+        }
+        if let Some(e) = failures
+            .iter()
+            .rev()
+            .find(|e| e.status == StatusCode::GATEWAY_TIMEOUT)
+        {
+            return e.clone();
+        }
+        failures.pop().unwrap_or_else(|| {
+            Self::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "upstream_unavailable",
+                "No backend could be tried.".into(),
+            )
+        })
+    }
+
+    /// Sets `x-mofa-attempts`.
+    pub fn attempts(mut self, n: u32) -> Self {
+        self.attempts = Some(n);
+        self
     }
 
     /// A pool model could not be made ready for this request.
@@ -364,6 +421,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(n) = self.attempts {
+            h.insert(crate::headers::ATTEMPTS, HeaderValue::from(n));
+        }
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

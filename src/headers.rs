@@ -20,3 +20,8 @@ pub const PRECISION: HeaderName = HeaderName::from_static("x-mofa-precision");
 pub const PRIORITY: HeaderName = HeaderName::from_static("x-mofa-priority");
 /// The longest a request will wait in the queue, in ms (only lowers the configured bound).
 pub const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-mofa-max-wait-ms");
+/// How many deployments were tried for the request.
+pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-mofa-attempts");
+/// The request id as sent upstream. Not `x-request-id`: some servers (llama-cpp-python's)
+/// reject an `x-request-id` that is not a UUID with a bare 400.
+pub const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-mofa-request-id");

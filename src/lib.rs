@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod breaker;
 pub mod config;
 pub mod error;
 pub mod headers;

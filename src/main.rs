@@ -152,7 +152,16 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     // Printed on stdout so that scripts and tests can read the port.
     println!("mofa-gateway listening on http://{addr}");
     tracing::info!(%addr, models = ?names, "mofa-gateway listening");
-    gw.serve(shutdown_signal()).await.map_err(|e| e.to_string())
+    let first_signal = async {
+        shutdown_signal().await;
+        tracing::info!("shutting down (a second signal exits at once)");
+        tokio::spawn(async {
+            shutdown_signal().await;
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        });
+    };
+    gw.serve(first_signal).await.map_err(|e| e.to_string())
 }
 
 async fn sim(args: SimArgs) -> Result<(), String> {

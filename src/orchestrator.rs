@@ -15,8 +15,10 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::admission::{
-    Admit, Ledger, MemoryLimits, ModelCore, ModelLimits, Priority, Slot, WaitKey, Wake,
+    Admit, Grant, Ledger, MemoryLimits, ModelCore, ModelLimits, Outcome, Priority, Slot, WaitKey,
+    Wake,
 };
+use crate::breaker::{Breaker, BreakerConfig};
 use crate::config::{Config, DeploymentKind};
 use crate::error::ApiError;
 use crate::pool::{Managed, Spec};
@@ -109,6 +111,10 @@ pub struct Permit {
     model: Arc<ModelRt>,
     dep: usize,
     start: Instant,
+    /// It is the breaker's half-open probe.
+    probe: bool,
+    /// Its outcome was reported to the breaker (by the permit's [`Feedback`]).
+    reported: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -127,33 +133,48 @@ impl Permit {
         &self.model.deployments[self.dep]
     }
 
-    /// A handle to record this request's time to first byte after the permit moved on.
-    pub fn ttfb_recorder(&self) -> TtfbRecorder {
-        TtfbRecorder {
+    /// Which of its model's deployments (its index, for retries' exclusions).
+    pub fn dep_index(&self) -> usize {
+        self.dep
+    }
+
+    /// A handle to report on this request after the permit moved on (into a stream).
+    pub fn feedback(&self) -> Feedback {
+        Feedback {
             model: self.model.clone(),
             dep: self.dep,
+            reported: self.reported.clone(),
         }
     }
 }
 
-/// Records an observed time to first byte for one deployment (the `latency` policy uses it).
-pub struct TtfbRecorder {
+/// Reports on one request: its time to first byte (for the `latency` policy) and its outcome
+/// (for the deployment's breaker).
+pub struct Feedback {
     model: Arc<ModelRt>,
     dep: usize,
+    reported: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl TtfbRecorder {
-    pub fn observe(&self, ttfb: Duration) {
+impl Feedback {
+    pub fn observe_ttfb(&self, ttfb: Duration) {
         lock(&self.model.core).observe_ttfb(self.dep, ttfb);
+    }
+
+    pub fn report(&self, outcome: Outcome) {
+        lock(&self.model.core).record(self.dep, outcome, Instant::now());
+        self.reported
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let (dep, service) = (self.dep, self.start.elapsed());
+        let abandoned = self.probe && !self.reported.load(std::sync::atomic::Ordering::Relaxed);
         let wakes = self
             .model
-            .decide(|core, ledger| core.release(ledger, dep, service, Instant::now()));
+            .decide(|core, ledger| core.release(ledger, dep, service, abandoned, Instant::now()));
         self.model.deliver(wakes);
         if let Some(memory) = &self.model.memory {
             // This model may now be evictable: other models' memory waiters may fit.
@@ -181,20 +202,24 @@ impl Drop for QueuedGuard<'_> {
 impl ModelRt {
     /// Admits a request of priority `prio` that may wait up to `max_wait` (capped by the
     /// config): a permit to run, or the rejection to answer with.
+    /// `exclude`: deployments (a bit each) this request already failed on; a retry runs now on
+    /// another deployment or is refused, it never queues.
     pub async fn admit(
         self: &Arc<Self>,
         prio: Priority,
         max_wait: Option<Duration>,
+        exclude: u64,
     ) -> Result<Permit, ApiError> {
         let now = Instant::now();
         let wait = max_wait.map_or(self.max_wait, |w| w.min(self.max_wait));
         let deadline = (!wait.is_zero()).then(|| now + wait);
         let (tx, mut rx) = oneshot::channel();
-        let decision = self.decide(|core, ledger| core.admit(ledger, prio, deadline, now, tx));
+        let decision =
+            self.decide(|core, ledger| core.admit(ledger, prio, deadline, exclude, now, tx));
         let key = match decision {
             Admit::Run(g) => {
                 self.retire(&g.evicted);
-                return Ok(self.permit(g.dep, now));
+                return Ok(self.permit(&g, now));
             }
             Admit::Reject {
                 code,
@@ -253,11 +278,13 @@ impl ModelRt {
         arrival + max_wait.map_or(self.max_wait, |w| w.min(self.max_wait))
     }
 
-    fn permit(self: &Arc<Self>, dep: usize, start: Instant) -> Permit {
+    fn permit(self: &Arc<Self>, g: &Grant, start: Instant) -> Permit {
         Permit {
             model: self.clone(),
-            dep,
+            dep: g.dep,
             start,
+            probe: g.probe,
+            reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -268,7 +295,7 @@ impl ModelRt {
             match w {
                 Wake::Run(tx, g) => {
                     self.retire(&g.evicted);
-                    let permit = self.permit(g.dep, now);
+                    let permit = self.permit(&g, now);
                     // A waiter that left meanwhile: its permit is dropped here, freeing the slot.
                     let _ = tx.send(Ok(permit));
                 }
@@ -346,6 +373,13 @@ impl Orchestrator {
             .collect();
         let ledger = Arc::new(Mutex::new(ledger));
         let mut procs: Vec<Option<Arc<Managed>>> = vec![None; lock(&ledger).entries.len()];
+        let r = &cfg.resilience;
+        let breaker_cfg = BreakerConfig {
+            failures: r.breaker_failures,
+            error_rate: r.breaker_error_rate,
+            window: r.breaker_window,
+            open_for: Duration::from_millis(r.breaker_open_ms),
+        };
         let mut models = Vec::new();
         for (mi, m) in cfg.models.iter().enumerate() {
             let mut deployments = Vec::new();
@@ -413,6 +447,7 @@ impl Orchestrator {
                     mem: *mem,
                     ttfb_ms: None,
                     service_ms: None,
+                    breaker: Breaker::new(breaker_cfg),
                 });
             }
             let policy = m.policy.unwrap_or(cfg.routing.policy);
@@ -497,6 +532,16 @@ impl Orchestrator {
                 "reject_threshold": ledger.limits.reject,
             }
         })
+    }
+
+    /// Shutdown: every queued request gets 503 `shutting_down`.
+    pub fn shutdown(&self) {
+        for m in self.models.values() {
+            let drained = lock(&m.core).drain();
+            for tx in drained {
+                let _ = tx.send(Err(ApiError::shutting_down()));
+            }
+        }
     }
 
     /// The pool's admin view.

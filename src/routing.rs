@@ -51,6 +51,9 @@ pub enum Block {
     MemoryExhausted,
     /// Its model is larger than the whole memory budget: never.
     TooLarge,
+    /// Not to be tried now: its breaker is open, it is cooling down, or this request already
+    /// failed on it.
+    Unavailable,
 }
 
 /// What routing needs to know of one deployment.
@@ -91,6 +94,7 @@ pub fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Ro
             Policy::CloudOnly => !c[i].local,
             _ => true,
         })
+        .filter(|&i| c[i].block != Some(Block::Unavailable))
         .collect();
     if eligible.is_empty() {
         return Route::Reject("no_healthy_backend");

@@ -1,20 +1,31 @@
-//! Starting and stopping the gateway: builds the state from a config and serves it on a
-//! listener until a shutdown signal. It must not hold request-path logic.
+//! Starting and stopping the gateway: builds the state from a config, accepts connections
+//! (with the slow-client limits: header read timeout, header size), and shuts down gracefully.
+//! It must not hold request-path logic.
+//!
+//! Shutdown (the first SIGTERM/SIGINT): `/readyz` turns 503 and new requests are refused with
+//! 503 `shutting_down`; queued requests get the same; the listener closes; requests and streams
+//! in flight may finish for up to `server.shutdown_grace_s`; then the model servers the pool runs
+//! are stopped and `serve` returns. A second signal exits at once (see `main`).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 
 /// A gateway bound to a port but not serving yet.
 pub struct Gateway {
     listener: TcpListener,
     app: axum::Router,
     state: Arc<AppState>,
+    server: ServerConfig,
 }
 
 impl Gateway {
@@ -25,6 +36,7 @@ impl Gateway {
             listener,
             app: router(state.clone()),
             state,
+            server: cfg.server.clone(),
         })
     }
 
@@ -32,22 +44,56 @@ impl Gateway {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then lets in-flight requests finish.
+    /// Serves until `shutdown` resolves, then shuts down gracefully (see the module doc).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        use axum::serve::ListenerExt;
-        // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
-        let listener = self.listener.tap_io(|tcp| {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(self.server.header_read_timeout_ms))
+            .max_buf_size(self.server.max_header_bytes);
+        let graceful = GracefulShutdown::new();
+        let service = TowerToHyperService::new(self.app);
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, _) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a moment, do not spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
             let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, self.app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+            let conn = http.serve_connection(TokioIo::new(tcp), service.clone());
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                // A client that went away, or sent garbage: nothing to answer.
+                let _ = conn.await;
+            });
+        }
+        drop(self.listener);
+        self.state.begin_shutdown();
+        let grace = Duration::from_secs(self.server.shutdown_grace_s);
+        tracing::info!(
+            grace_s = grace.as_secs(),
+            "listener closed; finishing requests in flight"
+        );
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; closing the connections left");
+        }
         // No model server outlives the gateway.
         self.state.orch.memory.stop_all().await;
-        served
+        Ok(())
     }
 
     /// Starts serving on a background task (tests, embedding); returns the address.
@@ -82,5 +128,4 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutdown signal received; finishing in-flight requests");
 }

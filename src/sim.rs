@@ -270,8 +270,10 @@ async fn admit(
         }
     };
     if let Ok(mut g) = sim.last_request.lock() {
-        let rid = headers.get("x-request-id").and_then(|v| v.to_str().ok());
-        *g = Some(json!({"path": path, "x_request_id": rid, "body": req.clone()}));
+        let rid = headers
+            .get("x-mofa-request-id")
+            .and_then(|v| v.to_str().ok());
+        *g = Some(json!({"path": path, "request_id": rid, "body": req.clone()}));
     }
     let model = req.get("model").and_then(Value::as_str).unwrap_or_default();
     if !sim.opts.models.iter().any(|m| m == model) {

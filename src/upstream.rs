@@ -18,9 +18,10 @@ use futures_util::{Stream, StreamExt};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
+use crate::admission::Outcome;
 use crate::config::{DeploymentConfig, DeploymentKind, Secret};
 use crate::error::sse_error_event;
-use crate::headers::REQUEST_ID;
+use crate::headers::UPSTREAM_REQUEST_ID;
 use crate::pool::Managed;
 
 /// The OpenAI endpoints the gateway forwards.
@@ -86,6 +87,42 @@ pub enum UpstreamError {
     Invalid(String),
     /// A non-streaming reply larger than `server.max_response_bytes`.
     TooLarge(usize),
+}
+
+impl UpstreamError {
+    /// Whether another deployment should be tried: connection failures, timeouts, broken
+    /// replies, 5xx, 408 and 429. Never a client error (other 4xx) or an oversized reply.
+    pub fn retryable(&self) -> bool {
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::Invalid(_) => {
+                true
+            }
+            UpstreamError::TooLarge(_) => false,
+            UpstreamError::Status { status, .. } => {
+                status.is_server_error() || matches!(status.as_u16(), 408 | 429)
+            }
+        }
+    }
+
+    /// What it says of the deployment, for its breaker: a 429 (or a 503 with `Retry-After`)
+    /// asks for a pause; a client error says nothing bad of it.
+    pub fn outcome(&self, now: std::time::Instant) -> Outcome {
+        match self {
+            UpstreamError::Status {
+                status,
+                retry_after,
+                ..
+            } => match (status.as_u16(), retry_after) {
+                (429, ra) | (503, ra @ Some(_)) => {
+                    Outcome::CoolDown(now + Duration::from_secs(ra.unwrap_or(1).min(3600)))
+                }
+                (s, _) if s >= 500 || s == 408 => Outcome::Failure,
+                _ => Outcome::Success,
+            },
+            UpstreamError::TooLarge(_) => Outcome::Success,
+            _ => Outcome::Failure,
+        }
+    }
 }
 
 /// A successful upstream reply, ready to send.
@@ -177,7 +214,7 @@ impl Deployment {
                     "application/json"
                 },
             )
-            .header(REQUEST_ID, request_id)
+            .header(UPSTREAM_REQUEST_ID, request_id)
             .body(body);
         if let Some(auth) = &self.auth {
             req = req.header(header::AUTHORIZATION, auth.clone());

@@ -28,9 +28,9 @@ async fn chat_non_streaming_is_forwarded_and_stamped() {
     assert_eq!(content.split(' ').count(), 5, "{content}");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 5);
-    // The request id goes upstream too.
+    // The request id goes upstream too, as x-mofa-request-id.
     assert_eq!(
-        sim_last_request(&sim_url).await["x_request_id"],
+        sim_last_request(&sim_url).await["request_id"],
         "client-id-123"
     );
 }

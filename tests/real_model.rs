@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 /// The llama venv's python and the model file, made on first use.
 async fn llama_env() -> (String, String) {
     let out = tokio::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup-llama-env"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/setup-llama-env"
+        ))
         .output()
         .await
         .expect("run scripts/setup-llama-env");
@@ -52,7 +55,9 @@ async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "local(gemma)");
     let v: Value = resp.json().await.unwrap();
-    let content = v["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
     assert!(!content.trim().is_empty(), "{v}");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
 
@@ -66,7 +71,11 @@ async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
     let streamed: String = data[..data.len() - 1]
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect();
     assert!(!streamed.trim().is_empty(), "{text}");
 
