@@ -40,6 +40,8 @@ pub struct AppState {
     body_read_timeout: Duration,
     max_attempts: u32,
     retry_budget: Duration,
+    /// Clients that went away before their reply was complete (status 499 in the log).
+    pub disconnects: Arc<std::sync::atomic::AtomicU64>,
     /// Set by the first shutdown signal: not ready, no new requests.
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -68,6 +70,7 @@ impl AppState {
             max_attempts: cfg.resilience.max_attempts,
             retry_budget: Duration::from_millis(cfg.resilience.retry_budget_ms),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            disconnects: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 
@@ -212,7 +215,9 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn admin_orchestrator(State(st): State<Arc<AppState>>) -> Response {
-    json_ok(st.orch.snapshot())
+    let mut v = st.orch.snapshot();
+    v["client_disconnects"] = json!(st.disconnects.load(Ordering::Relaxed));
+    json_ok(v)
 }
 
 async fn admin_pool(State(st): State<Arc<AppState>>) -> Response {
@@ -269,10 +274,26 @@ async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
 }
 
 async fn proxy(st: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {
-    match try_proxy(&st, endpoint, req).await {
+    /// Counts the request as abandoned (499) if the client leaves before the response head.
+    struct Gone<'a>(Option<&'a AtomicU64>);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            if let Some(c) = self.0 {
+                c.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    status = 499,
+                    "client closed the request before its response"
+                );
+            }
+        }
+    }
+    let mut gone = Gone(Some(&st.disconnects));
+    let resp = match try_proxy(&st, endpoint, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    gone.0 = None;
+    resp
 }
 
 /// The parts of a request body the gateway looks at; everything else is forwarded untouched.
@@ -580,8 +601,16 @@ async fn try_proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Result<Re
             body.clone()
         };
         let sent = Instant::now();
+        let disconnects = st.disconnects.clone();
         match dep
-            .call(endpoint, forward, rid_str, parsed.stream, permit)
+            .call(
+                endpoint,
+                forward,
+                rid_str,
+                parsed.stream,
+                permit,
+                disconnects,
+            )
             .await
         {
             Ok(reply) => {

@@ -341,6 +341,31 @@ impl ModelRt {
     }
 }
 
+/// Probes deployment `dep` of a model every `every` while it is idle, feeding its breaker: a
+/// failed probe counts as a failure, a good one closes an open breaker.
+async fn health_check(model: std::sync::Weak<ModelRt>, dep: usize, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(m) = model.upgrade() else { return };
+        if lock(&m.core).slots[dep].in_flight > 0 {
+            continue;
+        }
+        let d = m.deployments[dep].clone();
+        let ok = d.probe().await;
+        let outcome = if ok {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        if !ok {
+            tracing::warn!(backend = %d.label, "health check failed");
+        }
+        lock(&m.core).record(dep, outcome, Instant::now());
+    }
+}
+
 /// All models and the shared memory.
 pub struct Orchestrator {
     pub models: HashMap<String, Arc<ModelRt>>,
@@ -479,6 +504,14 @@ impl Orchestrator {
                 (name, rt)
             })
             .collect();
+        for (m, rt) in cfg.models.iter().map(|m| (m, &models[&m.name])) {
+            for (i, d) in m.deployments.iter().enumerate() {
+                if d.health_check_interval_s > 0 {
+                    let every = Duration::from_secs(d.health_check_interval_s);
+                    tokio::spawn(health_check(Arc::downgrade(rt), i, every));
+                }
+            }
+        }
         let _ = memory.models.set(
             models
                 .values()

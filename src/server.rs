@@ -52,7 +52,7 @@ impl Gateway {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(Duration::from_millis(self.server.header_read_timeout_ms))
-            .max_buf_size(self.server.max_header_bytes);
+            .max_header_size(self.server.max_header_bytes);
         let graceful = GracefulShutdown::new();
         let service = TowerToHyperService::new(self.app);
         tokio::pin!(shutdown);

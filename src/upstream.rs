@@ -8,6 +8,7 @@
 //! It must not choose deployments or build client-facing error bodies (see `error`).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +59,7 @@ pub struct Deployment {
     client: reqwest::Client,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
+    total_timeout: Option<Duration>,
     max_response_bytes: usize,
 }
 
@@ -176,8 +178,29 @@ impl Deployment {
             client,
             first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            total_timeout: (cfg.total_timeout_ms > 0)
+                .then(|| Duration::from_millis(cfg.total_timeout_ms)),
             max_response_bytes,
         })
+    }
+
+    /// `GET <base>/models`, the active health check: whether it answered 2xx in time.
+    pub async fn probe(&self) -> bool {
+        let base = match &self.managed {
+            Some(m) => match m.url() {
+                Some(u) => u,
+                None => return true, // not running: the pool's business, not a failure
+            },
+            None => self.base_url.clone(),
+        };
+        let mut req = self.client.get(format!("{base}/models"));
+        if let Some(auth) = &self.auth {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        let probe = async { req.send().await.is_ok_and(|r| r.status().is_success()) };
+        tokio::time::timeout(self.first_byte_timeout.min(Duration::from_secs(10)), probe)
+            .await
+            .unwrap_or(false)
     }
 
     /// Sends `body` to `endpoint` and waits for the reply's first body byte (streaming) or its
@@ -190,7 +213,13 @@ impl Deployment {
         request_id: &str,
         stream: bool,
         hold: H,
+        disconnects: Arc<AtomicU64>,
     ) -> Result<Reply, UpstreamError> {
+        let deadline = self.total_timeout.map(|t| tokio::time::Instant::now() + t);
+        let first_byte_by = {
+            let fb = tokio::time::Instant::now() + self.first_byte_timeout;
+            deadline.map_or(fb, |d| d.min(fb))
+        };
         let url = match &self.managed {
             Some(m) => match m.url() {
                 Some(base) => format!("{base}{}", endpoint.path()),
@@ -248,7 +277,7 @@ impl Deployment {
             };
             Ok(Ok((first, body)))
         };
-        let got = tokio::time::timeout(self.first_byte_timeout, first)
+        let got = tokio::time::timeout_at(first_byte_by, first)
             .await
             .map_err(|_| UpstreamError::Timeout("first byte"))??;
         match got {
@@ -256,14 +285,24 @@ impl Deployment {
                 if let Some(msg) = sse_error_in(&first) {
                     return Err(UpstreamError::Invalid(msg));
                 }
-                Ok(Reply::Stream(self.relay(first, rest, Box::new(hold))))
+                Ok(Reply::Stream(self.relay(
+                    first,
+                    rest,
+                    Box::new(hold),
+                    deadline,
+                    disconnects,
+                )))
             }
-            Err(resp) => self.read_full(resp).await,
+            Err(resp) => self.read_full(resp, deadline).await,
         }
     }
 
     /// Reads a whole (non-streaming or error) reply, bounded in size and idle time.
-    async fn read_full(&self, resp: reqwest::Response) -> Result<Reply, UpstreamError> {
+    async fn read_full(
+        &self,
+        resp: reqwest::Response,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Reply, UpstreamError> {
         let status = resp.status();
         let retry_after = retry_after_secs(resp.headers());
         let content_type = resp
@@ -275,8 +314,10 @@ impl Deployment {
         let mut buf = BytesMut::new();
         let mut body = resp.bytes_stream();
         loop {
-            match tokio::time::timeout(self.idle_timeout, body.next()).await {
-                Err(_) => return Err(UpstreamError::Timeout("idle body")),
+            let idle_end = tokio::time::Instant::now() + self.idle_timeout;
+            let until = deadline.map_or(idle_end, |d| d.min(idle_end));
+            match tokio::time::timeout_at(until, body.next()).await {
+                Err(_) => return Err(UpstreamError::Timeout("reading the body")),
                 Ok(None) => break,
                 Ok(Some(Err(e))) => return Err(connect_error(e)),
                 Ok(Some(Ok(chunk))) => {
@@ -315,15 +356,28 @@ impl Deployment {
         first: Bytes,
         rest: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
         hold: Box<dyn Send>,
+        deadline: Option<tokio::time::Instant>,
+        disconnects: Arc<AtomicU64>,
     ) -> Body {
+        /// The relay's state. Dropped before its end: the client went away (counted, 499).
         struct Relay {
             _hold: Box<dyn Send>,
             rest: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
             first: Option<Bytes>,
             tail: Tail,
             idle: Duration,
+            deadline: Option<tokio::time::Instant>,
             label: String,
             ended: bool,
+            disconnects: Arc<AtomicU64>,
+        }
+        impl Drop for Relay {
+            fn drop(&mut self) {
+                if !self.ended {
+                    self.disconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(backend = %self.label, status = 499, "client closed the stream");
+                }
+            }
         }
         let state = Relay {
             _hold: hold,
@@ -331,8 +385,10 @@ impl Deployment {
             first: Some(first),
             tail: Tail::default(),
             idle: self.idle_timeout,
+            deadline,
             label: self.label.clone(),
             ended: false,
+            disconnects,
         };
         let s = futures_util::stream::unfold(state, |mut st| async move {
             if st.ended {
@@ -342,34 +398,44 @@ impl Deployment {
                 st.tail.push(&first);
                 return Some((Ok::<_, std::convert::Infallible>(first), st));
             }
-            let failure = match tokio::time::timeout(st.idle, st.rest.next()).await {
+            // The next chunk is due within the idle limit, and before the total deadline.
+            let idle_end = tokio::time::Instant::now() + st.idle;
+            let (until, what) = match st.deadline {
+                Some(d) if d < idle_end => (d, "total_timeout_ms"),
+                _ => (idle_end, "idle_timeout_ms"),
+            };
+            let (failure, code) = match tokio::time::timeout_at(until, st.rest.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     st.tail.push(&chunk);
                     return Some((Ok(chunk), st));
                 }
-                Ok(None) if st.tail.ends_with_done() => return None,
-                Ok(None) => format!(
-                    "the backend {} closed the stream before it was complete",
-                    st.label
+                Ok(None) if st.tail.ends_with_done() => {
+                    st.ended = true;
+                    drop(st);
+                    return None;
+                }
+                Ok(None) => (
+                    format!(
+                        "the backend {} closed the stream before it was complete",
+                        st.label
+                    ),
+                    "upstream_disconnected",
                 ),
-                Ok(Some(Err(e))) => format!(
-                    "the backend {} broke off the stream: {}",
-                    st.label,
-                    error_chain(&e)
+                Ok(Some(Err(e))) => (
+                    format!(
+                        "the backend {} broke off the stream: {}",
+                        st.label,
+                        error_chain(&e)
+                    ),
+                    "upstream_disconnected",
                 ),
-                Err(_) => format!(
-                    "the backend {} sent nothing for {} ms",
-                    st.label,
-                    st.idle.as_millis()
+                Err(_) => (
+                    format!("the backend {} timed out mid-stream ({what})", st.label),
+                    "upstream_timeout",
                 ),
             };
             tracing::warn!(backend = %st.label, "{failure}");
             st.ended = true;
-            let code = if failure.contains("sent nothing") {
-                "upstream_timeout"
-            } else {
-                "upstream_disconnected"
-            };
             Some((Ok(sse_error_event(&failure, code)), st))
         });
         Body::from_stream(s)

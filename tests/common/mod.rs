@@ -180,3 +180,56 @@ pub async fn fixed_upstream(status: u16, content_type: &'static str, body: &'sta
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}/v1")
 }
+
+/// What a [`toggle_upstream`] answers.
+pub const OK: u8 = 0;
+pub const FAIL_500: u8 = 1;
+pub const BUSY_429: u8 = 2;
+
+/// An upstream whose behaviour the test switches: `OK` (a chat completion), `FAIL_500`, or
+/// `BUSY_429` (with `Retry-After: 2`). Returns its URL, the switch and a hit counter.
+pub async fn toggle_upstream() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicU8>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    use std::sync::Arc;
+    let mode = Arc::new(AtomicU8::new(OK));
+    let hits = Arc::new(AtomicU64::new(0));
+    let (m, h) = (mode.clone(), hits.clone());
+    let app = axum::Router::new().fallback(move || {
+        let (m, h) = (m.clone(), h.clone());
+        async move {
+            use axum::response::IntoResponse;
+            h.fetch_add(1, Ordering::SeqCst);
+            match m.load(Ordering::SeqCst) {
+                OK => (
+                    [("content-type", "application/json")],
+                    r#"{"id":"t","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#,
+                )
+                    .into_response(),
+                FAIL_500 => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+                _ => (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "2"), ("content-type", "application/json")],
+                    r#"{"error":{"message":"slow down","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}}"#,
+                )
+                    .into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/v1"), mode, hits)
+}
+
+/// A model `m` that is local first (at `local`), with a cloud fallback (at `cloud`).
+pub fn local_then_cloud(local: &str, cloud: &str, top: &str) -> String {
+    format!(
+        "{top}\n[[models]]\nname = \"m\"\npolicy = \"local-first\"\n\
+         [[models.deployments]]\nkind = \"local\"\nurl = \"{local}\"\n\
+         [[models.deployments]]\nkind = \"cloud\"\nprovider = \"backup\"\nurl = \"{cloud}\"\n"
+    )
+}

@@ -1,0 +1,469 @@
+//! Under faults the gateway keeps answering correctly: fallback before the first byte, upstream
+//! cool-downs, circuit breakers (one half-open probe), timeouts, client disconnects, slow
+//! clients, and the graceful shutdown sequence of the real binary.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mofa_gateway::sim::SimOptions;
+use serde_json::Value;
+
+async fn attempts_and_backend(gw: std::net::SocketAddr, stream: bool) -> (u16, String, String) {
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
+    let status = resp.status().as_u16();
+    let backend = assert_stamped(&resp);
+    let attempts = resp
+        .headers()
+        .get("x-mofa-attempts")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = resp.text().await.unwrap();
+    if status == 200 && stream {
+        assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    }
+    (status, backend, attempts)
+}
+
+#[tokio::test]
+async fn falls_back_on_connect_refused_500_and_429_with_no_client_visible_error() {
+    let cloud = sim(sim_opts("m")).await;
+
+    // Connection refused locally: every request still succeeds, on the cloud deployment.
+    let gw = gateway(&local_then_cloud(&dead_url().await, &cloud, "")).await;
+    let first = attempts_and_backend(gw, false).await;
+    assert_eq!(first, (200, "cloud(backup)".into(), "2".into()));
+    for i in 0..10 {
+        let (status, backend, _) = attempts_and_backend(gw, i % 2 == 0).await;
+        assert_eq!(
+            (status, backend.as_str()),
+            (200, "cloud(backup)"),
+            "request {i}"
+        );
+    }
+
+    // A 500 locally.
+    let failing = sim(SimOptions {
+        fail_rate: 1.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let gw = gateway(&local_then_cloud(&failing, &cloud, "")).await;
+    for stream in [false, true] {
+        assert_eq!(
+            attempts_and_backend(gw, stream).await,
+            (200, "cloud(backup)".into(), "2".into())
+        );
+    }
+
+    // A 429 with Retry-After: 2 puts the local deployment in cool-down, skipped meanwhile.
+    let (busy, mode, hits) = toggle_upstream().await;
+    mode.store(BUSY_429, Ordering::SeqCst);
+    let gw = gateway(&local_then_cloud(&busy, &cloud, "")).await;
+    assert_eq!(
+        attempts_and_backend(gw, false).await,
+        (200, "cloud(backup)".into(), "2".into())
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            attempts_and_backend(gw, false).await,
+            (200, "cloud(backup)".into(), "1".into())
+        );
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "the cooling deployment was not skipped"
+    );
+    // After the pause it is tried again (and now answers).
+    mode.store(OK, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        attempts_and_backend(gw, false).await,
+        (200, "local(m)".into(), "1".into())
+    );
+}
+
+#[tokio::test]
+async fn a_client_error_is_never_retried() {
+    let cloud = sim(sim_opts("m")).await;
+    let picky = fixed_upstream(400, "application/json", r#"{"error":{"message":"bad tool schema","type":"invalid_request_error","param":"tools","code":null}}"#).await;
+    let gw = gateway(&local_then_cloud(&picky, &cloud, "")).await;
+    let (status, backend, attempts) = attempts_and_backend(gw, false).await;
+    assert_eq!(
+        (status, backend.as_str(), attempts.as_str()),
+        (400, "local(m)", "1")
+    );
+    assert_eq!(sim_stats(&cloud).await["requests"], 0);
+}
+
+#[tokio::test]
+async fn when_every_deployment_fails_the_status_says_what_helps() {
+    // Both overloaded: a 503 with the shorter Retry-After, not the first error.
+    let (a, ma, _) = toggle_upstream().await;
+    ma.store(BUSY_429, Ordering::SeqCst);
+    let b = sim(SimOptions {
+        fail_rate: 1.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let gw = gateway(&local_then_cloud(&b, &a, "")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-mofa-attempts"], "2");
+    assert_eq!(resp.headers()["retry-after"], "2");
+    assert_eq!(envelope(resp).await["code"], "upstream_overloaded");
+
+    // Refused + 500: a 502.
+    let gw = gateway(&local_then_cloud(&dead_url().await, &b, "")).await;
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-mofa-attempts"], "2");
+    envelope(resp).await;
+}
+
+#[tokio::test]
+async fn breaker_opens_skips_and_half_opens_with_exactly_one_probe() {
+    let cloud = sim(sim_opts("m")).await;
+    let (local, mode, hits) = toggle_upstream().await;
+    mode.store(FAIL_500, Ordering::SeqCst);
+    let top = "[resilience]\nbreaker_failures = 3\nbreaker_open_ms = 400\n";
+    let gw = gateway(&local_then_cloud(&local, &cloud, top)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            attempts_and_backend(gw, false).await,
+            (200, "cloud(backup)".into(), "2".into())
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    // Open: skipped.
+    for _ in 0..5 {
+        assert_eq!(
+            attempts_and_backend(gw, false).await,
+            (200, "cloud(backup)".into(), "1".into())
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+
+    // Half-open: of many concurrent requests, exactly one probes the local deployment.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(async move { attempts_and_backend(gw, false).await }))
+        .collect();
+    for t in tasks {
+        let (status, backend, _) = t.await.unwrap();
+        assert_eq!((status, backend.as_str()), (200, "cloud(backup)"));
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 4, "one probe, not all");
+
+    // The probe failed: open again. Then the backend recovers: the next probe closes it.
+    mode.store(OK, Ordering::SeqCst);
+    assert_eq!(attempts_and_backend(gw, false).await.1, "cloud(backup)");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        attempts_and_backend(gw, false).await,
+        (200, "local(m)".into(), "1".into())
+    );
+    for _ in 0..3 {
+        assert_eq!(attempts_and_backend(gw, false).await.1, "local(m)");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 8);
+}
+
+#[tokio::test]
+async fn with_every_breaker_open_the_answer_is_503_no_healthy_backend() {
+    let (local, mode, _) = toggle_upstream().await;
+    mode.store(FAIL_500, Ordering::SeqCst);
+    let cfg = format!(
+        "[resilience]\nbreaker_failures = 2\nbreaker_open_ms = 3000\n{}",
+        one_model("m", &local, "")
+    );
+    let gw = gateway(&cfg).await;
+    for _ in 0..2 {
+        let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+        assert_eq!(resp.status(), 502);
+    }
+    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(assert_stamped(&resp), "rejected");
+    assert_eq!(resp.headers()["x-mofa-reject-reason"], "no_healthy_backend");
+    let ra: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (2..=3).contains(&ra),
+        "Retry-After {ra}: the time until the breaker half-opens"
+    );
+    assert_eq!(envelope(resp).await["code"], "no_healthy_backend");
+}
+
+#[tokio::test]
+async fn an_active_health_check_opens_the_breaker_of_a_dead_idle_deployment() {
+    let cloud = sim(sim_opts("m")).await;
+    let (local, mode, hits) = toggle_upstream().await;
+    let cfg = format!(
+        "[resilience]\nbreaker_failures = 2\nbreaker_open_ms = 60000\n\
+         [[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{local}\"\nhealth_check_interval_s = 1\n\
+         [[models.deployments]]\nkind = \"cloud\"\nprovider = \"backup\"\nurl = \"{cloud}\"\n"
+    );
+    let gw = gateway(&cfg).await;
+    mode.store(FAIL_500, Ordering::SeqCst);
+    // Two failed probes (about 2 s) open it, with no client request involved.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let probes = hits.load(Ordering::SeqCst);
+    assert!(probes >= 2, "{probes} probes");
+    assert_eq!(
+        attempts_and_backend(gw, false).await,
+        (200, "cloud(backup)".into(), "1".into())
+    );
+}
+
+#[tokio::test]
+async fn total_timeout_ends_a_stream_with_an_error_event_and_is_504_before_the_first_byte() {
+    let slow = sim(SimOptions {
+        tokens_per_sec: 20.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let gw = gateway(&one_model("m", &slow, "total_timeout_ms = 500")).await;
+    let mut body = chat_body("m", true);
+    body["max_tokens"] = serde_json::json!(40);
+    let resp = post(gw, "/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let (data, named_error) = sse_events(&text);
+    assert!(named_error, "{text}");
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    assert!(data.last().unwrap().contains("total_timeout_ms"), "{text}");
+    body["stream"] = serde_json::json!(false);
+    let resp = post(gw, "/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(envelope(resp).await["code"], "upstream_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_leaving_mid_stream_free_everything() {
+    let slow = sim(SimOptions {
+        tokens_per_sec: 20.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let gw = gateway(&one_model(
+        "m",
+        &slow,
+        "max_concurrency = 2000\nconnect_timeout_ms = 30000",
+    ))
+    .await;
+    let c = client();
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut body = chat_body("m", true);
+                body["max_tokens"] = serde_json::json!(200);
+                let mut resp = c
+                    .post(format!("http://{gw}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                // Read the first chunk, then go away.
+                assert!(resp.chunk().await.unwrap().is_some());
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drop(c);
+    let gone = Instant::now();
+    let freed = async {
+        loop {
+            let a: Value = client()
+                .get(format!("http://{gw}/admin/orchestrator"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let s = sim_stats(&slow).await;
+            if a["models"]["m"]["deployments"][0]["in_flight"] == 0
+                && a["models"]["m"]["queue"]["depth"] == 0
+                && s["cancelled"] == 1000
+                && s["in_flight"] == 0
+            {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let a = tokio::time::timeout(Duration::from_secs(1), freed)
+        .await
+        .unwrap_or_else(|_| panic!("not freed within 1 s of the last disconnect"));
+    assert_eq!(a["client_disconnects"], 1000, "{a}");
+    assert!(gone.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = sim(sim_opts("m")).await;
+    let cfg = format!(
+        "[server]\nheader_read_timeout_ms = 300\nbody_read_timeout_ms = 300\n{}",
+        one_model("m", &s, "")
+    );
+    let gw = gateway(&cfg).await;
+
+    // Headers that never end: the connection is closed.
+    let mut tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
+    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+
+    // A body that never ends: 408 with the envelope.
+    let mut tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
+    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+
+    // Headers larger than the limit are refused.
+    let resp = client()
+        .get(format!("http://{gw}/v1/models"))
+        .header("x-big", "a".repeat(100_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+}
+
+/// Runs the gateway binary; returns it and its address.
+fn spawn_gateway(config: &str) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let file = std::env::temp_dir().join(format!(
+        "mofa-shutdown-{}-{}.toml",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::write(&file, config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
+        .args([
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_streams_refuses_new_work_and_exits_0() {
+    let slow = sim(SimOptions {
+        tokens_per_sec: 20.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let (mut gw_proc, gw) = spawn_gateway(&format!(
+        "[server]\nshutdown_grace_s = 10\n{}",
+        one_model("m", &slow, "max_concurrency = 1")
+    ));
+    // A stream of about a second in progress, and a request queued behind it.
+    let mut body = chat_body("m", true);
+    body["max_tokens"] = serde_json::json!(20);
+    let mut stream = post(gw, "/v1/chat/completions", &body).await;
+    assert_eq!(stream.status(), 200);
+    let first = stream.chunk().await.unwrap().unwrap();
+    let queued =
+        tokio::spawn(async move { post(gw, "/v1/chat/completions", &chat_body("m", false)).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    signal(&gw_proc, "-TERM");
+    // The queued request is refused with 503 shutting_down.
+    let q = queued.await.unwrap();
+    assert_eq!(q.status(), 503);
+    assert_eq!(q.headers()["x-mofa-reject-reason"], "shutting_down");
+    // New connections are refused.
+    assert!(
+        (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::net::TcpStream::connect(gw).is_err()
+        }),
+        "the listener still accepts"
+    );
+    // The stream in progress completes.
+    let mut rest = String::from_utf8_lossy(&first).to_string();
+    while let Some(c) = stream.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
+    let status = tokio::task::spawn_blocking(move || gw_proc.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let slow = sim(SimOptions {
+        tokens_per_sec: 5.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let (mut gw_proc, gw) = spawn_gateway(&format!(
+        "[server]\nshutdown_grace_s = 30\n{}",
+        one_model("m", &slow, "")
+    ));
+    let mut body = chat_body("m", true);
+    body["max_tokens"] = serde_json::json!(100);
+    let mut stream = post(gw, "/v1/chat/completions", &body).await;
+    assert!(stream.chunk().await.unwrap().is_some());
+    signal(&gw_proc, "-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    signal(&gw_proc, "-TERM");
+    let status = tokio::task::spawn_blocking(move || gw_proc.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_ne!(status.code(), Some(0));
+}
