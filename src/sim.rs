@@ -440,6 +440,14 @@ impl Gen {
     }
 }
 
+/// Waits until `due` after `start`. No wait at all when `due` is zero: a zero sleep still goes
+/// through tokio's timer wheel and costs up to a millisecond, which would skew benchmarks.
+async fn pace(start: Instant, due: Duration) {
+    if !due.is_zero() {
+        tokio::time::sleep_until(start + due).await;
+    }
+}
+
 fn sse(v: &Value) -> Bytes {
     let mut out = b"data: ".to_vec();
     out.extend_from_slice(&serde_json::to_vec(v).unwrap_or_default());
@@ -450,7 +458,7 @@ fn sse(v: &Value) -> Bytes {
 async fn full_response(gen: Gen, mut guard: InFlight) -> Response {
     let start = Instant::now();
     let last = gen.n_tokens.saturating_sub(1);
-    tokio::time::sleep_until(start + gen.due(last)).await;
+    pace(start, gen.due(last)).await;
     let text = gen.text();
     let v = if gen.chat {
         json!({"id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
@@ -497,7 +505,7 @@ fn stream_response(gen: Gen, guard: InFlight) -> Response {
     let s = futures_util::stream::unfold(state, |(gen, mut guard, step, start)| async move {
         let (item, next) = match step {
             Step::Role => {
-                tokio::time::sleep_until(start + gen.ttft).await;
+                pace(start, gen.ttft).await;
                 let delta = if gen.chat {
                     json!({"role": "assistant", "content": ""})
                 } else {
@@ -511,7 +519,7 @@ fn stream_response(gen: Gen, guard: InFlight) -> Response {
                 (Ok(gen.chunk(delta, None)), next)
             }
             Step::Token(i) => {
-                tokio::time::sleep_until(start + gen.due(i)).await;
+                pace(start, gen.due(i)).await;
                 if gen.die_after.is_some_and(|d| i >= d) {
                     guard.fail();
                     (
@@ -602,7 +610,7 @@ async fn embeddings(State(sim): State<Shared>, headers: HeaderMap, body: Bytes) 
         .map(|d| (d as usize).clamp(1, MAX_DIMENSIONS))
         .unwrap_or(DEFAULT_DIMENSIONS);
     let base64 = req.get("encoding_format").and_then(Value::as_str) == Some("base64");
-    tokio::time::sleep(sim.opts.ttft).await;
+    pace(Instant::now(), sim.opts.ttft).await;
     let mut prompt_tokens = 0u64;
     let data: Vec<Value> = inputs
         .iter()
