@@ -179,8 +179,16 @@ fn new_request_id() -> HeaderValue {
         t ^ std::process::id().rotate_left(16)
     });
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::from_str(&format!("req-{prefix:08x}{n:012x}"))
-        .unwrap_or(HeaderValue::from_static("req-unknown"))
+    // `req-` + 8 hex digits of the process prefix + 12 of the counter, without `format!`.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = *b"req-00000000000000000000";
+    for i in 0..8 {
+        id[4 + i] = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    for i in 0..12 {
+        id[12 + i] = HEX[((n >> (44 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("req-unknown"))
 }
 
 fn json_ok(v: Value) -> Response {
@@ -746,6 +754,10 @@ mod tests {
         assert!(!valid_request_id(b""));
         assert!(!valid_request_id(b"a b"));
         assert!(!valid_request_id(&[b'a'; 129]));
-        assert_ne!(new_request_id(), new_request_id());
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 24);
+        assert!(a.to_str().unwrap().starts_with("req-"));
+        assert!(a.as_bytes()[4..].iter().all(|c| c.is_ascii_hexdigit()));
     }
 }

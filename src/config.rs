@@ -234,6 +234,9 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT: how long in-flight requests and streams may take to finish.
     #[serde(default = "default_shutdown_grace_s")]
     pub shutdown_grace_s: u64,
+    /// Runtime worker threads; 0: one per CPU core.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -246,6 +249,7 @@ impl Default for ServerConfig {
             body_read_timeout_ms: default_body_read_timeout_ms(),
             max_header_bytes: default_max_header_bytes(),
             shutdown_grace_s: default_shutdown_grace_s(),
+            worker_threads: 0,
         }
     }
 }
@@ -460,6 +464,12 @@ impl Config {
             if v == 0 {
                 return err(name, "must be at least 1 (milliseconds)");
             }
+        }
+        if self.server.worker_threads > 1024 {
+            return err(
+                "server.worker_threads",
+                "at most 1024 (0: one per CPU core)",
+            );
         }
         let r = &self.resilience;
         if r.max_attempts == 0 {

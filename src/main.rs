@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc: the request path allocates small buffers across threads, where glibc's malloc
+/// contends on its arena locks (measured: see docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use mofa_gateway::config::Config;
 use mofa_gateway::server::{shutdown_signal, Gateway};
 use mofa_gateway::sim::SimOptions;
@@ -36,6 +41,9 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// `serve` with its config read (internal).
+    #[command(skip)]
+    Loaded(Box<Config>),
 }
 
 #[derive(clap::Args, Default)]
@@ -100,10 +108,25 @@ fn main() -> ExitCode {
             }
         };
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The config is read before the runtime starts: it says how many worker threads to use.
+    let (command, workers) = match command {
+        Command::Serve(args) => match load_config(&args) {
+            Ok(cfg) => {
+                let workers = cfg.server.worker_threads;
+                (Command::Loaded(Box::new(cfg)), workers)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        other => (other, 0),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -112,9 +135,9 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match command {
-            Command::Serve(args) => serve(args).await,
+            Command::Loaded(cfg) => serve(*cfg).await,
             Command::Sim(args) => sim(args).await,
-            Command::CheckConfig { .. } => Ok(()),
+            Command::Serve(_) | Command::CheckConfig { .. } => Ok(()),
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -127,7 +150,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
+/// The config `serve` runs with: the file, or the built-in default; `--listen` applied.
+fn load_config(args: &ServeArgs) -> Result<Config, String> {
     let mut cfg = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => {
@@ -138,6 +162,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(listen) = args.listen {
         cfg.server.listen = listen;
     }
+    Ok(cfg)
+}
+
+async fn serve(cfg: Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| {

@@ -52,6 +52,9 @@ pub struct Deployment {
     pub variant: Option<String>,
     pub upstream_model: Option<String>,
     base_url: String,
+    /// `base_url` + each endpoint's path, parsed once (indexed by `Endpoint as usize`); `None`
+    /// for a server the pool runs, whose port changes.
+    urls: Option<[reqwest::Url; 3]>,
     /// For a server the gateway runs: where it listens now (its port changes at each start).
     pub managed: Option<Arc<Managed>>,
     auth: Option<HeaderValue>,
@@ -172,6 +175,7 @@ impl Deployment {
             variant: cfg.variant.clone(),
             upstream_model: cfg.upstream_model.clone(),
             base_url: url.trim_end_matches('/').to_owned(),
+            urls: endpoint_urls(url),
             managed,
             auth,
             extra_headers,
@@ -221,15 +225,21 @@ impl Deployment {
             deadline.map_or(fb, |d| d.min(fb))
         };
         let url = match &self.managed {
-            Some(m) => match m.url() {
-                Some(base) => format!("{base}{}", endpoint.path()),
+            Some(m) => match m
+                .url()
+                .and_then(|b| reqwest::Url::parse(&format!("{b}{}", endpoint.path())).ok())
+            {
+                Some(url) => url,
                 None => {
                     return Err(UpstreamError::Connect(
                         "the model server is not running".into(),
                     ))
                 }
             },
-            None => format!("{}{}", self.base_url, endpoint.path()),
+            None => match &self.urls {
+                Some(urls) => urls[endpoint as usize].clone(),
+                None => return Err(UpstreamError::Connect("no URL is configured".into())),
+            },
         };
         let mut req = self
             .client
@@ -440,6 +450,17 @@ impl Deployment {
         });
         Body::from_stream(s)
     }
+}
+
+/// The URL of each endpoint under `base`, in `Endpoint` order.
+fn endpoint_urls(base: &str) -> Option<[reqwest::Url; 3]> {
+    let base = base.trim_end_matches('/');
+    let url = |e: Endpoint| reqwest::Url::parse(&format!("{base}{}", e.path())).ok();
+    Some([
+        url(Endpoint::ChatCompletions)?,
+        url(Endpoint::Completions)?,
+        url(Endpoint::Embeddings)?,
+    ])
 }
 
 fn bearer(key: &Secret) -> Result<HeaderValue, String> {
