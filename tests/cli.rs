@@ -1,40 +1,11 @@
 //! The `mofa-gateway` binary as a user runs it: zero-config serve, `sim`, `check-config`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::run_binary as start;
+use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
-
-/// Kills the child when the test ends, pass or fail.
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the binary with `args`; returns it and the URL it printed (`... listening on URL`).
-fn start(args: &[&str]) -> (Kill, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "printed {line:?}");
-    (Kill(child), url)
-}
 
 #[tokio::test]
 async fn zero_config_serves_the_simulated_model() {

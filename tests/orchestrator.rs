@@ -19,17 +19,6 @@ async fn slow_sim(model: &str, tokens_per_sec: f64, max_concurrency: usize) -> S
     .await
 }
 
-async fn admin(gw: std::net::SocketAddr) -> Value {
-    client()
-        .get(format!("http://{gw}/admin/orchestrator"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Checks a rejection: 503, envelope, code, Retry-After in [1, 60], `rejected` headers.
 async fn assert_rejected(resp: reqwest::Response) -> String {
     assert_eq!(resp.status(), 503);
@@ -155,7 +144,7 @@ async fn overload_sheds_low_priority_and_serves_critical_and_high() {
 
     // Drained: nothing queued, nothing in flight; the simulator never saw more than N.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let a = admin(gw).await;
+    let a = admin(gw, "orchestrator").await;
     let m = &a["models"]["m"];
     assert_eq!(m["queue"]["depth"], 0, "{a}");
     assert_eq!(m["deployments"][0]["in_flight"], 0, "{a}");
@@ -364,7 +353,7 @@ async fn latency_prefers_the_deployment_with_the_fastest_first_byte() {
     // Each is tried once (nothing observed yet), then the fast one wins every time.
     assert!(seen[..2].contains(&"local(m@slow)".to_string()), "{seen:?}");
     assert!(seen[2..].iter().all(|b| b == "local(m@fast)"), "{seen:?}");
-    let a = admin(gw).await;
+    let a = admin(gw, "orchestrator").await;
     let ttfb = a["models"]["m"]["deployments"][0]["ttfb_ms_ewma"]
         .as_f64()
         .unwrap();
@@ -403,7 +392,7 @@ async fn ladder_steps_down_to_the_precision_that_fits() {
     assert_eq!(resp.headers()["x-mofa-precision"], "q4");
     // q4 is now resident: it keeps serving.
     assert_eq!(backend_of(gw, &[]).await, "local(m@q4)");
-    let a = admin(gw).await;
+    let a = admin(gw, "orchestrator").await;
     assert_eq!(a["memory"]["resident_mb"], 70, "{a}");
     assert_eq!(busy.await.unwrap(), 200);
 
@@ -422,7 +411,7 @@ async fn ladder_steps_down_to_the_precision_that_fits() {
     let (gw, busy) = ladder().await;
     assert_eq!(busy.await.unwrap(), 200);
     assert_eq!(backend_of(gw, &[]).await, "local(m@f16)");
-    let a = admin(gw).await;
+    let a = admin(gw, "orchestrator").await;
     assert_eq!(a["memory"]["resident_mb"], 60, "{a}");
 }
 
@@ -475,7 +464,7 @@ async fn memory_rejections_defer_and_eviction() {
     });
     assert_eq!(busy.await.unwrap(), 200);
     assert_eq!(waiter.await.unwrap(), 200);
-    let a = admin(gw).await;
+    let a = admin(gw, "orchestrator").await;
     assert_eq!(a["memory"]["resident_mb"], 30, "{a}");
 }
 
@@ -487,7 +476,7 @@ async fn admin_view_shows_queue_in_flight_and_memory() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let waiter = tokio::spawn(async move { chat(gw, "m", "high", false, 1).await.status() });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let a = admin(gw).await;
+    let a = admin(gw, "orchestrator").await;
     let m = &a["models"]["m"];
     assert_eq!(m["policy"], "local-first");
     assert_eq!(m["queue"]["depth"], 1, "{a}");
@@ -498,7 +487,7 @@ async fn admin_view_shows_queue_in_flight_and_memory() {
     assert_eq!(a["memory"]["capacity_mb"], 0);
     h.await.unwrap();
     assert_eq!(waiter.await.unwrap(), 200);
-    let a = admin(gw).await;
+    let a = admin(gw, "orchestrator").await;
     assert_eq!(a["models"]["m"]["completed"], 2);
     assert!(
         a["models"]["m"]["deployments"][0]["service_rate_per_s"]
@@ -517,11 +506,14 @@ async fn a_client_that_leaves_frees_its_slot_and_queue_place() {
     assert_eq!(resp.status(), 200);
     let waiter = tokio::spawn(async move { chat(gw, "m", "normal", false, 1).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(admin(gw).await["models"]["m"]["queue"]["depth"], 1);
+    assert_eq!(
+        admin(gw, "orchestrator").await["models"]["m"]["queue"]["depth"],
+        1
+    );
     waiter.abort();
     drop(resp);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let a = admin(gw).await;
+    let a = admin(gw, "orchestrator").await;
     assert_eq!(a["models"]["m"]["queue"]["depth"], 0, "{a}");
     assert_eq!(a["models"]["m"]["deployments"][0]["in_flight"], 0, "{a}");
     let stats = sim_stats(&sim_url).await;

@@ -26,15 +26,10 @@ const BUDGET: &str =
     "[admission]\nmemory_capacity_mb = 100\ndefer_threshold = 0.9\nreject_threshold = 0.9\n";
 
 async fn pool(gw: SocketAddr) -> Vec<Value> {
-    let v: Value = client()
-        .get(format!("http://{gw}/admin/pool"))
-        .send()
-        .await
+    admin(gw, "pool").await["models"]
+        .as_array()
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["models"].as_array().unwrap().clone()
+        .clone()
 }
 
 async fn proc_of(gw: SocketAddr, name: &str) -> Value {
@@ -332,63 +327,19 @@ async fn admin_load_and_unload() {
     assert_eq!(r.status(), 404);
 }
 
-/// Runs the gateway binary on `config`; returns it and its address.
-fn spawn_gateway(config: &str) -> (std::process::Child, SocketAddr, std::path::PathBuf) {
-    use std::io::{BufRead, BufReader};
-    let dir = std::env::temp_dir().join(format!(
-        "mofa-pool-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("gw.toml");
-    std::fs::write(&file, config).unwrap();
-    let mut child = std::process::Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            file.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    (child, addr, dir)
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
 #[tokio::test]
 async fn no_model_server_outlives_the_gateway() {
     for signal in ["-TERM", "-KILL"] {
-        let (mut gw_proc, gw, dir) =
-            spawn_gateway(&format!("{BUDGET}{}", managed("a", 40, "", "")));
+        let (mut gw_proc, gw) =
+            run_gateway_binary(&format!("{BUDGET}{}", managed("a", 40, "", "")));
         chat_ok(gw, "a").await;
         let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
         assert!(alive(pid));
         std::process::Command::new("kill")
-            .args([signal, &gw_proc.id().to_string()])
+            .args([signal, &gw_proc.0.id().to_string()])
             .status()
             .unwrap();
-        let status = gw_proc.wait().unwrap();
+        let status = gw_proc.0.wait().unwrap();
         if signal == "-TERM" {
             assert!(status.success(), "graceful stop exits 0: {status}");
         }
@@ -396,6 +347,5 @@ async fn no_model_server_outlives_the_gateway() {
             eventually(10, async || !alive(pid)).await,
             "model server {pid} outlived the gateway ({signal})"
         );
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -79,14 +79,7 @@ async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
         .collect();
     assert!(!streamed.trim().is_empty(), "{text}");
 
-    let pool: Value = client()
-        .get(format!("http://{gw}/admin/pool"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pool = admin(gw, "pool").await;
     let p = &pool["models"][0];
     assert_eq!(p["state"], "ready", "{pool}");
     assert_eq!(p["starts"], 1, "{pool}");

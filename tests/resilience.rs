@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mofa_gateway::sim::SimOptions;
-use serde_json::Value;
 
 async fn attempts_and_backend(gw: std::net::SocketAddr, stream: bool) -> (u16, String, String) {
     let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
@@ -284,14 +283,7 @@ async fn a_thousand_clients_leaving_mid_stream_free_everything() {
     let gone = Instant::now();
     let freed = async {
         loop {
-            let a: Value = client()
-                .get(format!("http://{gw}/admin/orchestrator"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let a = admin(gw, "orchestrator").await;
             let s = sim_stats(&slow).await;
             if a["models"]["m"]["deployments"][0]["in_flight"] == 0
                 && a["models"]["m"]["queue"]["depth"] == 0
@@ -351,47 +343,9 @@ async fn slow_clients_are_cut_off() {
     assert_eq!(resp.status(), 431);
 }
 
-/// Runs the gateway binary; returns it and its address.
-fn spawn_gateway(config: &str) -> (std::process::Child, std::net::SocketAddr) {
-    use std::io::{BufRead, BufReader};
-    let file = std::env::temp_dir().join(format!(
-        "mofa-shutdown-{}-{}.toml",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::write(&file, config).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
-        .args([
-            "serve",
-            "--config",
-            file.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    (child, addr)
-}
-
-fn signal(child: &std::process::Child, sig: &str) {
+fn signal(child: &Binary, sig: &str) {
     std::process::Command::new("kill")
-        .args([sig, &child.id().to_string()])
+        .args([sig, &child.0.id().to_string()])
         .status()
         .unwrap();
 }
@@ -403,7 +357,7 @@ async fn graceful_shutdown_finishes_streams_refuses_new_work_and_exits_0() {
         ..sim_opts("m")
     })
     .await;
-    let (mut gw_proc, gw) = spawn_gateway(&format!(
+    let (mut gw_proc, gw) = run_gateway_binary(&format!(
         "[server]\nshutdown_grace_s = 10\n{}",
         one_model("m", &slow, "max_concurrency = 1")
     ));
@@ -436,7 +390,7 @@ async fn graceful_shutdown_finishes_streams_refuses_new_work_and_exits_0() {
         rest.push_str(&String::from_utf8_lossy(&c));
     }
     assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
-    let status = tokio::task::spawn_blocking(move || gw_proc.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || gw_proc.0.wait().unwrap())
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
@@ -449,7 +403,7 @@ async fn a_second_signal_exits_at_once() {
         ..sim_opts("m")
     })
     .await;
-    let (mut gw_proc, gw) = spawn_gateway(&format!(
+    let (mut gw_proc, gw) = run_gateway_binary(&format!(
         "[server]\nshutdown_grace_s = 30\n{}",
         one_model("m", &slow, "")
     ));
@@ -461,7 +415,7 @@ async fn a_second_signal_exits_at_once() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
     signal(&gw_proc, "-TERM");
-    let status = tokio::task::spawn_blocking(move || gw_proc.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || gw_proc.0.wait().unwrap())
         .await
         .unwrap();
     assert!(start.elapsed() < Duration::from_secs(2));

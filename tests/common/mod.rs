@@ -131,11 +131,10 @@ pub fn sse_events(body: &str) -> (Vec<String>, bool) {
     (data, named_error)
 }
 
-/// The simulator's counters.
-pub async fn sim_stats(sim_url: &str) -> Value {
-    let base = sim_url.trim_end_matches("/v1");
+/// GETs `url` and parses its JSON body.
+pub async fn get_json(url: &str) -> Value {
     client()
-        .get(format!("{base}/sim/stats"))
+        .get(url)
         .send()
         .await
         .unwrap()
@@ -144,17 +143,78 @@ pub async fn sim_stats(sim_url: &str) -> Value {
         .unwrap()
 }
 
+/// The gateway's admin view `path` (`orchestrator`, `pool`).
+pub async fn admin(gw: SocketAddr, path: &str) -> Value {
+    get_json(&format!("http://{gw}/admin/{path}")).await
+}
+
+/// The simulator's counters.
+pub async fn sim_stats(sim_url: &str) -> Value {
+    get_json(&format!("{}/sim/stats", sim_url.trim_end_matches("/v1"))).await
+}
+
 /// The last request the simulator received.
 pub async fn sim_last_request(sim_url: &str) -> Value {
-    let base = sim_url.trim_end_matches("/v1");
-    client()
-        .get(format!("{base}/sim/last_request"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&format!(
+        "{}/sim/last_request",
+        sim_url.trim_end_matches("/v1")
+    ))
+    .await
+}
+
+/// The `mofa-gateway` binary, killed when dropped (the test passes or fails).
+pub struct Binary(pub std::process::Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the binary with `args`; returns it and the URL it printed (`... listening on URL`).
+pub fn run_binary(args: &[&str]) -> (Binary, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "printed {line:?}");
+    (Binary(child), url)
+}
+
+/// Runs `mofa-gateway serve` on `config` (written to a temporary file); returns it and its address.
+pub fn run_gateway_binary(config: &str) -> (Binary, SocketAddr) {
+    let file = std::env::temp_dir().join(format!(
+        "mofa-test-{}-{}.toml",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::write(&file, config).unwrap();
+    let (bin, url) = run_binary(&[
+        "serve",
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let _ = std::fs::remove_file(&file);
+    (bin, url.trim_start_matches("http://").parse().unwrap())
 }
 
 /// A loopback URL on which nothing listens.
