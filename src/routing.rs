@@ -100,21 +100,18 @@ pub fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Ro
         return Route::Reject("no_healthy_backend");
     }
     let free = |i: &usize| c[*i].block.is_none();
+    // Power of two choices among the free eligible deployments that `pred` accepts.
+    let group = |pred: &dyn Fn(usize) -> bool| {
+        p2c(
+            c,
+            eligible.iter().copied().filter(|&i| pred(i) && free(&i)),
+            rng,
+        )
+    };
+    let cloud = || group(&|i| !c[i].local);
     let pick = match policy {
-        Policy::LocalOnly | Policy::CloudOnly => p2c(c, eligible.iter().copied().filter(free), rng),
-        Policy::LocalFirst => {
-            let local = eligible.iter().copied().filter(|&i| c[i].local && free(&i));
-            p2c(c, local, rng).or_else(|| {
-                p2c(
-                    c,
-                    eligible
-                        .iter()
-                        .copied()
-                        .filter(|&i| !c[i].local && free(&i)),
-                    rng,
-                )
-            })
-        }
+        Policy::LocalOnly | Policy::CloudOnly => group(&|_| true),
+        Policy::LocalFirst => group(&|i| c[i].local).or_else(cloud),
         Policy::DegradationLadder => {
             let mut ranks: Vec<usize> = eligible
                 .iter()
@@ -125,26 +122,8 @@ pub fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Ro
             ranks.dedup();
             ranks
                 .into_iter()
-                .find_map(|r| {
-                    p2c(
-                        c,
-                        eligible
-                            .iter()
-                            .copied()
-                            .filter(|&i| c[i].local && c[i].rank == r && free(&i)),
-                        rng,
-                    )
-                })
-                .or_else(|| {
-                    p2c(
-                        c,
-                        eligible
-                            .iter()
-                            .copied()
-                            .filter(|&i| !c[i].local && free(&i)),
-                        rng,
-                    )
-                })
+                .find_map(|r| group(&|i| c[i].local && c[i].rank == r))
+                .or_else(cloud)
         }
         Policy::Latency => {
             // Expected time = wait for a slot (0 when free) + observed time to first byte.
