@@ -421,3 +421,44 @@ async fn a_second_signal_exits_at_once() {
     assert!(start.elapsed() < Duration::from_secs(2));
     assert_ne!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_client_leaving_a_non_streaming_request_cancels_it_upstream() {
+    let slow = sim(SimOptions {
+        tokens_per_sec: 10.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let gw = gateway(&one_model("m", &slow, "max_concurrency = 1")).await;
+    let mut body = chat_body("m", false);
+    body["max_tokens"] = serde_json::json!(30);
+    // Running, and one queued behind it; both clients give up after 300 ms.
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let url = format!("http://{gw}/v1/chat/completions");
+    let (a, b) = tokio::join!(
+        impatient.post(&url).json(&body).send(),
+        impatient.post(&url).json(&body).send()
+    );
+    assert!(a.is_err() && b.is_err());
+    let freed = async {
+        loop {
+            let o = admin(gw, "orchestrator").await;
+            let s = sim_stats(&slow).await;
+            if o["models"]["m"]["deployments"][0]["in_flight"] == 0
+                && o["models"]["m"]["queue"]["depth"] == 0
+                && s["cancelled"] == 1
+            {
+                return o;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let o = tokio::time::timeout(Duration::from_secs(1), freed)
+        .await
+        .expect("the upstream request was not cancelled within 1 s");
+    assert_eq!(o["client_disconnects"], 2, "{o}");
+}
