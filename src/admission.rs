@@ -441,6 +441,46 @@ pub struct ModelCore<T> {
     rng: u64,
     /// Completions seen (for the admin view).
     pub completed: u64,
+    /// Arrival rate of each priority, lowest first.
+    arrivals: [Rate; 4],
+}
+
+/// An arrival rate (per second), estimated over windows of at least a second.
+#[derive(Debug, Clone, Default)]
+struct Rate {
+    window_start: Option<Instant>,
+    count: u32,
+    /// Rate of the last finished windows (smoothed); `None` before the first.
+    rate: Option<f64>,
+}
+
+impl Rate {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    fn add(&mut self, now: Instant) {
+        let start = *self.window_start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= Self::WINDOW {
+            let current = self.count as f64 / elapsed.as_secs_f64();
+            self.rate = Some(self.rate.map_or(current, |r| 0.5 * r + 0.5 * current));
+            self.window_start = Some(now);
+            self.count = 0;
+        }
+        self.count += 1;
+    }
+
+    /// The rate now: a quiet spell (a window long over with few arrivals) brings it down.
+    fn per_sec(&self, now: Instant) -> f64 {
+        let Some(start) = self.window_start else {
+            return 0.0;
+        };
+        let elapsed = now.saturating_duration_since(start).as_secs_f64();
+        let current = self.count as f64 / elapsed.max(Self::WINDOW.as_secs_f64());
+        match self.rate {
+            Some(r) if elapsed < 2.0 * Self::WINDOW.as_secs_f64() => r.max(current),
+            _ => current,
+        }
+    }
 }
 
 impl<T> ModelCore<T> {
@@ -451,6 +491,7 @@ impl<T> ModelCore<T> {
             slots,
             rng: seed | 1,
             completed: 0,
+            arrivals: Default::default(),
         }
     }
 
@@ -472,6 +513,28 @@ impl<T> ModelCore<T> {
         } else {
             seen.iter().sum::<f64>() / seen.len() as f64
         }
+    }
+
+    /// The wait a newcomer of priority `prio` can expect for a slot, counting the requests of
+    /// higher priority that keep arriving and go before it: `(ahead + 1)` services at the
+    /// capacity those leave over. Infinite when they take it all; `None` until a service time
+    /// has been observed (no guess from the default).
+    fn predicted_wait_ms(&self, prio: Priority, now: Instant) -> Option<f64> {
+        if self.slots.iter().all(|s| s.service_ms.is_none()) {
+            return None;
+        }
+        let slots: u32 = self.slots.iter().map(|s| s.max).sum::<u32>().max(1);
+        let capacity = slots as f64 * 1000.0 / self.service_ms().max(0.001);
+        let higher: f64 = Priority::ALL
+            .iter()
+            .filter(|p| **p > prio)
+            .map(|p| self.arrivals[*p as usize].per_sec(now))
+            .sum();
+        let spare = capacity - higher;
+        if spare <= capacity * 0.02 {
+            return Some(f64::INFINITY);
+        }
+        Some((self.queue.ahead_of(prio) as f64 + 1.0) * 1000.0 / spare)
     }
 
     /// Expected wait, in ms, for a request with `ahead` requests before it.
@@ -574,6 +637,9 @@ impl<T> ModelCore<T> {
         // Waiters of at least this priority go first: only run now if none are waiting.
         // A retry was admitted once already and does not queue again.
         let retry = exclude != 0;
+        if !retry {
+            self.arrivals[prio as usize].add(now);
+        }
         let may_run_now = retry || self.queue.ahead_of(prio) == 0;
         let route = if may_run_now {
             self.try_run(ledger, prio, exclude, now)
@@ -607,6 +673,20 @@ impl<T> ModelCore<T> {
                 code: waiting_code,
                 retry_after_s: self.retry_after_s(prio),
             };
+        }
+        // Shed now what would only time out in the queue: waiting for a slot longer than its
+        // deadline allows (memory waits are not predicted: memory frees in steps).
+        if !memory {
+            let left_ms = deadline.saturating_duration_since(now).as_secs_f64() * 1000.0;
+            if self
+                .predicted_wait_ms(prio, now)
+                .is_some_and(|w| w > left_ms)
+            {
+                return Admit::Reject {
+                    code: "capacity_exceeded",
+                    retry_after_s: self.retry_after_s(prio),
+                };
+            }
         }
         match self.queue.push(prio, deadline, (prio, item)) {
             Push::Queued(key) => Admit::Queued { key, shed: None },
@@ -884,6 +964,62 @@ mod tests {
         ));
         let w = m.release(&mut l, 0, Duration::from_millis(10), false, now);
         assert!(matches!(w.as_slice(), [Wake::Run("low", _)]));
+    }
+
+    #[test]
+    fn a_newcomer_that_would_only_time_out_is_shed_at_once() {
+        let t = t0();
+        let mut l = no_memory();
+        let mut m: ModelCore<u32> =
+            ModelCore::new(limits(Policy::LocalOnly, 100), vec![slot(true, 1)], 1);
+        let soon = |now: Instant| Some(now + Duration::from_millis(500));
+        // Service observed: 100 ms. Capacity: 10/s.
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, soon(t), 0, t, 0),
+            Admit::Run(_)
+        ));
+        m.release(&mut l, 0, Duration::from_millis(100), false, t);
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, soon(t), 0, t, 1),
+            Admit::Run(_)
+        ));
+        // Up to four ahead (500 ms expected) fit a 500 ms deadline...
+        for i in 2..7 {
+            assert!(matches!(
+                m.admit(&mut l, Priority::Normal, soon(t), 0, t, i),
+                Admit::Queued { .. }
+            ));
+        }
+        // ... a sixth (600 ms) does not: refused at once, not after waiting 500 ms.
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, soon(t), 0, t, 7),
+            Admit::Reject {
+                code: "capacity_exceeded",
+                ..
+            }
+        ));
+        // Critical requests arriving at 12/s take the whole capacity: a normal one is refused
+        // at once however short the queue, a critical one still queues.
+        let mut now = t;
+        for i in 0..30 {
+            now += Duration::from_millis(83);
+            let _ = m.admit(
+                &mut l,
+                Priority::Critical,
+                Some(now + Duration::from_secs(60)),
+                0,
+                now,
+                100 + i,
+            );
+        }
+        assert_eq!(
+            m.predicted_wait_ms(Priority::Normal, now),
+            Some(f64::INFINITY)
+        );
+        assert!(m
+            .predicted_wait_ms(Priority::Critical, now)
+            .unwrap()
+            .is_finite());
     }
 
     #[test]

@@ -128,7 +128,7 @@ async fn overload_sheds_low_priority_and_serves_critical_and_high() {
     for (_, r) in &outcomes {
         if let Some(code) = r {
             assert!(
-                ["queue_full", "queue_timeout"].contains(&code.as_str()),
+                ["queue_full", "queue_timeout", "capacity_exceeded"].contains(&code.as_str()),
                 "{code}"
             );
         }
