@@ -34,7 +34,8 @@ work="$(mktemp -d)"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    [ -n "${a_pid:-}" ] && kill -9 "$a_pid" 2>/dev/null || true
+    # A is restarted by the killer loop in a subshell: find it by its port.
+    [ -n "${port_a:-}" ] && pkill -9 -f -- "sim --listen 127.0.0.1:$port_a " 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -46,10 +47,12 @@ port_a=$(free_port); port_b=$(free_port); port_gw=$(free_port)
 start_a() {
     "$bin" sim --listen "127.0.0.1:$port_a" --model mofa-sim --ttft-ms "$TTFT_MS" >/dev/null 2>&1 &
     a_pid=$!
+    disown "$a_pid"
 }
 start_a
 "$bin" sim --listen "127.0.0.1:$port_b" --model mofa-sim --ttft-ms "$TTFT_MS" >/dev/null 2>&1 &
 pids+=($!)
+disown $!
 cat >"$work/gw.toml" <<EOF
 [[models]]
 name = "mofa-sim"
@@ -66,6 +69,7 @@ max_concurrency = 512
 EOF
 "$bin" serve --config "$work/gw.toml" --listen "127.0.0.1:$port_gw" >/dev/null 2>"$work/gw.log" &
 pids+=($!)
+disown $!
 wait_up "http://127.0.0.1:$port_a/v1/models"
 wait_up "http://127.0.0.1:$port_b/v1/models"
 wait_up "http://127.0.0.1:$port_gw/healthz"
