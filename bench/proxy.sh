@@ -2,47 +2,57 @@
 # bench/proxy.sh: what the gateway costs as a proxy, compared with calling the backend directly.
 #
 # Method:
-#   * Build the release binary, then start two processes on free loopback ports:
+#   * Build the release binary and the open-loop load generator (examples/loadgen.rs), then
+#     start two processes on free loopback ports:
 #       - `mofa-gateway sim`: the simulated model server, with no time to first token and no
 #         pacing (--ttft-ms 0 --tokens-per-sec 0), so it answers as fast as it can;
 #       - `mofa-gateway serve`: the gateway, with one model `mofa-sim` whose one local
 #         deployment is the sim (max_concurrency 1024, far above the load used here).
-#   * wrk sends the same non-streaming request to both, with a Lua script that POSTs
+#   * Every request is the same non-streaming POST /v1/chat/completions,
 #       {"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}
-#     and prints, from its done() hook, requests/s and latency percentiles in microseconds.
-#   * After a short warm-up of both (WARMUP seconds each), in one run and in this order:
-#       1. full load: CONNS connections (default 32), THREADS wrk threads (default 2),
-#          DURATION seconds (default 15); the sim directly, then the gateway;
-#       2. low load: LOW_CONNS connections (default 4), same duration; the sim directly, then
-#          the gateway. wrk is closed-loop (no fixed request rate), so a low connection count
-#          stands in for "half load"; the report prints what share of the full-load rate it
-#          reached, to judge how loaded it was.
-#   * Reported per run: requests/s, p50, p99, errors (non-2xx/3xx responses, socket errors) and
-#     the CPU seconds used by the backend, the gateway and wrk during the run; then
-#       - throughput ratio = gateway requests/s / direct requests/s at full load;
-#       - added p50 = gateway p50 - direct p50, in ms, at both loads.
-#   * wrk, the sim and the gateway run on the same machine and share its cores: through the
-#     gateway the CPU also runs a second server and a second hop, so the ratio is the cost of
-#     the gateway on a box with no spare cores, not on a box where it has a core of its own.
-#   * Caveat: the sim waits on a tokio timer even with --ttft-ms 0 (timer resolution 1 ms), so
-#     each direct request takes ~1.1 ms at least. With STUB_CHECK=1 the script also compares,
-#     with 1 connection, a timer-free Python stub that answers the same bytes at once, directly
-#     and through a second gateway: the added latency of the gateway against an instant backend.
+#   * After a warm-up of both (WARMUP seconds each), in one run and in this order, each load
+#     first against the sim directly, then against the gateway:
+#       1. full load, closed loop: wrk, CONNS connections (default 32), THREADS threads
+#          (default 2), DURATION seconds (default 15). A Lua done() hook prints requests/s and
+#          latency percentiles in microseconds, for exact parsing;
+#       2. few connections, closed loop: wrk, LOW_CONNS connections (default 4), same
+#          duration. The backend answers at once, so this can still drive the gateway near its
+#          full rate: the report prints the share of the full-load rate it reached;
+#       3. half load, open loop: loadgen sends requests at a fixed rate, half the requests/s
+#          the gateway reached at full load (HALF_SHARE, default 0.5), for DURATION seconds
+#          after a 2 s warm-up, whatever the answers (wrk cannot hold a fixed rate). loadgen
+#          paces its launches with tokio's timer (1 ms resolution), so at 10 000 requests/s
+#          they leave in bursts of ~10 per millisecond; direct and gateway see the same bursts.
+#   * Reported per run: requests/s, p50, p99, failures (wrk: non-2xx/3xx responses and socket
+#     errors; loadgen: anything but a 200) and the CPU seconds used during the run by the sim,
+#     the gateway, the load generator, other processes and idle (from /proc), with a warning
+#     when other processes took 5% of the CPU or more; then
+#       - throughput ratio = gateway requests/s / direct requests/s at full load, against the
+#         target >= 0.75;
+#       - added p50 = gateway p50 - direct p50, in ms, at every load; the one at half load
+#         against the target < 0.2 ms.
+#   * The load generator, the sim and the gateway run on the same machine and share its cores:
+#     through the gateway the CPU also runs a second server and a second hop, so the ratio is
+#     the cost of the gateway on a box with no spare cores, not on one where it has its own.
+#   * GW_WORKERS=N sets the gateway's server.worker_threads (default: unset, one per core).
 #
 # Traffic goes to 127.0.0.1 only. Every process started here is killed on exit.
-# Usage: bench/proxy.sh      (env: CONNS THREADS DURATION LOW_CONNS WARMUP STUB_CHECK=0|1)
+# Usage: bench/proxy.sh    (env: CONNS THREADS DURATION LOW_CONNS WARMUP HALF_SHARE GW_WORKERS)
 
 set -euo pipefail
+export LC_ALL=C # decimal points in printf and awk
 
 CONNS=${CONNS:-32}
 THREADS=${THREADS:-2}
 DURATION=${DURATION:-15}
 LOW_CONNS=${LOW_CONNS:-4}
 WARMUP=${WARMUP:-3}
-STUB_CHECK=${STUB_CHECK:-0}
+HALF_SHARE=${HALF_SHARE:-0.5}
+GW_WORKERS=${GW_WORKERS:-}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN="$ROOT/target/release/mofa-gateway"
+LOADGEN="$ROOT/target/release/examples/loadgen"
 BODY='{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
 
 for v in CONNS THREADS DURATION LOW_CONNS WARMUP; do
@@ -51,11 +61,22 @@ for v in CONNS THREADS DURATION LOW_CONNS WARMUP; do
         exit 2
     fi
 done
+if ! [[ $HALF_SHARE =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]]; then
+    echo "error: HALF_SHARE must be a number in (0, 1] (got '$HALF_SHARE')" >&2
+    exit 2
+fi
+if [[ -n $GW_WORKERS ]] && ! [[ $GW_WORKERS =~ ^[0-9]+$ ]]; then
+    echo "error: GW_WORKERS must be an integer >= 0 (got '$GW_WORKERS')" >&2
+    exit 2
+fi
 if ((THREADS > CONNS)); then
     echo "error: THREADS ($THREADS) must not exceed CONNS ($CONNS)" >&2
     exit 2
 fi
 LOW_THREADS=$((THREADS < LOW_CONNS ? THREADS : LOW_CONNS))
+for tool in curl python3; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required" >&2; exit 2; }
+done
 
 # --- wrk --------------------------------------------------------------------------------------
 if ! command -v wrk >/dev/null 2>&1; then
@@ -69,8 +90,8 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 # --- build ------------------------------------------------------------------------------------
-echo "== building (cargo build --release)" >&2
-(cd "$ROOT" && cargo build --release --quiet)
+echo "== building (cargo build --release --bin mofa-gateway --example loadgen)" >&2
+(cd "$ROOT" && cargo build --release --quiet --bin mofa-gateway --example loadgen)
 
 # --- processes, cleanup -----------------------------------------------------------------------
 TMP=$(mktemp -d)
@@ -113,22 +134,10 @@ wait_ready() {
     exit 1
 }
 
-# gateway_config PORT: a gateway config whose model `mofa-sim` is the server on PORT.
-gateway_config() {
-    cat <<EOF
-[[models]]
-name = "mofa-sim"
-[[models.deployments]]
-kind = "local"
-url = "http://127.0.0.1:$1/v1"
-max_concurrency = 1024
-EOF
-}
-
-# Four free loopback ports, bound at the same time so that they differ.
-read -r SIM_PORT GW_PORT STUB_PORT GW2_PORT < <(python3 -c '
+# Two free loopback ports, bound at the same time so that they differ.
+read -r SIM_PORT GW_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(2)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -138,7 +147,19 @@ GW_URL="http://127.0.0.1:$GW_PORT/v1/chat/completions"
 
 start sim "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --model mofa-sim --ttft-ms 0 --tokens-per-sec 0
 SIM_PID=$LAST_PID
-gateway_config "$SIM_PORT" >"$TMP/gateway.toml"
+{
+    if [[ -n $GW_WORKERS ]]; then
+        printf '[server]\nworker_threads = %s\n\n' "$GW_WORKERS"
+    fi
+    cat <<EOF
+[[models]]
+name = "mofa-sim"
+[[models.deployments]]
+kind = "local"
+url = "http://127.0.0.1:$SIM_PORT/v1"
+max_concurrency = 1024
+EOF
+} >"$TMP/gateway.toml"
 start gateway "$BIN" serve --config "$TMP/gateway.toml" --listen "127.0.0.1:$GW_PORT"
 GW_PID=$LAST_PID
 wait_ready sim "$SIM_URL" "$SIM_PID"
@@ -154,11 +175,9 @@ wrk.body = '$BODY'
 function done(summary, latency, requests)
     local e = summary.errors
     io.write(string.format(
-        "RESULT requests=%d duration_us=%d rps=%.1f p50_us=%d p90_us=%d p99_us=%d max_us=%d " ..
-        "non2xx=%d connect=%d read=%d write=%d timeout=%d\n",
-        summary.requests, summary.duration, summary.requests / (summary.duration / 1e6),
-        latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
-        e.status, e.connect, e.read, e.write, e.timeout))
+        "RESULT rps=%.1f p50_us=%d p99_us=%d failed=%d sockerr=%d\n",
+        summary.requests / (summary.duration / 1e6), latency:percentile(50),
+        latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
 end
 EOF
 
@@ -166,41 +185,76 @@ EOF
 TICK=$(getconf CLK_TCK)
 # CPU time (user + system, clock ticks) used so far by process $1.
 proc_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
-# CPU time (user + system, seconds) used so far by this shell's finished children (wrk), into
-# file $1. `times` must run in this shell, not in a $(...) subshell, hence the file.
+# Busy and idle CPU time (clock ticks, all CPUs together) of the whole machine so far.
+machine_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
+# CPU seconds of the finished children of a shell, from the output of `times` in file $1.
 child_secs() {
-    times >"$TMP/times"
     awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/)
-                   printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TMP/times" >"$1"
+                   printf "%.2f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$1"
 }
 secs() { awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { printf "%.2f", (b - a) / t }'; }
 
-# run NAME URL CONNS THREADS SECONDS BACKEND_PID GATEWAY_PID: one wrk run. Its RESULT line,
-# with the CPU seconds of the backend, the gateway and wrk appended, goes to $TMP/NAME.result.
-run() {
-    local name=$1 url=$2 conns=$3 threads=$4 dur=$5 be_pid=$6 gw_pid=$7 be0 gw0 be1 gw1
-    echo "== $name: $conns connections, $threads threads, ${dur}s -> $url" >&2
-    child_secs "$TMP/wrk0"
-    be0=$(proc_ticks "$be_pid")
-    gw0=$(proc_ticks "$gw_pid")
-    if ! wrk -t "$threads" -c "$conns" -d "${dur}s" --timeout 5s --latency -s "$TMP/chat.lua" \
-        "$url" >"$TMP/$name.out" 2>&1; then
-        cat "$TMP/$name.out" >&2
-        echo "error: wrk failed" >&2
+# measure NAME CMD...: runs the load generator CMD, its output in $TMP/NAME.out, and writes
+# the CPU seconds used meanwhile to $TMP/NAME.cpu, as key=value words.
+measure() {
+    local name=$1 sim0 gw0 busy0 idle0 sim1 gw1 busy1 idle1 c_sim c_gw c_load c_other
+    shift
+    sim0=$(proc_ticks "$SIM_PID")
+    gw0=$(proc_ticks "$GW_PID")
+    read -r busy0 idle0 < <(machine_ticks)
+    # In a subshell whose only child is the load generator, so that `times` there gives its
+    # CPU time.
+    if ! ("$@" >"$TMP/$name.out" 2>"$TMP/$name.err" && times >"$TMP/load.times"); then
+        cat "$TMP/$name.out" "$TMP/$name.err" >&2
+        echo "error: $1 failed" >&2
         exit 1
     fi
-    be1=$(proc_ticks "$be_pid")
-    gw1=$(proc_ticks "$gw_pid")
-    child_secs "$TMP/wrk1"
+    read -r busy1 idle1 < <(machine_ticks)
+    sim1=$(proc_ticks "$SIM_PID")
+    gw1=$(proc_ticks "$GW_PID")
+    c_sim=$(secs "$sim0" "$sim1" "$TICK")
+    c_gw=$(secs "$gw0" "$gw1" "$TICK")
+    c_load=$(child_secs "$TMP/load.times")
+    c_other=$(awk -v b="$(secs "$busy0" "$busy1" "$TICK")" -v x="$c_sim" -v y="$c_gw" \
+        -v z="$c_load" 'BEGIN { o = b - x - y - z; printf "%.2f", o < 0 ? 0 : o }')
+    printf 'cpu_sim=%s cpu_gw=%s cpu_load=%s cpu_other=%s cpu_idle=%s cpu_total=%s\n' \
+        "$c_sim" "$c_gw" "$c_load" "$c_other" "$(secs "$idle0" "$idle1" "$TICK")" \
+        "$(secs "$((busy0 + idle0))" "$((busy1 + idle1))" "$TICK")" >"$TMP/$name.cpu"
+}
+
+# closed_loop NAME URL CONNS THREADS SECONDS: a wrk run; results in $TMP/NAME.result.
+closed_loop() {
+    local name=$1 url=$2 conns=$3 threads=$4 dur=$5
+    echo "== $name: wrk, $conns connections, $threads threads, ${dur}s -> $url" >&2
+    measure "$name" wrk -t "$threads" -c "$conns" -d "${dur}s" --timeout 5s --latency \
+        -s "$TMP/chat.lua" "$url"
     grep -v '^RESULT ' "$TMP/$name.out" | sed 's/^/    /' >&2
     if ! grep -q '^RESULT ' "$TMP/$name.out"; then
         echo "error: no RESULT line from wrk" >&2
         exit 1
     fi
-    printf '%s cpu_backend=%s cpu_gw=%s cpu_wrk=%s\n' "$(grep '^RESULT ' "$TMP/$name.out")" \
-        "$(secs "$be0" "$be1" "$TICK")" "$(secs "$gw0" "$gw1" "$TICK")" \
-        "$(secs "$(<"$TMP/wrk0")" "$(<"$TMP/wrk1")" 1)" >"$TMP/$name.result"
+    echo "$(sed -n 's/^RESULT //p' "$TMP/$name.out") load=${conns}conn $(<"$TMP/$name.cpu")" \
+        >"$TMP/$name.result"
 }
+
+# open_loop NAME URL RATE SECONDS: a loadgen run at RATE requests/s; results in $TMP/NAME.result.
+open_loop() {
+    local name=$1 url=$2 rate=$3 dur=$4
+    echo "== $name: loadgen, $rate requests/s, ${dur}s after 2 s of warm-up -> $url" >&2
+    measure "$name" "$LOADGEN" --url "$url" --rate "$rate" --duration-s "$dur" --warmup-s 2 \
+        --timeout-s 5 --body "$BODY"
+    sed 's/^/    /' "$TMP/$name.out" >&2
+    echo "$(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+ok = r["latency_ms"].get("200", {})
+failed = sum(n for k, n in r["outcomes"].items() if k != "200")
+print("rps=%.1f p50_us=%d p99_us=%d failed=%d sockerr=0 lag_p99_ms=%s" % (
+    r["goodput_rps"], round(ok.get("p50", 0) * 1000), round(ok.get("p99", 0) * 1000), failed,
+    r["launch_lag_ms"].get("p99", 0)))
+' "$TMP/$name.out") load=${rate}rps $(<"$TMP/$name.cpu")" >"$TMP/$name.result"
+}
+
 # field NAME KEY: the value of KEY=... in the result of run NAME.
 field() { tr ' ' '\n' <"$TMP/$1.result" | sed -n "s/^$2=//p"; }
 ms() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1000 }'; }
@@ -211,85 +265,63 @@ verdict() { if awk -v x="$1" -v op="$2" -v t="$3" \
     'BEGIN { exit !((op == ">=") ? (x >= t) : (x < t)) }'; then echo met; else echo "NOT met"; fi; }
 
 # --- runs -------------------------------------------------------------------------------------
-run warmup-direct "$SIM_URL" "$CONNS" "$THREADS" "$WARMUP" "$SIM_PID" "$GW_PID"
-run warmup-gateway "$GW_URL" "$CONNS" "$THREADS" "$WARMUP" "$SIM_PID" "$GW_PID"
-run direct "$SIM_URL" "$CONNS" "$THREADS" "$DURATION" "$SIM_PID" "$GW_PID"
-run gateway "$GW_URL" "$CONNS" "$THREADS" "$DURATION" "$SIM_PID" "$GW_PID"
-run direct-low "$SIM_URL" "$LOW_CONNS" "$LOW_THREADS" "$DURATION" "$SIM_PID" "$GW_PID"
-run gateway-low "$GW_URL" "$LOW_CONNS" "$LOW_THREADS" "$DURATION" "$SIM_PID" "$GW_PID"
-ROWS=(direct gateway direct-low gateway-low)
-
-if [[ $STUB_CHECK == 1 ]]; then
-    # The stub answers every request with the bytes the sim sent for the same request.
-    curl --noproxy '*' -s -o "$TMP/body.json" -H 'content-type: application/json' -d "$BODY" \
-        "$SIM_URL"
-    cat >"$TMP/stub.py" <<'EOF'
-# Timer-free HTTP/1.1 keep-alive server: every request gets a fixed 200 application/json body.
-import asyncio, sys
-body = open(sys.argv[2], "rb").read()
-resp = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
-    len(body), body)
-async def handle(reader, writer):
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            n = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    n = int(line.split(b":", 1)[1])
-            if n:
-                await reader.readexactly(n)
-            writer.write(resp)
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    writer.close()
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
-    async with server:
-        await server.serve_forever()
-asyncio.run(main())
-EOF
-    STUB_URL="http://127.0.0.1:$STUB_PORT/v1/chat/completions"
-    GW2_URL="http://127.0.0.1:$GW2_PORT/v1/chat/completions"
-    start stub python3 "$TMP/stub.py" "$STUB_PORT" "$TMP/body.json"
-    STUB_PID=$LAST_PID
-    gateway_config "$STUB_PORT" >"$TMP/gateway-stub.toml"
-    start gateway-stub "$BIN" serve --config "$TMP/gateway-stub.toml" --listen "127.0.0.1:$GW2_PORT"
-    GW2_PID=$LAST_PID
-    wait_ready stub "$STUB_URL" "$STUB_PID"
-    wait_ready gateway-stub "$GW2_URL" "$GW2_PID"
-    run warmup-stub "$GW2_URL" 1 1 "$WARMUP" "$STUB_PID" "$GW2_PID"
-    run stub-direct "$STUB_URL" 1 1 "$DURATION" "$STUB_PID" "$GW2_PID"
-    run stub-gateway "$GW2_URL" 1 1 "$DURATION" "$STUB_PID" "$GW2_PID"
-    ROWS+=(stub-direct stub-gateway)
+closed_loop warmup-direct "$SIM_URL" "$CONNS" "$THREADS" "$WARMUP"
+closed_loop warmup-gateway "$GW_URL" "$CONNS" "$THREADS" "$WARMUP"
+closed_loop direct "$SIM_URL" "$CONNS" "$THREADS" "$DURATION"
+closed_loop gateway "$GW_URL" "$CONNS" "$THREADS" "$DURATION"
+closed_loop direct-low "$SIM_URL" "$LOW_CONNS" "$LOW_THREADS" "$DURATION"
+closed_loop gateway-low "$GW_URL" "$LOW_CONNS" "$LOW_THREADS" "$DURATION"
+HALF_RATE=$(awk -v r="$(field gateway rps)" -v s="$HALF_SHARE" 'BEGIN { printf "%d", r * s }')
+if ((HALF_RATE < 1)); then
+    echo "error: the gateway's full-load rate is too low to derive a half-load rate" >&2
+    exit 1
 fi
+open_loop direct-half "$SIM_URL" "$HALF_RATE" "$DURATION"
+open_loop gateway-half "$GW_URL" "$HALF_RATE" "$DURATION"
+ROWS=(direct gateway direct-low gateway-low direct-half gateway-half)
 
 # --- summary ----------------------------------------------------------------------------------
 echo
-echo "mofa-gateway proxy benchmark: $(nproc) CPUs shared by wrk, backend and gateway;" \
-    "${DURATION}s per run; CPU columns in seconds"
-printf '%-13s %5s %10s %8s %8s %7s %7s %8s %7s %7s\n' \
-    run conns req/s p50_ms p99_ms non2xx sockerr cpu_back cpu_gw cpu_wrk
+echo "mofa-gateway proxy benchmark: $(nproc) CPUs shared by the load generator, sim and gateway;" \
+    "${DURATION}s per run; gateway worker_threads: ${GW_WORKERS:-default}"
+echo "load: wrk connections (closed loop) or loadgen requests/s (open loop);" \
+    "cpu_*: CPU seconds used during the run (load = wrk or loadgen, other = not started here)"
+printf '%-13s %8s %9s %7s %7s %6s %7s %7s %6s %8s %9s %8s\n' run load req/s p50_ms p99_ms \
+    failed sockerr cpu_sim cpu_gw cpu_load cpu_other cpu_idle
 for r in "${ROWS[@]}"; do
-    case $r in *-low) c=$LOW_CONNS ;; stub-*) c=1 ;; *) c=$CONNS ;; esac
-    sockerr=$(($(field "$r" connect) + $(field "$r" read) + $(field "$r" write) + $(field "$r" timeout)))
-    printf '%-13s %5s %10s %8s %8s %7s %7s %8s %7s %7s\n' "$r" "$c" "$(field "$r" rps)" \
-        "$(ms "$(field "$r" p50_us)")" "$(ms "$(field "$r" p99_us)")" "$(field "$r" non2xx)" \
-        "$sockerr" "$(field "$r" cpu_backend)" "$(field "$r" cpu_gw)" "$(field "$r" cpu_wrk)"
+    printf '%-13s %8s %9s %7s %7s %6s %7s %7s %6s %8s %9s %8s\n' "$r" "$(field "$r" load)" \
+        "$(field "$r" rps)" "$(ms "$(field "$r" p50_us)")" "$(ms "$(field "$r" p99_us)")" \
+        "$(field "$r" failed)" "$(field "$r" sockerr)" "$(field "$r" cpu_sim)" \
+        "$(field "$r" cpu_gw)" "$(field "$r" cpu_load)" "$(field "$r" cpu_other)" \
+        "$(field "$r" cpu_idle)"
 done
 
-ratio=$(awk -v g="$(field gateway rps)" -v d="$(field direct rps)" 'BEGIN { printf "%.3f", g / d }')
-added_low=$(added_p50 gateway-low direct-low)
+# The verdicts use unrounded values; 3 decimals are shown.
+ratio=$(awk -v g="$(field gateway rps)" -v d="$(field direct rps)" 'BEGIN { printf "%.6f", g / d }')
+added_half=$(added_p50 gateway-half direct-half)
 low_share=$(awk -v l="$(field gateway-low rps)" -v f="$(field gateway rps)" \
     'BEGIN { printf "%.0f", 100 * l / f }')
 echo
-echo "throughput, gateway / direct at $CONNS connections: $ratio" \
+echo "throughput, gateway / direct at $CONNS connections: $(printf '%.3f' "$ratio")" \
     "(target >= 0.75: $(verdict "$ratio" '>=' 0.75))"
 echo "added p50 at $CONNS connections: $(added_p50 gateway direct) ms"
-echo "added p50 at $LOW_CONNS connections: $added_low ms (target < 0.2 ms: $(verdict "$added_low" '<' 0.2));" \
-    "that gateway run reached ${low_share}% of the $CONNS-connection gateway rate"
-if [[ $STUB_CHECK == 1 ]]; then
-    echo "added p50 over the timer-free stub, 1 connection: $(added_p50 stub-gateway stub-direct) ms"
-fi
+echo "added p50 at $LOW_CONNS connections: $(added_p50 gateway-low direct-low) ms" \
+    "(that gateway run reached ${low_share}% of the $CONNS-connection gateway rate)"
+echo "added p50 at half load, $HALF_RATE requests/s open loop: $added_half ms" \
+    "(target < 0.2 ms: $(verdict "$added_half" '<' 0.2))"
+for r in direct-half gateway-half; do
+    if awk -v l="$(field "$r" lag_p99_ms)" 'BEGIN { exit !(l > 5) }'; then
+        echo "warning: in run $r, loadgen launched requests up to $(field "$r" lag_p99_ms) ms" \
+            "late (p99): it could not hold the rate"
+    fi
+done
+# Other processes on the machine take CPU from the runs and bias the comparison: say so.
+for r in "${ROWS[@]}"; do
+    share=$(awk -v o="$(field "$r" cpu_other)" -v t="$(field "$r" cpu_total)" \
+        'BEGIN { printf "%.0f", 100 * o / t }')
+    if ((share >= 5)); then
+        echo "warning: during run $r, other processes used ${share}% of the machine's CPU;" \
+            "its figures are disturbed (rerun on a quiet machine)"
+    fi
+done
 exit 0
