@@ -88,6 +88,7 @@ echo "faults: A killed every $PERIOD s, back after $DOWN s" >&2
     while true; do
         sleep "$PERIOD"
         kill -9 "$a_pid" 2>/dev/null || true
+        echo kill >>"$work/kills"
         sleep "$DOWN"
         start_a
     done
@@ -96,6 +97,10 @@ killer=$!
 pids+=($killer)
 run_load >"$work/faults.json"
 kill "$killer" 2>/dev/null || true
+kills=$(wc -l <"$work/kills" 2>/dev/null || echo 0)
+# Each try that failed on A and went on to B is logged by the gateway.
+failovers=$(grep -c "upstream failed" "$work/gw.log" || true)
+echo "A was killed $kills times; tries that failed on A and were retried elsewhere: $failovers"
 
 python3 - "$work/baseline.json" "$work/faults.json" <<'EOF'
 import json, sys
