@@ -71,58 +71,9 @@ for tool in curl python3; do
     command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required" >&2; exit 2; }
 done
 
-# --- build ------------------------------------------------------------------------------------
-echo "== building (cargo build --release --bin mofa-gateway --example loadgen)" >&2
-(cd "$ROOT" && cargo build --release --quiet --bin mofa-gateway --example loadgen)
-
-# --- processes, cleanup -----------------------------------------------------------------------
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# start NAME CMD...: runs CMD in the background, output in $TMP/NAME.log; sets LAST_PID.
-start() {
-    local name=$1
-    shift
-    "$@" >"$TMP/$name.log" 2>&1 &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-}
-
-# Waits until URL answers the benchmark request with a 200 (10 s at most).
-wait_ready() {
-    local name=$1 url=$2 pid=$3 i code=none
-    for ((i = 0; i < 100; i++)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "error: $name exited at start; its log:" >&2
-            cat "$TMP/$name.log" >&2
-            exit 1
-        fi
-        code=$(curl --noproxy '*' -s -o /dev/null -w '%{http_code}' --max-time 2 \
-            -H 'content-type: application/json' -d "$BODY" "$url" || true)
-        [[ $code == 200 ]] && return 0
-        sleep 0.1
-    done
-    echo "error: $name did not answer 200 within 10 s (last status: $code); its log:" >&2
-    cat "$TMP/$name.log" >&2
-    exit 1
-}
-
-read -r SIM_PORT GW_PORT < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-')
+# Build, process handling (start, wait_ready, cleanup on exit) and free ports: bench/lib.sh.
+source "$ROOT/bench/lib.sh"
+read -r SIM_PORT GW_PORT < <(free_ports 2)
 SIM_BASE="http://127.0.0.1:$SIM_PORT"
 GW_BASE="http://127.0.0.1:$GW_PORT"
 
