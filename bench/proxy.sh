@@ -7,7 +7,9 @@
 #       - `mofa-gateway sim`: the simulated model server, with no time to first token and no
 #         pacing (--ttft-ms 0 --tokens-per-sec 0), so it answers as fast as it can;
 #       - `mofa-gateway serve`: the gateway, with one model `mofa-sim` whose one local
-#         deployment is the sim (max_concurrency 1024, far above the load used here).
+#         deployment is the sim (max_concurrency 64, the default: above the 32 connections of
+#         the full-load run; a burst beyond it queues rather than opening one new upstream
+#         connection per request).
 #   * Every request is the same non-streaming POST /v1/chat/completions,
 #       {"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}
 #   * After a warm-up of both (WARMUP seconds each), in one run and in this order, each load
@@ -107,7 +109,7 @@ name = "mofa-sim"
 [[models.deployments]]
 kind = "local"
 url = "http://127.0.0.1:$SIM_PORT/v1"
-max_concurrency = 1024
+max_concurrency = 64
 EOF
 } >"$TMP/gateway.toml"
 start gateway "$BIN" serve --config "$TMP/gateway.toml" --listen "127.0.0.1:$GW_PORT"
