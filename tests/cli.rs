@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::run_binary as start;
+use common::{model_ids, run_binary as start};
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
@@ -37,21 +37,8 @@ async fn sim_subcommand_serves_its_models() {
         "--model",
         "b",
     ]);
-    let c = reqwest::Client::builder().no_proxy().build().unwrap();
-    let v: serde_json::Value = c
-        .get(format!("{url}/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let v = common::get_json(&format!("{url}/models")).await;
+    let ids = model_ids(&v);
     assert_eq!(ids, ["a", "b"]);
 }
 

@@ -23,12 +23,7 @@ async fn slow_sim(model: &str, tokens_per_sec: f64, max_concurrency: usize) -> S
 async fn assert_rejected(resp: reqwest::Response) -> String {
     assert_eq!(resp.status(), 503);
     assert_eq!(assert_stamped(&resp), "rejected");
-    let ra: u64 = resp.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=60).contains(&ra), "Retry-After {ra}");
+    retry_after(&resp);
     let reason = resp.headers()["x-mofa-reject-reason"]
         .to_str()
         .unwrap()

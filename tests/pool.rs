@@ -122,14 +122,7 @@ async fn evicts_the_least_recently_used_idle_model_to_fit() {
     assert_eq!(proc_of(gw, "a").await["state"], "ready");
     assert_eq!(proc_of(gw, "c").await["state"], "ready");
     assert!(!alive(b_pid), "evicted process {b_pid} still runs");
-    let a: Value = client()
-        .get(format!("http://{gw}/admin/orchestrator"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let a = admin(gw, "orchestrator").await;
     assert_eq!(a["memory"]["resident_mb"], 80, "{a}");
 }
 
@@ -171,14 +164,7 @@ async fn an_idle_model_is_stopped_after_its_ttl() {
     let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
     assert!(eventually(5, async || proc_of(gw, "a").await["state"] == "stopped").await);
     assert!(!alive(pid));
-    let a: Value = client()
-        .get(format!("http://{gw}/admin/orchestrator"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let a = admin(gw, "orchestrator").await;
     assert_eq!(a["memory"]["resident_mb"], 0, "{a}");
     // And it starts again on the next request.
     chat_ok(gw, "a").await;
@@ -239,12 +225,7 @@ async fn a_server_that_never_becomes_ready_is_killed_and_gets_503() {
         resp.headers()["x-mofa-reject-reason"],
         "backend_start_failed"
     );
-    let ra: u64 = resp.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=60).contains(&ra));
+    retry_after(&resp);
     let e = envelope(resp).await;
     assert_eq!(e["code"], "backend_start_failed");
     let p = proc_of(gw, "dud").await;
@@ -264,14 +245,7 @@ async fn a_server_that_never_becomes_ready_is_killed_and_gets_503() {
             .any(|l| l.as_str().unwrap().starts_with("not listening on")),
         "{p}"
     );
-    let a: Value = client()
-        .get(format!("http://{gw}/admin/orchestrator"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let a = admin(gw, "orchestrator").await;
     assert_eq!(
         a["memory"]["resident_mb"], 0,
         "a failed start frees its memory: {a}"

@@ -188,11 +188,7 @@ async fn with_every_breaker_open_the_answer_is_503_no_healthy_backend() {
     assert_eq!(resp.status(), 503);
     assert_eq!(assert_stamped(&resp), "rejected");
     assert_eq!(resp.headers()["x-mofa-reject-reason"], "no_healthy_backend");
-    let ra: u64 = resp.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ra = retry_after(&resp);
     assert!(
         (2..=3).contains(&ra),
         "Retry-After {ra}: the time until the breaker half-opens"

@@ -99,6 +99,27 @@ pub fn assert_stamped(resp: &reqwest::Response) -> String {
         .to_string()
 }
 
+/// The `Retry-After` of a response, checked to be a whole number of seconds in [1, 60].
+pub fn retry_after(resp: &reqwest::Response) -> u64 {
+    let ra: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After is a whole number of seconds");
+    assert!((1..=60).contains(&ra), "Retry-After {ra}");
+    ra
+}
+
+/// The ids of a `GET /v1/models` list, in order.
+pub fn model_ids(list: &Value) -> Vec<String> {
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Reads an error reply and checks the envelope: returns `error` (message, type, param, code).
 pub async fn envelope(resp: reqwest::Response) -> Value {
     let ct = resp
