@@ -65,9 +65,13 @@ impl Memory {
 
     /// Memory freed (a request ended on a resident model, a process stopped): serve the
     /// models' waiters that can run now.
-    pub fn pump_all(&self) {
+    /// `except`: a model that was just pumped (by its own release) and need not be again.
+    pub fn pump_all(&self, except: Option<&ModelRt>) {
         for m in self.models.get().into_iter().flatten() {
             if let Some(m) = m.upgrade() {
+                if except.is_some_and(|e| std::ptr::eq(e, &*m)) {
+                    continue;
+                }
                 let wakes = m.decide(|core, ledger| core.pump(ledger, Instant::now()));
                 m.deliver(wakes);
             }
@@ -178,7 +182,7 @@ impl Drop for Permit {
         self.model.deliver(wakes);
         if let Some(memory) = &self.model.memory {
             // This model may now be evictable: other models' memory waiters may fit.
-            memory.pump_all();
+            memory.pump_all(Some(&self.model));
         }
     }
 }
@@ -523,7 +527,7 @@ impl Orchestrator {
             let weak = Arc::downgrade(&memory);
             p.on_free(move || {
                 if let Some(m) = weak.upgrade() {
-                    m.pump_all();
+                    m.pump_all(None);
                 }
             });
         }
