@@ -40,7 +40,7 @@ pub mod route;
 
 use accept::{Accepted, Limits};
 use forward::Forwarded;
-use observe::{Observer, Reason, Record};
+use observe::{Observer, Reason, Record, Tokens};
 use parse::Parsed;
 use route::Attempts;
 
@@ -179,8 +179,18 @@ impl Pipeline {
         let timing = rec.server_timing();
         let attempts = rec.attempts;
         let mut resp = match reply {
-            Reply::Full { content_type, body } => {
+            Reply::Full {
+                content_type,
+                body,
+                usage,
+            } => {
                 drop(permit);
+                let mut rec = rec;
+                rec.tokens = usage.map(|u| Tokens {
+                    input: u.prompt_tokens,
+                    output: u.completion_tokens,
+                    estimated: false,
+                });
                 rec.finish(StatusCode::OK, Reason::Ok);
                 let mut r = Response::new(Body::from(body));
                 r.headers_mut().insert(header::CONTENT_TYPE, content_type);
@@ -191,6 +201,18 @@ impl Pipeline {
                 let body = pending.relay(Box::new(move |end, stats| {
                     drop(permit);
                     rec.bytes = stats.bytes;
+                    rec.tokens = Some(match stats.usage {
+                        Some(u) => Tokens {
+                            input: u.prompt_tokens,
+                            output: u.completion_tokens,
+                            estimated: false,
+                        },
+                        None => Tokens {
+                            input: 0,
+                            output: stats.content_events,
+                            estimated: true,
+                        },
+                    });
                     let (status, reason) = match end {
                         StreamEnd::Complete => (StatusCode::OK, Reason::Ok),
                         StreamEnd::Failed => (StatusCode::OK, Reason::StreamBroken),

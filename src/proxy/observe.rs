@@ -86,7 +86,6 @@ impl Observer {
 }
 
 /// What is known of one request; finished once (see the module doc).
-#[derive(Debug)]
 pub struct Record {
     obs: Arc<Observer>,
     id: HeaderValue,
@@ -104,8 +103,34 @@ pub struct Record {
     pub upstream_ttfb: Option<Duration>,
     /// Body bytes relayed to the client (streams).
     pub bytes: u64,
+    /// Tokens in and out: from `usage` when the upstream reported it, else estimated.
+    pub tokens: Option<Tokens>,
+    /// Told of the end, in order, once: what a phase holds until the request is over
+    /// (a rate-limit allowance to settle, say) plugs in here.
+    on_finish: Vec<OnFinish>,
     finished: bool,
 }
+
+/// Token counts of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub input: u64,
+    pub output: u64,
+    /// Counted by the gateway (no `usage` from the upstream).
+    pub estimated: bool,
+}
+
+/// How a request ended, for the hooks of [`Record::on_finish`].
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // read by the hooks of the limit phase, which come with API keys
+pub struct Finished {
+    pub status: u16,
+    pub reason: Reason,
+    pub tokens: Option<Tokens>,
+}
+
+/// A hook run when a request is over.
+pub type OnFinish = Box<dyn FnOnce(&Finished) + Send>;
 
 impl Record {
     pub fn new(obs: Arc<Observer>, id: HeaderValue, arrival: Instant) -> Record {
@@ -120,8 +145,16 @@ impl Record {
             queue_wait: None,
             upstream_ttfb: None,
             bytes: 0,
+            tokens: None,
+            on_finish: Vec::new(),
             finished: false,
         }
+    }
+
+    /// Runs `f` when the request is over, whatever its end.
+    #[allow(dead_code)] // the limit phase's allowances plug in here, with API keys
+    pub fn on_finish(&mut self, f: OnFinish) {
+        self.on_finish.push(f);
     }
 
     /// The `Server-Timing` header: queue wait, upstream time to first byte, total so far.
@@ -176,8 +209,18 @@ impl Record {
             ttfb_ms = ms(self.upstream_ttfb),
             total_ms = self.arrival.elapsed().as_secs_f64() * 1000.0,
             bytes = self.bytes,
+            tokens_in = self.tokens.map(|t| t.input),
+            tokens_out = self.tokens.map(|t| t.output),
             "request finished"
         );
+        let fin = Finished {
+            status,
+            reason,
+            tokens: self.tokens,
+        };
+        for f in self.on_finish.drain(..) {
+            f(&fin);
+        }
     }
 }
 
@@ -207,6 +250,19 @@ mod tests {
         assert_eq!(v["requests"], 2);
         assert_eq!(v["retries"], 2);
         assert_eq!(v["client_disconnects"], 1);
+    }
+
+    #[test]
+    fn hooks_run_once_with_the_outcome() {
+        let obs = Arc::new(Observer::default());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut r = record(&obs);
+        let s = seen.clone();
+        r.on_finish(Box::new(move |f| {
+            s.lock().unwrap().push((f.status, f.reason))
+        }));
+        drop(r);
+        assert_eq!(*seen.lock().unwrap(), [(499, Reason::ClientDisconnect)]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ mod wire;
 
 pub use relay::{PendingStream, StreamEnd};
 use wire::sse_error_in;
-pub use wire::{envelope, error_message, is_envelope, retry_after_secs};
+pub use wire::{envelope, error_message, is_envelope, retry_after_secs, Usage};
 
 /// The OpenAI endpoints the gateway forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +155,8 @@ pub enum Reply {
     Full {
         content_type: HeaderValue,
         body: Bytes,
+        /// Its `usage`, when it has one.
+        usage: Option<Usage>,
     },
     /// A stream whose first chunk has arrived and is not an error; relayed once it is given
     /// its [`OnEnd`].
@@ -366,10 +368,15 @@ impl Deployment {
         #[derive(Deserialize)]
         struct Probe {
             error: Option<IgnoredAny>,
+            usage: Option<Usage>,
         }
         match serde_json::from_slice::<Probe>(&body) {
-            Ok(Probe { error: None }) => Ok(Reply::Full { content_type, body }),
-            Ok(Probe { error: Some(_) }) => Err(UpstreamError::Invalid(
+            Ok(Probe { error: None, usage }) => Ok(Reply::Full {
+                content_type,
+                body,
+                usage,
+            }),
+            Ok(Probe { error: Some(_), .. }) => Err(UpstreamError::Invalid(
                 error_message(&body).unwrap_or_else(|| "the reply carries an error".into()),
             )),
             Err(_) => Err(UpstreamError::Invalid("the reply is not JSON".into())),

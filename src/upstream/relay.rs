@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use super::error_chain;
-use super::wire::sse_error_event;
+use super::wire::{sse_content_events, sse_error_event, sse_usage, Usage};
 
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +29,10 @@ pub enum StreamEnd {
 pub struct StreamStats {
     pub bytes: u64,
     pub chunks: u64,
+    /// The usage chunk's counts, when the upstream sent one.
+    pub usage: Option<Usage>,
+    /// Events that carried generated text (the output estimate without a usage chunk).
+    pub content_events: u64,
 }
 
 /// Told how a stream ended, once; what it holds (a slot) is freed with it.
@@ -62,6 +66,10 @@ impl Relay {
         self.tail.push(chunk);
         self.stats.bytes += chunk.len() as u64;
         self.stats.chunks += 1;
+        self.stats.content_events += sse_content_events(chunk);
+        if let Some(u) = sse_usage(chunk) {
+            self.stats.usage = Some(u);
+        }
     }
 }
 

@@ -5,6 +5,51 @@
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 
+/// The token counts of a reply (OpenAI's `usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+/// The `usage` of the SSE events in `chunk` (the last one with a non-null `usage`), if any.
+pub fn sse_usage(chunk: &[u8]) -> Option<Usage> {
+    if !chunk.windows(7).any(|w| w == b"\"usage\"") {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Event {
+        usage: Option<Usage>,
+    }
+    let text = std::str::from_utf8(chunk).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .find_map(|d| serde_json::from_str::<Event>(d.trim()).ok()?.usage)
+}
+
+/// How many SSE events in `chunk` carry generated text (a non-empty `"content"` or `"text"`
+/// string): the output token estimate of a stream without a usage chunk.
+pub fn sse_content_events(chunk: &[u8]) -> u64 {
+    let mut n = 0;
+    for line in chunk.split(|b| *b == b'\n') {
+        if !line.starts_with(b"data:") {
+            continue;
+        }
+        let has = |key: &[u8]| {
+            line.windows(key.len())
+                .position(|w| w == key)
+                .is_some_and(|i| line.get(i + key.len()) != Some(&b'"'))
+        };
+        if has(b"\"content\":\"") || has(b"\"text\":\"") {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Builds `{"error":{"message","type","param","code"}}`.
 pub fn envelope(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
     let v = serde_json::json!({
@@ -105,6 +150,20 @@ mod tests {
             sse_error_in(b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"error\\\"\"}}]}\n\n"),
             None
         );
+    }
+
+    #[test]
+    fn usage_and_content_of_sse_chunks() {
+        let chunk = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        assert_eq!(sse_content_events(chunk), 1);
+        assert_eq!(
+            sse_usage(chunk),
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 2
+            })
+        );
+        assert_eq!(sse_usage(b"data: {\"usage\":null}\n\n"), None);
     }
 
     #[test]
