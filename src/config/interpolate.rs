@@ -58,7 +58,11 @@ fn walk(
 }
 
 /// One string: the result, and whether a variable was substituted.
-pub(super) fn interpolate_str(s: &str, path: &str, env: Env) -> Result<(String, bool), ConfigError> {
+pub(super) fn interpolate_str(
+    s: &str,
+    path: &str,
+    env: Env,
+) -> Result<(String, bool), ConfigError> {
     let mut out = String::with_capacity(s.len());
     let mut substituted = false;
     let mut rest = s;
@@ -115,7 +119,10 @@ mod tests {
         assert_eq!(one("${A}-${A}").unwrap(), "x-x");
         assert!(one("${A").is_err());
         assert!(one("${A-B}").is_err());
-        assert!(one("${B}").unwrap_err().to_string().contains("B is not set"));
+        assert!(one("${B}")
+            .unwrap_err()
+            .to_string()
+            .contains("B is not set"));
     }
 
     #[test]
@@ -123,7 +130,10 @@ mod tests {
         let mut v: toml::Value =
             toml::from_str("a = \"${A}\"\nb = \"$${A}\"\n[t]\nc = [\"1\", \"${A}\"]").unwrap();
         let mut seen = Vec::new();
-        interpolate(&mut v, &|_| Some("x".into()), &mut |p| seen.push(p.to_string())).unwrap();
+        interpolate(&mut v, &|_| Some("x".into()), &mut |p| {
+            seen.push(p.to_string())
+        })
+        .unwrap();
         assert_eq!(seen, ["a", "t.c[1]"]);
         assert_eq!(v["b"].as_str(), Some("${A}"));
     }

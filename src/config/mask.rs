@@ -12,7 +12,14 @@ const MASK: &str = "***";
 
 /// Parts of a name that mark a credential (`Authorization`, `X-Api-Key`, `Cookie`, ...).
 const CREDENTIAL_WORDS: [&str; 8] = [
-    "auth", "key", "token", "secret", "password", "passwd", "cookie", "credential",
+    "auth",
+    "key",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "cookie",
+    "credential",
 ];
 
 /// Whether a header or variable name looks like it carries a credential (case-insensitive).
@@ -67,19 +74,37 @@ mod tests {
 
     #[test]
     fn credential_names() {
-        for n in ["Authorization", "X-API-KEY", "api-key", "X-Session-Token", "Cookie", "DB_PASSWORD", "HF_TOKEN"] {
+        for n in [
+            "Authorization",
+            "X-API-KEY",
+            "api-key",
+            "X-Session-Token",
+            "Cookie",
+            "DB_PASSWORD",
+            "HF_TOKEN",
+        ] {
             assert!(is_credential_name(n), "{n}");
         }
-        for n in ["OpenAI-Organization", "X-Request-Source", "LLAMA_ARG_THREADS"] {
+        for n in [
+            "OpenAI-Organization",
+            "X-Request-Source",
+            "LLAMA_ARG_THREADS",
+        ] {
             assert!(!is_credential_name(n), "{n}");
         }
     }
 
     #[test]
     fn redis_password_is_masked() {
-        assert_eq!(mask_url_password("redis://:hunter2@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
+        assert_eq!(
+            mask_url_password("redis://:hunter2@127.0.0.1:6379/0"),
+            "redis://:***@127.0.0.1:6379/0"
+        );
         assert_eq!(mask_url_password("rediss://u:p@h/"), "rediss://u:***@h/");
-        assert_eq!(mask_url_password("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            mask_url_password("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
         assert_eq!(mask_url_password("not a url :pw@"), "***");
     }
 }

@@ -41,7 +41,10 @@ fn server(cfg: &Config) -> Check {
         }
     }
     if s.worker_threads > 1024 {
-        return err("server.worker_threads", "at most 1024 (0: one per CPU core)");
+        return err(
+            "server.worker_threads",
+            "at most 1024 (0: one per CPU core)",
+        );
     }
     Ok(())
 }
@@ -49,7 +52,10 @@ fn server(cfg: &Config) -> Check {
 fn resilience(cfg: &Config) -> Check {
     let r = &cfg.resilience;
     if r.max_attempts == 0 {
-        return err("resilience.max_attempts", "must be at least 1 (1: no retries)");
+        return err(
+            "resilience.max_attempts",
+            "must be at least 1 (1: no retries)",
+        );
     }
     if r.breaker_failures == 0 || r.breaker_window == 0 || r.breaker_window > 10_000 {
         return err(
@@ -114,7 +120,10 @@ fn model(m: &ModelConfig, key: &str) -> Check {
         );
     }
     if m.deployments.len() > 64 {
-        return err(format!("{key}.deployments"), "at most 64 deployments per model");
+        return err(
+            format!("{key}.deployments"),
+            "at most 64 deployments per model",
+        );
     }
     if m.deployments.is_empty() {
         return err(
@@ -342,8 +351,13 @@ fn sizes(d: &DeploymentConfig, key: &str) -> Check {
             "a cloud deployment takes no local memory; remove it",
         );
     }
-    if d.price_per_1k_tokens.is_some_and(|p| !(p.is_finite() && p >= 0.0)) {
-        return err(format!("{key}.price_per_1k_tokens"), "must be a number >= 0");
+    if d.price_per_1k_tokens
+        .is_some_and(|p| !(p.is_finite() && p >= 0.0))
+    {
+        return err(
+            format!("{key}.price_per_1k_tokens"),
+            "must be a number >= 0",
+        );
     }
     if d.max_concurrency == 0 {
         return err(format!("{key}.max_concurrency"), "must be at least 1");
@@ -405,7 +419,9 @@ fn sim_only(d: &DeploymentConfig, key: &str) -> Check {
             }
         }
     }
-    if d.tokens_per_sec.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+    if d.tokens_per_sec
+        .is_some_and(|t| !(t.is_finite() && t >= 0.0))
+    {
         return err(
             format!("{key}.tokens_per_sec"),
             "must be a number >= 0 (0: as fast as possible)",
@@ -417,9 +433,16 @@ fn sim_only(d: &DeploymentConfig, key: &str) -> Check {
 /// `[auth]`, with the keys of `keys_file`.
 fn auth(cfg: &Config, file_keys: Option<&FileKeys>) -> Check {
     let a = &cfg.auth;
-    let inline = a.keys.iter().enumerate().map(|(i, k)| (format!("auth.keys[{i}]"), k));
+    let inline = a
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (format!("auth.keys[{i}]"), k));
     let from_file = file_keys.into_iter().flat_map(|f| {
-        f.keys.iter().enumerate().map(move |(i, k)| (format!("{}: keys[{i}]", f.label), k))
+        f.keys
+            .iter()
+            .enumerate()
+            .map(move |(i, k)| (format!("{}: keys[{i}]", f.label), k))
     });
     let all: Vec<(String, &KeyConfig)> = inline.chain(from_file).collect();
     let mut names = HashSet::new();
@@ -429,7 +452,10 @@ fn auth(cfg: &Config, file_keys: Option<&FileKeys>) -> Check {
         if !names.insert(k.name.as_str()) {
             return err(
                 format!("{key}.name"),
-                format!("key \"{}\" is declared twice; give each key its own name", k.name),
+                format!(
+                    "key \"{}\" is declared twice; give each key its own name",
+                    k.name
+                ),
             );
         }
         if !hashes.insert(&k.hash) {
@@ -471,7 +497,9 @@ fn api_key(cfg: &Config, k: &KeyConfig, key: &str) -> Check {
             if !cfg.models.iter().any(|c| &c.name == m) {
                 return err(
                     format!("{key}.models[{i}]"),
-                    format!("\"{m}\" is not a configured model; use a name from a [[models]] table"),
+                    format!(
+                        "\"{m}\" is not a configured model; use a name from a [[models]] table"
+                    ),
                 );
             }
         }
@@ -487,7 +515,11 @@ fn api_key(cfg: &Config, k: &KeyConfig, key: &str) -> Check {
     }
     positive(&format!("{key}.rpm"), k.rpm, "requests per minute")?;
     positive(&format!("{key}.tpm"), k.tpm, "tokens per minute")?;
-    positive(&format!("{key}.max_parallel"), k.max_parallel, "requests in flight")
+    positive(
+        &format!("{key}.max_parallel"),
+        k.max_parallel,
+        "requests in flight",
+    )
 }
 
 /// `[limits]`.
