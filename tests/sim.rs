@@ -100,7 +100,9 @@ fn reassemble(chunks: &[Value]) -> Streamed {
             s.content.push_str(t);
         }
         for tc in delta["tool_calls"].as_array().into_iter().flatten() {
-            let index = tc["index"].as_u64().expect("every tool_calls delta has an index") as usize;
+            let index = tc["index"]
+                .as_u64()
+                .expect("every tool_calls delta has an index") as usize;
             if let Some(id) = tc["id"].as_str() {
                 // The first chunk of a call: index, id, type, name, empty arguments.
                 assert_eq!(index, s.calls.len(), "calls start in index order");
@@ -121,7 +123,11 @@ fn reassemble(chunks: &[Value]) -> Streamed {
 #[tokio::test]
 async fn tool_call_without_streaming() {
     let addr = start(SimOptions::default()).await;
-    let v = chat(addr, &tool_request("What is the weather? call:get_weather", false)).await;
+    let v = chat(
+        addr,
+        &tool_request("What is the weather? call:get_weather", false),
+    )
+    .await;
     let choice = &v["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
     let msg = &choice["message"];
@@ -137,7 +143,11 @@ async fn tool_call_without_streaming() {
     assert_eq!(args, json!({"city": "Paris", "unit": "celsius"}));
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     // Deterministic: the same request gets the same call (with a new id).
-    let again = chat(addr, &tool_request("What is the weather? call:get_weather", false)).await;
+    let again = chat(
+        addr,
+        &tool_request("What is the weather? call:get_weather", false),
+    )
+    .await;
     let again = &again["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(again["function"], calls[0]["function"]);
     assert_ne!(again["id"], calls[0]["id"]);
@@ -160,7 +170,10 @@ async fn tool_call_streaming() {
     let (id, name, frags) = &s.calls[0];
     assert!(id.starts_with("call_"));
     assert_eq!(name, "get_weather");
-    assert!(frags.len() >= 3, "arguments in at least 3 chunks: {frags:?}");
+    assert!(
+        frags.len() >= 3,
+        "arguments in at least 3 chunks: {frags:?}"
+    );
     let args: Value = serde_json::from_str(&frags.concat()).unwrap();
     assert_eq!(args, json!({"city": "Paris", "unit": "celsius"}));
     let usage = s.usage.expect("usage chunk for include_usage");
@@ -288,7 +301,11 @@ async fn max_tokens_and_stop_sequences() {
     let stop = format!("{} {}", words[6], &words[7][..2.min(words[7].len())]);
     let expected = &full[..full.find(&stop).unwrap()];
     for stop_value in [json!(stop), json!(["never-generated", stop])] {
-        let v = chat(addr, &text_request(Some(12), Some(stop_value.clone()), false)).await;
+        let v = chat(
+            addr,
+            &text_request(Some(12), Some(stop_value.clone()), false),
+        )
+        .await;
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         assert_eq!(v["choices"][0]["message"]["content"], expected);
 
@@ -352,8 +369,12 @@ async fn body_limit_default_and_configured() {
     })
     .await;
     let small = json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "hi"}]});
-    assert_eq!(post(addr, "/v1/chat/completions", &small).await.status(), 200);
-    let over = json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "x".repeat(2000)}]});
+    assert_eq!(
+        post(addr, "/v1/chat/completions", &small).await.status(),
+        200
+    );
+    let over =
+        json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "x".repeat(2000)}]});
     for path in ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] {
         let resp = post(addr, path, &over).await;
         assert_eq!(resp.status(), 413, "{path}");
@@ -367,7 +388,9 @@ async fn body_limit_default_and_configured() {
     let resp = client()
         .post(format!("http://{addr}/v1/chat/completions"))
         .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
@@ -384,7 +407,10 @@ async fn fail_marker_fails_only_marked_requests() {
     .await;
     let good = text_request(Some(3), None, false);
     let bad = json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "eat the POISON-PILL now"}]});
-    assert_eq!(post(addr, "/v1/chat/completions", &good).await.status(), 200);
+    assert_eq!(
+        post(addr, "/v1/chat/completions", &good).await.status(),
+        200
+    );
     for _ in 0..2 {
         let resp = post(addr, "/v1/chat/completions", &bad).await;
         assert_eq!(resp.status(), 500);
@@ -394,7 +420,10 @@ async fn fail_marker_fails_only_marked_requests() {
     bad_stream["stream"] = json!(true);
     let resp = post(addr, "/v1/chat/completions", &bad_stream).await;
     assert_eq!(resp.status(), 500, "before any byte of the stream");
-    assert_eq!(post(addr, "/v1/chat/completions", &good).await.status(), 200);
+    assert_eq!(
+        post(addr, "/v1/chat/completions", &good).await.status(),
+        200
+    );
     let stats: Value = client()
         .get(format!("http://{addr}/sim/stats"))
         .send()
@@ -447,6 +476,7 @@ async fn sim_subcommand_flags() {
     assert_eq!(send(ok).await.unwrap().status(), 200);
     let bad = json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "BAD"}]});
     assert_eq!(send(bad).await.unwrap().status(), 500);
-    let big = json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "y".repeat(600)}]});
+    let big =
+        json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "y".repeat(600)}]});
     assert_eq!(send(big).await.unwrap().status(), 413);
 }

@@ -30,8 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine;
-use serde_json::{json, Value};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use reply::{Gen, Piece, ToolCall};
@@ -372,10 +372,7 @@ async fn admit(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
-            &format!(
-                "The model `{}` does not exist.",
-                truncate(model, 100)
-            ),
+            &format!("The model `{}` does not exist.", truncate(model, 100)),
         ));
     }
     let now = sim.c.in_flight.fetch_add(1, Ordering::Relaxed) + 1;

@@ -35,7 +35,10 @@ pub(super) enum Piece {
         name: String,
     },
     /// A fragment of tool call `index`'s arguments.
-    ToolArgs { index: usize, args: String },
+    ToolArgs {
+        index: usize,
+        args: String,
+    },
 }
 
 /// A finished tool call, for the non-streaming reply.
@@ -338,7 +341,13 @@ mod tests {
 
     #[test]
     fn fragments_keep_the_text() {
-        for s in ["", "{}", "{\"a\"}", r#"{"city":"Paris","unit":"celsius"}"#, "{\"é\":\"ü€\"}"] {
+        for s in [
+            "",
+            "{}",
+            "{\"a\"}",
+            r#"{"city":"Paris","unit":"celsius"}"#,
+            "{\"é\":\"ü€\"}",
+        ] {
             let f = arg_fragments(s);
             assert_eq!(f.concat(), s);
             if s.chars().count() >= 3 {
@@ -351,7 +360,10 @@ mod tests {
     #[test]
     fn stop_accepts_string_or_array() {
         assert_eq!(stop_sequences(&json!({"stop": "x"})), ["x"]);
-        assert_eq!(stop_sequences(&json!({"stop": ["a", "", 3, "b"]})), ["a", "b"]);
+        assert_eq!(
+            stop_sequences(&json!({"stop": ["a", "", 3, "b"]})),
+            ["a", "b"]
+        );
         assert!(stop_sequences(&json!({"stop": null})).is_empty());
         assert!(stop_sequences(&json!({"stop": ""})).is_empty());
     }

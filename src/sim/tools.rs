@@ -93,10 +93,7 @@ pub(super) fn plan(req: &Value) -> Result<Option<ToolPlan>, String> {
     let calls = names
         .into_iter()
         .map(|name| {
-            let schema = tools
-                .iter()
-                .find(|(t, _)| *t == name)
-                .and_then(|(_, p)| *p);
+            let schema = tools.iter().find(|(t, _)| *t == name).and_then(|(_, p)| *p);
             (name.to_string(), arguments(schema))
         })
         .collect();
@@ -248,9 +245,12 @@ mod tests {
 
     #[test]
     fn say_comes_before_the_calls() {
-        let p = plan(&req("say:Let me check. call:get_weather", Some(json!("auto"))))
-            .unwrap()
-            .unwrap();
+        let p = plan(&req(
+            "say:Let me check. call:get_weather",
+            Some(json!("auto")),
+        ))
+        .unwrap()
+        .unwrap();
         assert_eq!(p.say.as_deref(), Some("Let me check."));
         assert_eq!(p.calls.len(), 1);
     }
@@ -259,7 +259,10 @@ mod tests {
     fn no_trigger_without_directive_or_tools() {
         assert_eq!(plan(&req("hello", None)).unwrap(), None);
         assert_eq!(plan(&req("call:unknown_tool", None)).unwrap(), None);
-        assert_eq!(plan(&req("call:get_time", Some(json!("none")))).unwrap(), None);
+        assert_eq!(
+            plan(&req("call:get_time", Some(json!("none")))).unwrap(),
+            None
+        );
         let mut r = req("call:get_time", None);
         r["tools"] = json!([]);
         assert_eq!(plan(&r).unwrap(), None);
