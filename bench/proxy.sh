@@ -353,6 +353,7 @@ print()
 print(f"mofa-gateway proxy benchmark: {ncpu} CPUs shared by the client, the sim and the proxies;"
       f" {duration}s per run, {repeats} interleaved rounds; median [min..max] over the rounds")
 print(f"gateway: {gwbin} (worker_threads {workers})")
+warn = []
 for p in points:
     kind, rate = p.split("-")
     print()
@@ -390,6 +391,13 @@ for p in points:
         print(f"{name:10} {stat(cpu, '%.0f'):>18} {stat(ratio, '%.2f'):>16} {stat(rps, '%.0f'):>20}"
               f" {stat(xd, '%.3f'):>16} {stat(a50, '%.3f'):>18} {stat(a99, '%.3f'):>18}"
               f" {p50:8.3f} {p99:8.3f} {failed:6d} {sim:10.0f} {statistics.median(other):6.0f}")
+        lag = max(runs[i].get("lag_p99_ms", 0) for i in rr)
+        if failed or lag > 5:
+            warn.append(f"{p} {t}: {failed} failed, loadgen launch lag p99 up to {lag} ms"
+                        " (the client or the target fell behind: latency and CPU-us/req of this"
+                        " point are not comparable)")
+for w in warn:
+    print("warning:", w)
 print()
 print("RSS (MB): idle after start-up / after the load")
 for line in open(rss_path):

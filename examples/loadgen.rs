@@ -423,8 +423,7 @@ async fn main() -> ExitCode {
         let (client, url, body) = (client.clone(), url.clone(), body.clone());
         let (records, outstanding) = (records.clone(), outstanding.clone());
         tokio::spawn(async move {
-            let (outcome, latency, checks, attempts) =
-                one_request(&client, &url, body, prio).await;
+            let (outcome, latency, checks, attempts) = one_request(&client, &url, body, prio).await;
             let rec = Record {
                 in_window,
                 prio,
