@@ -294,7 +294,7 @@ else:
     r.update(requests=j["launched_all"], rps=j["goodput_rps"],
              p50_us=round(ok.get("p50", 0) * 1000), p99_us=round(ok.get("p99", 0) * 1000),
              failed=sum(n for k, n in j["outcomes"].items() if k != "200"),
-             lag_p99_ms=j["launch_lag_ms"].get("p99", 0))
+             lag_p99_ms=j["launch_lag_ms"].get("p99", 0), outcomes=j["outcomes"])
 us = 1e6 / float(tick)
 n = max(r["requests"], 1)
 r["cpu_us"] = int(proc) * us / n          # the target process(es) (direct: the sim)
@@ -393,7 +393,13 @@ for p in points:
               f" {p50:8.3f} {p99:8.3f} {failed:6d} {sim:10.0f} {statistics.median(other):6.0f}")
         lag = max(runs[i].get("lag_p99_ms", 0) for i in rr)
         if failed or lag > 5:
-            warn.append(f"{p} {t}: {failed} failed, loadgen launch lag p99 up to {lag} ms"
+            kinds = defaultdict(int)
+            for i in rr:
+                for k, n in runs[i].get("outcomes", {}).items():
+                    if k != "200":
+                        kinds[k] += n
+            warn.append(f"{p} {t}: {failed} failed {dict(kinds) if kinds else ''},"
+                        f" loadgen launch lag p99 up to {lag} ms"
                         " (the client or the target fell behind: latency and CPU-us/req of this"
                         " point are not comparable)")
 for w in warn:
