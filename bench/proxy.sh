@@ -44,6 +44,8 @@
 #   env: REPEATS=3 DURATION=10 POINTS=... CONNS=32 LOADGEN_WARMUP=2 GW_WORKERS=
 #        GATEWAY_BIN= GATEWAY_ARGS= GATEWAY_B_BIN= GATEWAY_B_ARGS= RESULTS_OUT=FILE (raw runs)
 #        WITH_LITELLM=1 LITELLM_VERSION=1.108.7 LITELLM_RATE=20 LITELLM_STREAM_RATE=5
+#        HEADERS='NAME:VALUE|NAME:VALUE' (extra request headers, e.g. an API key, sent by
+#        loadgen and wrk to every target)
 
 set -euo pipefail
 export LC_ALL=C
@@ -58,6 +60,16 @@ WITH_LITELLM=${WITH_LITELLM:-0}
 LITELLM_VERSION=${LITELLM_VERSION:-1.108.7}
 LITELLM_RATE=${LITELLM_RATE:-20}
 LITELLM_STREAM_RATE=${LITELLM_STREAM_RATE:-5}
+HEADERS=${HEADERS:-}
+HEADER_ARGS=()
+IFS='|' read -r -a HEADER_LIST <<<"$HEADERS"
+for h in "${HEADER_LIST[@]}"; do
+    if ! [[ $h =~ ^[A-Za-z0-9-]+:[^\'\"]*$ ]]; then
+        echo "error: HEADERS: '$h' is not NAME:VALUE (no quotes or backslashes)" >&2
+        exit 2
+    fi
+    HEADER_ARGS+=(--header "$h")
+done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BODY='{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
@@ -230,6 +242,7 @@ for kind in ns st; do
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '$body'
+$(for h in "${HEADER_LIST[@]}"; do printf 'wrk.headers["%s"] = "%s"\n' "${h%%:*}" "$(echo "${h#*:}" | sed 's/^ *//')"; done)
 function done(summary, latency, requests)
     local e = summary.errors
     io.write(string.format(
@@ -266,7 +279,8 @@ run() {
             { cat "$out" >&2; echo "error: wrk failed" >&2; exit 1; }
     else
         ("$LOADGEN" --url "${URL[$target]}" --rate "$rate" --duration-s "$DURATION" \
-            --warmup-s "$LOADGEN_WARMUP" --timeout-s 5 --body "$body" >"$out" 2>"$TMP/run.err" &&
+            --warmup-s "$LOADGEN_WARMUP" --timeout-s 5 --body "$body" "${HEADER_ARGS[@]}" \
+            >"$out" 2>"$TMP/run.err" &&
             times >"$TMP/client.times") ||
             { cat "$TMP/run.err" >&2; echo "error: loadgen failed" >&2; exit 1; }
     fi
