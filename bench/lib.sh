@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # BIN, LOADGEN, TICK: used by the scripts that source this
 # bench/lib.sh: what every script in bench/ shares (sourced, not run).
 # Owns: the one release build (the gateway binary and the load generator, in one cargo
 # command), the free-port helper, the processes a script starts (tracked by PID, stopped by PID

@@ -189,11 +189,11 @@ EOF
 } >"$TMP/gateway.toml"
 # start_gateway NAME BIN ARGS PORT
 start_gateway() {
-    local args=$3
-    args=${args//'{config}'/$TMP/gateway.toml}
-    args=${args//'{listen}'/127.0.0.1:$4}
+    local words=$3
+    words=${words//'{config}'/$TMP/gateway.toml}
+    words=${words//'{listen}'/127.0.0.1:$4}
     # shellcheck disable=SC2086 # ARGS is a word list by design
-    start "$1" "$2" $args
+    start "$1" "$2" $words
     MAIN_PID[$1]=$LAST_PID
     URL[$1]="http://127.0.0.1:$4/v1/chat/completions"
     TARGETS+=("$1")
