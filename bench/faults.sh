@@ -54,8 +54,6 @@ done
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Build, free ports, process tracking (by PID) and cleanup on exit: bench/lib.sh.
 source "$ROOT/bench/lib.sh"
-read -r PORT_A PORT_B PORT_GW < <(free_ports 3)
-GW_BASE="http://127.0.0.1:$PORT_GW"
 BODY='{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
 
 # A is killed and restarted by the killer loop (a subshell): its current PID lives in a file
@@ -63,10 +61,16 @@ BODY='{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_token
 PID_FILES+=("$TMP/a.pid")
 start_a() {
     "$BIN" sim --listen "127.0.0.1:$PORT_A" --model mofa-sim --ttft-ms "$TTFT_MS" >>"$TMP/a.log" 2>&1 &
-    echo $! >"$TMP/a.pid"
+    LAST_PID=$!
+    echo "$LAST_PID" >"$TMP/a.pid"
 }
-start_a
-start b "$BIN" sim --listen "127.0.0.1:$PORT_B" --model mofa-sim --ttft-ms "$TTFT_MS"
+first_a() { PORT_A=$1 && start_a; }
+start_b() { start b "$BIN" sim --listen "127.0.0.1:$1" --model mofa-sim --ttft-ms "$TTFT_MS"; }
+start_gw() { start gateway "$BIN" serve --config "$TMP/gw.toml" --listen "127.0.0.1:$1"; }
+# On free ports; restarted on another one if someone takes the port first (bench/lib.sh).
+serve a first_a
+serve b start_b
+PORT_B=$PORT
 B_PID=$LAST_PID
 cat >"$TMP/gw.toml" <<EOF
 [[models]]
@@ -82,8 +86,9 @@ provider = "backup"
 url = "http://127.0.0.1:$PORT_B/v1"
 max_concurrency = 512
 EOF
-start gateway "$BIN" serve --config "$TMP/gw.toml" --listen "127.0.0.1:$PORT_GW"
+serve gateway start_gw
 GW_PID=$LAST_PID
+GW_BASE="http://127.0.0.1:$PORT"
 wait_ready a "http://127.0.0.1:$PORT_A/v1/models" "$(<"$TMP/a.pid")" -
 wait_ready b "http://127.0.0.1:$PORT_B/v1/models" "$B_PID" -
 wait_ready gateway "$GW_BASE/v1/chat/completions" "$GW_PID" "$BODY"

@@ -56,13 +56,14 @@ alive() {
     fi
 }
 
-# wait_ready NAME URL PID [BODY]: waits until URL answers 200 (READY_S, default 10 s, at most): a POST of BODY
-# (default: $BODY) as JSON, or a GET when BODY is `-`. Shows NAME's log and exits if the
-# process dies or does not answer.
+# wait_ready NAME URL PID [BODY]: waits until URL answers 200 (READY_S, default 10 s, at
+# most): a POST of BODY (default: $BODY) as JSON, or a GET when BODY is `-`; READY_HEADER
+# (NAME:VALUE) is sent too. Shows NAME's log and exits if the process dies or does not answer.
 wait_ready() {
     local name=$1 url=$2 pid=$3 body=${4:-${BODY:-}} i code=none
     local args=(--noproxy '*' -s -o /dev/null -w '%{http_code}' --max-time 2)
     [[ $body != - ]] && args+=(-H 'content-type: application/json' -d "$body")
+    [[ -n ${READY_HEADER:-} ]] && args+=(-H "$READY_HEADER")
     for ((i = 0; i < ${READY_S:-10} * 10; i++)); do
         alive "$name" "$pid"
         code=$(curl "${args[@]}" "$url" || true)
@@ -83,6 +84,40 @@ for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
 ' "$1"
+}
+
+# listening PORT: whether something listens on 127.0.0.1:PORT (from /proc/net/tcp, no connect).
+listening() {
+    awk -v p="$(printf '%04X' "$1")" 'NR > 1 && $4 == "0A" && ($2 == "0100007F:" p || $2 == "00000000:" p) { f = 1 }
+        END { exit !f }' /proc/net/tcp
+}
+
+# serve NAME FN: starts a server on a free loopback port. FN PORT must write what it needs and
+# call `start NAME ...` with that port. A free port can be taken by someone else between the
+# probe and the bind (other jobs share the machine): when the server exits at start saying its
+# address is in use, it is started again on another port (5 tries). Sets PORT and LAST_PID.
+serve() {
+    local name=$1 fn=$2 try i
+    for ((try = 1; try <= 5; try++)); do
+        PORT=$(free_ports 1)
+        "$fn" "$PORT"
+        for ((i = 0; i < 30; i++)); do
+            listening "$PORT" && return 0
+            kill -0 "$LAST_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if ! kill -0 "$LAST_PID" 2>/dev/null && grep -qi 'in use' "$TMP/$name.log"; then
+            wait "$LAST_PID" 2>/dev/null || true
+            [[ ${PIDS[-1]:-} == "$LAST_PID" ]] && unset 'PIDS[-1]'
+            echo "$name: port $PORT was taken meanwhile; another one" >&2
+            continue
+        fi
+        # Alive but not listening yet (a slow start): wait_ready judges.
+        alive "$name" "$LAST_PID"
+        return 0
+    done
+    echo "error: $name: no free port after 5 tries" >&2
+    exit 1
 }
 
 TICK=$(getconf CLK_TCK)

@@ -124,15 +124,16 @@ DEFAULT_GW_ARGS='serve --config {config} --listen {listen}'
 GATEWAY_ARGS=${GATEWAY_ARGS:-$DEFAULT_GW_ARGS}
 GATEWAY_B_BIN=${GATEWAY_B_BIN:-}
 GATEWAY_B_ARGS=${GATEWAY_B_ARGS:-$DEFAULT_GW_ARGS}
-read -r SIM_PORT NGINX_PORT GW_PORT GWB_PORT LL_PORT < <(free_ports 5)
-SIM_BASE="http://127.0.0.1:$SIM_PORT"
 
 # --- processes --------------------------------------------------------------------------------
 TARGETS=(direct)
-declare -A URL PROCS RSS_IDLE MAIN_PID
-URL[direct]="$SIM_BASE/v1/chat/completions"
+declare -A URL PROCS RSS_IDLE MAIN_PID TARGET_HEADER
 
-start sim "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --model mofa-sim --ttft-ms 0 --tokens-per-sec 0
+start_sim() { start sim "$BIN" sim --listen "127.0.0.1:$1" --model mofa-sim --ttft-ms 0 --tokens-per-sec 0; }
+serve sim start_sim
+SIM_PORT=$PORT
+SIM_BASE="http://127.0.0.1:$SIM_PORT"
+URL[direct]="$SIM_BASE/v1/chat/completions"
 SIM_PID=$LAST_PID
 MAIN_PID[direct]=$SIM_PID
 wait_ready sim "${URL[direct]}" "$SIM_PID"
@@ -141,7 +142,8 @@ wait_ready sim "${URL[direct]}" "$SIM_PID"
 # able to enter it.
 mkdir -p "$TMP/nginx"
 chmod 755 "$TMP" "$TMP/nginx"
-cat >"$TMP/nginx/nginx.conf" <<EOF
+start_nginx() {
+    cat >"$TMP/nginx/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
 pid $TMP/nginx/nginx.pid;
@@ -159,7 +161,7 @@ http {
         keepalive 64;
     }
     server {
-        listen 127.0.0.1:$NGINX_PORT;
+        listen 127.0.0.1:$1;
         location / {
             proxy_pass http://sim;
             proxy_http_version 1.1;
@@ -169,9 +171,11 @@ http {
     }
 }
 EOF
-start nginx "$NGINX" -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
+    start nginx "$NGINX" -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
+}
+serve nginx start_nginx
 MAIN_PID[nginx]=$LAST_PID
-URL[nginx]="http://127.0.0.1:$NGINX_PORT/v1/chat/completions"
+URL[nginx]="http://127.0.0.1:$PORT/v1/chat/completions"
 TARGETS+=(nginx)
 
 {
@@ -187,20 +191,24 @@ url = "$SIM_BASE/v1"
 max_concurrency = 64
 EOF
 } >"$TMP/gateway.toml"
-# start_gateway NAME BIN ARGS PORT
+# start_gateway NAME BIN ARGS: a gateway build on a free port.
 start_gateway() {
-    local words=$3
-    words=${words//'{config}'/$TMP/gateway.toml}
-    words=${words//'{listen}'/127.0.0.1:$4}
-    # shellcheck disable=SC2086 # ARGS is a word list by design
-    start "$1" "$2" $words
+    GW_NAME=$1 GW_BIN=$2 GW_WORDS=$3
+    serve "$1" gateway_on
     MAIN_PID[$1]=$LAST_PID
-    URL[$1]="http://127.0.0.1:$4/v1/chat/completions"
+    URL[$1]="http://127.0.0.1:$PORT/v1/chat/completions"
     TARGETS+=("$1")
 }
-start_gateway gateway "$GATEWAY_BIN" "$GATEWAY_ARGS" "$GW_PORT"
+gateway_on() {
+    local words=$GW_WORDS
+    words=${words//'{config}'/$TMP/gateway.toml}
+    words=${words//'{listen}'/127.0.0.1:$1}
+    # shellcheck disable=SC2086 # ARGS is a word list by design
+    start "$GW_NAME" "$GW_BIN" $words
+}
+start_gateway gateway "$GATEWAY_BIN" "$GATEWAY_ARGS"
 if [[ -n $GATEWAY_B_BIN ]]; then
-    start_gateway gateway-b "$GATEWAY_B_BIN" "$GATEWAY_B_ARGS" "$GWB_PORT"
+    start_gateway gateway-b "$GATEWAY_B_BIN" "$GATEWAY_B_ARGS"
 fi
 
 if [[ $WITH_LITELLM == 1 ]]; then
@@ -220,29 +228,46 @@ model_list:
 litellm_settings:
   telemetry: false
 EOF
-    start litellm env LITELLM_LOCAL_MODEL_COST_MAP=True "$VENV/bin/litellm" --config "$TMP/litellm.yaml" \
-        --host 127.0.0.1 --port "$LL_PORT" --num_workers 1
+    # LiteLLM refuses to start without a master key (and then checks it on every request, as
+    # in production): a random one for this run, sent only to LiteLLM, never printed.
+    LL_KEY="sk-$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+    TARGET_HEADER[litellm]="authorization:Bearer $LL_KEY"
+    start_litellm() {
+        start litellm env LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_MASTER_KEY="$LL_KEY" \
+            "$VENV/bin/litellm" --config "$TMP/litellm.yaml" --host 127.0.0.1 --port "$1" \
+            --num_workers 1
+    }
+    serve litellm start_litellm
     MAIN_PID[litellm]=$LAST_PID
-    URL[litellm]="http://127.0.0.1:$LL_PORT/v1/chat/completions"
+    URL[litellm]="http://127.0.0.1:$PORT/v1/chat/completions"
     TARGETS+=(litellm)
 fi
 
 for t in "${TARGETS[@]}"; do
-    READY_S=$([[ $t == litellm ]] && echo 180 || echo 10) wait_ready "$t" "${URL[$t]}" "${MAIN_PID[$t]}"
+    READY_S=$([[ $t == litellm ]] && echo 180 || echo 10) READY_HEADER=${TARGET_HEADER[$t]:-} \
+        wait_ready "$t" "${URL[$t]}" "${MAIN_PID[$t]}"
     # The process and its direct children (nginx: master + worker; litellm: its workers).
     PROCS[$t]="${MAIN_PID[$t]} $(children "${MAIN_PID[$t]}" | tr '\n' ' ')"
     # shellcheck disable=SC2086
     RSS_IDLE[$t]=$(rss_kb ${PROCS[$t]})
 done
 
-# --- wrk scripts ------------------------------------------------------------------------------
-for kind in ns st; do
-    body=$([[ $kind == ns ]] && echo "$BODY" || echo "$BODY_ST")
-    cat >"$TMP/$kind.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '$body'
-$(for h in "${HEADER_LIST[@]}"; do printf 'wrk.headers["%s"] = "%s"\n' "${h%%:*}" "$(echo "${h#*:}" | sed 's/^ *//')"; done)
+# --- wrk scripts (one per kind and target: LiteLLM gets its key) -----------------------------
+# lua_header NAME:VALUE: one wrk.headers line.
+lua_header() {
+    local v=${1#*:}
+    printf 'wrk.headers["%s"] = "%s"\n' "${1%%:*}" "${v# }"
+}
+for t in "${TARGETS[@]}"; do
+    for kind in ns st; do
+        body=$([[ $kind == ns ]] && echo "$BODY" || echo "$BODY_ST")
+        {
+            printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            printf "wrk.body = '%s'\n" "$body"
+            for h in "${HEADER_LIST[@]}" ${TARGET_HEADER[$t]:+"${TARGET_HEADER[$t]}"}; do
+                lua_header "$h"
+            done
+            cat <<'EOF'
 function done(summary, latency, requests)
     local e = summary.errors
     io.write(string.format(
@@ -251,6 +276,8 @@ function done(summary, latency, requests)
         latency:percentile(99), e.status + e.connect + e.read + e.write + e.timeout))
 end
 EOF
+        } >"$TMP/$kind-$t.lua"
+    done
 done
 
 # --- one run ----------------------------------------------------------------------------------
@@ -274,12 +301,13 @@ run() {
     read -r b0 i0 < <(machine_busy)
     # In a subshell whose only child is the client, so that `times` there gives its CPU time.
     if [[ $rate == closed ]]; then
-        (wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 5s -s "$TMP/$kind.lua" "${URL[$target]}" \
+        (wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 5s -s "$TMP/$kind-$target.lua" "${URL[$target]}" \
             >"$out" 2>&1 && times >"$TMP/client.times") ||
             { cat "$out" >&2; echo "error: wrk failed" >&2; exit 1; }
     else
         ("$LOADGEN" --url "${URL[$target]}" --rate "$rate" --duration-s "$DURATION" \
             --warmup-s "$LOADGEN_WARMUP" --timeout-s 5 --body "$body" "${HEADER_ARGS[@]}" \
+            ${TARGET_HEADER[$target]:+--header "${TARGET_HEADER[$target]}"} \
             >"$out" 2>"$TMP/run.err" &&
             times >"$TMP/client.times") ||
             { cat "$TMP/run.err" >&2; echo "error: loadgen failed" >&2; exit 1; }
@@ -325,7 +353,7 @@ EOF
 # --- warm-up and rounds -----------------------------------------------------------------------
 for t in "${TARGETS[@]}"; do
     for kind in ns st; do
-        wrk -t1 -c8 -d2s -s "$TMP/$kind.lua" "${URL[$t]}" >/dev/null 2>&1 || true
+        wrk -t1 -c8 -d2s -s "$TMP/$kind-$t.lua" "${URL[$t]}" >/dev/null 2>&1 || true
     done
 done
 LL_DONE=""
@@ -412,7 +440,7 @@ for p in points:
                 for k, n in runs[i].get("outcomes", {}).items():
                     if k != "200":
                         kinds[k] += n
-            warn.append(f"{p} {t}: {failed} failed {dict(kinds) if kinds else ''},"
+            warn.append(f"{p} {t}: {failed} failed{' ' + str(dict(kinds)) if kinds else ''},"
                         f" loadgen launch lag p99 up to {lag} ms"
                         " (the client or the target fell behind: latency and CPU-us/req of this"
                         " point are not comparable)")
