@@ -72,13 +72,15 @@ done
 # Build (sets BIN, LOADGEN), process handling (start, wait_ready, cleanup on exit by PID),
 # free ports and /proc readings: bench/lib.sh.
 source "$ROOT/bench/lib.sh"
-read -r SIM_PORT GW_PORT < <(free_ports 2)
-SIM_BASE="http://127.0.0.1:$SIM_PORT"
-GW_BASE="http://127.0.0.1:$GW_PORT"
-
-start sim "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --model mofa-sim --ttft-ms 0 \
-    --tokens-per-sec "$SIM_TPS" --max-concurrency "$SIM_CONCURRENCY"
+# Both on free ports, started again on another one if the port is taken meanwhile (lib.sh).
+start_sim() {
+    start sim "$BIN" sim --listen "127.0.0.1:$1" --model mofa-sim --ttft-ms 0 \
+        --tokens-per-sec "$SIM_TPS" --max-concurrency "$SIM_CONCURRENCY"
+}
+start_gw() { start gateway "$BIN" serve --config "$TMP/gateway.toml" --listen "127.0.0.1:$1"; }
+serve sim start_sim
 SIM_PID=$LAST_PID
+SIM_BASE="http://127.0.0.1:$PORT"
 cat >"$TMP/gateway.toml" <<EOF
 [admission]
 max_queue = 32
@@ -91,8 +93,9 @@ kind = "local"
 url = "$SIM_BASE/v1"
 max_concurrency = $SIM_CONCURRENCY
 EOF
-start gateway "$BIN" serve --config "$TMP/gateway.toml" --listen "127.0.0.1:$GW_PORT"
+serve gateway start_gw
 GW_PID=$LAST_PID
+GW_BASE="http://127.0.0.1:$PORT"
 wait_ready sim "$SIM_BASE/v1/chat/completions" "$SIM_PID"
 wait_ready gateway "$GW_BASE/v1/chat/completions" "$GW_PID"
 
