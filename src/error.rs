@@ -14,8 +14,7 @@ use bytes::Bytes;
 use crate::headers::{BACKEND, REJECT_REASON, RETRY_AFTER_MS, SHOULD_RETRY};
 use crate::pool::StartError;
 use crate::reason::{clamp_retry_after, RejectReason, Rejection, RETRY_AFTER_MAX_S};
-pub(crate) use crate::upstream::envelope;
-use crate::upstream::{is_envelope, UpstreamError};
+use crate::upstream::{envelope, is_envelope, UpstreamError};
 
 /// A failure to be answered with the OpenAI error envelope (boxed: it travels in `Result`s).
 #[derive(Debug, Clone)]
