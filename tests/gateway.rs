@@ -228,6 +228,7 @@ async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
     let too_large = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(4096));
     // Each case is a request not yet sent (futures are lazy), its status, code and param.
     type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = reqwest::Response> + 'a>>;
+    let chat_json = |body: Value| -> Pending { Box::pin(async move { chat(gw, &body).await }) };
     let cases: Vec<(Pending, u16, &str, Option<&str>)> = vec![
         (
             Box::pin(post_raw(gw, CHAT, JSON, "{\"model\":")),
@@ -242,37 +243,31 @@ async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
             None,
         ),
         (
-            Box::pin(chat(
-                gw,
-                &json!({"messages": [{"role": "user", "content": "x"}]}),
-            )),
+            chat_json(json!({"messages": [{"role": "user", "content": "x"}]})),
             400,
             "invalid_value",
             Some("model"),
         ),
         (
-            Box::pin(chat(gw, &json!({"model": "m"}))),
+            chat_json(json!({"model": "m"})),
             400,
             "invalid_value",
             Some("messages"),
         ),
         (
-            Box::pin(chat(
-                gw,
-                &json!({"model": "m", "messages": [{}], "stream": "yes"}),
-            )),
+            chat_json(json!({"model": "m", "messages": [{}], "stream": "yes"})),
             400,
             "invalid_value",
             Some("stream"),
         ),
         (
-            Box::pin(chat(gw, &chat_body("nope", false))),
+            chat_json(chat_body("nope", false)),
             404,
             "model_not_found",
             Some("model"),
         ),
         (
-            Box::pin(chat(gw, &chat_body("nope", true))),
+            chat_json(chat_body("nope", true)),
             404,
             "model_not_found",
             Some("model"),
@@ -296,14 +291,9 @@ async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
             None,
         ),
         (Box::pin(get(gw, CHAT)), 405, "method_not_allowed", None),
+        (Box::pin(get(gw, "/v2/whatever")), 404, "unknown_url", None),
         (
-            Box::pin(get(gw, "/v2/whatever")),
-            404,
-            "unknown_url",
-            None,
-        ),
-        (
-            Box::pin(embeddings(gw, &json!({"model": "m"}))),
+            Box::pin(async move { embeddings(gw, &json!({"model": "m"})).await }),
             400,
             "invalid_value",
             Some("input"),

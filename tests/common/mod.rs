@@ -175,7 +175,11 @@ pub async fn chat(addr: SocketAddr, body: &Value) -> reqwest::Response {
 }
 
 /// POSTs `body` to `/v1/chat/completions` with extra request headers.
-pub async fn chat_with(addr: SocketAddr, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+pub async fn chat_with(
+    addr: SocketAddr,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
     post_with(addr, "/v1/chat/completions", body, headers).await
 }
 
