@@ -29,6 +29,18 @@ pub enum State {
     HalfOpen,
 }
 
+impl State {
+    /// `closed`, `open` or `half_open` (an open breaker past its time is still `open` until
+    /// its probe goes out).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open { .. } => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Breaker {
     cfg: BreakerConfig,

@@ -11,18 +11,11 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use crate::headers::{BACKEND, REJECT_REASON, SHOULD_RETRY};
+use crate::headers::{BACKEND, REJECT_REASON, RETRY_AFTER_MS, SHOULD_RETRY};
 use crate::pool::StartError;
-use crate::upstream::UpstreamError;
-
-/// Lowest and highest `Retry-After` the gateway ever sends: every OpenAI SDK honours (0, 60].
-pub const RETRY_AFTER_MIN_S: u64 = 1;
-pub const RETRY_AFTER_MAX_S: u64 = 60;
-
-/// Clamps a wait in seconds into the range every SDK honours.
-pub fn clamp_retry_after(secs: u64) -> u64 {
-    secs.clamp(RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S)
-}
+use crate::reason::{clamp_retry_after, RejectReason, Rejection, RETRY_AFTER_MAX_S};
+pub(crate) use crate::upstream::envelope;
+use crate::upstream::{is_envelope, UpstreamError};
 
 /// A failure to be answered with the OpenAI error envelope (boxed: it travels in `Result`s).
 #[derive(Debug, Clone)]
@@ -58,8 +51,8 @@ pub struct ErrorReply {
     pub should_retry: Option<bool>,
     /// `x-mofa-backend` for this reply; `None` leaves the default (`gateway`).
     pub backend: Option<String>,
-    /// Sets `x-mofa-reject-reason` (the code) on admission rejections.
-    pub rejected: bool,
+    /// An admission rejection: sets `x-mofa-reject-reason` and `x-mofa-backend: rejected`.
+    pub reason: Option<RejectReason>,
     /// An upstream's own error envelope, sent as it came instead of one built here.
     pub passthrough: Option<Bytes>,
     /// `x-mofa-attempts`: deployments tried.
@@ -77,7 +70,7 @@ impl ApiError {
             retry_after: None,
             should_retry: None,
             backend: None,
-            rejected: false,
+            reason: None,
             passthrough: None,
             attempts: None,
         }))
@@ -137,7 +130,7 @@ impl ApiError {
 
     /// The gateway is shutting down.
     pub fn shutting_down() -> Self {
-        Self::rejected("shutting_down", "", 1)
+        Self::rejected(Rejection::new(RejectReason::ShuttingDown, 1), "")
     }
 
     /// The client did not send its body in time.
@@ -257,28 +250,28 @@ impl ApiError {
     }
 
     /// An admission rejection: 503 with `Retry-After`, `x-mofa-backend: rejected` and
-    /// `x-mofa-reject-reason`; `model_too_large` also says `x-should-retry: false`.
-    pub fn rejected(code: &'static str, model: &str, retry_after_s: u64) -> Self {
-        let message = match code {
-            "queue_full" => format!("Model `{model}` has too many requests waiting; retry later."),
-            "queue_timeout" => format!("No capacity for model `{model}` freed up in time; retry later."),
-            "capacity_exceeded" => format!("Every deployment of model `{model}` is busy and this request may not wait; retry later."),
-            "memory_exhausted" => format!("Not enough memory to load model `{model}` now; retry later."),
-            "model_too_large" => format!("Model `{model}` needs more memory than the budget allows; it cannot be served here."),
-            "no_healthy_backend" => format!("No deployment of model `{model}` can serve requests now."),
-            "backend_start_failed" => format!("The server for model `{model}` failed to start; retry later."),
-            "shutting_down" => "The gateway is shutting down; retry on another replica or later.".to_string(),
-            _ => format!("Model `{model}` cannot take this request now."),
+    /// `x-mofa-reject-reason`; one that retrying cannot fix also says `x-should-retry: false`.
+    pub fn rejected(r: Rejection, model: &str) -> Self {
+        let model = truncate(model, 200);
+        let message = match r.reason {
+            RejectReason::QueueFull => format!("Model `{model}` has too many requests waiting; retry later."),
+            RejectReason::QueueTimeout => format!("No capacity for model `{model}` freed up in time; retry later."),
+            RejectReason::CapacityExceeded => format!("Every deployment of model `{model}` is busy and this request may not wait; retry later."),
+            RejectReason::MemoryExhausted => format!("Not enough memory to load model `{model}` now; retry later."),
+            RejectReason::ModelTooLarge => format!("Model `{model}` needs more memory than the budget allows; it cannot be served here."),
+            RejectReason::NoHealthyBackend => format!("No deployment of model `{model}` can serve requests now."),
+            RejectReason::BackendStartFailed => format!("The server for model `{model}` failed to start; retry later."),
+            RejectReason::ShuttingDown => "The gateway is shutting down; retry on another replica or later.".to_string(),
         };
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
-            code,
+            r.reason.as_str(),
             message,
         );
-        e.retry_after = Some(clamp_retry_after(retry_after_s));
-        e.rejected = true;
-        if code == "model_too_large" {
+        e.retry_after = Some(clamp_retry_after(r.retry_after_s));
+        e.reason = Some(r.reason);
+        if !r.reason.retryable() {
             e.should_retry = Some(false);
         }
         e
@@ -326,11 +319,14 @@ impl ApiError {
                 message,
                 retry_after_s,
             } => {
-                let mut err = Self::rejected("backend_start_failed", model, retry_after_s);
+                let r = Rejection::new(RejectReason::BackendStartFailed, retry_after_s);
+                let mut err = Self::rejected(r, model);
                 err.message = format!("{} ({message})", err.message);
                 err
             }
-            StartError::Deadline => Self::rejected("queue_timeout", model, 5),
+            StartError::Deadline => {
+                Self::rejected(Rejection::new(RejectReason::QueueTimeout, 5), model)
+            }
         }
     }
 
@@ -370,24 +366,6 @@ impl ApiError {
     }
 }
 
-/// Builds `{"error":{"message","type","param","code"}}`.
-pub fn envelope(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
-    let v = serde_json::json!({
-        "error": { "message": message, "type": kind, "param": param, "code": code }
-    });
-    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
-}
-
-/// The SSE event that ends a stream that failed after its first byte (no `[DONE]` follows).
-pub fn sse_error_event(message: &str, code: &str) -> Bytes {
-    let env = envelope(message, "upstream_error", None, code);
-    let mut out = Vec::with_capacity(env.len() + 24);
-    out.extend_from_slice(b"event: error\ndata: ");
-    out.extend_from_slice(&env);
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
-}
-
 /// Envelope `type` for a status the gateway did not produce itself (safety net, pass-through).
 pub fn kind_for_status(status: StatusCode) -> &'static str {
     match status.as_u16() {
@@ -399,14 +377,6 @@ pub fn kind_for_status(status: StatusCode) -> &'static str {
         s if s >= 500 => "server_error",
         _ => "invalid_request_error",
     }
-}
-
-/// Whether `body` is an OpenAI error envelope (an object whose `error` has a string `message`).
-fn is_envelope(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("error")?.get("message")?.as_str().map(|_| ()))
-        .is_some()
 }
 
 impl IntoResponse for ApiError {
@@ -426,6 +396,7 @@ impl IntoResponse for ApiError {
         }
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            h.insert(RETRY_AFTER_MS, HeaderValue::from(secs * 1000));
         }
         if let Some(retry) = self.should_retry {
             h.insert(
@@ -433,10 +404,8 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static(if retry { "true" } else { "false" }),
             );
         }
-        if self.rejected {
-            if let Ok(v) = HeaderValue::from_str(&self.code) {
-                h.insert(REJECT_REASON, v);
-            }
+        if let Some(r) = self.reason {
+            h.insert(REJECT_REASON, HeaderValue::from_static(r.as_str()));
             h.insert(BACKEND, HeaderValue::from_static("rejected"));
         } else if let Some(b) = self.backend.as_deref() {
             if let Ok(v) = HeaderValue::from_str(b) {
@@ -475,24 +444,8 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_clamped() {
-        assert_eq!(clamp_retry_after(0), 1);
-        assert_eq!(clamp_retry_after(30), 30);
-        assert_eq!(clamp_retry_after(3600), 60);
-    }
-
-    #[test]
     fn truncate_respects_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "hé");
         assert_eq!(truncate("hi", 10), "hi");
-    }
-
-    #[test]
-    fn sse_error_event_is_one_event() {
-        let ev = sse_error_event("boom", "upstream_disconnected");
-        let s = std::str::from_utf8(&ev).unwrap();
-        assert!(s.starts_with("event: error\ndata: {\"error\":"));
-        assert!(s.ends_with("\n\n"));
-        assert!(!s.contains("[DONE]"));
     }
 }

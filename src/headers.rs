@@ -25,3 +25,5 @@ pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-mofa-attempts");
 /// The request id as sent upstream. Not `x-request-id`: some servers (llama-cpp-python's)
 /// reject an `x-request-id` that is not a UUID with a bare 400.
 pub const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-mofa-request-id");
+/// Where the time went (`queue`, `upstream`, `total`, in ms), as browsers' tools read it.
+pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");

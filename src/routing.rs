@@ -8,6 +8,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::reason::RejectReason;
+
 /// A model's routing policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -81,8 +83,8 @@ pub enum Route {
     Wait {
         memory: bool,
     },
-    /// Nothing can ever, or for now nothing may: the code says which.
-    Reject(&'static str),
+    /// Nothing can ever, or for now nothing may: the reason says which.
+    Reject(RejectReason),
 }
 
 /// Picks a deployment for a request under `policy`. `cost_wait_ms` is how long the cost policy
@@ -97,75 +99,91 @@ pub fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Ro
         .filter(|&i| c[i].block != Some(Block::Unavailable))
         .collect();
     if eligible.is_empty() {
-        return Route::Reject("no_healthy_backend");
+        return Route::Reject(RejectReason::NoHealthyBackend);
     }
-    let free = |i: &usize| c[*i].block.is_none();
-    // Power of two choices among the free eligible deployments that `pred` accepts.
-    let group = |pred: &dyn Fn(usize) -> bool| {
+    let free_in = |pred: &dyn Fn(usize) -> bool| {
         p2c(
             c,
-            eligible.iter().copied().filter(|&i| pred(i) && free(&i)),
+            eligible.iter().copied().filter(|&i| pred(i) && free(c, i)),
             rng,
         )
     };
-    let cloud = || group(&|i| !c[i].local);
+    let cloud = || free_in(&|i| !c[i].local);
     let pick = match policy {
-        Policy::LocalOnly | Policy::CloudOnly => group(&|_| true),
-        Policy::LocalFirst => group(&|i| c[i].local).or_else(cloud),
-        Policy::DegradationLadder => {
-            let mut ranks: Vec<usize> = eligible
-                .iter()
-                .filter(|&&i| c[i].local)
-                .map(|&i| c[i].rank)
-                .collect();
-            ranks.sort_unstable();
-            ranks.dedup();
-            ranks
-                .into_iter()
-                .find_map(|r| group(&|i| c[i].local && c[i].rank == r))
-                .or_else(cloud)
-        }
-        Policy::Latency => {
-            // Expected time = wait for a slot (0 when free) + observed time to first byte.
-            // A deployment never observed counts as 0, so that each is tried.
-            let expected =
-                |i: usize| c[i].ttfb_ms.unwrap_or(0.0) + if free(&i) { 0.0 } else { c[i].wait_ms };
-            let best = eligible
+        Policy::LocalOnly | Policy::CloudOnly => free_in(&|_| true),
+        Policy::LocalFirst => free_in(&|i| c[i].local).or_else(cloud),
+        Policy::DegradationLadder => ladder(c, &eligible, rng).or_else(cloud),
+        Policy::Latency => fastest(c, &eligible),
+        Policy::Cost => cheapest(c, &eligible, rng, cost_wait_ms),
+    };
+    match pick {
+        Some(i) => Route::Run(i),
+        None => why_not(policy, c, &eligible),
+    }
+}
+
+fn free(c: &[Candidate], i: usize) -> bool {
+    c[i].block.is_none()
+}
+
+/// The highest-precision local rank with a free deployment (p2c within the rank).
+fn ladder(c: &[Candidate], eligible: &[usize], rng: u64) -> Option<usize> {
+    let mut ranks: Vec<usize> = eligible
+        .iter()
+        .filter(|&&i| c[i].local)
+        .map(|&i| c[i].rank)
+        .collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    ranks.into_iter().find_map(|r| {
+        let same_rank = eligible
+            .iter()
+            .copied()
+            .filter(|&i| c[i].local && c[i].rank == r && free(c, i));
+        p2c(c, same_rank, rng)
+    })
+}
+
+/// The deployment with the lowest expected time to first byte, if it is free now (else wait
+/// for it). Expected time = wait for a slot (0 when free) + observed time to first byte; a
+/// deployment never observed counts as 0, so that each is tried.
+fn fastest(c: &[Candidate], eligible: &[usize]) -> Option<usize> {
+    let expected =
+        |i: usize| c[i].ttfb_ms.unwrap_or(0.0) + if free(c, i) { 0.0 } else { c[i].wait_ms };
+    eligible
+        .iter()
+        .copied()
+        .filter(|&i| matches!(c[i].block, None | Some(Block::Full)))
+        .min_by(|&a, &b| {
+            expected(a)
+                .total_cmp(&expected(b))
+                .then(c[a].in_flight.cmp(&c[b].in_flight))
+        })
+        .filter(|&i| free(c, i))
+}
+
+/// The cheapest free deployment (p2c among equal prices), unless a cheaper full one is expected
+/// to free up within `cost_wait_ms`: then wait for it.
+fn cheapest(c: &[Candidate], eligible: &[usize], rng: u64, cost_wait_ms: f64) -> Option<usize> {
+    let mut by_price: Vec<usize> = eligible.to_vec();
+    by_price.sort_by(|&a, &b| c[a].price.total_cmp(&c[b].price));
+    for (n, &i) in by_price.iter().enumerate() {
+        if free(c, i) {
+            let same = by_price[n..]
                 .iter()
                 .copied()
-                .filter(|&i| matches!(c[i].block, None | Some(Block::Full)))
-                .min_by(|&a, &b| {
-                    expected(a)
-                        .total_cmp(&expected(b))
-                        .then(c[a].in_flight.cmp(&c[b].in_flight))
-                });
-            best.filter(free)
+                .filter(|&j| c[j].price == c[i].price && free(c, j));
+            return p2c(c, same, rng);
         }
-        Policy::Cost => {
-            let mut by_price: Vec<usize> = eligible.clone();
-            by_price.sort_by(|&a, &b| c[a].price.total_cmp(&c[b].price));
-            let mut chosen = None;
-            for (n, &i) in by_price.iter().enumerate() {
-                if free(&i) {
-                    // Equivalent = same price: balance among them.
-                    let same = by_price[n..]
-                        .iter()
-                        .copied()
-                        .filter(|&j| c[j].price == c[i].price && free(&j));
-                    chosen = p2c(c, same, rng);
-                    break;
-                }
-                if c[i].block == Some(Block::Full) && c[i].wait_ms <= cost_wait_ms {
-                    // Worth waiting for this cheaper one rather than paying more.
-                    break;
-                }
-            }
-            chosen
+        if c[i].block == Some(Block::Full) && c[i].wait_ms <= cost_wait_ms {
+            return None;
         }
-    };
-    if let Some(i) = pick {
-        return Route::Run(i);
     }
+    None
+}
+
+/// Nothing was picked: wait (for a slot or for memory) or reject, and why.
+fn why_not(policy: Policy, c: &[Candidate], eligible: &[usize]) -> Route {
     let blocks = || eligible.iter().filter_map(|&i| c[i].block);
     if blocks().any(|b| b == Block::Full)
         || policy == Policy::Cost && eligible.iter().any(|&i| c[i].block.is_none())
@@ -174,9 +192,9 @@ pub fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Ro
     } else if blocks().any(|b| b == Block::MemoryDefer) {
         Route::Wait { memory: true }
     } else if blocks().all(|b| b == Block::TooLarge) {
-        Route::Reject("model_too_large")
+        Route::Reject(RejectReason::ModelTooLarge)
     } else {
-        Route::Reject("memory_exhausted")
+        Route::Reject(RejectReason::MemoryExhausted)
     }
 }
 
@@ -252,7 +270,7 @@ mod tests {
         );
         assert_eq!(
             route(Policy::CloudOnly, &[cand(true, None)], 1, 0.0),
-            Route::Reject("no_healthy_backend")
+            Route::Reject(RejectReason::NoHealthyBackend)
         );
     }
 
@@ -265,7 +283,7 @@ mod tests {
                 1,
                 0.0
             ),
-            Route::Reject("model_too_large")
+            Route::Reject(RejectReason::ModelTooLarge)
         );
         assert_eq!(
             route(
@@ -274,7 +292,7 @@ mod tests {
                 1,
                 0.0
             ),
-            Route::Reject("memory_exhausted")
+            Route::Reject(RejectReason::MemoryExhausted)
         );
         assert_eq!(
             route(

@@ -17,8 +17,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-use crate::api::{router, AppState};
 use crate::config::{Config, ServerConfig};
+use crate::http::{router, AppState};
 
 /// A gateway bound to a port but not serving yet.
 pub struct Gateway {
@@ -31,7 +31,7 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the gateway for `cfg` on `listener` (which overrides `server.listen`).
     pub async fn build(cfg: &Config, listener: TcpListener) -> Result<Gateway, String> {
-        let state = Arc::new(AppState::build(cfg).await?);
+        let state = Arc::new(AppState::build(cfg).await.map_err(|e| e.to_string())?);
         Ok(Gateway {
             listener,
             app: router(state.clone()),
@@ -92,7 +92,7 @@ impl Gateway {
             tracing::warn!("shutdown grace period over; closing the connections left");
         }
         // No model server outlives the gateway.
-        self.state.orch.memory.stop_all().await;
+        self.state.pipeline.orch.memory.stop_all().await;
         Ok(())
     }
 

@@ -438,8 +438,8 @@ async fn readyz_turns_503_and_new_requests_are_refused_once_shutdown_begins() {
     use tower::ServiceExt;
     let s = sim(sim_opts("m")).await;
     let cfg = mofa_gateway::config::Config::parse(&one_model("m", &s, ""), &|_| None).unwrap();
-    let state = std::sync::Arc::new(mofa_gateway::api::AppState::build(&cfg).await.unwrap());
-    let app = mofa_gateway::api::router(state.clone());
+    let state = std::sync::Arc::new(mofa_gateway::http::AppState::build(&cfg).await.unwrap());
+    let app = mofa_gateway::http::router(state.clone());
     let get = |path: &str| {
         axum::http::Request::get(path)
             .body(axum::body::Body::empty())

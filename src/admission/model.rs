@@ -1,345 +1,14 @@
-//! Admission control: the pure decision core of the orchestrator.
-//!
-//! Owns the bookkeeping that decides whether a request runs now, waits, or is rejected: the
-//! slots of each deployment, the bounded priority queue of each model, the memory ledger, and the
-//! estimates behind `Retry-After`. Everything here takes state, a clock reading (`now`) and
-//! randomness as arguments and returns decisions; it does no I/O, spawns nothing, and reads no
-//! clock, so that it can be tested exhaustively. The `orchestrator` module carries decisions out.
+//! One model's admission state and decisions: its deployments' slots, its wait queue, the
+//! estimates behind `Retry-After`, and the breaker feedback. Takes state and a clock reading,
+//! returns decisions.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
-use std::fmt;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
+use super::{Ledger, MemVerdict, Priority, Push, WaitKey, WaitQueue};
 use crate::breaker::Breaker;
+use crate::reason::{clamp_retry_after, RejectReason};
 use crate::routing::{route, Block, Candidate, Policy, Route};
-
-/// A request's priority: `x-mofa-priority` or the body's `priority`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize, Default,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    Low,
-    #[default]
-    Normal,
-    High,
-    Critical,
-}
-
-impl Priority {
-    pub const ALL: [Priority; 4] = [
-        Priority::Low,
-        Priority::Normal,
-        Priority::High,
-        Priority::Critical,
-    ];
-
-    pub fn parse(s: &str) -> Option<Priority> {
-        match s {
-            "low" => Some(Priority::Low),
-            "normal" => Some(Priority::Normal),
-            "high" => Some(Priority::High),
-            "critical" => Some(Priority::Critical),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::Low => "low",
-            Priority::Normal => "normal",
-            Priority::High => "high",
-            Priority::Critical => "critical",
-        }
-    }
-}
-
-impl fmt::Display for Priority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The wait queue
-
-/// Where a waiter stands: higher priority first, then earlier arrival.
-pub type WaitKey = (Reverse<Priority>, u64);
-
-/// A bounded priority queue of waiters, served by priority then arrival. When full, the
-/// lowest-priority newest waiter is shed for a newcomer of higher priority.
-#[derive(Debug)]
-pub struct WaitQueue<T> {
-    cap: usize,
-    next_seq: u64,
-    items: BTreeMap<WaitKey, (Instant, T)>,
-}
-
-/// What happened to a newcomer.
-#[derive(Debug)]
-pub enum Push<T> {
-    Queued(WaitKey),
-    /// Queued, and this waiter was shed to make room.
-    Displaced(WaitKey, T),
-    /// The queue is full of waiters at least as important: the newcomer is turned away.
-    Full(T),
-}
-
-impl<T> WaitQueue<T> {
-    pub fn new(cap: usize) -> Self {
-        WaitQueue {
-            cap,
-            next_seq: 0,
-            items: BTreeMap::new(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    pub fn push(&mut self, prio: Priority, deadline: Instant, item: T) -> Push<T> {
-        let key = (Reverse(prio), self.next_seq);
-        self.next_seq += 1;
-        if self.items.len() < self.cap {
-            self.items.insert(key, (deadline, item));
-            return Push::Queued(key);
-        }
-        let worst_is_less = self
-            .items
-            .last_key_value()
-            .is_some_and(|(&(Reverse(worst), _), _)| worst < prio);
-        if worst_is_less {
-            if let Some((_, (_, shed))) = self.items.pop_last() {
-                self.items.insert(key, (deadline, item));
-                return Push::Displaced(key, shed);
-            }
-        }
-        Push::Full(item)
-    }
-
-    /// The first waiter in service order.
-    pub fn peek(&self) -> Option<(WaitKey, Instant)> {
-        self.items.first_key_value().map(|(k, (d, _))| (*k, *d))
-    }
-
-    pub fn pop(&mut self) -> Option<(WaitKey, T)> {
-        self.items.pop_first().map(|(k, (_, t))| (k, t))
-    }
-
-    pub fn remove(&mut self, key: &WaitKey) -> Option<T> {
-        self.items.remove(key).map(|(_, t)| t)
-    }
-
-    /// How many wait ahead of a newcomer of priority `prio` (all of at least that priority).
-    pub fn ahead_of(&self, prio: Priority) -> usize {
-        self.items.range(..(Reverse(prio), u64::MAX)).count()
-    }
-
-    /// Waiters per priority, lowest first.
-    pub fn depth_by_priority(&self) -> [usize; 4] {
-        let mut out = [0; 4];
-        for (Reverse(p), _) in self.items.keys() {
-            out[*p as usize] += 1;
-        }
-        out
-    }
-
-    /// Removes and returns every waiter whose deadline is at or before `now`.
-    pub fn expire(&mut self, now: Instant) -> Vec<T> {
-        let late: Vec<WaitKey> = self
-            .items
-            .iter()
-            .filter(|(_, (d, _))| *d <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        late.iter().filter_map(|k| self.remove(k)).collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The memory ledger
-
-/// Memory thresholds, as shares of the capacity.
-#[derive(Debug, Clone, Copy)]
-pub struct MemoryLimits {
-    /// 0: memory is not tracked.
-    pub capacity_mb: u64,
-    pub defer: f64,
-    pub reject: f64,
-}
-
-impl MemoryLimits {
-    /// Memory not tracked (an empty ledger, for models whose deployments declare none).
-    pub const OFF: MemoryLimits = MemoryLimits {
-        capacity_mb: 0,
-        defer: 1.0,
-        reject: 1.0,
-    };
-}
-
-/// One deployment whose model takes memory when loaded.
-#[derive(Debug, Clone)]
-pub struct MemEntry {
-    pub mb: u64,
-    pub resident: bool,
-    pub in_flight: u32,
-    pub last_used: Option<Instant>,
-    pub last_priority: Priority,
-}
-
-/// The memory budget shared by all local models: what is resident, what is in use.
-#[derive(Debug, Clone)]
-pub struct Ledger {
-    pub limits: MemoryLimits,
-    pub entries: Vec<MemEntry>,
-}
-
-/// Whether a deployment's model can be used now, memory-wise.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MemVerdict {
-    Fits,
-    /// Fits once these idle residents are evicted (critical only).
-    FitsAfterEvicting(Vec<usize>),
-    Blocked(Block),
-}
-
-impl Ledger {
-    pub fn new(limits: MemoryLimits) -> Self {
-        Ledger {
-            limits,
-            entries: Vec::new(),
-        }
-    }
-
-    /// Registers a deployment that takes `mb` when loaded; returns its entry id.
-    pub fn register(&mut self, mb: u64) -> usize {
-        self.entries.push(MemEntry {
-            mb,
-            resident: false,
-            in_flight: 0,
-            last_used: None,
-            last_priority: Priority::Low,
-        });
-        self.entries.len() - 1
-    }
-
-    pub fn resident_mb(&self) -> u64 {
-        self.entries
-            .iter()
-            .filter(|e| e.resident)
-            .map(|e| e.mb)
-            .sum()
-    }
-
-    fn limit(&self, share: f64) -> f64 {
-        self.limits.capacity_mb as f64 * share
-    }
-
-    /// Can entry `id` be used by a request of priority `prio`? Does not change anything.
-    pub fn check(&self, id: usize, prio: Priority) -> MemVerdict {
-        let e = &self.entries[id];
-        if self.limits.capacity_mb == 0 || e.resident {
-            return MemVerdict::Fits;
-        }
-        if e.mb as f64 > self.limit(self.limits.reject) {
-            // Even alone it would be over the reject line: it can never be admitted.
-            return MemVerdict::Blocked(Block::TooLarge);
-        }
-        // The line this request may fill memory up to: high and critical skip the defer band.
-        let line = self.limit(if prio >= Priority::High {
-            self.limits.reject
-        } else {
-            self.limits.defer
-        });
-        let resident = self.resident_mb();
-        if (resident + e.mb) as f64 <= line {
-            return MemVerdict::Fits;
-        }
-        // Make room by stopping idle residents last used at this priority or lower: lowest
-        // priority of last use first, then least recently used.
-        let mut idle: Vec<usize> = (0..self.entries.len())
-            .filter(|&i| {
-                let x = &self.entries[i];
-                i != id && x.resident && x.in_flight == 0 && x.last_priority <= prio
-            })
-            .collect();
-        idle.sort_by_key(|&i| (self.entries[i].last_priority, self.entries[i].last_used));
-        let mut left = resident;
-        let mut evict = Vec::new();
-        for i in idle {
-            evict.push(i);
-            left -= self.entries[i].mb;
-            if (left + e.mb) as f64 <= line {
-                return MemVerdict::FitsAfterEvicting(evict);
-            }
-        }
-        // Not enough can be freed now: wait in the defer band, else refuse.
-        if ((left + e.mb) as f64) <= self.limit(self.limits.reject) {
-            MemVerdict::Blocked(Block::MemoryDefer)
-        } else {
-            MemVerdict::Blocked(Block::MemoryExhausted)
-        }
-    }
-
-    /// Starts a request on entry `id`: evicts `evict`, makes it resident, counts it in use.
-    pub fn acquire(&mut self, id: usize, prio: Priority, evict: &[usize], now: Instant) {
-        for &i in evict {
-            self.entries[i].resident = false;
-        }
-        let e = &mut self.entries[id];
-        e.resident = true;
-        e.in_flight += 1;
-        e.last_used = Some(now);
-        e.last_priority = prio;
-    }
-
-    /// Marks entry `id` as loaded without a request (the pool's explicit load): evicts `evict`.
-    pub fn load(&mut self, id: usize, prio: Priority, now: Instant) -> Result<Vec<usize>, Block> {
-        let evict = match self.check(id, prio) {
-            MemVerdict::Fits => Vec::new(),
-            MemVerdict::FitsAfterEvicting(e) => e,
-            MemVerdict::Blocked(b) => return Err(b),
-        };
-        for &i in &evict {
-            self.entries[i].resident = false;
-        }
-        let e = &mut self.entries[id];
-        e.resident = true;
-        e.last_used = Some(now);
-        e.last_priority = e.last_priority.max(prio);
-        Ok(evict)
-    }
-
-    /// The model's process is gone (crashed, failed to start): its memory is free, whatever is
-    /// still counted in flight on it (those requests fail on their own).
-    pub fn force_unload(&mut self, id: usize) {
-        self.entries[id].resident = false;
-    }
-
-    pub fn release(&mut self, id: usize, now: Instant) {
-        let e = &mut self.entries[id];
-        e.in_flight = e.in_flight.saturating_sub(1);
-        e.last_used = Some(now);
-    }
-
-    /// Marks entry `id` as no longer loaded (the pool stopped it). Refused while in use.
-    pub fn unload(&mut self, id: usize) -> bool {
-        let e = &mut self.entries[id];
-        if e.in_flight > 0 {
-            return false;
-        }
-        e.resident = false;
-        true
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // One model's core
@@ -407,7 +76,7 @@ pub struct Grant {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum NotNow {
     Wait { memory: bool },
-    Reject(&'static str),
+    Reject(RejectReason),
 }
 
 /// The answer to a new request.
@@ -420,7 +89,7 @@ pub enum Admit<T> {
         shed: Option<T>,
     },
     Reject {
-        code: &'static str,
+        code: RejectReason,
         retry_after_s: u64,
     },
 }
@@ -429,7 +98,7 @@ pub enum Admit<T> {
 #[derive(Debug)]
 pub enum Wake<T> {
     Run(T, Grant),
-    Reject(T, &'static str, u64),
+    Reject(T, RejectReason, u64),
 }
 
 /// A model's admission state: its deployments' slots and its wait queue.
@@ -548,7 +217,7 @@ impl<T> ModelCore<T> {
     /// `Retry-After` for a rejection of a request of priority `prio`: in [1, 60].
     pub fn retry_after_s(&self, prio: Priority) -> u64 {
         let ms = self.expected_wait_ms(self.queue.ahead_of(prio));
-        crate::error::clamp_retry_after((ms / 1000.0).ceil() as u64)
+        clamp_retry_after((ms / 1000.0).ceil() as u64)
     }
 
     fn candidates(
@@ -658,9 +327,9 @@ impl<T> ModelCore<T> {
             Err(NotNow::Wait { memory }) => memory,
         };
         let waiting_code = if memory {
-            "memory_exhausted"
+            RejectReason::MemoryExhausted
         } else {
-            "capacity_exceeded"
+            RejectReason::CapacityExceeded
         };
         let Some(deadline) = deadline.filter(|d| *d > now) else {
             return Admit::Reject {
@@ -683,7 +352,7 @@ impl<T> ModelCore<T> {
                 .is_some_and(|w| w > left_ms)
             {
                 return Admit::Reject {
-                    code: "capacity_exceeded",
+                    code: RejectReason::CapacityExceeded,
                     retry_after_s: self.retry_after_s(prio),
                 };
             }
@@ -695,7 +364,7 @@ impl<T> ModelCore<T> {
                 shed: Some(shed),
             },
             Push::Full(_) => Admit::Reject {
-                code: "queue_full",
+                code: RejectReason::QueueFull,
                 retry_after_s: self.retry_after_s(prio),
             },
         }
@@ -723,8 +392,8 @@ impl<T> ModelCore<T> {
 
     /// `Retry-After` for a rejection with `code`: for `no_healthy_backend`, the time until the
     /// first deployment may be tried again; otherwise the expected wait.
-    fn reject_retry_after_s(&self, code: &str, prio: Priority, now: Instant) -> u64 {
-        if code != "no_healthy_backend" {
+    fn reject_retry_after_s(&self, code: RejectReason, prio: Priority, now: Instant) -> u64 {
+        if code != RejectReason::NoHealthyBackend {
             return self.retry_after_s(prio);
         }
         let soonest = self
@@ -735,7 +404,7 @@ impl<T> ModelCore<T> {
             .map_or(1, |t| {
                 t.saturating_duration_since(now).as_secs_f64().ceil() as u64
             });
-        crate::error::clamp_retry_after(soonest)
+        clamp_retry_after(soonest)
     }
 
     /// A request on `dep` finished after `service`: frees its slot, then serves waiters.
@@ -771,7 +440,11 @@ impl<T> ModelCore<T> {
     pub fn pump(&mut self, ledger: &mut Ledger, now: Instant) -> Vec<Wake<T>> {
         let mut out = Vec::new();
         for (prio, t) in self.queue.expire(now) {
-            out.push(Wake::Reject(t, "queue_timeout", self.retry_after_s(prio)));
+            out.push(Wake::Reject(
+                t,
+                RejectReason::QueueTimeout,
+                self.retry_after_s(prio),
+            ));
         }
         while let Some(((Reverse(prio), _), _)) = self.queue.peek() {
             match self.try_run(ledger, prio, 0, now) {
@@ -797,6 +470,7 @@ impl<T> ModelCore<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::MemoryLimits;
     use proptest::prelude::*;
 
     fn t0() -> Instant {
@@ -953,7 +627,7 @@ mod tests {
         assert!(matches!(
             m.admit(&mut l, Priority::Normal, None, 0, now, "x"),
             Admit::Reject {
-                code: "capacity_exceeded",
+                code: RejectReason::CapacityExceeded,
                 ..
             }
         ));
@@ -994,7 +668,7 @@ mod tests {
         assert!(matches!(
             m.admit(&mut l, Priority::Normal, soon(t), 0, t, 7),
             Admit::Reject {
-                code: "capacity_exceeded",
+                code: RejectReason::CapacityExceeded,
                 ..
             }
         ));
@@ -1061,7 +735,10 @@ mod tests {
         );
         assert!(matches!(
             w.as_slice(),
-            [Wake::Reject(1, "queue_timeout", _), Wake::Run(2, _)]
+            [
+                Wake::Reject(1, RejectReason::QueueTimeout, _),
+                Wake::Run(2, _)
+            ]
         ));
     }
 
@@ -1161,7 +838,7 @@ mod tests {
                         }
                         Wake::Reject(_, code, ra) => {
                             assert!((1..=60).contains(&ra));
-                            assert!(["queue_timeout", "memory_exhausted", "model_too_large", "no_healthy_backend"].contains(&code));
+                            assert!([RejectReason::QueueTimeout, RejectReason::MemoryExhausted, RejectReason::ModelTooLarge, RejectReason::NoHealthyBackend].contains(&code));
                         }
                     }
                 }
@@ -1185,7 +862,7 @@ mod tests {
                             }
                             Admit::Reject { code, retry_after_s } => {
                                 assert!((1..=60).contains(&retry_after_s));
-                                if code == "queue_full" {
+                                if code == RejectReason::QueueFull {
                                     assert!(full && before.iter().all(|b| *b >= p));
                                 }
                             }

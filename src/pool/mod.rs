@@ -1,13 +1,14 @@
-//! The model pool: launches, health-checks and stops the local model servers the gateway
-//! manages (deployments with a `command`), within the memory budget of the admission ledger.
+//! The model pool: a process supervisor for the local model servers the gateway manages
+//! (deployments with a `command`).
 //!
 //! Owns each managed process's life: start on demand (one start however many requests wait for
 //! it), readiness polling of `ready_path`, crash detection, restart backoff, stop (SIGTERM to the
 //! process group, SIGKILL after a grace period), idle-TTL stops, a bounded ring buffer of its
-//! output, and no orphans (`PR_SET_PDEATHSIG`, process groups, stop on shutdown). What is
-//! resident is decided by the ledger (`admission`); this module carries those decisions out and
-//! reports back what really happened (a crash or a failed start frees the memory). Lock order:
-//! the ledger, then a process's state; neither is held across an `.await`.
+//! output, and no orphans (`process`: process groups, `PR_SET_PDEATHSIG`, stop on shutdown).
+//! It knows nothing of memory or admission: it starts and stops when told, and reports what
+//! really happened as [`Event`]s (`Ready`, `Crashed`, `Stopped`) to one listener, which keeps
+//! the memory books. A process's state lock is never held across an `.await`, nor while the
+//! listener runs.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -17,7 +18,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{oneshot, Notify};
 
-use crate::admission::Ledger;
+mod process;
+
+pub use process::STOP_GRACE;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -27,8 +30,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const LOG_LINES: usize = 200;
 /// Longest output line kept (longer ones are cut).
 const LOG_LINE_MAX: usize = 2000;
-/// Time between SIGTERM and SIGKILL.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Longest wait between restarts after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A process up this long before it crashed restarts without backoff.
@@ -87,8 +88,6 @@ struct ProcState {
     last_error: Option<String>,
     /// Asks the supervising task to stop the process.
     stop_tx: Option<oneshot::Sender<()>>,
-    /// A stop was asked for while starting: stop as soon as the start ends.
-    stop_requested: bool,
     /// Unix time of the last start, for the admin view.
     started_at: Option<u64>,
     /// When it last became ready: a crash after a long healthy run starts the backoff afresh.
@@ -104,19 +103,29 @@ pub enum StartError {
     Deadline,
 }
 
+/// What happened to a managed process, as its listener hears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// It answers on its ready path.
+    Ready,
+    /// It died, or its start failed: whatever it held is free (sent before its waiters learn).
+    Crashed,
+    /// It is gone (after a stop or a crash): waiters for what it held may be served.
+    Stopped,
+}
+
+type Listener = Box<dyn Fn(Event) + Send + Sync>;
+
 /// One managed model server.
 pub struct Managed {
     /// Shown in logs and the admin API, e.g. `llama-3-8b@q8`.
     pub name: String,
     spec: Spec,
-    /// The entry of this model in the memory ledger.
-    pub ledger_id: usize,
-    ledger: Arc<Mutex<Ledger>>,
     state: Mutex<ProcState>,
     changed: Notify,
     logs: Mutex<VecDeque<String>>,
-    /// Called when memory frees (a stop or a crash), so that waiters for memory are served.
-    on_free: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// Told of every [`Event`].
+    listener: Mutex<Option<Listener>>,
     this: Weak<Managed>,
 }
 
@@ -144,17 +153,10 @@ pub fn fill(template: &str, host: &str, port: u16, model: &str) -> String {
 }
 
 impl Managed {
-    pub fn new(
-        name: String,
-        spec: Spec,
-        ledger_id: usize,
-        ledger: Arc<Mutex<Ledger>>,
-    ) -> Arc<Managed> {
+    pub fn new(name: String, spec: Spec) -> Arc<Managed> {
         Arc::new_cyclic(|this| Managed {
             name,
             spec,
-            ledger_id,
-            ledger,
             state: Mutex::new(ProcState {
                 phase: Phase::Stopped,
                 pid: None,
@@ -165,25 +167,24 @@ impl Managed {
                 retry_at: None,
                 last_error: None,
                 stop_tx: None,
-                stop_requested: false,
                 started_at: None,
                 ready_at: None,
             }),
             changed: Notify::new(),
             logs: Mutex::new(VecDeque::new()),
-            on_free: Mutex::new(None),
+            listener: Mutex::new(None),
             this: this.clone(),
         })
     }
 
-    /// Sets what to call when this model's memory frees.
-    pub fn on_free(&self, f: impl Fn() + Send + Sync + 'static) {
-        *lock(&self.on_free) = Some(Box::new(f));
+    /// Sets who hears of this process's [`Event`]s.
+    pub fn on_event(&self, f: impl Fn(Event) + Send + Sync + 'static) {
+        *lock(&self.listener) = Some(Box::new(f));
     }
 
-    fn freed(&self) {
-        if let Some(f) = lock(&self.on_free).as_ref() {
-            f();
+    fn emit(&self, e: Event) {
+        if let Some(f) = lock(&self.listener).as_ref() {
+            f(e);
         }
     }
 
@@ -198,10 +199,6 @@ impl Managed {
 
     pub fn phase(&self) -> Phase {
         lock(&self.state).phase
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        lock(&self.state).pid
     }
 
     pub fn startup_timeout(&self) -> Duration {
@@ -243,7 +240,6 @@ impl Managed {
                         Some(at) => at,
                         None => {
                             st.starts += 1;
-                            st.stop_requested = false;
                             st.pid = None;
                             st.port = None;
                             self.set_phase(&mut st, Phase::Starting);
@@ -293,46 +289,12 @@ impl Managed {
             .iter()
             .map(|a| fill(a, "127.0.0.1", port, &self.spec.model))
             .collect();
-        let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(
-                self.spec
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k, fill(v, "127.0.0.1", port, &self.spec.model))),
-            )
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(cwd) = &self.spec.cwd {
-            cmd.current_dir(cwd);
-        }
-        #[cfg(unix)]
-        {
-            // Its own process group, so that a stop reaches its children too; and killed by
-            // the kernel if the gateway dies without stopping it.
-            cmd.process_group(0);
-            let parent = std::process::id();
-            // SAFETY: only async-signal-safe calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    #[cfg(target_os = "linux")]
-                    {
-                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        if libc::getppid() as u32 != parent {
-                            // The gateway died before the prctl took effect.
-                            libc::_exit(1);
-                        }
-                    }
-                    let _ = parent;
-                    Ok(())
-                });
-            }
-        }
-        let mut child = match cmd.spawn() {
+        let env = self
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), fill(v, "127.0.0.1", port, &self.spec.model)));
+        let mut child = match process::spawn(&argv, env, self.spec.cwd.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 return self
@@ -354,7 +316,6 @@ impl Managed {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(self.clone().pipe_logs(err));
         }
-
         let probe = format!("http://127.0.0.1:{port}{}", self.spec.ready_path);
         let ready = tokio::select! {
             r = tokio::time::timeout(self.spec.startup_timeout, poll_ready(&probe)) => r.is_ok(),
@@ -374,19 +335,22 @@ impl Managed {
             );
             return self.start_failed(msg, Some(child)).await;
         }
+        self.supervise(child, pid, port).await;
+    }
+
+    /// Runs a ready process until it dies or is told to stop.
+    async fn supervise(&self, mut child: tokio::process::Child, pid: Option<u32>, port: u16) {
         let (stop_tx, stop_rx) = oneshot::channel();
-        let stop_now = {
+        {
             let mut st = lock(&self.state);
             st.retry_at = None;
             st.ready_at = Some(Instant::now());
             st.stop_tx = Some(stop_tx);
             self.set_phase(&mut st, Phase::Ready);
-            st.stop_requested
-        };
-        tracing::info!(model = %self.name, pid, port, "model server ready");
-        if stop_now {
-            self.retire();
         }
+        tracing::info!(model = %self.name, pid, port, "model server ready");
+        // The listener stops it at once if it is no longer wanted (evicted while starting).
+        self.emit(Event::Ready);
         tokio::select! {
             status = child.wait() => {
                 let msg = match status {
@@ -397,7 +361,7 @@ impl Managed {
                 self.crashed(msg);
             }
             _ = stop_rx => {
-                terminate(&mut child).await;
+                process::terminate(&mut child).await;
                 tracing::info!(model = %self.name, pid, "model server stopped");
                 let mut st = lock(&self.state);
                 st.pid = None;
@@ -406,22 +370,22 @@ impl Managed {
                 self.set_phase(&mut st, Phase::Stopped);
             }
         }
-        self.freed();
+        self.emit(Event::Stopped);
     }
 
     /// A start failed: kill what is left, back off, free the memory, wake the waiters.
     async fn start_failed(&self, msg: String, child: Option<tokio::process::Child>) {
         if let Some(mut c) = child {
-            terminate(&mut c).await;
+            process::terminate(&mut c).await;
         }
         tracing::warn!(model = %self.name, "model server failed to start: {msg}");
         self.push_log(format!("[mofa-gateway] start failed: {msg}"));
         self.crashed(msg);
-        self.freed();
+        self.emit(Event::Stopped);
     }
 
     fn crashed(&self, msg: String) {
-        lock(&self.ledger).force_unload(self.ledger_id);
+        self.emit(Event::Crashed);
         let mut st = lock(&self.state);
         st.pid = None;
         st.port = None;
@@ -437,27 +401,18 @@ impl Managed {
         self.set_phase(&mut st, Phase::Failed);
     }
 
-    /// Stops the process if the ledger no longer holds it resident (evicted, unloaded). A
-    /// request that made it resident again meanwhile keeps it running.
-    pub fn retire(&self) {
+    /// Stops the process if it is ready. The caller decides whether it should stop (the
+    /// memory books); one that is starting is stopped by the listener of its `Ready` event if
+    /// it is no longer wanted then.
+    pub fn stop(&self) {
         let stop = {
-            let ledger = lock(&self.ledger);
-            if ledger.entries[self.ledger_id].resident {
+            let mut st = lock(&self.state);
+            if st.phase != Phase::Ready {
                 return;
             }
-            let mut st = lock(&self.state);
-            match st.phase {
-                Phase::Ready => {
-                    let tx = st.stop_tx.take();
-                    self.set_phase(&mut st, Phase::Stopping);
-                    tx
-                }
-                Phase::Starting => {
-                    st.stop_requested = true;
-                    None
-                }
-                _ => None,
-            }
+            let tx = st.stop_tx.take();
+            self.set_phase(&mut st, Phase::Stopping);
+            tx
         };
         if let Some(tx) = stop {
             let _ = tx.send(());
@@ -483,7 +438,7 @@ impl Managed {
     async fn pipe_logs(self: Arc<Self>, out: impl AsyncRead + Unpin) {
         let mut lines = BufReader::new(out).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let line = crate::error::truncate(&line, LOG_LINE_MAX).to_string();
+            let line = truncate(&line, LOG_LINE_MAX).to_string();
             tracing::info!(model = %self.name, "{line}");
             self.push_log(line);
         }
@@ -497,17 +452,8 @@ impl Managed {
         logs.push_back(line);
     }
 
-    /// The admin view of this process.
+    /// The admin view of this process (the memory books add their own fields).
     pub fn snapshot(&self) -> Value {
-        let (mb, in_flight, last_used_ago) = {
-            let l = lock(&self.ledger);
-            let e = &l.entries[self.ledger_id];
-            (
-                e.mb,
-                e.in_flight,
-                e.last_used.map(|t| t.elapsed().as_secs_f64()),
-            )
-        };
         let st = lock(&self.state);
         let logs: Vec<String> = lock(&self.logs)
             .iter()
@@ -521,9 +467,6 @@ impl Managed {
             "state": st.phase.as_str(),
             "pid": st.pid,
             "port": st.port,
-            "memory_mb": mb,
-            "in_flight": in_flight,
-            "last_used_s_ago": last_used_ago,
             "started_at": st.started_at,
             "starts": st.starts,
             "restarts": st.restarts,
@@ -554,23 +497,10 @@ async fn poll_ready(url: &str) {
     }
 }
 
-/// SIGTERM to the process group, SIGKILL after [`STOP_GRACE`].
-async fn terminate(child: &mut tokio::process::Child) {
-    #[cfg(unix)]
-    if let Some(pid) = child.id() {
-        // SAFETY: plain syscall; the group is the child's own (process_group(0)).
-        unsafe {
-            libc::kill(-(pid as i32), libc::SIGTERM);
-        }
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
-            unsafe {
-                libc::kill(-(pid as i32), libc::SIGKILL);
-            }
-            return;
-        }
-        unsafe {
-            libc::kill(-(pid as i32), libc::SIGKILL);
-        }
+/// `s` cut to at most `max` characters, on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
     }
-    let _ = child.kill().await;
 }

@@ -7,23 +7,25 @@
 //! it, failures become an SSE `error` event that ends the stream without `[DONE]`.
 //! It must not choose deployments or build client-facing error bodies (see `error`).
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::admission::Outcome;
-use crate::config::{DeploymentConfig, DeploymentKind, Secret};
-use crate::error::sse_error_event;
+use crate::config::{DeploymentConfig, Secret};
 use crate::headers::UPSTREAM_REQUEST_ID;
-use crate::pool::Managed;
+
+mod relay;
+mod wire;
+
+pub use relay::{PendingStream, StreamEnd};
+use wire::sse_error_in;
+pub use wire::{envelope, error_message, is_envelope, retry_after_secs, Usage};
 
 /// The OpenAI endpoints the gateway forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +49,6 @@ impl Endpoint {
 pub struct Deployment {
     /// The `x-mofa-backend` value, e.g. `local(llama-3-8b@q8)`.
     pub label: String,
-    pub kind: DeploymentKind,
     /// The variant (precision) label, e.g. `q4`, sent as `x-mofa-precision`.
     pub variant: Option<String>,
     pub upstream_model: Option<String>,
@@ -55,8 +56,9 @@ pub struct Deployment {
     /// `base_url` + each endpoint's path, parsed once (indexed by `Endpoint as usize`); `None`
     /// for a server the pool runs, whose port changes.
     urls: Option<[reqwest::Url; 3]>,
-    /// For a server the gateway runs: where it listens now (its port changes at each start).
-    pub managed: Option<Arc<Managed>>,
+    /// For a server the gateway runs: where it listens now (its port changes at each start;
+    /// `None` while it is not running).
+    dynamic_base: Option<DynamicBase>,
     auth: Option<HeaderValue>,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
     client: reqwest::Client,
@@ -74,6 +76,9 @@ impl std::fmt::Debug for Deployment {
             .finish_non_exhaustive()
     }
 }
+
+/// The current base URL of a deployment whose address changes (a server the pool runs).
+pub type DynamicBase = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// Why an upstream call failed before anything reached the client.
 #[derive(Debug)]
@@ -93,6 +98,20 @@ pub enum UpstreamError {
     /// A non-streaming reply larger than `server.max_response_bytes`.
     TooLarge(usize),
 }
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(d) => write!(f, "connection failed: {d}"),
+            UpstreamError::Timeout(what) => write!(f, "timed out ({what})"),
+            UpstreamError::Status { status, .. } => write!(f, "answered {}", status.as_u16()),
+            UpstreamError::Invalid(d) => write!(f, "invalid reply: {d}"),
+            UpstreamError::TooLarge(n) => write!(f, "reply larger than {n} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
 
 impl UpstreamError {
     /// Whether another deployment should be tried: connection failures, timeouts, broken
@@ -136,19 +155,22 @@ pub enum Reply {
     Full {
         content_type: HeaderValue,
         body: Bytes,
+        /// Its `usage`, when it has one.
+        usage: Option<Usage>,
     },
-    /// A stream whose first chunk has arrived and is not an error.
-    Stream(Body),
+    /// A stream whose first chunk has arrived and is not an error; relayed once it is given
+    /// its [`OnEnd`].
+    Stream(PendingStream),
 }
 
 impl Deployment {
     /// Builds a deployment from its config; `url` overrides the config's (for in-process sims);
-    /// `managed` is the pool's process for a deployment with a `command`.
+    /// `dynamic_base` gives the address of a server the pool runs (a deployment with a `command`).
     pub fn new(
         model: &str,
         cfg: &DeploymentConfig,
         url: &str,
-        managed: Option<Arc<Managed>>,
+        dynamic_base: Option<DynamicBase>,
         max_response_bytes: usize,
     ) -> Result<Deployment, String> {
         let client = reqwest::Client::builder()
@@ -171,12 +193,11 @@ impl Deployment {
             .collect();
         Ok(Deployment {
             label: cfg.label(model),
-            kind: cfg.kind,
             variant: cfg.variant.clone(),
             upstream_model: cfg.upstream_model.clone(),
             base_url: url.trim_end_matches('/').to_owned(),
             urls: endpoint_urls(url),
-            managed,
+            dynamic_base,
             auth,
             extra_headers,
             client,
@@ -190,8 +211,8 @@ impl Deployment {
 
     /// `GET <base>/models`, the active health check: whether it answered 2xx in time.
     pub async fn probe(&self) -> bool {
-        let base = match &self.managed {
-            Some(m) => match m.url() {
+        let base = match &self.dynamic_base {
+            Some(m) => match m() {
                 Some(u) => u,
                 None => return true, // not running: the pool's business, not a failure
             },
@@ -208,25 +229,21 @@ impl Deployment {
     }
 
     /// Sends `body` to `endpoint` and waits for the reply's first body byte (streaming) or its
-    /// whole body (non-streaming). `hold` (a slot permit) is kept until the reply is complete:
-    /// for a stream, until its last byte is relayed or the client goes away.
-    pub async fn call<H: Send + 'static>(
+    /// whole body (non-streaming).
+    pub async fn call(
         &self,
         endpoint: Endpoint,
         body: Bytes,
         request_id: &str,
         stream: bool,
-        hold: H,
-        disconnects: Arc<AtomicU64>,
     ) -> Result<Reply, UpstreamError> {
         let deadline = self.total_timeout.map(|t| tokio::time::Instant::now() + t);
         let first_byte_by = {
             let fb = tokio::time::Instant::now() + self.first_byte_timeout;
             deadline.map_or(fb, |d| d.min(fb))
         };
-        let url = match &self.managed {
-            Some(m) => match m
-                .url()
+        let url = match &self.dynamic_base {
+            Some(m) => match m()
                 .and_then(|b| reqwest::Url::parse(&format!("{b}{}", endpoint.path())).ok())
             {
                 Some(url) => url,
@@ -295,13 +312,15 @@ impl Deployment {
                 if let Some(msg) = sse_error_in(&first) {
                     return Err(UpstreamError::Invalid(msg));
                 }
-                Ok(Reply::Stream(self.relay(
+                Ok(Reply::Stream(PendingStream {
                     first,
-                    rest,
-                    Box::new(hold),
-                    deadline,
-                    disconnects,
-                )))
+                    rest: Box::pin(rest),
+                    limits: relay::Limits {
+                        idle: self.idle_timeout,
+                        deadline,
+                    },
+                    label: self.label.clone(),
+                }))
             }
             Err(resp) => self.read_full(resp, deadline).await,
         }
@@ -349,106 +368,19 @@ impl Deployment {
         #[derive(Deserialize)]
         struct Probe {
             error: Option<IgnoredAny>,
+            usage: Option<Usage>,
         }
         match serde_json::from_slice::<Probe>(&body) {
-            Ok(Probe { error: None }) => Ok(Reply::Full { content_type, body }),
-            Ok(Probe { error: Some(_) }) => Err(UpstreamError::Invalid(
+            Ok(Probe { error: None, usage }) => Ok(Reply::Full {
+                content_type,
+                body,
+                usage,
+            }),
+            Ok(Probe { error: Some(_), .. }) => Err(UpstreamError::Invalid(
                 error_message(&body).unwrap_or_else(|| "the reply carries an error".into()),
             )),
             Err(_) => Err(UpstreamError::Invalid("the reply is not JSON".into())),
         }
-    }
-
-    /// Relays the rest of a stream chunk by chunk. An upstream failure, idle timeout or an end
-    /// without `data: [DONE]` appends an SSE error event and ends the stream (no `[DONE]`).
-    fn relay(
-        &self,
-        first: Bytes,
-        rest: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
-        hold: Box<dyn Send>,
-        deadline: Option<tokio::time::Instant>,
-        disconnects: Arc<AtomicU64>,
-    ) -> Body {
-        /// The relay's state. Dropped before its end: the client went away (counted, 499).
-        struct Relay {
-            _hold: Box<dyn Send>,
-            rest: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
-            first: Option<Bytes>,
-            tail: Tail,
-            idle: Duration,
-            deadline: Option<tokio::time::Instant>,
-            label: String,
-            ended: bool,
-            disconnects: Arc<AtomicU64>,
-        }
-        impl Drop for Relay {
-            fn drop(&mut self) {
-                if !self.ended {
-                    self.disconnects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(backend = %self.label, status = 499, "client closed the stream");
-                }
-            }
-        }
-        let state = Relay {
-            _hold: hold,
-            rest: Box::pin(rest),
-            first: Some(first),
-            tail: Tail::default(),
-            idle: self.idle_timeout,
-            deadline,
-            label: self.label.clone(),
-            ended: false,
-            disconnects,
-        };
-        let s = futures_util::stream::unfold(state, |mut st| async move {
-            if st.ended {
-                return None;
-            }
-            if let Some(first) = st.first.take() {
-                st.tail.push(&first);
-                return Some((Ok::<_, std::convert::Infallible>(first), st));
-            }
-            // The next chunk is due within the idle limit, and before the total deadline.
-            let idle_end = tokio::time::Instant::now() + st.idle;
-            let (until, what) = match st.deadline {
-                Some(d) if d < idle_end => (d, "total_timeout_ms"),
-                _ => (idle_end, "idle_timeout_ms"),
-            };
-            let (failure, code) = match tokio::time::timeout_at(until, st.rest.next()).await {
-                Ok(Some(Ok(chunk))) => {
-                    st.tail.push(&chunk);
-                    return Some((Ok(chunk), st));
-                }
-                Ok(None) if st.tail.ends_with_done() => {
-                    st.ended = true;
-                    drop(st);
-                    return None;
-                }
-                Ok(None) => (
-                    format!(
-                        "the backend {} closed the stream before it was complete",
-                        st.label
-                    ),
-                    "upstream_disconnected",
-                ),
-                Ok(Some(Err(e))) => (
-                    format!(
-                        "the backend {} broke off the stream: {}",
-                        st.label,
-                        error_chain(&e)
-                    ),
-                    "upstream_disconnected",
-                ),
-                Err(_) => (
-                    format!("the backend {} timed out mid-stream ({what})", st.label),
-                    "upstream_timeout",
-                ),
-            };
-            tracing::warn!(backend = %st.label, "{failure}");
-            st.ended = true;
-            Some((Ok(sse_error_event(&failure, code)), st))
-        });
-        Body::from_stream(s)
     }
 }
 
@@ -470,7 +402,7 @@ fn bearer(key: &Secret) -> Result<HeaderValue, String> {
     Ok(v)
 }
 
-fn connect_error(e: reqwest::Error) -> UpstreamError {
+pub(crate) fn connect_error(e: reqwest::Error) -> UpstreamError {
     if e.is_timeout() {
         UpstreamError::Timeout("connect")
     } else {
@@ -479,7 +411,7 @@ fn connect_error(e: reqwest::Error) -> UpstreamError {
 }
 
 /// The error and its causes on one line (reqwest's own Display stops at the top).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -488,127 +420,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// `Retry-After` (seconds or `retry-after-ms`) of an upstream reply, rounded up to seconds.
-pub fn retry_after_secs(h: &HeaderMap) -> Option<u64> {
-    if let Some(ms) = h
-        .get(crate::headers::RETRY_AFTER_MS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v >= 0.0)
-    {
-        return Some((ms / 1000.0).ceil() as u64);
-    }
-    h.get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map(|v| v.ceil() as u64)
-}
-
-/// `error.message` of an OpenAI envelope, if `body` is one.
-pub fn error_message(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let e = v.get("error")?;
-    Some(
-        e.get("message")
-            .and_then(|m| m.as_str())
-            .map(str::to_owned)
-            .unwrap_or_else(|| e.to_string()),
-    )
-}
-
-/// If a chunk of SSE holds a `data:` event whose JSON has an `error` key, its message.
-fn sse_error_in(chunk: &[u8]) -> Option<String> {
-    if !chunk.windows(7).any(|w| w == b"\"error\"") {
-        return None;
-    }
-    let text = std::str::from_utf8(chunk).ok()?;
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .find_map(|d| error_message(d.trim().as_bytes()))
-}
-
-/// The last bytes of a stream, to tell whether it ended with `data: [DONE]`.
-#[derive(Default)]
-struct Tail {
-    buf: Vec<u8>,
-}
-
-impl Tail {
-    const KEEP: usize = 32;
-
-    fn push(&mut self, chunk: &[u8]) {
-        if chunk.len() >= Self::KEEP {
-            self.buf.clear();
-            self.buf
-                .extend_from_slice(&chunk[chunk.len() - Self::KEEP..]);
-        } else {
-            self.buf.extend_from_slice(chunk);
-            let extra = self.buf.len().saturating_sub(Self::KEEP);
-            self.buf.drain(..extra);
-        }
-    }
-
-    fn ends_with_done(&self) -> bool {
-        let end = self
-            .buf
-            .iter()
-            .rposition(|b| !b.is_ascii_whitespace())
-            .map_or(0, |i| i + 1);
-        let t = &self.buf[..end];
-        t.ends_with(b"data: [DONE]") || t.ends_with(b"data:[DONE]")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_sees_done_across_chunks() {
-        let mut t = Tail::default();
-        t.push(b"data: {\"x\":1}\n\ndata: [DO");
-        assert!(!t.ends_with_done());
-        t.push(b"NE]\n\n");
-        assert!(t.ends_with_done());
-        t.push(b"data: {\"content\":\"[DONE]\"}\n\n");
-        assert!(!t.ends_with_done());
-        let mut t = Tail::default();
-        t.push(&[b'x'; 100]);
-        t.push(b"\ndata:[DONE]\r\n");
-        assert!(t.ends_with_done());
-    }
-
-    #[test]
-    fn retry_after_forms() {
-        let mut h = HeaderMap::new();
-        assert_eq!(retry_after_secs(&h), None);
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2.5"));
-        assert_eq!(retry_after_secs(&h), Some(3));
-        h.insert(
-            crate::headers::RETRY_AFTER_MS,
-            HeaderValue::from_static("1200"),
-        );
-        assert_eq!(retry_after_secs(&h), Some(2));
-        h.insert(
-            crate::headers::RETRY_AFTER_MS,
-            HeaderValue::from_static("-5"),
-        );
-        assert_eq!(retry_after_secs(&h), Some(3));
-    }
-
-    #[test]
-    fn sse_error_is_found_only_in_data_events() {
-        assert_eq!(
-            sse_error_in(b"data: {\"error\":{\"message\":\"boom\"}}\n\n").as_deref(),
-            Some("boom")
-        );
-        assert_eq!(sse_error_in(b"data: {\"choices\":[]}\n\n"), None);
-        assert_eq!(
-            sse_error_in(b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"error\\\"\"}}]}\n\n"),
-            None
-        );
-    }
 }

@@ -1,0 +1,105 @@
+//! The bounded priority queue of one model: served by priority, then arrival; when full, the
+//! least important newest waiter makes room for a more important newcomer.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::Priority;
+
+// ---------------------------------------------------------------------------------------------
+// The wait queue
+
+/// Where a waiter stands: higher priority first, then earlier arrival.
+pub type WaitKey = (Reverse<Priority>, u64);
+
+/// A bounded priority queue of waiters, served by priority then arrival. When full, the
+/// lowest-priority newest waiter is shed for a newcomer of higher priority.
+#[derive(Debug)]
+pub struct WaitQueue<T> {
+    cap: usize,
+    next_seq: u64,
+    pub(super) items: BTreeMap<WaitKey, (Instant, T)>,
+}
+
+/// What happened to a newcomer.
+#[derive(Debug)]
+pub enum Push<T> {
+    Queued(WaitKey),
+    /// Queued, and this waiter was shed to make room.
+    Displaced(WaitKey, T),
+    /// The queue is full of waiters at least as important: the newcomer is turned away.
+    Full(T),
+}
+
+impl<T> WaitQueue<T> {
+    pub fn new(cap: usize) -> Self {
+        WaitQueue {
+            cap,
+            next_seq: 0,
+            items: BTreeMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn push(&mut self, prio: Priority, deadline: Instant, item: T) -> Push<T> {
+        let key = (Reverse(prio), self.next_seq);
+        self.next_seq += 1;
+        if self.items.len() < self.cap {
+            self.items.insert(key, (deadline, item));
+            return Push::Queued(key);
+        }
+        let worst_is_less = self
+            .items
+            .last_key_value()
+            .is_some_and(|(&(Reverse(worst), _), _)| worst < prio);
+        if worst_is_less {
+            if let Some((_, (_, shed))) = self.items.pop_last() {
+                self.items.insert(key, (deadline, item));
+                return Push::Displaced(key, shed);
+            }
+        }
+        Push::Full(item)
+    }
+
+    /// The first waiter in service order.
+    pub fn peek(&self) -> Option<(WaitKey, Instant)> {
+        self.items.first_key_value().map(|(k, (d, _))| (*k, *d))
+    }
+
+    pub fn pop(&mut self) -> Option<(WaitKey, T)> {
+        self.items.pop_first().map(|(k, (_, t))| (k, t))
+    }
+
+    pub fn remove(&mut self, key: &WaitKey) -> Option<T> {
+        self.items.remove(key).map(|(_, t)| t)
+    }
+
+    /// How many wait ahead of a newcomer of priority `prio` (all of at least that priority).
+    pub fn ahead_of(&self, prio: Priority) -> usize {
+        self.items.range(..(Reverse(prio), u64::MAX)).count()
+    }
+
+    /// Waiters per priority, lowest first.
+    pub fn depth_by_priority(&self) -> [usize; 4] {
+        let mut out = [0; 4];
+        for (Reverse(p), _) in self.items.keys() {
+            out[*p as usize] += 1;
+        }
+        out
+    }
+
+    /// Removes and returns every waiter whose deadline is at or before `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<T> {
+        let late: Vec<WaitKey> = self
+            .items
+            .iter()
+            .filter(|(_, (d, _))| *d <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        late.iter().filter_map(|k| self.remove(k)).collect()
+    }
+}

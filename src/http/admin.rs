@@ -1,0 +1,54 @@
+//! The admin routes: `/admin/orchestrator` (queues, slots, memory, counters), `/admin/pool`
+//! and a pool model's `load` / `unload`. Views only, and the pool's two commands; it must not
+//! change admission state otherwise.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+
+use super::{json_ok, AppState};
+use crate::error::ApiError;
+use crate::pool::STOP_GRACE;
+
+pub async fn orchestrator(State(st): State<Arc<AppState>>) -> Response {
+    let p = &st.pipeline;
+    let mut v = p.orch.snapshot();
+    v["counters"] = p.observer.snapshot();
+    v["client_disconnects"] = p.observer.client_disconnects().into();
+    json_ok(v)
+}
+
+pub async fn pool(State(st): State<Arc<AppState>>) -> Response {
+    json_ok(st.pipeline.orch.pool_snapshot())
+}
+
+/// Loads a pool model now (at `normal` priority for memory), and waits until it is ready.
+pub async fn load(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let memory = &st.pipeline.orch.memory;
+    let Some((id, p)) = memory.managed(&name) else {
+        return ApiError::unknown_pool_model(&name).into_response();
+    };
+    if let Some(Err(r)) = memory.load(&name) {
+        return ApiError::rejected(r, &name).into_response();
+    }
+    let deadline = Instant::now() + p.startup_timeout();
+    match p.ensure_ready(deadline).await {
+        Ok(()) => json_ok(memory.process_snapshot(id, p)),
+        Err(e) => ApiError::from_start(&name, e).into_response(),
+    }
+}
+
+/// Stops a pool model that has no request in flight.
+pub async fn unload(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let memory = &st.pipeline.orch.memory;
+    let Some((id, p)) = memory.managed(&name) else {
+        return ApiError::unknown_pool_model(&name).into_response();
+    };
+    if let Some(Err(_)) = memory.unload(&name) {
+        return ApiError::model_busy(&name).into_response();
+    }
+    p.wait_stopped(STOP_GRACE + Duration::from_secs(1)).await;
+    json_ok(memory.process_snapshot(id, p))
+}

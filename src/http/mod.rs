@@ -1,0 +1,144 @@
+//! The HTTP surface: the axum router, the routes' handlers, and the layer that stamps every
+//! response. It parses nothing itself and contains no retry loop: a proxied request goes
+//! through the [`Pipeline`]; errors become responses in `error`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, Method, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::orchestrator::BuildError;
+use crate::proxy::accept::{accept, Accepted};
+use crate::proxy::Pipeline;
+use crate::upstream::Endpoint;
+
+mod admin;
+mod stamp;
+
+/// What every handler shares. Immutable after start-up.
+pub struct AppState {
+    pub pipeline: Pipeline,
+    /// The `GET /v1/models` body, built once.
+    model_list: Bytes,
+    created: u64,
+}
+
+impl AppState {
+    /// Builds the runtime state from a validated config, starting in-process simulators.
+    pub async fn build(cfg: &Config) -> Result<AppState, BuildError> {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let listed: Vec<Value> = cfg
+            .models
+            .iter()
+            .map(|m| model_object(&m.name, created))
+            .collect();
+        let model_list = Bytes::from(
+            serde_json::to_vec(&json!({"object": "list", "data": listed})).unwrap_or_default(),
+        );
+        Ok(AppState {
+            pipeline: Pipeline::build(cfg).await?,
+            model_list,
+            created,
+        })
+    }
+
+    /// Shutdown begins: `/readyz` answers 503, new and queued requests get 503 `shutting_down`.
+    pub fn begin_shutdown(&self) {
+        self.pipeline.begin_shutdown();
+    }
+}
+
+fn model_object(name: &str, created: u64) -> Value {
+    json!({"id": name, "object": "model", "created": created, "owned_by": "mofa-gateway"})
+}
+
+/// The gateway's router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route(
+            "/healthz",
+            get(|| async { json_ok(json!({"status": "ok"})) }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/admin/orchestrator", get(admin::orchestrator))
+        .route("/admin/pool", get(admin::pool))
+        .route("/admin/pool/{name}/load", post(admin::load))
+        .route("/admin/pool/{name}/unload", post(admin::unload))
+        .fallback(unknown_url)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(stamp::stamp))
+        .with_state(state)
+}
+
+pub(crate) fn json_ok(v: Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(&v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn unknown_url(method: Method, uri: Uri) -> ApiError {
+    ApiError::unknown_url(method.as_str(), uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+async fn list_models(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        st.model_list.clone(),
+    )
+        .into_response()
+}
+
+async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match st.pipeline.orch.models.get(&id) {
+        Some(m) => json_ok(model_object(&m.name, st.created)),
+        None => ApiError::model_not_found(&id).into_response(),
+    }
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if st.pipeline.is_shutting_down() {
+        return ApiError::shutting_down().into_response();
+    }
+    json_ok(json!({"status": "ready"}))
+}
+
+async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    proxy(&st, Endpoint::ChatCompletions, req).await
+}
+
+async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    proxy(&st, Endpoint::Completions, req).await
+}
+
+async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    proxy(&st, Endpoint::Embeddings, req).await
+}
+
+async fn proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Response {
+    let accepted = match req.extensions().get::<Accepted>() {
+        Some(a) => a.clone(),
+        None => accept(req.headers()),
+    };
+    st.pipeline.handle(endpoint, &accepted, req).await
+}

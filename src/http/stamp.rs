@@ -1,0 +1,55 @@
+//! The layer around every route: takes the request in (phase `accept`: its id and arrival),
+//! and stamps every response with `x-request-id`, `x-mofa-backend` (default `gateway`) and
+//! `x-mofa-latency-ms` (whole milliseconds), turning any error that is not yet an envelope into
+//! one. It must not look at bodies.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::error::kind_for_status;
+use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
+use crate::proxy::accept::accept;
+use crate::upstream::envelope;
+
+/// See the module doc.
+pub async fn stamp(mut req: Request, next: Next) -> Response {
+    let accepted = accept(req.headers());
+    let (rid, start) = (accepted.id.clone(), accepted.arrival);
+    req.extensions_mut().insert(accepted);
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    if (status.is_client_error() || status.is_server_error()) && !is_json(resp.headers()) {
+        resp = envelope_for(resp);
+    }
+    let h = resp.headers_mut();
+    h.insert(REQUEST_ID, rid);
+    h.entry(BACKEND)
+        .or_insert(HeaderValue::from_static("gateway"));
+    let ms = start.elapsed().as_millis() as u64;
+    h.insert(LATENCY_MS, HeaderValue::from(ms));
+    resp
+}
+
+/// A reply from outside our handlers (a layer, an extractor), given the envelope.
+fn envelope_for(resp: Response) -> Response {
+    let status = resp.status();
+    let reason = status.canonical_reason().unwrap_or("error");
+    let code = reason.to_ascii_lowercase().replace(' ', "_");
+    let body = envelope(reason, kind_for_status(status), None, &code);
+    let (mut parts, _) = resp.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
+}
+
+fn is_json(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}

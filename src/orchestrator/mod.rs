@@ -1,0 +1,335 @@
+//! The orchestrator: the async shell around the admission core.
+//!
+//! Files: `memory` (the shared memory budget, and the pool's events that change it), `build`
+//! (models, deployments and the pool from a validated config).
+//!
+//! Owns, per model, the lock around its [`ModelCore`] and the waiting of queued requests
+//! (a oneshot each, with its deadline), and the [`Permit`] that holds a deployment slot for as
+//! long as a request runs (a stream: until its last byte, or the client's disconnect). Locks
+//! are std mutexes held only for a decision, never across an `.await`; lock order is model core,
+//! then the shared memory ledger. It must not decide anything itself (that is `admission` and
+//! `routing`), talk to backends (that is `upstream`), nor know of HTTP: refusals are typed
+//! [`Rejection`]s that the caller answers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::admission::{
+    Admit, Grant, Ledger, MemoryLimits, ModelCore, Outcome, Priority, WaitKey, Wake,
+};
+use crate::pool::Managed;
+use crate::reason::{RejectReason, Rejection};
+use crate::routing::Policy;
+use crate::upstream::Deployment;
+
+mod build;
+mod memory;
+
+pub use build::BuildError;
+pub use memory::Memory;
+
+type Waiter = oneshot::Sender<Result<Permit, Rejection>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take admission down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A model clients can ask for: its deployments and its admission state.
+pub struct ModelRt {
+    pub name: String,
+    policy: Policy,
+    deployments: Vec<Arc<Deployment>>,
+    /// The pool's process of each deployment that the gateway runs itself.
+    managed: Vec<Option<Arc<Managed>>>,
+    max_wait: Duration,
+    core: Mutex<ModelCore<Waiter>>,
+    /// The shared memory ledger, only for models with a deployment that takes memory (declares
+    /// `memory_mb`, or is run by the pool): the others never take the shared lock.
+    memory: Option<Arc<Memory>>,
+}
+
+/// Holds a slot on one deployment; dropping it frees the slot and serves the next waiter.
+pub struct Permit {
+    model: Arc<ModelRt>,
+    dep: usize,
+    start: Instant,
+    /// It is the breaker's half-open probe.
+    probe: bool,
+    /// Its outcome was reported to the breaker (by the permit's [`Feedback`]).
+    reported: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Permit({} on {})",
+            self.model.name,
+            self.deployment().label
+        )
+    }
+}
+
+impl Permit {
+    pub fn deployment(&self) -> &Arc<Deployment> {
+        &self.model.deployments[self.dep]
+    }
+
+    /// The pool's process for the deployment, if the gateway runs it.
+    pub fn managed(&self) -> Option<&Arc<Managed>> {
+        self.model.managed[self.dep].as_ref()
+    }
+
+    /// The model it was admitted to.
+    pub fn model_name(&self) -> &str {
+        &self.model.name
+    }
+
+    /// Which of its model's deployments (its index, for retries' exclusions).
+    pub fn dep_index(&self) -> usize {
+        self.dep
+    }
+
+    /// A handle to report on this request after the permit moved on (into a stream).
+    pub fn feedback(&self) -> Feedback {
+        Feedback {
+            model: self.model.clone(),
+            dep: self.dep,
+            reported: self.reported.clone(),
+        }
+    }
+}
+
+/// Reports on one request: its time to first byte (for the `latency` policy) and its outcome
+/// (for the deployment's breaker).
+pub struct Feedback {
+    model: Arc<ModelRt>,
+    dep: usize,
+    reported: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Feedback {
+    pub fn observe_ttfb(&self, ttfb: Duration) {
+        lock(&self.model.core).observe_ttfb(self.dep, ttfb);
+    }
+
+    pub fn report(&self, outcome: Outcome) {
+        lock(&self.model.core).record(self.dep, outcome, Instant::now());
+        self.reported
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let (dep, service) = (self.dep, self.start.elapsed());
+        let abandoned = self.probe && !self.reported.load(std::sync::atomic::Ordering::Relaxed);
+        let wakes = self
+            .model
+            .decide(|core, ledger| core.release(ledger, dep, service, abandoned, Instant::now()));
+        self.model.deliver(wakes);
+        if let Some(memory) = &self.model.memory {
+            // This model may now be evictable: other models' memory waiters may fit.
+            memory.pump_all(Some(&self.model));
+        }
+    }
+}
+
+/// Removes a queued request whose future is dropped (client gone) before it was served.
+struct QueuedGuard<'a> {
+    model: &'a ModelRt,
+    key: Option<WaitKey>,
+}
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            // If it was granted meanwhile, the permit sits in the dropped channel and is
+            // released when the channel is dropped.
+            lock(&self.model.core).cancel(&key);
+        }
+    }
+}
+
+impl ModelRt {
+    /// Admits a request of priority `prio` that may wait up to `max_wait` (capped by the
+    /// config): a permit to run, or the rejection to answer with.
+    /// `exclude`: deployments (a bit each) this request already failed on; a retry runs now on
+    /// another deployment or is refused, it never queues.
+    pub async fn admit(
+        self: &Arc<Self>,
+        prio: Priority,
+        max_wait: Option<Duration>,
+        exclude: u64,
+    ) -> Result<Permit, Rejection> {
+        let now = Instant::now();
+        let wait = max_wait.map_or(self.max_wait, |w| w.min(self.max_wait));
+        let deadline = (!wait.is_zero()).then(|| now + wait);
+        let (tx, mut rx) = oneshot::channel();
+        let decision =
+            self.decide(|core, ledger| core.admit(ledger, prio, deadline, exclude, now, tx));
+        let key = match decision {
+            Admit::Run(g) => {
+                self.retire(&g.evicted);
+                return Ok(self.permit(&g, now));
+            }
+            Admit::Reject {
+                code,
+                retry_after_s,
+            } => return Err(Rejection::new(code, retry_after_s)),
+            Admit::Queued { key, shed } => {
+                if let Some(shed) = shed {
+                    let ra = lock(&self.core).retry_after_s(Priority::Low);
+                    let _ = shed.send(Err(Rejection::new(RejectReason::QueueFull, ra)));
+                }
+                key
+            }
+        };
+        let mut guard = QueuedGuard {
+            model: self,
+            key: Some(key),
+        };
+        let deadline = tokio::time::Instant::from_std(deadline.unwrap_or(now));
+        tokio::select! {
+            r = &mut rx => {
+                guard.key = None;
+                r.unwrap_or_else(|_| Err(Rejection::new(RejectReason::QueueTimeout, 1)))
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                guard.key = None;
+                let removed = lock(&self.core).cancel(&key).is_some();
+                if removed {
+                    let ra = lock(&self.core).retry_after_s(prio);
+                    Err(Rejection::new(RejectReason::QueueTimeout, ra))
+                } else {
+                    // Served (or shed) just as the deadline passed: take what was sent.
+                    rx.await.unwrap_or_else(|_| Err(Rejection::new(RejectReason::QueueTimeout, 1)))
+                }
+            }
+        }
+    }
+
+    /// Runs one decision of the core under the model's lock (and the memory ledger's, for a
+    /// model that uses memory; lock order: core, then ledger).
+    fn decide<R>(&self, f: impl FnOnce(&mut ModelCore<Waiter>, &mut Ledger) -> R) -> R {
+        let mut core = lock(&self.core);
+        match &self.memory {
+            Some(m) => f(&mut core, &mut lock(&m.ledger)),
+            None => f(&mut core, &mut Ledger::new(MemoryLimits::OFF)),
+        }
+    }
+
+    fn retire(&self, evicted: &[usize]) {
+        if let Some(m) = &self.memory {
+            m.retire(evicted);
+        }
+    }
+
+    /// When a request arriving now must be served by, at the latest, given its `max_wait`.
+    pub fn deadline(&self, arrival: Instant, max_wait: Option<Duration>) -> Instant {
+        arrival + max_wait.map_or(self.max_wait, |w| w.min(self.max_wait))
+    }
+
+    fn permit(self: &Arc<Self>, g: &Grant, start: Instant) -> Permit {
+        Permit {
+            model: self.clone(),
+            dep: g.dep,
+            start,
+            probe: g.probe,
+            reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    /// Sends the outcome to each woken waiter, outside every lock.
+    fn deliver(self: &Arc<Self>, wakes: Vec<Wake<Waiter>>) {
+        let now = Instant::now();
+        for w in wakes {
+            match w {
+                Wake::Run(tx, g) => {
+                    self.retire(&g.evicted);
+                    let permit = self.permit(&g, now);
+                    // A waiter that left meanwhile: its permit is dropped here, freeing the slot.
+                    let _ = tx.send(Ok(permit));
+                }
+                Wake::Reject(tx, code, ra) => {
+                    let _ = tx.send(Err(Rejection::new(code, ra)));
+                }
+            }
+        }
+    }
+
+    /// The admin view of this model.
+    pub fn snapshot(&self) -> Value {
+        let core = lock(&self.core);
+        let by_prio = core.queue.depth_by_priority();
+        let deployments: Vec<Value> = core
+            .slots
+            .iter()
+            .zip(&self.deployments)
+            .map(|(s, d)| {
+                json!({
+                    "backend": d.label,
+                    "breaker": s.breaker.state().as_str(),
+                    "in_flight": s.in_flight,
+                    "max_concurrency": s.max,
+                    "ttfb_ms_ewma": s.ttfb_ms,
+                    "service_ms_ewma": s.service_ms,
+                    "service_rate_per_s": s.service_ms.map(|ms| s.max as f64 * 1000.0 / ms.max(0.001)),
+                })
+            })
+            .collect();
+        json!({
+            "policy": self.policy.to_string(),
+            "queue": {
+                "depth": core.queue.len(),
+                "by_priority": {"low": by_prio[0], "normal": by_prio[1], "high": by_prio[2], "critical": by_prio[3]},
+            },
+            "completed": core.completed,
+            "deployments": deployments,
+        })
+    }
+}
+
+/// All models and the shared memory.
+pub struct Orchestrator {
+    pub models: HashMap<String, Arc<ModelRt>>,
+    pub memory: Arc<Memory>,
+}
+
+impl Orchestrator {
+    /// The admin view: every model, and memory.
+    pub fn snapshot(&self) -> Value {
+        let mut names: Vec<&String> = self.models.keys().collect();
+        names.sort();
+        let models: serde_json::Map<String, Value> = names
+            .into_iter()
+            .map(|n| (n.clone(), self.models[n].snapshot()))
+            .collect();
+        json!({ "models": models, "memory": self.memory.snapshot() })
+    }
+
+    /// Shutdown: every queued request gets 503 `shutting_down`.
+    pub fn shutdown(&self) {
+        for m in self.models.values() {
+            let drained = lock(&m.core).drain();
+            for tx in drained {
+                let _ = tx.send(Err(Rejection::new(RejectReason::ShuttingDown, 1)));
+            }
+        }
+    }
+
+    /// The pool's admin view.
+    pub fn pool_snapshot(&self) -> Value {
+        self.memory.pool_snapshot()
+    }
+
+    /// The pool's process named `name` (`model` or `model@variant`).
+    pub fn managed(&self, name: &str) -> Option<&Arc<Managed>> {
+        self.memory.managed(name).map(|(_, p)| p)
+    }
+}

@@ -1,0 +1,260 @@
+//! The request pipeline: every proxied request meets these phases in this order, each in its
+//! own module.
+//!
+//! 1. [`accept`]: request id, arrival time, body limits (for every route, in the HTTP layer);
+//! 2. [`parse`]: content type, body, the fields the gateway reads;
+//! 3. [`authorize`]: who is asking and what they may use (empty for now);
+//! 4. [`limit`]: their rate limits (empty for now), before any queue place is taken;
+//! 5. [`admit`]: a slot now or a place in the priority queue, or a rejection;
+//! 6. [`route`]: which deployment each try goes to, and whether there is another try;
+//! 7. [`forward`]: pool start, rewrite, upstream call (and, for a stream, the relay);
+//! 8. [`observe`]: one record per finished request: outcome, timings, attempts.
+//!
+//! The pipeline owns the order and the hand-over between phases; it must not hold HTTP routing
+//! (that is `http`) nor decide statuses (that is `error`). A new feature plugs into a phase.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::headers::{ATTEMPTS, BACKEND, PRECISION, SERVER_TIMING};
+use crate::orchestrator::{BuildError, ModelRt, Orchestrator};
+use crate::reason::{RejectReason, Rejection};
+use crate::upstream::{Deployment, Endpoint, Reply, StreamEnd};
+
+pub mod accept;
+pub mod admit;
+pub mod authorize;
+pub mod forward;
+pub mod limit;
+pub mod observe;
+pub mod parse;
+pub mod route;
+
+use accept::{Accepted, Limits};
+use forward::Forwarded;
+use observe::{Observer, Reason, Record, Tokens};
+use parse::Parsed;
+use route::Attempts;
+
+/// Everything the phases share. Built once; admission state lives per model in the
+/// orchestrator, behind short per-model locks.
+pub struct Pipeline {
+    pub orch: Orchestrator,
+    pub observer: Arc<Observer>,
+    limits: Limits,
+    max_attempts: u32,
+    retry_budget: Duration,
+    /// Set by the first shutdown signal: no new requests.
+    shutting_down: AtomicBool,
+}
+
+impl Pipeline {
+    /// Builds the pipeline from a validated config, starting in-process simulators.
+    pub async fn build(cfg: &Config) -> Result<Pipeline, BuildError> {
+        Ok(Pipeline {
+            orch: Orchestrator::build(cfg).await?,
+            observer: Arc::new(Observer::default()),
+            limits: Limits {
+                max_body_bytes: cfg.server.max_body_bytes,
+                body_read_timeout: Duration::from_millis(cfg.server.body_read_timeout_ms),
+            },
+            max_attempts: cfg.resilience.max_attempts,
+            retry_budget: Duration::from_millis(cfg.resilience.retry_budget_ms),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// Shutdown begins: new and queued requests get 503 `shutting_down`.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.orch.shutdown();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Runs a request to `endpoint` through every phase; always an answer (errors included).
+    pub async fn handle(&self, endpoint: Endpoint, accepted: &Accepted, req: Request) -> Response {
+        let mut rec = Record::new(self.observer.clone(), accepted.id.clone(), accepted.arrival);
+        match self.run(endpoint, accepted, req, &mut rec).await {
+            Ok(ok) => self.respond(ok, rec),
+            Err(e) => {
+                let mut resp = e.clone().into_response();
+                if let Some(v) = rec.server_timing() {
+                    resp.headers_mut().insert(SERVER_TIMING, v);
+                }
+                rec.finish(e.status, Reason::of(&e));
+                resp
+            }
+        }
+    }
+
+    /// Phases 2 to 7.
+    async fn run(
+        &self,
+        endpoint: Endpoint,
+        accepted: &Accepted,
+        req: Request,
+        rec: &mut Record,
+    ) -> Result<Forwarded, ApiError> {
+        let headers = req.headers().clone();
+        let parsed = parse::parse(endpoint, self.limits, req).await?;
+        let model = self.model(&parsed)?;
+        rec.model = Some(model.name.as_str().into());
+        rec.priority = Some(parsed.priority());
+        let who = authorize::authorize(&headers, &parsed)?;
+        let _allowance = limit::limit(&who, &parsed)?;
+        if self.is_shutting_down() {
+            return Err(ApiError::rejected(
+                Rejection::new(RejectReason::ShuttingDown, 1),
+                &model.name,
+            ));
+        }
+        self.tries(model, &parsed, accepted, rec).await
+    }
+
+    /// The configured model a request names (404 otherwise).
+    fn model(&self, req: &Parsed) -> Result<&Arc<ModelRt>, ApiError> {
+        self.orch
+            .models
+            .get(&req.model)
+            .ok_or_else(|| ApiError::model_not_found(&req.model))
+    }
+
+    /// Phases 5 to 7, once per try, until one succeeds or `route` says there is no other.
+    async fn tries(
+        &self,
+        model: &Arc<ModelRt>,
+        req: &Parsed,
+        accepted: &Accepted,
+        rec: &mut Record,
+    ) -> Result<Forwarded, ApiError> {
+        let mut attempts = Attempts::new(self.max_attempts, self.retry_budget, accepted.arrival);
+        let start_by = model.deadline(accepted.arrival, req.max_wait);
+        let rid = accepted.id.to_str().unwrap_or_default();
+        loop {
+            // Decided before the first byte, for streams as for the rest. A retry goes to
+            // another deployment with a free slot now, or not at all.
+            let permit = match admit::admit(model, req, attempts.exclude()).await {
+                Ok((permit, waited)) => {
+                    rec.queue_wait.get_or_insert(waited);
+                    permit
+                }
+                Err(e) if attempts.is_first() => return Err(e),
+                Err(_) => break,
+            };
+            attempts.trying(permit.dep_index());
+            rec.attempts = attempts.count();
+            rec.backend = Some(permit.deployment().label.as_str().into());
+            match forward::forward(permit, req, rid, start_by).await {
+                Ok(ok) => {
+                    rec.upstream_ttfb = Some(ok.ttfb);
+                    return Ok(ok);
+                }
+                Err(f) => {
+                    if !attempts.failed(f.error, f.retryable, Instant::now()) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(attempts.give_up())
+    }
+
+    /// The client's 200: a full body now (the request is over), or a stream that finishes
+    /// its record when it ends.
+    fn respond(&self, ok: Forwarded, rec: Record) -> Response {
+        let Forwarded {
+            reply, dep, permit, ..
+        } = ok;
+        let timing = rec.server_timing();
+        let attempts = rec.attempts;
+        let mut resp = match reply {
+            Reply::Full {
+                content_type,
+                body,
+                usage,
+            } => {
+                drop(permit);
+                let mut rec = rec;
+                rec.tokens = usage.map(|u| Tokens {
+                    input: u.prompt_tokens,
+                    output: u.completion_tokens,
+                    estimated: false,
+                });
+                rec.finish(StatusCode::OK, Reason::Ok);
+                let mut r = Response::new(Body::from(body));
+                r.headers_mut().insert(header::CONTENT_TYPE, content_type);
+                r
+            }
+            Reply::Stream(pending) => {
+                let mut rec = rec;
+                let body = pending.relay(Box::new(move |end, stats| {
+                    drop(permit);
+                    rec.bytes = stats.bytes;
+                    rec.tokens = Some(match stats.usage {
+                        Some(u) => Tokens {
+                            input: u.prompt_tokens,
+                            output: u.completion_tokens,
+                            estimated: false,
+                        },
+                        None => Tokens {
+                            input: 0,
+                            output: stats.content_events,
+                            estimated: true,
+                        },
+                    });
+                    let (status, reason) = match end {
+                        StreamEnd::Complete => (StatusCode::OK, Reason::Ok),
+                        StreamEnd::Failed => (StatusCode::OK, Reason::StreamBroken),
+                        // 499: nginx's "client closed request", for the log.
+                        StreamEnd::ClientGone => {
+                            tracing::info!(status = 499, "client closed the stream");
+                            return rec.finish_disconnected();
+                        }
+                    };
+                    rec.finish(status, reason);
+                }));
+                let mut r = Response::new(body);
+                let h = r.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                );
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                r
+            }
+        };
+        stamp_backend(&mut resp, &dep, attempts, timing);
+        resp
+    }
+}
+
+/// The headers of a reply that ran on `dep`.
+fn stamp_backend(
+    resp: &mut Response,
+    dep: &Deployment,
+    attempts: u32,
+    timing: Option<HeaderValue>,
+) {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&dep.label) {
+        h.insert(BACKEND, v);
+    }
+    if let Some(Ok(v)) = dep.variant.as_deref().map(HeaderValue::from_str) {
+        h.insert(PRECISION, v);
+    }
+    h.insert(ATTEMPTS, HeaderValue::from(attempts));
+    if let Some(v) = timing {
+        h.insert(SERVER_TIMING, v);
+    }
+}
