@@ -128,6 +128,21 @@ impl ApiError {
         )
     }
 
+    /// A `Transfer-Encoding` other than `chunked` (`gzip, chunked`): the gateway decodes none.
+    pub fn unsupported_transfer_encoding(coding: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            format!(
+                "Transfer-Encoding `{}` is not supported; send the body as is or chunked.",
+                truncate(coding, 40)
+            ),
+        );
+        e.param = Some("transfer-encoding");
+        e
+    }
+
     /// The gateway is shutting down.
     pub fn shutting_down() -> Self {
         Self::rejected(Rejection::new(RejectReason::ShuttingDown, 1), "")
