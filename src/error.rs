@@ -226,17 +226,17 @@ impl ApiError {
     /// other 4xx passed through with their status (wrapped in the envelope if they were not).
     pub fn from_upstream(backend: &str, e: UpstreamError) -> Self {
         match e {
-            // The details (addresses, the HTTP library's text, the backend's words) are logged
-            // by `forward`; the client gets the label and what kind of failure it was.
+            // The details (addresses, the HTTP library's text) are logged by `forward`; the
+            // client gets the label and what kind of failure it was.
             UpstreamError::Connect(_) => Self::upstream_unavailable(
                 backend,
                 "it could not be reached, or closed the connection",
             ),
             UpstreamError::Timeout(what) => Self::upstream_timeout(backend, what),
-            UpstreamError::Invalid(_) => Self::upstream_unavailable(
-                backend,
-                "its reply was an error or not a valid response",
-            ),
+            // The backend's own error message (as for its 4xx), or the gateway's words.
+            UpstreamError::Invalid(detail) => {
+                Self::upstream_unavailable(backend, truncate(&detail, 300))
+            }
             UpstreamError::TooLarge(limit) => Self::upstream_unavailable(
                 backend,
                 format!("its reply is larger than server.max_response_bytes ({limit})"),

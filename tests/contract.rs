@@ -55,7 +55,10 @@ async fn answer(s: &Seen, sick: bool, req: Request) -> Response {
         if sick {
             return (StatusCode::INTERNAL_SERVER_ERROR, "sick").into_response();
         }
-        return ([("content-type", "application/json")], r#"{"object":"list","data":[]}"#)
+        return (
+            [("content-type", "application/json")],
+            r#"{"object":"list","data":[]}"#,
+        )
             .into_response();
     }
     let body = axum::body::to_bytes(req.into_body(), usize::MAX)
@@ -83,7 +86,10 @@ async fn answer(s: &Seen, sick: bool, req: Request) -> Response {
                     // Two separate reads for the gateway: the first byte goes out first.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Some((Ok::<_, std::io::Error>(Bytes::from_static(c.as_bytes())), i + 1))
+                Some((
+                    Ok::<_, std::io::Error>(Bytes::from_static(c.as_bytes())),
+                    i + 1,
+                ))
             }
         });
         return (
@@ -177,13 +183,17 @@ async fn a_malformed_body_is_400_naming_where_and_never_reaches_the_backend() {
     let gw = gateway(&config("", &[&url], "")).await;
 
     // A prompt saved as Windows-1252.
-    let cp1252: &[u8] = b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"caf\xe9\"}]}";
+    let cp1252: &[u8] =
+        b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"caf\xe9\"}]}";
     let resp = post_raw(gw, "/v1/chat/completions", cp1252).await;
     assert_eq!(resp.status(), 400);
     let e = envelope(resp).await;
     assert_eq!(e["code"], "invalid_json");
     let m = e["message"].as_str().unwrap();
-    assert!(m.contains("`messages[0].content`") && m.contains("column"), "{m}");
+    assert!(
+        m.contains("`messages[0].content`") && m.contains("column"),
+        "{m}"
+    );
 
     // A lone surrogate escape, in a field the gateway does not read.
     let resp = post_raw(
@@ -211,7 +221,11 @@ async fn a_malformed_body_is_400_naming_where_and_never_reaches_the_backend() {
     let e = envelope(resp).await;
     assert_eq!(e["code"], "invalid_json");
     assert!(e["message"].as_str().unwrap().contains("deeper than 64"));
-    assert_eq!(seen.posts.load(Ordering::SeqCst), 0, "nothing was forwarded");
+    assert_eq!(
+        seen.posts.load(Ordering::SeqCst),
+        0,
+        "nothing was forwarded"
+    );
 
     let resp = post_raw(gw, "/v1/chat/completions", nested(64)).await;
     assert_eq!(resp.status(), 200);
@@ -266,7 +280,11 @@ async fn a_deployment_that_fails_what_another_serves_is_still_taken_out() {
     }
     let resp = post(gw, &chat("hello")).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["x-mofa-attempts"], "1", "the sick one is skipped");
+    assert_eq!(
+        resp.headers()["x-mofa-attempts"],
+        "1",
+        "the sick one is skipped"
+    );
     assert_eq!(sick_seen.posts.load(Ordering::SeqCst), 2);
 
     // Alone, a deployment whose health check fails as well is taken out.
@@ -295,7 +313,13 @@ async fn upstream_failures_name_the_label_never_the_url() {
     let e = envelope(resp).await;
     let m = e["message"].as_str().unwrap();
     assert!(m.contains("local(m)"), "{m}");
-    for leak in ["127.0.0.1", "http://", "error sending request", "tcp connect", "refused"] {
+    for leak in [
+        "127.0.0.1",
+        "http://",
+        "error sending request",
+        "tcp connect",
+        "refused",
+    ] {
         assert!(!m.contains(leak), "{leak} in {m}");
     }
 
@@ -368,15 +392,28 @@ async fn stream_must_be_a_boolean_on_every_endpoint() {
     let (url, seen) = upstream(false).await;
     let gw = gateway(&config("", &[&url], "")).await;
     let bodies = [
-        ("/v1/embeddings", json!({"model": "m", "input": "x", "stream": "yes"})),
-        ("/v1/completions", json!({"model": "m", "prompt": "x", "stream": "yes"})),
-        ("/v1/chat/completions", json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"})),
+        (
+            "/v1/embeddings",
+            json!({"model": "m", "input": "x", "stream": "yes"}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "x", "stream": "yes"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+        ),
     ];
     for (path, body) in bodies {
         let resp = post_raw(gw, path, body.to_string()).await;
         assert_eq!(resp.status(), 400, "{path}");
         let e = envelope(resp).await;
-        assert_eq!((e["code"].as_str(), e["param"].as_str()), (Some("invalid_value"), Some("stream")), "{path}");
+        assert_eq!(
+            (e["code"].as_str(), e["param"].as_str()),
+            (Some("invalid_value"), Some("stream")),
+            "{path}"
+        );
     }
     assert_eq!(seen.posts.load(Ordering::SeqCst), 0);
 }
@@ -396,7 +433,10 @@ async fn duplicate_keys_bad_ids_and_transfer_codings_get_contract_codes() {
     let e = envelope(resp).await;
     assert_eq!(e["code"], "invalid_json");
     assert!(
-        e["message"].as_str().unwrap().contains("duplicate key `model`"),
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key `model`"),
         "{e}"
     );
 
@@ -417,7 +457,9 @@ async fn duplicate_keys_bad_ids_and_transfer_codings_get_contract_codes() {
     let reply = raw_http(gw, req.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("\"param\":\"transfer-encoding\""), "{reply}");
-    assert!(reply.to_ascii_lowercase().contains("content-type: application/json"));
+    assert!(reply
+        .to_ascii_lowercase()
+        .contains("content-type: application/json"));
     assert_eq!(seen.posts.load(Ordering::SeqCst), 0);
 
     // Plain chunked is fine.

@@ -609,7 +609,9 @@ mod tests {
     #[test]
     fn the_whole_body_is_checked() {
         // Invalid UTF-8 deep in a string, in a key, and a lone surrogate escape.
-        let m = bytes_err(b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"caf\xe9\"}]}");
+        let m = bytes_err(
+            b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"caf\xe9\"}]}",
+        );
         assert!(m.contains("`messages[0].content`"), "{m}");
         assert!(m.contains("column"), "{m}");
         let m = bytes_err(b"{\"model\":\"m\",\"messages\":[{}],\"tools\":{\"k\xff\":1}}");

@@ -26,7 +26,6 @@ pub struct Attempts {
     request_at_fault: bool,
 }
 
-
 impl Attempts {
     pub fn new(max: u32, budget: Duration, arrival: Instant) -> Attempts {
         Attempts {

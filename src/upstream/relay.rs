@@ -230,9 +230,13 @@ mod tests {
 
     #[test]
     fn error_event_lines() {
-        assert!(has_error_event_line(b"data: {}\n\nevent: error\r\ndata: {}\n\n"));
+        assert!(has_error_event_line(
+            b"data: {}\n\nevent: error\r\ndata: {}\n\n"
+        ));
         assert!(has_error_event_line(b"event:error\n"));
-        assert!(!has_error_event_line(b"data: {\"content\":\"event: error\"}\n\n"));
+        assert!(!has_error_event_line(
+            b"data: {\"content\":\"event: error\"}\n\n"
+        ));
     }
 
     #[test]
