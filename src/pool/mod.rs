@@ -340,6 +340,7 @@ impl Managed {
         let ready = tokio::select! {
             r = tokio::time::timeout(self.spec.startup_timeout, poll_ready(&probe)) => r.is_ok(),
             status = child.wait() => {
+                process::kill_leftovers(pid);
                 let msg = match status {
                     Ok(s) => format!("it exited while starting ({s})"),
                     Err(e) => format!("it could not be watched: {e}"),
@@ -374,6 +375,7 @@ impl Managed {
         self.emit(Event::Ready);
         tokio::select! {
             status = child.wait() => {
+                process::kill_leftovers(pid);
                 let msg = match status {
                     Ok(s) => format!("it exited ({s})"),
                     Err(e) => format!("it could not be watched: {e}"),
