@@ -95,10 +95,20 @@ impl Gateway {
             };
             // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
             let _ = tcp.set_nodelay(true);
-            let io = TokioIo::new(EnvelopeIo::new(tcp));
-            let conn = http.serve_connection(io, service.clone()).into_owned();
-            let conn = graceful.watch(conn);
+            let head_timeout = Duration::from_millis(self.server.header_read_timeout_ms);
+            let (http, service) = (http.clone(), service.clone());
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
+                // The protocol is known from the first bytes, within the head's read time (the
+                // auto builder would wait for them without limit).
+                if !matches!(
+                    tokio::time::timeout(head_timeout, protocol_known(&tcp)).await,
+                    Ok(Ok(()))
+                ) {
+                    return;
+                }
+                let io = TokioIo::new(EnvelopeIo::new(tcp));
+                let conn = watcher.watch(http.serve_connection(io, service).into_owned());
                 // A client that went away, or sent garbage: nothing to answer.
                 let _ = conn.await;
             });
@@ -155,6 +165,21 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Waits until the first bytes of a connection tell HTTP/1.1 from the h2 preface (or the
+/// client closed it).
+async fn protocol_known(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 || n == PREFACE.len() || !PREFACE.starts_with(&buf[..n]) {
+            return Ok(());
+        }
+        // A partial preface (rare: real clients send it whole): the rest is already on its way.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The app behind the check that only `chunked` is accepted as a transfer coding.
 #[derive(Clone)]
 struct Guarded<S>(S);
@@ -166,10 +191,8 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = futures_util::future::Either<
-        std::future::Ready<Result<Response, S::Error>>,
-        S::Future,
-    >;
+    type Future =
+        futures_util::future::Either<std::future::Ready<Result<Response, S::Error>>, S::Future>;
 
     fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
         match refuse_transfer_coding(req.headers()) {
@@ -268,9 +291,10 @@ fn own_error_head(buf: &[u8]) -> Option<usize> {
     }
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = &buf[..end];
-    let has_id = head
-        .windows(REQUEST_ID.as_str().len() + 1)
-        .any(|w| w[..w.len() - 1].eq_ignore_ascii_case(REQUEST_ID.as_str().as_bytes()) && w[w.len() - 1] == b':');
+    let has_id = head.windows(REQUEST_ID.as_str().len() + 1).any(|w| {
+        w[..w.len() - 1].eq_ignore_ascii_case(REQUEST_ID.as_str().as_bytes())
+            && w[w.len() - 1] == b':'
+    });
     (!has_id).then_some(end)
 }
 
@@ -292,12 +316,8 @@ fn error_reply(status: StatusCode) -> Bytes {
              value, Content-Length or Transfer-Encoding",
         ),
     };
-    let body = crate::upstream::envelope(
-        message,
-        crate::error::kind_for_status(status),
-        None,
-        code,
-    );
+    let body =
+        crate::upstream::envelope(message, crate::error::kind_for_status(status), None, code);
     let id = crate::proxy::accept::accept(&axum::http::HeaderMap::new()).id;
     let mut out = BytesMut::with_capacity(body.len() + 256);
     out.put_slice(b"HTTP/1.1 ");
@@ -308,7 +328,9 @@ fn error_reply(status: StatusCode) -> Bytes {
     out.put_slice(body.len().to_string().as_bytes());
     out.put_slice(b"\r\nx-request-id: ");
     out.put_slice(id.as_bytes());
-    out.put_slice(b"\r\nx-mofa-backend: gateway\r\nx-mofa-latency-ms: 0\r\nconnection: close\r\n\r\n");
+    out.put_slice(
+        b"\r\nx-mofa-backend: gateway\r\nx-mofa-latency-ms: 0\r\nconnection: close\r\n\r\n",
+    );
     out.put_slice(&body);
     out.freeze()
 }
@@ -362,10 +384,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for EnvelopeIo<T> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
     }

@@ -42,8 +42,8 @@ const SMALL_REPLY: &str = r#"{"id":"x","object":"chat.completion","created":0,"m
 const TOO_LARGE: &str = r#"{"error":{"message":"body too large","type":"invalid_request_error","param":null,"code":"too_large"}}"#;
 
 /// An upstream that refuses bodies over 1 MiB with 413 as soon as it has the head, without
-/// reading the body and without `connection: close`, then closes the connection (the unread
-/// body makes that a reset); smaller requests are read and answered on a kept-alive connection.
+/// reading the body and without `connection: close`, then closes the connection a moment later
+/// (the unread body makes that a reset); smaller requests are read and answered on a kept-alive connection.
 async fn early_413_upstream() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -84,7 +84,9 @@ async fn serve_early_413(mut conn: TcpStream) {
                 TOO_LARGE.len()
             );
             let _ = conn.write_all(reply.as_bytes()).await;
-            return; // closed with the body unread
+            // Closed a moment later with the body unread (as a server that drains nothing).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return;
         }
         while buf.len() < head_end + len {
             let mut chunk = [0u8; 8192];
@@ -198,8 +200,8 @@ async fn raw(gw: SocketAddr, bytes: &[u8]) -> (u16, String, Value) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let body: Value = serde_json::from_str(body)
-        .unwrap_or_else(|_| panic!("the body is not JSON: {text:?}"));
+    let body: Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("the body is not JSON: {text:?}"));
     (status, head.to_ascii_lowercase(), body)
 }
 
@@ -228,18 +230,30 @@ async fn replies_made_below_the_app_are_envelopes() {
     }
     assert_envelope(
         "101 header lines",
-        raw(gw, format!("GET /v1/models HTTP/1.1\r\nhost: x\r\n{many}\r\n").as_bytes()).await,
+        raw(
+            gw,
+            format!("GET /v1/models HTTP/1.1\r\nhost: x\r\n{many}\r\n").as_bytes(),
+        )
+        .await,
         431,
     );
     let huge = format!("x-big: {}\r\n", "a".repeat(70 * 1024));
     assert_envelope(
         "a head over max_header_bytes",
-        raw(gw, format!("GET /v1/models HTTP/1.1\r\nhost: x\r\n{huge}\r\n").as_bytes()).await,
+        raw(
+            gw,
+            format!("GET /v1/models HTTP/1.1\r\nhost: x\r\n{huge}\r\n").as_bytes(),
+        )
+        .await,
         431,
     );
     assert_envelope(
         "a control byte in a header",
-        raw(gw, b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-a: b\x01c\r\n\r\n").await,
+        raw(
+            gw,
+            b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-a: b\x01c\r\n\r\n",
+        )
+        .await,
         400,
     );
     assert_envelope(
@@ -249,7 +263,11 @@ async fn replies_made_below_the_app_are_envelopes() {
     );
     assert_envelope(
         "two different Content-Lengths",
-        raw(gw, post("content-length: 2\r\ncontent-length: 3\r\n").as_bytes()).await,
+        raw(
+            gw,
+            post("content-length: 2\r\ncontent-length: 3\r\n").as_bytes(),
+        )
+        .await,
         400,
     );
     assert_envelope(

@@ -223,7 +223,8 @@ impl Deployment {
         let mut req = Request::new(Full::new(Bytes::new()));
         *req.uri_mut() = url;
         if let Some(auth) = &self.auth {
-            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, auth.clone());
         }
         let probe = async {
             match self.client.send(req).await {
@@ -256,14 +257,16 @@ impl Deployment {
             deadline.map_or(fb, |d| d.min(fb))
         };
         let url = match &self.dynamic_base {
-            Some(m) => match m().and_then(|b| format!("{b}{}", endpoint.path()).parse::<Uri>().ok()) {
-                Some(url) => url,
-                None => {
-                    return Err(UpstreamError::Connect(
-                        "the model server is not running".into(),
-                    ))
+            Some(m) => {
+                match m().and_then(|b| format!("{b}{}", endpoint.path()).parse::<Uri>().ok()) {
+                    Some(url) => url,
+                    None => {
+                        return Err(UpstreamError::Connect(
+                            "the model server is not running".into(),
+                        ))
+                    }
                 }
-            },
+            }
             None => match &self.urls {
                 Some(urls) => urls[endpoint as usize].clone(),
                 None => return Err(UpstreamError::Connect("no URL is configured".into())),
@@ -274,7 +277,10 @@ impl Deployment {
         *req.uri_mut() = url;
         let h = req.headers_mut();
         h.reserve(4 + self.extra_headers.len());
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(
             header::ACCEPT,
             HeaderValue::from_static(if stream {
