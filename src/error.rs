@@ -17,6 +17,9 @@ use crate::reason::{clamp_retry_after, RejectReason, Rejection, RETRY_AFTER_MAX_
 pub(crate) use crate::upstream::envelope;
 use crate::upstream::{is_envelope, UpstreamError};
 
+/// `retry-after-ms` of a `max_parallel` refusal: a slot frees when a request ends.
+const PARALLEL_RETRY_MS: u64 = 250;
+
 /// A failure to be answered with the OpenAI error envelope (boxed: it travels in `Result`s).
 #[derive(Debug, Clone)]
 pub struct ApiError(Box<ErrorReply>);
@@ -47,6 +50,8 @@ pub struct ErrorReply {
     pub param: Option<&'static str>,
     /// `Retry-After` in seconds (already clamped to [1, 60] when set through the constructors).
     pub retry_after: Option<u64>,
+    /// `retry-after-ms` when it is more precise than `retry_after` × 1000 (rate limits).
+    pub retry_after_ms: Option<u64>,
     /// `x-should-retry`, for failures that retrying cannot fix.
     pub should_retry: Option<bool>,
     /// `x-mofa-backend` for this reply; `None` leaves the default (`gateway`).
@@ -68,6 +73,7 @@ impl ApiError {
             message,
             param: None,
             retry_after: None,
+            retry_after_ms: None,
             should_retry: None,
             backend: None,
             reason: None,
@@ -131,6 +137,114 @@ impl ApiError {
     /// The gateway is shutting down.
     pub fn shutting_down() -> Self {
         Self::rejected(Rejection::new(RejectReason::ShuttingDown, 1), "")
+    }
+
+    /// No API key, or one the gateway does not know (as OpenAI: no hint which keys exist, and
+    /// never the key itself).
+    pub fn invalid_api_key(missing: bool) -> Self {
+        let message = if missing {
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        } else {
+            "Incorrect API key provided."
+        };
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            message.into(),
+        )
+    }
+
+    /// The key may not use this model.
+    pub fn model_not_allowed(model: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "model_not_allowed",
+            format!(
+                "Your API key is not allowed to use the model `{}`.",
+                truncate(model, 200)
+            ),
+        );
+        e.param = Some("model");
+        e
+    }
+
+    /// `/admin/*` with a client key.
+    pub fn admin_key_required() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "admin_key_required",
+            "This endpoint needs an admin key.".into(),
+        )
+    }
+
+    /// Over a rate limit (429, as OpenAI): `Retry-After` and `retry-after-ms` say when the
+    /// request fits; one that never fits (more than a minute's allowance) says
+    /// `x-should-retry: false`.
+    pub fn rate_limited(d: &crate::limits::Denial, key: &str) -> Self {
+        use crate::limits::Dim;
+        let what = match d.dim {
+            Dim::Requests => "requests per min (RPM)",
+            Dim::Tokens => "tokens per min (TPM)",
+        };
+        let message = match d.retry_after_us {
+            Some(us) => {
+                let (_, ms) = crate::limits::retry_after(us);
+                format!(
+                    "Rate limit reached for {what} on key `{key}`: Limit {}, Used {}, Requested {}. Please try again in {}.",
+                    d.limit, d.used, d.requested, crate::limits::openai_duration(ms * 1000)
+                )
+            }
+            None => format!(
+                "Request too large for {what} on key `{key}`: Limit {}, Requested {}. Send a smaller request.",
+                d.limit, d.requested
+            ),
+        };
+        let mut e = ApiError(Box::new(ErrorReply {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: d.dim.as_str(),
+            code: Cow::Borrowed("rate_limit_exceeded"),
+            message,
+            param: None,
+            retry_after: None,
+            retry_after_ms: None,
+            should_retry: None,
+            backend: None,
+            reason: None,
+            passthrough: None,
+            attempts: None,
+        }));
+        match d.retry_after_us {
+            Some(us) => {
+                let (secs, ms) = crate::limits::retry_after(us);
+                e.retry_after = Some(secs);
+                e.retry_after_ms = Some(ms);
+            }
+            None => e.should_retry = Some(false),
+        }
+        e
+    }
+
+    /// `max_parallel` requests of the key are in flight: a short retry, not a whole window.
+    pub fn too_many_in_flight(limit: u32, key: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            "rate_limit_exceeded",
+            format!(
+                "Too many requests in flight on key `{key}`: Limit {limit} at once. Please try again when one has finished."
+            ),
+        );
+        e.retry_after = Some(1);
+        e.retry_after_ms = Some(PARALLEL_RETRY_MS);
+        e
+    }
+
+    /// The shared rate-limit store does not answer and `redis_failure = "closed"`.
+    pub fn limits_unavailable() -> Self {
+        Self::rejected(Rejection::new(RejectReason::LimitsUnavailable, 1), "")
     }
 
     /// The client did not send its body in time.
@@ -262,6 +376,7 @@ impl ApiError {
             RejectReason::NoHealthyBackend => format!("No deployment of model `{model}` can serve requests now."),
             RejectReason::BackendStartFailed => format!("The server for model `{model}` failed to start; retry later."),
             RejectReason::ShuttingDown => "The gateway is shutting down; retry on another replica or later.".to_string(),
+            RejectReason::LimitsUnavailable => "The shared rate-limit store does not answer; retry later.".to_string(),
         };
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -396,7 +511,8 @@ impl IntoResponse for ApiError {
         }
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            h.insert(RETRY_AFTER_MS, HeaderValue::from(secs * 1000));
+            let ms = self.retry_after_ms.unwrap_or(secs * 1000);
+            h.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
         }
         if let Some(retry) = self.should_retry {
             h.insert(
