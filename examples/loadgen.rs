@@ -66,6 +66,10 @@ struct Args {
     /// no priority header is sent.
     #[arg(long)]
     priority_mix: Option<String>,
+    /// An extra request header `NAME: VALUE` on every request (repeatable), e.g. an
+    /// `authorization: Bearer ...` for a keyed gateway.
+    #[arg(long = "header")]
+    headers: Vec<String>,
     /// Seconds of load sent before the measurement window and not reported.
     #[arg(long, default_value_t = 0.0)]
     warmup_s: f64,
@@ -315,8 +319,26 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut extra = reqwest::header::HeaderMap::new();
+    for h in &args.headers {
+        let parsed = h.split_once(':').and_then(|(k, v)| {
+            let k = reqwest::header::HeaderName::from_bytes(k.trim().as_bytes()).ok()?;
+            let v = reqwest::header::HeaderValue::from_str(v.trim()).ok()?;
+            Some((k, v))
+        });
+        match parsed {
+            Some((k, v)) => {
+                extra.insert(k, v);
+            }
+            None => {
+                eprintln!("error: --header must be NAME: VALUE");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let client = match reqwest::Client::builder()
         .no_proxy()
+        .default_headers(extra)
         .pool_max_idle_per_host(args.max_outstanding)
         .tcp_nodelay(true)
         .timeout(Duration::from_secs_f64(args.timeout_s))

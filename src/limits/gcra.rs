@@ -174,8 +174,10 @@ mod tests {
                     Check::Denied { retry_after_us, .. } => {
                         prop_assert!(retry_after_us > 0 && retry_after_us <= r.period_us);
                         let at = now + retry_after_us;
-                        prop_assert!(matches!(r.check(tat, at, cost), Check::Allowed { .. }));
-                        prop_assert!(matches!(r.check(tat, at - 1, cost), Check::Denied { .. }));
+                        let fits = matches!(r.check(tat, at, cost), Check::Allowed { .. });
+                        let early = matches!(r.check(tat, at - 1, cost), Check::Denied { .. });
+                        prop_assert!(fits, "does not fit at its Retry-After");
+                        prop_assert!(early, "fits before its Retry-After");
                     }
                     Check::TooLarge => prop_assert!(cost > limit),
                 }

@@ -195,7 +195,8 @@ mod tests {
         let secret = "sk-mofa-test-secret";
         let hex: String = digest(secret).iter().map(|b| format!("{b:02x}")).collect();
         let toml = format!(
-            "[auth]\nmode = \"keys\"\n[[auth.keys]]\nname = \"a\"\nhash = \"sha256:{hex}\"\n"
+            "[auth]\nmode = \"keys\"\n[[auth.keys]]\nname = \"a\"\nhash = \"sha256:{hex}\"\n\
+             [[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\n"
         );
         let cfg = Config::parse(&toml, &|_| None).unwrap();
         (Auth::build(&cfg), secret)

@@ -20,8 +20,10 @@ pub enum Reason {
     Ok,
     /// Turned away by admission (503).
     Rejected(RejectReason),
-    /// The request was bad (400, 404, 408, 413, 415).
+    /// The request was bad (400, 401, 403, 404, 408, 413, 415).
     InvalidRequest,
+    /// Over its principal's rate limit (429).
+    RateLimited,
     /// The backend refused the request itself (its 4xx).
     UpstreamRejected,
     /// The backend failed before the first byte (502, its 503).
@@ -40,6 +42,7 @@ impl Reason {
             Reason::Ok => "ok",
             Reason::Rejected(r) => r.as_str(),
             Reason::InvalidRequest => "invalid_request",
+            Reason::RateLimited => "rate_limited",
             Reason::UpstreamRejected => "upstream_rejected",
             Reason::UpstreamError => "upstream_error",
             Reason::UpstreamTimeout => "upstream_timeout",
@@ -55,6 +58,7 @@ impl Reason {
         }
         match e.status.as_u16() {
             504 => Reason::UpstreamTimeout,
+            429 => Reason::RateLimited,
             502 | 503 => Reason::UpstreamError,
             _ if e.code == "upstream_error" => Reason::UpstreamRejected,
             _ => Reason::InvalidRequest,
