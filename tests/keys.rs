@@ -218,7 +218,10 @@ async fn keys_gate_models_priorities_and_admin_and_never_show_the_secret() {
     // The log (at debug level) names the key, never the secret.
     let logged = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
-    assert!(logged.contains("\"team-a\""), "the access log names the key: {logged}");
+    assert!(
+        logged.contains("\"team-a\""),
+        "the access log names the key: {logged}"
+    );
     seen += &logged;
     for secret in [&team, &other, &admin_key, &wrong] {
         assert!(!seen.contains(secret.as_str()), "a secret was printed");
