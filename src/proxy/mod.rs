@@ -3,8 +3,9 @@
 //!
 //! 1. [`accept`]: request id, arrival time, body limits (for every route, in the HTTP layer);
 //! 2. [`parse`]: content type, body, the fields the gateway reads;
-//! 3. [`authorize`]: who is asking and what they may use (empty for now);
-//! 4. [`limit`]: their rate limits (empty for now), before any queue place is taken;
+//! 3. [`authorize`]: who is asking (their key, checked before the body is read) and what they
+//!    may use, at which priority;
+//! 4. [`limit`]: their rate limits, before any queue place is taken;
 //! 5. [`admit`]: a slot now or a place in the priority queue, or a rejection;
 //! 6. [`route`]: which deployment each try goes to, and whether there is another try;
 //! 7. [`forward`]: pool start, rewrite, upstream call (and, for a stream, the relay);
@@ -49,6 +50,8 @@ use route::Attempts;
 pub struct Pipeline {
     pub orch: Orchestrator,
     pub observer: Arc<Observer>,
+    pub auth: authorize::Auth,
+    pub limiter: Arc<crate::quota::Limiter>,
     limits: Limits,
     max_attempts: u32,
     retry_budget: Duration,
@@ -62,6 +65,8 @@ impl Pipeline {
         Ok(Pipeline {
             orch: Orchestrator::build(cfg).await?,
             observer: Arc::new(Observer::default()),
+            auth: authorize::Auth::build(cfg),
+            limiter: Arc::new(crate::quota::Limiter::build(cfg).await),
             limits: Limits {
                 max_body_bytes: cfg.server.max_body_bytes,
                 body_read_timeout: Duration::from_millis(cfg.server.body_read_timeout_ms),
@@ -92,6 +97,8 @@ impl Pipeline {
                 if let Some(v) = rec.server_timing() {
                     resp.headers_mut().insert(SERVER_TIMING, v);
                 }
+                resp.headers_mut()
+                    .extend(std::mem::take(&mut rec.reply_headers));
                 rec.finish(e.status, Reason::of(&e));
                 resp
             }
@@ -106,13 +113,14 @@ impl Pipeline {
         req: Request,
         rec: &mut Record,
     ) -> Result<Forwarded, ApiError> {
-        let headers = req.headers().clone();
-        let parsed = parse::parse(endpoint, self.limits, req).await?;
+        // The key first: an unknown client gets its 401 before its body is read.
+        let who = self.auth.authenticate(req.headers())?;
+        let mut parsed = parse::parse(endpoint, self.limits, req).await?;
         let model = self.model(&parsed)?;
         rec.model = Some(model.name.as_str().into());
         rec.priority = Some(parsed.priority());
-        let who = authorize::authorize(&headers, &parsed)?;
-        let _allowance = limit::limit(&who, &parsed)?;
+        authorize::authorize(&who, &mut parsed, rec)?;
+        limit::limit(&self.limiter, &who, &parsed, rec).await?;
         if self.is_shutting_down() {
             return Err(ApiError::rejected(
                 Rejection::new(RejectReason::ShuttingDown, 1),
@@ -183,6 +191,8 @@ impl Pipeline {
         } = ok;
         let timing = rec.server_timing();
         let attempts = rec.attempts;
+        let mut rec = rec;
+        let extra = std::mem::take(&mut rec.reply_headers);
         let mut resp = match reply {
             Reply::Full {
                 content_type,
@@ -190,7 +200,6 @@ impl Pipeline {
                 usage,
             } => {
                 drop(permit);
-                let mut rec = rec;
                 rec.tokens = usage.map(|u| Tokens {
                     input: u.prompt_tokens,
                     output: u.completion_tokens,
@@ -202,7 +211,6 @@ impl Pipeline {
                 r
             }
             Reply::Stream(pending) => {
-                let mut rec = rec;
                 let body = pending.relay(Box::new(move |end, stats| {
                     drop(permit);
                     rec.bytes = stats.bytes;
@@ -240,6 +248,7 @@ impl Pipeline {
             }
         };
         stamp_backend(&mut resp, &dep, attempts, timing);
+        resp.headers_mut().extend(extra);
         resp
     }
 }
