@@ -78,10 +78,6 @@ struct Args {
     /// no priority header is sent.
     #[arg(long)]
     priority_mix: Option<String>,
-    /// An extra request header `NAME: VALUE` on every request (repeatable), e.g. an
-    /// `authorization: Bearer ...` for a keyed gateway.
-    #[arg(long = "header")]
-    headers: Vec<String>,
     /// Seconds of load sent before the measurement window and not reported.
     #[arg(long, default_value_t = 0.0)]
     warmup_s: f64,
