@@ -80,3 +80,102 @@ fn check_config_masks_secrets_and_names_bad_keys() {
     assert!(stderr.contains("MOFA_TEST_KEY is not set"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A scratch directory of this test process, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("mofa-cli-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn write(&self, file: &str, text: &str) -> String {
+        let path = self.0.join(file);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn check_config_locates_invalid_toml() {
+    let dir = TempDir::new("syntax");
+    let file = dir.write(
+        "bad.toml",
+        "[[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\nttft_ms = 5 6\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", &file])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{file}: line 5, column 13: not valid TOML")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("5 | ttft_ms = 5 6"), "{stderr}");
+    assert!(stderr.contains("\n  |             ^"), "{stderr}");
+}
+
+#[test]
+fn check_config_masks_credential_headers_and_redis_password() {
+    let dir = TempDir::new("headers");
+    let file = dir.write(
+        "gw.toml",
+        "[limits]\nstore = \"redis\"\nredis_url = \"redis://:${MOFA_TEST_REDIS_PW}@127.0.0.1:6379\"\n\
+         [[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"cloud\"\nprovider = \"p\"\n\
+         url = \"https://api.example.test/v1\"\n\
+         headers = { \"OpenAI-Organization\" = \"${MOFA_TEST_ORG}\", \"X-Api-Key\" = \"literal-api-secret\", \
+         \"x-session-TOKEN\" = \"tok-secret\", \"Cookie\" = \"c=cookie-secret\", \"X-Source\" = \"visible-value\" }\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", &file])
+        .env("MOFA_TEST_ORG", "org-env-secret")
+        .env("MOFA_TEST_REDIS_PW", "redis-pw-secret")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for secret in [
+        "org-env-secret",
+        "literal-api-secret",
+        "tok-secret",
+        "cookie-secret",
+        "redis-pw-secret",
+    ] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("OpenAI-Organization = \"***\""), "{stdout}");
+    assert!(stdout.contains("visible-value"), "{stdout}");
+    assert!(stdout.contains("redis://:***@127.0.0.1:6379"), "{stdout}");
+}
+
+#[test]
+fn check_config_refuses_a_raw_key_without_repeating_it() {
+    let dir = TempDir::new("rawkey");
+    let file = dir.write(
+        "gw.toml",
+        "[auth]\nmode = \"keys\"\n[[auth.keys]]\nname = \"a\"\nhash = \"sk-mofa-raw-secret\"\n\
+         [[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", &file])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("auth.keys[0].hash"), "{stderr}");
+    assert!(stderr.contains("mofa-gateway keys hash"), "{stderr}");
+    assert!(!stderr.contains("raw-secret") && !out.stdout.windows(10).any(|w| w == b"raw-secret"));
+}
