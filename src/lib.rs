@@ -10,7 +10,9 @@
 //!   supervisor of the local model servers);
 //! - the pure decision core: `admission`, `routing`, `breaker`, with `reason` (the closed set
 //!   of rejections); no I/O, no HTTP crate;
-//! - `config` (validated TOML) and `headers` (names), used by all; `sim` stands alone.
+//! - `config` (validated TOML) and `headers` (names), used by all; `metrics` (the Prometheus
+//!   registry and the status page's windows, fed by `proxy::observe`) imports nothing of the
+//!   crate; `sim` stands alone.
 
 pub mod config;
 pub mod http;
@@ -21,6 +23,7 @@ mod admission;
 mod breaker;
 mod error;
 mod headers;
+mod metrics;
 mod orchestrator;
 mod pool;
 mod proxy;

@@ -14,11 +14,33 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ServerConfig};
 use crate::http::{router, AppState};
+use crate::proxy::observe::ClientAddr;
+
+type Service = TowerToHyperService<axum::Router>;
+
+/// The router, with the connection's peer address put into each request's extensions (for
+/// the access log).
+#[derive(Clone)]
+struct WithPeer {
+    inner: Service,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for WithPeer {
+    type Response = <Service as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Response;
+    type Error = <Service as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Error;
+    type Future = TowerToHyperServiceFuture<axum::Router, hyper::Request<hyper::body::Incoming>>;
+
+    fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        self.inner.call(req)
+    }
+}
 
 /// A gateway bound to a port but not serving yet.
 pub struct Gateway {
@@ -57,7 +79,7 @@ impl Gateway {
         let service = TowerToHyperService::new(self.app);
         tokio::pin!(shutdown);
         loop {
-            let (tcp, _) = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(c) => c,
                     Err(e) => {
@@ -71,7 +93,11 @@ impl Gateway {
             };
             // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
             let _ = tcp.set_nodelay(true);
-            let conn = http.serve_connection(TokioIo::new(tcp), service.clone());
+            let service = WithPeer {
+                inner: service.clone(),
+                peer,
+            };
+            let conn = http.serve_connection(TokioIo::new(tcp), service);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 // A client that went away, or sent garbage: nothing to answer.
