@@ -32,8 +32,8 @@ const RATE_LIMITED: &str = "mofa_gateway_rate_limited_total";
 const IN_FLIGHT: &str = "mofa_gateway_in_flight";
 const MAX_CONCURRENCY: &str = "mofa_gateway_max_concurrency";
 const QUEUE_DEPTH: &str = "mofa_gateway_queue_depth";
-const MEM_RESIDENT: &str = "mofa_gateway_memory_resident_mb";
-const MEM_CAPACITY: &str = "mofa_gateway_memory_capacity_mb";
+const MEM_RESIDENT: &str = "mofa_gateway_memory_resident_bytes";
+const MEM_CAPACITY: &str = "mofa_gateway_memory_capacity_bytes";
 const POOL_STATE: &str = "mofa_gateway_pool_state";
 const BREAKER: &str = "mofa_gateway_breaker_state";
 
@@ -54,6 +54,7 @@ pub const QUEUE_BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+const MIB: f64 = 1_048_576.0;
 const PRIORITIES: [&str; 4] = ["low", "normal", "high", "critical"];
 const POOL_STATES: [&str; 5] = ["stopped", "starting", "ready", "stopping", "failed"];
 
@@ -222,9 +223,14 @@ fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Requests waiting for a slot, by priority.");
     describe_gauge!(
         MEM_RESIDENT,
-        "Memory of the resident local models, in MB (as declared)."
+        Unit::Bytes,
+        "Memory of the resident local models (their declared memory_mb, in bytes)."
     );
-    describe_gauge!(MEM_CAPACITY, "The memory budget of local models, in MB.");
+    describe_gauge!(
+        MEM_CAPACITY,
+        Unit::Bytes,
+        "The memory budget of local models (memory_capacity_mb, in bytes)."
+    );
     describe_gauge!(
         POOL_STATE,
         "Managed model servers: 1 for the state each is in, 0 for the others."
@@ -259,8 +265,10 @@ fn set_gauges(orch: &Value, pool: &Value) {
         }
     }
     let mem = &orch["memory"];
-    gauge!(MEM_RESIDENT).set(mem["resident_mb"].as_f64().unwrap_or(0.0));
-    gauge!(MEM_CAPACITY).set(mem["capacity_mb"].as_f64().unwrap_or(0.0));
+    // The config's MB are MiB (2^20 bytes); Prometheus wants base units.
+    let bytes = |v: &Value| v.as_f64().unwrap_or(0.0) * MIB;
+    gauge!(MEM_RESIDENT).set(bytes(&mem["resident_mb"]));
+    gauge!(MEM_CAPACITY).set(bytes(&mem["capacity_mb"]));
     for p in pool["models"].as_array().into_iter().flatten() {
         let name = p["name"].as_str().unwrap_or_default();
         let now = p["state"].as_str().unwrap_or_default();

@@ -265,7 +265,9 @@ impl Record {
                 .filter(|t| !t.estimated)
                 .map(|t| (t.input, t.output)),
         });
-        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        // Milliseconds with microsecond resolution.
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let opt_ms = |d: Option<Duration>| d.map(ms);
         tracing::info!(
             target: "mofa_gateway::access",
             request_id = self.id.to_str().unwrap_or_default(),
@@ -278,10 +280,10 @@ impl Record {
             status,
             reason = reason.as_str(),
             attempts = self.attempts,
-            queue_ms = ms(self.queue_wait),
-            ttfb_ms = ms(self.first_byte),
-            upstream_ttfb_ms = ms(self.upstream_ttfb),
-            total_ms = total.as_secs_f64() * 1000.0,
+            queue_ms = opt_ms(self.queue_wait),
+            ttfb_ms = opt_ms(self.first_byte),
+            upstream_ttfb_ms = opt_ms(self.upstream_ttfb),
+            total_ms = ms(total),
             bytes = self.bytes,
             tokens_in = self.tokens.map(|t| t.input),
             tokens_out = self.tokens.map(|t| t.output),
