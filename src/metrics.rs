@@ -209,7 +209,10 @@ fn describe() {
         Unit::Seconds,
         "Time admitted requests waited for a slot."
     );
-    describe_counter!(TOKENS, "Tokens from the upstreams' usage, input and output.");
+    describe_counter!(
+        TOKENS,
+        "Tokens from the upstreams' usage, input and output."
+    );
     describe_counter!(
         ATTEMPTS,
         "Tries on upstream deployments: ok, or why the try failed."
@@ -253,8 +256,7 @@ fn set_gauges(orch: &Value, pool: &Value) {
                 let dep = d["backend"].as_str().unwrap_or_default().to_owned();
                 let labels = [("model", name.clone()), ("deployment", dep)];
                 gauge!(IN_FLIGHT, &labels).set(d["in_flight"].as_f64().unwrap_or(0.0));
-                gauge!(MAX_CONCURRENCY, &labels)
-                    .set(d["max_concurrency"].as_f64().unwrap_or(0.0));
+                gauge!(MAX_CONCURRENCY, &labels).set(d["max_concurrency"].as_f64().unwrap_or(0.0));
                 let breaker = match d["breaker"].as_str() {
                     Some("half_open") => 1.0,
                     Some("open") => 2.0,
@@ -285,8 +287,8 @@ fn set_gauges(orch: &Value, pool: &Value) {
 const HISTORY_S: usize = 300;
 /// Upper bounds (seconds) of the windows' latency buckets; one more bucket for the rest.
 const LAT_BOUNDS: [f64; 17] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0,
-    50.0, 100.0,
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0,
+    100.0,
 ];
 const NB: usize = LAT_BOUNDS.len() + 1;
 
@@ -521,7 +523,7 @@ fn by_class(s: &Sec) -> Value {
 mod tests {
     use super::*;
 
-    fn sample(model: &str, status: u16, reason: &'static str, ms: u64) -> Sample<'_> {
+    fn sample<'a>(model: &'a str, status: u16, reason: &'static str, ms: u64) -> Sample<'a> {
         Sample {
             model,
             backend: "sim(x)",
@@ -541,13 +543,19 @@ mod tests {
         m.finished(&sample("a", 503, "queue_full", 1));
         m.rate_limited("team-a", "requests");
         let text = m.render(&json!({"models": {}, "memory": {}}), &json!({"models": []}));
-        assert!(text.contains("# TYPE mofa_gateway_requests_total counter"), "{text}");
+        assert!(
+            text.contains("# TYPE mofa_gateway_requests_total counter"),
+            "{text}"
+        );
         assert!(text.contains(
             r#"mofa_gateway_requests_total{model="a",backend="sim(x)",status="200",reason="ok"} 1"#
         ));
         assert!(text.contains(r#"mofa_gateway_request_duration_seconds_bucket{model="a",backend="sim(x)",le="0.04"} 2"#), "{text}");
-        assert!(text.contains(r#"mofa_gateway_tokens_total{model="a",backend="sim(x)",type="output"} 10"#));
-        assert!(text.contains(r#"mofa_gateway_rate_limited_total{key="team-a",limit="requests"} 1"#));
+        assert!(text
+            .contains(r#"mofa_gateway_tokens_total{model="a",backend="sim(x)",type="output"} 10"#));
+        assert!(
+            text.contains(r#"mofa_gateway_rate_limited_total{key="team-a",limit="requests"} 1"#)
+        );
     }
 
     #[test]

@@ -32,7 +32,8 @@ struct WithPeer {
 }
 
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for WithPeer {
-    type Response = <Service as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Response;
+    type Response =
+        <Service as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Response;
     type Error = <Service as hyper::service::Service<hyper::Request<hyper::body::Incoming>>>::Error;
     type Future = TowerToHyperServiceFuture<axum::Router, hyper::Request<hyper::body::Incoming>>;
 

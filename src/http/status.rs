@@ -36,7 +36,10 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .metrics
         .render(&orch.snapshot(), &orch.pool_snapshot());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()
