@@ -7,17 +7,23 @@
 #     token; the gateway sits in front (default resilience settings: 3 tries, breaker after 5
 #     consecutive failures, open 10 s, then one probe).
 #   * examples/loadgen sends a steady open-loop load of RATE non-streaming requests/s for
-#     DURATION seconds, twice, in one run:
+#     DURATION seconds (after 2 s of warm-up), twice, in one run:
 #       1. baseline: nothing fails;
 #       2. faults: every PERIOD seconds A is killed (SIGKILL) and restarted DOWN seconds later
 #          on the same port.
+#   * Failovers (tries that failed and went on to another deployment) are read from the
+#     gateway's own counters: `GET /admin/orchestrator`, field `.counters.retries`, before and
+#     after the faults run (warm-up included). Until the gateway has that field, the script
+#     falls back to the sum of `x-mofa-attempts - 1` over the window's responses, which loadgen
+#     reports (`attempts.retries`), and says which source it used. No log line is grepped.
 #   * Reported for each run: the share of every outcome (the target for non-streaming requests
 #     with a fallback is 0 client-visible errors), the success latency p50/p99/max, and the
 #     cost of a failover: p99 and max with faults minus the baseline's.
 #   * The simulators, the gateway and the load generator share the machine's cores.
-# Traffic goes to 127.0.0.1 only; everything started here is killed on exit.
+# Traffic goes to 127.0.0.1 only; everything started here is stopped (by PID) on exit.
 # Usage: bench/faults.sh   (env: RATE=200 DURATION=30 PERIOD=3 DOWN=1.5 TTFT_MS=5)
 set -euo pipefail
+export LC_ALL=C
 
 RATE=${RATE:-200}
 DURATION=${DURATION:-30}
@@ -25,86 +31,123 @@ PERIOD=${PERIOD:-3}
 DOWN=${DOWN:-1.5}
 TTFT_MS=${TTFT_MS:-5}
 
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-cargo build --release --quiet --bin mofa-gateway --example loadgen
-bin="$root/target/release/mofa-gateway"
-loadgen="$root/target/release/examples/loadgen"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    # A is restarted by the killer loop in a subshell: find it by its port.
-    [ -n "${port_a:-}" ] && pkill -9 -f -- "sim --listen 127.0.0.1:$port_a " 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+for v in RATE DURATION; do
+    if ! [[ ${!v} =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: $v must be a positive integer (got '${!v}')" >&2
+        exit 2
+    fi
+done
+if ! [[ $TTFT_MS =~ ^[0-9]+$ ]]; then
+    echo "error: TTFT_MS must be an integer >= 0 (got '$TTFT_MS')" >&2
+    exit 2
+fi
+for v in PERIOD DOWN; do
+    if ! [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+        echo "error: $v must be a number of seconds (got '${!v}')" >&2
+        exit 2
+    fi
+done
+for tool in curl python3; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required" >&2; exit 2; }
+done
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_up() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "not up: $1" >&2; exit 1; }
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Build, free ports, process tracking (by PID) and cleanup on exit: bench/lib.sh.
+source "$ROOT/bench/lib.sh"
+BODY='{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
 
-port_a=$(free_port); port_b=$(free_port); port_gw=$(free_port)
+# A is killed and restarted by the killer loop (a subshell): its current PID lives in a file
+# that lib.sh's cleanup reads, so the last A started is stopped on exit too.
+PID_FILES+=("$TMP/a.pid")
 start_a() {
-    "$bin" sim --listen "127.0.0.1:$port_a" --model mofa-sim --ttft-ms "$TTFT_MS" >/dev/null 2>&1 &
-    a_pid=$!
-    disown "$a_pid"
+    "$BIN" sim --listen "127.0.0.1:$PORT_A" --model mofa-sim --ttft-ms "$TTFT_MS" >>"$TMP/a.log" 2>&1 &
+    LAST_PID=$!
+    echo "$LAST_PID" >"$TMP/a.pid"
 }
-start_a
-"$bin" sim --listen "127.0.0.1:$port_b" --model mofa-sim --ttft-ms "$TTFT_MS" >/dev/null 2>&1 &
-pids+=($!)
-disown $!
-cat >"$work/gw.toml" <<EOF
+first_a() { PORT_A=$1 && start_a; }
+start_b() { start b "$BIN" sim --listen "127.0.0.1:$1" --model mofa-sim --ttft-ms "$TTFT_MS"; }
+start_gw() { start gateway "$BIN" serve --config "$TMP/gw.toml" --listen "127.0.0.1:$1"; }
+# On free ports; restarted on another one if someone takes the port first (bench/lib.sh).
+serve a first_a
+serve b start_b
+PORT_B=$PORT
+B_PID=$LAST_PID
+cat >"$TMP/gw.toml" <<EOF
 [[models]]
 name = "mofa-sim"
 policy = "local-first"
 [[models.deployments]]
 kind = "local"
-url = "http://127.0.0.1:$port_a/v1"
+url = "http://127.0.0.1:$PORT_A/v1"
 max_concurrency = 512
 [[models.deployments]]
 kind = "cloud"
 provider = "backup"
-url = "http://127.0.0.1:$port_b/v1"
+url = "http://127.0.0.1:$PORT_B/v1"
 max_concurrency = 512
 EOF
-"$bin" serve --config "$work/gw.toml" --listen "127.0.0.1:$port_gw" >/dev/null 2>"$work/gw.log" &
-pids+=($!)
-disown $!
-wait_up "http://127.0.0.1:$port_a/v1/models"
-wait_up "http://127.0.0.1:$port_b/v1/models"
-wait_up "http://127.0.0.1:$port_gw/healthz"
+serve gateway start_gw
+GW_PID=$LAST_PID
+GW_BASE="http://127.0.0.1:$PORT"
+wait_ready a "http://127.0.0.1:$PORT_A/v1/models" "$(<"$TMP/a.pid")" -
+wait_ready b "http://127.0.0.1:$PORT_B/v1/models" "$B_PID" -
+wait_ready gateway "$GW_BASE/v1/chat/completions" "$GW_PID" "$BODY"
 
-body='{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
+# retries_counter: the gateway's `.counters.retries`, or nothing when it has no such field.
+retries_counter() {
+    curl --noproxy '*' -s --max-time 5 "$GW_BASE/admin/orchestrator" | python3 -c '
+import json, sys
+try:
+    n = json.load(sys.stdin)["counters"]["retries"]
+    if isinstance(n, int):
+        print(n)
+except (ValueError, KeyError, TypeError):
+    pass
+' || true
+}
+
 run_load() {
-    "$loadgen" --url "http://127.0.0.1:$port_gw/v1/chat/completions" --rate "$RATE" \
-        --duration-s "$DURATION" --warmup-s 2 --max-outstanding 4000 --body "$body"
+    "$LOADGEN" --url "$GW_BASE/v1/chat/completions" --rate "$RATE" \
+        --duration-s "$DURATION" --warmup-s 2 --max-outstanding 4000 --body "$BODY"
 }
 
 echo "baseline: $RATE req/s for $DURATION s, nothing fails" >&2
-run_load >"$work/baseline.json"
+run_load >"$TMP/baseline.json"
 
 echo "faults: A killed every $PERIOD s, back after $DOWN s" >&2
+r0=$(retries_counter)
 (
     while true; do
         sleep "$PERIOD"
-        kill -9 "$a_pid" 2>/dev/null || true
-        echo kill >>"$work/kills"
+        kill -KILL "$(<"$TMP/a.pid")" 2>/dev/null || true
+        echo kill >>"$TMP/kills"
         sleep "$DOWN"
         start_a
     done
 ) &
-killer=$!
-pids+=($killer)
-run_load >"$work/faults.json"
-kill "$killer" 2>/dev/null || true
-kills=$(wc -l <"$work/kills" 2>/dev/null || echo 0)
-# Each try that failed on A and went on to B is logged by the gateway.
-failovers=$(grep -c "upstream failed" "$work/gw.log" || true)
-echo "A was killed $kills times; tries that failed on A and were retried elsewhere: $failovers"
+KILLER=$!
+PIDS+=("$KILLER")
+run_load >"$TMP/faults.json"
+kill "$KILLER" 2>/dev/null || true
+wait "$KILLER" 2>/dev/null || true
+r1=$(retries_counter)
+kills=$(wc -l <"$TMP/kills" 2>/dev/null || echo 0)
 
-python3 - "$work/baseline.json" "$work/faults.json" <<'EOF'
+python3 - "$TMP/baseline.json" "$TMP/faults.json" "$kills" "$r0" "$r1" <<'EOF'
 import json, sys
 base, faults = (json.load(open(p)) for p in sys.argv[1:3])
+kills, r0, r1 = sys.argv[3:6]
+header = faults.get("attempts", {}).get("retries")
+if r0 and r1:
+    print(f"A was killed {kills} times; failovers (tries that failed and were retried on another"
+          f" deployment): {int(r1) - int(r0)}, from the gateway's counters.retries"
+          f" (whole faults run, warm-up included)"
+          + (f"; x-mofa-attempts - 1 summed by loadgen over the window: {header}" if header is not None else ""))
+else:
+    print(f"A was killed {kills} times; failovers (tries that failed and were retried on another"
+          f" deployment): {header if header is not None else 'unknown'}, from x-mofa-attempts - 1"
+          f" summed by loadgen over the window's responses (fallback: this gateway's"
+          f" /admin/orchestrator has no counters.retries yet)")
 def summary(name, r):
     total = sum(r["outcomes"].values())
     shares = ", ".join(f"{k}: {v} ({100*v/total:.2f}%)" for k, v in sorted(r["outcomes"].items()))

@@ -1,16 +1,37 @@
-# Shared by the benchmark scripts (sourced, not run): builds the release binary and the load
-# generator, starts processes whose output goes to $TMP/NAME.log and kills them all on exit, and
-# finds free loopback ports. Needs ROOT (the repository) and BODY (the request to probe with).
+# shellcheck shell=bash disable=SC2034 # BIN, LOADGEN, TICK: used by the scripts that source this
+# bench/lib.sh: what every script in bench/ shares (sourced, not run).
+# Owns: the one release build (the gateway binary and the load generator, in one cargo
+# command), the free-port helper, the processes a script starts (tracked by PID, stopped by PID
+# on exit: never by name), the readiness waits and the /proc readings (CPU ticks, RSS).
+# Must not: reach anything but 127.0.0.1, or stop a process it did not start.
+# Needs ROOT (the repository). Sets BIN, LOADGEN, TMP. SKIP_BUILD=1 skips the build.
 
-echo "== building (cargo build --release --bin mofa-gateway --example loadgen)" >&2
-(cd "$ROOT" && cargo build --release --quiet --bin mofa-gateway --example loadgen)
+BIN="$ROOT/target/release/mofa-gateway"
+LOADGEN="$ROOT/target/release/examples/loadgen"
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+    echo "== building (cargo build --release --bin mofa-gateway --example loadgen)" >&2
+    (cd "$ROOT" && cargo build --release --quiet --bin mofa-gateway --example loadgen)
+fi
 
 TMP=$(mktemp -d)
-PIDS=()
+PIDS=()      # started by `start` (or added by a script), stopped on exit, in reverse order
+PID_FILES=() # files holding the PID of a process a subshell (re)started; stopped on exit
 cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    local pid f i live=()
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do live+=("${PIDS[i]}"); done
+    for f in "${PID_FILES[@]}"; do
+        [[ -s $f ]] && live+=("$(<"$f")")
+    done
+    for pid in "${live[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    # Up to 5 s for a graceful exit (the gateway drains), then SIGKILL.
+    for ((i = 0; i < 50; i++)); do
+        local any=0
+        for pid in "${live[@]}"; do kill -0 "$pid" 2>/dev/null && any=1; done
+        ((any)) || break
+        sleep 0.1
+    done
+    for pid in "${live[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "${live[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -26,23 +47,31 @@ start() {
     PIDS+=("$LAST_PID")
 }
 
-# wait_ready NAME URL PID: waits until URL answers the benchmark request (BODY) with a 200
-# (10 s at most); shows NAME's log and exits if it dies or does not.
+# alive NAME PID: exits the script with NAME's log if PID is gone.
+alive() {
+    if ! kill -0 "$2" 2>/dev/null; then
+        echo "error: $1 exited; its log:" >&2
+        cat "$TMP/$1.log" >&2 2>/dev/null || true
+        exit 1
+    fi
+}
+
+# wait_ready NAME URL PID [BODY]: waits until URL answers 200 (READY_S, default 10 s, at
+# most): a POST of BODY (default: $BODY) as JSON, or a GET when BODY is `-`; READY_HEADER
+# (NAME:VALUE) is sent too. Shows NAME's log and exits if the process dies or does not answer.
 wait_ready() {
-    local name=$1 url=$2 pid=$3 i code=none
-    for ((i = 0; i < 100; i++)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "error: $name exited at start; its log:" >&2
-            cat "$TMP/$name.log" >&2
-            exit 1
-        fi
-        code=$(curl --noproxy '*' -s -o /dev/null -w '%{http_code}' --max-time 2 \
-            -H 'content-type: application/json' -d "$BODY" "$url" || true)
+    local name=$1 url=$2 pid=$3 body=${4:-${BODY:-}} i code=none
+    local args=(--noproxy '*' -s -o /dev/null -w '%{http_code}' --max-time 2)
+    [[ $body != - ]] && args+=(-H 'content-type: application/json' -d "$body")
+    [[ -n ${READY_HEADER:-} ]] && args+=(-H "$READY_HEADER")
+    for ((i = 0; i < ${READY_S:-10} * 10; i++)); do
+        alive "$name" "$pid"
+        code=$(curl "${args[@]}" "$url" || true)
         [[ $code == 200 ]] && return 0
         sleep 0.1
     done
-    echo "error: $name did not answer 200 within 10 s (last status: $code); its log:" >&2
-    cat "$TMP/$name.log" >&2
+    echo "error: $name did not answer 200 within ${READY_S:-10} s (last status: $code); its log:" >&2
+    cat "$TMP/$name.log" >&2 2>/dev/null || true
     exit 1
 }
 
@@ -56,3 +85,60 @@ for s in socks:
 print(*(s.getsockname()[1] for s in socks))
 ' "$1"
 }
+
+# listening PORT: whether something listens on 127.0.0.1:PORT (from /proc/net/tcp, no connect).
+listening() {
+    awk -v p="$(printf '%04X' "$1")" 'NR > 1 && $4 == "0A" && ($2 == "0100007F:" p || $2 == "00000000:" p) { f = 1 }
+        END { exit !f }' /proc/net/tcp
+}
+
+# serve NAME FN: starts a server on a free loopback port. FN PORT must write what it needs and
+# call `start NAME ...` with that port. A free port can be taken by someone else between the
+# probe and the bind (other jobs share the machine): when the server exits at start saying its
+# address is in use, it is started again on another port (5 tries). Sets PORT and LAST_PID.
+serve() {
+    local name=$1 fn=$2 try i
+    for ((try = 1; try <= 5; try++)); do
+        PORT=$(free_ports 1)
+        "$fn" "$PORT"
+        for ((i = 0; i < 30; i++)); do
+            listening "$PORT" && return 0
+            kill -0 "$LAST_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if ! kill -0 "$LAST_PID" 2>/dev/null && grep -qi 'in use' "$TMP/$name.log"; then
+            wait "$LAST_PID" 2>/dev/null || true
+            [[ ${PIDS[-1]:-} == "$LAST_PID" ]] && unset 'PIDS[-1]'
+            echo "$name: port $PORT was taken meanwhile; another one" >&2
+            continue
+        fi
+        # Alive but not listening yet (a slow start): wait_ready judges.
+        alive "$name" "$LAST_PID"
+        return 0
+    done
+    echo "error: $name: no free port after 5 tries" >&2
+    exit 1
+}
+
+TICK=$(getconf CLK_TCK)
+# proc_ticks PID...: CPU time (utime + stime, clock ticks, all threads) used so far by the
+# processes together (0 for one that is gone).
+proc_ticks() {
+    local pid t=0 v
+    for pid in "$@"; do
+        v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+# rss_kb PID...: resident set size of the processes together, in kB.
+rss_kb() {
+    local pid t=0 v
+    for pid in "$@"; do
+        v=$(awk '$1 == "VmRSS:" { print $2 }' "/proc/$pid/status" 2>/dev/null) || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+# children PID: the PIDs whose parent is PID (by parent, never by name).
+children() { pgrep -P "$1" || true; }

@@ -51,8 +51,6 @@ SIM_TPS=200
 MAX_TOKENS=20
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN="$ROOT/target/release/mofa-gateway"
-LOADGEN="$ROOT/target/release/examples/loadgen"
 BODY="{\"model\":\"mofa-sim\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":$MAX_TOKENS}"
 
 for v in DURATION CAL_DURATION MAX_OUTSTANDING; do
@@ -71,15 +69,18 @@ for tool in curl python3; do
     command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required" >&2; exit 2; }
 done
 
-# Build, process handling (start, wait_ready, cleanup on exit) and free ports: bench/lib.sh.
+# Build (sets BIN, LOADGEN), process handling (start, wait_ready, cleanup on exit by PID),
+# free ports and /proc readings: bench/lib.sh.
 source "$ROOT/bench/lib.sh"
-read -r SIM_PORT GW_PORT < <(free_ports 2)
-SIM_BASE="http://127.0.0.1:$SIM_PORT"
-GW_BASE="http://127.0.0.1:$GW_PORT"
-
-start sim "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --model mofa-sim --ttft-ms 0 \
-    --tokens-per-sec "$SIM_TPS" --max-concurrency "$SIM_CONCURRENCY"
+# Both on free ports, started again on another one if the port is taken meanwhile (lib.sh).
+start_sim() {
+    start sim "$BIN" sim --listen "127.0.0.1:$1" --model mofa-sim --ttft-ms 0 \
+        --tokens-per-sec "$SIM_TPS" --max-concurrency "$SIM_CONCURRENCY"
+}
+start_gw() { start gateway "$BIN" serve --config "$TMP/gateway.toml" --listen "127.0.0.1:$1"; }
+serve sim start_sim
 SIM_PID=$LAST_PID
+SIM_BASE="http://127.0.0.1:$PORT"
 cat >"$TMP/gateway.toml" <<EOF
 [admission]
 max_queue = 32
@@ -92,15 +93,14 @@ kind = "local"
 url = "$SIM_BASE/v1"
 max_concurrency = $SIM_CONCURRENCY
 EOF
-start gateway "$BIN" serve --config "$TMP/gateway.toml" --listen "127.0.0.1:$GW_PORT"
+serve gateway start_gw
 GW_PID=$LAST_PID
+GW_BASE="http://127.0.0.1:$PORT"
 wait_ready sim "$SIM_BASE/v1/chat/completions" "$SIM_PID"
 wait_ready gateway "$GW_BASE/v1/chat/completions" "$GW_PID"
 
 # --- measurement helpers ----------------------------------------------------------------------
-TICK=$(getconf CLK_TCK)
-# CPU time (user + system, clock ticks) used so far by process $1.
-proc_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+# TICK and proc_ticks PID (CPU clock ticks used so far): bench/lib.sh.
 # CPU seconds used so far by this shell's finished children (the load generator), into file
 # $1. `times` must run in this shell, not in a $(...) subshell, hence the file.
 child_secs() {

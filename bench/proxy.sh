@@ -1,104 +1,183 @@
 #!/usr/bin/env bash
-# bench/proxy.sh: what the gateway costs as a proxy, compared with calling the backend directly.
+# bench/proxy.sh: what the gateway costs as a proxy, against nginx (the floor for one HTTP hop)
+# and against calling the backend directly, side by side in one run.
 #
 # Method:
-#   * Build the release binary and the open-loop load generator (examples/loadgen.rs), then
-#     start two processes on free loopback ports:
-#       - `mofa-gateway sim`: the simulated model server, with no time to first token and no
-#         pacing (--ttft-ms 0 --tokens-per-sec 0), so it answers as fast as it can;
-#       - `mofa-gateway serve`: the gateway, with one model `mofa-sim` whose one local
-#         deployment is the sim (max_concurrency 64, the default: above the 32 connections of
-#         the full-load run; a burst beyond it queues rather than opening one new upstream
-#         connection per request).
-#   * Every request is the same non-streaming POST /v1/chat/completions,
-#       {"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}
-#   * After a warm-up of both (WARMUP seconds each), in one run and in this order, each load
-#     first against the sim directly, then against the gateway:
-#       1. full load, closed loop: wrk, CONNS connections (default 32), THREADS threads
-#          (default 2), DURATION seconds (default 15). A Lua done() hook prints requests/s and
-#          latency percentiles in microseconds, for exact parsing;
-#       2. few connections, closed loop: wrk, LOW_CONNS connections (default 4), same
-#          duration. The backend answers at once, so this can still drive the gateway near its
-#          full rate: the report prints the share of the full-load rate it reached;
-#       3. half load, open loop: loadgen sends requests at a fixed rate, half the requests/s
-#          the gateway reached at full load (HALF_SHARE, default 0.5), for DURATION seconds
-#          after a 2 s warm-up, whatever the answers (wrk cannot hold a fixed rate). loadgen
-#          paces its launches with tokio's timer (1 ms resolution), so at 10 000 requests/s
-#          they leave in bursts of ~10 per millisecond; direct and gateway see the same bursts.
-#   * Reported per run: requests/s, p50, p99, failures (wrk: non-2xx/3xx responses and socket
-#     errors; loadgen: anything but a 200) and the CPU seconds used during the run by the sim,
-#     the gateway, the load generator, other processes and idle (from /proc), with a warning
-#     when other processes took 5% of the CPU or more; then
-#       - throughput ratio = gateway requests/s / direct requests/s at full load, against the
-#         target >= 0.75;
-#       - added p50 = gateway p50 - direct p50, in ms, at every load; the one at half load
-#         against the target < 0.2 ms.
-#   * The load generator, the sim and the gateway run on the same machine and share its cores:
-#     through the gateway the CPU also runs a second server and a second hop, so the ratio is
-#     the cost of the gateway on a box with no spare cores, not on one where it has its own.
-#   * GW_WORKERS=N sets the gateway's server.worker_threads (default: unset, one per core).
+#   * One upstream for everyone: `mofa-gateway sim --ttft-ms 0 --tokens-per-sec 0` (answers at
+#     once). In front of it, on free loopback ports:
+#       - nginx (Debian package `nginx`, installed with apt-get when missing and running as
+#         root), config generated here under the temp dir: 1 worker, upstream keepalive 64,
+#         HTTP/1.1 to the upstream, proxy_buffering off, no access log, pid and temp paths in
+#         the temp dir;
+#       - the gateway: one model `mofa-sim`, one local deployment (the sim), max_concurrency
+#         64 (the default). GATEWAY_BIN (default: this checkout's release build) and
+#         GATEWAY_ARGS (default `serve --config {config} --listen {listen}`; {config} and
+#         {listen} are replaced) choose the build; GW_WORKERS sets server.worker_threads;
+#       - optionally a second gateway build in the same run: GATEWAY_B_BIN (+ GATEWAY_B_ARGS),
+#         reported as `gateway-b`;
+#       - optionally (WITH_LITELLM=1) LiteLLM LITELLM_VERSION (pinned) from PyPI in a venv
+#         under ~/.cache/mofa-gateway, 1 worker, LITELLM_LOCAL_MODEL_COST_MAP=True (offline).
+#         It is ~100x slower, so its open-loop points run at LITELLM_RATE (non-streaming) and
+#         LITELLM_STREAM_RATE (streaming) instead, and its 5000/s point is skipped.
+#   * Requests: POST /v1/chat/completions {"model":"mofa-sim","messages":[...],"max_tokens":N};
+#     non-streaming (`ns`, 16 tokens) and streaming (`st`, 20 tokens: 20 content chunks).
+#   * Points (POINTS, default "ns-1000 ns-5000 ns-closed st-1000 st-closed"):
+#       - `KIND-RATE`: open loop, examples/loadgen.rs at RATE requests/s for DURATION s after
+#         LOADGEN_WARMUP s (loadgen paces with tokio's 1 ms timer: bursts of ~RATE/1000);
+#       - `KIND-closed`: closed loop, wrk -t1 -c32 for DURATION s.
+#   * REPEATS rounds (default 3), interleaved: every round runs every point against every
+#     target (direct, nginx, gateway, ...) in turn, so slow drifts of the machine hit all alike.
+#   * Per run: CPU ticks (utime+stime from /proc/PID/stat, all threads; nginx: master + worker)
+#     of each proxy and of the sim, over the requests sent in that run (loadgen: warm-up
+#     included, as its CPU is; wrk: all it sent) -> CPU-µs per request; req/s (loadgen:
+#     goodput; wrk: its rate); p50/p99 latency (send to last body byte); failures (anything
+#     but a 200, socket errors); RSS idle (after start-up and one request) and after the load.
+#   * Reported per point and proxy, as the median over the repeats with the spread [min..max]:
+#     CPU-µs/request, the ratio gateway/nginx of CPU-µs/request (per round, then median),
+#     added p50/p99 against direct (same round), req/s and its ratio to direct.
+#   * Everything shares the machine's cores (client, sim, proxies). CPU per request of each
+#     process is the robust figure; latencies and closed-loop rates move with other load.
+#     The share of the machine's CPU used by processes not started here is printed per point.
 #
-# Traffic goes to 127.0.0.1 only. Every process started here is killed on exit.
-# Usage: bench/proxy.sh    (env: CONNS THREADS DURATION LOW_CONNS WARMUP HALF_SHARE GW_WORKERS)
+# Traffic goes to 127.0.0.1 only. Every process started here is stopped (by PID) on exit.
+# Usage: bench/proxy.sh
+#   env: REPEATS=3 DURATION=10 POINTS=... CONNS=32 LOADGEN_WARMUP=2 GW_WORKERS=
+#        GATEWAY_BIN= GATEWAY_ARGS= GATEWAY_B_BIN= GATEWAY_B_ARGS= RESULTS_OUT=FILE (raw runs)
+#        WITH_LITELLM=1 LITELLM_VERSION=1.108.7 LITELLM_RATE=20 LITELLM_STREAM_RATE=5
+#        HEADERS='NAME:VALUE|NAME:VALUE' (extra request headers, e.g. an API key, sent by
+#        loadgen and wrk to every target)
 
 set -euo pipefail
-export LC_ALL=C # decimal points in printf and awk
+export LC_ALL=C
 
+REPEATS=${REPEATS:-3}
+DURATION=${DURATION:-10}
+POINTS=${POINTS:-ns-1000 ns-5000 ns-closed st-1000 st-closed}
 CONNS=${CONNS:-32}
-THREADS=${THREADS:-2}
-DURATION=${DURATION:-15}
-LOW_CONNS=${LOW_CONNS:-4}
-WARMUP=${WARMUP:-3}
-HALF_SHARE=${HALF_SHARE:-0.5}
+LOADGEN_WARMUP=${LOADGEN_WARMUP:-2}
 GW_WORKERS=${GW_WORKERS:-}
+WITH_LITELLM=${WITH_LITELLM:-0}
+LITELLM_VERSION=${LITELLM_VERSION:-1.108.7}
+LITELLM_RATE=${LITELLM_RATE:-20}
+LITELLM_STREAM_RATE=${LITELLM_STREAM_RATE:-5}
+HEADERS=${HEADERS:-}
+HEADER_ARGS=()
+IFS='|' read -r -a HEADER_LIST <<<"$HEADERS"
+for h in "${HEADER_LIST[@]}"; do
+    if ! [[ $h =~ ^[A-Za-z0-9-]+:[^\'\"]*$ ]]; then
+        echo "error: HEADERS: '$h' is not NAME:VALUE (no quotes or backslashes)" >&2
+        exit 2
+    fi
+    HEADER_ARGS+=(--header "$h")
+done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN="$ROOT/target/release/mofa-gateway"
-LOADGEN="$ROOT/target/release/examples/loadgen"
 BODY='{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+BODY_ST='{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":20,"stream":true}'
 
-for v in CONNS THREADS DURATION LOW_CONNS WARMUP; do
+for v in REPEATS DURATION CONNS LITELLM_RATE LITELLM_STREAM_RATE; do
     if ! [[ ${!v} =~ ^[1-9][0-9]*$ ]]; then
         echo "error: $v must be a positive integer (got '${!v}')" >&2
         exit 2
     fi
 done
-if ! [[ $HALF_SHARE =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]]; then
-    echo "error: HALF_SHARE must be a number in (0, 1] (got '$HALF_SHARE')" >&2
+if ! [[ $LOADGEN_WARMUP =~ ^[0-9]+$ ]]; then
+    echo "error: LOADGEN_WARMUP must be an integer >= 0 (got '$LOADGEN_WARMUP')" >&2
     exit 2
 fi
 if [[ -n $GW_WORKERS ]] && ! [[ $GW_WORKERS =~ ^[0-9]+$ ]]; then
     echo "error: GW_WORKERS must be an integer >= 0 (got '$GW_WORKERS')" >&2
     exit 2
 fi
-if ((THREADS > CONNS)); then
-    echo "error: THREADS ($THREADS) must not exceed CONNS ($CONNS)" >&2
-    exit 2
-fi
-LOW_THREADS=$((THREADS < LOW_CONNS ? THREADS : LOW_CONNS))
+for p in $POINTS; do
+    if ! [[ $p =~ ^(ns|st)-([1-9][0-9]*|closed)$ ]]; then
+        echo "error: POINTS: '$p' is not ns-RATE, st-RATE, ns-closed or st-closed" >&2
+        exit 2
+    fi
+done
 for tool in curl python3; do
     command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required" >&2; exit 2; }
 done
 
-# --- wrk --------------------------------------------------------------------------------------
-if ! command -v wrk >/dev/null 2>&1; then
+# need CMD PACKAGE: installs Debian's PACKAGE when CMD is missing (as root), or exits.
+need() {
+    command -v "$1" >/dev/null 2>&1 && return 0
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        echo "wrk not found; installing it with apt-get" >&2
-        apt-get install -y wrk >&2 || { apt-get update >&2 && apt-get install -y wrk >&2; }
-    else
-        echo "error: wrk is not installed; install it (Debian/Ubuntu: sudo apt-get install wrk)" >&2
-        exit 2
+        echo "$1 not found; installing the Debian package $2 with apt-get" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >&2 ||
+            { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >&2; }
+        hash -r
     fi
-fi
+    command -v "$1" >/dev/null 2>&1 && return 0
+    [[ -x /usr/sbin/$1 ]] && return 0
+    echo "error: $1 is not installed (Debian/Ubuntu: sudo apt-get install $2)" >&2
+    exit 2
+}
+need wrk wrk
+need nginx nginx
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-# Build, process handling (start, wait_ready, cleanup on exit) and free ports: bench/lib.sh.
+# Build, free ports, process tracking and /proc readings: bench/lib.sh.
 source "$ROOT/bench/lib.sh"
-read -r SIM_PORT GW_PORT < <(free_ports 2)
-SIM_URL="http://127.0.0.1:$SIM_PORT/v1/chat/completions"
-GW_URL="http://127.0.0.1:$GW_PORT/v1/chat/completions"
+GATEWAY_BIN=${GATEWAY_BIN:-$BIN}
+DEFAULT_GW_ARGS='serve --config {config} --listen {listen}'
+GATEWAY_ARGS=${GATEWAY_ARGS:-$DEFAULT_GW_ARGS}
+GATEWAY_B_BIN=${GATEWAY_B_BIN:-}
+GATEWAY_B_ARGS=${GATEWAY_B_ARGS:-$DEFAULT_GW_ARGS}
 
-start sim "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --model mofa-sim --ttft-ms 0 --tokens-per-sec 0
+# --- processes --------------------------------------------------------------------------------
+TARGETS=(direct)
+declare -A URL PROCS RSS_IDLE MAIN_PID TARGET_HEADER
+
+start_sim() { start sim "$BIN" sim --listen "127.0.0.1:$1" --model mofa-sim --ttft-ms 0 --tokens-per-sec 0; }
+serve sim start_sim
+SIM_PORT=$PORT
+SIM_BASE="http://127.0.0.1:$SIM_PORT"
+URL[direct]="$SIM_BASE/v1/chat/completions"
 SIM_PID=$LAST_PID
+MAIN_PID[direct]=$SIM_PID
+wait_ready sim "${URL[direct]}" "$SIM_PID"
+
+# nginx: all its paths inside $TMP/nginx; the worker (user nobody when run as root) must be
+# able to enter it.
+mkdir -p "$TMP/nginx"
+chmod 755 "$TMP" "$TMP/nginx"
+start_nginx() {
+    cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/client_body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    upstream sim {
+        server 127.0.0.1:$SIM_PORT;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$1;
+        location / {
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+    start nginx "$NGINX" -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
+}
+serve nginx start_nginx
+MAIN_PID[nginx]=$LAST_PID
+URL[nginx]="http://127.0.0.1:$PORT/v1/chat/completions"
+TARGETS+=(nginx)
+
 {
     if [[ -n $GW_WORKERS ]]; then
         printf '[server]\nworker_threads = %s\n\n' "$GW_WORKERS"
@@ -108,172 +187,273 @@ SIM_PID=$LAST_PID
 name = "mofa-sim"
 [[models.deployments]]
 kind = "local"
-url = "http://127.0.0.1:$SIM_PORT/v1"
+url = "$SIM_BASE/v1"
 max_concurrency = 64
 EOF
 } >"$TMP/gateway.toml"
-start gateway "$BIN" serve --config "$TMP/gateway.toml" --listen "127.0.0.1:$GW_PORT"
-GW_PID=$LAST_PID
-wait_ready sim "$SIM_URL" "$SIM_PID"
-wait_ready gateway "$GW_URL" "$GW_PID"
+# start_gateway NAME BIN ARGS: a gateway build on a free port.
+start_gateway() {
+    GW_NAME=$1 GW_BIN=$2 GW_WORDS=$3
+    serve "$1" gateway_on
+    MAIN_PID[$1]=$LAST_PID
+    URL[$1]="http://127.0.0.1:$PORT/v1/chat/completions"
+    TARGETS+=("$1")
+}
+gateway_on() {
+    local words=$GW_WORDS
+    words=${words//'{config}'/$TMP/gateway.toml}
+    words=${words//'{listen}'/127.0.0.1:$1}
+    # shellcheck disable=SC2086 # ARGS is a word list by design
+    start "$GW_NAME" "$GW_BIN" $words
+}
+start_gateway gateway "$GATEWAY_BIN" "$GATEWAY_ARGS"
+if [[ -n $GATEWAY_B_BIN ]]; then
+    start_gateway gateway-b "$GATEWAY_B_BIN" "$GATEWAY_B_ARGS"
+fi
 
-# --- wrk script -------------------------------------------------------------------------------
-cat >"$TMP/chat.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '$BODY'
+if [[ $WITH_LITELLM == 1 ]]; then
+    VENV="${XDG_CACHE_HOME:-$HOME/.cache}/mofa-gateway/litellm-$LITELLM_VERSION"
+    if [[ ! -x $VENV/bin/litellm ]]; then
+        echo "== installing litellm[proxy]==$LITELLM_VERSION into $VENV" >&2
+        python3 -m venv "$VENV" >&2
+        "$VENV/bin/pip" install --quiet "litellm[proxy]==$LITELLM_VERSION" >&2
+    fi
+    cat >"$TMP/litellm.yaml" <<EOF
+model_list:
+  - model_name: mofa-sim
+    litellm_params:
+      model: openai/mofa-sim
+      api_base: $SIM_BASE/v1
+      api_key: unused
+litellm_settings:
+  telemetry: false
+EOF
+    # LiteLLM refuses to start without a master key (and then checks it on every request, as
+    # in production): a random one for this run, sent only to LiteLLM, never printed.
+    LL_KEY="sk-$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+    TARGET_HEADER[litellm]="authorization:Bearer $LL_KEY"
+    start_litellm() {
+        start litellm env LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_MASTER_KEY="$LL_KEY" \
+            "$VENV/bin/litellm" --config "$TMP/litellm.yaml" --host 127.0.0.1 --port "$1" \
+            --num_workers 1
+    }
+    serve litellm start_litellm
+    MAIN_PID[litellm]=$LAST_PID
+    URL[litellm]="http://127.0.0.1:$PORT/v1/chat/completions"
+    TARGETS+=(litellm)
+fi
 
--- One machine-readable line; latencies in microseconds.
+for t in "${TARGETS[@]}"; do
+    READY_S=$([[ $t == litellm ]] && echo 180 || echo 10) READY_HEADER=${TARGET_HEADER[$t]:-} \
+        wait_ready "$t" "${URL[$t]}" "${MAIN_PID[$t]}"
+    # The process and its direct children (nginx: master + worker; litellm: its workers).
+    PROCS[$t]="${MAIN_PID[$t]} $(children "${MAIN_PID[$t]}" | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    RSS_IDLE[$t]=$(rss_kb ${PROCS[$t]})
+done
+
+# --- wrk scripts (one per kind and target: LiteLLM gets its key) -----------------------------
+# lua_header NAME:VALUE: one wrk.headers line.
+lua_header() {
+    local v=${1#*:}
+    printf 'wrk.headers["%s"] = "%s"\n' "${1%%:*}" "${v# }"
+}
+for t in "${TARGETS[@]}"; do
+    for kind in ns st; do
+        body=$([[ $kind == ns ]] && echo "$BODY" || echo "$BODY_ST")
+        {
+            printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            printf "wrk.body = '%s'\n" "$body"
+            for h in "${HEADER_LIST[@]}" ${TARGET_HEADER[$t]:+"${TARGET_HEADER[$t]}"}; do
+                lua_header "$h"
+            done
+            cat <<'EOF'
 function done(summary, latency, requests)
     local e = summary.errors
     io.write(string.format(
-        "RESULT rps=%.1f p50_us=%d p99_us=%d failed=%d sockerr=%d\n",
-        summary.requests / (summary.duration / 1e6), latency:percentile(50),
-        latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
+        "RESULT requests=%d rps=%.1f p50_us=%d p99_us=%d failed=%d\n",
+        summary.requests, summary.requests / (summary.duration / 1e6), latency:percentile(50),
+        latency:percentile(99), e.status + e.connect + e.read + e.write + e.timeout))
 end
 EOF
+        } >"$TMP/$kind-$t.lua"
+    done
+done
 
-# --- measurement helpers ----------------------------------------------------------------------
-TICK=$(getconf CLK_TCK)
-# CPU time (user + system, clock ticks) used so far by process $1.
-proc_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
-# Busy and idle CPU time (clock ticks, all CPUs together) of the whole machine so far.
-machine_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
-# CPU seconds of the finished children of a shell, from the output of `times` in file $1.
-child_secs() {
-    awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/)
-                   printf "%.2f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$1"
-}
-secs() { awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { printf "%.2f", (b - a) / t }'; }
+# --- one run ----------------------------------------------------------------------------------
+machine_busy() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
 
-# measure NAME CMD...: runs the load generator CMD, its output in $TMP/NAME.out, and writes
-# the CPU seconds used meanwhile to $TMP/NAME.cpu, as key=value words.
-measure() {
-    local name=$1 sim0 gw0 busy0 idle0 sim1 gw1 busy1 idle1 c_sim c_gw c_load c_other
-    shift
-    sim0=$(proc_ticks "$SIM_PID")
-    gw0=$(proc_ticks "$GW_PID")
-    read -r busy0 idle0 < <(machine_ticks)
-    # In a subshell whose only child is the load generator, so that `times` there gives its
-    # CPU time.
-    if ! ("$@" >"$TMP/$name.out" 2>"$TMP/$name.err" && times >"$TMP/load.times"); then
-        cat "$TMP/$name.out" "$TMP/$name.err" >&2
-        echo "error: $1 failed" >&2
-        exit 1
+# run ROUND POINT TARGET: one load run; appends one JSON line to $TMP/results.jsonl.
+run() {
+    local round=$1 point=$2 target=$3 kind=${2%%-*} rate=${2#*-} body out p0 s0 p1 s1 b0 i0 b1 i1 client
+    body=$([[ $kind == ns ]] && echo "$BODY" || echo "$BODY_ST")
+    if [[ $target == litellm && $rate != closed ]]; then
+        # LiteLLM runs only its own low rate, once per kind (the first open-loop point).
+        [[ " $LL_DONE " == *" $round-$kind "* ]] && return 0
+        LL_DONE+=" $round-$kind"
+        rate=$([[ $kind == ns ]] && echo "$LITELLM_RATE" || echo "$LITELLM_STREAM_RATE")
     fi
-    read -r busy1 idle1 < <(machine_ticks)
-    sim1=$(proc_ticks "$SIM_PID")
-    gw1=$(proc_ticks "$GW_PID")
-    c_sim=$(secs "$sim0" "$sim1" "$TICK")
-    c_gw=$(secs "$gw0" "$gw1" "$TICK")
-    c_load=$(child_secs "$TMP/load.times")
-    c_other=$(awk -v b="$(secs "$busy0" "$busy1" "$TICK")" -v x="$c_sim" -v y="$c_gw" \
-        -v z="$c_load" 'BEGIN { o = b - x - y - z; printf "%.2f", o < 0 ? 0 : o }')
-    printf 'cpu_sim=%s cpu_gw=%s cpu_load=%s cpu_other=%s cpu_idle=%s cpu_total=%s\n' \
-        "$c_sim" "$c_gw" "$c_load" "$c_other" "$(secs "$idle0" "$idle1" "$TICK")" \
-        "$(secs "$((busy0 + idle0))" "$((busy1 + idle1))" "$TICK")" >"$TMP/$name.cpu"
-}
-
-# closed_loop NAME URL CONNS THREADS SECONDS: a wrk run; results in $TMP/NAME.result.
-closed_loop() {
-    local name=$1 url=$2 conns=$3 threads=$4 dur=$5
-    echo "== $name: wrk, $conns connections, $threads threads, ${dur}s -> $url" >&2
-    measure "$name" wrk -t "$threads" -c "$conns" -d "${dur}s" --timeout 5s --latency \
-        -s "$TMP/chat.lua" "$url"
-    grep -v '^RESULT ' "$TMP/$name.out" | sed 's/^/    /' >&2
-    if ! grep -q '^RESULT ' "$TMP/$name.out"; then
-        echo "error: no RESULT line from wrk" >&2
-        exit 1
+    out="$TMP/run.out"
+    echo "== round $round, $point, $target${rate:+ ($rate)}" >&2
+    # shellcheck disable=SC2086
+    p0=$(proc_ticks ${PROCS[$target]})
+    s0=$(proc_ticks "$SIM_PID")
+    read -r b0 i0 < <(machine_busy)
+    # In a subshell whose only child is the client, so that `times` there gives its CPU time.
+    if [[ $rate == closed ]]; then
+        (wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 5s -s "$TMP/$kind-$target.lua" "${URL[$target]}" \
+            >"$out" 2>&1 && times >"$TMP/client.times") ||
+            { cat "$out" >&2; echo "error: wrk failed" >&2; exit 1; }
+    else
+        ("$LOADGEN" --url "${URL[$target]}" --rate "$rate" --duration-s "$DURATION" \
+            --warmup-s "$LOADGEN_WARMUP" --timeout-s 5 --body "$body" "${HEADER_ARGS[@]}" \
+            ${TARGET_HEADER[$target]:+--header "${TARGET_HEADER[$target]}"} \
+            >"$out" 2>"$TMP/run.err" &&
+            times >"$TMP/client.times") ||
+            { cat "$TMP/run.err" >&2; echo "error: loadgen failed" >&2; exit 1; }
     fi
-    echo "$(sed -n 's/^RESULT //p' "$TMP/$name.out") load=${conns}conn $(<"$TMP/$name.cpu")" \
-        >"$TMP/$name.result"
-}
-
-# open_loop NAME URL RATE SECONDS: a loadgen run at RATE requests/s; results in $TMP/NAME.result.
-open_loop() {
-    local name=$1 url=$2 rate=$3 dur=$4
-    echo "== $name: loadgen, $rate requests/s, ${dur}s after 2 s of warm-up -> $url" >&2
-    measure "$name" "$LOADGEN" --url "$url" --rate "$rate" --duration-s "$dur" --warmup-s 2 \
-        --timeout-s 5 --body "$BODY"
-    sed 's/^/    /' "$TMP/$name.out" >&2
-    echo "$(python3 -c '
+    client=$(awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/)
+                   printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TMP/client.times")
+    # shellcheck disable=SC2086
+    p1=$(proc_ticks ${PROCS[$target]})
+    s1=$(proc_ticks "$SIM_PID")
+    read -r b1 i1 < <(machine_busy)
+    for t in "${TARGETS[@]}"; do alive "$t" "${MAIN_PID[$t]}"; done
+    python3 - "$out" "$round" "$point" "$target" "$rate" "$((p1 - p0))" "$((s1 - s0))" \
+        "$((b1 - b0))" "$((i1 - i0))" "$TICK" "$client" >>"$TMP/results.jsonl" <<'EOF'
 import json, sys
-r = json.load(open(sys.argv[1]))
-ok = r["latency_ms"].get("200", {})
-failed = sum(n for k, n in r["outcomes"].items() if k != "200")
-print("rps=%.1f p50_us=%d p99_us=%d failed=%d sockerr=0 lag_p99_ms=%s" % (
-    r["goodput_rps"], round(ok.get("p50", 0) * 1000), round(ok.get("p99", 0) * 1000), failed,
-    r["launch_lag_ms"].get("p99", 0)))
-' "$TMP/$name.out") load=${rate}rps $(<"$TMP/$name.cpu")" >"$TMP/$name.result"
+out, rnd, point, target, rate, proc, sim, busy, idle, tick, client = sys.argv[1:12]
+text = open(out).read()
+r = {"round": int(rnd), "point": point, "target": target, "rate": rate}
+if rate == "closed":
+    line = next(l for l in text.splitlines() if l.startswith("RESULT "))
+    kv = dict(w.split("=") for w in line.split()[1:])
+    r.update(requests=int(kv["requests"]), rps=float(kv["rps"]), p50_us=int(kv["p50_us"]),
+             p99_us=int(kv["p99_us"]), failed=int(kv["failed"]))
+else:
+    j = json.loads(text)
+    ok = j["latency_ms"].get("200", {})
+    r.update(requests=j["launched_all"], rps=j["goodput_rps"],
+             p50_us=round(ok.get("p50", 0) * 1000), p99_us=round(ok.get("p99", 0) * 1000),
+             failed=sum(n for k, n in j["outcomes"].items() if k != "200"),
+             lag_p99_ms=j["launch_lag_ms"].get("p99", 0), outcomes=j["outcomes"])
+us = 1e6 / float(tick)
+n = max(r["requests"], 1)
+r["cpu_us"] = int(proc) * us / n          # the target process(es) (direct: the sim)
+r["sim_cpu_us"] = int(sim) * us / n
+r["machine_busy_s"] = int(busy) / float(tick)
+r["machine_idle_s"] = int(idle) / float(tick)
+r["proc_s"] = int(proc) / float(tick)
+r["sim_s"] = int(sim) / float(tick)
+r["client_s"] = float(client)
+print(json.dumps(r))
+EOF
 }
 
-# field NAME KEY: the value of KEY=... in the result of run NAME.
-field() { tr ' ' '\n' <"$TMP/$1.result" | sed -n "s/^$2=//p"; }
-ms() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1000 }'; }
-# added_p50 GATEWAY_RUN DIRECT_RUN: the difference of their p50, in ms.
-added_p50() { awk -v g="$(field "$1" p50_us)" -v d="$(field "$2" p50_us)" \
-    'BEGIN { printf "%.3f", (g - d) / 1000 }'; }
-verdict() { if awk -v x="$1" -v op="$2" -v t="$3" \
-    'BEGIN { exit !((op == ">=") ? (x >= t) : (x < t)) }'; then echo met; else echo "NOT met"; fi; }
-
-# --- runs -------------------------------------------------------------------------------------
-closed_loop warmup-direct "$SIM_URL" "$CONNS" "$THREADS" "$WARMUP"
-closed_loop warmup-gateway "$GW_URL" "$CONNS" "$THREADS" "$WARMUP"
-closed_loop direct "$SIM_URL" "$CONNS" "$THREADS" "$DURATION"
-closed_loop gateway "$GW_URL" "$CONNS" "$THREADS" "$DURATION"
-closed_loop direct-low "$SIM_URL" "$LOW_CONNS" "$LOW_THREADS" "$DURATION"
-closed_loop gateway-low "$GW_URL" "$LOW_CONNS" "$LOW_THREADS" "$DURATION"
-HALF_RATE=$(awk -v r="$(field gateway rps)" -v s="$HALF_SHARE" 'BEGIN { printf "%d", r * s }')
-if ((HALF_RATE < 1)); then
-    echo "error: the gateway's full-load rate is too low to derive a half-load rate" >&2
-    exit 1
-fi
-open_loop direct-half "$SIM_URL" "$HALF_RATE" "$DURATION"
-open_loop gateway-half "$GW_URL" "$HALF_RATE" "$DURATION"
-ROWS=(direct gateway direct-low gateway-low direct-half gateway-half)
+# --- warm-up and rounds -----------------------------------------------------------------------
+for t in "${TARGETS[@]}"; do
+    for kind in ns st; do
+        wrk -t1 -c8 -d2s -s "$TMP/$kind-$t.lua" "${URL[$t]}" >/dev/null 2>&1 || true
+    done
+done
+LL_DONE=""
+for ((round = 1; round <= REPEATS; round++)); do
+    for point in $POINTS; do
+        for t in "${TARGETS[@]}"; do
+            run "$round" "$point" "$t"
+        done
+    done
+done
+for t in "${TARGETS[@]}"; do
+    # shellcheck disable=SC2086
+    echo "$t ${RSS_IDLE[$t]} $(rss_kb ${PROCS[$t]})"
+done >"$TMP/rss"
+[[ -n ${RESULTS_OUT:-} ]] && cp "$TMP/results.jsonl" "$RESULTS_OUT"
 
 # --- summary ----------------------------------------------------------------------------------
-echo
-echo "mofa-gateway proxy benchmark: $(nproc) CPUs shared by the load generator, sim and gateway;" \
-    "${DURATION}s per run; gateway worker_threads: ${GW_WORKERS:-default}"
-echo "load: wrk connections (closed loop) or loadgen requests/s (open loop);" \
-    "cpu_*: CPU seconds used during the run (load = wrk or loadgen, other = not started here)"
-printf '%-13s %8s %9s %7s %7s %6s %7s %7s %6s %8s %9s %8s\n' run load req/s p50_ms p99_ms \
-    failed sockerr cpu_sim cpu_gw cpu_load cpu_other cpu_idle
-for r in "${ROWS[@]}"; do
-    printf '%-13s %8s %9s %7s %7s %6s %7s %7s %6s %8s %9s %8s\n' "$r" "$(field "$r" load)" \
-        "$(field "$r" rps)" "$(ms "$(field "$r" p50_us)")" "$(ms "$(field "$r" p99_us)")" \
-        "$(field "$r" failed)" "$(field "$r" sockerr)" "$(field "$r" cpu_sim)" \
-        "$(field "$r" cpu_gw)" "$(field "$r" cpu_load)" "$(field "$r" cpu_other)" \
-        "$(field "$r" cpu_idle)"
-done
+python3 - "$TMP/results.jsonl" "$TMP/rss" "$REPEATS" "$DURATION" "$(nproc)" \
+    "${GW_WORKERS:-default}" "$GATEWAY_BIN" <<'EOF'
+import json, statistics, sys
+from collections import defaultdict
+path, rss_path, repeats, duration, ncpu, workers, gwbin = sys.argv[1:8]
+rows = [json.loads(l) for l in open(path)]
+by = defaultdict(dict)  # (point, target) -> round -> row
+for r in rows:
+    by[(r["point"], r["target"])][r["round"]] = r
+points = list(dict.fromkeys(r["point"] for r in rows))
+targets = list(dict.fromkeys(r["target"] for r in rows))
 
-# The verdicts use unrounded values; 3 decimals are shown.
-ratio=$(awk -v g="$(field gateway rps)" -v d="$(field direct rps)" 'BEGIN { printf "%.6f", g / d }')
-added_half=$(added_p50 gateway-half direct-half)
-low_share=$(awk -v l="$(field gateway-low rps)" -v f="$(field gateway rps)" \
-    'BEGIN { printf "%.0f", 100 * l / f }')
-echo
-echo "throughput, gateway / direct at $CONNS connections: $(printf '%.3f' "$ratio")" \
-    "(target >= 0.75: $(verdict "$ratio" '>=' 0.75))"
-echo "added p50 at $CONNS connections: $(added_p50 gateway direct) ms"
-echo "added p50 at $LOW_CONNS connections: $(added_p50 gateway-low direct-low) ms" \
-    "(that gateway run reached ${low_share}% of the $CONNS-connection gateway rate)"
-echo "added p50 at half load, $HALF_RATE requests/s open loop: $added_half ms" \
-    "(target < 0.2 ms: $(verdict "$added_half" '<' 0.2))"
-for r in direct-half gateway-half; do
-    if awk -v l="$(field "$r" lag_p99_ms)" 'BEGIN { exit !(l > 5) }'; then
-        echo "warning: in run $r, loadgen launched requests up to $(field "$r" lag_p99_ms) ms" \
-            "late (p99): it could not hold the rate"
-    fi
-done
-# Other processes on the machine take CPU from the runs and bias the comparison: say so.
-for r in "${ROWS[@]}"; do
-    share=$(awk -v o="$(field "$r" cpu_other)" -v t="$(field "$r" cpu_total)" \
-        'BEGIN { printf "%.0f", 100 * o / t }')
-    if ((share >= 5)); then
-        echo "warning: during run $r, other processes used ${share}% of the machine's CPU;" \
-            "its figures are disturbed (rerun on a quiet machine)"
-    fi
-done
-exit 0
+def ms(v, f="%.1f"):
+    return "[" + ("-" if not v else "..".join(f % x for x in (min(v), max(v)))) + "]"
+
+def stat(vals, f="%.1f"):
+    if not vals:
+        return "-"
+    return (f % statistics.median(vals)) + " " + ms(vals, f)
+
+print()
+print(f"mofa-gateway proxy benchmark: {ncpu} CPUs shared by the client, the sim and the proxies;"
+      f" {duration}s per run, {repeats} interleaved rounds; median [min..max] over the rounds")
+print(f"gateway: {gwbin} (worker_threads {workers})")
+warn = []
+for p in points:
+    kind, rate = p.split("-")
+    print()
+    load = "closed loop, wrk -t1 -c32" if rate == "closed" else f"open loop, {rate} req/s (loadgen)"
+    print(f"== {p}: {'streaming, 20 chunks' if kind == 'st' else 'non-streaming'}, {load}")
+    print(f"{'target':10} {'CPU-us/req':>18} {'x nginx':>16} {'req/s':>20} {'x direct':>16}"
+          f" {'+p50 ms':>18} {'+p99 ms':>18} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}"
+          f" {'sim us/req':>10} {'other%':>6}")
+    direct = by.get((p, "direct"), {})
+    nginx = by.get((p, "nginx"), {})
+    for t in targets:
+        runs = by.get((p, t), {})
+        if not runs:
+            continue
+        rr = sorted(runs)
+        cpu = [runs[i]["cpu_us"] for i in rr]
+        ratio = [runs[i]["cpu_us"] / nginx[i]["cpu_us"] for i in rr
+                 if t not in ("direct", "nginx") and i in nginx and nginx[i]["cpu_us"] > 0
+                 and runs[i]["rate"] == nginx[i]["rate"]]
+        rps = [runs[i]["rps"] for i in rr]
+        xd = [runs[i]["rps"] / direct[i]["rps"] for i in rr if i in direct and direct[i]["rps"] > 0
+              and runs[i]["rate"] == direct[i]["rate"]] if t != "direct" else []
+        same = lambda i: i in direct and runs[i]["rate"] == direct[i]["rate"]
+        a50 = [(runs[i]["p50_us"] - direct[i]["p50_us"]) / 1000 for i in rr if t != "direct" and same(i)]
+        a99 = [(runs[i]["p99_us"] - direct[i]["p99_us"]) / 1000 for i in rr if t != "direct" and same(i)]
+        p50 = statistics.median(runs[i]["p50_us"] for i in rr) / 1000
+        p99 = statistics.median(runs[i]["p99_us"] for i in rr) / 1000
+        failed = sum(runs[i]["failed"] for i in rr)
+        sim = statistics.median(runs[i]["sim_cpu_us"] for i in rr)
+        # Machine CPU used by what this script did not start: busy - target - sim - client.
+        other = [max(runs[i]["machine_busy_s"] - runs[i]["proc_s"] - runs[i]["client_s"]
+                     - (runs[i]["sim_s"] if t != "direct" else 0), 0)
+                 / max(runs[i]["machine_busy_s"] + runs[i]["machine_idle_s"], 1e-9) * 100 for i in rr]
+        name = t if runs[rr[0]]["rate"] == rate else f"{t}@{runs[rr[0]]['rate']}"
+        print(f"{name:10} {stat(cpu, '%.0f'):>18} {stat(ratio, '%.2f'):>16} {stat(rps, '%.0f'):>20}"
+              f" {stat(xd, '%.3f'):>16} {stat(a50, '%.3f'):>18} {stat(a99, '%.3f'):>18}"
+              f" {p50:8.3f} {p99:8.3f} {failed:6d} {sim:10.0f} {statistics.median(other):6.0f}")
+        lag = max(runs[i].get("lag_p99_ms", 0) for i in rr)
+        if failed or lag > 5:
+            kinds = defaultdict(int)
+            for i in rr:
+                for k, n in runs[i].get("outcomes", {}).items():
+                    if k != "200":
+                        kinds[k] += n
+            warn.append(f"{p} {t}: {failed} failed{' ' + str(dict(kinds)) if kinds else ''},"
+                        f" loadgen launch lag p99 up to {lag} ms"
+                        " (the client or the target fell behind: latency and CPU-us/req of this"
+                        " point are not comparable)")
+for w in warn:
+    print("warning:", w)
+print()
+print("RSS (MB): idle after start-up / after the load")
+for line in open(rss_path):
+    t, idle, after = line.split()
+    print(f"  {t:10} {int(idle) / 1024:6.1f} / {int(after) / 1024:6.1f}")
+print()
+print("CPU-us/req: utime+stime of the process(es) over the requests sent in that run (direct: the sim).")
+print("x nginx: per round, the target's CPU-us/req divided by nginx's; +p50/+p99: minus direct, same round.")
+print("other%: share of the machine's CPU (all cores) used by processes this script did not start")
+print("        (not the target, the sim or the client): other jobs sharing the machine.")
+EOF

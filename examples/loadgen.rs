@@ -1,4 +1,5 @@
-//! `loadgen`: a small open-loop HTTP load generator (used by `bench/overload.sh`).
+//! `loadgen`: a small open-loop HTTP load generator (used by the scripts in `bench/`).
+//! It owns its own schedule and report; it must not talk to anything but the `--url` given.
 //!
 //! Open loop: the i-th request is launched at `t0 + i / rate`, whether or not earlier requests
 //! have completed, so a slow server faces the offered rate instead of slowing the client down.
@@ -21,7 +22,14 @@
 //!     the body's `error.code`;
 //!   * `priorities`: per priority sent, succeeded, success rate, share of all successes, and
 //!     the latency of its successes and of its 503s;
-//!   * `launch_lag_ms`: how late launches were against the schedule (a busy client shows here).
+//!   * `launch_lag_ms`: how late launches were against the schedule (a busy client shows here);
+//!   * `launched_all`: requests launched in the whole run, warm-up included (to divide a
+//!     process's CPU time measured over the whole run);
+//!   * `attempts`: among the window's responses, how many carried `x-mofa-attempts` and the
+//!     sum of `attempts - 1` over them (tries that failed and were retried on another
+//!     deployment).
+//!
+//! `--header NAME:VALUE` (repeatable) adds a header to every request.
 //!
 //! Timing uses the monotonic clock (`Instant`); percentiles are nearest-rank on sorted values.
 //!
@@ -75,6 +83,9 @@ struct Args {
     /// Also report how many 503s came back within this many milliseconds.
     #[arg(long, default_value_t = 5.0)]
     fast_reject_ms: f64,
+    /// Extra request header `NAME:VALUE`, sent with every request (repeatable).
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
 }
 
 /// How one request ended.
@@ -109,6 +120,8 @@ struct Record {
     outcome: Outcome,
     /// For a 503: what did not match the contract (see [`Checks`]).
     checks: Checks,
+    /// The response's `x-mofa-attempts`, when it had one.
+    attempts: Option<u32>,
 }
 
 /// Contract checks on a 503: it has a `Retry-After`, and the body's `error.code` is the
@@ -228,12 +241,15 @@ fn classify(e: &reqwest::Error) -> &'static str {
     }
 }
 
+/// What one request gave: outcome, latency, 503 checks, `x-mofa-attempts`.
+type Answer = (Outcome, Duration, Checks, Option<u32>);
+
 async fn one_request(
     client: &reqwest::Client,
     url: &str,
     body: Bytes,
     prio: Option<usize>,
-) -> (Outcome, Duration, Checks) {
+) -> Answer {
     let mut req = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -249,6 +265,7 @@ async fn one_request(
                 Outcome::Transport(classify(&e)),
                 start.elapsed(),
                 Checks::default(),
+                None,
             )
         }
     };
@@ -258,6 +275,10 @@ async fn one_request(
         .get("x-mofa-reject-reason")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let attempts = headers
+        .get("x-mofa-attempts")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
     match resp.bytes().await {
         Ok(body) => {
             let latency = start.elapsed();
@@ -266,12 +287,13 @@ async fn one_request(
             } else {
                 Checks::default()
             };
-            (Outcome::Status(status, reason), latency, checks)
+            (Outcome::Status(status, reason), latency, checks, attempts)
         }
         Err(e) => (
             Outcome::Transport(classify(&e)),
             start.elapsed(),
             Checks::default(),
+            attempts,
         ),
     }
 }
@@ -301,6 +323,23 @@ fn check(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The `--header NAME:VALUE` arguments as a header map.
+fn parse_headers(args: &[String]) -> Result<reqwest::header::HeaderMap, String> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let mut map = reqwest::header::HeaderMap::new();
+    for arg in args {
+        let (name, value) = arg
+            .split_once(':')
+            .ok_or_else(|| format!("--header: `{arg}` is not NAME:VALUE"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("--header: `{}` is not a header name", name.trim()))?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("--header: the value for `{name}` is not a header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -315,8 +354,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let headers = match parse_headers(&args.headers) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let client = match reqwest::Client::builder()
         .no_proxy()
+        .default_headers(headers)
         .pool_max_idle_per_host(args.max_outstanding)
         .tcp_nodelay(true)
         .timeout(Duration::from_secs_f64(args.timeout_s))
@@ -339,6 +386,7 @@ async fn main() -> ExitCode {
     let records = Arc::new(Mutex::new(Vec::with_capacity(end.min(50_000_000) as usize)));
     let outstanding = Arc::new(AtomicUsize::new(0));
     let mut launched = 0u64;
+    let mut launched_all = 0u64;
     let mut dropped = 0u64;
     let mut dropped_by_prio = [0u64; PRIORITIES.len()];
     let mut launched_by_prio = [0u64; PRIORITIES.len()];
@@ -370,11 +418,12 @@ async fn main() -> ExitCode {
                 launched_by_prio[p] += 1;
             }
         }
+        launched_all += 1;
         outstanding.fetch_add(1, Ordering::Relaxed);
         let (client, url, body) = (client.clone(), url.clone(), body.clone());
         let (records, outstanding) = (records.clone(), outstanding.clone());
         tokio::spawn(async move {
-            let (outcome, latency, checks) = one_request(&client, &url, body, prio).await;
+            let (outcome, latency, checks, attempts) = one_request(&client, &url, body, prio).await;
             let rec = Record {
                 in_window,
                 prio,
@@ -382,6 +431,7 @@ async fn main() -> ExitCode {
                 latency,
                 outcome,
                 checks,
+                attempts,
             };
             records.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
             outstanding.fetch_sub(1, Ordering::Relaxed);
@@ -406,6 +456,7 @@ async fn main() -> ExitCode {
     let mut ok_in_window = 0u64;
     let mut finished = 0u64;
     let (mut no_retry_after, mut reason_mismatch) = (0u64, 0u64);
+    let (mut with_attempts, mut retries) = (0u64, 0u64);
     for r in &records {
         let success = r.outcome.is_success();
         if success && r.end >= window_start && r.end <= window_end {
@@ -417,6 +468,10 @@ async fn main() -> ExitCode {
         finished += 1;
         no_retry_after += u64::from(r.checks.no_retry_after);
         reason_mismatch += u64::from(r.checks.reason_mismatch);
+        if let Some(n) = r.attempts {
+            with_attempts += 1;
+            retries += u64::from(n.saturating_sub(1));
+        }
         let key = r.outcome.key();
         *counts.entry(key.clone()).or_default() += 1;
         lat.entry(key).or_default().push(ms(r.latency));
@@ -500,6 +555,11 @@ async fn main() -> ExitCode {
         },
         "priorities": priorities,
         "launch_lag_ms": summary(&mut lags),
+        "launched_all": launched_all,
+        "attempts": {
+            "responses_with_header": with_attempts,
+            "retries": retries,
+        },
     });
     println!("{out}");
     ExitCode::SUCCESS
@@ -520,6 +580,15 @@ mod tests {
         assert!(Mix::parse("low=0").is_err());
         assert!(Mix::parse("urgent=1").is_err());
         assert!(Mix::parse("low=1,low=2").is_err());
+    }
+
+    #[test]
+    fn headers_parse() {
+        let h = parse_headers(&["authorization: Bearer k".into(), "x-a:1".into()]).unwrap();
+        assert_eq!(h["authorization"], "Bearer k");
+        assert_eq!(h["x-a"], "1");
+        assert!(parse_headers(&["no-colon".into()]).is_err());
+        assert!(parse_headers(&["bad name:1".into()]).is_err());
     }
 
     #[test]

@@ -14,8 +14,7 @@ use bytes::Bytes;
 use crate::headers::{BACKEND, REJECT_REASON, RETRY_AFTER_MS, SHOULD_RETRY};
 use crate::pool::StartError;
 use crate::reason::{clamp_retry_after, RejectReason, Rejection, RETRY_AFTER_MAX_S};
-pub(crate) use crate::upstream::envelope;
-use crate::upstream::{is_envelope, UpstreamError};
+use crate::upstream::{envelope, is_envelope, UpstreamError};
 
 /// A failure to be answered with the OpenAI error envelope (boxed: it travels in `Result`s).
 #[derive(Debug, Clone)]
@@ -128,6 +127,21 @@ impl ApiError {
         )
     }
 
+    /// A `Transfer-Encoding` other than `chunked` (`gzip, chunked`): the gateway decodes none.
+    pub fn unsupported_transfer_encoding(coding: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            format!(
+                "Transfer-Encoding `{}` is not supported; send the body as is or chunked.",
+                truncate(coding, 40)
+            ),
+        );
+        e.param = Some("transfer-encoding");
+        e
+    }
+
     /// The gateway is shutting down.
     pub fn shutting_down() -> Self {
         Self::rejected(Rejection::new(RejectReason::ShuttingDown, 1), "")
@@ -165,12 +179,14 @@ impl ApiError {
     }
 
     /// Upstream could not be reached, or broke, before the first byte reached the client.
-    pub fn upstream_unavailable(backend: &str, detail: impl std::fmt::Display) -> Self {
+    /// `why` is the gateway's own words: never an address nor the HTTP library's text (those
+    /// go to the log), so a client learns the deployment's label and nothing internal.
+    pub fn upstream_unavailable(backend: &str, why: impl std::fmt::Display) -> Self {
         let mut e = Self::new(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
             "upstream_unavailable",
-            format!("The backend {backend} failed before responding: {detail}"),
+            format!("The backend {backend} failed before responding: {why}."),
         );
         e.backend = Some(backend.to_owned());
         e
@@ -209,9 +225,17 @@ impl ApiError {
     /// other 4xx passed through with their status (wrapped in the envelope if they were not).
     pub fn from_upstream(backend: &str, e: UpstreamError) -> Self {
         match e {
-            UpstreamError::Connect(detail) => Self::upstream_unavailable(backend, detail),
+            // The details (addresses, the HTTP library's text) are logged by `forward`; the
+            // client gets the label and what kind of failure it was.
+            UpstreamError::Connect(_) => Self::upstream_unavailable(
+                backend,
+                "it could not be reached, or closed the connection",
+            ),
             UpstreamError::Timeout(what) => Self::upstream_timeout(backend, what),
-            UpstreamError::Invalid(detail) => Self::upstream_unavailable(backend, detail),
+            // The backend's own error message (as for its 4xx), or the gateway's words.
+            UpstreamError::Invalid(detail) => {
+                Self::upstream_unavailable(backend, truncate(&detail, 300))
+            }
             UpstreamError::TooLarge(limit) => Self::upstream_unavailable(
                 backend,
                 format!("its reply is larger than server.max_response_bytes ({limit})"),

@@ -85,6 +85,12 @@ struct SimArgs {
     /// Require `Authorization: Bearer <KEY>`, read from this environment variable.
     #[arg(long, value_name = "ENV_VAR")]
     api_key_env: Option<String>,
+    /// Request bodies larger than this many bytes get 413 (default: the gateway's 20 MiB).
+    #[arg(long, default_value_t = mofa_gateway::sim::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Answer 500 to every request whose raw body contains this string (counted `failed`).
+    #[arg(long, value_name = "STR")]
+    fail_marker: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -220,6 +226,12 @@ async fn sim(args: SimArgs) -> Result<(), String> {
     if !(args.tokens_per_sec.is_finite() && args.tokens_per_sec >= 0.0) {
         return Err("--tokens-per-sec must be a number >= 0".into());
     }
+    if args.max_body_bytes == 0 {
+        return Err("--max-body-bytes must be at least 1".into());
+    }
+    if args.fail_marker.as_deref() == Some("") {
+        return Err("--fail-marker must not be empty".into());
+    }
     let api_key = match &args.api_key_env {
         Some(var) => {
             Some(std::env::var(var).map_err(|_| format!("--api-key-env: {var} is not set"))?)
@@ -235,6 +247,8 @@ async fn sim(args: SimArgs) -> Result<(), String> {
         die_after_tokens: args.die_after_tokens,
         hang: args.hang,
         api_key,
+        max_body_bytes: args.max_body_bytes,
+        fail_marker: args.fail_marker,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

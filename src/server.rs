@@ -2,10 +2,11 @@
 //! (with the slow-client limits: header read timeout, header size), and shuts down gracefully.
 //! It must not hold request-path logic.
 //!
-//! Shutdown (the first SIGTERM/SIGINT): `/readyz` turns 503 and new requests are refused with
-//! 503 `shutting_down`; queued requests get the same; the listener closes; requests and streams
-//! in flight may finish for up to `server.shutdown_grace_s`; then the model servers the pool runs
-//! are stopped and `serve` returns. A second signal exits at once (see `main`).
+//! Shutdown (the first SIGTERM/SIGINT): the listener closes (new connections are refused);
+//! `/readyz` turns 503; a request on an open connection that is not admitted yet, and every
+//! queued one, gets 503 `shutting_down`; requests and streams in flight may finish for up to
+//! `server.shutdown_grace_s`; then the model servers the pool runs are stopped and `serve`
+//! returns. A second signal exits at once (see `main`).
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -71,52 +71,37 @@ fn chat(model: &str, stream: bool, max_tokens: u32) -> Value {
 /// on `slow`'s one slot while a request that may not wait gets 503 `capacity_exceeded`, the
 /// held stream left by its client (499), and a stream cut by its backend.
 async fn sequence(gw: SocketAddr) {
-    let c = client();
-    let url = format!("http://{gw}/v1/chat/completions");
-    let r = c
-        .post(&url)
-        .bearer_auth(CLIENT_SECRET)
-        .json(&chat("ok", false, 5))
-        .send()
-        .await
-        .unwrap();
+    const CHAT: &str = "/v1/chat/completions";
+    let bearer = format!("Bearer {CLIENT_SECRET}");
+    let r = post_with(
+        gw,
+        CHAT,
+        &chat("ok", false, 5),
+        &[("authorization", &bearer)],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
 
-    let r = c
-        .post(&url)
-        .json(&chat("no-such-model", false, 5))
-        .send()
-        .await
-        .unwrap();
+    let r = post(gw, CHAT, &chat("no-such-model", false, 5)).await;
     assert_eq!(r.status(), 404);
 
-    let held = c
-        .post(&url)
-        .json(&chat("slow", true, 100))
-        .send()
-        .await
-        .unwrap();
+    let held = post(gw, CHAT, &chat("slow", true, 100)).await;
     assert_eq!(held.status(), 200);
     let mut body = held.bytes_stream();
     body.next().await.unwrap().unwrap();
-    let r = c
-        .post(&url)
-        .header("x-mofa-max-wait-ms", "0")
-        .json(&chat("slow", false, 5))
-        .send()
-        .await
-        .unwrap();
+    let r = post_with(
+        gw,
+        CHAT,
+        &chat("slow", false, 5),
+        &[("x-mofa-max-wait-ms", "0")],
+    )
+    .await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["x-mofa-reject-reason"], "capacity_exceeded");
     drop(body);
 
-    let r = c
-        .post(&url)
-        .json(&chat("cut", true, 20))
-        .send()
-        .await
-        .unwrap();
+    let r = post(gw, CHAT, &chat("cut", true, 20)).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap_or_default();
     assert!(
@@ -167,11 +152,7 @@ fn value(s: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 async fn metrics_text(gw: SocketAddr) -> String {
-    let r = client()
-        .get(format!("http://{gw}/metrics"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(gw, "/metrics").await;
     assert_eq!(r.status(), 200);
     let ct = r.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
@@ -181,15 +162,12 @@ async fn metrics_text(gw: SocketAddr) -> String {
 /// Waits until the gateway has finished `n` requests (a dropped stream is finished by the
 /// gateway when it notices), then returns the metrics.
 async fn metrics_after(gw: SocketAddr, n: f64) -> (String, Samples) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_some(&format!("{n} requests counted"), WAIT, || async move {
         let text = metrics_text(gw).await;
         let s = parse_metrics(&text);
-        if value(&s, "mofa_gateway_requests_total", &[]) >= n || Instant::now() > deadline {
-            return (text, s);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (value(&s, "mofa_gateway_requests_total", &[]) >= n).then_some((text, s))
+    })
+    .await
 }
 
 fn promtool_check(text: &str) {
@@ -387,8 +365,7 @@ fn spawn_gateway(config: &str, tag: &str) -> Proc {
 
 /// The access log lines (JSON) in `stderr`, once there are `n` of them.
 async fn access_lines(p: &Proc, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_some(&format!("{n} access log lines"), WAIT, || async move {
         let lines: Vec<Value> = p
             .stderr
             .lock()
@@ -397,11 +374,9 @@ async fn access_lines(p: &Proc, n: usize) -> Vec<Value> {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["target"] == "mofa_gateway::access")
             .collect();
-        if lines.len() >= n || Instant::now() > deadline {
-            return lines;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (lines.len() >= n).then_some(lines)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,15 +454,13 @@ async fn the_default_access_log_is_readable_text() {
     let p = spawn_gateway(&one_model("ok", &ok, ""), "text");
     let r = post(p.addr, "/v1/chat/completions", &chat("ok", false, 3)).await;
     assert_eq!(r.status(), 200);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let line = loop {
+    let line = eventually_some("an access log line", WAIT, || async {
         let all = p.stderr.lock().unwrap().clone();
-        if let Some(l) = all.lines().find(|l| l.contains("mofa_gateway::access")) {
-            break l.to_string();
-        }
-        assert!(Instant::now() < deadline, "no access line in:\n{all}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        all.lines()
+            .find(|l| l.contains("mofa_gateway::access"))
+            .map(str::to_string)
+    })
+    .await;
     assert!(
         !line.contains('\u{1b}'),
         "no colour codes off a terminal: {line}"
@@ -712,22 +685,19 @@ async fn the_status_page_shows_live_values_and_its_buttons_work_in_a_browser() {
         let r = post(gw, "/v1/chat/completions", &chat(m, false, 1)).await;
         assert_eq!(r.status(), 200);
     }
-    let c = client();
-    let url = format!("http://{gw}/v1/chat/completions");
-    let held = c
-        .post(&url)
-        .json(&chat("chat", true, 400))
-        .send()
-        .await
-        .unwrap();
+    let held = post(gw, "/v1/chat/completions", &chat("chat", true, 400)).await;
     let mut held = held.bytes_stream();
     held.next().await.unwrap().unwrap();
-    let queued = tokio::spawn(
-        c.post(&url)
-            .header("x-mofa-priority", "high")
-            .json(&chat("chat", false, 1))
-            .send(),
-    );
+    let queued = tokio::spawn(async move {
+        let body = chat("chat", false, 1);
+        post_with(
+            gw,
+            "/v1/chat/completions",
+            &body,
+            &[("x-mofa-priority", "high")],
+        )
+        .await
+    });
 
     let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/observe/status.png");
     let page = format!("http://{gw}/");
@@ -775,7 +745,7 @@ async fn the_status_page_shows_live_values_and_its_buttons_work_in_a_browser() {
             "Emulation.setDeviceMetricsOverride",
             json!({"width": 390, "height": 1600, "deviceScaleFactor": 1, "mobile": true}),
         );
-        std::thread::sleep(Duration::from_millis(1500));
+        cdp.wait_for("window.innerWidth === 390", "the narrow window");
         let overflow =
             cdp.eval("document.documentElement.scrollWidth <= window.innerWidth + 1");
         let narrow = shot.with_file_name("status-narrow.png");

@@ -1,7 +1,10 @@
 //! Relaying a stream to the client once its first byte is out: chunk by chunk, within the idle
 //! and total limits. A failure, an idle gap or an end without `data: [DONE]` appends one SSE
-//! `error` event and ends the stream (never a `[DONE]` after a failure). It tells its
-//! [`OnEnd`] how the stream ended, exactly once; it must not decide anything else.
+//! `error` event and ends the stream (never a `[DONE]` after a failure). An upstream that sends
+//! its own error event (`event: error`, or a `data:` JSON with an `error` key) has it relayed,
+//! and the stream ends right there: one error event, never two. Its error text names the
+//! deployment's label; the HTTP library's detail goes to the log only. It tells its [`OnEnd`]
+//! how the stream ended, exactly once; it must not decide anything else.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -11,7 +14,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use super::error_chain;
-use super::wire::{sse_content_events, sse_error_event, sse_usage, Usage};
+use super::wire::{sse_content_events, sse_error_event, sse_error_in, sse_usage, Usage};
 
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,10 @@ struct Relay {
     limits: Limits,
     label: String,
     stats: StreamStats,
+    /// The upstream sent an `event: error` line (its data may follow in the next chunk).
+    named_error: bool,
+    /// The upstream sent a complete error event: the stream ends after it.
+    upstream_error: bool,
 }
 
 impl Relay {
@@ -69,6 +76,12 @@ impl Relay {
         self.stats.content_events += sse_content_events(chunk);
         if let Some(u) = sse_usage(chunk) {
             self.stats.usage = Some(u);
+        }
+        if has_error_event_line(chunk) {
+            self.named_error = true;
+        }
+        if sse_error_in(chunk).is_some() {
+            self.upstream_error = true;
         }
     }
 }
@@ -109,6 +122,8 @@ fn relay(p: PendingStream, on_end: OnEnd) -> Body {
         limits,
         label,
         stats: StreamStats::default(),
+        named_error: false,
+        upstream_error: false,
     };
     let s = futures_util::stream::unfold(state, |mut st| async move {
         // Ended (its `on_end` was told): nothing more.
@@ -116,6 +131,12 @@ fn relay(p: PendingStream, on_end: OnEnd) -> Body {
         if let Some(first) = st.first.take() {
             st.count(&first);
             return Some((Ok::<_, std::convert::Infallible>(first), st));
+        }
+        // The upstream's own error event went out: that is the end (no second one).
+        if st.upstream_error {
+            tracing::warn!(backend = %st.label, "the backend ended its stream with an error event");
+            st.end(StreamEnd::Failed);
+            return None;
         }
         // The next chunk is due within the idle limit, and before the total deadline.
         let idle_end = tokio::time::Instant::now() + st.limits.idle;
@@ -132,6 +153,11 @@ fn relay(p: PendingStream, on_end: OnEnd) -> Body {
                 st.end(StreamEnd::Complete);
                 return None;
             }
+            Ok(None) if st.named_error => {
+                tracing::warn!(backend = %st.label, "the backend ended its stream with an error event");
+                st.end(StreamEnd::Failed);
+                return None;
+            }
             Ok(None) => (
                 format!(
                     "the backend {} closed the stream before it was complete",
@@ -139,14 +165,13 @@ fn relay(p: PendingStream, on_end: OnEnd) -> Body {
                 ),
                 "upstream_disconnected",
             ),
-            Ok(Some(Err(e))) => (
-                format!(
-                    "the backend {} broke off the stream: {}",
-                    st.label,
-                    error_chain(&e)
-                ),
-                "upstream_disconnected",
-            ),
+            Ok(Some(Err(e))) => {
+                tracing::warn!(backend = %st.label, error = %error_chain(&e), "stream broken");
+                (
+                    format!("the backend {} broke off the stream", st.label),
+                    "upstream_disconnected",
+                )
+            }
             Err(_) => (
                 format!("the backend {} timed out mid-stream ({what})", st.label),
                 "upstream_timeout",
@@ -157,6 +182,14 @@ fn relay(p: PendingStream, on_end: OnEnd) -> Body {
         Some((Ok(sse_error_event(&failure, code)), st))
     });
     Body::from_stream(s)
+}
+
+/// Whether `chunk` has an SSE `event: error` line.
+fn has_error_event_line(chunk: &[u8]) -> bool {
+    chunk.split(|b| *b == b'\n').any(|l| {
+        let l = l.trim_ascii();
+        l == b"event: error" || l == b"event:error"
+    })
 }
 
 /// The last bytes of a stream, to tell whether it ended with `data: [DONE]`.
@@ -194,6 +227,17 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_event_lines() {
+        assert!(has_error_event_line(
+            b"data: {}\n\nevent: error\r\ndata: {}\n\n"
+        ));
+        assert!(has_error_event_line(b"event:error\n"));
+        assert!(!has_error_event_line(
+            b"data: {\"content\":\"event: error\"}\n\n"
+        ));
+    }
 
     #[test]
     fn tail_sees_done_across_chunks() {

@@ -3,7 +3,21 @@
 //!
 //! It is the gateway's default backend (run in-process), the upstream of the tests and of the
 //! benchmarks (`mofa-gateway sim`). It owns only its own counters (`GET /sim/stats`) and the last
-//! request it saw (`GET /sim/last_request`, without credentials); it knows nothing of the gateway.
+//! request it saw (`GET /sim/last_request`, without credentials). It must depend on nothing of
+//! the gateway (it could be its own crate): its envelope and helpers are its own.
+//!
+//! Output: `max_tokens` (or `max_completion_tokens`) words, finish `"length"`; without them 16
+//! words, finish `"stop"`; a `stop` sequence (string or array) cuts the text before it, finish
+//! `"stop"`. Tool calls are deterministic, see [`tools`] for the trigger: a chat request with a
+//! non-empty `tools` array and `tool_choice` `"required"`, `{"type":"function",...}`, or
+//! `"auto"`/absent with `call:NAME[,NAME...]` in the last user message (`say:TEXT` before it:
+//! text first). Finish `"tool_calls"`; streamed as OpenAI `delta.tool_calls` chunks.
+//!
+//! Faults: `fail_rate` and `fail_marker` (500), `max_concurrency` (503), `die_after_tokens`
+//! (connection dropped), `hang`; bodies over `max_body_bytes` get 413.
+
+mod reply;
+mod tools;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,11 +30,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use reply::{Gen, Piece, ToolCall};
+
+/// The default request body limit: the gateway's `server.max_body_bytes` default (20 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
+
 /// How the simulator behaves.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SimOptions {
     /// Model ids it serves; any other gets 404 `model_not_found`.
     pub models: Vec<String>,
@@ -37,6 +57,28 @@ pub struct SimOptions {
     pub hang: bool,
     /// If set, requests must carry `Authorization: Bearer <api_key>`, else 401.
     pub api_key: Option<String>,
+    /// Request bodies larger than this get 413 `request_too_large`.
+    pub max_body_bytes: usize,
+    /// A request whose raw body contains this string gets a 500 (counted `failed`); empty: off.
+    pub fail_marker: Option<String>,
+}
+
+/// Written by hand so that the API key never reaches a log.
+impl std::fmt::Debug for SimOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimOptions")
+            .field("models", &self.models)
+            .field("ttft", &self.ttft)
+            .field("tokens_per_sec", &self.tokens_per_sec)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("fail_rate", &self.fail_rate)
+            .field("die_after_tokens", &self.die_after_tokens)
+            .field("hang", &self.hang)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("fail_marker", &self.fail_marker)
+            .finish()
+    }
 }
 
 impl Default for SimOptions {
@@ -50,6 +92,8 @@ impl Default for SimOptions {
             die_after_tokens: None,
             hang: false,
             api_key: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            fail_marker: None,
         }
     }
 }
@@ -58,16 +102,13 @@ impl Default for SimOptions {
 const DEFAULT_TOKENS: u64 = 16;
 /// Upper bound on generated tokens per request, whatever it asks.
 const MAX_TOKENS: u64 = 4096;
+/// Upper bound on the pieces of `say:` text before tool calls.
+const MAX_SAY_PIECES: usize = 4096;
 /// Default length of an embedding vector.
 const DEFAULT_DIMENSIONS: usize = 16;
 /// Upper bound on embedding inputs and dimensions.
 const MAX_EMBED_INPUTS: usize = 2048;
 const MAX_DIMENSIONS: usize = 4096;
-
-const VOCAB: [&str; 16] = [
-    "the", "gateway", "routes", "each", "request", "to", "a", "model", "that", "can", "serve",
-    "it", "quickly", "and", "safely", "today",
-];
 
 #[derive(Default)]
 struct Counters {
@@ -79,6 +120,7 @@ struct Counters {
     in_flight: AtomicUsize,
     peak_in_flight: AtomicUsize,
     ids: AtomicU64,
+    tool_ids: AtomicU64,
 }
 
 struct Sim {
@@ -137,9 +179,57 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// `{"error":{"message","type","param","code"}}`, as OpenAI writes it.
+fn envelope(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
+    let v = json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
+    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+}
+
+/// At most `max` characters of `s`.
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
-    let body = crate::error::envelope(message, kind, None, code);
+    error_param(status, kind, None, code, message)
+}
+
+fn error_param(
+    status: StatusCode,
+    kind: &str,
+    param: Option<&str>,
+    code: &str,
+    message: &str,
+) -> Response {
+    let body = envelope(message, kind, param, code);
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Reads the whole body within `limit`: 413 over it, 400 if it cannot be read.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            &format!("the request body is larger than {limit} bytes"),
+        )),
+        Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_body",
+            "the request body could not be read",
+        )),
+    }
+}
+
+/// Whether `haystack` contains `needle` (an empty needle never matches).
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn json_response(v: &Value) -> Response {
@@ -240,7 +330,7 @@ async fn admit(
     sim: &Shared,
     headers: &HeaderMap,
     path: &str,
-    body: &Bytes,
+    body: Body,
 ) -> Result<(InFlight, Value), Response> {
     sim.c.requests.fetch_add(1, Ordering::Relaxed);
     if let Some(key) = &sim.opts.api_key {
@@ -258,7 +348,8 @@ async fn admit(
             ));
         }
     }
-    let req: Value = match serde_json::from_slice(body) {
+    let body = read_body(body, sim.opts.max_body_bytes).await?;
+    let req: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
             return Err(error(
@@ -281,10 +372,7 @@ async fn admit(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
-            &format!(
-                "The model `{}` does not exist.",
-                crate::error::truncate(model, 100)
-            ),
+            &format!("The model `{}` does not exist.", truncate(model, 100)),
         ));
     }
     let now = sim.c.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
@@ -322,261 +410,159 @@ async fn admit(
             "simulated failure",
         ));
     }
+    if let Some(marker) = &sim.opts.fail_marker {
+        if contains(&body, marker.as_bytes()) {
+            guard.fail();
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "sim_failure",
+                "simulated failure: the request contains the fail marker",
+            ));
+        }
+    }
     Ok((guard, req))
 }
 
-async fn chat(State(sim): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(State(sim): State<Shared>, headers: HeaderMap, body: Body) -> Response {
     generate(sim, headers, body, Kind::Chat).await
 }
 
-async fn completions(State(sim): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(State(sim): State<Shared>, headers: HeaderMap, body: Body) -> Response {
     generate(sim, headers, body, Kind::Completion).await
 }
 
-async fn generate(sim: Shared, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+async fn generate(sim: Shared, headers: HeaderMap, body: Body, kind: Kind) -> Response {
     let path = match kind {
         Kind::Chat => "/v1/chat/completions",
         Kind::Completion => "/v1/completions",
     };
-    let (guard, req) = match admit(&sim, &headers, path, &body).await {
+    let (guard, req) = match admit(&sim, &headers, path, body).await {
         Ok(x) => x,
         Err(r) => return r,
     };
     let model = req["model"].as_str().unwrap_or_default().to_owned();
-    let max = req
-        .get("max_completion_tokens")
-        .or_else(|| req.get("max_tokens"))
-        .and_then(Value::as_u64);
-    let n_tokens = max.unwrap_or(DEFAULT_TOKENS).min(MAX_TOKENS);
-    let finish = if max.is_some() { "length" } else { "stop" };
+    let chat = matches!(kind, Kind::Chat);
+    let plan = if chat {
+        match tools::plan(&req) {
+            Ok(p) => p,
+            Err(msg) => {
+                let mut guard = guard;
+                guard.finish();
+                return error_param(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("tool_choice"),
+                    "invalid_value",
+                    &msg,
+                );
+            }
+        }
+    } else {
+        None
+    };
     let prompt_text = match kind {
         Kind::Chat => req.get("messages").map(message_text).unwrap_or_default(),
         Kind::Completion => req.get("prompt").map(message_text).unwrap_or_default(),
     };
     let prompt_tokens = prompt_text.split_whitespace().count() as u64;
-    let seed = fnv(prompt_text.as_bytes());
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens, "total_tokens": prompt_tokens + n_tokens});
+    let (pieces, tool_calls, finish) = match plan {
+        Some(plan) => tool_reply(&sim, plan),
+        None => text_reply(&req, fnv(prompt_text.as_bytes())),
+    };
+    let n = pieces.len() as u64;
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n});
     let id_n = sim.c.ids.fetch_add(1, Ordering::Relaxed);
-    let created = unix_now();
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = req
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let gen = Gen {
-        chat: matches!(kind, Kind::Chat),
-        id: format!(
-            "{}-sim-{id_n}",
-            if matches!(kind, Kind::Chat) {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            }
-        ),
+        chat,
+        id: format!("{}-sim-{id_n}", if chat { "chatcmpl" } else { "cmpl" }),
         model,
-        created,
-        seed,
-        n_tokens,
+        created: unix_now(),
+        pieces,
+        tool_calls,
         finish,
         usage,
         include_usage,
         die_after: sim.opts.die_after_tokens,
         ttft: sim.opts.ttft,
-        per_token: if sim.opts.tokens_per_sec > 0.0 {
-            Duration::from_secs_f64(1.0 / sim.opts.tokens_per_sec)
-        } else {
-            Duration::ZERO
-        },
+        per_token: per_token(sim.opts.tokens_per_sec),
     };
     if stream {
-        stream_response(gen, guard)
+        reply::stream_response(gen, guard)
     } else {
-        full_response(gen, guard).await
+        reply::full_response(gen, guard).await
     }
 }
 
-struct Gen {
-    chat: bool,
-    id: String,
-    model: String,
-    created: u64,
-    seed: u64,
-    n_tokens: u64,
-    finish: &'static str,
-    usage: Value,
-    include_usage: bool,
-    die_after: Option<u64>,
-    ttft: Duration,
-    per_token: Duration,
-}
-
-impl Gen {
-    fn token(&self, i: u64) -> &'static str {
-        VOCAB[(splitmix(self.seed ^ i) % VOCAB.len() as u64) as usize]
-    }
-    fn text(&self) -> String {
-        let mut s = String::new();
-        for i in 0..self.n_tokens {
-            if i > 0 {
-                s.push(' ');
-            }
-            s.push_str(self.token(i));
-        }
-        s
-    }
-    /// When token `i` (0-based) is due, relative to the start.
-    fn due(&self, i: u64) -> Duration {
-        self.ttft + self.per_token * (i as u32)
-    }
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
-        let v = if self.chat {
-            json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
-        } else {
-            json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                   "choices": [{"index": 0, "text": delta.get("content").and_then(Value::as_str).unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
-        };
-        sse(&v)
-    }
-}
-
-/// Waits until `due` after `start`. No wait at all when `due` is zero: a zero sleep still goes
-/// through tokio's timer wheel and costs up to a millisecond, which would skew benchmarks.
-async fn pace(start: Instant, due: Duration) {
-    if !due.is_zero() {
-        tokio::time::sleep_until(start + due).await;
-    }
-}
-
-fn sse(v: &Value) -> Bytes {
-    let mut out = b"data: ".to_vec();
-    out.extend_from_slice(&serde_json::to_vec(v).unwrap_or_default());
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
-}
-
-async fn full_response(gen: Gen, mut guard: InFlight) -> Response {
-    let start = Instant::now();
-    let last = gen.n_tokens.saturating_sub(1);
-    pace(start, gen.due(last)).await;
-    let text = gen.text();
-    let v = if gen.chat {
-        json!({"id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null},
-                            "logprobs": null, "finish_reason": gen.finish}],
-               "usage": gen.usage})
+/// The pause between tokens at `tokens_per_sec` (0 or not a number: none).
+fn per_token(tokens_per_sec: f64) -> Duration {
+    if tokens_per_sec > 0.0 {
+        Duration::try_from_secs_f64(1.0 / tokens_per_sec).unwrap_or(Duration::MAX)
     } else {
-        json!({"id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.model,
-               "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": gen.finish}],
-               "usage": gen.usage})
+        Duration::ZERO
+    }
+}
+
+/// A plain reply: `max_tokens` (or `max_completion_tokens`) words, finish `"length"`; else
+/// [`DEFAULT_TOKENS`] words, finish `"stop"`; cut before a `stop` sequence, finish `"stop"`.
+fn text_reply(req: &Value, seed: u64) -> (Vec<Piece>, Vec<ToolCall>, &'static str) {
+    let max = req
+        .get("max_completion_tokens")
+        .and_then(Value::as_u64)
+        .or_else(|| req.get("max_tokens").and_then(Value::as_u64));
+    let n_tokens = max.unwrap_or(DEFAULT_TOKENS).min(MAX_TOKENS);
+    let (text, stopped) = reply::text_pieces(seed, n_tokens, &reply::stop_sequences(req));
+    let finish = if stopped || max.is_none() {
+        "stop"
+    } else {
+        "length"
     };
-    let body = serde_json::to_vec(&v).unwrap_or_default();
-    if gen.die_after.is_some_and(|d| d < gen.n_tokens) {
-        // Send half the body, then break the connection.
-        guard.fail();
-        let half = Bytes::copy_from_slice(&body[..body.len() / 2]);
-        let s = futures_util::stream::iter(vec![
-            Ok(half),
-            Err(std::io::Error::other("simulated connection drop")),
-        ]);
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            Body::from_stream(s),
-        )
-            .into_response();
-    }
-    guard.finish();
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-}
-
-/// Where a stream is: role chunk, token `i`, finish chunk, usage chunk, `[DONE]`, end.
-enum Step {
-    Role,
-    Token(u64),
-    Finish,
-    Usage,
-    Done,
-    End,
-}
-
-fn stream_response(gen: Gen, guard: InFlight) -> Response {
-    let start = Instant::now();
-    let state = (gen, guard, Step::Role, start);
-    let s = futures_util::stream::unfold(state, |(gen, mut guard, step, start)| async move {
-        let (item, next) = match step {
-            Step::Role => {
-                pace(start, gen.ttft).await;
-                let delta = if gen.chat {
-                    json!({"role": "assistant", "content": ""})
-                } else {
-                    json!({"content": ""})
-                };
-                let next = if gen.n_tokens == 0 {
-                    Step::Finish
-                } else {
-                    Step::Token(0)
-                };
-                (Ok(gen.chunk(delta, None)), next)
-            }
-            Step::Token(i) => {
-                pace(start, gen.due(i)).await;
-                if gen.die_after.is_some_and(|d| i >= d) {
-                    guard.fail();
-                    (
-                        Err(std::io::Error::other("simulated connection drop")),
-                        Step::End,
-                    )
-                } else {
-                    let text = if i == 0 {
-                        gen.token(i).to_string()
-                    } else {
-                        format!(" {}", gen.token(i))
-                    };
-                    let next = if i + 1 < gen.n_tokens {
-                        Step::Token(i + 1)
-                    } else {
-                        Step::Finish
-                    };
-                    (Ok(gen.chunk(json!({"content": text}), None)), next)
-                }
-            }
-            Step::Finish => {
-                let next = if gen.include_usage {
-                    Step::Usage
-                } else {
-                    Step::Done
-                };
-                (Ok(gen.chunk(json!({}), Some(gen.finish))), next)
-            }
-            Step::Usage => {
-                let object = if gen.chat {
-                    "chat.completion.chunk"
-                } else {
-                    "text_completion"
-                };
-                let v = json!({"id": gen.id, "object": object, "created": gen.created, "model": gen.model, "choices": [], "usage": gen.usage});
-                (Ok(sse(&v)), Step::Done)
-            }
-            Step::Done => {
-                guard.finish();
-                (Ok(Bytes::from_static(b"data: [DONE]\n\n")), Step::End)
-            }
-            Step::End => return None,
-        };
-        Some((item, (gen, guard, next, start)))
-    });
     (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(s),
+        text.into_iter().map(Piece::Text).collect(),
+        Vec::new(),
+        finish,
     )
-        .into_response()
 }
 
-async fn embeddings(State(sim): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let (mut guard, req) = match admit(&sim, &headers, "/v1/embeddings", &body).await {
+/// A tool-calling reply: the `say:` text, then each call's start and argument fragments.
+fn tool_reply(sim: &Sim, plan: tools::ToolPlan) -> (Vec<Piece>, Vec<ToolCall>, &'static str) {
+    let mut pieces: Vec<Piece> = plan
+        .say
+        .as_deref()
+        .map(|s| reply::say_pieces(s, MAX_SAY_PIECES))
+        .unwrap_or_default()
+        .into_iter()
+        .map(Piece::Text)
+        .collect();
+    let mut calls = Vec::with_capacity(plan.calls.len());
+    for (index, (name, arguments)) in plan.calls.into_iter().enumerate() {
+        let id = format!("call_{}", sim.c.tool_ids.fetch_add(1, Ordering::Relaxed));
+        pieces.push(Piece::ToolStart {
+            index,
+            id: id.clone(),
+            name: name.clone(),
+        });
+        pieces.extend(
+            reply::arg_fragments(&arguments)
+                .into_iter()
+                .map(|args| Piece::ToolArgs { index, args }),
+        );
+        calls.push(ToolCall {
+            id,
+            name,
+            arguments,
+        });
+    }
+    (pieces, calls, "tool_calls")
+}
+
+async fn embeddings(State(sim): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    let (mut guard, req) = match admit(&sim, &headers, "/v1/embeddings", body).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -610,7 +596,7 @@ async fn embeddings(State(sim): State<Shared>, headers: HeaderMap, body: Bytes) 
         .map(|d| (d as usize).clamp(1, MAX_DIMENSIONS))
         .unwrap_or(DEFAULT_DIMENSIONS);
     let base64 = req.get("encoding_format").and_then(Value::as_str) == Some("base64");
-    pace(Instant::now(), sim.opts.ttft).await;
+    reply::pace(Instant::now(), sim.opts.ttft).await;
     let mut prompt_tokens = 0u64;
     let data: Vec<Value> = inputs
         .iter()
