@@ -46,6 +46,8 @@ pub struct ErrorReply {
     pub param: Option<&'static str>,
     /// `Retry-After` in seconds (already clamped to [1, 60] when set through the constructors).
     pub retry_after: Option<u64>,
+    /// `retry-after-ms`, when known more exactly than `retry_after` (else its seconds x 1000).
+    pub retry_after_ms: Option<u64>,
     /// `x-should-retry`, for failures that retrying cannot fix.
     pub should_retry: Option<bool>,
     /// `x-mofa-backend` for this reply; `None` leaves the default (`gateway`).
@@ -67,6 +69,7 @@ impl ApiError {
             message,
             param: None,
             retry_after: None,
+            retry_after_ms: None,
             should_retry: None,
             backend: None,
             reason: None,
@@ -293,7 +296,8 @@ impl ApiError {
             r.reason.as_str(),
             message,
         );
-        e.retry_after = Some(clamp_retry_after(r.retry_after_s));
+        e.retry_after = Some(r.retry_after_s());
+        e.retry_after_ms = Some(r.retry_after_ms);
         e.reason = Some(r.reason);
         if !r.reason.retryable() {
             e.should_retry = Some(false);
@@ -348,9 +352,11 @@ impl ApiError {
                 err.message = format!("{} ({message})", err.message);
                 err
             }
-            StartError::Deadline => {
-                Self::rejected(Rejection::new(RejectReason::QueueTimeout, 5), model)
-            }
+            // Still starting: come back when the start is expected to be over.
+            StartError::Deadline { ready_in_ms } => Self::rejected(
+                Rejection::after_ms(RejectReason::QueueTimeout, ready_in_ms),
+                model,
+            ),
         }
     }
 
@@ -420,7 +426,8 @@ impl IntoResponse for ApiError {
         }
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            h.insert(RETRY_AFTER_MS, HeaderValue::from(secs * 1000));
+            let ms = self.retry_after_ms.unwrap_or(secs.saturating_mul(1000));
+            h.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
         }
         if let Some(retry) = self.should_retry {
             h.insert(

@@ -6,12 +6,11 @@
 //! deployment's label; the HTTP library's detail goes to the log only. It tells its [`OnEnd`]
 //! how the stream ended, exactly once; it must not decide anything else.
 
-use std::pin::Pin;
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 
 use super::error_chain;
 use super::wire::{sse_content_events, sse_error_event, sse_error_in, sse_usage, Usage};
@@ -50,7 +49,7 @@ pub(super) struct Limits {
 /// The relay's state. Dropped before its end: the client went away.
 struct Relay {
     on_end: Option<OnEnd>,
-    rest: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    rest: super::BodyStream,
     first: Option<Bytes>,
     tail: Tail,
     limits: Limits,
@@ -95,7 +94,7 @@ impl Drop for Relay {
 /// A stream whose first chunk arrived: what [`PendingStream::relay`] sends on.
 pub struct PendingStream {
     pub(super) first: Bytes,
-    pub(super) rest: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    pub(super) rest: super::BodyStream,
     pub(super) limits: Limits,
     pub(super) label: String,
 }
