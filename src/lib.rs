@@ -11,7 +11,9 @@
 //! - `quota`: the async shell of the rate limits (the memory and Redis stores);
 //! - the pure decision core: `admission`, `routing`, `breaker`, `limits` (GCRA buckets), with
 //!   `reason` (the closed set of rejections); no I/O, no HTTP crate;
-//! - `config` (validated TOML) and `headers` (names), used by all; `sim` stands alone.
+//! - `config` (validated TOML) and `headers` (names), used by all; `metrics` (the Prometheus
+//!   registry and the status page's windows, fed by `proxy::observe`) imports nothing of the
+//!   crate; `sim` stands alone.
 
 pub mod config;
 pub mod http;
@@ -23,6 +25,7 @@ mod breaker;
 mod error;
 mod headers;
 mod limits;
+mod metrics;
 mod orchestrator;
 mod pool;
 mod proxy;

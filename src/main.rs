@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 /// a perf profile of the proxy path under load showed glibc's malloc waiting on its arena locks.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use mofa_gateway::config::Config;
+use mofa_gateway::config::{Config, LogFormat};
 use mofa_gateway::server::{shutdown_signal, Gateway};
 use mofa_gateway::sim::SimOptions;
 
@@ -111,13 +111,10 @@ struct SimArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+    if !matches!(command, Command::Serve(_)) {
+        init_logging(LogFormat::Text);
+    }
     if let Command::CheckConfig { file } = &command {
         return match Config::load(file) {
             Ok(cfg) => {
@@ -137,6 +134,13 @@ fn main() -> ExitCode {
     let (command, workers) = match command {
         Command::Serve(args) => match load_config(&args) {
             Ok(cfg) => {
+                // The config says how to log (`[log] format`).
+                init_logging(cfg.log.format);
+                if args.config.is_none() {
+                    tracing::info!(
+                        "no --config given: serving the built-in simulated model `mofa-sim`"
+                    );
+                }
                 let workers = cfg.server.worker_threads;
                 (Command::Loaded(Box::new(cfg)), workers)
             }
@@ -232,14 +236,31 @@ fn keys(k: &KeysCommand) -> ExitCode {
     }
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`): readable text, or one JSON object
+/// a line with the event's fields at the top level (`[log] format = "json"`).
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => fmt.init(),
+    }
+}
+
 /// The config `serve` runs with: the file, or the built-in default; `--listen` applied.
 fn load_config(args: &ServeArgs) -> Result<Config, String> {
     let mut cfg = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
-        None => {
-            tracing::info!("no --config given: serving the built-in simulated model `mofa-sim`");
-            Config::default_config()
-        }
+        None => Config::default_config(),
     };
     if let Some(listen) = args.listen {
         cfg.server.listen = listen;

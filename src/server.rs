@@ -31,7 +31,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::net::TcpListener;
 
 use crate::error::ApiError;
@@ -39,6 +39,28 @@ use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
 
 use crate::config::{Config, ServerConfig};
 use crate::http::{router, AppState};
+use crate::proxy::observe::ClientAddr;
+
+type RouterService = TowerToHyperService<axum::Router>;
+
+/// The router, with the connection's peer address put into each request's extensions (for
+/// the access log).
+#[derive(Clone)]
+struct WithPeer {
+    inner: RouterService,
+    peer: SocketAddr,
+}
+
+impl Service<Request<hyper::body::Incoming>> for WithPeer {
+    type Response = <RouterService as Service<Request<hyper::body::Incoming>>>::Response;
+    type Error = <RouterService as Service<Request<hyper::body::Incoming>>>::Error;
+    type Future = TowerToHyperServiceFuture<axum::Router, Request<hyper::body::Incoming>>;
+
+    fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        self.inner.call(req)
+    }
+}
 
 /// A gateway bound to a port but not serving yet.
 pub struct Gateway {
@@ -79,10 +101,10 @@ impl Gateway {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.server.max_header_bytes).unwrap_or(u32::MAX));
         let graceful = GracefulShutdown::new();
-        let service = Guarded(TowerToHyperService::new(self.app));
+        let service = TowerToHyperService::new(self.app);
         tokio::pin!(shutdown);
         loop {
-            let (tcp, _) = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(c) => c,
                     Err(e) => {
@@ -97,7 +119,11 @@ impl Gateway {
             // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
             let _ = tcp.set_nodelay(true);
             let head_timeout = Duration::from_millis(self.server.header_read_timeout_ms);
-            let (http, service) = (http.clone(), service.clone());
+            let service = Guarded(WithPeer {
+                inner: service.clone(),
+                peer,
+            });
+            let http = http.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
                 // The protocol is known from the first bytes, within the head's read time (the

@@ -1,6 +1,7 @@
-//! The HTTP surface: the axum router, the routes' handlers, and the layer that stamps every
-//! response. It parses nothing itself and contains no retry loop: a proxied request goes
-//! through the [`Pipeline`]; errors become responses in `error`.
+//! The HTTP surface: the axum router, the routes' handlers, the layer that stamps every
+//! response, and the operator's views (`admin`; `status`: metrics and the status page). It
+//! parses nothing itself and contains no retry loop: a proxied request goes through the
+//! [`Pipeline`]; errors become responses in `error`.
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use crate::upstream::Endpoint;
 
 mod admin;
 mod stamp;
+mod status;
 
 /// What every handler shares. Immutable after start-up.
 pub struct AppState {
@@ -89,6 +91,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { json_ok(json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
+        .route("/", get(status::page))
+        .route("/status", get(status::page))
+        .route("/status.json", get(status::status_json))
+        .route("/metrics", get(status::metrics))
         .merge(admin)
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)

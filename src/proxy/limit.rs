@@ -61,11 +61,26 @@ pub async fn limit(
         }
         Err(Refusal::Limited(d)) => {
             stamp_denial(&mut rec.reply_headers, &d);
+            let limit = match d.dim {
+                Dim::Requests => "requests",
+                Dim::Tokens => "tokens",
+            };
+            count_refusal(rec, limit);
             Err(ApiError::rate_limited(&d, &name))
         }
-        Err(Refusal::Parallel(n)) => Err(ApiError::too_many_in_flight(n, &name)),
+        Err(Refusal::Parallel(n)) => {
+            count_refusal(rec, "parallel");
+            Err(ApiError::too_many_in_flight(n, &name))
+        }
         Err(Refusal::Unavailable) => Err(ApiError::limits_unavailable()),
     }
+}
+
+/// Counts a 429 in `rate_limited_total{key,limit}` (the key's configured name; "-" for a
+/// model's own limit on an anonymous request).
+fn count_refusal(rec: &Record, limit: &'static str) {
+    let key = rec.key.clone();
+    rec.rate_limited(key.as_deref().unwrap_or("-"), limit);
 }
 
 /// The `x-ratelimit-*` headers of one dimension.

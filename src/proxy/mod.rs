@@ -41,7 +41,7 @@ pub mod route;
 
 use accept::{Accepted, Limits};
 use forward::Forwarded;
-use observe::{Observer, Reason, Record, Tokens};
+use observe::{ClientAddr, Observer, Reason, Record, Tokens};
 use parse::Parsed;
 use route::Attempts;
 
@@ -62,9 +62,23 @@ pub struct Pipeline {
 impl Pipeline {
     /// Builds the pipeline from a validated config, starting in-process simulators.
     pub async fn build(cfg: &Config) -> Result<Pipeline, BuildError> {
+        let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();
+        let observer = Arc::new(Observer::new(&names));
+        // Histogram samples wait for the next scrape: move them into buckets now and then.
+        let weak = Arc::downgrade(&observer);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(o) => o.metrics.upkeep(),
+                    None => break,
+                }
+            }
+        });
         Ok(Pipeline {
             orch: Orchestrator::build(cfg).await?,
-            observer: Arc::new(Observer::default()),
+            observer,
             auth: authorize::Auth::build(cfg),
             limiter: Arc::new(crate::quota::Limiter::build(cfg).await),
             limits: Limits {
@@ -90,6 +104,7 @@ impl Pipeline {
     /// Runs a request to `endpoint` through every phase; always an answer (errors included).
     pub async fn handle(&self, endpoint: Endpoint, accepted: &Accepted, req: Request) -> Response {
         let mut rec = Record::new(self.observer.clone(), accepted.id.clone(), accepted.arrival);
+        rec.client = req.extensions().get::<ClientAddr>().map(|c| c.0);
         match self.run(endpoint, accepted, req, &mut rec).await {
             Ok(ok) => self.respond(ok, rec),
             Err(e) => {
@@ -119,6 +134,7 @@ impl Pipeline {
         let model = self.model(&parsed)?;
         rec.model = Some(model.name.as_str().into());
         rec.priority = Some(parsed.priority());
+        rec.stream = parsed.stream;
         authorize::authorize(&who, &mut parsed, rec)?;
         limit::limit(&self.limiter, &who, &parsed, rec).await?;
         if self.is_shutting_down() {
@@ -166,10 +182,11 @@ impl Pipeline {
             match forward::forward(permit, req, rid, start_by).await {
                 Ok(ok) => {
                     attempts.succeeded();
-                    rec.upstream_ttfb = Some(ok.ttfb);
+                    rec.first_byte(ok.ttfb);
                     return Ok(ok);
                 }
                 Err(f) => {
+                    rec.attempt_failed(&f.error);
                     if !attempts.failed(f, Instant::now()) {
                         break;
                     }
@@ -200,6 +217,7 @@ impl Pipeline {
                 usage,
             } => {
                 drop(permit);
+                rec.bytes = body.len() as u64;
                 rec.tokens = usage.map(|u| Tokens {
                     input: u.prompt_tokens,
                     output: u.completion_tokens,

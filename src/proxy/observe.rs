@@ -1,9 +1,12 @@
 //! Phase 8, `observe`: one [`Record`] per request that reached the pipeline, finished exactly
 //! once, when the request is really over (a stream: its last byte, its failure, or the client
 //! leaving; a request whose future is dropped: the client left, 499). Finishing it counts it
-//! and writes the access log line. The metrics and logs read these records; nothing else is
-//! threaded through the pipeline's signatures. It never sees a prompt, a completion or a secret.
+//! and writes the access log line (target `mofa_gateway::access`), and feeds the metrics
+//! ([`crate::metrics`]: counters, histograms, the status page's windows). The metrics and logs
+//! read these records; nothing else is threaded through the pipeline's signatures. It never
+//! sees a prompt, a completion or a secret: a key is logged by its configured name only.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +15,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::admission::Priority;
 use crate::error::ApiError;
+use crate::metrics::{Metrics, Sample};
 use crate::reason::RejectReason;
+
+/// The client's address, put into each request's extensions by the server's accept loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
 
 /// How a request ended: a closed set (labels, log fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,15 +74,31 @@ impl Reason {
     }
 }
 
-/// Counters of finished requests (the admin view).
-#[derive(Debug, Default)]
+/// Counters of finished requests (the admin view), and the metrics.
 pub struct Observer {
     requests: AtomicU64,
     retries: AtomicU64,
     client_disconnects: AtomicU64,
+    pub metrics: Metrics,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Observer::new(&[])
+    }
 }
 
 impl Observer {
+    /// The observer of a gateway serving `models` (the configured names).
+    pub fn new(models: &[String]) -> Observer {
+        Observer {
+            requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            client_disconnects: AtomicU64::new(0),
+            metrics: Metrics::new(models),
+        }
+    }
+
     pub fn client_disconnects(&self) -> u64 {
         self.client_disconnects.load(Ordering::Relaxed)
     }
@@ -112,6 +136,12 @@ pub struct Record {
     pub upstream_ttfb: Option<Duration>,
     /// Body bytes relayed to the client (streams).
     pub bytes: u64,
+    /// A streaming request (`stream: true`).
+    pub stream: bool,
+    /// From arrival to the first byte of the reply.
+    pub first_byte: Option<Duration>,
+    /// Where the request came from.
+    pub client: Option<SocketAddr>,
     /// Tokens in and out: from `usage` when the upstream reported it, else estimated.
     pub tokens: Option<Tokens>,
     /// Told of the end, in order, once: what a phase holds until the request is over
@@ -156,6 +186,9 @@ impl Record {
             queue_wait: None,
             upstream_ttfb: None,
             bytes: 0,
+            stream: false,
+            first_byte: None,
+            client: None,
             tokens: None,
             on_finish: Vec::new(),
             finished: false,
@@ -165,6 +198,25 @@ impl Record {
     /// Runs `f` when the request is over, whatever its end.
     pub fn on_finish(&mut self, f: OnFinish) {
         self.on_finish.push(f);
+    }
+
+    /// The upstream answered (its first byte) `ttfb` after it was sent: the try succeeded.
+    pub fn first_byte(&mut self, ttfb: Duration) {
+        self.upstream_ttfb = Some(ttfb);
+        self.first_byte = Some(self.arrival.elapsed());
+        self.obs.metrics.upstream_attempt("ok");
+    }
+
+    /// A try on an upstream failed with `e` (another may follow).
+    pub fn attempt_failed(&mut self, e: &ApiError) {
+        self.obs.metrics.upstream_attempt(Reason::of(e).as_str());
+    }
+
+    /// The request was refused by the rate limit `limit` (`requests`, `tokens`, ...) of the
+    /// key named `key` (its configured name, never the secret).
+    #[allow(dead_code)] // called by the limit phase, which comes with API keys
+    pub fn rate_limited(&self, key: &str, limit: &'static str) {
+        self.obs.metrics.rate_limited(key, limit);
     }
 
     /// The `Server-Timing` header: queue wait, upstream time to first byte, total so far.
@@ -205,23 +257,44 @@ impl Record {
         if reason == Reason::ClientDisconnect {
             o.client_disconnects.fetch_add(1, Ordering::Relaxed);
         }
-        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let total = self.arrival.elapsed();
+        let priority = self.priority.map(Priority::as_str);
+        self.obs.metrics.finished(&Sample {
+            model: self.model.as_deref().unwrap_or_default(),
+            backend: self.backend.as_deref().unwrap_or_default(),
+            status,
+            reason: reason.as_str(),
+            total,
+            ttft: self.first_byte.filter(|_| self.stream),
+            queue_wait: priority.zip(self.queue_wait),
+            tokens: self
+                .tokens
+                .filter(|t| !t.estimated)
+                .map(|t| (t.input, t.output)),
+        });
+        // Milliseconds with microsecond resolution.
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let opt_ms = |d: Option<Duration>| d.map(ms);
         tracing::info!(
             target: "mofa_gateway::access",
             request_id = self.id.to_str().unwrap_or_default(),
+            client = self.client.map(tracing::field::display),
+            key = self.key.as_deref().unwrap_or("-"),
             model = self.model.as_deref().unwrap_or("-"),
             backend = self.backend.as_deref().unwrap_or("-"),
-            priority = self.priority.map_or("-", Priority::as_str),
-            key = self.key.as_deref().unwrap_or("-"),
+            priority = priority.unwrap_or("-"),
+            stream = self.stream,
             status,
             reason = reason.as_str(),
             attempts = self.attempts,
-            queue_ms = ms(self.queue_wait),
-            ttfb_ms = ms(self.upstream_ttfb),
-            total_ms = self.arrival.elapsed().as_secs_f64() * 1000.0,
+            queue_ms = opt_ms(self.queue_wait),
+            ttfb_ms = opt_ms(self.first_byte),
+            upstream_ttfb_ms = opt_ms(self.upstream_ttfb),
+            total_ms = ms(total),
             bytes = self.bytes,
             tokens_in = self.tokens.map(|t| t.input),
             tokens_out = self.tokens.map(|t| t.output),
+            tokens_estimated = self.tokens.map(|t| t.estimated),
             "request finished"
         );
         let fin = Finished {

@@ -1,0 +1,569 @@
+//! Metrics: the Prometheus registry behind `GET /metrics`, and the recent-history windows
+//! behind the status page.
+//!
+//! Owns the metric names (prefix `mofa_gateway_`, base units, `_total` counters), their help
+//! texts and histogram buckets (OpenTelemetry GenAI conventions), and a per-model ring of the
+//! last five minutes, one slot a second. It is fed by `proxy::observe` (one [`Sample`] per
+//! finished request, one call per upstream attempt) and, for `rate_limited_total`, by the limit
+//! phase through [`Metrics::rate_limited`]; state gauges are read from the orchestrator's
+//! snapshots at scrape time ([`Metrics::render`]), never updated on the request path.
+//!
+//! It must not take a label value from client input: model, backend, deployment and key names
+//! come from the config, reasons and priorities from closed sets; a name it does not know is
+//! counted under the empty label. It imports nothing of the crate and does no I/O.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use serde_json::{json, Value};
+
+const REQUESTS: &str = "mofa_gateway_requests_total";
+const DURATION: &str = "mofa_gateway_request_duration_seconds";
+const TTFT: &str = "mofa_gateway_time_to_first_token_seconds";
+const TPOT: &str = "mofa_gateway_time_per_output_token_seconds";
+const QUEUE_WAIT: &str = "mofa_gateway_queue_wait_seconds";
+const TOKENS: &str = "mofa_gateway_tokens_total";
+const ATTEMPTS: &str = "mofa_gateway_upstream_attempts_total";
+const RATE_LIMITED: &str = "mofa_gateway_rate_limited_total";
+const IN_FLIGHT: &str = "mofa_gateway_in_flight";
+const MAX_CONCURRENCY: &str = "mofa_gateway_max_concurrency";
+const QUEUE_DEPTH: &str = "mofa_gateway_queue_depth";
+const MEM_RESIDENT: &str = "mofa_gateway_memory_resident_bytes";
+const MEM_CAPACITY: &str = "mofa_gateway_memory_capacity_bytes";
+const POOL_STATE: &str = "mofa_gateway_pool_state";
+const BREAKER: &str = "mofa_gateway_breaker_state";
+
+/// OpenTelemetry GenAI `gen_ai.server.time_to_first_token` buckets.
+pub const TTFT_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// OpenTelemetry GenAI `gen_ai.server.request.duration` buckets.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+/// OpenTelemetry GenAI `gen_ai.server.time_per_output_token` buckets.
+pub const TPOT_BUCKETS: [f64; 13] = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+/// Queue waits: from a free slot at once to the longest configured wait.
+pub const QUEUE_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+const MIB: f64 = 1_048_576.0;
+const PRIORITIES: [&str; 4] = ["low", "normal", "high", "critical"];
+const POOL_STATES: [&str; 5] = ["stopped", "starting", "ready", "stopping", "failed"];
+
+/// One finished request, as the metrics see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample<'a> {
+    /// A configured model name, or `""` (the request named none the gateway serves).
+    pub model: &'a str,
+    /// The deployment that served it, or `""`.
+    pub backend: &'a str,
+    pub status: u16,
+    /// A closed set (`observe::Reason`).
+    pub reason: &'static str,
+    pub total: Duration,
+    /// From arrival to the first byte of a stream.
+    pub ttft: Option<Duration>,
+    pub queue_wait: Option<(&'static str, Duration)>,
+    /// Input and output tokens, from the upstream's `usage`.
+    pub tokens: Option<(u64, u64)>,
+}
+
+/// The registry, its recent-history windows, and when it started.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    recent: Recent,
+}
+
+impl Metrics {
+    /// A registry for a gateway serving `models` (the windows are kept per model).
+    pub fn new(models: &[String]) -> Metrics {
+        let mut b = PrometheusBuilder::new();
+        for (name, buckets) in [
+            (TTFT, &TTFT_BUCKETS[..]),
+            (DURATION, &DURATION_BUCKETS[..]),
+            (TPOT, &TPOT_BUCKETS[..]),
+            (QUEUE_WAIT, &QUEUE_BUCKETS[..]),
+        ] {
+            b = b
+                .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                .expect("constant, non-empty buckets");
+        }
+        let recorder = b.build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        Metrics {
+            recorder,
+            handle,
+            recent: Recent::new(models),
+        }
+    }
+
+    /// Counts a finished request.
+    pub fn finished(&self, s: &Sample<'_>) {
+        let model = s.model.to_owned();
+        let backend = s.backend.to_owned();
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!(REQUESTS, "model" => model.clone(), "backend" => backend.clone(),
+                "status" => status_label(s.status), "reason" => s.reason)
+            .increment(1);
+            histogram!(DURATION, "model" => model.clone(), "backend" => backend.clone())
+                .record(s.total.as_secs_f64());
+            if let Some(t) = s.ttft {
+                histogram!(TTFT, "model" => model.clone(), "backend" => backend.clone())
+                    .record(t.as_secs_f64());
+                if let Some((_, out)) = s.tokens.filter(|(_, out)| *out > 1) {
+                    let per = s.total.saturating_sub(t).as_secs_f64() / (out - 1) as f64;
+                    histogram!(TPOT, "model" => model.clone(), "backend" => backend.clone())
+                        .record(per);
+                }
+            }
+            if let Some((prio, wait)) = s.queue_wait {
+                histogram!(QUEUE_WAIT, "priority" => prio).record(wait.as_secs_f64());
+            }
+            if let Some((input, output)) = s.tokens {
+                counter!(TOKENS, "model" => model.clone(), "backend" => backend.clone(), "type" => "input")
+                    .increment(input);
+                counter!(TOKENS, "model" => model, "backend" => backend, "type" => "output")
+                    .increment(output);
+            }
+        });
+        self.recent.record(s);
+    }
+
+    /// Counts one try on an upstream: `ok` (it answered), or why it failed (a closed set).
+    pub fn upstream_attempt(&self, outcome: &'static str) {
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!(ATTEMPTS, "outcome" => outcome).increment(1);
+        });
+    }
+
+    /// Counts a request refused by a rate limit: `key` is the key's configured `name` (never
+    /// its secret), `limit` which limit it hit (`requests`, `tokens`, `concurrency`).
+    pub fn rate_limited(&self, key: &str, limit: &'static str) {
+        let key = key.to_owned();
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!(RATE_LIMITED, "key" => key, "limit" => limit).increment(1);
+        });
+    }
+
+    /// Moves recorded histogram samples into their buckets (bounds the memory they take
+    /// between two scrapes); run every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// The Prometheus text exposition, with the state gauges read now from `orch` (the
+    /// orchestrator's admin view) and `pool` (the pool's).
+    pub fn render(&self, orch: &Value, pool: &Value) -> String {
+        metrics::with_local_recorder(&self.recorder, || set_gauges(orch, pool));
+        self.handle.render()
+    }
+
+    /// The last minute of `model` (requests/s, outcome rates, p50/p99) for the status page.
+    pub fn last_minute(&self, model: &str) -> Value {
+        self.recent.last_minute(model)
+    }
+
+    /// The last five minutes of all models, a point a second, for the status page's chart.
+    pub fn chart(&self) -> Value {
+        self.recent.chart()
+    }
+}
+
+fn status_label(status: u16) -> String {
+    status.to_string()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        REQUESTS,
+        "Requests finished, by model, deployment, status (499: the client left) and reason."
+    );
+    describe_histogram!(
+        DURATION,
+        Unit::Seconds,
+        "Time from arrival to the last byte of the reply."
+    );
+    describe_histogram!(
+        TTFT,
+        Unit::Seconds,
+        "Streams: time from arrival to the first byte sent to the client."
+    );
+    describe_histogram!(
+        TPOT,
+        Unit::Seconds,
+        "Streams: time per output token after the first (tokens from usage)."
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time admitted requests waited for a slot."
+    );
+    describe_counter!(
+        TOKENS,
+        "Tokens from the upstreams' usage, input and output."
+    );
+    describe_counter!(
+        ATTEMPTS,
+        "Tries on upstream deployments: ok, or why the try failed."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused with 429, by key name and the limit hit."
+    );
+    describe_gauge!(IN_FLIGHT, "Requests running on a deployment now.");
+    describe_gauge!(MAX_CONCURRENCY, "Slots of a deployment.");
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting for a slot, by priority.");
+    describe_gauge!(
+        MEM_RESIDENT,
+        Unit::Bytes,
+        "Memory of the resident local models (their declared memory_mb, in bytes)."
+    );
+    describe_gauge!(
+        MEM_CAPACITY,
+        Unit::Bytes,
+        "The memory budget of local models (memory_capacity_mb, in bytes)."
+    );
+    describe_gauge!(
+        POOL_STATE,
+        "Managed model servers: 1 for the state each is in, 0 for the others."
+    );
+    describe_gauge!(
+        BREAKER,
+        "Circuit breaker of a deployment: 0 closed, 1 half-open, 2 open."
+    );
+}
+
+/// Sets the state gauges from the admin views (read at scrape time).
+fn set_gauges(orch: &Value, pool: &Value) {
+    if let Some(models) = orch["models"].as_object() {
+        for (name, m) in models {
+            for prio in PRIORITIES {
+                let depth = m["queue"]["by_priority"][prio].as_f64().unwrap_or(0.0);
+                gauge!(QUEUE_DEPTH, "model" => name.clone(), "priority" => prio).set(depth);
+            }
+            for d in m["deployments"].as_array().into_iter().flatten() {
+                let dep = d["backend"].as_str().unwrap_or_default().to_owned();
+                let labels = [("model", name.clone()), ("deployment", dep)];
+                gauge!(IN_FLIGHT, &labels).set(d["in_flight"].as_f64().unwrap_or(0.0));
+                gauge!(MAX_CONCURRENCY, &labels).set(d["max_concurrency"].as_f64().unwrap_or(0.0));
+                let breaker = match d["breaker"].as_str() {
+                    Some("half_open") => 1.0,
+                    Some("open") => 2.0,
+                    _ => 0.0,
+                };
+                gauge!(BREAKER, &labels).set(breaker);
+            }
+        }
+    }
+    let mem = &orch["memory"];
+    // The config's MB are MiB (2^20 bytes); Prometheus wants base units.
+    let bytes = |v: &Value| v.as_f64().unwrap_or(0.0) * MIB;
+    gauge!(MEM_RESIDENT).set(bytes(&mem["resident_mb"]));
+    gauge!(MEM_CAPACITY).set(bytes(&mem["capacity_mb"]));
+    for p in pool["models"].as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or_default();
+        let now = p["state"].as_str().unwrap_or_default();
+        for state in POOL_STATES {
+            let v = if state == now { 1.0 } else { 0.0 };
+            gauge!(POOL_STATE, "model" => name.to_owned(), "state" => state).set(v);
+        }
+    }
+}
+
+// --- recent history --------------------------------------------------------------------------
+
+/// Seconds of history kept (the chart's five minutes).
+const HISTORY_S: usize = 300;
+/// Upper bounds (seconds) of the windows' latency buckets; one more bucket for the rest.
+const LAT_BOUNDS: [f64; 17] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0,
+    100.0,
+];
+const NB: usize = LAT_BOUNDS.len() + 1;
+
+/// How a request ended, for the status page's rates and chart.
+#[derive(Clone, Copy)]
+enum Class {
+    Ok = 0,
+    /// 503 from admission.
+    Rejected,
+    /// 429.
+    Limited,
+    /// Other 4xx (the request was bad).
+    Invalid,
+    /// 5xx from upstream, or a stream broken after its first byte.
+    Error,
+    /// 499: the client left.
+    Gone,
+}
+const CLASSES: [&str; 6] = ["ok", "rejected", "limited", "invalid", "error", "gone"];
+
+fn class_of(s: &Sample<'_>) -> Class {
+    match (s.status, s.reason) {
+        (200, "ok") => Class::Ok,
+        (200, _) => Class::Error,
+        (499, _) => Class::Gone,
+        (429, _) => Class::Limited,
+        (503, r) if r != "upstream_error" => Class::Rejected,
+        (400..=499, _) => Class::Invalid,
+        _ => Class::Error,
+    }
+}
+
+/// One second of one model.
+#[derive(Clone, Copy, Default)]
+struct Sec {
+    /// Which second (since start) this slot holds.
+    t: u64,
+    by_class: [u32; 6],
+    total: [u32; NB],
+    ttft: [u32; NB],
+}
+
+struct Ring {
+    secs: Box<[Sec]>,
+}
+
+impl Ring {
+    fn new() -> Ring {
+        Ring {
+            secs: vec![Sec::default(); HISTORY_S].into_boxed_slice(),
+        }
+    }
+
+    fn slot(&mut self, t: u64) -> &mut Sec {
+        let s = &mut self.secs[(t % HISTORY_S as u64) as usize];
+        if s.t != t {
+            *s = Sec {
+                t,
+                ..Sec::default()
+            };
+        }
+        s
+    }
+
+    /// The slot of second `t`, if it still holds it.
+    fn get(&self, t: u64) -> Option<&Sec> {
+        let s = &self.secs[(t % HISTORY_S as u64) as usize];
+        (s.t == t).then_some(s)
+    }
+}
+
+fn bucket(d: Duration) -> usize {
+    let x = d.as_secs_f64();
+    LAT_BOUNDS.iter().position(|b| x <= *b).unwrap_or(NB - 1)
+}
+
+/// The `q` quantile of bucket counts, in milliseconds (linear within a bucket), or null.
+fn quantile_ms(counts: &[u32; NB], q: f64) -> Value {
+    let n: u64 = counts.iter().map(|c| u64::from(*c)).sum();
+    if n == 0 {
+        return Value::Null;
+    }
+    let rank = q * n as f64;
+    let mut seen = 0.0;
+    for (i, c) in counts.iter().enumerate() {
+        let c = f64::from(*c);
+        if c > 0.0 && seen + c >= rank {
+            let lo = if i == 0 { 0.0 } else { LAT_BOUNDS[i - 1] };
+            let hi = LAT_BOUNDS.get(i).copied().unwrap_or(lo * 2.0);
+            let v = lo + (hi - lo) * ((rank - seen) / c).clamp(0.0, 1.0);
+            return json!((v * 1e6).round() / 1e3);
+        }
+        seen += c;
+    }
+    Value::Null
+}
+
+/// Per-model rings (models from the config, plus one for requests that named none).
+struct Recent {
+    start: Instant,
+    models: Vec<(String, Mutex<Ring>)>,
+    other: Mutex<Ring>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Recent {
+    fn new(models: &[String]) -> Recent {
+        Recent {
+            start: Instant::now(),
+            models: models
+                .iter()
+                .map(|m| (m.clone(), Mutex::new(Ring::new())))
+                .collect(),
+            other: Mutex::new(Ring::new()),
+        }
+    }
+
+    fn ring(&self, model: &str) -> &Mutex<Ring> {
+        self.models
+            .iter()
+            .find(|(m, _)| m == model)
+            .map_or(&self.other, |(_, r)| r)
+    }
+
+    fn now_s(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    fn record(&self, s: &Sample<'_>) {
+        let t = self.now_s();
+        let class = class_of(s) as usize;
+        let mut ring = lock(self.ring(s.model));
+        let slot = ring.slot(t);
+        slot.by_class[class] += 1;
+        slot.total[bucket(s.total)] += 1;
+        if let Some(ttft) = s.ttft {
+            slot.ttft[bucket(ttft)] += 1;
+        }
+    }
+
+    fn last_minute(&self, model: &str) -> Value {
+        let now = self.now_s();
+        // The current second is partial: the minute is the 60 whole seconds before it, or
+        // everything since start while it is younger than that.
+        let from = now.saturating_sub(60);
+        let span = (now - from).max(1) as f64;
+        let mut sum = Sec::default();
+        {
+            let ring = lock(self.ring(model));
+            for t in from..now {
+                if let Some(s) = ring.get(t) {
+                    add(&mut sum, s);
+                }
+            }
+        }
+        let n: u32 = sum.by_class.iter().sum();
+        let rate = |c: Class| {
+            if n == 0 {
+                0.0
+            } else {
+                f64::from(sum.by_class[c as usize]) / f64::from(n)
+            }
+        };
+        json!({
+            "requests": n,
+            "rps": (f64::from(n) / span * 100.0).round() / 100.0,
+            "p50_ms": quantile_ms(&sum.total, 0.5),
+            "p99_ms": quantile_ms(&sum.total, 0.99),
+            "ttft_p50_ms": quantile_ms(&sum.ttft, 0.5),
+            "ttft_p99_ms": quantile_ms(&sum.ttft, 0.99),
+            "rate_503": rate(Class::Rejected),
+            "rate_429": rate(Class::Limited),
+            "by_outcome": by_class(&sum),
+        })
+    }
+
+    fn chart(&self) -> Value {
+        let now = self.now_s();
+        let from = now.saturating_sub(HISTORY_S as u64 - 1);
+        let rings: Vec<MutexGuard<'_, Ring>> = self
+            .models
+            .iter()
+            .map(|(_, r)| r)
+            .chain(std::iter::once(&self.other))
+            .map(lock)
+            .collect();
+        let points: Vec<Value> = (from..now)
+            .map(|t| {
+                let mut sum = Sec::default();
+                for r in &rings {
+                    if let Some(s) = r.get(t) {
+                        add(&mut sum, s);
+                    }
+                }
+                json!({
+                    "t": t,
+                    "by_outcome": by_class(&sum),
+                    "ttft_p50_ms": quantile_ms(&sum.ttft, 0.5),
+                    "ttft_p99_ms": quantile_ms(&sum.ttft, 0.99),
+                })
+            })
+            .collect();
+        json!({ "now_s": now, "outcomes": CLASSES, "points": points })
+    }
+}
+
+fn add(sum: &mut Sec, s: &Sec) {
+    for (a, b) in sum.by_class.iter_mut().zip(s.by_class) {
+        *a += b;
+    }
+    for (a, b) in sum.total.iter_mut().zip(s.total) {
+        *a += b;
+    }
+    for (a, b) in sum.ttft.iter_mut().zip(s.ttft) {
+        *a += b;
+    }
+}
+
+fn by_class(s: &Sec) -> Value {
+    CLASSES
+        .iter()
+        .zip(s.by_class)
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect::<serde_json::Map<String, Value>>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample<'a>(model: &'a str, status: u16, reason: &'static str, ms: u64) -> Sample<'a> {
+        Sample {
+            model,
+            backend: "sim(x)",
+            status,
+            reason,
+            total: Duration::from_millis(ms),
+            ttft: Some(Duration::from_millis(ms / 2)),
+            queue_wait: Some(("normal", Duration::ZERO)),
+            tokens: Some((3, 5)),
+        }
+    }
+
+    #[test]
+    fn counts_and_histograms_render_with_help_and_type() {
+        let m = Metrics::new(&["a".into()]);
+        m.finished(&sample("a", 200, "ok", 30));
+        m.finished(&sample("a", 503, "queue_full", 1));
+        m.rate_limited("team-a", "requests");
+        let text = m.render(&json!({"models": {}, "memory": {}}), &json!({"models": []}));
+        assert!(
+            text.contains("# TYPE mofa_gateway_requests_total counter"),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"mofa_gateway_requests_total{model="a",backend="sim(x)",status="200",reason="ok"} 1"#
+        ));
+        assert!(text.contains(r#"mofa_gateway_request_duration_seconds_bucket{model="a",backend="sim(x)",le="0.04"} 2"#), "{text}");
+        assert!(text
+            .contains(r#"mofa_gateway_tokens_total{model="a",backend="sim(x)",type="output"} 10"#));
+        assert!(
+            text.contains(r#"mofa_gateway_rate_limited_total{key="team-a",limit="requests"} 1"#)
+        );
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let mut c = [0u32; NB];
+        c[bucket(Duration::from_millis(15))] = 100;
+        // All in (10 ms, 20 ms]: the median half way.
+        assert_eq!(quantile_ms(&c, 0.5), json!(15.0));
+        assert_eq!(quantile_ms(&[0; NB], 0.5), Value::Null);
+    }
+}
