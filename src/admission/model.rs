@@ -1125,6 +1125,8 @@ mod tests {
         /// shedding only of the least important, Retry-After always in [1, 60], `queue_full` only
         /// when the queue is full or its room is promised to clients told to come back.
         #[test]
+        // One property over whole sequences of operations (admit, release, cancel, tick):
+        // its checks are the invariants, and they read best side by side.
         fn core_invariants(ops in proptest::collection::vec(op(), 1..200), maxes in proptest::collection::vec(1..4u32, 1..4), mems in proptest::collection::vec(0..60u64, 1..4), policy in 0..6usize) {
             let policies = [Policy::LocalOnly, Policy::CloudOnly, Policy::LocalFirst, Policy::Latency, Policy::Cost, Policy::DegradationLadder];
             let policy = policies[policy];

@@ -187,8 +187,8 @@ struct Fields {
 /// Checks the whole body and the fields the gateway needs.
 fn parse_fields(endpoint: Endpoint, body: &[u8]) -> Result<Fields, ApiError> {
     let head = parse_head(body)?;
-    let model = match head.model {
-        Some(Field::Str(m)) if !m.is_empty() => m.into_owned(),
+    let model = match &head.model {
+        Some(Field::Str(m)) if !m.is_empty() => m.to_string(),
         Some(Field::Str(_)) | None => {
             return Err(ApiError::invalid_value(
                 "model",
@@ -209,9 +209,30 @@ fn parse_fields(endpoint: Endpoint, body: &[u8]) -> Result<Fields, ApiError> {
             ))
         }
     };
+    check_input(endpoint, &head)?;
+    // Only the gateway's words (and `null`) are the gateway's `priority`; anything else (vLLM's
+    // integer priority, ...) belongs to the backend and is forwarded unchanged.
+    let (priority, strip_priority) = match head.priority {
+        Some(Field::Str(p)) => match priority_word(&p) {
+            Some(p) => (Some(p), true),
+            None => (None, false),
+        },
+        Some(Field::Null) => (None, true),
+        _ => (None, false),
+    };
+    Ok(Fields {
+        model,
+        stream,
+        priority,
+        strip_priority,
+    })
+}
+
+/// The field an endpoint takes its input from: `messages`, `prompt` or `input`.
+fn check_input(endpoint: Endpoint, head: &Head) -> Result<(), ApiError> {
     match endpoint {
-        Endpoint::ChatCompletions => match head.messages {
-            Some(Field::Array(n)) if n > 0 => {}
+        Endpoint::ChatCompletions => match &head.messages {
+            Some(Field::Array(n)) if *n > 0 => {}
             Some(Field::Array(_)) => {
                 return Err(ApiError::invalid_value(
                     "messages",
@@ -232,16 +253,16 @@ fn parse_fields(endpoint: Endpoint, body: &[u8]) -> Result<Fields, ApiError> {
             }
         },
         Endpoint::Completions => {
-            if !matches!(head.prompt, Some(Field::Str(_) | Field::Array(_))) {
+            if !matches!(&head.prompt, Some(Field::Str(_) | Field::Array(_))) {
                 return Err(ApiError::invalid_value(
                     "prompt",
                     "`prompt` must be a string or an array",
                 ));
             }
         }
-        Endpoint::Embeddings => match head.input {
+        Endpoint::Embeddings => match &head.input {
             Some(Field::Str(_)) => {}
-            Some(Field::Array(n)) if n > 0 => {}
+            Some(Field::Array(n)) if *n > 0 => {}
             _ => {
                 return Err(ApiError::invalid_value(
                     "input",
@@ -250,22 +271,7 @@ fn parse_fields(endpoint: Endpoint, body: &[u8]) -> Result<Fields, ApiError> {
             }
         },
     }
-    // Only the gateway's words (and `null`) are the gateway's `priority`; anything else (vLLM's
-    // integer priority, ...) belongs to the backend and is forwarded unchanged.
-    let (priority, strip_priority) = match head.priority {
-        Some(Field::Str(p)) => match priority_word(&p) {
-            Some(p) => (Some(p), true),
-            None => (None, false),
-        },
-        Some(Field::Null) => (None, true),
-        _ => (None, false),
-    };
-    Ok(Fields {
-        model,
-        stream,
-        priority,
-        strip_priority,
-    })
+    Ok(())
 }
 
 /// `low`, `normal`, `high` or `critical`, in any case.

@@ -333,21 +333,7 @@ async fn admit(
     body: Body,
 ) -> Result<(InFlight, Value), Response> {
     sim.c.requests.fetch_add(1, Ordering::Relaxed);
-    if let Some(key) = &sim.opts.api_key {
-        let ok = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            == Some(key.as_str());
-        if !ok {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "invalid_api_key",
-                "Incorrect API key provided.",
-            ));
-        }
-    }
+    check_key(sim, headers)?;
     let body = read_body(body, sim.opts.max_body_bytes).await?;
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
@@ -375,15 +361,47 @@ async fn admit(
             &format!("The model `{}` does not exist.", truncate(model, 100)),
         ));
     }
+    let guard = take_slot(sim)?;
+    if sim.opts.hang {
+        // Never returns: the client gives up, this future is dropped, the guard counts a cancel.
+        std::future::pending::<()>().await;
+    }
+    inject_failure(sim, &body, guard).map(|g| (g, req))
+}
+
+/// `Authorization: Bearer <api_key>` when the sim has a key, else 401.
+#[allow(clippy::result_large_err)] // the reply to send, as the handlers return it
+fn check_key(sim: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(key) = &sim.opts.api_key else {
+        return Ok(());
+    };
+    let ok = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        == Some(key.as_str());
+    if ok {
+        return Ok(());
+    }
+    Err(error(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "invalid_api_key",
+        "Incorrect API key provided.",
+    ))
+}
+
+/// A place in flight, or 503 past `max_concurrency`.
+#[allow(clippy::result_large_err)] // the reply to send, as the handlers return it
+fn take_slot(sim: &Shared) -> Result<InFlight, Response> {
     let now = sim.c.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-    let guard = InFlight {
+    let mut guard = InFlight {
         sim: sim.clone(),
         finished: false,
     };
     if sim.opts.max_concurrency > 0 && now > sim.opts.max_concurrency {
         sim.c.rejected.fetch_add(1, Ordering::Relaxed);
-        let mut g = guard;
-        g.finished = true;
+        guard.finished = true;
         let mut r = error(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
@@ -394,34 +412,34 @@ async fn admit(
         return Err(r);
     }
     sim.c.peak_in_flight.fetch_max(now, Ordering::Relaxed);
-    if sim.opts.hang {
-        // Never returns: the client gives up, this future is dropped, the guard counts a cancel.
-        std::future::pending::<()>().await;
+    Ok(guard)
+}
+
+/// The simulated failures: `fail_rate`, and the fail marker in the body.
+#[allow(clippy::result_large_err)] // the reply to send, as the handlers return it
+fn inject_failure(sim: &Shared, body: &[u8], mut guard: InFlight) -> Result<InFlight, Response> {
+    let random = sim.opts.fail_rate > 0.0
+        && unit_random(sim.c.ids.fetch_add(1, Ordering::Relaxed)) < sim.opts.fail_rate;
+    let marked = sim
+        .opts
+        .fail_marker
+        .as_ref()
+        .is_some_and(|m| contains(body, m.as_bytes()));
+    if !random && !marked {
+        return Ok(guard);
     }
-    let mut guard = guard;
-    if sim.opts.fail_rate > 0.0
-        && unit_random(sim.c.ids.fetch_add(1, Ordering::Relaxed)) < sim.opts.fail_rate
-    {
-        guard.fail();
-        return Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "sim_failure",
-            "simulated failure",
-        ));
-    }
-    if let Some(marker) = &sim.opts.fail_marker {
-        if contains(&body, marker.as_bytes()) {
-            guard.fail();
-            return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "sim_failure",
-                "simulated failure: the request contains the fail marker",
-            ));
-        }
-    }
-    Ok((guard, req))
+    guard.fail();
+    let message = if random {
+        "simulated failure"
+    } else {
+        "simulated failure: the request contains the fail marker"
+    };
+    Err(error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "sim_failure",
+        message,
+    ))
 }
 
 async fn chat(State(sim): State<Shared>, headers: HeaderMap, body: Body) -> Response {

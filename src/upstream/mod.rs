@@ -256,48 +256,7 @@ impl Deployment {
             let fb = tokio::time::Instant::now() + self.first_byte_timeout;
             deadline.map_or(fb, |d| d.min(fb))
         };
-        let url = match &self.dynamic_base {
-            Some(m) => {
-                match m().and_then(|b| format!("{b}{}", endpoint.path()).parse::<Uri>().ok()) {
-                    Some(url) => url,
-                    None => {
-                        return Err(UpstreamError::Connect(
-                            "the model server is not running".into(),
-                        ))
-                    }
-                }
-            }
-            None => match &self.urls {
-                Some(urls) => urls[endpoint as usize].clone(),
-                None => return Err(UpstreamError::Connect("no URL is configured".into())),
-            },
-        };
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = url;
-        let h = req.headers_mut();
-        h.reserve(4 + self.extra_headers.len());
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            header::ACCEPT,
-            HeaderValue::from_static(if stream {
-                "text/event-stream"
-            } else {
-                "application/json"
-            }),
-        );
-        if let Ok(v) = HeaderValue::from_str(request_id) {
-            h.insert(UPSTREAM_REQUEST_ID, v);
-        }
-        if let Some(auth) = &self.auth {
-            h.insert(header::AUTHORIZATION, auth.clone());
-        }
-        for (k, v) in &self.extra_headers {
-            h.append(k.clone(), v.clone());
-        }
+        let req = self.request(endpoint, body, request_id, stream)?;
         let first = async {
             let resp = self
                 .client
@@ -348,6 +307,60 @@ impl Deployment {
             }
             Err(resp) => self.read_full(resp, deadline).await,
         }
+    }
+
+    /// The request to send: the endpoint's URL (a pool server's current address), the body,
+    /// the headers the deployment adds (credentials, `x-mofa-request-id`, extra headers).
+    fn request(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        request_id: &str,
+        stream: bool,
+    ) -> Result<Request<Full<Bytes>>, UpstreamError> {
+        let url = match &self.dynamic_base {
+            Some(m) => {
+                match m().and_then(|b| format!("{b}{}", endpoint.path()).parse::<Uri>().ok()) {
+                    Some(url) => url,
+                    None => {
+                        return Err(UpstreamError::Connect(
+                            "the model server is not running".into(),
+                        ))
+                    }
+                }
+            }
+            None => match &self.urls {
+                Some(urls) => urls[endpoint as usize].clone(),
+                None => return Err(UpstreamError::Connect("no URL is configured".into())),
+            },
+        };
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = url;
+        let h = req.headers_mut();
+        h.reserve(4 + self.extra_headers.len());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            }),
+        );
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert(UPSTREAM_REQUEST_ID, v);
+        }
+        if let Some(auth) = &self.auth {
+            h.insert(header::AUTHORIZATION, auth.clone());
+        }
+        for (k, v) in &self.extra_headers {
+            h.append(k.clone(), v.clone());
+        }
+        Ok(req)
     }
 
     /// Reads a whole (non-streaming or error) reply, bounded in size and idle time.
