@@ -2,21 +2,19 @@
 
 mod common;
 
-use common::{model_ids, run_binary as start};
+use common::{addr_of, chat, model_ids, run_binary as start};
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
 
 #[tokio::test]
 async fn zero_config_serves_the_simulated_model() {
-    let (_gw, url) = start(&["--listen", "127.0.0.1:0"]);
-    let c = reqwest::Client::builder().no_proxy().build().unwrap();
-    let resp = c
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&serde_json::json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
+    let (_gw, url) = start(&["--listen", "127.0.0.1:0"]).await;
+    let resp = chat(
+        addr_of(&url),
+        &serde_json::json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-mofa-backend"], "sim(mofa-sim)");
     let v: serde_json::Value = resp.json().await.unwrap();
@@ -36,7 +34,8 @@ async fn sim_subcommand_serves_its_models() {
         "a",
         "--model",
         "b",
-    ]);
+    ])
+    .await;
     let v = common::get_json(&format!("{url}/models")).await;
     let ids = model_ids(&v);
     assert_eq!(ids, ["a", "b"]);

@@ -11,13 +11,12 @@ use serde_json::{json, Value};
 async fn chat_non_streaming_is_forwarded_and_stamped() {
     let sim_url = sim(sim_opts("m")).await;
     let gw = gateway(&one_model("m", &sim_url, "")).await;
-    let resp = client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .header("x-request-id", "client-id-123")
-        .json(&chat_body("m", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with(
+        gw,
+        &chat_body("m", false),
+        &[("x-request-id", "client-id-123")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "local(m)");
     assert_eq!(resp.headers()["x-request-id"], "client-id-123");
@@ -39,14 +38,8 @@ async fn chat_non_streaming_is_forwarded_and_stamped() {
 async fn request_id_is_made_when_missing_or_invalid() {
     let sim_url = sim(sim_opts("m")).await;
     let gw = gateway(&one_model("m", &sim_url, "")).await;
-    let a = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
-    let b = client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .header("x-request-id", "has space")
-        .json(&chat_body("m", false))
-        .send()
-        .await
-        .unwrap();
+    let a = chat(gw, &chat_body("m", false)).await;
+    let b = chat_with(gw, &chat_body("m", false), &[("x-request-id", "has space")]).await;
     let ida = a.headers()["x-request-id"].to_str().unwrap().to_string();
     let idb = b.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(
@@ -62,12 +55,15 @@ async fn chat_streaming_relays_every_chunk_then_done() {
     let gw = gateway(&one_model("m", &sim_url, "")).await;
     let mut body = chat_body("m", true);
     body["stream_options"] = json!({"include_usage": true});
-    let resp = post(gw, "/v1/chat/completions", &body).await;
+    let resp = chat(gw, &body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "local(m)");
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let text = resp.text().await.unwrap();
-    let (data, named_error) = sse_events(&text);
+    let Sse {
+        text,
+        data,
+        named_error,
+    } = read_sse(resp).await;
     assert!(!named_error);
     // role, 5 tokens, finish, usage, [DONE]
     assert_eq!(data.len(), 9, "{text}");
@@ -98,12 +94,7 @@ async fn completions_embeddings_and_models() {
     );
     let gw = gateway(&cfg).await;
 
-    let resp = post(
-        gw,
-        "/v1/completions",
-        &json!({"model": "m", "prompt": "say", "max_tokens": 3}),
-    )
-    .await;
+    let resp = completions(gw, &json!({"model": "m", "prompt": "say", "max_tokens": 3})).await;
     assert_eq!(resp.status(), 200);
     assert_stamped(&resp);
     let v: Value = resp.json().await.unwrap();
@@ -113,9 +104,8 @@ async fn completions_embeddings_and_models() {
         3
     );
 
-    let resp = post(
+    let resp = embeddings(
         gw,
-        "/v1/embeddings",
         &json!({"model": "m", "input": ["a", "b", "c"], "dimensions": 4}),
     )
     .await;
@@ -127,11 +117,7 @@ async fn completions_embeddings_and_models() {
     assert_eq!(data[2]["index"], 2);
     assert_eq!(data[0]["embedding"].as_array().unwrap().len(), 4);
 
-    let resp = client()
-        .get(format!("http://{gw}/v1/models"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(gw, "/v1/models").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "gateway");
     let v: Value = resp.json().await.unwrap();
@@ -139,36 +125,24 @@ async fn completions_embeddings_and_models() {
     let ids = model_ids(&v);
     assert_eq!(ids, ["m", "other"]);
 
-    let resp = client()
-        .get(format!("http://{gw}/v1/models/other"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(gw, "/v1/models/other").await;
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["id"], "other");
     assert_eq!(v["object"], "model");
 
-    let resp = client()
-        .get(format!("http://{gw}/v1/models/nope"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(gw, "/v1/models/nope").await;
     assert_eq!(resp.status(), 404);
     assert_stamped(&resp);
     assert_eq!(envelope(resp).await["code"], "model_not_found");
 
     // The in-process sim deployment answers too, named sim(other).
-    let resp = post(gw, "/v1/chat/completions", &chat_body("other", false)).await;
+    let resp = chat(gw, &chat_body("other", false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "sim(other)");
 
     for path in ["/healthz", "/readyz"] {
-        let resp = client()
-            .get(format!("http://{gw}{path}"))
-            .send()
-            .await
-            .unwrap();
+        let resp = get(gw, path).await;
         assert_eq!(resp.status(), 200, "{path}");
         assert_stamped(&resp);
     }
@@ -192,7 +166,7 @@ async fn request_is_forwarded_as_sent_with_only_model_rewritten() {
         "x_vendor_extension": {"nested": [1, 2, null]},
         "max_tokens": 2
     });
-    let resp = post(gw, "/v1/chat/completions", &sent).await;
+    let resp = chat(gw, &sent).await;
     assert_eq!(resp.status(), 200);
     let got = sim_last_request(&sim_url).await;
     let mut expected = sent.clone();
@@ -217,25 +191,23 @@ async fn upstream_auth_comes_from_the_deployment_never_the_client() {
         &[("UP_KEY", "sk-upstream")],
     )
     .await;
-    let resp = client()
-        .post(format!("http://{good}/v1/chat/completions"))
-        .bearer_auth("sk-client-key")
-        .json(&chat_body("m", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with(
+        good,
+        &chat_body("m", false),
+        &[("authorization", "Bearer sk-client-key")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
 
     // A client key is not passed on: with no deployment key the upstream refuses, and its
     // 401 reaches the client as an envelope with the upstream's status.
     let keyless = gateway(&one_model("m", &sim_url, "")).await;
-    let resp = client()
-        .post(format!("http://{keyless}/v1/chat/completions"))
-        .bearer_auth("sk-upstream")
-        .json(&chat_body("m", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with(
+        keyless,
+        &chat_body("m", false),
+        &[("authorization", "Bearer sk-upstream")],
+    )
+    .await;
     assert_eq!(resp.status(), 401);
     assert_eq!(assert_stamped(&resp), "local(m)");
     let e = envelope(resp).await;
@@ -251,93 +223,84 @@ async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
         one_model("m", &sim_url, "")
     ))
     .await;
-    let url = format!("http://{gw}/v1/chat/completions");
-    let c = client();
-
-    let cases: Vec<(reqwest::RequestBuilder, u16, &str, Option<&str>)> = vec![
+    const CHAT: &str = "/v1/chat/completions";
+    const JSON: Option<&str> = Some("application/json");
+    let too_large = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(4096));
+    // Each case is a request not yet sent (futures are lazy), its status, code and param.
+    type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = reqwest::Response> + 'a>>;
+    let chat_json = |body: Value| -> Pending { Box::pin(async move { chat(gw, &body).await }) };
+    let cases: Vec<(Pending, u16, &str, Option<&str>)> = vec![
         (
-            c.post(&url)
-                .header("content-type", "application/json")
-                .body("{\"model\":"),
+            Box::pin(post_raw(gw, CHAT, JSON, "{\"model\":")),
             400,
             "invalid_json",
             None,
         ),
         (
-            c.post(&url)
-                .header("content-type", "application/json")
-                .body("[1,2]"),
+            Box::pin(post_raw(gw, CHAT, JSON, "[1,2]")),
             400,
             "invalid_json",
             None,
         ),
         (
-            c.post(&url)
-                .json(&json!({"messages": [{"role": "user", "content": "x"}]})),
+            chat_json(json!({"messages": [{"role": "user", "content": "x"}]})),
             400,
             "invalid_value",
             Some("model"),
         ),
         (
-            c.post(&url).json(&json!({"model": "m"})),
+            chat_json(json!({"model": "m"})),
             400,
             "invalid_value",
             Some("messages"),
         ),
         (
-            c.post(&url)
-                .json(&json!({"model": "m", "messages": [{}], "stream": "yes"})),
+            chat_json(json!({"model": "m", "messages": [{}], "stream": "yes"})),
             400,
             "invalid_value",
             Some("stream"),
         ),
         (
-            c.post(&url).json(&chat_body("nope", false)),
+            chat_json(chat_body("nope", false)),
             404,
             "model_not_found",
             Some("model"),
         ),
         (
-            c.post(&url).json(&chat_body("nope", true)),
+            chat_json(chat_body("nope", true)),
             404,
             "model_not_found",
             Some("model"),
         ),
         (
-            c.post(&url)
-                .header("content-type", "application/json")
-                .body(format!(
-                    "{{\"model\":\"m\",\"pad\":\"{}\"}}",
-                    "x".repeat(4096)
-                )),
+            Box::pin(post_raw(gw, CHAT, JSON, too_large.clone())),
             413,
             "request_too_large",
             None,
         ),
         (
-            c.post(&url).header("content-type", "text/plain").body("{}"),
+            Box::pin(post_raw(gw, CHAT, Some("text/plain"), "{}")),
             415,
             "unsupported_media_type",
             None,
         ),
-        (c.post(&url).body("{}"), 415, "unsupported_media_type", None),
-        (c.get(&url), 405, "method_not_allowed", None),
         (
-            c.get(format!("http://{gw}/v2/whatever")),
-            404,
-            "unknown_url",
+            Box::pin(post_raw(gw, CHAT, None, "{}")),
+            415,
+            "unsupported_media_type",
             None,
         ),
+        (Box::pin(get(gw, CHAT)), 405, "method_not_allowed", None),
+        (Box::pin(get(gw, "/v2/whatever")), 404, "unknown_url", None),
         (
-            c.post(format!("http://{gw}/v1/embeddings"))
-                .json(&json!({"model": "m"})),
+            Box::pin(async move { embeddings(gw, &json!({"model": "m"})).await }),
             400,
             "invalid_value",
             Some("input"),
         ),
     ];
     for (i, (req, status, code, param)) in cases.into_iter().enumerate() {
-        let resp = req.send().await.unwrap();
+        let resp = req.await;
         assert_eq!(resp.status().as_u16(), status, "case {i}");
         assert_eq!(assert_stamped(&resp), "gateway", "case {i}");
         let e = envelope(resp).await;
@@ -358,15 +321,8 @@ async fn a_body_too_large_without_content_length_is_413() {
     .await;
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         (0..8).map(|_| Ok(vec![b' '; 512])).collect();
-    let resp = client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
-        .send()
-        .await
-        .unwrap();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let resp = post_raw(gw, "/v1/chat/completions", Some("application/json"), body).await;
     assert_eq!(resp.status(), 413);
     assert_eq!(envelope(resp).await["code"], "request_too_large");
 }
@@ -375,7 +331,7 @@ async fn a_body_too_large_without_content_length_is_413() {
 async fn upstream_refusing_connections_is_502() {
     let gw = gateway(&one_model("m", &dead_url().await, "")).await;
     for stream in [false, true] {
-        let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
+        let resp = chat(gw, &chat_body("m", stream)).await;
         assert_eq!(resp.status(), 502, "stream={stream}");
         assert_eq!(assert_stamped(&resp), "local(m)");
         let e = envelope(resp).await;
@@ -393,15 +349,18 @@ async fn upstream_hanging_is_504() {
     .await;
     let gw = gateway(&one_model("m", &sim_url, "first_byte_timeout_ms = 200")).await;
     for stream in [false, true] {
-        let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
+        let resp = chat(gw, &chat_body("m", stream)).await;
         assert_eq!(resp.status(), 504, "stream={stream}");
         assert_eq!(assert_stamped(&resp), "local(m)");
         let e = envelope(resp).await;
         assert_eq!(e["code"], "upstream_timeout");
     }
     // The gateway dropped its upstream requests when it gave up.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let stats = sim_stats(&sim_url).await;
+    let stats = eventually_some("both upstream requests cancelled", WAIT, || async {
+        let s = sim_stats(&sim_url).await;
+        (s["in_flight"] == 0 && s["cancelled"] == 2).then_some(s)
+    })
+    .await;
     assert_eq!(stats["in_flight"], 0, "{stats}");
     assert_eq!(stats["cancelled"], 2, "{stats}");
 }
@@ -415,7 +374,7 @@ async fn upstream_500_is_502_and_upstream_overload_is_503_with_retry_after() {
     .await;
     let gw = gateway(&one_model("m", &failing, "")).await;
     for stream in [false, true] {
-        let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
+        let resp = chat(gw, &chat_body("m", stream)).await;
         assert_eq!(resp.status(), 502);
         assert_eq!(envelope(resp).await["code"], "upstream_unavailable");
     }
@@ -429,10 +388,12 @@ async fn upstream_500_is_502_and_upstream_overload_is_503_with_retry_after() {
     })
     .await;
     let gw = gateway(&one_model("m", &busy, "")).await;
-    let hold =
-        tokio::spawn(async move { post(gw, "/v1/chat/completions", &chat_body("m", false)).await });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    let hold = tokio::spawn(async move { chat(gw, &chat_body("m", false)).await });
+    eventually("the simulator's one slot is taken", WAIT, || async {
+        sim_stats(&busy).await["in_flight"] == 1
+    })
+    .await;
+    let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 503);
     retry_after(&resp);
     let e = envelope(resp).await;
@@ -451,7 +412,7 @@ async fn stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
     })
     .await;
     let gw = gateway(&one_model("m", &sim_url, "")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    let resp = chat(gw, &chat_body("m", true)).await;
     // The first byte had already been relayed: the status is 200, the end is an error event.
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "local(m)");
@@ -472,7 +433,7 @@ async fn stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
         .contains("local(m)"));
 
     // Non-streaming: the body broke before the client saw a byte, so it is a 502.
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 502);
     assert_eq!(envelope(resp).await["code"], "upstream_unavailable");
 }
@@ -486,7 +447,7 @@ async fn stream_idle_gap_ends_with_an_error_event() {
     })
     .await;
     let gw = gateway(&one_model("m", &sim_url, "idle_timeout_ms = 150")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     let (data, named_error) = sse_events(&text);
@@ -500,7 +461,7 @@ async fn stream_idle_gap_ends_with_an_error_event() {
 async fn upstream_4xx_is_passed_through_and_wrapped_when_not_an_envelope() {
     let plain = fixed_upstream(422, "text/plain", "field x is wrong").await;
     let gw = gateway(&one_model("m", &plain, "")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 422);
     assert_eq!(assert_stamped(&resp), "local(m)");
     let e = envelope(resp).await;
@@ -512,7 +473,7 @@ async fn upstream_4xx_is_passed_through_and_wrapped_when_not_an_envelope() {
 
     let own = fixed_upstream(400, "application/json", r#"{"error":{"message":"context too long","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#).await;
     let gw = gateway(&one_model("m", &own, "")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 400);
     let e = envelope(resp).await;
     assert_eq!(e["code"], "context_length_exceeded");
@@ -528,7 +489,7 @@ async fn upstream_200_carrying_an_error_is_never_a_200() {
     )
     .await;
     let gw = gateway(&one_model("m", &inband, "")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 502);
     let e = envelope(resp).await;
     assert!(
@@ -543,7 +504,7 @@ async fn upstream_200_carrying_an_error_is_never_a_200() {
     )
     .await;
     let gw = gateway(&one_model("m", &sse, "")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 502);
     let e = envelope(resp).await;
     assert!(
@@ -553,7 +514,7 @@ async fn upstream_200_carrying_an_error_is_never_a_200() {
 
     let garbage = fixed_upstream(200, "application/json", "<html>proxy login</html>").await;
     let gw = gateway(&one_model("m", &garbage, "")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 502);
     envelope(resp).await;
 }

@@ -34,8 +34,8 @@ async fn assert_rejected(resp: reqwest::Response) -> String {
     reason
 }
 
-/// Sends a chat request with a priority; returns the response.
-async fn chat(
+/// Sends a chat request of `tokens` tokens with a priority; returns the response.
+async fn chat_as(
     gw: std::net::SocketAddr,
     model: &str,
     prio: &str,
@@ -44,13 +44,7 @@ async fn chat(
 ) -> reqwest::Response {
     let mut body = chat_body(model, stream);
     body["max_tokens"] = json!(tokens);
-    client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .header("x-mofa-priority", prio)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    chat_with(gw, &body, &[("x-mofa-priority", prio)]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,6 +58,8 @@ async fn overload_sheds_low_priority_and_serves_critical_and_high() {
     );
     let gw = gateway(&cfg).await;
     let prios = ["low", "normal", "high", "critical"];
+    // Requests answered and read to their end (served or rejected).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..10 * N {
         // Lows and normals first, then the important ones: these must displace queued lows.
@@ -74,8 +70,10 @@ async fn overload_sheds_low_priority_and_serves_critical_and_high() {
             _ => "critical",
         };
         let stream = i % 2 == 0;
+        let finished = Finished(done.clone());
         tasks.push(tokio::spawn(async move {
-            let resp = chat(gw, "m", prio, stream, 10).await;
+            let _finished = finished;
+            let resp = chat_as(gw, "m", prio, stream, 10).await;
             let status = resp.status().as_u16();
             if status == 200 {
                 assert_eq!(assert_stamped(&resp), "local(m)");
@@ -97,8 +95,17 @@ async fn overload_sheds_low_priority_and_serves_critical_and_high() {
             }
         }));
         if i == 31 {
-            // Let the lows and normals fill the slots and the queue first.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Let the lows and normals fill the slots and the queue first: each of the 32 is
+            // in a slot, queued, or answered.
+            let done = done.clone();
+            eventually("the first 32 requests placed", WAIT, || {
+                let done = done.clone();
+                async move {
+                    let placed = in_flight(gw, "m").await + queue_depth(gw, "m").await;
+                    placed + done.load(std::sync::atomic::Ordering::SeqCst) == 32
+                }
+            })
+            .await;
         }
     }
     let mut outcomes = Vec::new();
@@ -138,7 +145,10 @@ async fn overload_sheds_low_priority_and_serves_critical_and_high() {
     );
 
     // Drained: nothing queued, nothing in flight; the simulator never saw more than N.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually("the gateway and the simulator drained", WAIT, || async {
+        in_flight(gw, "m").await == 0 && sim_stats(&sim_url).await["in_flight"] == 0
+    })
+    .await;
     let a = admin(gw, "orchestrator").await;
     let m = &a["models"]["m"];
     assert_eq!(m["queue"]["depth"], 0, "{a}");
@@ -155,22 +165,25 @@ async fn overload_sheds_low_priority_and_serves_critical_and_high() {
     assert_eq!(stats["in_flight"], 0);
 }
 
+/// Counts a finished task when dropped (also when its assertions panic).
+struct Finished(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[tokio::test]
 async fn a_streaming_rejection_is_the_same_503_json() {
     let sim_url = slow_sim("m", 20.0, 0).await;
     let gw = gateway(&one_model("m", &sim_url, "max_concurrency = 1")).await;
-    let hold = tokio::spawn(async move { chat(gw, "m", "normal", false, 10).await.status() });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hold = tokio::spawn(async move { chat_as(gw, "m", "normal", false, 10).await.status() });
+    wait_in_flight(gw, "m", 1).await;
     for stream in [true, false] {
         let mut body = chat_body("m", stream);
         body["max_tokens"] = json!(1);
-        let resp = client()
-            .post(format!("http://{gw}/v1/chat/completions"))
-            .header("x-mofa-max-wait-ms", "0")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = chat_with(gw, &body, &[("x-mofa-max-wait-ms", "0")]).await;
         assert_eq!(
             assert_rejected(resp).await,
             "capacity_exceeded",
@@ -184,24 +197,18 @@ async fn a_streaming_rejection_is_the_same_503_json() {
 async fn a_queued_request_times_out_at_its_own_deadline() {
     let sim_url = slow_sim("m", 10.0, 0).await;
     let gw = gateway(&one_model("m", &sim_url, "max_concurrency = 1")).await;
-    let hold = tokio::spawn(async move { chat(gw, "m", "normal", false, 10).await.status() });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hold = tokio::spawn(async move { chat_as(gw, "m", "normal", false, 10).await.status() });
+    wait_in_flight(gw, "m", 1).await;
     let start = Instant::now();
-    let resp = client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .header("x-mofa-max-wait-ms", "300")
-        .json(&chat_body("m", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with(gw, &chat_body("m", true), &[("x-mofa-max-wait-ms", "300")]).await;
     let waited = start.elapsed();
     assert_eq!(assert_rejected(resp).await, "queue_timeout");
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
     assert_eq!(hold.await.unwrap(), 200);
     // A waiter that was served: queued behind the holder, then run.
-    let hold = tokio::spawn(async move { chat(gw, "m", "normal", false, 3).await.status() });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let resp = chat(gw, "m", "normal", false, 1).await;
+    let hold = tokio::spawn(async move { chat_as(gw, "m", "normal", false, 3).await.status() });
+    wait_in_flight(gw, "m", 1).await;
+    let resp = chat_as(gw, "m", "normal", false, 1).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(hold.await.unwrap(), 200);
 }
@@ -213,26 +220,25 @@ async fn priority_comes_from_header_or_body_and_is_not_forwarded() {
     let mut body = chat_body("m", false);
     body["priority"] = json!("critical");
     body["extra"] = json!(1);
-    let resp = post(gw, "/v1/chat/completions", &body).await;
+    let resp = chat(gw, &body).await;
     assert_eq!(resp.status(), 200);
     let got = sim_last_request(&sim_url).await["body"].clone();
     assert!(got.get("priority").is_none(), "{got}");
     assert_eq!(got["extra"], 1);
 
     body["priority"] = json!("urgent");
-    let resp = post(gw, "/v1/chat/completions", &body).await;
+    let resp = chat(gw, &body).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(envelope(resp).await["param"], "priority");
-    let resp = chat(gw, "m", "asap", false, 1).await;
+    let resp = chat_as(gw, "m", "asap", false, 1).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(envelope(resp).await["param"], "priority");
-    let resp = client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .header("x-mofa-max-wait-ms", "soon")
-        .json(&chat_body("m", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with(
+        gw,
+        &chat_body("m", false),
+        &[("x-mofa-max-wait-ms", "soon")],
+    )
+    .await;
     assert_eq!(resp.status(), 400);
     assert_eq!(envelope(resp).await["param"], "x-mofa-max-wait-ms");
 }
@@ -253,15 +259,10 @@ async fn local_and_cloud(
 }
 
 async fn backend_of(gw: std::net::SocketAddr, headers: &[(&str, &str)]) -> String {
-    let mut req = client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .json(&json!({
-            "model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1
-        }));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap();
+    let body = json!({
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1
+    });
+    let resp = chat_with(gw, &body, headers).await;
     let status = resp.status();
     let backend = assert_stamped(&resp);
     if status == 200 {
@@ -277,7 +278,7 @@ async fn backend_of(gw: std::net::SocketAddr, headers: &[(&str, &str)]) -> Strin
 /// Occupies the single local slot for about a second.
 fn hold_local(gw: std::net::SocketAddr) -> tokio::task::JoinHandle<String> {
     tokio::spawn(async move {
-        let resp = chat(gw, "m", "normal", false, 20).await;
+        let resp = chat_as(gw, "m", "normal", false, 20).await;
         assert_eq!(resp.status(), 200);
         resp.headers()["x-mofa-backend"]
             .to_str()
@@ -291,7 +292,7 @@ async fn local_first_falls_back_to_cloud_when_local_is_busy() {
     let (gw, _, _) = local_and_cloud("local-first", "").await;
     assert_eq!(backend_of(gw, &[]).await, "local(m)");
     let h = hold_local(gw);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_in_flight(gw, "m", 1).await;
     assert_eq!(backend_of(gw, &[]).await, "cloud(sim-cloud)");
     assert_eq!(h.await.unwrap(), "local(m)");
 }
@@ -300,7 +301,7 @@ async fn local_first_falls_back_to_cloud_when_local_is_busy() {
 async fn local_only_and_cloud_only_never_cross() {
     let (gw, _, _) = local_and_cloud("local-only", "").await;
     let h = hold_local(gw);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_in_flight(gw, "m", 1).await;
     assert_eq!(
         backend_of(gw, &[("x-mofa-max-wait-ms", "0")]).await,
         "rejected:capacity_exceeded"
@@ -317,7 +318,7 @@ async fn cost_prefers_free_local_and_pays_for_cloud_only_when_local_is_busy() {
     let (gw, _, _) = local_and_cloud("cost", "").await;
     assert_eq!(backend_of(gw, &[]).await, "local(m)");
     let h = hold_local(gw);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_in_flight(gw, "m", 1).await;
     // cost_max_queue_wait_ms = 0: not worth waiting for local.
     assert_eq!(backend_of(gw, &[]).await, "cloud(sim-cloud)");
     h.await.unwrap();
@@ -372,8 +373,9 @@ async fn ladder() -> (
          [[models.deployments]]\nkind = \"local\"\nvariant = \"q4\"\nurl = \"{s}\"\nmemory_mb = 20\n"
     );
     let gw = gateway(&cfg).await;
-    let busy = tokio::spawn(async move { chat(gw, "other", "normal", false, 20).await.status() });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let busy =
+        tokio::spawn(async move { chat_as(gw, "other", "normal", false, 20).await.status() });
+    wait_in_flight(gw, "other", 1).await;
     (gw, busy)
 }
 
@@ -381,7 +383,7 @@ async fn ladder() -> (
 async fn ladder_steps_down_to_the_precision_that_fits() {
     // 50 resident and busy: f16 would make 110 (over 90), q8 85 (defer band), q4 70 (fits).
     let (gw, busy) = ladder().await;
-    let resp = chat(gw, "m", "normal", false, 1).await;
+    let resp = chat_as(gw, "m", "normal", false, 1).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-mofa-backend"], "local(m@q4)");
     assert_eq!(resp.headers()["x-mofa-precision"], "q4");
@@ -428,35 +430,31 @@ async fn memory_rejections_defer_and_eviction() {
     let gw = gateway(&cfg).await;
 
     // Larger than the budget: never, and the SDK is told not to retry.
-    let resp = post(gw, "/v1/chat/completions", &chat_body("huge", true)).await;
+    let resp = chat(gw, &chat_body("huge", true)).await;
     assert_eq!(resp.headers()["x-should-retry"], "false");
     assert_eq!(assert_rejected(resp).await, "model_too_large");
 
     // `other` (50) busy for about a second, so it cannot be evicted.
-    let busy = tokio::spawn(async move { chat(gw, "other", "normal", false, 20).await.status() });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let busy =
+        tokio::spawn(async move { chat_as(gw, "other", "normal", false, 20).await.status() });
+    wait_in_flight(gw, "other", 1).await;
     // 50 + 30 = 80: the defer band. A normal request waits for memory, then times out.
     let start = Instant::now();
-    let resp = client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .header("x-mofa-max-wait-ms", "300")
-        .json(&chat_body("mid", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with(
+        gw,
+        &chat_body("mid", false),
+        &[("x-mofa-max-wait-ms", "300")],
+    )
+    .await;
     assert_eq!(assert_rejected(resp).await, "queue_timeout");
     assert!(start.elapsed() >= Duration::from_millis(300));
     // 50 + 45 = 95: over the reject line, for every priority while `other` is busy.
     for prio in ["high", "critical"] {
-        let resp = chat(gw, "big", prio, false, 1).await;
+        let resp = chat_as(gw, "big", prio, false, 1).await;
         assert_eq!(assert_rejected(resp).await, "memory_exhausted");
     }
     // A waiter for memory is served as soon as `other` finishes and can be evicted.
-    let waiter = tokio::spawn(async move {
-        post(gw, "/v1/chat/completions", &chat_body("mid", false))
-            .await
-            .status()
-    });
+    let waiter = tokio::spawn(async move { chat(gw, &chat_body("mid", false)).await.status() });
     assert_eq!(busy.await.unwrap(), 200);
     assert_eq!(waiter.await.unwrap(), 200);
     let a = admin(gw, "orchestrator").await;
@@ -468,9 +466,9 @@ async fn admin_view_shows_queue_in_flight_and_memory() {
     let sim_url = slow_sim("m", 20.0, 0).await;
     let gw = gateway(&one_model("m", &sim_url, "max_concurrency = 1")).await;
     let h = hold_local(gw);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let waiter = tokio::spawn(async move { chat(gw, "m", "high", false, 1).await.status() });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_in_flight(gw, "m", 1).await;
+    let waiter = tokio::spawn(async move { chat_as(gw, "m", "high", false, 1).await.status() });
+    wait_queued(gw, "m", 1).await;
     let a = admin(gw, "orchestrator").await;
     let m = &a["models"]["m"];
     assert_eq!(m["policy"], "local-first");
@@ -497,17 +495,26 @@ async fn a_client_that_leaves_frees_its_slot_and_queue_place() {
     let sim_url = slow_sim("m", 20.0, 0).await;
     let gw = gateway(&one_model("m", &sim_url, "max_concurrency = 1")).await;
     // A stream the client drops after its first chunk, and a waiter that gives up.
-    let resp = chat(gw, "m", "normal", true, 40).await;
+    let resp = chat_as(gw, "m", "normal", true, 40).await;
     assert_eq!(resp.status(), 200);
-    let waiter = tokio::spawn(async move { chat(gw, "m", "normal", false, 1).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = tokio::spawn(async move { chat_as(gw, "m", "normal", false, 1).await });
+    wait_queued(gw, "m", 1).await;
     assert_eq!(
         admin(gw, "orchestrator").await["models"]["m"]["queue"]["depth"],
         1
     );
     waiter.abort();
     drop(resp);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(
+        "the slot, the queue place and the upstream request freed",
+        WAIT,
+        || async {
+            in_flight(gw, "m").await == 0
+                && queue_depth(gw, "m").await == 0
+                && sim_stats(&sim_url).await["in_flight"] == 0
+        },
+    )
+    .await;
     let a = admin(gw, "orchestrator").await;
     assert_eq!(a["models"]["m"]["queue"]["depth"], 0, "{a}");
     assert_eq!(a["models"]["m"]["deployments"][0]["in_flight"], 0, "{a}");

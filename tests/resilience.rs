@@ -11,7 +11,7 @@ use common::*;
 use mofa_gateway::sim::SimOptions;
 
 async fn attempts_and_backend(gw: std::net::SocketAddr, stream: bool) -> (u16, String, String) {
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", stream)).await;
+    let resp = chat(gw, &chat_body("m", stream)).await;
     let status = resp.status().as_u16();
     let backend = assert_stamped(&resp);
     let attempts = resp
@@ -78,6 +78,7 @@ async fn falls_back_on_connect_refused_500_and_429_with_no_client_visible_error(
     );
     // After the pause it is tried again (and now answers).
     mode.store(OK, Ordering::SeqCst);
+    // The scenario, not a synchronisation: wait out the 2 s cool-down the 429 asked for.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(
         attempts_and_backend(gw, false).await,
@@ -109,7 +110,7 @@ async fn when_every_deployment_fails_the_status_says_what_helps() {
     })
     .await;
     let gw = gateway(&local_then_cloud(&b, &a, "")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+    let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["x-mofa-attempts"], "2");
     assert_eq!(resp.headers()["retry-after"], "2");
@@ -117,7 +118,7 @@ async fn when_every_deployment_fails_the_status_says_what_helps() {
 
     // Refused + 500: a 502.
     let gw = gateway(&local_then_cloud(&dead_url().await, &b, "")).await;
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["x-mofa-attempts"], "2");
     envelope(resp).await;
@@ -147,6 +148,7 @@ async fn breaker_opens_skips_and_half_opens_with_exactly_one_probe() {
     assert_eq!(hits.load(Ordering::SeqCst), 3);
 
     // Half-open: of many concurrent requests, exactly one probes the local deployment.
+    // The scenario, not a synchronisation: wait past breaker_open_ms (400).
     tokio::time::sleep(Duration::from_millis(450)).await;
     let tasks: Vec<_> = (0..8)
         .map(|_| tokio::spawn(async move { attempts_and_backend(gw, false).await }))
@@ -160,6 +162,7 @@ async fn breaker_opens_skips_and_half_opens_with_exactly_one_probe() {
     // The probe failed: open again. Then the backend recovers: the next probe closes it.
     mode.store(OK, Ordering::SeqCst);
     assert_eq!(attempts_and_backend(gw, false).await.1, "cloud(backup)");
+    // Again past breaker_open_ms, for the next probe.
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert_eq!(
         attempts_and_backend(gw, false).await,
@@ -181,10 +184,10 @@ async fn with_every_breaker_open_the_answer_is_503_no_healthy_backend() {
     );
     let gw = gateway(&cfg).await;
     for _ in 0..2 {
-        let resp = post(gw, "/v1/chat/completions", &chat_body("m", false)).await;
+        let resp = chat(gw, &chat_body("m", false)).await;
         assert_eq!(resp.status(), 502);
     }
-    let resp = post(gw, "/v1/chat/completions", &chat_body("m", true)).await;
+    let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(assert_stamped(&resp), "rejected");
     assert_eq!(resp.headers()["x-mofa-reject-reason"], "no_healthy_backend");
@@ -207,8 +210,12 @@ async fn an_active_health_check_opens_the_breaker_of_a_dead_idle_deployment() {
     );
     let gw = gateway(&cfg).await;
     mode.store(FAIL_500, Ordering::SeqCst);
-    // Two failed probes (about 2 s) open it, with no client request involved.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Two failed probes (about 2 s) open it, with no client request involved. Probes run one
+    // after another, so a third one shows that the second's failure was recorded.
+    eventually("a third health probe", WAIT, || async {
+        hits.load(Ordering::SeqCst) >= 3
+    })
+    .await;
     let probes = hits.load(Ordering::SeqCst);
     assert!(probes >= 2, "{probes} probes");
     assert_eq!(
@@ -227,7 +234,7 @@ async fn total_timeout_ends_a_stream_with_an_error_event_and_is_504_before_the_f
     let gw = gateway(&one_model("m", &slow, "total_timeout_ms = 500")).await;
     let mut body = chat_body("m", true);
     body["max_tokens"] = serde_json::json!(40);
-    let resp = post(gw, "/v1/chat/completions", &body).await;
+    let resp = chat(gw, &body).await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     let (data, named_error) = sse_events(&text);
@@ -235,7 +242,7 @@ async fn total_timeout_ends_a_stream_with_an_error_event_and_is_504_before_the_f
     assert!(!data.iter().any(|d| d == "[DONE]"));
     assert!(data.last().unwrap().contains("total_timeout_ms"), "{text}");
     body["stream"] = serde_json::json!(false);
-    let resp = post(gw, "/v1/chat/completions", &body).await;
+    let resp = chat(gw, &body).await;
     assert_eq!(resp.status(), 504);
     assert_eq!(envelope(resp).await["code"], "upstream_timeout");
 }
@@ -253,19 +260,12 @@ async fn a_thousand_clients_leaving_mid_stream_free_everything() {
         "max_concurrency = 2000\nconnect_timeout_ms = 30000",
     ))
     .await;
-    let c = client();
     let tasks: Vec<_> = (0..1000)
         .map(|_| {
-            let c = c.clone();
             tokio::spawn(async move {
                 let mut body = chat_body("m", true);
                 body["max_tokens"] = serde_json::json!(200);
-                let mut resp = c
-                    .post(format!("http://{gw}/v1/chat/completions"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
+                let mut resp = chat(gw, &body).await;
                 assert_eq!(resp.status(), 200);
                 // Read the first chunk, then go away.
                 assert!(resp.chunk().await.unwrap().is_some());
@@ -275,32 +275,28 @@ async fn a_thousand_clients_leaving_mid_stream_free_everything() {
     for t in tasks {
         t.await.unwrap();
     }
-    drop(c);
     let gone = Instant::now();
-    let freed = async {
-        loop {
+    let a = eventually_some(
+        "everything freed within 1 s of the last disconnect",
+        Duration::from_secs(1),
+        || async {
             let a = admin(gw, "orchestrator").await;
             let s = sim_stats(&slow).await;
-            if a["models"]["m"]["deployments"][0]["in_flight"] == 0
+            (a["models"]["m"]["deployments"][0]["in_flight"] == 0
                 && a["models"]["m"]["queue"]["depth"] == 0
                 && s["cancelled"] == 1000
-                && s["in_flight"] == 0
-            {
-                return a;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let a = tokio::time::timeout(Duration::from_secs(1), freed)
-        .await
-        .unwrap_or_else(|_| panic!("not freed within 1 s of the last disconnect"));
+                && s["in_flight"] == 0)
+                .then_some(a)
+        },
+    )
+    .await;
     assert_eq!(a["client_disconnects"], 1000, "{a}");
     assert!(gone.elapsed() < Duration::from_secs(1));
 }
 
 #[tokio::test]
 async fn slow_clients_are_cut_off() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let s = sim(sim_opts("m")).await;
     let cfg = format!(
         "[server]\nheader_read_timeout_ms = 300\nbody_read_timeout_ms = 300\n{}",
@@ -309,17 +305,13 @@ async fn slow_clients_are_cut_off() {
     let gw = gateway(&cfg).await;
 
     // Headers that never end: the connection is closed.
-    let mut tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
-    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    let mut tcp = raw_http(gw, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n").await;
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the connection stayed open");
 
     // A body that never ends: 408 with the envelope.
-    let mut tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
-    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":").await.unwrap();
+    let mut tcp = raw_http(gw, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":").await;
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut buf))
         .await
@@ -330,20 +322,9 @@ async fn slow_clients_are_cut_off() {
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
 
     // Headers larger than the limit are refused.
-    let resp = client()
-        .get(format!("http://{gw}/v1/models"))
-        .header("x-big", "a".repeat(100_000))
-        .send()
-        .await
-        .unwrap();
+    let big = "a".repeat(100_000);
+    let resp = get_with(gw, "/v1/models", &[("x-big", &big)]).await;
     assert_eq!(resp.status(), 431);
-}
-
-fn signal(child: &Binary, sig: &str) {
-    std::process::Command::new("kill")
-        .args([sig, &child.0.id().to_string()])
-        .status()
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,39 +337,36 @@ async fn graceful_shutdown_finishes_streams_refuses_new_work_and_exits_0() {
     let (mut gw_proc, gw) = run_gateway_binary(&format!(
         "[server]\nshutdown_grace_s = 10\n{}",
         one_model("m", &slow, "max_concurrency = 1")
-    ));
+    ))
+    .await;
     // A stream of about a second in progress, and a request queued behind it.
     let mut body = chat_body("m", true);
     body["max_tokens"] = serde_json::json!(20);
-    let mut stream = post(gw, "/v1/chat/completions", &body).await;
+    let mut stream = chat(gw, &body).await;
     assert_eq!(stream.status(), 200);
     let first = stream.chunk().await.unwrap().unwrap();
-    let queued =
-        tokio::spawn(async move { post(gw, "/v1/chat/completions", &chat_body("m", false)).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let queued = tokio::spawn(async move { chat(gw, &chat_body("m", false)).await });
+    wait_queued(gw, "m", 1).await;
 
-    signal(&gw_proc, "-TERM");
+    gw_proc.signal("-TERM");
     // The queued request is refused with 503 shutting_down.
     let q = queued.await.unwrap();
     assert_eq!(q.status(), 503);
     assert_eq!(q.headers()["x-mofa-reject-reason"], "shutting_down");
     // New connections are refused.
-    assert!(
-        (0..50).any(|_| {
-            std::thread::sleep(Duration::from_millis(20));
-            std::net::TcpStream::connect(gw).is_err()
-        }),
-        "the listener still accepts"
-    );
+    eventually(
+        "the listener stops accepting (within 1 s)",
+        Duration::from_secs(1),
+        || async { !accepts(gw).await },
+    )
+    .await;
     // The stream in progress completes.
     let mut rest = String::from_utf8_lossy(&first).to_string();
     while let Some(c) = stream.chunk().await.unwrap() {
         rest.push_str(&String::from_utf8_lossy(&c));
     }
     assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
-    let status = tokio::task::spawn_blocking(move || gw_proc.0.wait().unwrap())
-        .await
-        .unwrap();
+    let status = gw_proc.wait().await;
     assert_eq!(status.code(), Some(0));
 }
 
@@ -402,18 +380,21 @@ async fn a_second_signal_exits_at_once() {
     let (mut gw_proc, gw) = run_gateway_binary(&format!(
         "[server]\nshutdown_grace_s = 30\n{}",
         one_model("m", &slow, "")
-    ));
+    ))
+    .await;
     let mut body = chat_body("m", true);
     body["max_tokens"] = serde_json::json!(100);
-    let mut stream = post(gw, "/v1/chat/completions", &body).await;
+    let mut stream = chat(gw, &body).await;
     assert!(stream.chunk().await.unwrap().is_some());
-    signal(&gw_proc, "-TERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw_proc.signal("-TERM");
+    // The first signal was handled: the gateway is draining and no longer accepts.
+    eventually("the listener stops accepting", WAIT, || async {
+        !accepts(gw).await
+    })
+    .await;
     let start = Instant::now();
-    signal(&gw_proc, "-TERM");
-    let status = tokio::task::spawn_blocking(move || gw_proc.0.wait().unwrap())
-        .await
-        .unwrap();
+    gw_proc.signal("-TERM");
+    let status = gw_proc.wait().await;
     assert!(start.elapsed() < Duration::from_secs(2));
     assert_ne!(status.code(), Some(0));
 }
@@ -428,34 +409,27 @@ async fn a_client_leaving_a_non_streaming_request_cancels_it_upstream() {
     let gw = gateway(&one_model("m", &slow, "max_concurrency = 1")).await;
     let mut body = chat_body("m", false);
     body["max_tokens"] = serde_json::json!(30);
-    // Running, and one queued behind it; both clients give up after 300 ms.
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    let url = format!("http://{gw}/v1/chat/completions");
+    // Running, and one queued behind it; both clients give up after 300 ms (the timeout drops
+    // the request, closing its connection).
+    let impatient = Duration::from_millis(300);
     let (a, b) = tokio::join!(
-        impatient.post(&url).json(&body).send(),
-        impatient.post(&url).json(&body).send()
+        tokio::time::timeout(impatient, chat(gw, &body)),
+        tokio::time::timeout(impatient, chat(gw, &body))
     );
     assert!(a.is_err() && b.is_err());
-    let freed = async {
-        loop {
+    let o = eventually_some(
+        "the upstream request cancelled within 1 s",
+        Duration::from_secs(1),
+        || async {
             let o = admin(gw, "orchestrator").await;
             let s = sim_stats(&slow).await;
-            if o["models"]["m"]["deployments"][0]["in_flight"] == 0
+            (o["models"]["m"]["deployments"][0]["in_flight"] == 0
                 && o["models"]["m"]["queue"]["depth"] == 0
-                && s["cancelled"] == 1
-            {
-                return o;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let o = tokio::time::timeout(Duration::from_secs(1), freed)
-        .await
-        .expect("the upstream request was not cancelled within 1 s");
+                && s["cancelled"] == 1)
+                .then_some(o)
+        },
+    )
+    .await;
     assert_eq!(o["client_disconnects"], 2, "{o}");
 }
 

@@ -1,6 +1,8 @@
 //! Conformance with the official OpenAI Python SDK (`openai` from PyPI): the gateway must work
-//! with it unchanged. The SDK lives in a venv made by `scripts/setup-test-env` (run by `.ci/run`;
-//! run here too if it is missing, so a plain `cargo test` works on a fresh machine).
+//! with it unchanged. Needs the network the first time, so it only builds with the `external`
+//! feature (`cargo test --release --features external`, what `.ci/run` runs). The SDK lives in a
+//! venv made by `scripts/setup-test-env` (run by `.ci/run`; run here too if it is missing).
+//! It must not reach anything but the gateway on 127.0.0.1 once the venv exists.
 
 mod common;
 

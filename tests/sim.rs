@@ -2,26 +2,16 @@
 //! parallel, after text), `stop` sequences and `max_tokens`, the body limit, the fail marker,
 //! and the `sim` subcommand's flags for them.
 
+mod common;
+
 use std::net::SocketAddr;
 
+use common::{addr_of, get_json, post, post_raw, run_binary};
 use mofa_gateway::sim::{spawn_local, SimOptions};
 use serde_json::{json, Value};
 
 async fn start(opts: SimOptions) -> SocketAddr {
     spawn_local(opts).await.unwrap()
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-async fn post(addr: SocketAddr, path: &str, body: &Value) -> reqwest::Response {
-    client()
-        .post(format!("http://{addr}{path}"))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
 }
 
 async fn chat(addr: SocketAddr, body: &Value) -> Value {
@@ -385,15 +375,8 @@ async fn body_limit_default_and_configured() {
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..100)
         .map(|_| Ok(b"{\"model\":\"mofa-sim\",\"x\":\"".to_vec()))
         .collect();
-    let resp = client()
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
-        .send()
-        .await
-        .unwrap();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let resp = post_raw(addr, "/v1/chat/completions", Some("application/json"), body).await;
     assert_eq!(resp.status(), 413);
     assert_envelope(&resp.json().await.unwrap(), "request_too_large");
 }
@@ -424,14 +407,7 @@ async fn fail_marker_fails_only_marked_requests() {
         post(addr, "/v1/chat/completions", &good).await.status(),
         200
     );
-    let stats: Value = client()
-        .get(format!("http://{addr}/sim/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = get_json(&format!("http://{addr}/sim/stats")).await;
     assert_eq!(stats["failed"], 3);
     assert_eq!(stats["completed"], 2);
     assert_eq!(stats["requests"], 5);
@@ -441,42 +417,23 @@ async fn fail_marker_fails_only_marked_requests() {
 /// The subcommand's flags reach the simulator.
 #[tokio::test]
 async fn sim_subcommand_flags() {
-    use std::io::{BufRead, BufReader};
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
-        .args([
-            "sim",
-            "--listen",
-            "127.0.0.1:0",
-            "--max-body-bytes",
-            "500",
-            "--fail-marker",
-            "BAD",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _child = Kill(child);
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "printed {line:?}");
-    let c = client();
-    let send = |body: Value| c.post(format!("{url}/chat/completions")).json(&body).send();
+    let (_sim, url) = run_binary(&[
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-body-bytes",
+        "500",
+        "--fail-marker",
+        "BAD",
+    ])
+    .await;
+    let addr = addr_of(&url);
+    let send = |body: Value| async move { post(addr, "/v1/chat/completions", &body).await };
     let ok = json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "hi"}]});
-    assert_eq!(send(ok).await.unwrap().status(), 200);
+    assert_eq!(send(ok).await.status(), 200);
     let bad = json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "BAD"}]});
-    assert_eq!(send(bad).await.unwrap().status(), 500);
+    assert_eq!(send(bad).await.status(), 500);
     let big =
         json!({"model": "mofa-sim", "messages": [{"role": "user", "content": "y".repeat(600)}]});
-    assert_eq!(send(big).await.unwrap().status(), 413);
+    assert_eq!(send(big).await.status(), 413);
 }

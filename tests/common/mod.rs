@@ -1,9 +1,15 @@
-//! Shared helpers for the integration tests: start simulators and gateways on ephemeral
-//! loopback ports, and check the headers every gateway response must carry.
+//! The one harness of the integration tests. It owns: starting simulators and gateways on
+//! ephemeral loopback ports (in process, or as the real binary), every HTTP request a test sends
+//! (JSON posts with custom headers, raw bodies, GETs, raw TCP bytes), reading SSE bodies, the
+//! checks every gateway reply must pass, and [`eventually`], the only way a test waits for
+//! something it can observe. It must not: reach anything beyond 127.0.0.1, sleep to synchronise,
+//! or use gateway internals beyond `config::Config`, `server::Gateway` and `sim`.
 
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use mofa_gateway::config::Config;
 use mofa_gateway::server::Gateway;
@@ -52,10 +58,65 @@ pub fn one_model(name: &str, url: &str, extra: &str) -> String {
     )
 }
 
-pub fn client() -> reqwest::Client {
+// ---------------------------------------------------------------------------------------------
+// Waiting.
+
+/// Polls `cond` until it holds; panics naming `what` if it still does not after `timeout`.
+/// This is how a test waits for anything it can observe (a request in flight, a queue filled,
+/// a counter reached, a process gone): never a fixed sleep.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_some(what, timeout, || {
+        let f = cond();
+        async move { f.await.then_some(()) }
+    })
+    .await
+}
+
+/// Like [`eventually`], for a condition that yields a value once it holds: returns that value.
+pub async fn eventually_some<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        if Instant::now() >= end {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The usual bound of an [`eventually`]: generous, since the machine may be busy; a condition
+/// that holds returns at once.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Requests.
+
+/// A client for one request (never shared between tests: each test has its own runtime).
+fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
+fn with_headers(
+    mut req: reqwest::RequestBuilder,
+    headers: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req
+}
+
+/// A chat body for `model`: one user message, 5 tokens.
 pub fn chat_body(model: &str, stream: bool) -> Value {
     serde_json::json!({
         "model": model,
@@ -67,13 +128,110 @@ pub fn chat_body(model: &str, stream: bool) -> Value {
 
 /// POSTs JSON to the gateway at `addr`.
 pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> reqwest::Response {
-    client()
-        .post(format!("http://{addr}{path}"))
+    post_with(addr, path, body, &[]).await
+}
+
+/// POSTs JSON with extra request headers (`x-mofa-priority`, `authorization`, ...).
+pub async fn post_with(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    with_headers(client().post(format!("http://{addr}{path}")), headers)
         .json(body)
         .send()
         .await
         .unwrap()
 }
+
+/// POSTs a body as given (bytes, a string or a `reqwest::Body` stream), with `content_type`
+/// if any: for malformed, oversized or non-JSON requests.
+pub async fn post_raw(
+    addr: SocketAddr,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    let mut req = client().post(format!("http://{addr}{path}")).body(body);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    req.send().await.unwrap()
+}
+
+/// POST with an empty body, e.g. the admin actions `/admin/pool/NAME/load`.
+pub async fn post_empty(addr: SocketAddr, path: &str) -> reqwest::Response {
+    client()
+        .post(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// POSTs `body` to `/v1/chat/completions`.
+pub async fn chat(addr: SocketAddr, body: &Value) -> reqwest::Response {
+    post(addr, "/v1/chat/completions", body).await
+}
+
+/// POSTs `body` to `/v1/chat/completions` with extra request headers.
+pub async fn chat_with(
+    addr: SocketAddr,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    post_with(addr, "/v1/chat/completions", body, headers).await
+}
+
+/// POSTs `body` to `/v1/completions`.
+pub async fn completions(addr: SocketAddr, body: &Value) -> reqwest::Response {
+    post(addr, "/v1/completions", body).await
+}
+
+/// POSTs `body` to `/v1/embeddings`.
+pub async fn embeddings(addr: SocketAddr, body: &Value) -> reqwest::Response {
+    post(addr, "/v1/embeddings", body).await
+}
+
+/// GETs `path` from the gateway at `addr`.
+pub async fn get(addr: SocketAddr, path: &str) -> reqwest::Response {
+    get_with(addr, path, &[]).await
+}
+
+/// GETs `path` with extra request headers.
+pub async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    with_headers(client().get(format!("http://{addr}{path}")), headers)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The address of a base URL such as `http://127.0.0.1:P` or `http://127.0.0.1:P/v1`.
+pub fn addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// Opens a TCP connection to `addr` and writes `bytes` as they are: for tests of what an HTTP
+/// client library would not send (headers or bodies that never end).
+pub async fn raw_http(addr: SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    tcp
+}
+
+/// Whether `addr` accepts a new TCP connection.
+pub async fn accepts(addr: SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies.
 
 /// Asserts the headers every response carries; returns `x-mofa-backend`.
 pub fn assert_stamped(resp: &reqwest::Response) -> String {
@@ -152,6 +310,34 @@ pub fn sse_events(body: &str) -> (Vec<String>, bool) {
     (data, named_error)
 }
 
+/// A streamed reply read to its end.
+pub struct Sse {
+    /// The whole body, for failure messages.
+    pub text: String,
+    /// Each event's `data:` payload, in order.
+    pub data: Vec<String>,
+    /// Whether any event was named `error`.
+    pub named_error: bool,
+}
+
+impl Sse {
+    /// Whether the stream ended normally, with `data: [DONE]` as its last event.
+    pub fn done(&self) -> bool {
+        self.data.last().map(String::as_str) == Some("[DONE]")
+    }
+}
+
+/// Reads a streamed reply to its end and splits it into events.
+pub async fn read_sse(resp: reqwest::Response) -> Sse {
+    let text = resp.text().await.expect("the stream ends cleanly");
+    let (data, named_error) = sse_events(&text);
+    Sse {
+        text,
+        data,
+        named_error,
+    }
+}
+
 /// GETs `url` and parses its JSON body.
 pub async fn get_json(url: &str) -> Value {
     client()
@@ -169,6 +355,45 @@ pub async fn admin(gw: SocketAddr, path: &str) -> Value {
     get_json(&format!("http://{gw}/admin/{path}")).await
 }
 
+/// Requests of `model` holding a deployment slot, over all its deployments.
+pub async fn in_flight(gw: SocketAddr, model: &str) -> u64 {
+    let a = admin(gw, "orchestrator").await;
+    a["models"][model]["deployments"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no model {model}: {a}"))
+        .iter()
+        .map(|d| d["in_flight"].as_u64().unwrap())
+        .sum()
+}
+
+/// Requests of `model` waiting in its queue.
+pub async fn queue_depth(gw: SocketAddr, model: &str) -> u64 {
+    let a = admin(gw, "orchestrator").await;
+    a["models"][model]["queue"]["depth"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no model {model}: {a}"))
+}
+
+/// Waits until `n` requests of `model` hold a slot (panics after [`WAIT`]).
+pub async fn wait_in_flight(gw: SocketAddr, model: &str, n: u64) {
+    eventually(
+        &format!("{n} request(s) of {model} in flight"),
+        WAIT,
+        || async move { in_flight(gw, model).await == n },
+    )
+    .await
+}
+
+/// Waits until `n` requests of `model` are queued (panics after [`WAIT`]).
+pub async fn wait_queued(gw: SocketAddr, model: &str, n: u64) {
+    eventually(
+        &format!("{n} request(s) of {model} queued"),
+        WAIT,
+        || async move { queue_depth(gw, model).await == n },
+    )
+    .await
+}
+
 /// The simulator's counters.
 pub async fn sim_stats(sim_url: &str) -> Value {
     get_json(&format!("{}/sim/stats", sim_url.trim_end_matches("/v1"))).await
@@ -183,28 +408,48 @@ pub async fn sim_last_request(sim_url: &str) -> Value {
     .await
 }
 
-/// The `mofa-gateway` binary, killed when dropped (the test passes or fails).
-pub struct Binary(pub std::process::Child);
+// ---------------------------------------------------------------------------------------------
+// The real binary.
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// The `mofa-gateway` binary, killed when dropped (the test passes or fails).
+pub struct Binary(tokio::process::Child);
+
+impl Binary {
+    pub fn pid(&self) -> u32 {
+        self.0.id().expect("the binary was not waited for yet")
+    }
+
+    /// Sends `sig` (as `kill` spells it: `-TERM`, `-KILL`).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().await.unwrap()
     }
 }
 
 /// Runs the binary with `args`; returns it and the URL it printed (`... listening on URL`).
-pub fn run_binary(args: &[&str]) -> (Binary, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
+pub async fn run_binary(args: &[&str]) -> (Binary, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    tokio::time::timeout(WAIT, stdout.read_line(&mut line))
+        .await
+        .expect("the binary did not print its address")
         .unwrap();
     let url = line
         .trim()
@@ -217,7 +462,7 @@ pub fn run_binary(args: &[&str]) -> (Binary, String) {
 }
 
 /// Runs `mofa-gateway serve` on `config` (written to a temporary file); returns it and its address.
-pub fn run_gateway_binary(config: &str) -> (Binary, SocketAddr) {
+pub async fn run_gateway_binary(config: &str) -> (Binary, SocketAddr) {
     let file = std::env::temp_dir().join(format!(
         "mofa-test-{}-{}.toml",
         std::process::id(),
@@ -233,10 +478,14 @@ pub fn run_gateway_binary(config: &str) -> (Binary, SocketAddr) {
         file.to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
-    ]);
+    ])
+    .await;
     let _ = std::fs::remove_file(&file);
-    (bin, url.trim_start_matches("http://").parse().unwrap())
+    (bin, addr_of(&url))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Upstreams made for a test.
 
 /// A loopback URL on which nothing listens.
 pub async fn dead_url() -> String {
