@@ -10,6 +10,8 @@
 //!   supervisor of the local model servers);
 //! - the pure decision core: `admission`, `routing`, `breaker`, with `reason` (the closed set
 //!   of rejections); no I/O, no HTTP crate;
+//! - `anthropic`: the Messages API's formats and their translation to and from OpenAI's
+//!   (pure; used by `proxy` and `error`, plugged into the relay as a transform);
 //! - `config` (validated TOML) and `headers` (names), used by all; `sim` stands alone.
 
 pub mod config;
@@ -18,6 +20,7 @@ pub mod server;
 pub mod sim;
 
 mod admission;
+mod anthropic;
 mod breaker;
 mod error;
 mod headers;

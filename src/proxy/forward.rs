@@ -52,8 +52,10 @@ pub async fn forward(
         }
     }
     let new_model = dep.upstream_model.as_deref().filter(|m| *m != req.model);
-    let body = if new_model.is_some() || req.body_priority.is_some() {
-        rewrite(&req.body, new_model).map_err(|error| Failed {
+    // A Messages request's `top_k`: local servers take it, cloud APIs refuse it.
+    let drop_top_k = dep.cloud && req.anthropic.as_ref().is_some_and(|a| a.top_k);
+    let body = if new_model.is_some() || req.body_priority.is_some() || drop_top_k {
+        rewrite(&req.body, new_model, drop_top_k).map_err(|error| Failed {
             error,
             retryable: false,
         })?
@@ -86,15 +88,18 @@ pub async fn forward(
     }
 }
 
-/// `body` with `model` replaced (if `model` is given) and `priority` removed, other fields and
-/// their order kept.
-fn rewrite(body: &[u8], model: Option<&str>) -> Result<Bytes, ApiError> {
+/// `body` with `model` replaced (if `model` is given), `priority` (and `top_k` if asked)
+/// removed, other fields and their order kept.
+fn rewrite(body: &[u8], model: Option<&str>, drop_top_k: bool) -> Result<Bytes, ApiError> {
     let mut v: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
     if let Some(model) = model {
         v.insert("model".into(), Value::String(model.to_owned()));
     }
     v.shift_remove("priority");
+    if drop_top_k {
+        v.shift_remove("top_k");
+    }
     serde_json::to_vec(&v)
         .map(Bytes::from)
         .map_err(ApiError::invalid_json)
@@ -106,9 +111,11 @@ mod tests {
 
     #[test]
     fn rewrite_keeps_order_and_unknown_fields() {
-        let out = rewrite(br#"{"z":1,"model":"a","tools":[{"x":null}]}"#, Some("b")).unwrap();
+        let out = rewrite(br#"{"z":1,"model":"a","tools":[{"x":null}]}"#, Some("b"), false).unwrap();
         assert_eq!(&out[..], br#"{"z":1,"model":"b","tools":[{"x":null}]}"#);
-        let out = rewrite(br#"{"model":"a","priority":"high","n":1}"#, None).unwrap();
+        let out = rewrite(br#"{"model":"a","priority":"high","n":1}"#, None, false).unwrap();
+        assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
+        let out = rewrite(br#"{"model":"a","top_k":5,"n":1}"#, None, true).unwrap();
         assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
     }
 }

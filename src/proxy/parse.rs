@@ -2,7 +2,10 @@
 //! the size and time limits (413, 408), its JSON, and the fields the gateway reads (`model`,
 //! `stream`, `messages` / `prompt` / `input`, `priority`) and the admission headers
 //! (`x-mofa-priority`, `x-mofa-max-wait-ms`): 400 naming the field. Everything else in the body
-//! is the backend's business and is forwarded as sent. It must not look up models or admit.
+//! is the backend's business and is forwarded as sent. A request on an Anthropic route (its
+//! [`WireFormat`], set by the router) is a Messages request: it is translated here into the
+//! OpenAI chat completion the rest of the pipeline handles (see `anthropic::request`). It must
+//! not look up models or admit.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -15,14 +18,19 @@ use serde::Deserialize;
 
 use super::accept::Limits;
 use crate::admission::Priority;
+use crate::anthropic::{self, WireFormat};
 use crate::error::ApiError;
 use crate::headers::{MAX_WAIT_MS, PRIORITY};
 use crate::upstream::Endpoint;
 
 /// Reads and checks a request for `endpoint`: see the module doc.
 pub async fn parse(endpoint: Endpoint, limits: Limits, req: Request) -> Result<Parsed, ApiError> {
+    let wire = wire_format(&req);
     let (header_priority, max_wait) = admission_headers(req.headers())?;
     let body = read_body(limits, req).await?;
+    if wire.is_anthropic() {
+        return messages_request(wire, &body, header_priority, max_wait);
+    }
     let f = parse_fields(endpoint, &body)?;
     Ok(Parsed {
         endpoint,
@@ -32,6 +40,44 @@ pub async fn parse(endpoint: Endpoint, limits: Limits, req: Request) -> Result<P
         header_priority,
         max_wait,
         body,
+        wire,
+        anthropic: None,
+    })
+}
+
+/// The wire format of a request's route (OpenAI unless the router said otherwise).
+pub fn wire_format(req: &Request) -> WireFormat {
+    req.extensions()
+        .get::<WireFormat>()
+        .copied()
+        .unwrap_or_default()
+}
+
+/// A Messages request, translated into an OpenAI chat completion request.
+fn messages_request(
+    wire: WireFormat,
+    body: &[u8],
+    header_priority: Option<Priority>,
+    max_wait: Option<Duration>,
+) -> Result<Parsed, ApiError> {
+    let t = anthropic::translate(body, wire == WireFormat::AnthropicCount).map_err(|e| match e {
+        anthropic::Invalid::Json(m) => ApiError::invalid_json(m),
+        anthropic::Invalid::Value { param, message } => ApiError::invalid_value(param, message),
+    })?;
+    let body_priority = match t.priority.as_deref() {
+        None => None,
+        Some(p) => Some(Priority::parse(p).ok_or_else(bad_priority)?),
+    };
+    Ok(Parsed {
+        endpoint: Endpoint::ChatCompletions,
+        model: t.model,
+        stream: t.stream,
+        body_priority,
+        header_priority,
+        max_wait,
+        body: t.body,
+        wire,
+        anthropic: Some(t.context),
     })
 }
 
@@ -46,8 +92,12 @@ pub struct Parsed {
     pub header_priority: Option<Priority>,
     /// `x-mofa-max-wait-ms`.
     pub max_wait: Option<Duration>,
-    /// The body as the client sent it.
+    /// The body as the client sent it (a Messages request: its OpenAI translation).
     pub body: Bytes,
+    /// The wire format the client speaks.
+    pub wire: WireFormat,
+    /// A Messages request: what its reply translation needs.
+    pub anthropic: Option<anthropic::Context>,
 }
 
 impl Parsed {

@@ -1,7 +1,9 @@
 //! Relaying a stream to the client once its first byte is out: chunk by chunk, within the idle
 //! and total limits. A failure, an idle gap or an end without `data: [DONE]` appends one SSE
 //! `error` event and ends the stream (never a `[DONE]` after a failure). It tells its
-//! [`OnEnd`] how the stream ended, exactly once; it must not decide anything else.
+//! [`OnEnd`] how the stream ended, exactly once; it must not decide anything else. A
+//! [`Transform`] (another wire format's events) may rewrite what the client gets; the relay
+//! still counts and checks the upstream's own bytes.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -38,6 +40,28 @@ pub struct StreamStats {
 /// Told how a stream ended, once; what it holds (a slot) is freed with it.
 pub type OnEnd = Box<dyn FnOnce(StreamEnd, StreamStats) + Send>;
 
+/// Rewrites a relayed stream for a client that speaks another wire format (the Anthropic
+/// Messages events, say). The relay feeds it every upstream chunk as it arrives.
+pub trait Transform: Send {
+    /// Appends to `out` what the client gets for one upstream chunk (possibly nothing).
+    fn chunk(&mut self, upstream: &[u8], out: &mut Vec<u8>);
+    /// The event that ends the stream when it failed after its first byte (instead of the
+    /// OpenAI `error` event); empty if the transform already ended it.
+    fn failed(&mut self, message: &str, code: &str) -> Bytes;
+    /// Whether the transform itself ended the stream with an error (the backend's in-band one).
+    fn broken(&self) -> bool {
+        false
+    }
+    /// The longest gap after which [`Transform::keepalive`] is sent; `None`: never.
+    fn keepalive_every(&self) -> Option<Duration> {
+        None
+    }
+    /// What to send after a gap (a `ping`); it does not count as upstream activity.
+    fn keepalive(&mut self) -> Bytes {
+        Bytes::new()
+    }
+}
+
 /// The limits of a relay.
 pub(super) struct Limits {
     pub idle: Duration,
@@ -53,9 +77,28 @@ struct Relay {
     limits: Limits,
     label: String,
     stats: StreamStats,
+    transform: Option<Box<dyn Transform>>,
+    /// When the upstream's next chunk is due (set when the wait starts; kept across keepalives).
+    idle_end: Option<tokio::time::Instant>,
 }
 
 impl Relay {
+    /// What the client gets for `chunk`: the chunk itself, or its transform (`None`: nothing).
+    fn out(&mut self, chunk: Bytes) -> Option<Bytes> {
+        match &mut self.transform {
+            None => Some(chunk),
+            Some(t) => {
+                let mut out = Vec::new();
+                t.chunk(&chunk, &mut out);
+                if t.broken() {
+                    // It ended the stream with its error event: read no more.
+                    self.end(StreamEnd::Failed);
+                }
+                (!out.is_empty()).then(|| Bytes::from(out))
+            }
+        }
+    }
+
     fn end(&mut self, how: StreamEnd) {
         if let Some(f) = self.on_end.take() {
             f(how, self.stats);
@@ -90,11 +133,16 @@ pub struct PendingStream {
 impl PendingStream {
     /// The response body: `first`, then the rest of the stream. See the module doc.
     pub fn relay(self, on_end: OnEnd) -> Body {
-        relay(self, on_end)
+        relay(self, on_end, None)
+    }
+
+    /// The same, rewritten by `transform` for the client.
+    pub fn relay_with(self, on_end: OnEnd, transform: Box<dyn Transform>) -> Body {
+        relay(self, on_end, Some(transform))
     }
 }
 
-fn relay(p: PendingStream, on_end: OnEnd) -> Body {
+fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>) -> Body {
     let PendingStream {
         first,
         rest,
@@ -109,27 +157,55 @@ fn relay(p: PendingStream, on_end: OnEnd) -> Body {
         limits,
         label,
         stats: StreamStats::default(),
+        transform,
+        idle_end: None,
     };
     let s = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
         // Ended (its `on_end` was told): nothing more.
         st.on_end.as_ref()?;
         if let Some(first) = st.first.take() {
             st.count(&first);
-            return Some((Ok::<_, std::convert::Infallible>(first), st));
+            match st.out(first) {
+                Some(b) => return Some((Ok::<_, std::convert::Infallible>(b), st)),
+                None => continue,
+            }
         }
         // The next chunk is due within the idle limit, and before the total deadline.
-        let idle_end = tokio::time::Instant::now() + st.limits.idle;
+        let now = tokio::time::Instant::now();
+        let idle_end = *st.idle_end.get_or_insert(now + st.limits.idle);
         let (until, what) = match st.limits.deadline {
             Some(d) if d < idle_end => (d, "total_timeout_ms"),
             _ => (idle_end, "idle_timeout_ms"),
         };
-        let (failure, code) = match tokio::time::timeout_at(until, st.rest.next()).await {
+        // A transform may send something (a ping) meanwhile.
+        let wake = match st.transform.as_ref().and_then(|t| t.keepalive_every()) {
+            Some(every) => until.min(now + every),
+            None => until,
+        };
+        let (failure, code) = match tokio::time::timeout_at(wake, st.rest.next()).await {
+            Err(_) if wake < until => {
+                let ping = st.transform.as_mut().map(|t| t.keepalive()).unwrap_or_default();
+                if ping.is_empty() {
+                    continue;
+                }
+                return Some((Ok(ping), st));
+            }
             Ok(Some(Ok(chunk))) => {
+                st.idle_end = None;
                 st.count(&chunk);
-                return Some((Ok(chunk), st));
+                match st.out(chunk) {
+                    Some(b) => return Some((Ok(b), st)),
+                    None => continue,
+                }
             }
             Ok(None) if st.tail.ends_with_done() => {
-                st.end(StreamEnd::Complete);
+                let broken = st.transform.as_ref().is_some_and(|t| t.broken());
+                st.end(if broken {
+                    StreamEnd::Failed
+                } else {
+                    StreamEnd::Complete
+                });
                 return None;
             }
             Ok(None) => (
@@ -154,7 +230,12 @@ fn relay(p: PendingStream, on_end: OnEnd) -> Body {
         };
         tracing::warn!(backend = %st.label, "{failure}");
         st.end(StreamEnd::Failed);
-        Some((Ok(sse_error_event(&failure, code)), st))
+        let event = match st.transform.as_mut() {
+            Some(t) => t.failed(&failure, code),
+            None => sse_error_event(&failure, code),
+        };
+        return (!event.is_empty()).then_some((Ok(event), st));
+        }
     });
     Body::from_stream(s)
 }
