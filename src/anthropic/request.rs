@@ -336,25 +336,37 @@ fn invalid(param: &'static str, message: impl Into<String>) -> Invalid {
 /// Translates a Messages request body (`count_only`: for `count_tokens`, where `max_tokens`
 /// may be absent). See the module doc.
 pub fn translate(body: &[u8], count_only: bool) -> Result<Translated, Invalid> {
+    // serde would take an array for a struct: only an object is a request.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Invalid::Json("the body must be a JSON object".into()));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     let req: MessagesRequest = match serde_path_to_error::deserialize(de) {
         Ok(r) => r,
         Err(e) => {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() || path == "." {
-                return Err(Invalid::Json(if inner.is_data() {
-                    "the body must be a JSON object".into()
-                } else {
-                    inner.to_string()
-                }));
+            if !inner.is_data() {
+                return Err(Invalid::Json(inner.to_string()));
             }
-            let top = path.split(['.', '[']).next().unwrap_or_default();
+            let message = inner.to_string();
+            let top = match path.as_str() {
+                // At the top: a missing field, or not an object at all.
+                "." => match message
+                    .strip_prefix("missing field `")
+                    .and_then(|m| m.split('`').next())
+                {
+                    Some(field) => field.to_string(),
+                    None => return Err(Invalid::Json("the body must be a JSON object".into())),
+                },
+                p => p.split(['.', '[']).next().unwrap_or_default().to_string(),
+            };
             let param = PARAMS.iter().copied().find(|p| *p == top).unwrap_or("body");
-            let message = match inner.to_string() {
+            let message = match message {
                 m if m.starts_with("data did not match any variant") => {
                     format!("{path}: not one of the accepted forms")
                 }
+                m if path == "." => format!("{top}: Field required ({m})"),
                 m => format!("{path}: {m}"),
             };
             return Err(invalid(param, message));

@@ -202,6 +202,7 @@ mod tests {
             model: "claude-local".into(),
             stop_sequences: vec!["END".into()],
             input_estimate: 9,
+            top_k: false,
         }
     }
 

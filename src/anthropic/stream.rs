@@ -509,3 +509,349 @@ impl Transform for Translator {
         Bytes::from(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> Context {
+        Context {
+            model: "m".into(),
+            stop_sequences: vec!["END".into()],
+            input_estimate: 5,
+            top_k: false,
+        }
+    }
+
+    /// OpenAI SSE for these chunks, then `[DONE]`.
+    fn sse(chunks: &[Value]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        out
+    }
+
+    /// The events written, as (name, data).
+    fn events(bytes: &[u8]) -> Vec<(String, Value)> {
+        let text = std::str::from_utf8(bytes).unwrap();
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let mut lines = e.lines();
+                let name = lines.next().unwrap().strip_prefix("event: ").unwrap();
+                let data = lines.next().unwrap().strip_prefix("data: ").unwrap();
+                let v: Value = serde_json::from_str(data).unwrap();
+                if name != "error" {
+                    assert_eq!(v["type"], name, "the event name is its type");
+                }
+                (name.to_string(), v)
+            })
+            .collect()
+    }
+
+    fn run(upstream: &[u8]) -> Vec<(String, Value)> {
+        let mut t = Translator::new(ctx());
+        let mut out = Vec::new();
+        t.chunk(upstream, &mut out);
+        events(&out)
+    }
+
+    fn names(ev: &[(String, Value)]) -> Vec<&str> {
+        ev.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    fn text(s: &str) -> Value {
+        json!({"choices": [{"index": 0, "delta": {"content": s}, "finish_reason": null}]})
+    }
+
+    fn finish(reason: &str) -> Value {
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
+    }
+
+    fn tool_start(index: u32, id: &str, name: &str, args: &str) -> Value {
+        json!({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": args}}
+        ]}}]})
+    }
+
+    fn tool_args(index: u32, args: &str) -> Value {
+        json!({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": index, "function": {"arguments": args}}
+        ]}}]})
+    }
+
+    /// Every block: started once, stopped exactly once, indices 0.. in order, one open at a time.
+    fn check_blocks(ev: &[(String, Value)]) {
+        let mut open: Option<u64> = None;
+        let mut next = 0;
+        for (name, v) in ev {
+            match name.as_str() {
+                "content_block_start" => {
+                    assert_eq!(open, None, "a block started while another is open");
+                    assert_eq!(v["index"], next);
+                    open = Some(next);
+                    next += 1;
+                }
+                "content_block_delta" => assert_eq!(Some(v["index"].as_u64().unwrap()), open),
+                "content_block_stop" => {
+                    assert_eq!(Some(v["index"].as_u64().unwrap()), open, "stop of a block not open");
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(open, None);
+    }
+
+    #[test]
+    fn text_stream() {
+        let ev = run(&sse(&[
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+            text("Hello"),
+            text(" world"),
+            finish("stop"),
+            json!({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2}}),
+        ]));
+        assert_eq!(
+            names(&ev),
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        let m = &ev[0].1["message"];
+        assert_eq!(m["model"], "m");
+        assert_eq!(m["role"], "assistant");
+        assert_eq!(m["content"], json!([]));
+        assert_eq!(m["usage"]["input_tokens"], 5, "the estimate until the backend's count");
+        assert_eq!(ev[1].1["content_block"], json!({"type": "text", "text": ""}));
+        assert_eq!(ev[2].1["delta"], json!({"type": "text_delta", "text": "Hello"}));
+        assert_eq!(
+            ev[5].1,
+            json!({"type": "message_delta",
+                   "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                   "usage": {"input_tokens": 11, "output_tokens": 2}})
+        );
+        check_blocks(&ev);
+    }
+
+    #[test]
+    fn tool_use_after_streamed_tool_calls_even_if_the_backend_says_stop() {
+        // Named bug: `end_turn` instead of `tool_use` after streamed tool calls.
+        for backend_finish in ["tool_calls", "stop"] {
+            let ev = run(&sse(&[
+                tool_start(0, "call_0", "get_weather", ""),
+                tool_args(0, "{\"ci"),
+                tool_args(0, "ty\":\"Pa"),
+                tool_args(0, "ris\"}"),
+                finish(backend_finish),
+            ]));
+            let delta = ev.iter().find(|(n, _)| n == "message_delta").unwrap();
+            assert_eq!(delta.1["delta"]["stop_reason"], "tool_use", "{backend_finish}");
+            assert_eq!(
+                ev[1].1["content_block"],
+                json!({"type": "tool_use", "id": "call_0", "name": "get_weather", "input": {}})
+            );
+            check_blocks(&ev);
+        }
+    }
+
+    #[test]
+    fn every_argument_fragment_is_streamed_as_it_arrives() {
+        // Named bug: dropped `input_json_delta` (including the one sent with the name).
+        let mut t = Translator::new(ctx());
+        let mut all = Vec::new();
+        let parts = ["{\"city\":", "\"Paris\",", "\"days\":", "1}"];
+        let mut out = Vec::new();
+        let start = format!("data: {}\n\n", tool_start(0, "call_0", "f", parts[0]));
+        t.chunk(start.as_bytes(), &mut out);
+        // The start chunk's arguments are out before the next chunk arrives.
+        let first = events(&out);
+        assert_eq!(
+            first.last().unwrap().1["delta"],
+            json!({"type": "input_json_delta", "partial_json": parts[0]})
+        );
+        all.extend(first);
+        let mut t2 = Translator::new(ctx());
+        let mut chunks = vec![tool_start(0, "call_0", "f", parts[0])];
+        chunks.extend(parts[1..].iter().map(|p| tool_args(0, p)));
+        chunks.push(finish("tool_calls"));
+        let mut out = Vec::new();
+        t2.chunk(&sse(&chunks), &mut out);
+        let ev = events(&out);
+        let json: String = ev
+            .iter()
+            .filter(|(n, _)| n == "content_block_delta")
+            .map(|(_, v)| v["delta"]["partial_json"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(json, parts.concat());
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v, json!({"city": "Paris", "days": 1}));
+    }
+
+    #[test]
+    fn text_then_tool_and_parallel_tools_get_their_own_indices() {
+        // Named bug: duplicate `content_block_stop` (a tool runs twice).
+        let ev = run(&sse(&[
+            text("Let me check."),
+            tool_start(0, "call_0", "get_weather", "{\"city\":"),
+            tool_args(0, "\"Paris\"}"),
+            tool_start(1, "call_1", "get_time", ""),
+            tool_args(1, "{\"tz\":"),
+            tool_args(1, "\"CET\"}"),
+            finish("tool_calls"),
+        ]));
+        check_blocks(&ev);
+        let starts: Vec<&Value> = ev
+            .iter()
+            .filter(|(n, _)| n == "content_block_start")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(starts.len(), 3);
+        assert_eq!(starts[0]["content_block"]["type"], "text");
+        assert_eq!(starts[1]["content_block"]["id"], "call_0");
+        assert_eq!(starts[1]["index"], 1);
+        assert_eq!(starts[2]["content_block"]["name"], "get_time");
+        assert_eq!(starts[2]["index"], 2);
+        let stops: Vec<u64> = ev
+            .iter()
+            .filter(|(n, _)| n == "content_block_stop")
+            .map(|(_, v)| v["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(stops, [0, 1, 2], "exactly one stop per block");
+        let args_of = |i: u64| -> String {
+            ev.iter()
+                .filter(|(n, v)| n == "content_block_delta" && v["index"] == i)
+                .map(|(_, v)| v["delta"]["partial_json"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(args_of(1), "{\"city\":\"Paris\"}");
+        assert_eq!(args_of(2), "{\"tz\":\"CET\"}");
+        assert_eq!(names(&ev).last(), Some(&"message_stop"));
+    }
+
+    #[test]
+    fn chunks_split_anywhere_translate_the_same() {
+        let upstream = sse(&[
+            text("héllo"),
+            tool_start(0, "call_0", "f", "{\"a\":"),
+            tool_args(0, "1}"),
+            finish("tool_calls"),
+        ]);
+        let whole = run(&upstream);
+        let strip_ids = |ev: Vec<(String, Value)>| -> Vec<(String, Value)> {
+            ev.into_iter()
+                .map(|(n, mut v)| {
+                    if n == "message_start" {
+                        v["message"]["id"] = Value::Null;
+                    }
+                    (n, v)
+                })
+                .collect()
+        };
+        let whole = strip_ids(whole);
+        for cut in 1..upstream.len() {
+            let mut t = Translator::new(ctx());
+            let mut out = Vec::new();
+            t.chunk(&upstream[..cut], &mut out);
+            t.chunk(&upstream[cut..], &mut out);
+            assert_eq!(strip_ids(events(&out)), whole, "split at {cut}");
+        }
+    }
+
+    #[test]
+    fn crlf_comments_and_named_events_are_read() {
+        let body = "event: chunk\r\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\r\n\r\n: keep-alive\r\n\r\ndata:{\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let ev = run(body.as_bytes());
+        let delta = ev.iter().find(|(n, _)| n == "message_delta").unwrap();
+        assert_eq!(delta.1["delta"]["stop_reason"], "max_tokens");
+        assert_eq!(names(&ev).last(), Some(&"message_stop"));
+    }
+
+    #[test]
+    fn stop_sequence_named_by_the_backend() {
+        let ev = run(&sse(&[
+            text("a"),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "END"}]}),
+        ]));
+        let delta = &ev.iter().find(|(n, _)| n == "message_delta").unwrap().1;
+        assert_eq!(delta["delta"], json!({"stop_reason": "stop_sequence", "stop_sequence": "END"}));
+    }
+
+    #[test]
+    fn a_cut_stream_ends_with_one_error_and_no_stop() {
+        let mut t = Translator::new(ctx());
+        let mut out = Vec::new();
+        let mut partial = sse(&[
+            tool_start(0, "call_0", "f", "{\"a\":"),
+        ]);
+        partial.truncate(partial.len() - b"data: [DONE]\n\n".len());
+        t.chunk(&partial, &mut out);
+        out.extend_from_slice(&t.failed("the backend closed the stream", "upstream_disconnected"));
+        let ev = events(&out);
+        assert_eq!(
+            names(&ev),
+            ["message_start", "content_block_start", "content_block_delta", "error"],
+            "no content_block_stop for the truncated tool call, no message_stop"
+        );
+        assert_eq!(ev[3].1["type"], "error");
+        assert_eq!(ev[3].1["error"]["type"], "api_error");
+        assert!(t.failed("again", "x").is_empty(), "one error event");
+        let mut more = Vec::new();
+        t.chunk(b"data: [DONE]\n\n", &mut more);
+        assert!(more.is_empty(), "nothing after the error");
+        assert!(t.keepalive().is_empty());
+    }
+
+    #[test]
+    fn an_in_band_error_breaks_the_stream() {
+        let mut t = Translator::new(ctx());
+        let mut out = Vec::new();
+        t.chunk(
+            &sse(&[text("a"), json!({"error": {"message": "model crashed", "type": "server_error"}})]),
+            &mut out,
+        );
+        let ev = events(&out);
+        assert_eq!(names(&ev).last(), Some(&"error"));
+        assert!(!names(&ev).contains(&"message_stop"));
+        assert!(ev.last().unwrap().1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model crashed"));
+        assert!(t.broken());
+    }
+
+    #[test]
+    fn interleaved_tool_arguments_are_an_error_not_a_corruption() {
+        let ev = run(&sse(&[
+            tool_start(0, "call_0", "f", "{"),
+            tool_start(1, "call_1", "g", "{"),
+            tool_args(0, "}"),
+            tool_args(1, "}"),
+            finish("tool_calls"),
+        ]));
+        assert_eq!(names(&ev).last(), Some(&"error"));
+        assert!(!names(&ev).contains(&"message_stop"));
+    }
+
+    #[test]
+    fn ping_and_the_usage_estimate_without_a_usage_chunk() {
+        let mut t = Translator::new(ctx()).with_ping(Duration::from_millis(5));
+        assert_eq!(t.keepalive_every(), Some(Duration::from_millis(5)));
+        let ping = t.keepalive();
+        assert_eq!(events(&ping), [("ping".to_string(), json!({"type": "ping"}))]);
+        let mut out = Vec::new();
+        t.chunk(&sse(&[text("abcdefgh"), finish("stop")]), &mut out);
+        let ev = events(&out);
+        let delta = &ev.iter().find(|(n, _)| n == "message_delta").unwrap().1;
+        assert_eq!(delta["usage"], json!({"input_tokens": 5, "output_tokens": 2}));
+    }
+}

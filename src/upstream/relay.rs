@@ -291,3 +291,104 @@ mod tests {
         assert!(t.ends_with_done());
     }
 }
+
+#[cfg(test)]
+mod transform_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// Upper-cases what it relays, pings every 10 s, and says `failed:<code>` on failure.
+    struct Upper;
+
+    impl Transform for Upper {
+        fn chunk(&mut self, upstream: &[u8], out: &mut Vec<u8>) {
+            out.extend(upstream.iter().map(u8::to_ascii_uppercase));
+        }
+        fn failed(&mut self, _message: &str, code: &str) -> Bytes {
+            Bytes::from(format!("failed:{code}"))
+        }
+        fn keepalive_every(&self) -> Option<Duration> {
+            Some(Duration::from_millis(10))
+        }
+        fn keepalive(&mut self) -> Bytes {
+            Bytes::from_static(b"ping;")
+        }
+    }
+
+    /// `first`, then after `gap` each of `rest`, then the end.
+    fn pending(
+        first: &'static str,
+        gap: Duration,
+        idle: Duration,
+        rest: Vec<&'static str>,
+    ) -> PendingStream {
+        let s = futures_util::stream::unfold(rest.into_iter(), move |mut it| async move {
+            let next = it.next()?;
+            tokio::time::sleep(gap).await;
+            Some((Ok(Bytes::from_static(next.as_bytes())), it))
+        });
+        PendingStream {
+            first: Bytes::from_static(first.as_bytes()),
+            rest: Box::pin(s),
+            limits: Limits {
+                idle,
+                deadline: None,
+            },
+            label: "b".into(),
+        }
+    }
+
+    async fn body_of(p: PendingStream) -> (String, StreamEnd) {
+        let end = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let e = end.clone();
+        let body = p.relay_with(
+            Box::new(move |how, _| *e.lock().unwrap() = Some(how)),
+            Box::new(Upper),
+        );
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let how = end.lock().unwrap().take().unwrap();
+        (String::from_utf8(bytes.to_vec()).unwrap(), how)
+    }
+
+    #[tokio::test]
+    async fn a_transform_rewrites_pings_in_gaps_and_renders_the_failure() {
+        // A gap far longer than the ping interval, under the idle limit: pings, then the rest.
+        let (text, end) = body_of(pending(
+            "data: a\n\n",
+            Duration::from_millis(300),
+            Duration::from_secs(30),
+            vec!["data: [DONE]\n\n"],
+        ))
+        .await;
+        let pings = text
+            .strip_prefix("DATA: A\n\n")
+            .and_then(|t| t.strip_suffix("DATA: [DONE]\n\n"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(!pings.is_empty(), "a ping in the gap: {text}");
+        assert!(pings.split_terminator(';').all(|p| p == "ping"), "{text}");
+        assert_eq!(end, StreamEnd::Complete);
+
+        // Pings do not count as upstream activity: the idle limit still ends a silent stream.
+        let (text, end) = body_of(pending(
+            "data: a\n\n",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            vec!["data: [DONE]\n\n"],
+        ))
+        .await;
+        assert!(text.starts_with("DATA: A\n\nping;"), "{text}");
+        assert!(text.ends_with(";failed:upstream_timeout"), "{text}");
+        assert_eq!(end, StreamEnd::Failed);
+
+        // An end without [DONE]: the transform's failure event.
+        let (text, end) = body_of(pending(
+            "data: a\n\n",
+            Duration::ZERO,
+            Duration::from_secs(30),
+            vec![],
+        ))
+        .await;
+        assert_eq!(text, "DATA: A\n\nfailed:upstream_disconnected");
+        assert_eq!(end, StreamEnd::Failed);
+    }
+}
