@@ -855,3 +855,83 @@ mod tests {
         assert_eq!(delta["usage"], json!({"input_tokens": 5, "output_tokens": 2}));
     }
 }
+
+/// The cost of translating one streamed chunk, measured by `bench/anthropic.sh` (release
+/// mode); recorded in docs/benchmarks.md. A benchmark, not a test: it asserts nothing of time.
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// This thread's CPU time in ns (wall time on a shared machine counts other processes).
+    fn cpu_ns() -> u128 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+    }
+
+    /// An OpenAI chunk as vLLM and llama.cpp send them (one event per read).
+    fn text_chunk(i: usize) -> Vec<u8> {
+        format!(
+            "data: {{\"id\":\"chatcmpl-8f3a9c2e\",\"object\":\"chat.completion.chunk\",\"created\":1764250000,\"model\":\"llama-3-8b\",\"system_fingerprint\":\"b4600\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" word{i}\"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
+        )
+        .into_bytes()
+    }
+
+    fn args_chunk(i: usize) -> Vec<u8> {
+        format!(
+            "data: {{\"id\":\"chatcmpl-8f3a9c2e\",\"object\":\"chat.completion.chunk\",\"created\":1764250000,\"model\":\"llama-3-8b\",\"choices\":[{{\"index\":0,\"delta\":{{\"tool_calls\":[{{\"index\":0,\"function\":{{\"arguments\":\"\\\"k{i}\\\": 1, \"}}}}]}},\"finish_reason\":null}}]}}\n\n"
+        )
+        .into_bytes()
+    }
+
+    /// ns per chunk of feeding `chunks` to fresh translators, the median of 7 rounds.
+    fn cost(prelude: &[Vec<u8>], chunks: &[Vec<u8>]) -> f64 {
+        let mut rounds = Vec::new();
+        let mut out = Vec::with_capacity(1 << 16);
+        // One round to warm the caches and the allocator, then 7 measured.
+        for round in 0..8 {
+            let reps = 200;
+            let start = cpu_ns();
+            for _ in 0..reps {
+                let mut t = Translator::new(Context::default());
+                for c in prelude {
+                    t.chunk(c, &mut out);
+                }
+                out.clear();
+                for c in chunks {
+                    t.chunk(std::hint::black_box(c), &mut out);
+                    out.clear();
+                }
+            }
+            if round > 0 {
+                rounds.push((cpu_ns() - start) as f64 / (reps * chunks.len()) as f64);
+            }
+        }
+        rounds.sort_by(f64::total_cmp);
+        rounds[3]
+    }
+
+    #[test]
+    #[ignore = "benchmark: bench/anthropic.sh runs it in release mode"]
+    fn translation_cost_per_chunk() {
+        let text: Vec<Vec<u8>> = (0..500).map(text_chunk).collect();
+        let start_tool = vec![b"data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_0\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]}}]}\n\n".to_vec()];
+        let args: Vec<Vec<u8>> = (0..500).map(args_chunk).collect();
+        let t = cost(&[], &text);
+        let a = cost(&start_tool, &args);
+        // The same text chunks split in two reads each (a line completed across chunks).
+        let halves: Vec<Vec<u8>> = text
+            .iter()
+            .flat_map(|c| [c[..c.len() / 2].to_vec(), c[c.len() / 2..].to_vec()])
+            .collect();
+        let h = cost(&[], &halves);
+        println!("anthropic stream translation, thread CPU ns per upstream chunk (median of 7 rounds x 200 streams x 500 chunks):");
+        println!("  text delta ({} B):           {t:.0} ns", text[0].len());
+        println!("  tool-argument delta ({} B):  {a:.0} ns", args[0].len());
+        println!("  text delta split in 2 reads: {h:.0} ns per read");
+    }
+}
