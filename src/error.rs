@@ -489,8 +489,16 @@ mod tests {
     fn anthropic_statuses_and_envelope() {
         use crate::reason::Rejection;
         let cases = [
-            (ApiError::invalid_value("model", "x"), 400, "invalid_request_error"),
-            (ApiError::unsupported_media_type(), 400, "invalid_request_error"),
+            (
+                ApiError::invalid_value("model", "x"),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::unsupported_media_type(),
+                400,
+                "invalid_request_error",
+            ),
             (ApiError::model_not_found("m"), 404, "not_found_error"),
             (ApiError::too_large(10), 413, "request_too_large"),
             (

@@ -76,7 +76,14 @@ async fn a_message_is_translated_both_ways() {
     assert_eq!(m["model"], "mofa-sim");
     assert!(m["id"].as_str().unwrap().starts_with("msg_"));
     assert_eq!(m["content"][0]["type"], "text");
-    assert_eq!(m["content"][0]["text"].as_str().unwrap().split_whitespace().count(), 4);
+    assert_eq!(
+        m["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .count(),
+        4
+    );
     assert_eq!(m["stop_reason"], "max_tokens");
     assert_eq!(m["usage"]["output_tokens"], 4);
     assert!(m["usage"]["input_tokens"].as_u64().unwrap() > 0);
@@ -115,7 +122,10 @@ async fn a_text_stream_is_a_messages_event_stream() {
     assert_eq!(names[1], "content_block_start");
     assert_eq!(names.last(), Some(&"message_stop"), "{text}");
     assert!(!text.contains("[DONE]"));
-    assert_eq!(names.iter().filter(|n| **n == "content_block_stop").count(), 1);
+    assert_eq!(
+        names.iter().filter(|n| **n == "content_block_stop").count(),
+        1
+    );
     let streamed: String = ev
         .iter()
         .filter(|(n, _)| n == "content_block_delta")
@@ -124,7 +134,10 @@ async fn a_text_stream_is_a_messages_event_stream() {
     assert_eq!(streamed.split_whitespace().count(), 6, "{text}");
     let delta = &ev.iter().find(|(n, _)| n == "message_delta").unwrap().1;
     assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
-    assert_eq!(delta["usage"]["output_tokens"], 6, "the backend's usage chunk: {text}");
+    assert_eq!(
+        delta["usage"]["output_tokens"], 6,
+        "the backend's usage chunk: {text}"
+    );
 }
 
 #[tokio::test]
@@ -217,7 +230,11 @@ async fn tool_use_whole_and_the_tool_result_round_trip() {
     assert_eq!(m["content"][0]["type"], "text", "{m}");
     assert_eq!(m["stop_reason"], "max_tokens");
     let sent = sim_last_request(&s).await;
-    let body = if sent["body"].is_null() { &sent } else { &sent["body"] };
+    let body = if sent["body"].is_null() {
+        &sent
+    } else {
+        &sent["body"]
+    };
     let msgs = body["messages"].as_array().unwrap();
     assert_eq!(msgs[1]["tool_calls"][0]["id"], call["id"], "{sent}");
     assert_eq!(
@@ -261,12 +278,20 @@ async fn errors_use_the_anthropic_envelope_and_statuses() {
         "invalid_request_error",
     )
     .await;
-    let resp = messages(gw, &json!({"model": "nope", "max_tokens": 5, "messages": [ok.clone()]})).await;
+    let resp = messages(
+        gw,
+        &json!({"model": "nope", "max_tokens": 5, "messages": [ok.clone()]}),
+    )
+    .await;
     assert_eq!(resp.headers()["x-mofa-backend"], "gateway");
     anthropic_error(resp, 404, "not_found_error").await;
     // The backend refuses the deployment's key: its 401, in Anthropic's envelope.
     anthropic_error(
-        messages(gw, &json!({"model": "keyed", "max_tokens": 5, "messages": [ok]})).await,
+        messages(
+            gw,
+            &json!({"model": "keyed", "max_tokens": 5, "messages": [ok]}),
+        )
+        .await,
         401,
         "authentication_error",
     )

@@ -15,7 +15,10 @@ use mofa_gateway::sim::SimOptions;
 /// The venv's python, made on first use.
 async fn sdk_python() -> PathBuf {
     let out = tokio::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup-test-env"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/setup-test-env"
+        ))
         .output()
         .await
         .expect("run scripts/setup-test-env");

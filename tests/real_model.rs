@@ -102,7 +102,14 @@ async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
     let m: Value = resp.json().await.unwrap();
     assert_eq!(m["type"], "message", "{m}");
     assert_eq!(m["content"][0]["type"], "text", "{m}");
-    assert!(!m["content"][0]["text"].as_str().unwrap_or_default().trim().is_empty(), "{m}");
+    assert!(
+        !m["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .is_empty(),
+        "{m}"
+    );
     assert!(
         ["end_turn", "max_tokens"].contains(&m["stop_reason"].as_str().unwrap_or_default()),
         "{m}"

@@ -122,7 +122,10 @@ mod tests {
         );
         let ev = error_event("api_error", "cut");
         let s = std::str::from_utf8(&ev).unwrap();
-        assert!(s.starts_with("event: error\ndata: {\"type\":\"error\""), "{s}");
+        assert!(
+            s.starts_with("event: error\ndata: {\"type\":\"error\""),
+            "{s}"
+        );
         assert!(s.ends_with("\n\n"));
     }
 

@@ -376,7 +376,10 @@ pub fn translate(body: &[u8], count_only: bool) -> Result<Translated, Invalid> {
         return Err(invalid("model", "model: must not be empty"));
     }
     if req.messages.is_empty() {
-        return Err(invalid("messages", "messages: at least one message is required"));
+        return Err(invalid(
+            "messages",
+            "messages: at least one message is required",
+        ));
     }
     let max_tokens = match req.max_tokens {
         Some(0) => return Err(invalid("max_tokens", "max_tokens: must be at least 1")),
@@ -392,7 +395,11 @@ pub fn translate(body: &[u8], count_only: bool) -> Result<Translated, Invalid> {
             messages.push(ChatMessage::System { content: t.clone() });
         }
         Some(System::Blocks(blocks)) if !blocks.is_empty() => {
-            let text = join(blocks.iter().map(|SystemBlock::Text { text }| text.as_str()));
+            let text = join(
+                blocks
+                    .iter()
+                    .map(|SystemBlock::Text { text }| text.as_str()),
+            );
             count(&text);
             messages.push(ChatMessage::System { content: text });
         }
@@ -571,7 +578,9 @@ fn user_turn(
             Block::ToolUse { .. } => {
                 return Err(invalid(
                     "messages",
-                    format!("messages[{i}].content[{j}]: tool_use blocks belong to assistant messages"),
+                    format!(
+                        "messages[{i}].content[{j}]: tool_use blocks belong to assistant messages"
+                    ),
                 ))
             }
             Block::Thinking {} | Block::RedactedThinking {} => {}
@@ -629,7 +638,9 @@ fn assistant_turn(
             Block::ToolResult { .. } => {
                 return Err(invalid(
                     "messages",
-                    format!("messages[{i}].content[{j}]: tool_result blocks belong to user messages"),
+                    format!(
+                        "messages[{i}].content[{j}]: tool_result blocks belong to user messages"
+                    ),
                 ))
             }
             Block::Document {} => return Err(unsupported(i, j, "document")),
@@ -743,7 +754,10 @@ mod tests {
                 {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
             ]}]
         }));
-        assert_eq!(out["messages"][0], json!({"role": "system", "content": "A\nB"}));
+        assert_eq!(
+            out["messages"][0],
+            json!({"role": "system", "content": "A\nB"})
+        );
         assert_eq!(
             out["messages"][1]["content"],
             json!([
@@ -788,8 +802,14 @@ mod tests {
                 {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}
             ]})
         );
-        assert_eq!(m[2], json!({"role": "tool", "tool_call_id": "toolu_1", "content": "Sunny"}));
-        assert_eq!(m[3], json!({"role": "tool", "tool_call_id": "toolu_2", "content": "Error: boom"}));
+        assert_eq!(
+            m[2],
+            json!({"role": "tool", "tool_call_id": "toolu_1", "content": "Sunny"})
+        );
+        assert_eq!(
+            m[3],
+            json!({"role": "tool", "tool_call_id": "toolu_2", "content": "Error: boom"})
+        );
         assert_eq!(m[4], json!({"role": "user", "content": "Thanks"}));
     }
 
@@ -806,7 +826,9 @@ mod tests {
             with(json!({"type": "tool", "name": "f"}))["tool_choice"],
             json!({"type": "function", "function": {"name": "f"}})
         );
-        assert!(with(json!({"type": "auto"})).get("parallel_tool_calls").is_none());
+        assert!(with(json!({"type": "auto"}))
+            .get("parallel_tool_calls")
+            .is_none());
     }
 
     #[test]
@@ -820,14 +842,38 @@ mod tests {
     #[test]
     fn invalid_requests_name_the_field() {
         let cases = [
-            (json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}), "model"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}), "max_tokens"),
-            (json!({"model": "m", "max_tokens": 5, "messages": []}), "messages"),
-            (json!({"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]}), "messages"),
-            (json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}), "messages"),
-            (json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "web_search", "type": "web_search_20250305"}]}), "tools"),
-            (json!({"model": "m", "max_tokens": "5", "messages": [{"role": "user", "content": "x"}]}), "max_tokens"),
-            (json!({"model": "m", "max_tokens": 5, "stream": "yes", "messages": [{"role": "user", "content": "x"}]}), "stream"),
+            (
+                json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+                "model",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "messages": []}),
+                "messages",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]}),
+                "messages",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}),
+                "messages",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "web_search", "type": "web_search_20250305"}]}),
+                "tools",
+            ),
+            (
+                json!({"model": "m", "max_tokens": "5", "messages": [{"role": "user", "content": "x"}]}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "stream": "yes", "messages": [{"role": "user", "content": "x"}]}),
+                "stream",
+            ),
         ];
         for (req, param) in cases {
             match err(req.clone()) {
@@ -838,11 +884,11 @@ mod tests {
                 other => panic!("{req}: {other:?}"),
             }
         }
+        assert!(matches!(translate(b"[1]", false), Err(Invalid::Json(_))));
         assert!(matches!(
-            translate(b"[1]", false),
+            translate(b"{\"model\":", false),
             Err(Invalid::Json(_))
         ));
-        assert!(matches!(translate(b"{\"model\":", false), Err(Invalid::Json(_))));
         // count_tokens does not need max_tokens.
         assert!(translate(
             br#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#,

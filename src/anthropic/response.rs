@@ -221,7 +221,10 @@ mod tests {
         assert_eq!(m["type"], "message");
         assert_eq!(m["role"], "assistant");
         assert_eq!(m["model"], "claude-local");
-        assert_eq!(m["content"], json!([{"type": "text", "text": "Hello there"}]));
+        assert_eq!(
+            m["content"],
+            json!([{"type": "text", "text": "Hello there"}])
+        );
         assert_eq!(m["stop_reason"], "end_turn");
         assert_eq!(m["stop_sequence"], Value::Null);
         assert_eq!(m["usage"], json!({"input_tokens": 7, "output_tokens": 2}));
@@ -252,10 +255,14 @@ mod tests {
     fn stop_reasons() {
         // Named bug: `end_turn` after tool calls. A backend that says `stop` after them still
         // gets `tool_use`.
-        let m = translate(json!({"choices": [{"message": {"content": null, "tool_calls": [
-            {"id": "c", "function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "stop"}]}));
+        let m = translate(
+            json!({"choices": [{"message": {"content": null, "tool_calls": [
+            {"id": "c", "function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "stop"}]}),
+        );
         assert_eq!(m["stop_reason"], "tool_use");
-        let m = translate(json!({"choices": [{"message": {"content": "a b"}, "finish_reason": "length"}]}));
+        let m = translate(
+            json!({"choices": [{"message": {"content": "a b"}, "finish_reason": "length"}]}),
+        );
         assert_eq!(m["stop_reason"], "max_tokens");
         let m = translate(
             json!({"choices": [{"message": {"content": "a"}, "finish_reason": "stop", "stop_reason": "END"}]}),

@@ -597,7 +597,11 @@ mod tests {
                 }
                 "content_block_delta" => assert_eq!(Some(v["index"].as_u64().unwrap()), open),
                 "content_block_stop" => {
-                    assert_eq!(Some(v["index"].as_u64().unwrap()), open, "stop of a block not open");
+                    assert_eq!(
+                        Some(v["index"].as_u64().unwrap()),
+                        open,
+                        "stop of a block not open"
+                    );
                     open = None;
                 }
                 _ => {}
@@ -631,9 +635,18 @@ mod tests {
         assert_eq!(m["model"], "m");
         assert_eq!(m["role"], "assistant");
         assert_eq!(m["content"], json!([]));
-        assert_eq!(m["usage"]["input_tokens"], 5, "the estimate until the backend's count");
-        assert_eq!(ev[1].1["content_block"], json!({"type": "text", "text": ""}));
-        assert_eq!(ev[2].1["delta"], json!({"type": "text_delta", "text": "Hello"}));
+        assert_eq!(
+            m["usage"]["input_tokens"], 5,
+            "the estimate until the backend's count"
+        );
+        assert_eq!(
+            ev[1].1["content_block"],
+            json!({"type": "text", "text": ""})
+        );
+        assert_eq!(
+            ev[2].1["delta"],
+            json!({"type": "text_delta", "text": "Hello"})
+        );
         assert_eq!(
             ev[5].1,
             json!({"type": "message_delta",
@@ -655,7 +668,10 @@ mod tests {
                 finish(backend_finish),
             ]));
             let delta = ev.iter().find(|(n, _)| n == "message_delta").unwrap();
-            assert_eq!(delta.1["delta"]["stop_reason"], "tool_use", "{backend_finish}");
+            assert_eq!(
+                delta.1["delta"]["stop_reason"], "tool_use",
+                "{backend_finish}"
+            );
             assert_eq!(
                 ev[1].1["content_block"],
                 json!({"type": "tool_use", "id": "call_0", "name": "get_weather", "input": {}})
@@ -783,23 +799,29 @@ mod tests {
             json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "END"}]}),
         ]));
         let delta = &ev.iter().find(|(n, _)| n == "message_delta").unwrap().1;
-        assert_eq!(delta["delta"], json!({"stop_reason": "stop_sequence", "stop_sequence": "END"}));
+        assert_eq!(
+            delta["delta"],
+            json!({"stop_reason": "stop_sequence", "stop_sequence": "END"})
+        );
     }
 
     #[test]
     fn a_cut_stream_ends_with_one_error_and_no_stop() {
         let mut t = Translator::new(ctx());
         let mut out = Vec::new();
-        let mut partial = sse(&[
-            tool_start(0, "call_0", "f", "{\"a\":"),
-        ]);
+        let mut partial = sse(&[tool_start(0, "call_0", "f", "{\"a\":")]);
         partial.truncate(partial.len() - b"data: [DONE]\n\n".len());
         t.chunk(&partial, &mut out);
         out.extend_from_slice(&t.failed("the backend closed the stream", "upstream_disconnected"));
         let ev = events(&out);
         assert_eq!(
             names(&ev),
-            ["message_start", "content_block_start", "content_block_delta", "error"],
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "error"
+            ],
             "no content_block_stop for the truncated tool call, no message_stop"
         );
         assert_eq!(ev[3].1["type"], "error");
@@ -816,7 +838,10 @@ mod tests {
         let mut t = Translator::new(ctx());
         let mut out = Vec::new();
         t.chunk(
-            &sse(&[text("a"), json!({"error": {"message": "model crashed", "type": "server_error"}})]),
+            &sse(&[
+                text("a"),
+                json!({"error": {"message": "model crashed", "type": "server_error"}}),
+            ]),
             &mut out,
         );
         let ev = events(&out);
@@ -847,12 +872,18 @@ mod tests {
         let mut t = Translator::new(ctx()).with_ping(Duration::from_millis(5));
         assert_eq!(t.keepalive_every(), Some(Duration::from_millis(5)));
         let ping = t.keepalive();
-        assert_eq!(events(&ping), [("ping".to_string(), json!({"type": "ping"}))]);
+        assert_eq!(
+            events(&ping),
+            [("ping".to_string(), json!({"type": "ping"}))]
+        );
         let mut out = Vec::new();
         t.chunk(&sse(&[text("abcdefgh"), finish("stop")]), &mut out);
         let ev = events(&out);
         let delta = &ev.iter().find(|(n, _)| n == "message_delta").unwrap().1;
-        assert_eq!(delta["usage"], json!({"input_tokens": 5, "output_tokens": 2}));
+        assert_eq!(
+            delta["usage"],
+            json!({"input_tokens": 5, "output_tokens": 2})
+        );
     }
 }
 

@@ -111,7 +111,12 @@ mod tests {
 
     #[test]
     fn rewrite_keeps_order_and_unknown_fields() {
-        let out = rewrite(br#"{"z":1,"model":"a","tools":[{"x":null}]}"#, Some("b"), false).unwrap();
+        let out = rewrite(
+            br#"{"z":1,"model":"a","tools":[{"x":null}]}"#,
+            Some("b"),
+            false,
+        )
+        .unwrap();
         assert_eq!(&out[..], br#"{"z":1,"model":"b","tools":[{"x":null}]}"#);
         let out = rewrite(br#"{"model":"a","priority":"high","n":1}"#, None, false).unwrap();
         assert_eq!(&out[..], br#"{"model":"a","n":1}"#);

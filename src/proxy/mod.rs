@@ -53,7 +53,7 @@ use route::Attempts;
 /// What phases 2 to 7 produced.
 enum Ran {
     /// A try succeeded; a Messages request also has its reply context.
-    Forwarded(Forwarded, Option<anthropic::Context>),
+    Forwarded(Box<(Forwarded, Option<anthropic::Context>)>),
     /// `count_tokens`: answered after `authorize` with the gateway's estimate of input tokens.
     Counted(u64),
 }
@@ -101,7 +101,10 @@ impl Pipeline {
         let wire = parse::wire_format(&req);
         let mut rec = Record::new(self.observer.clone(), accepted.id.clone(), accepted.arrival);
         match self.run(endpoint, accepted, req, &mut rec).await {
-            Ok(Ran::Forwarded(ok, ctx)) => self.respond(ok, ctx, rec),
+            Ok(Ran::Forwarded(f)) => {
+                let (ok, ctx) = *f;
+                self.respond(ok, ctx, rec)
+            }
             Ok(Ran::Counted(input_tokens)) => {
                 rec.tokens = Some(Tokens {
                     input: input_tokens,
@@ -155,7 +158,7 @@ impl Pipeline {
             ));
         }
         let ok = self.tries(model, &parsed, accepted, rec).await?;
-        Ok(Ran::Forwarded(ok, parsed.anthropic.take()))
+        Ok(Ran::Forwarded(Box::new((ok, parsed.anthropic.take()))))
     }
 
     /// The configured model a request names (404 otherwise).
@@ -277,7 +280,9 @@ impl Pipeline {
                 });
                 let body = match ctx {
                     None => pending.relay(on_end),
-                    Some(ctx) => pending.relay_with(on_end, Box::new(anthropic::Translator::new(ctx))),
+                    Some(ctx) => {
+                        pending.relay_with(on_end, Box::new(anthropic::Translator::new(ctx)))
+                    }
                 };
                 let mut r = Response::new(body);
                 let h = r.headers_mut();

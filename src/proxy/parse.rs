@@ -60,10 +60,11 @@ fn messages_request(
     header_priority: Option<Priority>,
     max_wait: Option<Duration>,
 ) -> Result<Parsed, ApiError> {
-    let t = anthropic::translate(body, wire == WireFormat::AnthropicCount).map_err(|e| match e {
-        anthropic::Invalid::Json(m) => ApiError::invalid_json(m),
-        anthropic::Invalid::Value { param, message } => ApiError::invalid_value(param, message),
-    })?;
+    let t =
+        anthropic::translate(body, wire == WireFormat::AnthropicCount).map_err(|e| match e {
+            anthropic::Invalid::Json(m) => ApiError::invalid_json(m),
+            anthropic::Invalid::Value { param, message } => ApiError::invalid_value(param, message),
+        })?;
     let body_priority = match t.priority.as_deref() {
         None => None,
         Some(p) => Some(Priority::parse(p).ok_or_else(bad_priority)?),

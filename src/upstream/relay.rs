@@ -162,79 +162,83 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
     };
     let s = futures_util::stream::unfold(state, |mut st| async move {
         loop {
-        // Ended (its `on_end` was told): nothing more.
-        st.on_end.as_ref()?;
-        if let Some(first) = st.first.take() {
-            st.count(&first);
-            match st.out(first) {
-                Some(b) => return Some((Ok::<_, std::convert::Infallible>(b), st)),
-                None => continue,
-            }
-        }
-        // The next chunk is due within the idle limit, and before the total deadline.
-        let now = tokio::time::Instant::now();
-        let idle_end = *st.idle_end.get_or_insert(now + st.limits.idle);
-        let (until, what) = match st.limits.deadline {
-            Some(d) if d < idle_end => (d, "total_timeout_ms"),
-            _ => (idle_end, "idle_timeout_ms"),
-        };
-        // A transform may send something (a ping) meanwhile.
-        let wake = match st.transform.as_ref().and_then(|t| t.keepalive_every()) {
-            Some(every) => until.min(now + every),
-            None => until,
-        };
-        let (failure, code) = match tokio::time::timeout_at(wake, st.rest.next()).await {
-            Err(_) if wake < until => {
-                let ping = st.transform.as_mut().map(|t| t.keepalive()).unwrap_or_default();
-                if ping.is_empty() {
-                    continue;
-                }
-                return Some((Ok(ping), st));
-            }
-            Ok(Some(Ok(chunk))) => {
-                st.idle_end = None;
-                st.count(&chunk);
-                match st.out(chunk) {
-                    Some(b) => return Some((Ok(b), st)),
+            // Ended (its `on_end` was told): nothing more.
+            st.on_end.as_ref()?;
+            if let Some(first) = st.first.take() {
+                st.count(&first);
+                match st.out(first) {
+                    Some(b) => return Some((Ok::<_, std::convert::Infallible>(b), st)),
                     None => continue,
                 }
             }
-            Ok(None) if st.tail.ends_with_done() => {
-                let broken = st.transform.as_ref().is_some_and(|t| t.broken());
-                st.end(if broken {
-                    StreamEnd::Failed
-                } else {
-                    StreamEnd::Complete
-                });
-                return None;
-            }
-            Ok(None) => (
-                format!(
-                    "the backend {} closed the stream before it was complete",
-                    st.label
+            // The next chunk is due within the idle limit, and before the total deadline.
+            let now = tokio::time::Instant::now();
+            let idle_end = *st.idle_end.get_or_insert(now + st.limits.idle);
+            let (until, what) = match st.limits.deadline {
+                Some(d) if d < idle_end => (d, "total_timeout_ms"),
+                _ => (idle_end, "idle_timeout_ms"),
+            };
+            // A transform may send something (a ping) meanwhile.
+            let wake = match st.transform.as_ref().and_then(|t| t.keepalive_every()) {
+                Some(every) => until.min(now + every),
+                None => until,
+            };
+            let (failure, code) = match tokio::time::timeout_at(wake, st.rest.next()).await {
+                Err(_) if wake < until => {
+                    let ping = st
+                        .transform
+                        .as_mut()
+                        .map(|t| t.keepalive())
+                        .unwrap_or_default();
+                    if ping.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(ping), st));
+                }
+                Ok(Some(Ok(chunk))) => {
+                    st.idle_end = None;
+                    st.count(&chunk);
+                    match st.out(chunk) {
+                        Some(b) => return Some((Ok(b), st)),
+                        None => continue,
+                    }
+                }
+                Ok(None) if st.tail.ends_with_done() => {
+                    let broken = st.transform.as_ref().is_some_and(|t| t.broken());
+                    st.end(if broken {
+                        StreamEnd::Failed
+                    } else {
+                        StreamEnd::Complete
+                    });
+                    return None;
+                }
+                Ok(None) => (
+                    format!(
+                        "the backend {} closed the stream before it was complete",
+                        st.label
+                    ),
+                    "upstream_disconnected",
                 ),
-                "upstream_disconnected",
-            ),
-            Ok(Some(Err(e))) => (
-                format!(
-                    "the backend {} broke off the stream: {}",
-                    st.label,
-                    error_chain(&e)
+                Ok(Some(Err(e))) => (
+                    format!(
+                        "the backend {} broke off the stream: {}",
+                        st.label,
+                        error_chain(&e)
+                    ),
+                    "upstream_disconnected",
                 ),
-                "upstream_disconnected",
-            ),
-            Err(_) => (
-                format!("the backend {} timed out mid-stream ({what})", st.label),
-                "upstream_timeout",
-            ),
-        };
-        tracing::warn!(backend = %st.label, "{failure}");
-        st.end(StreamEnd::Failed);
-        let event = match st.transform.as_mut() {
-            Some(t) => t.failed(&failure, code),
-            None => sse_error_event(&failure, code),
-        };
-        return (!event.is_empty()).then_some((Ok(event), st));
+                Err(_) => (
+                    format!("the backend {} timed out mid-stream ({what})", st.label),
+                    "upstream_timeout",
+                ),
+            };
+            tracing::warn!(backend = %st.label, "{failure}");
+            st.end(StreamEnd::Failed);
+            let event = match st.transform.as_mut() {
+                Some(t) => t.failed(&failure, code),
+                None => sse_error_event(&failure, code),
+            };
+            return (!event.is_empty()).then_some((Ok(event), st));
         }
     });
     Body::from_stream(s)
