@@ -31,6 +31,10 @@
 //!
 //! `--header NAME:VALUE` (repeatable) adds a header to every request.
 //!
+//! `--retry-as-told`: a request answered 503 is sent once more, exactly `retry-after-ms` (else
+//! `Retry-After` seconds) later; `retry_as_told` reports, over the window's requests, how many
+//! were retried, how many of those retries succeeded (`hit_rate`), and the waits told.
+//!
 //! Timing uses the monotonic clock (`Instant`); percentiles are nearest-rank on sorted values.
 //!
 //! ```text
@@ -86,6 +90,9 @@ struct Args {
     /// Extra request header `NAME:VALUE`, sent with every request (repeatable).
     #[arg(long = "header", value_name = "NAME:VALUE")]
     headers: Vec<String>,
+    /// Retry a 503 once, exactly when it says (`retry-after-ms`, else `Retry-After`).
+    #[arg(long)]
+    retry_as_told: bool,
 }
 
 /// How one request ended.
@@ -122,6 +129,8 @@ struct Record {
     checks: Checks,
     /// The response's `x-mofa-attempts`, when it had one.
     attempts: Option<u32>,
+    /// `--retry-as-told`: the wait told (ms) and whether the retry then succeeded.
+    retry: Option<(u64, bool)>,
 }
 
 /// Contract checks on a 503: it has a `Retry-After`, and the body's `error.code` is the
@@ -130,15 +139,24 @@ struct Record {
 struct Checks {
     no_retry_after: bool,
     reason_mismatch: bool,
+    /// The wait told: `retry-after-ms`, else `Retry-After` x 1000.
+    told_ms: Option<u64>,
 }
 
 fn check_503(headers: &reqwest::header::HeaderMap, reason: Option<&str>, body: &[u8]) -> Checks {
     let code = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.pointer("/error/code")?.as_str().map(str::to_owned));
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
     Checks {
         no_retry_after: !headers.contains_key(reqwest::header::RETRY_AFTER),
         reason_mismatch: reason.is_some() && code.as_deref() != reason,
+        told_ms: header("retry-after-ms").or_else(|| header("retry-after").map(|s| s * 1000)),
     }
 }
 
@@ -422,8 +440,16 @@ async fn main() -> ExitCode {
         outstanding.fetch_add(1, Ordering::Relaxed);
         let (client, url, body) = (client.clone(), url.clone(), body.clone());
         let (records, outstanding) = (records.clone(), outstanding.clone());
+        let retry_as_told = args.retry_as_told;
         tokio::spawn(async move {
-            let (outcome, latency, checks, attempts) = one_request(&client, &url, body, prio).await;
+            let (outcome, latency, checks, attempts) =
+                one_request(&client, &url, body.clone(), prio).await;
+            let mut retry = None;
+            if let (true, Some(told)) = (retry_as_told, checks.told_ms) {
+                tokio::time::sleep(Duration::from_millis(told)).await;
+                let (again, ..) = one_request(&client, &url, body, prio).await;
+                retry = Some((told, again.is_success()));
+            }
             let rec = Record {
                 in_window,
                 prio,
@@ -432,6 +458,7 @@ async fn main() -> ExitCode {
                 outcome,
                 checks,
                 attempts,
+                retry,
             };
             records.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
             outstanding.fetch_sub(1, Ordering::Relaxed);
@@ -440,7 +467,13 @@ async fn main() -> ExitCode {
     let sent_for = t0.elapsed();
 
     // Follow every launched request to its end (each has its own timeout).
-    let drain_limit = Instant::now() + Duration::from_secs_f64(args.timeout_s + 2.0);
+    // (A retry as told waits up to 60 s, then has its own timeout.)
+    let retry_s = if args.retry_as_told {
+        60.0 + args.timeout_s
+    } else {
+        0.0
+    };
+    let drain_limit = Instant::now() + Duration::from_secs_f64(args.timeout_s + retry_s + 2.0);
     while outstanding.load(Ordering::Relaxed) > 0 && Instant::now() < drain_limit {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -457,6 +490,7 @@ async fn main() -> ExitCode {
     let mut finished = 0u64;
     let (mut no_retry_after, mut reason_mismatch) = (0u64, 0u64);
     let (mut with_attempts, mut retries) = (0u64, 0u64);
+    let (mut retried, mut retry_ok, mut told) = (0u64, 0u64, Vec::new());
     for r in &records {
         let success = r.outcome.is_success();
         if success && r.end >= window_start && r.end <= window_end {
@@ -467,6 +501,11 @@ async fn main() -> ExitCode {
         }
         finished += 1;
         no_retry_after += u64::from(r.checks.no_retry_after);
+        if let Some((ms, ok)) = r.retry {
+            retried += 1;
+            retry_ok += u64::from(ok);
+            told.push(ms as f64);
+        }
         reason_mismatch += u64::from(r.checks.reason_mismatch);
         if let Some(n) = r.attempts {
             with_attempts += 1;
@@ -559,6 +598,12 @@ async fn main() -> ExitCode {
         "attempts": {
             "responses_with_header": with_attempts,
             "retries": retries,
+        },
+        "retry_as_told": {
+            "retried": retried,
+            "succeeded": retry_ok,
+            "hit_rate": if retried > 0 { round3(retry_ok as f64 / retried as f64) } else { 0.0 },
+            "told_ms": summary(&mut told),
         },
     });
     println!("{out}");

@@ -49,6 +49,8 @@ pub struct ErrorReply {
     pub param: Option<&'static str>,
     /// `Retry-After` in seconds (already clamped to [1, 60] when set through the constructors).
     pub retry_after: Option<u64>,
+    /// `retry-after-ms`, when known more exactly than `retry_after` (else its seconds x 1000).
+    pub retry_after_ms: Option<u64>,
     /// `x-should-retry`, for failures that retrying cannot fix.
     pub should_retry: Option<bool>,
     /// `x-mofa-backend` for this reply; `None` leaves the default (`gateway`).
@@ -70,6 +72,7 @@ impl ApiError {
             message,
             param: None,
             retry_after: None,
+            retry_after_ms: None,
             should_retry: None,
             backend: None,
             reason: None,
@@ -130,6 +133,21 @@ impl ApiError {
         )
     }
 
+    /// A `Transfer-Encoding` other than `chunked` (`gzip, chunked`): the gateway decodes none.
+    pub fn unsupported_transfer_encoding(coding: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            format!(
+                "Transfer-Encoding `{}` is not supported; send the body as is or chunked.",
+                truncate(coding, 40)
+            ),
+        );
+        e.param = Some("transfer-encoding");
+        e
+    }
+
     /// The gateway is shutting down.
     pub fn shutting_down() -> Self {
         Self::rejected(Rejection::new(RejectReason::ShuttingDown, 1), "")
@@ -167,12 +185,14 @@ impl ApiError {
     }
 
     /// Upstream could not be reached, or broke, before the first byte reached the client.
-    pub fn upstream_unavailable(backend: &str, detail: impl std::fmt::Display) -> Self {
+    /// `why` is the gateway's own words: never an address nor the HTTP library's text (those
+    /// go to the log), so a client learns the deployment's label and nothing internal.
+    pub fn upstream_unavailable(backend: &str, why: impl std::fmt::Display) -> Self {
         let mut e = Self::new(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
             "upstream_unavailable",
-            format!("The backend {backend} failed before responding: {detail}"),
+            format!("The backend {backend} failed before responding: {why}."),
         );
         e.backend = Some(backend.to_owned());
         e
@@ -211,9 +231,17 @@ impl ApiError {
     /// other 4xx passed through with their status (wrapped in the envelope if they were not).
     pub fn from_upstream(backend: &str, e: UpstreamError) -> Self {
         match e {
-            UpstreamError::Connect(detail) => Self::upstream_unavailable(backend, detail),
+            // The details (addresses, the HTTP library's text) are logged by `forward`; the
+            // client gets the label and what kind of failure it was.
+            UpstreamError::Connect(_) => Self::upstream_unavailable(
+                backend,
+                "it could not be reached, or closed the connection",
+            ),
             UpstreamError::Timeout(what) => Self::upstream_timeout(backend, what),
-            UpstreamError::Invalid(detail) => Self::upstream_unavailable(backend, detail),
+            // The backend's own error message (as for its 4xx), or the gateway's words.
+            UpstreamError::Invalid(detail) => {
+                Self::upstream_unavailable(backend, truncate(&detail, 300))
+            }
             UpstreamError::TooLarge(limit) => Self::upstream_unavailable(
                 backend,
                 format!("its reply is larger than server.max_response_bytes ({limit})"),
@@ -271,7 +299,8 @@ impl ApiError {
             r.reason.as_str(),
             message,
         );
-        e.retry_after = Some(clamp_retry_after(r.retry_after_s));
+        e.retry_after = Some(r.retry_after_s());
+        e.retry_after_ms = Some(r.retry_after_ms);
         e.reason = Some(r.reason);
         if !r.reason.retryable() {
             e.should_retry = Some(false);
@@ -326,9 +355,11 @@ impl ApiError {
                 err.message = format!("{} ({message})", err.message);
                 err
             }
-            StartError::Deadline => {
-                Self::rejected(Rejection::new(RejectReason::QueueTimeout, 5), model)
-            }
+            // Still starting: come back when the start is expected to be over.
+            StartError::Deadline { ready_in_ms } => Self::rejected(
+                Rejection::after_ms(RejectReason::QueueTimeout, ready_in_ms),
+                model,
+            ),
         }
     }
 
@@ -414,7 +445,8 @@ impl ApiError {
         }
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            h.insert(RETRY_AFTER_MS, HeaderValue::from(secs * 1000));
+            let ms = self.retry_after_ms.unwrap_or(secs.saturating_mul(1000));
+            h.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
         }
         if let Some(retry) = self.should_retry {
             h.insert(

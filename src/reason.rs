@@ -10,6 +10,10 @@ use std::fmt;
 /// Lowest and highest `Retry-After` the gateway ever sends: every OpenAI SDK honours (0, 60].
 pub const RETRY_AFTER_MIN_S: u64 = 1;
 pub const RETRY_AFTER_MAX_S: u64 = 60;
+/// Bounds of `retry-after-ms`: never sooner than 100 ms (a retry storm helps no one), never
+/// later than `RETRY_AFTER_MAX_S`.
+pub const RETRY_AFTER_MIN_MS: u64 = 100;
+pub const RETRY_AFTER_MAX_MS: u64 = RETRY_AFTER_MAX_S * 1000;
 
 /// Clamps a wait in seconds into the range every SDK honours.
 pub fn clamp_retry_after(secs: u64) -> u64 {
@@ -79,16 +83,28 @@ impl fmt::Display for RejectReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
     pub reason: RejectReason,
-    /// Seconds, already within [`RETRY_AFTER_MIN_S`, `RETRY_AFTER_MAX_S`].
-    pub retry_after_s: u64,
+    /// The wait in milliseconds (`retry-after-ms`), already within [`RETRY_AFTER_MIN_MS`,
+    /// `RETRY_AFTER_MAX_MS`].
+    pub retry_after_ms: u64,
 }
 
 impl Rejection {
+    /// A refusal with a wait given in whole seconds.
     pub fn new(reason: RejectReason, retry_after_s: u64) -> Self {
+        Self::after_ms(reason, retry_after_s.saturating_mul(1000))
+    }
+
+    /// A refusal with a wait given in milliseconds (clamped to the bounds).
+    pub fn after_ms(reason: RejectReason, ms: u64) -> Self {
         Rejection {
             reason,
-            retry_after_s: clamp_retry_after(retry_after_s),
+            retry_after_ms: ms.clamp(RETRY_AFTER_MIN_MS, RETRY_AFTER_MAX_MS),
         }
+    }
+
+    /// `Retry-After` in whole seconds: the wait rounded up, within [1, 60].
+    pub fn retry_after_s(&self) -> u64 {
+        clamp_retry_after(self.retry_after_ms.div_ceil(1000))
     }
 }
 
@@ -114,6 +130,15 @@ mod tests {
         assert_eq!(clamp_retry_after(0), 1);
         assert_eq!(clamp_retry_after(30), 30);
         assert_eq!(clamp_retry_after(3600), 60);
-        assert_eq!(Rejection::new(RejectReason::QueueFull, 0).retry_after_s, 1);
+        assert_eq!(
+            Rejection::new(RejectReason::QueueFull, 0).retry_after_s(),
+            1
+        );
+        let r = Rejection::after_ms(RejectReason::QueueFull, 1234);
+        assert_eq!((r.retry_after_ms, r.retry_after_s()), (1234, 2));
+        let r = Rejection::after_ms(RejectReason::QueueFull, 5);
+        assert_eq!((r.retry_after_ms, r.retry_after_s()), (100, 1));
+        let r = Rejection::after_ms(RejectReason::QueueFull, u64::MAX);
+        assert_eq!((r.retry_after_ms, r.retry_after_s()), (60_000, 60));
     }
 }

@@ -1,21 +1,41 @@
 //! Starting and stopping the gateway: builds the state from a config, accepts connections
-//! (with the slow-client limits: header read timeout, header size), and shuts down gracefully.
-//! It must not hold request-path logic.
+//! (HTTP/1.1 and h2 with prior knowledge on one port, with the slow-client limits: header read
+//! timeout, header size), and shuts down gracefully. It must not hold request-path logic.
 //!
-//! Shutdown (the first SIGTERM/SIGINT): `/readyz` turns 503 and new requests are refused with
-//! 503 `shutting_down`; queued requests get the same; the listener closes; requests and streams
-//! in flight may finish for up to `server.shutdown_grace_s`; then the model servers the pool runs
-//! are stopped and `serve` returns. A second signal exits at once (see `main`).
+//! Replies made below the app are envelopes too: what hyper answers by itself to a request it
+//! cannot parse (400: a bad header byte, `content-length: abc`, two Content-Lengths, a
+//! Transfer-Encoding that does not end in `chunked`, a space in the path; 431: a head over
+//! `server.max_header_bytes` or over 100 header lines; 414; 505) is rewritten on its way out
+//! ([`EnvelopeIo`]) into the JSON envelope with `content-type: application/json`,
+//! `x-request-id` and `connection: close`. A request whose `Transfer-Encoding` is anything but
+//! `chunked` (`gzip, chunked`) is refused with 400 before the app ([`refuse_transfer_coding`]).
+//!
+//! Shutdown (the first SIGTERM/SIGINT): the listener closes (new connections are refused);
+//! `/readyz` turns 503; a request on an open connection that is not admitted yet, and every
+//! queued one, gets 503 `shutting_down`; requests and streams in flight may finish for up to
+//! `server.shutdown_grace_s`; then the model servers the pool runs are stopped and `serve`
+//! returns. A second signal exits at once (see `main`).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::http::{header, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+
+use crate::error::ApiError;
+use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
 
 use crate::config::{Config, ServerConfig};
 use crate::http::{router, AppState};
@@ -49,12 +69,17 @@ impl Gateway {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_millis(self.server.header_read_timeout_ms))
-            .max_header_size(self.server.max_header_bytes);
+            // The read buffer bounds the head: a larger one is 431.
+            .max_buf_size(self.server.max_header_bytes.max(8192));
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.server.max_header_bytes).unwrap_or(u32::MAX));
         let graceful = GracefulShutdown::new();
-        let service = TowerToHyperService::new(self.app);
+        let service = Guarded(TowerToHyperService::new(self.app));
         tokio::pin!(shutdown);
         loop {
             let (tcp, _) = tokio::select! {
@@ -71,9 +96,20 @@ impl Gateway {
             };
             // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
             let _ = tcp.set_nodelay(true);
-            let conn = http.serve_connection(TokioIo::new(tcp), service.clone());
-            let conn = graceful.watch(conn);
+            let head_timeout = Duration::from_millis(self.server.header_read_timeout_ms);
+            let (http, service) = (http.clone(), service.clone());
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
+                // The protocol is known from the first bytes, within the head's read time (the
+                // auto builder would wait for them without limit).
+                if !matches!(
+                    tokio::time::timeout(head_timeout, protocol_known(&tcp)).await,
+                    Ok(Ok(()))
+                ) {
+                    return;
+                }
+                let io = TokioIo::new(EnvelopeIo::new(tcp));
+                let conn = watcher.watch(http.serve_connection(io, service).into_owned());
                 // A client that went away, or sent garbage: nothing to answer.
                 let _ = conn.await;
             });
@@ -127,5 +163,250 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Waits until the first bytes of a connection tell HTTP/1.1 from the h2 preface (or the
+/// client closed it).
+async fn protocol_known(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 || n == PREFACE.len() || !PREFACE.starts_with(&buf[..n]) {
+            return Ok(());
+        }
+        // A partial preface (rare: real clients send it whole): the rest is already on its way.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The app behind the check that only `chunked` is accepted as a transfer coding.
+#[derive(Clone)]
+struct Guarded<S>(S);
+
+impl<S> Service<Request<hyper::body::Incoming>> for Guarded<S>
+where
+    S: Service<Request<hyper::body::Incoming>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future =
+        futures_util::future::Either<std::future::Ready<Result<Response, S::Error>>, S::Future>;
+
+    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
+        match refuse_transfer_coding(req.headers()) {
+            Some(resp) => futures_util::future::Either::Left(std::future::ready(Ok(resp))),
+            None => futures_util::future::Either::Right(self.0.call(req)),
+        }
+    }
+}
+
+/// 400 for a `Transfer-Encoding` other than `chunked` (hyper refuses one that does not end in
+/// `chunked`; this refuses `gzip, chunked` too: the gateway does not decode content codings).
+fn refuse_transfer_coding(h: &axum::http::HeaderMap) -> Option<Response> {
+    let mut values = h.get_all(header::TRANSFER_ENCODING).iter();
+    let first = values.next()?;
+    let ok = values.next().is_none()
+        && first
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+    if ok {
+        return None;
+    }
+    let mut resp = ApiError::invalid_value(
+        "transfer-encoding",
+        "Transfer-Encoding must be `chunked`; other transfer codings are not supported",
+    )
+    .into_response();
+    let accepted = crate::proxy::accept::accept(h);
+    let rh = resp.headers_mut();
+    rh.insert(REQUEST_ID, accepted.id);
+    rh.insert(BACKEND, HeaderValue::from_static("gateway"));
+    rh.insert(LATENCY_MS, HeaderValue::from(0u32));
+    rh.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Some(resp)
+}
+
+/// The client connection, with hyper's own error replies rewritten into envelopes (see the
+/// module doc). Everything else passes untouched.
+struct EnvelopeIo<T> {
+    io: T,
+    /// A rewritten reply still being written: bytes and how many are out.
+    pending: Option<(Bytes, usize)>,
+}
+
+impl<T> EnvelopeIo<T> {
+    fn new(io: T) -> Self {
+        EnvelopeIo { io, pending: None }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> EnvelopeIo<T> {
+    /// Writes what is left of a rewritten reply; `Ready(Ok)` once it is all out.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some((bytes, off)) = &mut self.pending {
+            match Pin::new(&mut self.io).poll_write(cx, &bytes[*off..]) {
+                Poll::Ready(Ok(0)) => {
+                    self.pending = None;
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    *off += n;
+                    if *off >= bytes.len() {
+                        self.pending = None;
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    self.pending = None;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// If `buf` starts with one of hyper's own error replies, queues its envelope instead and
+    /// returns how many bytes of `buf` it replaces.
+    fn rewrite(&mut self, buf: &[u8]) -> Option<usize> {
+        let head_len = own_error_head(buf)?;
+        let status = std::str::from_utf8(&buf[9..12])
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+            .and_then(|s| StatusCode::from_u16(s).ok())?;
+        self.pending = Some((error_reply(status), 0));
+        Some(head_len)
+    }
+}
+
+/// The length of the head at the start of `buf` if it is an error reply hyper wrote itself
+/// (a 4xx/5xx head without `x-request-id`, which every reply of the app carries).
+fn own_error_head(buf: &[u8]) -> Option<usize> {
+    if buf.len() < 16
+        || !(buf.starts_with(b"HTTP/1.1 ") || buf.starts_with(b"HTTP/1.0 "))
+        || !matches!(buf[9], b'4' | b'5')
+    {
+        return None;
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = &buf[..end];
+    let has_id = head.windows(REQUEST_ID.as_str().len() + 1).any(|w| {
+        w[..w.len() - 1].eq_ignore_ascii_case(REQUEST_ID.as_str().as_bytes())
+            && w[w.len() - 1] == b':'
+    });
+    (!has_id).then_some(end)
+}
+
+/// The envelope reply for a status hyper produced.
+fn error_reply(status: StatusCode) -> Bytes {
+    let (code, message) = match status.as_u16() {
+        431 => (
+            "request_header_fields_too_large",
+            "the request head is too large (over server.max_header_bytes or 100 header lines)",
+        ),
+        414 => ("uri_too_long", "the request path is too long"),
+        505 => (
+            "http_version_not_supported",
+            "only HTTP/1.1 (and h2 with prior knowledge) are supported",
+        ),
+        _ => (
+            "malformed_request",
+            "the request is not valid HTTP: a malformed request line, path, header name or \
+             value, Content-Length or Transfer-Encoding",
+        ),
+    };
+    let body =
+        crate::upstream::envelope(message, crate::error::kind_for_status(status), None, code);
+    let id = crate::proxy::accept::accept(&axum::http::HeaderMap::new()).id;
+    let mut out = BytesMut::with_capacity(body.len() + 256);
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or("Error").as_bytes());
+    out.put_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
+    out.put_slice(body.len().to_string().as_bytes());
+    out.put_slice(b"\r\nx-request-id: ");
+    out.put_slice(id.as_bytes());
+    out.put_slice(
+        b"\r\nx-mofa-backend: gateway\r\nx-mofa-latency-ms: 0\r\nconnection: close\r\n\r\n",
+    );
+    out.put_slice(&body);
+    out.freeze()
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EnvelopeIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for EnvelopeIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.drain(cx))?;
+        if let Some(n) = self.rewrite(buf) {
+            // Written as far as hyper knows; the envelope goes out now or at the flush.
+            let _ = self.drain(cx)?;
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.drain(cx))?;
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            if let Some(n) = self.rewrite(first) {
+                let _ = self.drain(cx)?;
+                return Poll::Ready(Ok(n));
+            }
+        }
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hyper_error_heads_are_rewritten() {
+        let own = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        assert_eq!(own_error_head(own), Some(own.len()));
+        let app = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\nx-request-id: r\r\n\r\n{}";
+        assert_eq!(own_error_head(app), None);
+        assert_eq!(own_error_head(b"HTTP/1.1 200 OK\r\n\r\n"), None);
+        assert_eq!(own_error_head(b"{\"HTTP/1.1 400\"}"), None);
+        let reply = error_reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let text = std::str::from_utf8(&reply).unwrap();
+        assert!(text.starts_with("HTTP/1.1 431 "));
+        assert!(text.contains("content-type: application/json\r\n"));
+        assert!(text.ends_with("}}"));
     }
 }

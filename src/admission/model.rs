@@ -1,13 +1,22 @@
 //! One model's admission state and decisions: its deployments' slots, its wait queue, the
 //! estimates behind `Retry-After`, and the breaker feedback. Takes state and a clock reading,
 //! returns decisions.
+//!
+//! `Retry-After` tells a rejected client when a slot is expected *for it*: the remaining time
+//! of each request in flight (its elapsed time against the deployment's recent service times),
+//! then the queue ahead, then the clients already told to come back (the "promised" schedule),
+//! each taking the next slot to free. So clients rejected together are spread over the drain
+//! time instead of returning as one herd; the queue room their returns need is kept for them
+//! until their time comes (then the promise decays). All of it is bounded: a few service times
+//! per deployment, the starts of the requests in flight, at most [`MAX_PROMISES`] promises.
 
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{Ledger, MemVerdict, Priority, Push, WaitKey, WaitQueue};
 use crate::breaker::Breaker;
-use crate::reason::{clamp_retry_after, RejectReason};
+use crate::reason::{RejectReason, Rejection, RETRY_AFTER_MAX_MS, RETRY_AFTER_MIN_MS};
 use crate::routing::{route, Block, Candidate, Policy, Route};
 
 // ---------------------------------------------------------------------------------------------
@@ -50,9 +59,91 @@ pub enum Outcome {
     CoolDown(Instant),
 }
 
+/// Service times kept per deployment for the remaining-time estimate.
+const SAMPLES: usize = 32;
+/// The prior before a deployment completed anything: a request in flight takes
+/// `max(PRIOR_SERVICE_MS, 2 x its elapsed time)` in all (so it has at least as long again to
+/// go as it has run), and a queued one `max(PRIOR_SERVICE_MS, the longest elapsed in flight)`.
+pub const PRIOR_SERVICE_MS: f64 = 2000.0;
+/// A request running longer than every kept sample: this share of the mean service time left.
+const OVERDUE_SHARE: f64 = 0.25;
+/// Most clients told to come back that are remembered per model (the rest are told the same
+/// estimate, without a reservation).
+pub const MAX_PROMISES: usize = 1024;
+/// Queued requests placed one by one on the slots; beyond, the rest at the mean rate.
+const SIM_STEPS: usize = 512;
+
+/// What admission observed of one deployment: recent service times and the starts of the
+/// requests in flight on it (at most its `max_concurrency`).
+#[derive(Debug, Clone, Default)]
+struct Observed {
+    samples: VecDeque<f64>,
+    running: Vec<Instant>,
+}
+
+impl Observed {
+    fn mean(&self) -> Option<f64> {
+        (!self.samples.is_empty())
+            .then(|| self.samples.iter().sum::<f64>() / self.samples.len() as f64)
+    }
+
+    /// Expected remaining ms of a request that has run `elapsed` ms: the mean of `s - elapsed`
+    /// over the kept service times `s` longer than that.
+    fn remaining_ms(&self, elapsed: f64) -> f64 {
+        let Some(mean) = self.mean() else {
+            return (PRIOR_SERVICE_MS - elapsed).max(elapsed);
+        };
+        let (sum, n) = self
+            .samples
+            .iter()
+            .filter(|s| **s > elapsed)
+            .fold((0.0, 0u32), |(sum, n), s| (sum + (s - elapsed), n + 1));
+        if n == 0 {
+            mean * OVERDUE_SHARE
+        } else {
+            sum / f64::from(n)
+        }
+    }
+
+    /// Expected ms of a request that starts later.
+    fn service_ms(&self, now: Instant) -> f64 {
+        self.mean().unwrap_or_else(|| {
+            let longest = self
+                .running
+                .iter()
+                .map(|t| now.saturating_duration_since(*t).as_secs_f64() * 1000.0)
+                .fold(0.0, f64::max);
+            PRIOR_SERVICE_MS.max(longest)
+        })
+    }
+
+    fn record(&mut self, service_ms: f64, now: Instant) {
+        // The request that ended is the one whose start is nearest `now - service`.
+        let service = Duration::try_from_secs_f64(service_ms / 1000.0).unwrap_or_default();
+        let start = now.checked_sub(service);
+        let dist = |t: &Instant| match start {
+            Some(s) if *t >= s => *t - s,
+            Some(s) => s - *t,
+            None => Duration::ZERO,
+        };
+        if let Some(i) = (0..self.running.len()).min_by_key(|i| dist(&self.running[*i])) {
+            self.running.swap_remove(i);
+        }
+        if self.samples.len() == SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(service_ms);
+    }
+}
+
+/// Milliseconds as integer microseconds, for ordering in a heap.
+fn micros(ms: f64) -> u64 {
+    (ms.max(0.0) * 1000.0).min(u64::MAX as f64 / 2.0) as u64
+}
+
 /// Weight of a new observation in the EWMAs.
 const EWMA_ALPHA: f64 = 0.2;
-/// Service time assumed before any is observed.
+/// Service time assumed by routing before any is observed.
 const DEFAULT_SERVICE_MS: f64 = 1000.0;
 
 fn ewma(old: Option<f64>, x: f64) -> f64 {
@@ -88,17 +179,14 @@ pub enum Admit<T> {
         key: WaitKey,
         shed: Option<T>,
     },
-    Reject {
-        code: RejectReason,
-        retry_after_s: u64,
-    },
+    Reject(Rejection),
 }
 
 /// What a change of state (a release, a tick) does to waiters.
 #[derive(Debug)]
 pub enum Wake<T> {
     Run(T, Grant),
-    Reject(T, RejectReason, u64),
+    Reject(T, Rejection),
 }
 
 /// A model's admission state: its deployments' slots and its wait queue.
@@ -112,6 +200,10 @@ pub struct ModelCore<T> {
     pub completed: u64,
     /// Arrival rate of each priority, lowest first.
     arrivals: [Rate; 4],
+    /// Per deployment: recent service times and starts in flight.
+    observed: Vec<Observed>,
+    /// When clients told to come back are expected to get a slot, earliest first.
+    promised: VecDeque<(Instant, Priority)>,
 }
 
 /// An arrival rate (per second), estimated over windows of at least a second.
@@ -154,6 +246,7 @@ impl Rate {
 
 impl<T> ModelCore<T> {
     pub fn new(limits: ModelLimits, slots: Vec<Slot>, seed: u64) -> Self {
+        let slots_len = slots.len();
         ModelCore {
             queue: WaitQueue::new(limits.max_queue),
             limits,
@@ -161,6 +254,8 @@ impl<T> ModelCore<T> {
             rng: seed | 1,
             completed: 0,
             arrivals: Default::default(),
+            observed: vec![Observed::default(); slots_len],
+            promised: VecDeque::new(),
         }
     }
 
@@ -174,26 +269,30 @@ impl<T> ModelCore<T> {
         x.wrapping_mul(0x2545F4914F6CDD1D)
     }
 
-    /// Expected service time of one request, from what was observed.
-    fn service_ms(&self) -> f64 {
-        let seen: Vec<f64> = self.slots.iter().filter_map(|s| s.service_ms).collect();
-        if seen.is_empty() {
-            DEFAULT_SERVICE_MS
+    /// The deployments a waiter may get: those not out of rotation (all, if every one is).
+    fn usable(&self, now: Instant) -> Vec<usize> {
+        let open: Vec<usize> = (0..self.slots.len())
+            .filter(|i| self.slots[*i].breaker.blocked_until(now).is_none())
+            .collect();
+        if open.is_empty() {
+            (0..self.slots.len()).collect()
         } else {
-            seen.iter().sum::<f64>() / seen.len() as f64
+            open
         }
     }
 
-    /// The wait a newcomer of priority `prio` can expect for a slot, counting the requests of
-    /// higher priority that keep arriving and go before it: `(ahead + 1)` services at the
-    /// capacity those leave over. Infinite when they take it all; `None` until a service time
-    /// has been observed (no guess from the default).
-    fn predicted_wait_ms(&self, prio: Priority, now: Instant) -> Option<f64> {
-        if self.slots.iter().all(|s| s.service_ms.is_none()) {
-            return None;
-        }
-        let slots: u32 = self.slots.iter().map(|s| s.max).sum::<u32>().max(1);
-        let capacity = slots as f64 * 1000.0 / self.service_ms().max(0.001);
+    /// How much longer each service takes for a request of priority `prio`, because requests
+    /// of higher priority keep arriving and go first: capacity / what they leave over.
+    /// Infinite when they take (nearly) all of it.
+    fn stretch(&self, prio: Priority, now: Instant) -> f64 {
+        let capacity: f64 = self
+            .usable(now)
+            .iter()
+            .map(|i| {
+                f64::from(self.slots[*i].max) * 1000.0
+                    / self.observed[*i].service_ms(now).max(0.001)
+            })
+            .sum();
         let higher: f64 = Priority::ALL
             .iter()
             .filter(|p| **p > prio)
@@ -201,23 +300,121 @@ impl<T> ModelCore<T> {
             .sum();
         let spare = capacity - higher;
         if spare <= capacity * 0.02 {
-            return Some(f64::INFINITY);
+            f64::INFINITY
+        } else {
+            capacity / spare
         }
-        Some((self.queue.ahead_of(prio) as f64 + 1.0) * 1000.0 / spare)
     }
 
-    /// Expected wait, in ms, for a request with `ahead` requests before it.
-    pub fn expected_wait_ms(&self, ahead: usize) -> f64 {
-        let slots: u32 = self.slots.iter().map(|s| s.max).sum::<u32>().max(1);
-        // Every in-flight request, and everyone ahead, must finish before one slot frees
-        // for this request: (ahead + 1) services spread over all slots.
-        self.service_ms() * (ahead as f64 + 1.0) / slots as f64
+    /// Ms from `now` until a slot is expected for a request with `ahead` others before it: the
+    /// slots free as the requests in flight end (their remaining time), each of the `ahead`
+    /// takes the next slot to free for one service (stretched by `stretch`), and this request
+    /// the next after them.
+    fn slot_wait_ms(&self, ahead: usize, stretch: f64, now: Instant) -> f64 {
+        if !stretch.is_finite() {
+            return f64::INFINITY;
+        }
+        let usable = self.usable(now);
+        let mut free: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+        let mut total_slots = 0u64;
+        for &i in &usable {
+            let (s, o) = (&self.slots[i], &self.observed[i]);
+            total_slots += u64::from(s.max);
+            for start in o.running.iter().take(s.max as usize) {
+                let elapsed = now.saturating_duration_since(*start).as_secs_f64() * 1000.0;
+                free.push(Reverse((micros(o.remaining_ms(elapsed)), i)));
+            }
+            // Free slots (only as many as can matter).
+            let idle = s.max.saturating_sub(s.in_flight) as usize;
+            for _ in 0..idle.min(ahead + 1) {
+                free.push(Reverse((0, i)));
+            }
+            // In flight but not seen starting (cannot happen through `admit`): a fresh start.
+            let unseen = (s.in_flight as usize).saturating_sub(o.running.len());
+            for _ in 0..unseen.min(ahead + 1) {
+                free.push(Reverse((micros(o.remaining_ms(0.0)), i)));
+            }
+        }
+        for _ in 0..ahead.min(SIM_STEPS) {
+            let Some(Reverse((t, i))) = free.pop() else {
+                break;
+            };
+            let service = self.observed[i].service_ms(now) * stretch;
+            free.push(Reverse((t.saturating_add(micros(service)), i)));
+        }
+        let Some(Reverse((t, _))) = free.peek() else {
+            // No slot at all (every max_concurrency is 0): as long as it can be.
+            return f64::INFINITY;
+        };
+        let mut wait = *t as f64 / 1000.0;
+        if ahead > SIM_STEPS && total_slots > 0 {
+            let mean: f64 = usable
+                .iter()
+                .map(|i| self.observed[*i].service_ms(now))
+                .sum::<f64>()
+                / usable.len().max(1) as f64;
+            wait += (ahead - SIM_STEPS) as f64 * mean * stretch / total_slots as f64;
+        }
+        wait
     }
 
-    /// `Retry-After` for a rejection of a request of priority `prio`: in [1, 60].
-    pub fn retry_after_s(&self, prio: Priority) -> u64 {
-        let ms = self.expected_wait_ms(self.queue.ahead_of(prio));
-        clamp_retry_after((ms / 1000.0).ceil() as u64)
+    /// The wait a newcomer of priority `prio` can expect for a slot if it queued now: the
+    /// requests in flight and the queue ahead of it, at the capacity that the requests of
+    /// higher priority, which keep arriving and go before it, leave over. Infinite when they
+    /// take it all; `None` until a service time has been observed (no shedding on the prior).
+    fn predicted_wait_ms(&self, prio: Priority, now: Instant) -> Option<f64> {
+        if self.observed.iter().all(|o| o.samples.is_empty()) {
+            return None;
+        }
+        let stretch = self.stretch(prio, now);
+        Some(self.slot_wait_ms(self.queue.ahead_of(prio), stretch, now))
+    }
+
+    /// Forgets the promises whose time has come: their room is anyone's again.
+    fn decay(&mut self, now: Instant) {
+        while self.promised.front().is_some_and(|(t, _)| *t <= now) {
+            self.promised.pop_front();
+        }
+    }
+
+    /// Clients of at least priority `prio` told to come back later than `now`.
+    fn promised_ahead(&self, prio: Priority) -> usize {
+        self.promised.iter().filter(|(_, p)| *p >= prio).count()
+    }
+
+    /// Clients of at least priority `prio` told to come back before a newcomer queued now
+    /// would leave the queue (its expected wait for a slot): they need its place.
+    fn promised_before(&self, prio: Priority, now: Instant) -> usize {
+        if !self.promised.iter().any(|(_, p)| *p >= prio) {
+            return 0;
+        }
+        let wait = self.slot_wait_ms(self.queue.ahead_of(prio), self.stretch(prio, now), now);
+        let wait = Duration::try_from_secs_f64(wait.clamp(0.0, 3_600_000.0) / 1000.0);
+        let leaves = now + wait.unwrap_or(Duration::from_secs(3600));
+        self.promised
+            .iter()
+            .filter(|(t, p)| *p >= prio && *t <= leaves)
+            .count()
+    }
+
+    /// The wait to announce to a rejected request of priority `prio`, in ms: when a slot is
+    /// expected for it behind the requests in flight, the queue ahead and the clients already
+    /// told to come back; it is remembered as a promise (its return finds room kept for it).
+    pub fn retry_after_ms(&mut self, prio: Priority, now: Instant) -> u64 {
+        self.decay(now);
+        let ahead = self.queue.ahead_of(prio) + self.promised_ahead(prio);
+        let wait = self.slot_wait_ms(ahead, self.stretch(prio, now), now);
+        let ms = if wait.is_finite() {
+            (wait.ceil() as u64).clamp(RETRY_AFTER_MIN_MS, RETRY_AFTER_MAX_MS)
+        } else {
+            RETRY_AFTER_MAX_MS
+        };
+        if wait <= RETRY_AFTER_MAX_MS as f64 && self.promised.len() < MAX_PROMISES {
+            let at = now + Duration::from_millis(ms);
+            let pos = self.promised.partition_point(|(t, _)| *t <= at);
+            self.promised.insert(pos, (at, prio));
+        }
+        ms
     }
 
     fn candidates(
@@ -272,6 +469,7 @@ impl<T> ModelCore<T> {
         match route(self.limits.policy, &cands, rng, self.limits.cost_wait_ms) {
             Route::Run(i) => {
                 self.slots[i].in_flight += 1;
+                self.observed[i].running.push(now);
                 let evicted = match verdicts.swap_remove(i) {
                     MemVerdict::FitsAfterEvicting(e) => e,
                     _ => Vec::new(),
@@ -318,12 +516,7 @@ impl<T> ModelCore<T> {
         let deadline = if retry { None } else { deadline };
         let memory = match route {
             Ok(grant) => return Admit::Run(grant),
-            Err(NotNow::Reject(code)) => {
-                return Admit::Reject {
-                    code,
-                    retry_after_s: self.reject_retry_after_s(code, prio, now),
-                }
-            }
+            Err(NotNow::Reject(code)) => return Admit::Reject(self.rejection(code, prio, now)),
             Err(NotNow::Wait { memory }) => memory,
         };
         let waiting_code = if memory {
@@ -332,16 +525,10 @@ impl<T> ModelCore<T> {
             RejectReason::CapacityExceeded
         };
         let Some(deadline) = deadline.filter(|d| *d > now) else {
-            return Admit::Reject {
-                code: waiting_code,
-                retry_after_s: self.retry_after_s(prio),
-            };
+            return Admit::Reject(self.rejection(waiting_code, prio, now));
         };
         if self.limits.max_queue == 0 {
-            return Admit::Reject {
-                code: waiting_code,
-                retry_after_s: self.retry_after_s(prio),
-            };
+            return Admit::Reject(self.rejection(waiting_code, prio, now));
         }
         // Shed now what would only time out in the queue: waiting for a slot longer than its
         // deadline allows (memory waits are not predicted: memory frees in steps).
@@ -351,11 +538,17 @@ impl<T> ModelCore<T> {
                 .predicted_wait_ms(prio, now)
                 .is_some_and(|w| w > left_ms)
             {
-                return Admit::Reject {
-                    code: RejectReason::CapacityExceeded,
-                    retry_after_s: self.retry_after_s(prio),
-                };
+                return Admit::Reject(self.rejection(RejectReason::CapacityExceeded, prio, now));
             }
+        }
+        // The room that the clients told to come back will need is kept for them: a newcomer
+        // that would hold a place in the queue when one of them is due is behind them.
+        self.decay(now);
+        let len = self.queue.len();
+        if len < self.limits.max_queue
+            && len + self.promised_before(prio, now) >= self.limits.max_queue
+        {
+            return Admit::Reject(self.rejection(RejectReason::QueueFull, prio, now));
         }
         match self.queue.push(prio, deadline, (prio, item)) {
             Push::Queued(key) => Admit::Queued { key, shed: None },
@@ -363,10 +556,7 @@ impl<T> ModelCore<T> {
                 key,
                 shed: Some(shed),
             },
-            Push::Full(_) => Admit::Reject {
-                code: RejectReason::QueueFull,
-                retry_after_s: self.retry_after_s(prio),
-            },
+            Push::Full(_) => Admit::Reject(self.rejection(RejectReason::QueueFull, prio, now)),
         }
     }
 
@@ -390,21 +580,24 @@ impl<T> ModelCore<T> {
         }
     }
 
-    /// `Retry-After` for a rejection with `code`: for `no_healthy_backend`, the time until the
-    /// first deployment may be tried again; otherwise the expected wait.
-    fn reject_retry_after_s(&self, code: RejectReason, prio: Priority, now: Instant) -> u64 {
-        if code != RejectReason::NoHealthyBackend {
-            return self.retry_after_s(prio);
-        }
-        let soonest = self
-            .slots
-            .iter()
-            .filter_map(|s| s.breaker.blocked_until(now))
-            .min()
-            .map_or(1, |t| {
-                t.saturating_duration_since(now).as_secs_f64().ceil() as u64
-            });
-        clamp_retry_after(soonest)
+    /// The rejection of a request of priority `prio` with `code`, with its wait: for
+    /// `no_healthy_backend`, the time until the first deployment may be tried again; for a
+    /// model that can never fit, the longest; otherwise when a slot is expected for it (a
+    /// promise, see [`Self::retry_after_ms`]).
+    pub fn rejection(&mut self, code: RejectReason, prio: Priority, now: Instant) -> Rejection {
+        let ms = match code {
+            RejectReason::NoHealthyBackend => self
+                .slots
+                .iter()
+                .filter_map(|s| s.breaker.blocked_until(now))
+                .min()
+                .map_or(1000, |t| {
+                    u64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+                }),
+            RejectReason::ModelTooLarge => RETRY_AFTER_MAX_MS,
+            _ => self.retry_after_ms(prio, now),
+        };
+        Rejection::after_ms(code, ms)
     }
 
     /// A request on `dep` finished after `service`: frees its slot, then serves waiters.
@@ -423,6 +616,7 @@ impl<T> ModelCore<T> {
         let s = &mut self.slots[dep];
         s.in_flight = s.in_flight.saturating_sub(1);
         s.service_ms = Some(ewma(s.service_ms, service.as_secs_f64() * 1000.0));
+        self.observed[dep].record(service.as_secs_f64() * 1000.0, now);
         if let Some(id) = s.mem {
             ledger.release(id, now);
         }
@@ -440,11 +634,8 @@ impl<T> ModelCore<T> {
     pub fn pump(&mut self, ledger: &mut Ledger, now: Instant) -> Vec<Wake<T>> {
         let mut out = Vec::new();
         for (prio, t) in self.queue.expire(now) {
-            out.push(Wake::Reject(
-                t,
-                RejectReason::QueueTimeout,
-                self.retry_after_s(prio),
-            ));
+            let r = self.rejection(RejectReason::QueueTimeout, prio, now);
+            out.push(Wake::Reject(t, r));
         }
         while let Some(((Reverse(prio), _), _)) = self.queue.peek() {
             match self.try_run(ledger, prio, 0, now) {
@@ -454,9 +645,9 @@ impl<T> ModelCore<T> {
                     }
                 }
                 Err(NotNow::Reject(code)) => {
-                    let ra = self.reject_retry_after_s(code, prio, now);
+                    let r = self.rejection(code, prio, now);
                     if let Some((_, (_, t))) = self.queue.pop() {
-                        out.push(Wake::Reject(t, code, ra));
+                        out.push(Wake::Reject(t, r));
                     }
                 }
                 // The first in line cannot run: nobody behind it may (strict priority order).
@@ -626,10 +817,10 @@ mod tests {
         ));
         assert!(matches!(
             m.admit(&mut l, Priority::Normal, None, 0, now, "x"),
-            Admit::Reject {
-                code: RejectReason::CapacityExceeded,
+            Admit::Reject(Rejection {
+                reason: RejectReason::CapacityExceeded,
                 ..
-            }
+            })
         ));
         let w = m.release(&mut l, 0, Duration::from_millis(10), false, now);
         assert!(matches!(
@@ -667,10 +858,10 @@ mod tests {
         // ... a sixth (600 ms) does not: refused at once, not after waiting 500 ms.
         assert!(matches!(
             m.admit(&mut l, Priority::Normal, soon(t), 0, t, 7),
-            Admit::Reject {
-                code: RejectReason::CapacityExceeded,
+            Admit::Reject(Rejection {
+                reason: RejectReason::CapacityExceeded,
                 ..
-            }
+            })
         ));
         // Critical requests arriving at 12/s take the whole capacity: a normal one is refused
         // at once however short the queue, a critical one still queues.
@@ -736,45 +927,179 @@ mod tests {
         assert!(matches!(
             w.as_slice(),
             [
-                Wake::Reject(1, RejectReason::QueueTimeout, _),
+                Wake::Reject(
+                    1,
+                    Rejection {
+                        reason: RejectReason::QueueTimeout,
+                        ..
+                    }
+                ),
                 Wake::Run(2, _)
             ]
         ));
     }
 
     #[test]
-    fn retry_after_follows_observed_service_time_and_queue() {
-        let now = t0();
+    fn retry_after_counts_what_is_left_in_flight_and_the_queue() {
+        let t = t0();
+        let at = |ms: u64| t + Duration::from_millis(ms);
         let mut l = no_memory();
         let mut m: ModelCore<u32> =
             ModelCore::new(limits(Policy::LocalOnly, 100), vec![slot(true, 1)], 1);
-        m.admit(&mut l, Priority::Normal, None, 0, now, 0);
-        m.release(&mut l, 0, Duration::from_secs(4), false, now);
-        assert_eq!(m.retry_after_s(Priority::Normal), 4);
-        m.admit(&mut l, Priority::Normal, None, 0, now, 0);
+        // Before any observation: the prior (2 s), then as long again as it has run.
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, None, 0, t, 0),
+            Admit::Run(_)
+        ));
+        assert_eq!(m.slot_wait_ms(0, 1.0, t).round(), 2000.0);
+        assert_eq!(m.slot_wait_ms(0, 1.0, at(1500)).round(), 1500.0);
+        assert_eq!(m.slot_wait_ms(0, 1.0, at(6000)).round(), 6000.0);
+        // Observed: 4 s. A request that has run 1 s has 3 s left; five queued take 4 s each.
+        m.release(&mut l, 0, Duration::from_secs(4), false, at(4000));
+        let now = at(4000);
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, None, 0, now, 1),
+            Admit::Run(_)
+        ));
         for i in 0..5 {
-            m.admit(
-                &mut l,
-                Priority::Normal,
-                Some(now + Duration::from_secs(100)),
-                0,
-                now,
-                i,
-            );
+            let d = Some(now + Duration::from_secs(100));
+            m.admit(&mut l, Priority::Normal, d, 0, now, i);
         }
-        assert_eq!(m.retry_after_s(Priority::Normal), 24);
-        assert_eq!(m.retry_after_s(Priority::Critical), 4);
+        let later = now + Duration::from_secs(1);
+        // Rejected together, told apart: each behind those told before it.
+        assert_eq!(m.retry_after_ms(Priority::Normal, later), 23_000);
+        assert_eq!(m.retry_after_ms(Priority::Normal, later), 27_000);
+        let r = m.rejection(RejectReason::QueueFull, Priority::Normal, later);
+        assert_eq!((r.retry_after_ms, r.retry_after_s()), (31_000, 31));
+        // A critical request has nobody ahead: the slot in flight only.
+        assert_eq!(m.retry_after_ms(Priority::Critical, later), 3_000);
+        // The promises decay when their time has come.
+        assert_eq!(m.promised.len(), 4);
+        m.decay(later + Duration::from_millis(27_000));
+        assert_eq!(m.promised.len(), 1);
+        // Beyond a minute: 60 s, and no promise.
         for i in 0..50 {
-            m.admit(
-                &mut l,
-                Priority::Normal,
-                Some(now + Duration::from_secs(100)),
-                0,
-                now,
-                i,
-            );
+            let d = Some(now + Duration::from_secs(100));
+            m.admit(&mut l, Priority::Normal, d, 0, now, i);
         }
-        assert_eq!(m.retry_after_s(Priority::Normal), 60);
+        let r = m.rejection(RejectReason::QueueFull, Priority::Normal, later);
+        assert_eq!((r.retry_after_ms, r.retry_after_s()), (60_000, 60));
+        // The room kept for a promise: a newcomer behind a due-later promise is turned away
+        // when it would take the last place, and finds it once the promise's time has come.
+        let mut m: ModelCore<u32> =
+            ModelCore::new(limits(Policy::LocalOnly, 1), vec![slot(true, 1)], 1);
+        let d = |n: Instant| Some(n + Duration::from_secs(60));
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, d(t), 0, t, 0),
+            Admit::Run(_)
+        ));
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, d(t), 0, t, 1),
+            Admit::Queued { .. }
+        ));
+        let Admit::Reject(r) = m.admit(&mut l, Priority::Normal, d(t), 0, t, 2) else {
+            panic!("the queue is full");
+        };
+        // Prior: 2 s for the one in flight, 2 s for the one queued.
+        assert_eq!(r.retry_after_ms, 4000);
+        m.release(&mut l, 0, Duration::from_secs(2), false, at(2000));
+        // At 3 s the queue has room, but it is promised (at 4 s): refused, and told 6 s.
+        let Admit::Reject(r) = m.admit(&mut l, Priority::Normal, d(at(3000)), 0, at(3000), 3)
+        else {
+            panic!("the room is promised");
+        };
+        assert_eq!(r.reason, RejectReason::QueueFull);
+        assert_eq!(r.retry_after_ms, 3000);
+        // At 4 s the first promise is due: the one told to come then gets in (the one told
+        // 6 s needs no place before the slot is expected free, at 4.5 s).
+        assert!(matches!(
+            m.admit(&mut l, Priority::Normal, d(at(4000)), 0, at(4000), 4),
+            Admit::Queued { .. }
+        ));
+    }
+
+    /// Every deployment with the same constant service time `s`: the exact schedule.
+    fn reference_wait(mut left: Vec<f64>, idle: usize, ahead: usize, s: f64) -> f64 {
+        left.extend(std::iter::repeat_n(0.0, idle));
+        left.sort_by(f64::total_cmp);
+        let n = left.len();
+        left[ahead % n] + (ahead / n) as f64 * s
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// With a constant observed service time, the wait told is the exact schedule: the
+        /// time each request in flight has left, then the queue ahead one service per slot.
+        #[test]
+        fn the_wait_is_the_schedule(maxes in proptest::collection::vec(1..4u32, 1..4), service in 50..5000u64, elapsed in proptest::collection::vec(0..5000u64, 0..12), ahead in 0..40usize) {
+            let t = t0();
+            let slots: Vec<Slot> = maxes.iter().map(|m| slot(true, *m)).collect();
+            let mut m: ModelCore<u32> = ModelCore::new(limits(Policy::LocalFirst, 100), slots, 7);
+            for o in &mut m.observed {
+                o.samples.extend(std::iter::repeat_n(service as f64, 4));
+            }
+            let now = t + Duration::from_secs(10);
+            let mut left = Vec::new();
+            let mut k = 0;
+            for (i, s) in m.slots.iter_mut().enumerate() {
+                while s.in_flight < s.max && k < elapsed.len() {
+                    let e = elapsed[k] % service;
+                    k += 1;
+                    s.in_flight += 1;
+                    m.observed[i].running.push(now - Duration::from_millis(e));
+                    left.push((service - e) as f64);
+                }
+            }
+            let idle: usize = m.slots.iter().map(|s| (s.max - s.in_flight) as usize).sum();
+            let want = reference_wait(left, idle, ahead, service as f64);
+            let got = m.slot_wait_ms(ahead, 1.0, now);
+            prop_assert!((got - want).abs() < 0.01, "got {got}, want {want}");
+        }
+
+        /// Clients rejected together are told successive times, at least one service per slot
+        /// apart (up to the bounds), and never sooner than the slot in flight is expected free;
+        /// before any observation, never sooner than the slot has already been held.
+        #[test]
+        fn rejected_together_are_spread(maxes in proptest::collection::vec(1..4u32, 1..4), service in proptest::option::of(50..3000u64), held in 0..8000u64, queued in 0..6usize, n in 2..30usize) {
+            let t = t0();
+            let slots: Vec<Slot> = maxes.iter().map(|m| slot(true, *m)).collect();
+            let total: u32 = maxes.iter().sum();
+            let mut l = no_memory();
+            let mut m: ModelCore<usize> = ModelCore::new(limits(Policy::LocalFirst, 100), slots, 7);
+            if let Some(s) = service {
+                for o in &mut m.observed {
+                    o.samples.push_back(s as f64);
+                }
+            }
+            for i in 0..total as usize {
+                let ran = matches!(m.admit(&mut l, Priority::Normal, None, 0, t, i), Admit::Run(_));
+                prop_assert!(ran);
+            }
+            let now = t + Duration::from_millis(held);
+            for i in 0..queued {
+                let d = Some(now + Duration::from_secs(600));
+                let queued = matches!(m.admit(&mut l, Priority::Normal, d, 0, now, i), Admit::Queued { .. });
+                prop_assert!(queued);
+            }
+            let told: Vec<u64> = (0..n).map(|_| m.retry_after_ms(Priority::Normal, now)).collect();
+            // One service per request: every `total` clients told, the time moves one service on.
+            let one = service.map_or(PRIOR_SERVICE_MS.max(held as f64), |s| s as f64);
+            for w in told.windows(2) {
+                prop_assert!(w[0] <= w[1], "{told:?}");
+            }
+            for w in told.windows(total as usize + 1) {
+                let (first, last) = (w[0], w[total as usize]);
+                if last < RETRY_AFTER_MAX_MS && first > RETRY_AFTER_MIN_MS {
+                    prop_assert!((last - first) as f64 >= one.floor() - 1.0, "{told:?} one {one}");
+                }
+            }
+            if service.is_none() {
+                prop_assert!(told[0] >= held.min(RETRY_AFTER_MAX_MS), "{told:?} held {held}");
+            }
+            prop_assert!(m.promised.len() <= MAX_PROMISES);
+            prop_assert!(told.iter().all(|ms| (RETRY_AFTER_MIN_MS..=RETRY_AFTER_MAX_MS).contains(ms)));
+        }
     }
 
     #[derive(Debug, Clone)]
@@ -797,7 +1122,8 @@ mod tests {
 
         /// Whatever happens: slots never over-committed, memory never above the reject line by
         /// admission, waiters served in strict priority order and never after their deadline,
-        /// shedding only of the least important, Retry-After always in [1, 60].
+        /// shedding only of the least important, Retry-After always in [1, 60], `queue_full` only
+        /// when the queue is full or its room is promised to clients told to come back.
         #[test]
         fn core_invariants(ops in proptest::collection::vec(op(), 1..200), maxes in proptest::collection::vec(1..4u32, 1..4), mems in proptest::collection::vec(0..60u64, 1..4), policy in 0..6usize) {
             let policies = [Policy::LocalOnly, Policy::CloudOnly, Policy::LocalFirst, Policy::Latency, Policy::Cost, Policy::DegradationLadder];
@@ -836,9 +1162,10 @@ mod tests {
                             served.push((p, wid));
                             running.push((g.dep, now));
                         }
-                        Wake::Reject(_, code, ra) => {
-                            assert!((1..=60).contains(&ra));
-                            assert!([RejectReason::QueueTimeout, RejectReason::MemoryExhausted, RejectReason::ModelTooLarge, RejectReason::NoHealthyBackend].contains(&code));
+                        Wake::Reject(_, r) => {
+                            assert!((1..=60).contains(&r.retry_after_s()));
+                            assert!((RETRY_AFTER_MIN_MS..=RETRY_AFTER_MAX_MS).contains(&r.retry_after_ms));
+                            assert!([RejectReason::QueueTimeout, RejectReason::MemoryExhausted, RejectReason::ModelTooLarge, RejectReason::NoHealthyBackend].contains(&r.reason));
                         }
                     }
                 }
@@ -851,6 +1178,7 @@ mod tests {
                         let deadline = now + Duration::from_millis(wait);
                         let before: Vec<Priority> = m.queue.items.keys().map(|(Reverse(p), _)| *p).collect();
                         let full = m.queue.len() == 5;
+                        let promised = m.promised.iter().any(|(t, q)| *t > now && *q >= p);
                         match m.admit(&mut ledger, p, (wait > 0).then_some(deadline), 0, now, (id, p, deadline)) {
                             Admit::Run(g) => running.push((g.dep, now)),
                             Admit::Queued { shed, .. } => {
@@ -860,10 +1188,13 @@ mod tests {
                                     assert!(before.iter().all(|b| *b >= sp), "shed was not the least important");
                                 }
                             }
-                            Admit::Reject { code, retry_after_s } => {
-                                assert!((1..=60).contains(&retry_after_s));
-                                if code == RejectReason::QueueFull {
-                                    assert!(full && before.iter().all(|b| *b >= p));
+                            Admit::Reject(r) => {
+                                assert!((1..=60).contains(&r.retry_after_s()));
+                                if r.reason == RejectReason::QueueFull {
+                                    assert!(full || promised, "queue_full with room that nobody was promised");
+                                    if full {
+                                        assert!(before.iter().all(|b| *b >= p));
+                                    }
                                 }
                             }
                         }

@@ -41,8 +41,9 @@ pub struct Translated {
     pub body: Bytes,
     pub model: String,
     pub stream: bool,
-    /// The gateway's own `priority` field, if the client sent one (not forwarded).
-    pub priority: Option<String>,
+    /// The body's `priority` field, if any: the gateway's when it is one of its words (never
+    /// forwarded: a Messages backend has no such field).
+    pub priority: Option<Value>,
     pub context: Context,
 }
 
@@ -73,7 +74,7 @@ struct MessagesRequest {
     #[serde(default)]
     tool_choice: Option<ToolChoice>,
     #[serde(default)]
-    priority: Option<String>,
+    priority: Option<Value>,
 }
 
 #[derive(Deserialize)]

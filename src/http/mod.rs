@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, Method, Uri};
 use axum::response::{IntoResponse, Response};
@@ -113,7 +114,19 @@ async fn list_models(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+/// `GET /v1/models/{id}`; an id that does not decode (`%ff`) names no model: 404 too.
+async fn get_model(
+    State(st): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Response {
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(_) => {
+            let raw = uri.path().strip_prefix("/v1/models/").unwrap_or(uri.path());
+            return ApiError::model_not_found(raw).into_response();
+        }
+    };
     match st.pipeline.orch.models.get(&id) {
         Some(m) => json_ok(model_object(&m.name, st.created)),
         None => ApiError::model_not_found(&id).into_response(),

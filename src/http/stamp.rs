@@ -1,7 +1,10 @@
 //! The layer around every route: takes the request in (phase `accept`: its id and arrival),
 //! and stamps every response with `x-request-id`, `x-mofa-backend` (default `gateway`) and
 //! `x-mofa-latency-ms` (whole milliseconds), turning any error that is not yet an envelope into
-//! one. It must not look at bodies.
+//! one. It refuses a request whose `Transfer-Encoding` has a coding other than `chunked`
+//! (`gzip, chunked`): the HTTP layer removes only the chunking, and the gateway decodes no
+//! other coding, so such a body would be read as something it is not. It must not look at
+//! bodies.
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -9,7 +12,9 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::error::kind_for_status;
+use axum::response::IntoResponse;
+
+use crate::error::{kind_for_status, ApiError};
 use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
 use crate::proxy::accept::accept;
 use crate::upstream::envelope;
@@ -19,7 +24,10 @@ pub async fn stamp(mut req: Request, next: Next) -> Response {
     let accepted = accept(req.headers());
     let (rid, start) = (accepted.id.clone(), accepted.arrival);
     req.extensions_mut().insert(accepted);
-    let mut resp = next.run(req).await;
+    let mut resp = match unsupported_transfer_coding(req.headers()) {
+        Some(coding) => ApiError::unsupported_transfer_encoding(&coding).into_response(),
+        None => next.run(req).await,
+    };
     let status = resp.status();
     if (status.is_client_error() || status.is_server_error()) && !is_json(resp.headers()) {
         resp = envelope_for(resp);
@@ -46,6 +54,16 @@ fn envelope_for(resp: Response) -> Response {
         HeaderValue::from_static("application/json"),
     );
     Response::from_parts(parts, Body::from(body))
+}
+
+/// The first transfer coding of the request other than `chunked`, if it has one.
+fn unsupported_transfer_coding(h: &HeaderMap) -> Option<String> {
+    h.get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|c| c.trim_ascii())
+        .find(|c| !c.eq_ignore_ascii_case(b"chunked"))
+        .map(|c| String::from_utf8_lossy(c).chars().take(40).collect())
 }
 
 fn is_json(h: &HeaderMap) -> bool {

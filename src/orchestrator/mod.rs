@@ -178,14 +178,11 @@ impl ModelRt {
                 self.retire(&g.evicted);
                 return Ok(self.permit(&g, now));
             }
-            Admit::Reject {
-                code,
-                retry_after_s,
-            } => return Err(Rejection::new(code, retry_after_s)),
+            Admit::Reject(r) => return Err(r),
             Admit::Queued { key, shed } => {
                 if let Some(shed) = shed {
-                    let ra = lock(&self.core).retry_after_s(Priority::Low);
-                    let _ = shed.send(Err(Rejection::new(RejectReason::QueueFull, ra)));
+                    let r = lock(&self.core).rejection(RejectReason::QueueFull, Priority::Low, now);
+                    let _ = shed.send(Err(r));
                 }
                 key
             }
@@ -204,8 +201,8 @@ impl ModelRt {
                 guard.key = None;
                 let removed = lock(&self.core).cancel(&key).is_some();
                 if removed {
-                    let ra = lock(&self.core).retry_after_s(prio);
-                    Err(Rejection::new(RejectReason::QueueTimeout, ra))
+                    let r = lock(&self.core).rejection(RejectReason::QueueTimeout, prio, Instant::now());
+                    Err(r)
                 } else {
                     // Served (or shed) just as the deadline passed: take what was sent.
                     rx.await.unwrap_or_else(|_| Err(Rejection::new(RejectReason::QueueTimeout, 1)))
@@ -256,8 +253,8 @@ impl ModelRt {
                     // A waiter that left meanwhile: its permit is dropped here, freeing the slot.
                     let _ = tx.send(Ok(permit));
                 }
-                Wake::Reject(tx, code, ra) => {
-                    let _ = tx.send(Err(Rejection::new(code, ra)));
+                Wake::Reject(tx, r) => {
+                    let _ = tx.send(Err(r));
                 }
             }
         }

@@ -92,6 +92,10 @@ struct ProcState {
     started_at: Option<u64>,
     /// When it last became ready: a crash after a long healthy run starts the backoff afresh.
     ready_at: Option<Instant>,
+    /// When the current (or last) start began, and how long the last successful one took:
+    /// the `Retry-After` of a request whose deadline passes during a start.
+    start_began: Option<Instant>,
+    last_start: Option<Duration>,
 }
 
 /// Why a managed model could not be made ready.
@@ -99,8 +103,9 @@ struct ProcState {
 pub enum StartError {
     /// It failed to start (or is in backoff after failures): retry after this many seconds.
     Failed { message: String, retry_after_s: u64 },
-    /// Still starting when the request's deadline passed.
-    Deadline,
+    /// Still starting when the request's deadline passed; it is expected to be ready in this
+    /// many ms (from the last start's duration, or `startup_timeout` before any).
+    Deadline { ready_in_ms: u64 },
 }
 
 /// What happened to a managed process, as its listener hears it.
@@ -169,6 +174,8 @@ impl Managed {
                 stop_tx: None,
                 started_at: None,
                 ready_at: None,
+                start_began: None,
+                last_start: None,
             }),
             changed: Notify::new(),
             logs: Mutex::new(VecDeque::new()),
@@ -240,6 +247,7 @@ impl Managed {
                         Some(at) => at,
                         None => {
                             st.starts += 1;
+                            st.start_began = Some(now);
                             st.pid = None;
                             st.port = None;
                             self.set_phase(&mut st, Phase::Starting);
@@ -257,10 +265,22 @@ impl Managed {
                 _ = &mut notified => {}
                 _ = timer => {
                     if wait_until >= deadline {
-                        return Err(StartError::Deadline);
+                        return Err(self.deadline_error());
                     }
                 }
             }
+        }
+    }
+
+    /// The request's deadline passed while the process starts: when it is expected ready.
+    fn deadline_error(&self) -> StartError {
+        let st = lock(&self.state);
+        let expected = st.last_start.unwrap_or(self.spec.startup_timeout);
+        let elapsed = st.start_began.map_or(Duration::ZERO, |t| t.elapsed());
+        // Overdue against the last start: at least a quarter of it more.
+        let left = expected.saturating_sub(elapsed).max(expected / 4);
+        StartError::Deadline {
+            ready_in_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
@@ -320,6 +340,7 @@ impl Managed {
         let ready = tokio::select! {
             r = tokio::time::timeout(self.spec.startup_timeout, poll_ready(&probe)) => r.is_ok(),
             status = child.wait() => {
+                process::kill_leftovers(pid);
                 let msg = match status {
                     Ok(s) => format!("it exited while starting ({s})"),
                     Err(e) => format!("it could not be watched: {e}"),
@@ -345,6 +366,7 @@ impl Managed {
             let mut st = lock(&self.state);
             st.retry_at = None;
             st.ready_at = Some(Instant::now());
+            st.last_start = st.start_began.map(|t| t.elapsed());
             st.stop_tx = Some(stop_tx);
             self.set_phase(&mut st, Phase::Ready);
         }
@@ -353,6 +375,7 @@ impl Managed {
         self.emit(Event::Ready);
         tokio::select! {
             status = child.wait() => {
+                process::kill_leftovers(pid);
                 let msg = match status {
                     Ok(s) => format!("it exited ({s})"),
                     Err(e) => format!("it could not be watched: {e}"),

@@ -1,8 +1,13 @@
 //! Spawning and killing one model server process. Every `unsafe` of the pool is here.
 //!
-//! A server runs in its own process group, so that a stop reaches the children of a shell
-//! wrapper too, and is killed by the kernel if the gateway dies (`PR_SET_PDEATHSIG`). It must
-//! not keep any state: the supervisor (`pool`) owns the process's life.
+//! A server runs under a tiny supervisor (a POSIX `sh` script, [`SUPERVISOR`]) that leads its
+//! own process group: the server and everything it starts (a shell wrapper's children) are in
+//! that group. The kernel signals the supervisor when the gateway dies (`PR_SET_PDEATHSIG`,
+//! SIGUSR1, even on SIGKILL) and the supervisor then SIGKILLs the whole group, so no server
+//! outlives the gateway, however it is wrapped. A stop is SIGTERM to the group (the supervisor
+//! waits for the server to exit), then SIGKILL; when the supervisor itself ends, the pool
+//! kills what is left of its group ([`kill_leftovers`]). It must not keep any state: the pool
+//! owns the process's life. (A server that leaves the group itself, `setsid`, escapes.)
 
 use std::time::Duration;
 
@@ -11,17 +16,62 @@ use tokio::process::{Child, Command};
 /// Time between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// Starts `argv` with `env` added, stdin closed and stdout/stderr piped.
+/// The supervisor: the signal from the kernel when the gateway dies (USR1) kills the group;
+/// a stop's SIGTERM to the group reaches the server while the supervisor waits for it to exit
+/// (a trap, not an ignore: a child does not inherit it), and it exits with the server's status.
+const SUPERVISOR: &str = r#"trap 'kill -KILL 0' USR1
+trap ':' TERM INT HUP
+"$@" &
+child=$!
+while :; do
+  wait "$child"
+  status=$?
+  kill -0 "$child" 2>/dev/null || exit "$status"
+done"#;
+
+/// Whether `program` can be run: a path to a file, or a name found on `PATH` (the supervisor
+/// could only report a missing one after its start).
+fn runnable(program: &str, cwd: Option<&str>, path_var: Option<std::ffi::OsString>) -> bool {
+    let path = std::path::Path::new(program);
+    if program.contains('/') {
+        let full = match cwd {
+            Some(dir) if path.is_relative() => std::path::Path::new(dir).join(path),
+            _ => path.to_path_buf(),
+        };
+        return full.is_file();
+    }
+    path_var
+        .or_else(|| std::env::var_os("PATH"))
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+/// Starts `argv` under the supervisor, with `env` added, stdin closed and stdout/stderr piped.
+/// The child's pid is the supervisor's, which leads the group.
 pub fn spawn(
     argv: &[String],
     env: impl Iterator<Item = (String, String)>,
     cwd: Option<&str>,
 ) -> std::io::Result<Child> {
-    let Some((program, args)) = argv.split_first() else {
+    let Some(program) = argv.first() else {
         return Err(std::io::Error::other("the command is empty"));
     };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
+    let env: Vec<(String, String)> = env.collect();
+    let path_var = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.into());
+    if !runnable(program, cwd, path_var) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such program",
+        ));
+    }
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(SUPERVISOR)
+        .arg("mofa-supervisor")
+        .args(argv)
         .envs(env)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -32,8 +82,8 @@ pub fn spawn(
     }
     #[cfg(unix)]
     {
-        // Its own process group, so that a stop reaches its children too; and killed by
-        // the kernel if the gateway dies without stopping it.
+        // Its own process group, so that a stop reaches its children too; and told by the
+        // kernel if the gateway dies without stopping it (the supervisor then kills the group).
         cmd.process_group(0);
         let parent = std::process::id();
         // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
@@ -42,7 +92,7 @@ pub fn spawn(
             cmd.pre_exec(move || {
                 #[cfg(target_os = "linux")]
                 {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR1) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     if libc::getppid() as u32 != parent {
@@ -66,6 +116,17 @@ fn kill_group(pid: u32, sig: libc::c_int) {
     unsafe {
         libc::kill(-pid, sig);
     }
+}
+
+/// After the supervisor (the group's leader) `pid` ended by itself: SIGKILL to whatever of its
+/// group is left (a server whose supervisor was killed, a wrapper's stray children).
+pub fn kill_leftovers(pid: Option<u32>) {
+    #[cfg(unix)]
+    if let Some(pid) = pid {
+        kill_group(pid, libc::SIGKILL);
+    }
+    #[cfg(not(unix))]
+    let _ = pid;
 }
 
 /// SIGTERM to the process group, SIGKILL after [`STOP_GRACE`] (and to whatever of the group is

@@ -196,17 +196,22 @@ impl Pipeline {
             rec.backend = Some(permit.deployment().label.as_str().into());
             match forward::forward(permit, req, rid, start_by).await {
                 Ok(ok) => {
+                    attempts.succeeded();
                     rec.upstream_ttfb = Some(ok.ttfb);
                     return Ok(ok);
                 }
                 Err(f) => {
-                    if !attempts.failed(f.error, f.retryable, Instant::now()) {
+                    if !attempts.failed(f, Instant::now()) {
                         break;
                     }
                 }
             }
         }
-        Err(attempts.give_up())
+        let (error, uncompared) = attempts.give_up();
+        if let Some(s) = uncompared {
+            s.settle().await;
+        }
+        Err(error)
     }
 
     /// The client's 200: a full body now (the request is over), or a stream that finishes

@@ -1,20 +1,25 @@
 //! Phase 2, `parse`: reads and checks the request: its content type (415), its body within
-//! the size and time limits (413, 408), its JSON, and the fields the gateway reads (`model`,
-//! `stream`, `messages` / `prompt` / `input`, `priority`) and the admission headers
-//! (`x-mofa-priority`, `x-mofa-max-wait-ms`): 400 naming the field. Everything else in the body
-//! is the backend's business and is forwarded as sent. A request on an Anthropic route (its
-//! [`WireFormat`], set by the router) is a Messages request: it is translated here into the
-//! OpenAI chat completion the rest of the pipeline handles (see `anthropic::request`). It must
-//! not look up models or admit.
+//! the size and time limits (413, 408), the WHOLE body as JSON in one pass (valid UTF-8 in every
+//! string and key, lone surrogate escapes refused, nesting at most [`MAX_DEPTH`], no duplicate
+//! top-level key: 400 `invalid_json` naming the path and position), the fields the gateway reads
+//! (`model`, `stream`, `messages` / `prompt` / `input`, `priority`) and the admission headers
+//! (`x-mofa-priority`, `x-mofa-max-wait-ms`): 400 naming the field. A body that passes is
+//! forwarded as sent (only `model` renamed and the gateway's own `priority` removed, in
+//! `forward`), so a backend never sees bytes the gateway could not read. A request on an
+//! Anthropic route (its [`WireFormat`], set by the router) is a Messages request: it is
+//! translated here into the OpenAI chat completion the rest of the pipeline handles (see
+//! `anthropic::request`). It must not look up models or admit.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
 use std::time::Duration;
 
 use axum::extract::Request;
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use serde::Deserialize;
+use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 
 use super::accept::Limits;
 use crate::admission::Priority;
@@ -22,6 +27,9 @@ use crate::anthropic::{self, WireFormat};
 use crate::error::ApiError;
 use crate::headers::{MAX_WAIT_MS, PRIORITY};
 use crate::upstream::Endpoint;
+
+/// The deepest nesting of arrays and objects a body may have; the body object is level 1.
+pub const MAX_DEPTH: usize = 64;
 
 /// Reads and checks a request for `endpoint`: see the module doc.
 pub async fn parse(endpoint: Endpoint, limits: Limits, req: Request) -> Result<Parsed, ApiError> {
@@ -37,6 +45,7 @@ pub async fn parse(endpoint: Endpoint, limits: Limits, req: Request) -> Result<P
         model: f.model,
         stream: f.stream,
         body_priority: f.priority,
+        strip_priority: f.strip_priority,
         header_priority,
         max_wait,
         body,
@@ -65,15 +74,18 @@ fn messages_request(
             anthropic::Invalid::Json(m) => ApiError::invalid_json(m),
             anthropic::Invalid::Value { param, message } => ApiError::invalid_value(param, message),
         })?;
-    let body_priority = match t.priority.as_deref() {
-        None => None,
-        Some(p) => Some(Priority::parse(p).ok_or_else(bad_priority)?),
-    };
+    let body_priority = t
+        .priority
+        .as_ref()
+        .and_then(serde_json::Value::as_str)
+        .and_then(priority_word);
     Ok(Parsed {
         endpoint: Endpoint::ChatCompletions,
         model: t.model,
         stream: t.stream,
         body_priority,
+        // The translation carries no `priority`: nothing to strip.
+        strip_priority: false,
         header_priority,
         max_wait,
         body: t.body,
@@ -87,8 +99,10 @@ pub struct Parsed {
     pub endpoint: Endpoint,
     pub model: String,
     pub stream: bool,
-    /// The body's `priority`, which is not forwarded.
+    /// The body's `priority` when it is one of the gateway's words.
     pub body_priority: Option<Priority>,
+    /// The body's `priority` is the gateway's (one of its words, or `null`): not forwarded.
+    pub strip_priority: bool,
     /// `x-mofa-priority`, which wins over the body's.
     pub header_priority: Option<Priority>,
     /// `x-mofa-max-wait-ms`.
@@ -115,17 +129,12 @@ struct Fields {
     model: String,
     stream: bool,
     priority: Option<Priority>,
+    strip_priority: bool,
 }
 
-/// Checks the content type, size and JSON of a request, and the fields the gateway needs.
+/// Checks the whole body and the fields the gateway needs.
 fn parse_fields(endpoint: Endpoint, body: &[u8]) -> Result<Fields, ApiError> {
-    let head: Head = match serde_json::from_slice(body) {
-        Ok(h) => h,
-        Err(e) if e.is_data() => {
-            return Err(ApiError::invalid_json("the body must be a JSON object"))
-        }
-        Err(e) => return Err(ApiError::invalid_json(e)),
-    };
+    let head = parse_head(body)?;
     let model = match head.model {
         Some(Field::Str(m)) if !m.is_empty() => m.into_owned(),
         Some(Field::Str(_)) | None => {
@@ -136,11 +145,11 @@ fn parse_fields(endpoint: Endpoint, body: &[u8]) -> Result<Fields, ApiError> {
         }
         Some(_) => return Err(ApiError::invalid_value("model", "`model` must be a string")),
     };
+    // One rule on every endpoint: `stream` is a boolean (`null` is the same as absent).
+    // Embeddings do not stream; their `stream` is forwarded untouched.
     let stream = match head.stream {
-        // Embeddings do not stream; `stream` there is forwarded untouched.
-        _ if endpoint == Endpoint::Embeddings => false,
-        None => false,
-        Some(Field::Bool(b)) => b,
+        None | Some(Field::Null) => false,
+        Some(Field::Bool(b)) => b && endpoint != Endpoint::Embeddings,
         Some(_) => {
             return Err(ApiError::invalid_value(
                 "stream",
@@ -189,23 +198,29 @@ fn parse_fields(endpoint: Endpoint, body: &[u8]) -> Result<Fields, ApiError> {
             }
         },
     }
-    let priority = match head.priority {
-        None => None,
-        Some(Field::Str(p)) => Some(Priority::parse(&p).ok_or_else(bad_priority)?),
-        Some(_) => return Err(bad_priority()),
+    // Only the gateway's words (and `null`) are the gateway's `priority`; anything else (vLLM's
+    // integer priority, ...) belongs to the backend and is forwarded unchanged.
+    let (priority, strip_priority) = match head.priority {
+        Some(Field::Str(p)) => match priority_word(&p) {
+            Some(p) => (Some(p), true),
+            None => (None, false),
+        },
+        Some(Field::Null) => (None, true),
+        _ => (None, false),
     };
     Ok(Fields {
         model,
         stream,
         priority,
+        strip_priority,
     })
 }
 
-fn bad_priority() -> ApiError {
-    ApiError::invalid_value(
-        "priority",
-        "`priority` (or `x-mofa-priority`) must be one of low, normal, high, critical",
-    )
+/// `low`, `normal`, `high` or `critical`, in any case.
+fn priority_word(s: &str) -> Option<Priority> {
+    Priority::ALL
+        .into_iter()
+        .find(|p| p.as_str().eq_ignore_ascii_case(s))
 }
 
 /// The admission headers: `x-mofa-priority` and `x-mofa-max-wait-ms`.
@@ -215,8 +230,13 @@ fn admission_headers(h: &HeaderMap) -> Result<(Option<Priority>, Option<Duration
         Some(v) => Some(
             v.to_str()
                 .ok()
-                .and_then(|s| Priority::parse(s.trim()))
-                .ok_or_else(bad_priority)?,
+                .and_then(|s| priority_word(s.trim()))
+                .ok_or_else(|| {
+                    ApiError::invalid_value(
+                        "x-mofa-priority",
+                        "`x-mofa-priority` must be one of low, normal, high, critical",
+                    )
+                })?,
         ),
     };
     let wait = match h.get(MAX_WAIT_MS) {
@@ -236,83 +256,296 @@ fn admission_headers(h: &HeaderMap) -> Result<(Option<Priority>, Option<Duration
     Ok((prio, wait))
 }
 
-/// The parts of a request body the gateway looks at; everything else is forwarded untouched.
-#[derive(Deserialize)]
+/// The top-level fields the gateway looks at; every other value is checked, then forwarded.
+#[derive(Default)]
 struct Head<'a> {
-    #[serde(borrow)]
     model: Option<Field<'a>>,
-    #[serde(borrow)]
     stream: Option<Field<'a>>,
-    #[serde(borrow)]
     messages: Option<Field<'a>>,
-    #[serde(borrow)]
     prompt: Option<Field<'a>>,
-    #[serde(borrow)]
     input: Option<Field<'a>>,
-    #[serde(borrow)]
     priority: Option<Field<'a>>,
 }
 
-/// A top-level field, known by its JSON type; strings are kept, containers are skipped.
+/// A top-level field, known by its JSON type; strings are kept, containers are checked.
 enum Field<'a> {
     Str(Cow<'a, str>),
     Bool(bool),
     Array(usize),
+    Null,
     Other,
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
-            type Value = Field<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'a>, E> {
-                Ok(Field::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Field<'a>, E> {
-                Ok(Field::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Field<'a>, E> {
-                Ok(Field::Bool(v))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Field<'a>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Field<'a>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Field<'a>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_unit<E>(self) -> Result<Field<'a>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Field<'a>, A::Error> {
-                let mut n = 0;
-                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {
-                    n += 1;
-                }
-                Ok(Field::Array(n))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Field<'a>, A::Error> {
-                while a
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(Field::Other)
+/// One step of the path to a value, innermost first while an error travels up.
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// Parses and checks the whole body in one pass: see the module doc.
+fn parse_head(body: &[u8]) -> Result<Head<'_>, ApiError> {
+    let mut path = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let head = HeadSeed { path: &mut path }
+        .deserialize(&mut de)
+        .and_then(|h| de.end().map(|()| h));
+    head.map_err(|e| {
+        if path.is_empty() {
+            ApiError::invalid_json(e)
+        } else {
+            ApiError::invalid_json(format_args!("{e} (in `{}`)", PathDisplay(&path)))
+        }
+    })
+}
+
+struct PathDisplay<'a>(&'a [Seg]);
+
+impl fmt::Display for PathDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().rev().enumerate() {
+            match seg {
+                Seg::Key(k) if i == 0 => f.write_str(k)?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
             }
         }
-        d.deserialize_any(V(std::marker::PhantomData))
+        Ok(())
     }
+}
+
+/// A key, as a client's text quoted back (shortened).
+fn key_seg(k: &str) -> Seg {
+    Seg::Key(crate::error::truncate(k, 64).to_owned())
+}
+
+struct HeadSeed<'p> {
+    path: &'p mut Vec<Seg>,
+}
+
+impl<'de, 'p> DeserializeSeed<'de> for HeadSeed<'p> {
+    type Value = Head<'de>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Head<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'p> Visitor<'de> for HeadSeed<'p> {
+    type Value = Head<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("the body to be a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Head<'de>, A::Error> {
+        let mut head = Head::default();
+        let mut seen: HashSet<Cow<'de, str>> = HashSet::with_capacity(8);
+        while let Some(key) = a.next_key_seed(KeySeed)? {
+            if !seen.insert(key.clone()) {
+                return Err(A::Error::custom(format_args!(
+                    "duplicate key `{}` in the body",
+                    crate::error::truncate(&key, 64)
+                )));
+            }
+            let slot = match key.as_ref() {
+                "model" => &mut head.model,
+                "stream" => &mut head.stream,
+                "messages" => &mut head.messages,
+                "prompt" => &mut head.prompt,
+                "input" => &mut head.input,
+                "priority" => &mut head.priority,
+                _ => {
+                    let check = Check {
+                        depth: 2,
+                        path: &mut *self.path,
+                    };
+                    if let Err(e) = a.next_value_seed(check) {
+                        self.path.push(key_seg(&key));
+                        return Err(e);
+                    }
+                    continue;
+                }
+            };
+            match a.next_value_seed(FieldSeed {
+                path: &mut *self.path,
+            }) {
+                Ok(f) => *slot = Some(f),
+                Err(e) => {
+                    self.path.push(key_seg(&key));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(head)
+    }
+}
+
+/// A key, validated (UTF-8, escapes), borrowed when it has no escapes.
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+}
+
+/// A top-level field the gateway reads: its type (and text), its contents checked.
+struct FieldSeed<'p> {
+    path: &'p mut Vec<Seg>,
+}
+
+impl<'de, 'p> DeserializeSeed<'de> for FieldSeed<'p> {
+    type Value = Field<'de>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Field<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'p> Visitor<'de> for FieldSeed<'p> {
+    type Value = Field<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Field<'de>, E> {
+        Ok(Field::Bool(v))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, a: A) -> Result<Field<'de>, A::Error> {
+        walk_seq(a, 2, self.path).map(Field::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<Field<'de>, A::Error> {
+        walk_map(a, 2, self.path).map(|()| Field::Other)
+    }
+}
+
+/// Any value, checked and dropped: strings and keys are decoded (so validated), containers
+/// counted against [`MAX_DEPTH`]. `depth`: the level a container here would be at.
+struct Check<'p> {
+    depth: usize,
+    path: &'p mut Vec<Seg>,
+}
+
+impl<'de, 'p> DeserializeSeed<'de> for Check<'p> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'p> Visitor<'de> for Check<'p> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E>(self, _: &'de str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, a: A) -> Result<(), A::Error> {
+        walk_seq(a, self.depth, self.path).map(|_| ())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<(), A::Error> {
+        walk_map(a, self.depth, self.path)
+    }
+}
+
+fn too_deep<E: serde::de::Error>() -> E {
+    E::custom(format_args!(
+        "the body is nested deeper than {MAX_DEPTH} levels"
+    ))
+}
+
+/// Checks an array at level `depth`; returns its length.
+fn walk_seq<'de, A: SeqAccess<'de>>(
+    mut a: A,
+    depth: usize,
+    path: &mut Vec<Seg>,
+) -> Result<usize, A::Error> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep());
+    }
+    let mut n = 0;
+    loop {
+        let check = Check {
+            depth: depth + 1,
+            path: &mut *path,
+        };
+        match a.next_element_seed(check) {
+            Ok(Some(())) => n += 1,
+            Ok(None) => return Ok(n),
+            Err(e) => {
+                path.push(Seg::Index(n));
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Checks an object at level `depth`.
+fn walk_map<'de, A: MapAccess<'de>>(
+    mut a: A,
+    depth: usize,
+    path: &mut Vec<Seg>,
+) -> Result<(), A::Error> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep());
+    }
+    while let Some(key) = a.next_key_seed(KeySeed)? {
+        let check = Check {
+            depth: depth + 1,
+            path: &mut *path,
+        };
+        if let Err(e) = a.next_value_seed(check) {
+            path.push(key_seg(&key));
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 async fn read_body(limits: Limits, req: Request) -> Result<Bytes, ApiError> {
@@ -395,6 +628,11 @@ mod tests {
             ),
             (Endpoint::Completions, r#"{"model":"m"}"#, "prompt"),
             (Endpoint::Embeddings, r#"{"model":"m","input":[]}"#, "input"),
+            (
+                Endpoint::Embeddings,
+                r#"{"model":"m","input":"x","stream":"yes"}"#,
+                "stream",
+            ),
         ];
         for (e, body, param) in cases {
             let err = parse(e, body)
@@ -411,5 +649,86 @@ mod tests {
             let err = parse(Endpoint::ChatCompletions, body).err().unwrap();
             assert_eq!(err.code, "invalid_json", "{body}");
         }
+    }
+
+    fn bytes_err(body: &[u8]) -> String {
+        let e = parse_fields(Endpoint::ChatCompletions, body)
+            .err()
+            .unwrap_or_else(|| panic!("{} passed", String::from_utf8_lossy(body)));
+        assert_eq!(e.code, "invalid_json");
+        e.message.clone()
+    }
+
+    #[test]
+    fn the_whole_body_is_checked() {
+        // Invalid UTF-8 deep in a string, in a key, and a lone surrogate escape.
+        let m = bytes_err(
+            b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"caf\xe9\"}]}",
+        );
+        assert!(m.contains("`messages[0].content`"), "{m}");
+        assert!(m.contains("column"), "{m}");
+        let m = bytes_err(b"{\"model\":\"m\",\"messages\":[{}],\"tools\":{\"k\xff\":1}}");
+        assert!(m.contains("`tools`"), "{m}");
+        let m = bytes_err(br#"{"model":"m","messages":[{"content":"\ud800"}]}"#);
+        assert!(m.contains("`messages[0].content`"), "{m}");
+        // Nesting: 64 levels pass, 65 do not.
+        let nest = |levels: usize| {
+            let inner = levels - 1; // the body object is level 1
+            format!(
+                r#"{{"model":"m","messages":[{{}}],"x":{}1{}}}"#,
+                "[".repeat(inner),
+                "]".repeat(inner)
+            )
+        };
+        assert!(parse(Endpoint::ChatCompletions, &nest(MAX_DEPTH)).is_ok());
+        let m = bytes_err(nest(MAX_DEPTH + 1).as_bytes());
+        assert!(m.contains("nested deeper than 64"), "{m}");
+        let deep = format!(
+            r#"{{"model":"m","messages":[{}]}}"#,
+            "{\"a\":".repeat(200) + "1" + &"}".repeat(200)
+        );
+        assert!(bytes_err(deep.as_bytes()).contains("nested deeper"));
+        // Duplicate top-level keys are named; nested ones are the backend's business.
+        let m = bytes_err(br#"{"model":"a","model":"b","messages":[{}]}"#);
+        assert!(m.contains("duplicate key `model`"), "{m}");
+        assert!(parse(
+            Endpoint::ChatCompletions,
+            r#"{"model":"a","messages":[{"a":1,"a":2}]}"#
+        )
+        .is_ok());
+        // Escaped text is fine.
+        assert!(parse(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"content":"caf\u00e9 \ud83d\ude00 \"q\""}],"k\u00e9":1}"#
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn only_the_gateways_words_are_its_priority() {
+        let p = |prio: &str| {
+            let f = parse(
+                Endpoint::ChatCompletions,
+                &format!(r#"{{"model":"m","messages":[{{}}],"priority":{prio}}}"#),
+            )
+            .unwrap_or_else(|e| panic!("{prio}: {}", e.message));
+            (f.priority, f.strip_priority)
+        };
+        assert_eq!(p(r#""HIGH""#), (Some(Priority::High), true));
+        assert_eq!(p(r#""low""#), (Some(Priority::Low), true));
+        assert_eq!(p("null"), (None, true));
+        assert_eq!(p("5"), (None, false));
+        assert_eq!(p(r#""urgent""#), (None, false));
+        assert_eq!(p(r#"{"x":1}"#), (None, false));
+    }
+
+    #[test]
+    fn a_bad_priority_header_is_named() {
+        let mut h = HeaderMap::new();
+        h.insert(PRIORITY, "urgent".parse().unwrap());
+        let e = admission_headers(&h).err().unwrap();
+        assert_eq!(e.param, Some("x-mofa-priority"));
+        h.insert(PRIORITY, " Critical ".parse().unwrap());
+        assert_eq!(admission_headers(&h).unwrap().0, Some(Priority::Critical));
     }
 }

@@ -10,9 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
@@ -20,8 +21,11 @@ use crate::admission::Outcome;
 use crate::config::{DeploymentConfig, Secret};
 use crate::headers::UPSTREAM_REQUEST_ID;
 
+mod client;
 mod relay;
 mod wire;
+
+use client::{Coalesce, HttpClient};
 
 pub use relay::{OnEnd, PendingStream, StreamEnd, Transform};
 use wire::sse_error_in;
@@ -57,13 +61,15 @@ pub struct Deployment {
     base_url: String,
     /// `base_url` + each endpoint's path, parsed once (indexed by `Endpoint as usize`); `None`
     /// for a server the pool runs, whose port changes.
-    urls: Option<[reqwest::Url; 3]>,
+    urls: Option<[Uri; 3]>,
+    /// `<base>/models`, for the health probe.
+    models_url: Option<Uri>,
     /// For a server the gateway runs: where it listens now (its port changes at each start;
     /// `None` while it is not running).
     dynamic_base: Option<DynamicBase>,
     auth: Option<HeaderValue>,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
-    client: reqwest::Client,
+    client: HttpClient,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     total_timeout: Option<Duration>,
@@ -175,13 +181,7 @@ impl Deployment {
         dynamic_base: Option<DynamicBase>,
         max_response_bytes: usize,
     ) -> Result<Deployment, String> {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let client = HttpClient::new(Duration::from_millis(cfg.connect_timeout_ms))?;
         let auth = cfg.api_key.as_ref().map(bearer).transpose()?;
         let extra_headers = cfg
             .headers
@@ -200,6 +200,7 @@ impl Deployment {
             cloud: cfg.kind == crate::config::DeploymentKind::Cloud,
             base_url: url.trim_end_matches('/').to_owned(),
             urls: endpoint_urls(url),
+            models_url: format!("{}/models", url.trim_end_matches('/')).parse().ok(),
             dynamic_base,
             auth,
             extra_headers,
@@ -214,18 +215,31 @@ impl Deployment {
 
     /// `GET <base>/models`, the active health check: whether it answered 2xx in time.
     pub async fn probe(&self) -> bool {
-        let base = match &self.dynamic_base {
+        let url = match &self.dynamic_base {
             Some(m) => match m() {
-                Some(u) => u,
+                Some(u) => format!("{u}/models").parse::<Uri>().ok(),
                 None => return true, // not running: the pool's business, not a failure
             },
-            None => self.base_url.clone(),
+            None => self.models_url.clone(),
         };
-        let mut req = self.client.get(format!("{base}/models"));
+        let Some(url) = url else { return false };
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = url;
         if let Some(auth) = &self.auth {
-            req = req.header(header::AUTHORIZATION, auth.clone());
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, auth.clone());
         }
-        let probe = async { req.send().await.is_ok_and(|r| r.status().is_success()) };
+        let probe = async {
+            match self.client.send(req).await {
+                Ok(r) => {
+                    let ok = r.status().is_success();
+                    // Read to the end so that the connection can be reused.
+                    let _ = r.into_body().collect().await;
+                    ok
+                }
+                Err(_) => false,
+            }
+        };
         tokio::time::timeout(self.first_byte_timeout.min(Duration::from_secs(10)), probe)
             .await
             .unwrap_or(false)
@@ -246,43 +260,53 @@ impl Deployment {
             deadline.map_or(fb, |d| d.min(fb))
         };
         let url = match &self.dynamic_base {
-            Some(m) => match m()
-                .and_then(|b| reqwest::Url::parse(&format!("{b}{}", endpoint.path())).ok())
-            {
-                Some(url) => url,
-                None => {
-                    return Err(UpstreamError::Connect(
-                        "the model server is not running".into(),
-                    ))
+            Some(m) => {
+                match m().and_then(|b| format!("{b}{}", endpoint.path()).parse::<Uri>().ok()) {
+                    Some(url) => url,
+                    None => {
+                        return Err(UpstreamError::Connect(
+                            "the model server is not running".into(),
+                        ))
+                    }
                 }
-            },
+            }
             None => match &self.urls {
                 Some(urls) => urls[endpoint as usize].clone(),
                 None => return Err(UpstreamError::Connect("no URL is configured".into())),
             },
         };
-        let mut req = self
-            .client
-            .post(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(
-                header::ACCEPT,
-                if stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                },
-            )
-            .header(UPSTREAM_REQUEST_ID, request_id)
-            .body(body);
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = url;
+        let h = req.headers_mut();
+        h.reserve(4 + self.extra_headers.len());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            }),
+        );
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert(UPSTREAM_REQUEST_ID, v);
+        }
         if let Some(auth) = &self.auth {
-            req = req.header(header::AUTHORIZATION, auth.clone());
+            h.insert(header::AUTHORIZATION, auth.clone());
         }
         for (k, v) in &self.extra_headers {
-            req = req.header(k, v);
+            h.append(k.clone(), v.clone());
         }
         let first = async {
-            let resp = req.send().await.map_err(connect_error)?;
+            let resp = self
+                .client
+                .send(req)
+                .await
+                .map_err(|e| send_error(&e.error))?;
             let status = resp.status();
             let is_sse = resp
                 .headers()
@@ -292,12 +316,12 @@ impl Deployment {
             if !status.is_success() || !stream || !is_sse {
                 return Ok(Err(resp));
             }
-            let mut body = resp.bytes_stream();
+            let mut body = Coalesce::new(resp.into_body());
             let first = loop {
                 match body.next().await {
                     Some(Ok(chunk)) if chunk.is_empty() => continue,
                     Some(Ok(chunk)) => break chunk,
-                    Some(Err(e)) => return Err(connect_error(e)),
+                    Some(Err(e)) => return Err(UpstreamError::Connect(error_chain(&e))),
                     None => {
                         return Err(UpstreamError::Connect(
                             "the stream ended before its first event".into(),
@@ -332,7 +356,7 @@ impl Deployment {
     /// Reads a whole (non-streaming or error) reply, bounded in size and idle time.
     async fn read_full(
         &self,
-        resp: reqwest::Response,
+        resp: axum::http::Response<hyper::body::Incoming>,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Reply, UpstreamError> {
         let status = resp.status();
@@ -343,24 +367,39 @@ impl Deployment {
             .cloned()
             .unwrap_or(HeaderValue::from_static("application/json"));
         let limit = self.max_response_bytes;
+        // One chunk (the usual case) is kept as it came; more are joined.
+        let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
-        let mut body = resp.bytes_stream();
+        let mut len = 0usize;
+        let mut body = resp.into_body();
         loop {
             let idle_end = tokio::time::Instant::now() + self.idle_timeout;
             let until = deadline.map_or(idle_end, |d| d.min(idle_end));
-            match tokio::time::timeout_at(until, body.next()).await {
+            match tokio::time::timeout_at(until, body.frame()).await {
                 Err(_) => return Err(UpstreamError::Timeout("reading the body")),
                 Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(connect_error(e)),
-                Ok(Some(Ok(chunk))) => {
-                    if buf.len() + chunk.len() > limit {
+                Ok(Some(Err(e))) => return Err(UpstreamError::Connect(error_chain(&e))),
+                Ok(Some(Ok(frame))) => {
+                    let Ok(chunk) = frame.into_data() else {
+                        continue;
+                    };
+                    if len + chunk.len() > limit {
                         return Err(UpstreamError::TooLarge(limit));
                     }
-                    buf.extend_from_slice(&chunk);
+                    len += chunk.len();
+                    match first.take() {
+                        None if buf.is_empty() => first = Some(chunk),
+                        None => buf.extend_from_slice(&chunk),
+                        Some(f) => {
+                            buf.reserve(f.len() + chunk.len());
+                            buf.extend_from_slice(&f);
+                            buf.extend_from_slice(&chunk);
+                        }
+                    }
                 }
             }
         }
-        let body = buf.freeze();
+        let body = first.unwrap_or_else(|| buf.freeze());
         if !status.is_success() {
             return Err(UpstreamError::Status {
                 status,
@@ -388,9 +427,9 @@ impl Deployment {
 }
 
 /// The URL of each endpoint under `base`, in `Endpoint` order.
-fn endpoint_urls(base: &str) -> Option<[reqwest::Url; 3]> {
+fn endpoint_urls(base: &str) -> Option<[Uri; 3]> {
     let base = base.trim_end_matches('/');
-    let url = |e: Endpoint| reqwest::Url::parse(&format!("{base}{}", e.path())).ok();
+    let url = |e: Endpoint| format!("{base}{}", e.path()).parse::<Uri>().ok();
     Some([
         url(Endpoint::ChatCompletions)?,
         url(Endpoint::Completions)?,
@@ -405,15 +444,20 @@ fn bearer(key: &Secret) -> Result<HeaderValue, String> {
     Ok(v)
 }
 
-pub(crate) fn connect_error(e: reqwest::Error) -> UpstreamError {
-    if e.is_timeout() {
+/// A failure to send (connect, write, or read the reply's head).
+fn send_error(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    if client::is_connect_timeout(e) {
         UpstreamError::Timeout("connect")
     } else {
-        UpstreamError::Connect(error_chain(&e))
+        UpstreamError::Connect(error_chain(e))
     }
 }
 
-/// The error and its causes on one line (reqwest's own Display stops at the top).
+/// A streamed reply body, as the relay reads it.
+pub(crate) type BodyStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, hyper::Error>> + Send>>;
+
+/// The error and its causes on one line (hyper's own Display stops at the top).
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

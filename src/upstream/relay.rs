@@ -1,19 +1,21 @@
 //! Relaying a stream to the client once its first byte is out: chunk by chunk, within the idle
 //! and total limits. A failure, an idle gap or an end without `data: [DONE]` appends one SSE
-//! `error` event and ends the stream (never a `[DONE]` after a failure). It tells its
-//! [`OnEnd`] how the stream ended, exactly once; it must not decide anything else. A
-//! [`Transform`] (another wire format's events) may rewrite what the client gets; the relay
-//! still counts and checks the upstream's own bytes.
+//! `error` event and ends the stream (never a `[DONE]` after a failure). An upstream that sends
+//! its own error event (`event: error`, or a `data:` JSON with an `error` key) has it relayed,
+//! and the stream ends right there: one error event, never two. Its error text names the
+//! deployment's label; the HTTP library's detail goes to the log only. It tells its [`OnEnd`]
+//! how the stream ended, exactly once; it must not decide anything else. A [`Transform`]
+//! (another wire format's events) may rewrite what the client gets, its failure event included;
+//! the relay still counts and checks the upstream's own bytes.
 
-use std::pin::Pin;
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 
 use super::error_chain;
-use super::wire::{sse_content_events, sse_error_event, sse_usage, Usage};
+use super::wire::{sse_content_events, sse_error_event, sse_error_in, sse_usage, Usage};
 
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,12 +73,16 @@ pub(super) struct Limits {
 /// The relay's state. Dropped before its end: the client went away.
 struct Relay {
     on_end: Option<OnEnd>,
-    rest: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    rest: super::BodyStream,
     first: Option<Bytes>,
     tail: Tail,
     limits: Limits,
     label: String,
     stats: StreamStats,
+    /// The upstream sent an `event: error` line (its data may follow in the next chunk).
+    named_error: bool,
+    /// The upstream sent a complete error event: the stream ends after it.
+    upstream_error: bool,
     transform: Option<Box<dyn Transform>>,
     /// When the upstream's next chunk is due (set when the wait starts; kept across keepalives).
     idle_end: Option<tokio::time::Instant>,
@@ -99,6 +105,16 @@ impl Relay {
         }
     }
 
+    /// The upstream ended its stream with its own error event: already relayed as it came, or
+    /// (with a transform) rendered now if the transform has not rendered it yet.
+    fn upstream_failed(mut self) -> Option<(Result<Bytes, std::convert::Infallible>, Relay)> {
+        tracing::warn!(backend = %self.label, "the backend ended its stream with an error event");
+        self.end(StreamEnd::Failed);
+        let message = format!("the backend {} ended its stream with an error", self.label);
+        let event = self.transform.as_mut()?.failed(&message, "upstream_error");
+        (!event.is_empty()).then_some((Ok(event), self))
+    }
+
     fn end(&mut self, how: StreamEnd) {
         if let Some(f) = self.on_end.take() {
             f(how, self.stats);
@@ -113,6 +129,12 @@ impl Relay {
         if let Some(u) = sse_usage(chunk) {
             self.stats.usage = Some(u);
         }
+        if has_error_event_line(chunk) {
+            self.named_error = true;
+        }
+        if sse_error_in(chunk).is_some() {
+            self.upstream_error = true;
+        }
     }
 }
 
@@ -125,7 +147,7 @@ impl Drop for Relay {
 /// A stream whose first chunk arrived: what [`PendingStream::relay`] sends on.
 pub struct PendingStream {
     pub(super) first: Bytes,
-    pub(super) rest: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    pub(super) rest: super::BodyStream,
     pub(super) limits: Limits,
     pub(super) label: String,
 }
@@ -157,6 +179,8 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
         limits,
         label,
         stats: StreamStats::default(),
+        named_error: false,
+        upstream_error: false,
         transform,
         idle_end: None,
     };
@@ -170,6 +194,11 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
                     Some(b) => return Some((Ok::<_, std::convert::Infallible>(b), st)),
                     None => continue,
                 }
+            }
+            // The upstream's own error event went out (or, with a transform, its rendering):
+            // that is the end (no second one).
+            if st.upstream_error {
+                return st.upstream_failed();
             }
             // The next chunk is due within the idle limit, and before the total deadline.
             let now = tokio::time::Instant::now();
@@ -212,6 +241,7 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
                     });
                     return None;
                 }
+                Ok(None) if st.named_error => return st.upstream_failed(),
                 Ok(None) => (
                     format!(
                         "the backend {} closed the stream before it was complete",
@@ -219,14 +249,13 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
                     ),
                     "upstream_disconnected",
                 ),
-                Ok(Some(Err(e))) => (
-                    format!(
-                        "the backend {} broke off the stream: {}",
-                        st.label,
-                        error_chain(&e)
-                    ),
-                    "upstream_disconnected",
-                ),
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(backend = %st.label, error = %error_chain(&e), "stream broken");
+                    (
+                        format!("the backend {} broke off the stream", st.label),
+                        "upstream_disconnected",
+                    )
+                }
                 Err(_) => (
                     format!("the backend {} timed out mid-stream ({what})", st.label),
                     "upstream_timeout",
@@ -242,6 +271,14 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
         }
     });
     Body::from_stream(s)
+}
+
+/// Whether `chunk` has an SSE `event: error` line.
+fn has_error_event_line(chunk: &[u8]) -> bool {
+    chunk.split(|b| *b == b'\n').any(|l| {
+        let l = l.trim_ascii();
+        l == b"event: error" || l == b"event:error"
+    })
 }
 
 /// The last bytes of a stream, to tell whether it ended with `data: [DONE]`.
@@ -279,6 +316,17 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_event_lines() {
+        assert!(has_error_event_line(
+            b"data: {}\n\nevent: error\r\ndata: {}\n\n"
+        ));
+        assert!(has_error_event_line(b"event:error\n"));
+        assert!(!has_error_event_line(
+            b"data: {\"content\":\"event: error\"}\n\n"
+        ));
+    }
 
     #[test]
     fn tail_sees_done_across_chunks() {
