@@ -19,6 +19,9 @@ use crate::pool::StartError;
 use crate::reason::{clamp_retry_after, RejectReason, Rejection, RETRY_AFTER_MAX_S};
 use crate::upstream::{envelope, is_envelope, UpstreamError};
 
+/// `retry-after-ms` of a `max_parallel` refusal: a slot frees when a request ends.
+const PARALLEL_RETRY_MS: u64 = 250;
+
 /// A failure to be answered with the OpenAI error envelope (boxed: it travels in `Result`s).
 #[derive(Debug, Clone)]
 pub struct ApiError(Box<ErrorReply>);
@@ -151,6 +154,114 @@ impl ApiError {
     /// The gateway is shutting down.
     pub fn shutting_down() -> Self {
         Self::rejected(Rejection::new(RejectReason::ShuttingDown, 1), "")
+    }
+
+    /// No API key, or one the gateway does not know (as OpenAI: no hint which keys exist, and
+    /// never the key itself).
+    pub fn invalid_api_key(missing: bool) -> Self {
+        let message = if missing {
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        } else {
+            "Incorrect API key provided."
+        };
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            message.into(),
+        )
+    }
+
+    /// The key may not use this model.
+    pub fn model_not_allowed(model: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "model_not_allowed",
+            format!(
+                "Your API key is not allowed to use the model `{}`.",
+                truncate(model, 200)
+            ),
+        );
+        e.param = Some("model");
+        e
+    }
+
+    /// `/admin/*` with a client key.
+    pub fn admin_key_required() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "admin_key_required",
+            "This endpoint needs an admin key.".into(),
+        )
+    }
+
+    /// Over a rate limit (429, as OpenAI): `Retry-After` and `retry-after-ms` say when the
+    /// request fits; one that never fits (more than a minute's allowance) says
+    /// `x-should-retry: false`.
+    pub fn rate_limited(d: &crate::limits::Denial, key: &str) -> Self {
+        use crate::limits::Dim;
+        let what = match d.dim {
+            Dim::Requests => "requests per min (RPM)",
+            Dim::Tokens => "tokens per min (TPM)",
+        };
+        let message = match d.retry_after_us {
+            Some(us) => {
+                let (_, ms) = crate::limits::retry_after(us);
+                format!(
+                    "Rate limit reached for {what} on key `{key}`: Limit {}, Used {}, Requested {}. Please try again in {}.",
+                    d.limit, d.used, d.requested, crate::limits::openai_duration(ms * 1000)
+                )
+            }
+            None => format!(
+                "Request too large for {what} on key `{key}`: Limit {}, Requested {}. Send a smaller request.",
+                d.limit, d.requested
+            ),
+        };
+        let mut e = ApiError(Box::new(ErrorReply {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: d.dim.as_str(),
+            code: Cow::Borrowed("rate_limit_exceeded"),
+            message,
+            param: None,
+            retry_after: None,
+            retry_after_ms: None,
+            should_retry: None,
+            backend: None,
+            reason: None,
+            passthrough: None,
+            attempts: None,
+        }));
+        match d.retry_after_us {
+            Some(us) => {
+                let (secs, ms) = crate::limits::retry_after(us);
+                e.retry_after = Some(secs);
+                e.retry_after_ms = Some(ms);
+            }
+            None => e.should_retry = Some(false),
+        }
+        e
+    }
+
+    /// `max_parallel` requests of the key are in flight: a short retry, not a whole window.
+    pub fn too_many_in_flight(limit: u32, key: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            "rate_limit_exceeded",
+            format!(
+                "Too many requests in flight on key `{key}`: Limit {limit} at once. Please try again when one has finished."
+            ),
+        );
+        e.retry_after = Some(1);
+        e.retry_after_ms = Some(PARALLEL_RETRY_MS);
+        e
+    }
+
+    /// The shared rate-limit store does not answer and `redis_failure = "closed"`.
+    pub fn limits_unavailable() -> Self {
+        Self::rejected(Rejection::new(RejectReason::LimitsUnavailable, 1), "")
     }
 
     /// The client did not send its body in time.
@@ -292,6 +403,7 @@ impl ApiError {
             RejectReason::NoHealthyBackend => format!("No deployment of model `{model}` can serve requests now."),
             RejectReason::BackendStartFailed => format!("The server for model `{model}` failed to start; retry later."),
             RejectReason::ShuttingDown => "The gateway is shutting down; retry on another replica or later.".to_string(),
+            RejectReason::LimitsUnavailable => "The shared rate-limit store does not answer; retry later.".to_string(),
         };
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

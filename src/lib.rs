@@ -8,8 +8,9 @@
 //!   the memory budget that reacts to the pool's events);
 //! - `upstream` (one deployment's client and the stream relay) and `pool` (the process
 //!   supervisor of the local model servers);
-//! - the pure decision core: `admission`, `routing`, `breaker`, with `reason` (the closed set
-//!   of rejections); no I/O, no HTTP crate;
+//! - `quota`: the async shell of the rate limits (the memory and Redis stores);
+//! - the pure decision core: `admission`, `routing`, `breaker`, `limits` (GCRA buckets), with
+//!   `reason` (the closed set of rejections); no I/O, no HTTP crate;
 //! - `anthropic`: the Messages API's formats and their translation to and from OpenAI's
 //!   (pure; used by `proxy` and `error`, plugged into the relay as a transform);
 //! - `config` (validated TOML) and `headers` (names), used by all; `sim` stands alone.
@@ -24,9 +25,11 @@ mod anthropic;
 mod breaker;
 mod error;
 mod headers;
+mod limits;
 mod orchestrator;
 mod pool;
 mod proxy;
+mod quota;
 mod reason;
 mod routing;
 mod upstream;

@@ -1,4 +1,5 @@
-//! The `mofa-gateway` command: `serve` (the default), `sim` and `check-config`.
+//! The `mofa-gateway` command: `serve` (the default), `sim`, `check-config` and `keys`
+//! (`keys new` mints an API key, `keys hash` hashes one for the config).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,9 +42,24 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Mint or hash API keys for `[[auth.keys]]` (the config holds only their hashes).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// `serve` with its config read (internal).
     #[command(skip)]
     Loaded(Box<Config>),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a fresh secret key (once: it is stored nowhere) and the TOML block to paste.
+    New {
+        /// The key's name, shown in logs and headers instead of the key.
+        #[arg(long)]
+        name: String,
+    },
+    /// Read a key on stdin and print its hash (`sha256:<hex>`), for keys minted elsewhere.
+    Hash,
 }
 
 #[derive(clap::Args, Default)]
@@ -114,6 +130,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Keys(k) = &command {
+        return keys(k);
+    }
     // The config is read before the runtime starts: it says how many worker threads to use.
     let (command, workers) = match command {
         Command::Serve(args) => match load_config(&args) {
@@ -143,7 +162,7 @@ fn main() -> ExitCode {
         match command {
             Command::Loaded(cfg) => serve(*cfg).await,
             Command::Sim(args) => sim(args).await,
-            Command::Serve(_) | Command::CheckConfig { .. } => Ok(()),
+            Command::Serve(_) | Command::CheckConfig { .. } | Command::Keys(_) => Ok(()),
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -152,6 +171,63 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `keys new` / `keys hash`.
+fn keys(k: &KeysCommand) -> ExitCode {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let hash = |secret: &str| -> String {
+        let d = Sha256::digest(secret.as_bytes());
+        let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    };
+    match k {
+        KeysCommand::New { name } => {
+            let valid = (1..=64).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !valid {
+                eprintln!("error: --name must be 1 to 64 of A-Z a-z 0-9 _ . -");
+                return ExitCode::from(2);
+            }
+            // 256 random bits from the OS.
+            let mut raw = [0u8; 32];
+            if let Err(e) = getrandom::getrandom(&mut raw) {
+                eprintln!("error: no randomness from the OS: {e}");
+                return ExitCode::FAILURE;
+            }
+            let secret = format!(
+                "sk-mofa-{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+            );
+            println!("{secret}");
+            println!();
+            println!("# Give the key above to its user; it is shown only this once.");
+            println!("# Paste this into the gateway's config:");
+            println!("[[auth.keys]]");
+            println!("name = \"{name}\"");
+            println!("hash = \"{}\"", hash(&secret));
+            ExitCode::SUCCESS
+        }
+        KeysCommand::Hash => {
+            let mut input = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+                eprintln!("error: cannot read the key from stdin: {e}");
+                return ExitCode::from(2);
+            }
+            let secret = input.trim();
+            if secret.is_empty() {
+                eprintln!(
+                    "error: no key on stdin (e.g. `printf %s \"$KEY\" | mofa-gateway keys hash`)"
+                );
+                return ExitCode::from(2);
+            }
+            println!("{}", hash(secret));
+            ExitCode::SUCCESS
         }
     }
 }

@@ -39,11 +39,13 @@ pub enum RejectReason {
     BackendStartFailed,
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The shared rate-limit store does not answer (`redis_failure = "closed"`).
+    LimitsUnavailable,
 }
 
 impl RejectReason {
     /// Every reason, for exhaustive tests and metric label sets.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::CapacityExceeded,
         RejectReason::QueueFull,
         RejectReason::QueueTimeout,
@@ -52,6 +54,7 @@ impl RejectReason {
         RejectReason::NoHealthyBackend,
         RejectReason::BackendStartFailed,
         RejectReason::ShuttingDown,
+        RejectReason::LimitsUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +67,7 @@ impl RejectReason {
             RejectReason::NoHealthyBackend => "no_healthy_backend",
             RejectReason::BackendStartFailed => "backend_start_failed",
             RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::LimitsUnavailable => "limits_unavailable",
         }
     }
 

@@ -78,13 +78,10 @@ async fn start(gw: SocketAddr) -> u64 {
 
 #[tokio::test]
 async fn sigkill_of_the_gateway_leaves_no_process_of_a_wrapped_server() {
-    let (mut gw_proc, gw) = run_gateway_binary(&wrapped());
+    let (mut gw_proc, gw) = run_gateway_binary(&wrapped()).await;
     let pgid = start(gw).await;
-    std::process::Command::new("kill")
-        .args(["-KILL", &gw_proc.0.id().to_string()])
-        .status()
-        .unwrap();
-    gw_proc.0.wait().unwrap();
+    gw_proc.signal("-KILL");
+    gw_proc.wait().await;
     assert!(
         group_ends(pgid, 10).await,
         "left running after SIGKILL of the gateway: {:?}",
@@ -96,11 +93,7 @@ async fn sigkill_of_the_gateway_leaves_no_process_of_a_wrapped_server() {
 async fn unload_and_a_killed_supervisor_leave_nothing_either() {
     let gw = gateway(&wrapped()).await;
     let pgid = start(gw).await;
-    let r = client()
-        .post(format!("http://{gw}/admin/pool/a/unload"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_empty(gw, "/admin/pool/a/unload").await;
     assert_eq!(r.status(), 200);
     assert!(
         group_ends(pgid, 10).await,

@@ -47,13 +47,13 @@ async fn chat(
 ) -> reqwest::Response {
     let mut body = chat_body("m", false);
     body["max_tokens"] = json!(tokens);
-    let mut req = client()
-        .post(format!("http://{gw}/v1/chat/completions"))
-        .json(&body);
-    if let Some(w) = max_wait_ms {
-        req = req.header("x-mofa-max-wait-ms", w.to_string());
-    }
-    req.send().await.unwrap()
+    let wait = max_wait_ms.map(|w| w.to_string());
+    let headers: Vec<(&str, &str)> = wait
+        .as_deref()
+        .map(|w| ("x-mofa-max-wait-ms", w))
+        .into_iter()
+        .collect();
+    chat_with(gw, &body, &headers).await
 }
 
 async fn service_ms(gw: std::net::SocketAddr) -> f64 {
@@ -152,13 +152,8 @@ async fn a_deadline_that_passes_during_a_start_is_told_the_observed_start_time()
     );
     let gw = gateway(&cfg).await;
     let ask = |wait: u64| async move {
-        client()
-            .post(format!("http://{gw}/v1/chat/completions"))
-            .header("x-mofa-max-wait-ms", wait.to_string())
-            .json(&chat_body("a", false))
-            .send()
-            .await
-            .unwrap()
+        let wait = wait.to_string();
+        chat_with(gw, &chat_body("a", false), &[("x-mofa-max-wait-ms", &wait)]).await
     };
     // First start, nothing observed: the prior is startup_timeout_s.
     let resp = ask(200).await;
@@ -167,11 +162,7 @@ async fn a_deadline_that_passes_during_a_start_is_told_the_observed_start_time()
     assert!(retry_after_ms(&resp) > 20_000);
     // Once it has started (in ~1 s), a restart is expected to take as long.
     assert_eq!(ask(20_000).await.status(), 200);
-    let r = client()
-        .post(format!("http://{gw}/admin/pool/a/unload"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_empty(gw, "/admin/pool/a/unload").await;
     assert_eq!(r.status(), 200);
     let resp = ask(200).await;
     assert_eq!(resp.status(), 503);

@@ -1,20 +1,31 @@
-//! The admin routes: `/admin/orchestrator` (queues, slots, memory, counters), `/admin/pool`
-//! and a pool model's `load` / `unload`. Views only, and the pool's two commands; it must not
-//! change admission state otherwise.
+//! The admin routes: `/admin/orchestrator` (queues, slots, memory, counters, rate-limit store
+//! and principals by name), `/admin/pool` and a pool model's `load` / `unload`, all behind
+//! [`guard`] (an admin key when `auth.mode = "keys"`). Views only, and the pool's two
+//! commands; it must not change admission state otherwise, nor show a key or its hash.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{json_ok, AppState};
 use crate::error::ApiError;
 use crate::pool::STOP_GRACE;
 
+/// Lets a request through to `/admin/*` only with an admin key (when keys are required).
+pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    match st.pipeline.auth.admin(req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 pub async fn orchestrator(State(st): State<Arc<AppState>>) -> Response {
     let p = &st.pipeline;
     let mut v = p.orch.snapshot();
+    v["limits"] = p.limiter.snapshot();
     v["counters"] = p.observer.snapshot();
     v["client_disconnects"] = p.observer.client_disconnects().into();
     json_ok(v)

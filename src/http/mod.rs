@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, Method, Uri};
+use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::headers::ANTHROPIC_REQUEST_ID;
 use crate::orchestrator::BuildError;
 use crate::proxy::accept::{accept, Accepted};
+use crate::proxy::authorize::Principal;
 use crate::proxy::Pipeline;
 use crate::upstream::Endpoint;
 
@@ -28,8 +29,10 @@ mod stamp;
 /// What every handler shares. Immutable after start-up.
 pub struct AppState {
     pub pipeline: Pipeline,
-    /// The `GET /v1/models` body, built once.
+    /// The `GET /v1/models` body, built once (for principals that may use every model).
     model_list: Bytes,
+    /// The configured model names, in order (for lists filtered by a key's allow-list).
+    model_names: Vec<String>,
     created: u64,
 }
 
@@ -51,6 +54,7 @@ impl AppState {
         Ok(AppState {
             pipeline: Pipeline::build(cfg).await?,
             model_list,
+            model_names: cfg.models.iter().map(|m| m.name.clone()).collect(),
             created,
         })
     }
@@ -67,6 +71,15 @@ fn model_object(name: &str, created: u64) -> Value {
 
 /// The gateway's router.
 pub fn router(state: Arc<AppState>) -> Router {
+    let admin = Router::new()
+        .route("/admin/orchestrator", get(admin::orchestrator))
+        .route("/admin/pool", get(admin::pool))
+        .route("/admin/pool/{name}/load", post(admin::load))
+        .route("/admin/pool/{name}/unload", post(admin::unload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::guard,
+        ));
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -80,10 +93,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { json_ok(json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
-        .route("/admin/orchestrator", get(admin::orchestrator))
-        .route("/admin/pool", get(admin::pool))
-        .route("/admin/pool/{name}/load", post(admin::load))
-        .route("/admin/pool/{name}/unload", post(admin::unload))
+        .merge(admin)
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(stamp::stamp))
@@ -106,20 +116,40 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(method.as_str(), uri.path())
 }
 
-async fn list_models(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        st.model_list.clone(),
-    )
-        .into_response()
+/// The models the caller may use (with keys: its allow-list; 401 without a known key).
+async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let who = match st.pipeline.auth.authenticate(&headers) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    if matches!(who, Principal::Anonymous) {
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            st.model_list.clone(),
+        )
+            .into_response();
+    }
+    let listed: Vec<Value> = st
+        .model_names
+        .iter()
+        .filter(|m| who.may_use(m))
+        .map(|m| model_object(m, st.created))
+        .collect();
+    json_ok(json!({"object": "list", "data": listed}))
 }
 
-/// `GET /v1/models/{id}`; an id that does not decode (`%ff`) names no model: 404 too.
+/// One model, if it exists and the caller may use it (404 otherwise, as OpenAI); an id that
+/// does not decode (`%ff`) names no model: 404 too.
 async fn get_model(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
     uri: Uri,
 ) -> Response {
+    let who = match st.pipeline.auth.authenticate(&headers) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
     let id = match id {
         Ok(Path(id)) => id,
         Err(_) => {
@@ -128,16 +158,18 @@ async fn get_model(
         }
     };
     match st.pipeline.orch.models.get(&id) {
-        Some(m) => json_ok(model_object(&m.name, st.created)),
-        None => ApiError::model_not_found(&id).into_response(),
+        Some(m) if who.may_use(&m.name) => json_ok(model_object(&m.name, st.created)),
+        _ => ApiError::model_not_found(&id).into_response(),
     }
 }
 
+/// Ready unless shutting down; the detail says where the rate limits are counted (and
+/// whether a shared store answers).
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     if st.pipeline.is_shutting_down() {
         return ApiError::shutting_down().into_response();
     }
-    json_ok(json!({"status": "ready"}))
+    json_ok(json!({"status": "ready", "limits": st.pipeline.limiter.health()}))
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Response {

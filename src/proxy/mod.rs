@@ -3,8 +3,9 @@
 //!
 //! 1. [`accept`]: request id, arrival time, body limits (for every route, in the HTTP layer);
 //! 2. [`parse`]: content type, body, the fields the gateway reads;
-//! 3. [`authorize`]: who is asking and what they may use (empty for now);
-//! 4. [`limit`]: their rate limits (empty for now), before any queue place is taken;
+//! 3. [`authorize`]: who is asking (their key, checked before the body is read) and what they
+//!    may use, at which priority;
+//! 4. [`limit`]: their rate limits, before any queue place is taken;
 //! 5. [`admit`]: a slot now or a place in the priority queue, or a rejection;
 //! 6. [`route`]: which deployment each try goes to, and whether there is another try;
 //! 7. [`forward`]: pool start, rewrite, upstream call (and, for a stream, the relay);
@@ -63,6 +64,8 @@ enum Ran {
 pub struct Pipeline {
     pub orch: Orchestrator,
     pub observer: Arc<Observer>,
+    pub auth: authorize::Auth,
+    pub limiter: Arc<crate::quota::Limiter>,
     limits: Limits,
     max_attempts: u32,
     retry_budget: Duration,
@@ -76,6 +79,8 @@ impl Pipeline {
         Ok(Pipeline {
             orch: Orchestrator::build(cfg).await?,
             observer: Arc::new(Observer::default()),
+            auth: authorize::Auth::build(cfg),
+            limiter: Arc::new(crate::quota::Limiter::build(cfg).await),
             limits: Limits {
                 max_body_bytes: cfg.server.max_body_bytes,
                 body_read_timeout: Duration::from_millis(cfg.server.body_read_timeout_ms),
@@ -126,6 +131,8 @@ impl Pipeline {
                 if let Some(v) = rec.server_timing() {
                     resp.headers_mut().insert(SERVER_TIMING, v);
                 }
+                resp.headers_mut()
+                    .extend(std::mem::take(&mut rec.reply_headers));
                 rec.finish(resp.status(), reason);
                 resp
             }
@@ -140,17 +147,18 @@ impl Pipeline {
         req: Request,
         rec: &mut Record,
     ) -> Result<Ran, ApiError> {
-        let headers = req.headers().clone();
+        // The key first: an unknown client gets its 401 before its body is read.
+        let who = self.auth.authenticate(req.headers())?;
         let mut parsed = parse::parse(endpoint, self.limits, req).await?;
         let model = self.model(&parsed)?;
         rec.model = Some(model.name.as_str().into());
         rec.priority = Some(parsed.priority());
-        let who = authorize::authorize(&headers, &parsed)?;
+        authorize::authorize(&who, &mut parsed, rec)?;
         if parsed.wire == WireFormat::AnthropicCount {
             let n = parsed.anthropic.as_ref().map_or(0, |a| a.input_estimate);
             return Ok(Ran::Counted(n));
         }
-        let _allowance = limit::limit(&who, &parsed)?;
+        limit::limit(&self.limiter, &who, &parsed, rec).await?;
         if self.is_shutting_down() {
             return Err(ApiError::rejected(
                 Rejection::new(RejectReason::ShuttingDown, 1),
@@ -222,6 +230,8 @@ impl Pipeline {
         } = ok;
         let timing = rec.server_timing();
         let attempts = rec.attempts;
+        let mut rec = rec;
+        let extra = std::mem::take(&mut rec.reply_headers);
         let mut resp = match reply {
             Reply::Full {
                 content_type,
@@ -229,7 +239,6 @@ impl Pipeline {
                 usage,
             } => {
                 drop(permit);
-                let mut rec = rec;
                 rec.tokens = usage.map(|u| Tokens {
                     input: u.prompt_tokens,
                     output: u.completion_tokens,
@@ -256,7 +265,6 @@ impl Pipeline {
                 r
             }
             Reply::Stream(pending) => {
-                let mut rec = rec;
                 let on_end: crate::upstream::OnEnd = Box::new(move |end, stats| {
                     drop(permit);
                     rec.bytes = stats.bytes;
@@ -300,6 +308,7 @@ impl Pipeline {
             }
         };
         stamp_backend(&mut resp, &dep, attempts, timing);
+        resp.headers_mut().extend(extra);
         resp
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::admission::Priority;
 use crate::error::ApiError;
@@ -20,8 +20,10 @@ pub enum Reason {
     Ok,
     /// Turned away by admission (503).
     Rejected(RejectReason),
-    /// The request was bad (400, 404, 408, 413, 415).
+    /// The request was bad (400, 401, 403, 404, 408, 413, 415).
     InvalidRequest,
+    /// Over its principal's rate limit (429).
+    RateLimited,
     /// The backend refused the request itself (its 4xx).
     UpstreamRejected,
     /// The backend failed before the first byte (502, its 503).
@@ -40,6 +42,7 @@ impl Reason {
             Reason::Ok => "ok",
             Reason::Rejected(r) => r.as_str(),
             Reason::InvalidRequest => "invalid_request",
+            Reason::RateLimited => "rate_limited",
             Reason::UpstreamRejected => "upstream_rejected",
             Reason::UpstreamError => "upstream_error",
             Reason::UpstreamTimeout => "upstream_timeout",
@@ -55,6 +58,7 @@ impl Reason {
         }
         match e.status.as_u16() {
             504 => Reason::UpstreamTimeout,
+            429 => Reason::RateLimited,
             502 | 503 => Reason::UpstreamError,
             _ if e.code == "upstream_error" => Reason::UpstreamRejected,
             _ => Reason::InvalidRequest,
@@ -95,6 +99,11 @@ pub struct Record {
     /// The deployment that served it (its label).
     pub backend: Option<Arc<str>>,
     pub priority: Option<Priority>,
+    /// The API key's name (never the key).
+    pub key: Option<Arc<str>>,
+    /// Headers a phase adds to the reply, whatever it is (the rate-limit headers, the
+    /// priority a key's ceiling lowered the request to).
+    pub reply_headers: HeaderMap,
     /// Deployments tried.
     pub attempts: u32,
     /// Time spent waiting for admission.
@@ -122,7 +131,7 @@ pub struct Tokens {
 
 /// How a request ended, for the hooks of [`Record::on_finish`].
 #[derive(Debug, Clone, Copy)]
-#[allow(dead_code)] // read by the hooks of the limit phase, which come with API keys
+#[allow(dead_code)] // `status` and `reason` are for hooks that need them (the limit phase reads tokens)
 pub struct Finished {
     pub status: u16,
     pub reason: Reason,
@@ -141,6 +150,8 @@ impl Record {
             model: None,
             backend: None,
             priority: None,
+            key: None,
+            reply_headers: HeaderMap::new(),
             attempts: 0,
             queue_wait: None,
             upstream_ttfb: None,
@@ -152,7 +163,6 @@ impl Record {
     }
 
     /// Runs `f` when the request is over, whatever its end.
-    #[allow(dead_code)] // the limit phase's allowances plug in here, with API keys
     pub fn on_finish(&mut self, f: OnFinish) {
         self.on_finish.push(f);
     }
@@ -202,6 +212,7 @@ impl Record {
             model = self.model.as_deref().unwrap_or("-"),
             backend = self.backend.as_deref().unwrap_or("-"),
             priority = self.priority.map_or("-", Priority::as_str),
+            key = self.key.as_deref().unwrap_or("-"),
             status,
             reason = reason.as_str(),
             attempts = self.attempts,

@@ -20,6 +20,7 @@ use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 
 use super::accept::Limits;
 use crate::admission::Priority;
@@ -47,6 +48,8 @@ pub async fn parse(endpoint: Endpoint, limits: Limits, req: Request) -> Result<P
         body_priority: f.priority,
         strip_priority: f.strip_priority,
         header_priority,
+        default_priority: None,
+        max_priority: None,
         max_wait,
         body,
         wire,
@@ -87,6 +90,8 @@ fn messages_request(
         // The translation carries no `priority`: nothing to strip.
         strip_priority: false,
         header_priority,
+        default_priority: None,
+        max_priority: None,
         max_wait,
         body: t.body,
         wire,
@@ -105,6 +110,10 @@ pub struct Parsed {
     pub strip_priority: bool,
     /// `x-mofa-priority`, which wins over the body's.
     pub header_priority: Option<Priority>,
+    /// The principal's priority for requests that name none (`authorize` sets it).
+    pub default_priority: Option<Priority>,
+    /// The principal's ceiling: a higher priority is lowered to it (`authorize` sets it).
+    pub max_priority: Option<Priority>,
     /// `x-mofa-max-wait-ms`.
     pub max_wait: Option<Duration>,
     /// The body as the client sent it (a Messages request: its OpenAI translation).
@@ -115,12 +124,110 @@ pub struct Parsed {
     pub anthropic: Option<anthropic::Context>,
 }
 
+/// The tokens a request is charged before it runs (see [`Parsed::token_estimate`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenEstimate {
+    /// Prompt characters / 4, rounded up.
+    pub prompt: u64,
+    /// `max_tokens` or `max_completion_tokens` (0 when unset).
+    pub completion: u64,
+}
+
+impl TokenEstimate {
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
 impl Parsed {
-    /// The priority the request asks for (header, then body, then `normal`).
-    pub fn priority(&self) -> Priority {
+    /// The priority the request asks for (header, then body, then its principal's default,
+    /// then `normal`).
+    pub fn requested_priority(&self) -> Priority {
         self.header_priority
             .or(self.body_priority)
+            .or(self.default_priority)
             .unwrap_or_default()
+    }
+
+    /// The priority it runs at: the one it asks for, lowered to its principal's ceiling.
+    pub fn priority(&self) -> Priority {
+        let p = self.requested_priority();
+        self.max_priority.map_or(p, |max| p.min(max))
+    }
+
+    /// The tokens to charge before the call, as OpenAI counts them: the characters of the
+    /// prompt (`messages`, `prompt` or `input`: every string in them) / 4, plus `max_tokens`
+    /// or `max_completion_tokens`. Parses the body again: call it only when tokens are limited.
+    pub fn token_estimate(&self) -> TokenEstimate {
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct Counted {
+            messages: Chars,
+            prompt: Chars,
+            input: Chars,
+            max_tokens: Option<serde_json::Value>,
+            max_completion_tokens: Option<serde_json::Value>,
+        }
+        let c: Counted = serde_json::from_slice(&self.body).unwrap_or_default();
+        let chars = c.messages.0 + c.prompt.0 + c.input.0;
+        let completion = c
+            .max_completion_tokens
+            .or(c.max_tokens)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        TokenEstimate {
+            prompt: crate::limits::estimate_tokens(chars, 0),
+            completion,
+        }
+    }
+}
+
+/// The characters of every string in a JSON value (keys excluded).
+#[derive(Default)]
+struct Chars(u64);
+
+impl<'de> Deserialize<'de> for Chars {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Chars;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Chars, E> {
+                Ok(Chars(v.chars().count() as u64))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Chars, E> {
+                Ok(Chars(0))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Chars, E> {
+                Ok(Chars(0))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Chars, E> {
+                Ok(Chars(0))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Chars, E> {
+                Ok(Chars(0))
+            }
+            fn visit_unit<E>(self) -> Result<Chars, E> {
+                Ok(Chars(0))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Chars, A::Error> {
+                let mut n = 0u64;
+                while let Some(c) = a.next_element::<Chars>()? {
+                    n = n.saturating_add(c.0);
+                }
+                Ok(Chars(n))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Chars, A::Error> {
+                let mut n = 0u64;
+                while let Some((_, c)) = a.next_entry::<serde::de::IgnoredAny, Chars>()? {
+                    n = n.saturating_add(c.0);
+                }
+                Ok(Chars(n))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -641,6 +748,30 @@ mod tests {
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(err.param, Some(param), "{body}");
         }
+    }
+
+    #[test]
+    fn token_estimate_counts_prompt_characters_and_the_budget() {
+        let p = Parsed {
+            endpoint: Endpoint::ChatCompletions,
+            model: "m".into(),
+            stream: false,
+            body_priority: Some(Priority::Critical),
+            header_priority: None,
+            default_priority: Some(Priority::Low),
+            max_priority: Some(Priority::High),
+            max_wait: None,
+            strip_priority: true,
+            body: Bytes::from_static(
+                br#"{"model":"m","messages":[{"role":"user","content":"12345678"}],"max_tokens":10}"#,
+            ),
+            wire: WireFormat::OpenAi,
+            anthropic: None,
+        };
+        assert_eq!(p.token_estimate().prompt, 3, "\"user\" + 8 characters, / 4");
+        assert_eq!(p.token_estimate().total(), 13);
+        assert_eq!(p.priority(), Priority::High, "lowered to the ceiling");
+        assert_eq!(p.requested_priority(), Priority::Critical);
     }
 
     #[test]

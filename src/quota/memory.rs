@@ -1,0 +1,133 @@
+//! The in-process store of the rate limits: one short std mutex per principal around its
+//! buckets' TATs and its in-flight count, one per model around the model's (all principals
+//! together); never held across an `.await`, always taken principal first. Its size is fixed
+//! by the config (principals + models), never by client input. Also the `local` fallback of
+//! the Redis store.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::{Outcome, Plan, Slot};
+use crate::limits::charge_all;
+
+/// The buckets of every principal, by index.
+pub struct MemoryStore {
+    epoch: Instant,
+    principals: Vec<Mutex<Buckets>>,
+    /// Per model: its `rpm`, `tpm` TATs.
+    models: Vec<Mutex<[u64; 2]>>,
+}
+
+struct Buckets {
+    /// The principal's own `rpm`, `tpm`.
+    key: [u64; 2],
+    in_flight: u32,
+}
+
+/// The TAT of `slot`, from the principal's buckets or the model's.
+fn tat<'a>(b: &'a mut Buckets, m: &'a mut [u64; 2], slot: Slot) -> &'a mut u64 {
+    match slot {
+        Slot::Key(d) => &mut b.key[d as usize],
+        Slot::Model(_, d) => &mut m[d as usize],
+    }
+}
+
+impl MemoryStore {
+    pub fn new(principals: usize, models: usize) -> MemoryStore {
+        MemoryStore {
+            epoch: Instant::now(),
+            principals: (0..principals)
+                .map(|_| {
+                    Mutex::new(Buckets {
+                        key: [0; 2],
+                        in_flight: 0,
+                    })
+                })
+                .collect(),
+            models: (0..models).map(|_| Mutex::new([0; 2])).collect(),
+        }
+    }
+
+    /// Microseconds since this store began (never 0, the TAT of a fresh bucket).
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX) + 1
+    }
+
+    fn lock(&self, who: usize) -> Option<std::sync::MutexGuard<'_, Buckets>> {
+        let m = self.principals.get(who)?;
+        Some(m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The model's buckets (a dummy for a plan without model limits).
+    fn lock_model(&self, plan: &Plan) -> Option<std::sync::MutexGuard<'_, [u64; 2]>> {
+        if !plan
+            .charges
+            .iter()
+            .any(|(s, _)| matches!(s, Slot::Model(..)))
+        {
+            return None;
+        }
+        let m = self.models.get(plan.model)?;
+        Some(m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Charges `plan` (and takes an in-flight place if it has `max_parallel`), or refuses.
+    pub fn acquire(&self, plan: &Plan) -> Outcome {
+        let now = self.now();
+        let Some(mut b) = self.lock(plan.who) else {
+            return Outcome::Allowed(Vec::new());
+        };
+        if let Some(max) = plan.max_parallel {
+            if b.in_flight >= max {
+                return Outcome::Parallel(max);
+            }
+        }
+        let mut mg = self.lock_model(plan);
+        let mut none = [0u64; 2];
+        let m: &mut [u64; 2] = mg.as_deref_mut().unwrap_or(&mut none);
+        let mut tats: Vec<u64> = plan
+            .charges
+            .iter()
+            .map(|(s, _)| *tat(&mut b, m, *s))
+            .collect();
+        let charges: Vec<_> = plan.charges.iter().map(|(_, c)| *c).collect();
+        match charge_all(&charges, &mut tats, now) {
+            Ok(statuses) => {
+                for ((slot, _), t) in plan.charges.iter().zip(tats) {
+                    *tat(&mut b, m, *slot) = t;
+                }
+                if plan.max_parallel.is_some() {
+                    b.in_flight += 1;
+                }
+                Outcome::Allowed(statuses)
+            }
+            Err(d) => Outcome::Limited(d),
+        }
+    }
+
+    /// Corrects the token buckets of `plan` by `delta` tokens.
+    pub fn adjust(&self, plan: &Plan, delta: i64) {
+        let now = self.now();
+        if let Some(mut b) = self.lock(plan.who) {
+            let mut mg = self.lock_model(plan);
+            let mut none = [0u64; 2];
+            let m: &mut [u64; 2] = mg.as_deref_mut().unwrap_or(&mut none);
+            for (slot, c) in plan.token_charges() {
+                let t = tat(&mut b, m, slot);
+                *t = c.rate.adjust(*t, now, delta);
+            }
+        }
+    }
+
+    /// Gives back an in-flight place.
+    pub fn release(&self, who: usize) {
+        if let Some(mut b) = self.lock(who) {
+            b.in_flight = b.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// In-flight places taken, by principal.
+    pub fn in_flight(&self, who: usize) -> u32 {
+        self.lock(who).map_or(0, |b| b.in_flight)
+    }
+}

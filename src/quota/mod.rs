@@ -1,0 +1,322 @@
+//! The async shell of the rate limits: which buckets a request charges (its principal's `rpm`,
+//! `tpm`, `max_parallel`, and its model's `rpm`/`tpm`, all principals together), and the store that
+//! keeps them: in memory ([`memory`]) or in Redis ([`redis`], shared by every replica, with
+//! the `local` / `closed` failure modes). The arithmetic is `limits`' (pure); this module owns
+//! the I/O, and must not answer HTTP (that is `error`, through the `limit` phase).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::config::{Config, LimitStore, RedisFailure};
+use crate::limits::{Charge, Denial, Dim, Rate, Status};
+
+mod memory;
+mod redis;
+
+use memory::MemoryStore;
+use redis::RedisStore;
+
+/// How long a Redis in-flight lease lives without renewal: a replica that dies frees its
+/// places after this.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Which bucket of a principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// The principal's own limit.
+    Key(Dim),
+    /// A model's limit (by model index), all principals together.
+    Model(usize, Dim),
+}
+
+/// What one request charges: the principal (index), the model, each bucket and its cost.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub who: usize,
+    /// The principal's name (Redis keys).
+    pub name: Arc<str>,
+    pub model: usize,
+    pub model_name: Arc<str>,
+    pub charges: Vec<(Slot, Charge)>,
+    pub max_parallel: Option<u32>,
+}
+
+impl Plan {
+    pub(crate) fn token_charges(&self) -> impl Iterator<Item = (Slot, Charge)> + '_ {
+        self.charges
+            .iter()
+            .filter(|(_, c)| c.dim == Dim::Tokens)
+            .copied()
+    }
+}
+
+/// What a store answers.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Charged: each bucket's status, in the plan's order.
+    Allowed(Vec<Status>),
+    Limited(Denial),
+    /// `max_parallel` requests are already in flight.
+    Parallel(u32),
+}
+
+/// Why a request may not run.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    Limited(Denial),
+    Parallel(u32),
+    /// `redis_failure = "closed"` and Redis does not answer.
+    Unavailable,
+}
+
+/// Where a grant was charged (so that it is settled there).
+#[derive(Debug, Clone)]
+enum Via {
+    Memory,
+    Redis { lease: Option<String> },
+}
+
+/// What a request holds of its limits until it ends.
+#[derive(Debug)]
+pub struct Grant {
+    plan: Plan,
+    via: Via,
+    /// The tokens charged before the call.
+    pub estimate: u64,
+    /// The most constrained request and token buckets, for the headers.
+    pub requests: Option<Status>,
+    pub tokens: Option<Status>,
+}
+
+/// The limits of one principal.
+#[derive(Debug, Clone)]
+struct Policy {
+    name: Arc<str>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    max_parallel: Option<u32>,
+}
+
+/// The rate limits of every principal, and their store.
+pub struct Limiter {
+    /// Index 0: the anonymous principal (`auth.mode = "none"`); then `auth.keys` in order.
+    policies: Vec<Policy>,
+    /// Per model (config order): its name, `rpm`, `tpm`.
+    models: Vec<(Arc<str>, Option<u64>, Option<u64>)>,
+    model_index: HashMap<Arc<str>, usize>,
+    memory: MemoryStore,
+    redis: Option<Arc<RedisStore>>,
+    failure: RedisFailure,
+    refused: AtomicU64,
+}
+
+impl Limiter {
+    /// Built from the config; with Redis, starts its connection and health task (so it must
+    /// run inside the runtime). A Redis that is down at start is the same as one that fails
+    /// later: `redis_failure` applies until it answers.
+    pub async fn build(cfg: &Config) -> Limiter {
+        let mut policies = vec![Policy {
+            name: "anonymous".into(),
+            rpm: None,
+            tpm: None,
+            max_parallel: None,
+        }];
+        policies.extend(cfg.auth.keys.iter().map(|k| Policy {
+            name: k.name.as_str().into(),
+            rpm: k.rpm,
+            tpm: k.tpm,
+            max_parallel: k.max_parallel,
+        }));
+        let models: Vec<_> = cfg
+            .models
+            .iter()
+            .map(|m| (Arc::<str>::from(m.name.as_str()), m.rpm, m.tpm))
+            .collect();
+        let redis = match (&cfg.limits.store, &cfg.limits.redis_url) {
+            (LimitStore::Redis, Some(url)) => Some(
+                RedisStore::start(
+                    url,
+                    Duration::from_millis(cfg.limits.redis_timeout_ms.max(1)),
+                    cfg.limits.redis_failure,
+                )
+                .await,
+            ),
+            _ => None,
+        };
+        Limiter {
+            memory: MemoryStore::new(policies.len(), models.len()),
+            model_index: models
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (m.0.clone(), i))
+                .collect(),
+            policies,
+            models,
+            redis,
+            failure: cfg.limits.redis_failure,
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// The index of a configured model.
+    pub fn model_index(&self, name: &str) -> Option<usize> {
+        self.model_index.get(name).copied()
+    }
+
+    /// Whether a request of `who` to `model` is charged tokens (so that its estimate is
+    /// worth computing).
+    pub fn counts_tokens(&self, who: usize, model: usize) -> bool {
+        self.policies.get(who).is_some_and(|p| p.tpm.is_some())
+            || self.models.get(model).is_some_and(|m| m.2.is_some())
+    }
+
+    /// What request `who` (principal index) to `model` (index) charges, `tokens` estimated;
+    /// `None` when no limit applies to it at all.
+    pub fn plan(&self, who: usize, model: usize, tokens: u64) -> Option<Plan> {
+        let p = self.policies.get(who)?;
+        let (model_name, m_rpm, m_tpm) = self.models.get(model)?.clone();
+        let mut charges = Vec::new();
+        let mut add = |slot, limit: Option<u64>, dim, cost| {
+            if let Some(l) = limit {
+                charges.push((
+                    slot,
+                    Charge {
+                        rate: Rate::per_minute(l),
+                        dim,
+                        cost,
+                    },
+                ));
+            }
+        };
+        add(Slot::Key(Dim::Requests), p.rpm, Dim::Requests, 1);
+        add(Slot::Key(Dim::Tokens), p.tpm, Dim::Tokens, tokens);
+        add(Slot::Model(model, Dim::Requests), m_rpm, Dim::Requests, 1);
+        add(Slot::Model(model, Dim::Tokens), m_tpm, Dim::Tokens, tokens);
+        if charges.is_empty() && p.max_parallel.is_none() {
+            return None;
+        }
+        Some(Plan {
+            who,
+            name: p.name.clone(),
+            model,
+            model_name,
+            charges,
+            max_parallel: p.max_parallel,
+        })
+    }
+
+    /// Charges `plan` in the configured store (or its fallback), or refuses it.
+    pub async fn acquire(&self, plan: Plan, estimate: u64) -> Result<Grant, Refusal> {
+        let (outcome, via) = match &self.redis {
+            Some(r) if r.is_up() => match r.acquire(&plan).await {
+                Ok((o, lease)) => (o, Via::Redis { lease }),
+                Err(()) => self.fallback(&plan)?,
+            },
+            Some(_) => self.fallback(&plan)?,
+            None => (self.memory.acquire(&plan), Via::Memory),
+        };
+        match outcome {
+            Outcome::Allowed(statuses) => {
+                let pick = |dim: Dim| {
+                    plan.charges
+                        .iter()
+                        .zip(&statuses)
+                        .filter(|((_, c), _)| c.dim == dim)
+                        .map(|(_, s)| *s)
+                        .min_by_key(|s| (s.remaining, std::cmp::Reverse(s.reset_us)))
+                };
+                Ok(Grant {
+                    requests: pick(Dim::Requests),
+                    tokens: pick(Dim::Tokens),
+                    plan,
+                    via,
+                    estimate,
+                })
+            }
+            Outcome::Limited(d) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Err(Refusal::Limited(d))
+            }
+            Outcome::Parallel(n) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Err(Refusal::Parallel(n))
+            }
+        }
+    }
+
+    /// Redis does not answer: the local buckets, or a refusal.
+    fn fallback(&self, plan: &Plan) -> Result<(Outcome, Via), Refusal> {
+        match self.failure {
+            RedisFailure::Local => Ok((self.memory.acquire(plan), Via::Memory)),
+            RedisFailure::Closed => Err(Refusal::Unavailable),
+        }
+    }
+
+    /// The request is over: corrects its token charge to `actual` tokens (when known) and
+    /// frees its in-flight place. Never waits: Redis is told by a task of its own.
+    pub fn settle(&self, grant: Grant, actual: Option<u64>) {
+        let delta = actual.map_or(0, |a| a as i64 - grant.estimate as i64);
+        let has_tokens = grant.plan.token_charges().next().is_some();
+        match grant.via {
+            Via::Memory => {
+                if delta != 0 && has_tokens {
+                    self.memory.adjust(&grant.plan, delta);
+                }
+                if grant.plan.max_parallel.is_some() {
+                    self.memory.release(grant.plan.who);
+                }
+            }
+            Via::Redis { lease } => {
+                if let Some(r) = &self.redis {
+                    let delta = if has_tokens { delta } else { 0 };
+                    r.settle(grant.plan, delta, lease);
+                }
+            }
+        }
+    }
+
+    /// `/readyz` detail and the admin view: the store and its state.
+    pub fn health(&self) -> Value {
+        match &self.redis {
+            None => json!({"store": "memory"}),
+            Some(r) => json!({
+                "store": "redis",
+                "redis": if r.is_up() { "up" } else { "down" },
+                "redis_failure": match self.failure {
+                    RedisFailure::Local => "local",
+                    RedisFailure::Closed => "closed",
+                },
+                "serving_from": if r.is_up() { "redis" } else {
+                    match self.failure { RedisFailure::Local => "local", RedisFailure::Closed => "refusing" }
+                },
+            }),
+        }
+    }
+
+    /// The admin view: store state, refusals, and each principal's limits and local in-flight
+    /// count (names only, never a key or its hash).
+    pub fn snapshot(&self) -> Value {
+        let mut v = self.health();
+        v["refused"] = self.refused.load(Ordering::Relaxed).into();
+        v["principals"] = self
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                json!({
+                    "name": &*p.name,
+                    "rpm": p.rpm,
+                    "tpm": p.tpm,
+                    "max_parallel": p.max_parallel,
+                    "in_flight_local": self.memory.in_flight(i),
+                })
+            })
+            .collect::<Vec<_>>()
+            .into();
+        v
+    }
+}

@@ -1,0 +1,444 @@
+//! Per-key rate limits (issue 10): `rpm`, `tpm` (estimated before, settled after from `usage`)
+//! and `max_parallel` give 429 with `Retry-After`, `retry-after-ms` and OpenAI's
+//! `x-ratelimit-*` headers, after which the request succeeds; and, with a real `redis-server`
+//! (Debian's, started here on an ephemeral loopback port without persistence), two gateway
+//! processes enforce one limit together, keep answering (`local`) or refuse (`closed`) while
+//! Redis is down, share again when it is back, and free a dead replica's in-flight places when
+//! its leases expire. The official `openai` SDK retrying a 429 is behind the `external` feature.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mofa_gateway::sim::SimOptions;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const SECRET: &str = "sk-mofa-limits-test-0123456789abcdef";
+const OTHER: &str = "sk-mofa-limits-test-other-0123456789";
+
+fn hash(secret: &str) -> String {
+    let hex: String = Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+/// `[auth]` with key `team` (SECRET, limits `extra`) and key `other` (OTHER, no limits).
+fn keyed(extra: &str) -> String {
+    format!(
+        "[auth]\nmode = \"keys\"\nadmin_keys = [\"{}\"]\n\
+         [[auth.keys]]\nname = \"team\"\nhash = \"{}\"\n{extra}\n",
+        hash(OTHER),
+        hash(SECRET)
+    )
+}
+
+fn auth() -> [(&'static str, String); 1] {
+    [("authorization", format!("Bearer {SECRET}"))]
+}
+
+async fn keyed_chat(gw: SocketAddr, body: &Value) -> reqwest::Response {
+    let a = auth();
+    chat_with(gw, body, &[(a[0].0, a[0].1.as_str())]).await
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name}"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn num(r: &reqwest::Response, name: &str) -> u64 {
+    header(r, name).parse().unwrap()
+}
+
+/// Asserts a 429 as OpenAI sends it; returns its `retry-after-ms`.
+async fn assert_429(r: reqwest::Response, kind: &str) -> (u64, Value) {
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "content-type"), "application/json");
+    let secs = num(&r, "retry-after");
+    let ms = num(&r, "retry-after-ms");
+    assert!((1..=60).contains(&secs), "Retry-After {secs}");
+    assert!(
+        ms >= 1 && ms <= secs * 1000 && ms > (secs - 1) * 1000,
+        "{ms} ms vs {secs} s"
+    );
+    let e = envelope(r).await;
+    assert_eq!(e["type"], kind);
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    (ms, e)
+}
+
+/// `GET /admin/orchestrator` with the admin key.
+async fn admin_view(gw: SocketAddr) -> Value {
+    get_with(
+        gw,
+        "/admin/orchestrator",
+        &[("authorization", &format!("Bearer {OTHER}"))],
+    )
+    .await
+    .json()
+    .await
+    .unwrap()
+}
+
+fn chat_tokens(model: &str, max_tokens: u64) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello there"}],
+           "max_tokens": max_tokens})
+}
+
+#[tokio::test]
+async fn rpm_gives_429_with_headers_and_retry_after_is_when_it_fits() {
+    let up = sim(sim_opts("m")).await;
+    let gw = gateway(&format!("{}{}", keyed("rpm = 60"), one_model("m", &up, ""))).await;
+    let r = keyed_chat(gw, &chat_body("m", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(num(&r, "x-ratelimit-limit-requests"), 60);
+    let first = num(&r, "x-ratelimit-remaining-requests");
+    assert_eq!(first, 59);
+    let reset = header(&r, "x-ratelimit-reset-requests");
+    assert!(reset.ends_with("ms") || reset.ends_with('s'), "{reset}");
+    let mut last = first;
+    let mut refused = None;
+    for _ in 0..80 {
+        let r = keyed_chat(gw, &chat_body("m", false)).await;
+        if r.status() == 429 {
+            assert_eq!(num(&r, "x-ratelimit-remaining-requests"), 0);
+            assert_eq!(num(&r, "x-ratelimit-limit-requests"), 60);
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 200);
+        last = num(&r, "x-ratelimit-remaining-requests");
+    }
+    assert!(last < first, "x-ratelimit-remaining-requests decreases");
+    let (ms, e) = assert_429(refused.expect("no 429 within 80 requests"), "requests").await;
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("Limit 60") && msg.contains("Requested 1"),
+        "{msg}"
+    );
+    // A stream gets the same JSON 429 before any byte.
+    let r = keyed_chat(gw, &chat_body("m", true)).await;
+    if r.status() == 429 {
+        assert_429(r, "requests").await;
+    }
+    // At Retry-After it fits.
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let r = keyed_chat(gw, &chat_body("m", true)).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-ratelimit-remaining-requests"));
+    assert!(r.text().await.unwrap().contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn tpm_charges_an_estimate_then_the_usage() {
+    let up = sim(sim_opts("m")).await;
+    let gw = gateway(&format!("{}{}", keyed("tpm = 60"), one_model("m", &up, ""))).await;
+    // "user" + "hello there": 15 characters, 4 tokens; plus max_tokens.
+    let r = keyed_chat(gw, &chat_tokens("m", 5)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(num(&r, "x-ratelimit-limit-tokens"), 60);
+    assert_eq!(num(&r, "x-ratelimit-remaining-tokens"), 51);
+    let usage: Value = r.json().await.unwrap();
+    let used = usage["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used > 0);
+    // A whole minute's allowance does not fit while the first request's usage is charged.
+    let r = keyed_chat(gw, &chat_tokens("m", 56)).await;
+    let (ms, e) = assert_429(r, "tokens").await;
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("Limit 60") && msg.contains("Requested 60"),
+        "{msg}"
+    );
+    assert!(
+        ms <= used * 1000,
+        "charged the usage ({used}), not more: {ms} ms"
+    );
+    // More than a minute's allowance never fits: no retry.
+    let r = keyed_chat(gw, &chat_tokens("m", 500)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-should-retry"), "false");
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    assert_eq!(keyed_chat(gw, &chat_tokens("m", 56)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn max_parallel_refuses_with_a_short_retry_and_frees_at_the_end() {
+    let slow = sim(SimOptions {
+        tokens_per_sec: 4.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let gw = gateway(&format!(
+        "{}{}",
+        keyed("max_parallel = 1"),
+        one_model("m", &slow, "")
+    ))
+    .await;
+    let held = keyed_chat(gw, &chat_body("m", true)).await;
+    assert_eq!(held.status(), 200);
+    let r = keyed_chat(gw, &chat_body("m", false)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(num(&r, "retry-after"), 1);
+    assert!(num(&r, "retry-after-ms") < 1000, "a short retry");
+    let e = envelope(r).await;
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    // Admission never saw it: one slot taken (the held stream), nobody queued.
+    let a = admin_view(gw).await;
+    assert_eq!(a["models"]["m"]["queue"]["depth"], 0, "{a}");
+    let slots: u64 = a["models"]["m"]["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["in_flight"].as_u64().unwrap())
+        .sum();
+    assert_eq!(slots, 1, "{a}");
+    assert_eq!(a["limits"]["refused"], 1, "{a}");
+    drop(held); // the client leaves: the place is freed
+    eventually("the in-flight place is freed", WAIT, || async {
+        keyed_chat(gw, &chat_body("m", false)).await.status() == 200
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis.
+
+/// A `redis-server` on a loopback port, without persistence; killed when dropped.
+struct Redis {
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let mut r = Redis { child: None, port };
+        r.restart().await;
+        r
+    }
+
+    async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server; .ci/run installs it)");
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        eventually("redis-server accepts", WAIT, || accepts(addr)).await;
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_config(redis: &Redis, failure: &str, key_limits: &str, models: &str) -> String {
+    format!(
+        "{}[limits]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_failure = \"{failure}\"\n\
+         redis_timeout_ms = 200\n{models}",
+        keyed(key_limits),
+        redis.url()
+    )
+}
+
+/// Sends `n` requests through `gws` at once (round robin, 16 at a time); counts the 200s.
+async fn hammer(gws: &[SocketAddr], n: usize) -> (u64, Duration) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (ok, next, gws) = (ok.clone(), next.clone(), gws.to_vec());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst) as usize;
+                if i >= n {
+                    break;
+                }
+                let r = keyed_chat(gws[i % gws.len()], &chat_body("m", false)).await;
+                match r.status().as_u16() {
+                    200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    429 => {}
+                    s => panic!("unexpected {s}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (ok.load(Ordering::SeqCst), start.elapsed())
+}
+
+async fn redis_state(gw: SocketAddr) -> String {
+    let v = get_json(&format!("http://{gw}/readyz")).await;
+    v["limits"]["redis"].as_str().unwrap_or("").to_string()
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
+    let mut redis = Redis::start().await;
+    let up = sim(sim_opts("m")).await;
+    let model = one_model("m", &up, "");
+    let (_a, a) = run_gateway_binary(&redis_config(&redis, "local", "rpm = 60", &model)).await;
+    let (_b, b) = run_gateway_binary(&redis_config(&redis, "closed", "rpm = 60", &model)).await;
+    for gw in [a, b] {
+        eventually(
+            "redis up",
+            WAIT,
+            || async move { redis_state(gw).await == "up" },
+        )
+        .await;
+    }
+
+    // One limit for both: 60, plus what refills (1 a second) while the burst lasts, plus one.
+    let (ok, took) = hammer(&[a, b], 240).await;
+    let bound = 61 + took.as_secs();
+    assert!(
+        ok >= 60 && ok <= bound,
+        "{ok} admitted in {took:?} (bound {bound})"
+    );
+
+    // Redis gone: the `local` replica keeps answering, the `closed` one refuses with 503.
+    redis.kill();
+    let r = keyed_chat(a, &chat_body("m", false)).await;
+    assert_eq!(r.status(), 200, "local: served on a local bucket");
+    let r = keyed_chat(b, &chat_body("m", false)).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "x-mofa-reject-reason"), "limits_unavailable");
+    assert_eq!(envelope(r).await["code"], "limits_unavailable");
+    assert_eq!(redis_state(a).await, "down");
+    let ready = get_json(&format!("http://{b}/readyz")).await;
+    assert_eq!(ready["limits"]["serving_from"], "refusing");
+
+    // Back: both go back to Redis by themselves, and share again.
+    redis.restart().await;
+    for gw in [a, b] {
+        eventually("redis up again", Duration::from_secs(20), || async move {
+            redis_state(gw).await == "up"
+        })
+        .await;
+    }
+    let (ok, took) = hammer(&[a, b], 240).await;
+    let bound = 61 + took.as_secs();
+    assert!(
+        ok >= 60 && ok <= bound,
+        "{ok} admitted in {took:?} (bound {bound})"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_replica_frees_its_in_flight_places_when_its_leases_expire() {
+    let redis = Redis::start().await;
+    let slow = sim(SimOptions {
+        tokens_per_sec: 1.0,
+        ..sim_opts("slow")
+    })
+    .await;
+    let fast = sim(sim_opts("m")).await;
+    let models = format!(
+        "{}{}",
+        one_model("slow", &slow, ""),
+        one_model("m", &fast, "")
+    );
+    let cfg = redis_config(&redis, "local", "max_parallel = 2", &models);
+    let (mut c, c_addr) = run_gateway_binary(&cfg).await;
+    let (_d, d) = run_gateway_binary(&cfg).await;
+    for gw in [c_addr, d] {
+        eventually(
+            "redis up",
+            WAIT,
+            || async move { redis_state(gw).await == "up" },
+        )
+        .await;
+    }
+    let long = json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 1000, "stream": true});
+    let h1 = keyed_chat(c_addr, &long).await;
+    let h2 = keyed_chat(c_addr, &long).await;
+    assert_eq!((h1.status().as_u16(), h2.status().as_u16()), (200, 200));
+    // The places are counted in Redis: the other replica refuses a third.
+    let r = keyed_chat(d, &chat_body("m", false)).await;
+    assert_eq!(r.status(), 429, "max_parallel shared through Redis");
+    c.signal("-KILL");
+    c.wait().await;
+    drop((h1, h2));
+    // The dead replica's leases expire (10 s) and the places are free again.
+    eventually("the leases expire", Duration::from_secs(30), || async {
+        keyed_chat(d, &chat_body("m", false)).await.status() == 200
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The official SDK (PyPI: only with the `external` feature).
+
+#[cfg(feature = "external")]
+#[tokio::test]
+async fn official_python_sdk_retries_a_429_and_succeeds() {
+    let up = sim(sim_opts("m")).await;
+    let gw = gateway(&format!("{}{}", keyed("rpm = 60"), one_model("m", &up, ""))).await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tokio::process::Command::new("bash")
+        .arg(format!("{root}/scripts/setup-test-env"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "scripts/setup-test-env failed");
+    let python = String::from_utf8(out.stdout).unwrap();
+    let out = tokio::process::Command::new(python.trim())
+        .arg(format!("{root}/tests/sdk/ratelimit.py"))
+        .arg(format!("http://{gw}/v1"))
+        .arg(SECRET)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok retried_429"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The gateway refused at least once, and the SDK's retry then went through.
+    let v: Value = get_with(
+        gw,
+        "/admin/orchestrator",
+        &[("authorization", &format!("Bearer {OTHER}"))],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert!(v["limits"]["refused"].as_u64().unwrap() >= 1, "{v}");
+}
