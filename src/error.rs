@@ -3,6 +3,8 @@
 //! Every non-2xx reply the gateway produces goes through [`ApiError`], so every one carries the
 //! OpenAI error envelope `{"error":{"message","type","param","code"}}` with the status that
 //! `docs/http-contract.md` gives for it, plus `Retry-After` / `x-should-retry` where they apply.
+//! On an Anthropic route the same failure is rendered in Anthropic's envelope and statuses
+//! ([`ApiError::into_response_for`]: 503 becomes 529 `overloaded_error`, and so on).
 //! This module decides statuses and envelopes; it must not do I/O or know about routing.
 
 use std::borrow::Cow;
@@ -11,6 +13,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use crate::anthropic::{self, WireFormat};
 use crate::headers::{BACKEND, REJECT_REASON, RETRY_AFTER_MS, SHOULD_RETRY};
 use crate::pool::StartError;
 use crate::reason::{clamp_retry_after, RejectReason, Rejection, RETRY_AFTER_MAX_S};
@@ -506,28 +509,44 @@ impl ApiError {
     pub fn envelope(&self) -> Bytes {
         envelope(&self.message, self.kind, self.param, &self.code)
     }
-}
 
-/// Envelope `type` for a status the gateway did not produce itself (safety net, pass-through).
-pub fn kind_for_status(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        401 => "authentication_error",
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        503 => "service_unavailable",
-        502 | 504 => "upstream_error",
-        s if s >= 500 => "server_error",
-        _ => "invalid_request_error",
+    /// The status and error `type` of this failure on an Anthropic route: 400
+    /// `invalid_request_error` (bad input, unsupported media type), 401 `authentication_error`,
+    /// 403 `permission_error`, 404 `not_found_error`, 413 `request_too_large`, 429
+    /// `rate_limit_error`, every overload and admission rejection (the gateway's 503) 529
+    /// `overloaded_error`, 504 `timeout_error`, any other server-side failure 500 `api_error`;
+    /// other client errors keep their status as `invalid_request_error`.
+    pub fn anthropic_status(&self) -> (StatusCode, &'static str) {
+        let s = |n: u16| StatusCode::from_u16(n).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        match self.status.as_u16() {
+            401 => (self.status, "authentication_error"),
+            403 => (self.status, "permission_error"),
+            404 => (self.status, "not_found_error"),
+            413 => (self.status, "request_too_large"),
+            415 => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            429 => (self.status, "rate_limit_error"),
+            503 => (s(529), "overloaded_error"),
+            504 => (self.status, "timeout_error"),
+            n if n >= 500 => (StatusCode::INTERNAL_SERVER_ERROR, "api_error"),
+            _ => (self.status, "invalid_request_error"),
+        }
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = match &self.passthrough {
-            Some(b) => b.clone(),
-            None => self.envelope(),
-        };
-        let mut resp = (self.status, body).into_response();
+    /// The response for a client speaking `wire`: the OpenAI envelope, or Anthropic's
+    /// (`{"type":"error","error":{"type","message"}}`) with its statuses. The headers
+    /// (`Retry-After`, `x-should-retry`, `x-mofa-*`) are the same for both.
+    pub fn into_response_for(self, wire: WireFormat) -> Response {
+        if !wire.is_anthropic() {
+            return self.into_response();
+        }
+        let (status, kind) = self.anthropic_status();
+        let body = anthropic::error_body(kind, &self.message);
+        self.respond(status, body)
+    }
+
+    /// `body` with `status` and the headers of this error.
+    fn respond(self, status: StatusCode, body: Bytes) -> Response {
+        let mut resp = (status, body).into_response();
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -559,6 +578,30 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Envelope `type` for a status the gateway did not produce itself (safety net, pass-through).
+pub fn kind_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        503 => "service_unavailable",
+        502 | 504 => "upstream_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match &self.passthrough {
+            Some(b) => b.clone(),
+            None => self.envelope(),
+        };
+        let status = self.status;
+        self.respond(status, body)
+    }
+}
+
 /// Shortens client-supplied text quoted back in a message.
 pub fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
@@ -584,6 +627,54 @@ mod tests {
             serde_json::from_slice(&ApiError::unsupported_media_type().envelope()).unwrap();
         assert!(v["error"].as_object().unwrap().contains_key("param"));
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn anthropic_statuses_and_envelope() {
+        use crate::reason::Rejection;
+        let cases = [
+            (
+                ApiError::invalid_value("model", "x"),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::unsupported_media_type(),
+                400,
+                "invalid_request_error",
+            ),
+            (ApiError::model_not_found("m"), 404, "not_found_error"),
+            (ApiError::too_large(10), 413, "request_too_large"),
+            (
+                ApiError::rejected(Rejection::new(RejectReason::QueueFull, 3), "m"),
+                529,
+                "overloaded_error",
+            ),
+            (
+                ApiError::upstream_busy("b", StatusCode::TOO_MANY_REQUESTS, 2),
+                529,
+                "overloaded_error",
+            ),
+            (ApiError::upstream_unavailable("b", "x"), 500, "api_error"),
+            (ApiError::upstream_timeout("b", "x"), 504, "timeout_error"),
+        ];
+        for (e, status, kind) in cases {
+            let (s, k) = e.anthropic_status();
+            assert_eq!((s.as_u16(), k), (status, kind), "{}", e.message);
+        }
+        let mut auth = ApiError::invalid_value("x", "y");
+        auth.status = StatusCode::UNAUTHORIZED;
+        assert_eq!(auth.anthropic_status().1, "authentication_error");
+        auth.status = StatusCode::FORBIDDEN;
+        assert_eq!(auth.anthropic_status().1, "permission_error");
+        auth.status = StatusCode::TOO_MANY_REQUESTS;
+        assert_eq!(auth.anthropic_status().1, "rate_limit_error");
+
+        let r = ApiError::rejected(Rejection::new(RejectReason::QueueFull, 3), "m")
+            .into_response_for(WireFormat::Anthropic);
+        assert_eq!(r.status().as_u16(), 529);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(r.headers()[REJECT_REASON], "queue_full");
     }
 
     #[test]

@@ -27,3 +27,5 @@ pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-mofa-attempts");
 pub const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-mofa-request-id");
 /// Where the time went (`queue`, `upstream`, `total`, in ms), as browsers' tools read it.
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+/// The request id as the Anthropic SDKs read it (on the Messages routes; same as `x-request-id`).
+pub const ANTHROPIC_REQUEST_ID: HeaderName = HeaderName::from_static("request-id");

@@ -11,6 +11,8 @@
 //! - `quota`: the async shell of the rate limits (the memory and Redis stores);
 //! - the pure decision core: `admission`, `routing`, `breaker`, `limits` (GCRA buckets), with
 //!   `reason` (the closed set of rejections); no I/O, no HTTP crate;
+//! - `anthropic`: the Messages API's formats and their translation to and from OpenAI's
+//!   (pure; used by `proxy` and `error`, plugged into the relay as a transform);
 //! - `config` (validated TOML) and `headers` (names), used by all; `metrics` (the Prometheus
 //!   registry and the status page's windows, fed by `proxy::observe`) imports nothing of the
 //!   crate; `sim` stands alone.
@@ -21,6 +23,7 @@ pub mod server;
 pub mod sim;
 
 mod admission;
+mod anthropic;
 mod breaker;
 mod error;
 mod headers;

@@ -84,6 +84,38 @@ async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
         .collect();
     assert!(!streamed.trim().is_empty(), "{text}");
 
+    // The same model through Anthropic's Messages API.
+    let resp = post(
+        gw,
+        "/v1/messages",
+        &json!({
+            "model": "gemma",
+            "max_tokens": 24,
+            "temperature": 0,
+            "system": "Answer briefly.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Name three colours."}]}],
+        }),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(assert_stamped(&resp), "local(gemma)");
+    let m: Value = resp.json().await.unwrap();
+    assert_eq!(m["type"], "message", "{m}");
+    assert_eq!(m["content"][0]["type"], "text", "{m}");
+    assert!(
+        !m["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .is_empty(),
+        "{m}"
+    );
+    assert!(
+        ["end_turn", "max_tokens"].contains(&m["stop_reason"].as_str().unwrap_or_default()),
+        "{m}"
+    );
+    assert!(m["usage"]["output_tokens"].as_u64().unwrap() > 0, "{m}");
+
     let pool = admin(gw, "pool").await;
     let p = &pool["models"][0];
     assert_eq!(p["state"], "ready", "{pool}");

@@ -14,8 +14,10 @@ use axum::Router;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::anthropic::WireFormat;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::headers::ANTHROPIC_REQUEST_ID;
 use crate::orchestrator::BuildError;
 use crate::proxy::accept::{accept, Accepted};
 use crate::proxy::authorize::Principal;
@@ -84,6 +86,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route(
@@ -184,6 +188,27 @@ async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response 
 
 async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
     proxy(&st, Endpoint::Embeddings, req).await
+}
+
+/// Anthropic's Messages API: the same pipeline, another wire format (see `anthropic`).
+async fn messages(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    anthropic_route(&st, WireFormat::Anthropic, req).await
+}
+
+async fn count_tokens(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    anthropic_route(&st, WireFormat::AnthropicCount, req).await
+}
+
+/// Runs a request of an Anthropic route; its reply also carries `request-id` (the id the
+/// Anthropic SDKs read), the same as `x-request-id`.
+async fn anthropic_route(st: &AppState, wire: WireFormat, mut req: Request) -> Response {
+    req.extensions_mut().insert(wire);
+    let id = req.extensions().get::<Accepted>().map(|a| a.id.clone());
+    let mut resp = proxy(st, Endpoint::ChatCompletions, req).await;
+    if let Some(id) = id {
+        resp.headers_mut().insert(ANTHROPIC_REQUEST_ID, id);
+    }
+    resp
 }
 
 async fn proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Response {

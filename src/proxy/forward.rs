@@ -106,8 +106,10 @@ pub async fn forward(
         }
     }
     let new_model = dep.upstream_model.as_deref().filter(|m| *m != req.model);
-    let body = if new_model.is_some() || req.strip_priority {
-        rewrite(&req.body, new_model, req.strip_priority).map_err(|error| Failed {
+    // A Messages request's `top_k`: local servers take it, cloud APIs refuse it.
+    let drop_top_k = dep.cloud && req.anthropic.as_ref().is_some_and(|a| a.top_k);
+    let body = if new_model.is_some() || req.strip_priority || drop_top_k {
+        rewrite(&req.body, new_model, req.strip_priority, drop_top_k).map_err(|error| Failed {
             error,
             retryable: false,
             suspect: None,
@@ -151,9 +153,15 @@ pub async fn forward(
     }
 }
 
-/// `body` with `model` replaced (if `model` is given) and `priority` removed (if
-/// `strip_priority`: it was the gateway's), other fields and their order kept.
-fn rewrite(body: &[u8], model: Option<&str>, strip_priority: bool) -> Result<Bytes, ApiError> {
+/// `body` with `model` replaced (if `model` is given), `priority` removed (if
+/// `strip_priority`: it was the gateway's) and `top_k` (if `drop_top_k`), other fields and
+/// their order kept.
+fn rewrite(
+    body: &[u8],
+    model: Option<&str>,
+    strip_priority: bool,
+    drop_top_k: bool,
+) -> Result<Bytes, ApiError> {
     let mut v: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
     if let Some(model) = model {
@@ -161,6 +169,9 @@ fn rewrite(body: &[u8], model: Option<&str>, strip_priority: bool) -> Result<Byt
     }
     if strip_priority {
         v.shift_remove("priority");
+    }
+    if drop_top_k {
+        v.shift_remove("top_k");
     }
     serde_json::to_vec(&v)
         .map(Bytes::from)
@@ -177,13 +188,22 @@ mod tests {
             br#"{"z":1,"model":"a","tools":[{"x":null}],"priority":5}"#,
             Some("b"),
             false,
+            false,
         )
         .unwrap();
         assert_eq!(
             &out[..],
             br#"{"z":1,"model":"b","tools":[{"x":null}],"priority":5}"#
         );
-        let out = rewrite(br#"{"model":"a","priority":"high","n":1}"#, None, true).unwrap();
+        let out = rewrite(
+            br#"{"model":"a","priority":"high","n":1}"#,
+            None,
+            true,
+            false,
+        )
+        .unwrap();
+        assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
+        let out = rewrite(br#"{"model":"a","top_k":5,"n":1}"#, None, false, true).unwrap();
         assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
     }
 }

@@ -13,6 +13,11 @@
 //!
 //! The pipeline owns the order and the hand-over between phases; it must not hold HTTP routing
 //! (that is `http`) nor decide statuses (that is `error`). A new feature plugs into a phase.
+//!
+//! Anthropic's Messages API runs on the same phases: `parse` translates the request into an
+//! OpenAI chat completion, [`Pipeline::respond`] translates the reply back (a stream through
+//! the relay's transform), errors are rendered in the client's format; `count_tokens` stops
+//! after `authorize` with the gateway's estimate.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,8 +26,9 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
+use crate::anthropic::{self, WireFormat};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::headers::{ATTEMPTS, BACKEND, PRECISION, SERVER_TIMING};
@@ -44,6 +50,14 @@ use forward::Forwarded;
 use observe::{ClientAddr, Observer, Reason, Record, Tokens};
 use parse::Parsed;
 use route::Attempts;
+
+/// What phases 2 to 7 produced.
+enum Ran {
+    /// A try succeeded; a Messages request also has its reply context.
+    Forwarded(Box<(Forwarded, Option<anthropic::Context>)>),
+    /// `count_tokens`: answered after `authorize` with the gateway's estimate of input tokens.
+    Counted(u64),
+}
 
 /// Everything the phases share. Built once; admission state lives per model in the
 /// orchestrator, behind short per-model locks.
@@ -103,18 +117,38 @@ impl Pipeline {
 
     /// Runs a request to `endpoint` through every phase; always an answer (errors included).
     pub async fn handle(&self, endpoint: Endpoint, accepted: &Accepted, req: Request) -> Response {
+        let wire = parse::wire_format(&req);
         let mut rec = Record::new(self.observer.clone(), accepted.id.clone(), accepted.arrival);
         rec.client = req.extensions().get::<ClientAddr>().map(|c| c.0);
         match self.run(endpoint, accepted, req, &mut rec).await {
-            Ok(ok) => self.respond(ok, rec),
+            Ok(Ran::Forwarded(f)) => {
+                let (ok, ctx) = *f;
+                self.respond(ok, ctx, rec)
+            }
+            Ok(Ran::Counted(input_tokens)) => {
+                rec.tokens = Some(Tokens {
+                    input: input_tokens,
+                    output: 0,
+                    estimated: true,
+                });
+                rec.finish(StatusCode::OK, Reason::Ok);
+                let body = serde_json::json!({ "input_tokens": input_tokens }).to_string();
+                let mut r = Response::new(Body::from(body));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
             Err(e) => {
-                let mut resp = e.clone().into_response();
+                let reason = Reason::of(&e);
+                let mut resp = e.into_response_for(wire);
                 if let Some(v) = rec.server_timing() {
                     resp.headers_mut().insert(SERVER_TIMING, v);
                 }
                 resp.headers_mut()
                     .extend(std::mem::take(&mut rec.reply_headers));
-                rec.finish(e.status, Reason::of(&e));
+                rec.finish(resp.status(), reason);
                 resp
             }
         }
@@ -127,7 +161,7 @@ impl Pipeline {
         accepted: &Accepted,
         req: Request,
         rec: &mut Record,
-    ) -> Result<Forwarded, ApiError> {
+    ) -> Result<Ran, ApiError> {
         // The key first: an unknown client gets its 401 before its body is read.
         let who = self.auth.authenticate(req.headers())?;
         let mut parsed = parse::parse(endpoint, self.limits, req).await?;
@@ -136,6 +170,10 @@ impl Pipeline {
         rec.priority = Some(parsed.priority());
         rec.stream = parsed.stream;
         authorize::authorize(&who, &mut parsed, rec)?;
+        if parsed.wire == WireFormat::AnthropicCount {
+            let n = parsed.anthropic.as_ref().map_or(0, |a| a.input_estimate);
+            return Ok(Ran::Counted(n));
+        }
         limit::limit(&self.limiter, &who, &parsed, rec).await?;
         if self.is_shutting_down() {
             return Err(ApiError::rejected(
@@ -143,7 +181,8 @@ impl Pipeline {
                 &model.name,
             ));
         }
-        self.tries(model, &parsed, accepted, rec).await
+        let ok = self.tries(model, &parsed, accepted, rec).await?;
+        Ok(Ran::Forwarded(Box::new((ok, parsed.anthropic.take()))))
     }
 
     /// The configured model a request names (404 otherwise).
@@ -201,8 +240,8 @@ impl Pipeline {
     }
 
     /// The client's 200: a full body now (the request is over), or a stream that finishes
-    /// its record when it ends.
-    fn respond(&self, ok: Forwarded, rec: Record) -> Response {
+    /// its record when it ends; for a Messages request (`ctx`), translated back.
+    fn respond(&self, ok: Forwarded, ctx: Option<anthropic::Context>, rec: Record) -> Response {
         let Forwarded {
             reply, dep, permit, ..
         } = ok;
@@ -223,13 +262,28 @@ impl Pipeline {
                     output: u.completion_tokens,
                     estimated: false,
                 });
+                let (body, content_type) = match &ctx {
+                    None => (body, content_type),
+                    Some(ctx) => match anthropic::from_openai(&body, ctx) {
+                        Ok(b) => (b.into(), HeaderValue::from_static("application/json")),
+                        Err(detail) => {
+                            tracing::warn!(backend = %dep.label, "{detail}");
+                            let e = ApiError::upstream_unavailable(&dep.label, detail);
+                            let reason = Reason::of(&e);
+                            let mut resp = e.into_response_for(WireFormat::Anthropic);
+                            rec.finish(resp.status(), reason);
+                            stamp_backend(&mut resp, &dep, attempts, timing);
+                            return resp;
+                        }
+                    },
+                };
                 rec.finish(StatusCode::OK, Reason::Ok);
                 let mut r = Response::new(Body::from(body));
                 r.headers_mut().insert(header::CONTENT_TYPE, content_type);
                 r
             }
             Reply::Stream(pending) => {
-                let body = pending.relay(Box::new(move |end, stats| {
+                let on_end: crate::upstream::OnEnd = Box::new(move |end, stats| {
                     drop(permit);
                     rec.bytes = stats.bytes;
                     rec.tokens = Some(match stats.usage {
@@ -254,7 +308,13 @@ impl Pipeline {
                         }
                     };
                     rec.finish(status, reason);
-                }));
+                });
+                let body = match ctx {
+                    None => pending.relay(on_end),
+                    Some(ctx) => {
+                        pending.relay_with(on_end, Box::new(anthropic::Translator::new(ctx)))
+                    }
+                };
                 let mut r = Response::new(body);
                 let h = r.headers_mut();
                 h.insert(

@@ -5,8 +5,10 @@
 //! (`model`, `stream`, `messages` / `prompt` / `input`, `priority`) and the admission headers
 //! (`x-mofa-priority`, `x-mofa-max-wait-ms`): 400 naming the field. A body that passes is
 //! forwarded as sent (only `model` renamed and the gateway's own `priority` removed, in
-//! `forward`), so a backend never sees bytes the gateway could not read. It must not look up
-//! models or admit.
+//! `forward`), so a backend never sees bytes the gateway could not read. A request on an
+//! Anthropic route (its [`WireFormat`], set by the router) is a Messages request: it is
+//! translated here into the OpenAI chat completion the rest of the pipeline handles (see
+//! `anthropic::request`). It must not look up models or admit.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -22,6 +24,7 @@ use serde::Deserialize;
 
 use super::accept::Limits;
 use crate::admission::Priority;
+use crate::anthropic::{self, WireFormat};
 use crate::error::ApiError;
 use crate::headers::{MAX_WAIT_MS, PRIORITY};
 use crate::upstream::Endpoint;
@@ -31,8 +34,12 @@ pub const MAX_DEPTH: usize = 64;
 
 /// Reads and checks a request for `endpoint`: see the module doc.
 pub async fn parse(endpoint: Endpoint, limits: Limits, req: Request) -> Result<Parsed, ApiError> {
+    let wire = wire_format(&req);
     let (header_priority, max_wait) = admission_headers(req.headers())?;
     let body = read_body(limits, req).await?;
+    if wire.is_anthropic() {
+        return messages_request(wire, &body, header_priority, max_wait);
+    }
     let f = parse_fields(endpoint, &body)?;
     Ok(Parsed {
         endpoint,
@@ -45,6 +52,50 @@ pub async fn parse(endpoint: Endpoint, limits: Limits, req: Request) -> Result<P
         max_priority: None,
         max_wait,
         body,
+        wire,
+        anthropic: None,
+    })
+}
+
+/// The wire format of a request's route (OpenAI unless the router said otherwise).
+pub fn wire_format(req: &Request) -> WireFormat {
+    req.extensions()
+        .get::<WireFormat>()
+        .copied()
+        .unwrap_or_default()
+}
+
+/// A Messages request, translated into an OpenAI chat completion request.
+fn messages_request(
+    wire: WireFormat,
+    body: &[u8],
+    header_priority: Option<Priority>,
+    max_wait: Option<Duration>,
+) -> Result<Parsed, ApiError> {
+    let t =
+        anthropic::translate(body, wire == WireFormat::AnthropicCount).map_err(|e| match e {
+            anthropic::Invalid::Json(m) => ApiError::invalid_json(m),
+            anthropic::Invalid::Value { param, message } => ApiError::invalid_value(param, message),
+        })?;
+    let body_priority = t
+        .priority
+        .as_ref()
+        .and_then(serde_json::Value::as_str)
+        .and_then(priority_word);
+    Ok(Parsed {
+        endpoint: Endpoint::ChatCompletions,
+        model: t.model,
+        stream: t.stream,
+        body_priority,
+        // The translation carries no `priority`: nothing to strip.
+        strip_priority: false,
+        header_priority,
+        default_priority: None,
+        max_priority: None,
+        max_wait,
+        body: t.body,
+        wire,
+        anthropic: Some(t.context),
     })
 }
 
@@ -65,8 +116,12 @@ pub struct Parsed {
     pub max_priority: Option<Priority>,
     /// `x-mofa-max-wait-ms`.
     pub max_wait: Option<Duration>,
-    /// The body as the client sent it.
+    /// The body as the client sent it (a Messages request: its OpenAI translation).
     pub body: Bytes,
+    /// The wire format the client speaks.
+    pub wire: WireFormat,
+    /// A Messages request: what its reply translation needs.
+    pub anthropic: Option<anthropic::Context>,
 }
 
 /// The tokens a request is charged before it runs (see [`Parsed::token_estimate`]).
@@ -716,6 +771,8 @@ mod tests {
             body: Bytes::from_static(
                 br#"{"model":"m","messages":[{"role":"user","content":"12345678"}],"max_tokens":10}"#,
             ),
+            wire: WireFormat::OpenAi,
+            anthropic: None,
         };
         assert_eq!(p.token_estimate().prompt, 3, "\"user\" + 8 characters, / 4");
         assert_eq!(p.token_estimate().total(), 13);

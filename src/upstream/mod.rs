@@ -27,7 +27,7 @@ mod wire;
 
 use client::{Coalesce, HttpClient};
 
-pub use relay::{PendingStream, StreamEnd};
+pub use relay::{OnEnd, PendingStream, StreamEnd, Transform};
 use wire::sse_error_in;
 pub use wire::{envelope, error_message, is_envelope, retry_after_secs, Usage};
 
@@ -56,6 +56,8 @@ pub struct Deployment {
     /// The variant (precision) label, e.g. `q4`, sent as `x-mofa-precision`.
     pub variant: Option<String>,
     pub upstream_model: Option<String>,
+    /// A cloud provider's API (it refuses parameters beyond OpenAI's, such as `top_k`).
+    pub cloud: bool,
     base_url: String,
     /// `base_url` + each endpoint's path, parsed once (indexed by `Endpoint as usize`); `None`
     /// for a server the pool runs, whose port changes.
@@ -195,6 +197,7 @@ impl Deployment {
             label: cfg.label(model),
             variant: cfg.variant.clone(),
             upstream_model: cfg.upstream_model.clone(),
+            cloud: cfg.kind == crate::config::DeploymentKind::Cloud,
             base_url: url.trim_end_matches('/').to_owned(),
             urls: endpoint_urls(url),
             models_url: format!("{}/models", url.trim_end_matches('/')).parse().ok(),
