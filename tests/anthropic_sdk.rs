@@ -114,8 +114,8 @@ async fn official_anthropic_sdk_sees_529_and_retries_after_retry_after() {
 }
 
 #[tokio::test]
-#[ignore = "needs the rate-limit phase (branch `keys`): until it is merged, nothing answers 429"]
 async fn official_anthropic_sdk_sees_429_as_rate_limit_error() {
+    // The model's own limit (`rpm = 1`, every client together): the second request is a 429.
     let s = sim(sim_opts("limited")).await;
     let cfg = format!(
         "[[models]]\nname = \"limited\"\nrpm = 1\n[[models.deployments]]\nkind = \"local\"\nurl = \"{s}\"\n"
