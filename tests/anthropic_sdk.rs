@@ -7,56 +7,19 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
 use mofa_gateway::sim::SimOptions;
 
-/// The venv's python, made on first use.
-async fn sdk_python() -> PathBuf {
-    let out = tokio::process::Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/setup-test-env"
-        ))
-        .output()
-        .await
-        .expect("run scripts/setup-test-env");
-    assert!(
-        out.status.success(),
-        "scripts/setup-test-env failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 /// Runs the named checks of tests/sdk/anthropic_conformance.py against the gateway at `gw`.
 async fn run_checks(gw: std::net::SocketAddr, checks: &[&str]) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/sdk/anthropic_conformance.py"
-    );
-    let out = tokio::process::Command::new(sdk_python().await)
-        .arg(script)
-        .arg(format!("http://{gw}"))
-        .args(checks)
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK checks failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for c in checks {
-        assert!(
-            stdout.lines().any(|l| l == format!("ok {c}")),
-            "{c} did not report ok: {stdout}"
-        );
-    }
+    let base_url = format!("http://{gw}");
+    run_sdk_checks(
+        "anthropic_conformance.py",
+        &base_url,
+        checks,
+        &["ANTHROPIC_BASE_URL"],
+    )
+    .await
 }
 
 #[tokio::test]

@@ -6,51 +6,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
 use mofa_gateway::sim::SimOptions;
 
-/// The venv's python, made on first use.
-pub async fn sdk_python() -> PathBuf {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = tokio::process::Command::new("bash")
-        .arg(format!("{root}/scripts/setup-test-env"))
-        .output()
-        .await
-        .expect("run scripts/setup-test-env");
-    assert!(
-        out.status.success(),
-        "scripts/setup-test-env failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 /// Runs the named checks of tests/sdk/conformance.py against `base_url`; asserts each passed.
-pub async fn run_checks(base_url: &str, checks: &[&str]) {
-    let python = sdk_python().await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/conformance.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(base_url)
-        .args(checks)
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK checks failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for c in checks {
-        assert!(
-            stdout.lines().any(|l| l == format!("ok {c}")),
-            "{c} did not report ok: {stdout}"
-        );
-    }
+async fn run_checks(base_url: &str, checks: &[&str]) {
+    run_sdk_checks("conformance.py", base_url, checks, &[]).await
 }
 
 #[tokio::test]

@@ -563,3 +563,51 @@ pub fn local_then_cloud(local: &str, cloud: &str, top: &str) -> String {
          [[models.deployments]]\nkind = \"cloud\"\nprovider = \"backup\"\nurl = \"{cloud}\"\n"
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// The official Python SDKs (tests behind the `external` feature).
+
+/// The python of the SDK venv (`scripts/setup-test-env`, which makes it on first use).
+pub async fn sdk_python() -> std::path::PathBuf {
+    let out = tokio::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/setup-test-env"
+        ))
+        .output()
+        .await
+        .expect("run scripts/setup-test-env");
+    assert!(
+        out.status.success(),
+        "scripts/setup-test-env failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Runs the named checks of the SDK script `tests/sdk/<script>` against `base_url` (with the
+/// variables `unset` removed from its environment); asserts each reported `ok <check>`.
+pub async fn run_sdk_checks(script: &str, base_url: &str, checks: &[&str], unset: &[&str]) {
+    let path = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = tokio::process::Command::new(sdk_python().await);
+    cmd.arg(path)
+        .arg(base_url)
+        .args(checks)
+        .env("NO_PROXY", "127.0.0.1,localhost");
+    for var in unset {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().await.expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK checks failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for c in checks {
+        assert!(
+            stdout.lines().any(|l| l == format!("ok {c}")),
+            "{c} did not report ok: {stdout}"
+        );
+    }
+}
