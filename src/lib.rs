@@ -17,6 +17,11 @@
 //!   registry and the status page's windows, fed by `proxy::observe`) imports nothing of the
 //!   crate; `sim` stands alone.
 
+/// The unit tests (and the benchmarks among them) run on the allocator the binary ships with.
+#[cfg(test)]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod config;
 pub mod http;
 pub mod server;

@@ -21,7 +21,8 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::response::{stop_reason, Message, OutUsage, Usage};
@@ -34,6 +35,34 @@ pub const PING_EVERY: Duration = Duration::from_secs(10);
 const MAX_LINE: usize = 16 * 1024 * 1024;
 /// The most tool calls one reply may stream.
 const MAX_TOOL_CALLS: usize = 1024;
+
+/// A JSON string literal kept as the backend escaped it (quotes included): text and argument
+/// fragments go out as they came in, without unescaping and escaping them again.
+#[derive(Clone, Copy, Serialize)]
+#[serde(transparent)]
+struct JsonStr<'a>(&'a RawValue);
+
+impl<'de: 'a, 'a> Deserialize<'de> for JsonStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = <&RawValue>::deserialize(d)?;
+        if raw.get().starts_with('"') {
+            Ok(JsonStr(raw))
+        } else {
+            Err(serde::de::Error::custom("expected a string"))
+        }
+    }
+}
+
+impl JsonStr<'_> {
+    fn is_empty(self) -> bool {
+        self.0.get() == "\"\""
+    }
+
+    /// The characters between the quotes, escapes counted as written (for the token estimate).
+    fn chars(self) -> u64 {
+        self.0.get().chars().count().saturating_sub(2) as u64
+    }
+}
 
 /// One OpenAI stream chunk (the parts the translation reads).
 #[derive(Deserialize)]
@@ -61,7 +90,7 @@ struct ChunkChoice<'a> {
 #[derive(Deserialize)]
 struct DeltaIn<'a> {
     #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
+    content: Option<JsonStr<'a>>,
     #[serde(default, borrow)]
     tool_calls: Option<Vec<ToolDelta<'a>>>,
 }
@@ -81,7 +110,7 @@ struct FunctionDelta<'a> {
     #[serde(default, borrow)]
     name: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    arguments: Option<Cow<'a, str>>,
+    arguments: Option<JsonStr<'a>>,
 }
 
 /// The Messages stream events.
@@ -144,8 +173,8 @@ struct Empty {}
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Delta<'a> {
-    TextDelta { text: &'a str },
-    InputJsonDelta { partial_json: &'a str },
+    TextDelta { text: JsonStr<'a> },
+    InputJsonDelta { partial_json: JsonStr<'a> },
 }
 
 #[derive(Serialize)]
@@ -267,7 +296,12 @@ impl Translator {
             self.complete(out);
             return;
         }
-        let chunk: Chunk = match serde_json::from_slice(data) {
+        // One UTF-8 check of the whole line (std's ASCII fast path), then serde reads it as a
+        // `str` without checking each string again.
+        let Ok(data) = std::str::from_utf8(data) else {
+            return;
+        };
+        let chunk: Chunk = match serde_json::from_str(data) {
             Ok(c) => c,
             Err(_) => return, // not a chunk (a keep-alive, a vendor extension)
         };
@@ -286,7 +320,7 @@ impl Translator {
         for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
             if let Some(delta) = choice.delta {
                 if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
-                    self.text(&text, out);
+                    self.text(text, out);
                 }
                 for call in delta.tool_calls.unwrap_or_default() {
                     if !self.tool(call, out) {
@@ -302,7 +336,7 @@ impl Translator {
         }
     }
 
-    fn text(&mut self, text: &str, out: &mut Vec<u8>) {
+    fn text(&mut self, text: JsonStr, out: &mut Vec<u8>) {
         let index = match self.open {
             Some(Open::Text(i)) => i,
             _ => {
@@ -319,7 +353,7 @@ impl Translator {
                 i
             }
         };
-        self.output_chars += text.chars().count() as u64;
+        self.output_chars += text.chars();
         Self::emit(
             out,
             &Event::ContentBlockDelta {
@@ -389,14 +423,12 @@ impl Translator {
             }
         };
         if let Some(args) = args.filter(|a| !a.is_empty()) {
-            self.output_chars += args.len() as u64;
+            self.output_chars += args.chars();
             Self::emit(
                 out,
                 &Event::ContentBlockDelta {
                     index,
-                    delta: Delta::InputJsonDelta {
-                        partial_json: &args,
-                    },
+                    delta: Delta::InputJsonDelta { partial_json: args },
                 },
             );
         }
@@ -468,7 +500,7 @@ impl Transform for Translator {
         }
         let mut rest = upstream;
         if !self.line.is_empty() {
-            let Some(i) = rest.iter().position(|b| *b == b'\n') else {
+            let Some(i) = memchr::memchr(b'\n', rest) else {
                 self.keep(rest, out);
                 return;
             };
@@ -479,7 +511,7 @@ impl Transform for Translator {
             self.line = line;
             rest = &rest[i + 1..];
         }
-        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+        while let Some(i) = memchr::memchr(b'\n', rest) {
             self.line_in(&rest[..i], out);
             rest = &rest[i + 1..];
         }
@@ -781,6 +813,31 @@ mod tests {
             t.chunk(&upstream[cut..], &mut out);
             assert_eq!(strip_ids(events(&out)), whole, "split at {cut}");
         }
+    }
+
+    #[test]
+    fn escaped_text_and_arguments_arrive_with_the_same_meaning() {
+        // Fragments are relayed as the backend escaped them; a client decodes the same string.
+        let text_in = "quote \" back\\slash \u{e9} tab\t nl\n \u{1F600}";
+        let args_in = "{\"q\": \"a \\\"b\\\"\"}";
+        let ev = run(&sse(&[
+            text(text_in),
+            tool_start(0, "call_0", "f", args_in),
+            json!({"choices": [{"index": 0, "delta": {"content": 5}}]}),
+            finish("tool_calls"),
+        ]));
+        let deltas: Vec<&Value> = ev
+            .iter()
+            .filter(|(n, _)| n == "content_block_delta")
+            .map(|(_, v)| &v["delta"])
+            .collect();
+        assert_eq!(deltas.len(), 2, "a non-string content is not a text delta");
+        assert_eq!(deltas[0], &json!({"type": "text_delta", "text": text_in}));
+        assert_eq!(
+            deltas[1],
+            &json!({"type": "input_json_delta", "partial_json": args_in})
+        );
+        check_blocks(&ev);
     }
 
     #[test]
