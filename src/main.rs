@@ -112,8 +112,10 @@ struct SimArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+    // Flushes the log's last lines when main returns.
+    let mut _log_guard = None;
     if !matches!(command, Command::Serve(_)) {
-        init_logging(LogFormat::Text);
+        _log_guard = Some(init_logging(LogFormat::Text));
     }
     if let Command::CheckConfig { file } = &command {
         return match Config::load(file) {
@@ -135,7 +137,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => match load_config(&args) {
             Ok(cfg) => {
                 // The config says how to log (`[log] format`).
-                init_logging(cfg.log.format);
+                _log_guard = Some(init_logging(cfg.log.format));
                 if args.config.is_none() {
                     tracing::info!(
                         "no --config given: serving the built-in simulated model `mofa-sim`"
@@ -238,13 +240,19 @@ fn keys(k: &KeysCommand) -> ExitCode {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`): readable text, or one JSON object
 /// a line with the event's fields at the top level (`[log] format = "json"`).
-fn init_logging(format: LogFormat) {
+///
+/// Lines are formatted on the thread that logs and written by a dedicated thread
+/// (`tracing-appender`'s non-blocking writer, which batches them): a request never waits on a
+/// `write` to stderr. If stderr falls more than 128 000 lines behind, new lines are dropped
+/// rather than stalling requests. The returned guard flushes what is left when dropped.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => fmt
             .json()
@@ -254,6 +262,7 @@ fn init_logging(format: LogFormat) {
             .init(),
         LogFormat::Text => fmt.init(),
     }
+    guard
 }
 
 /// The config `serve` runs with: the file, or the built-in default; `--listen` applied.

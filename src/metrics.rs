@@ -12,10 +12,11 @@
 //! come from the config, reasons and priorities from closed sets; a name it does not know is
 //! counted under the empty label. It imports nothing of the crate and does no I/O.
 
-use std::sync::{Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram, Unit};
+use metrics::{counter, gauge, histogram, Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -81,6 +82,65 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     recent: Recent,
+    /// The handles of each (model, backend)'s series, resolved once: the request path then
+    /// adds to atomics, without building label sets and looking them up in the registry.
+    /// By model, then backend; at most [`MAX_SERIES`] in all.
+    series: RwLock<HashMap<String, HashMap<String, Arc<Series>>>>,
+    /// `queue_wait_seconds` by priority ([`PRIORITIES`] order).
+    queue_wait: [Histogram; 4],
+    /// `upstream_attempts_total` by outcome (a closed set).
+    attempts: Mutex<Vec<(&'static str, Counter)>>,
+}
+
+/// The most (model, backend) pairs and (status, reason) pairs per pair whose handles are
+/// kept; beyond them (never with label values from the config) series are looked up each time.
+const MAX_SERIES: usize = 4096;
+const MAX_OUTCOMES: usize = 256;
+
+/// The series of one (model, backend).
+struct Series {
+    model: String,
+    backend: String,
+    duration: Histogram,
+    ttft: Histogram,
+    tpot: Histogram,
+    tokens_in: Counter,
+    tokens_out: Counter,
+    /// `requests_total` by (status, reason).
+    requests: Mutex<Vec<((u16, &'static str), Counter)>>,
+}
+
+impl Series {
+    /// Registers the series (call under the local recorder).
+    fn new(model: &str, backend: &str) -> Series {
+        let (m, b) = (model.to_owned(), backend.to_owned());
+        Series {
+            duration: histogram!(DURATION, "model" => m.clone(), "backend" => b.clone()),
+            ttft: histogram!(TTFT, "model" => m.clone(), "backend" => b.clone()),
+            tpot: histogram!(TPOT, "model" => m.clone(), "backend" => b.clone()),
+            tokens_in: counter!(TOKENS, "model" => m.clone(), "backend" => b.clone(), "type" => "input"),
+            tokens_out: counter!(TOKENS, "model" => m.clone(), "backend" => b.clone(), "type" => "output"),
+            requests: Mutex::new(Vec::new()),
+            model: m,
+            backend: b,
+        }
+    }
+
+    /// The `requests_total` counter of (status, reason).
+    fn requests(&self, rec: &PrometheusRecorder, status: u16, reason: &'static str) -> Counter {
+        let mut seen = lock(&self.requests);
+        if let Some((_, c)) = seen.iter().find(|(k, _)| *k == (status, reason)) {
+            return c.clone();
+        }
+        let c = metrics::with_local_recorder(rec, || {
+            counter!(REQUESTS, "model" => self.model.clone(), "backend" => self.backend.clone(),
+                "status" => status_label(status), "reason" => reason)
+        });
+        if seen.len() < MAX_OUTCOMES {
+            seen.push(((status, reason), c.clone()));
+        }
+        c
+    }
 }
 
 impl Metrics {
@@ -100,50 +160,88 @@ impl Metrics {
         let recorder = b.build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, describe);
+        let queue_wait = metrics::with_local_recorder(&recorder, || {
+            PRIORITIES.map(|p| histogram!(QUEUE_WAIT, "priority" => p))
+        });
         Metrics {
             recorder,
             handle,
             recent: Recent::new(models),
+            series: RwLock::new(HashMap::new()),
+            queue_wait,
+            attempts: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The series of (model, backend), registered on first use.
+    fn series(&self, model: &str, backend: &str) -> Arc<Series> {
+        let known = self
+            .series
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+            .and_then(|m| m.get(backend))
+            .cloned();
+        if let Some(s) = known {
+            return s;
+        }
+        let s = Arc::new(metrics::with_local_recorder(&self.recorder, || {
+            Series::new(model, backend)
+        }));
+        let mut map = self.series.write().unwrap_or_else(|e| e.into_inner());
+        if map.values().map(HashMap::len).sum::<usize>() < MAX_SERIES {
+            map.entry(model.to_owned())
+                .or_default()
+                .entry(backend.to_owned())
+                .or_insert_with(|| s.clone());
+        }
+        s
     }
 
     /// Counts a finished request.
     pub fn finished(&self, s: &Sample<'_>) {
-        let model = s.model.to_owned();
-        let backend = s.backend.to_owned();
-        metrics::with_local_recorder(&self.recorder, || {
-            counter!(REQUESTS, "model" => model.clone(), "backend" => backend.clone(),
-                "status" => status_label(s.status), "reason" => s.reason)
+        let series = self.series(s.model, s.backend);
+        series
+            .requests(&self.recorder, s.status, s.reason)
             .increment(1);
-            histogram!(DURATION, "model" => model.clone(), "backend" => backend.clone())
-                .record(s.total.as_secs_f64());
-            if let Some(t) = s.ttft {
-                histogram!(TTFT, "model" => model.clone(), "backend" => backend.clone())
-                    .record(t.as_secs_f64());
-                if let Some((_, out)) = s.tokens.filter(|(_, out)| *out > 1) {
-                    let per = s.total.saturating_sub(t).as_secs_f64() / (out - 1) as f64;
-                    histogram!(TPOT, "model" => model.clone(), "backend" => backend.clone())
-                        .record(per);
-                }
+        series.duration.record(s.total.as_secs_f64());
+        if let Some(t) = s.ttft {
+            series.ttft.record(t.as_secs_f64());
+            if let Some((_, out)) = s.tokens.filter(|(_, out)| *out > 1) {
+                let per = s.total.saturating_sub(t).as_secs_f64() / (out - 1) as f64;
+                series.tpot.record(per);
             }
-            if let Some((prio, wait)) = s.queue_wait {
-                histogram!(QUEUE_WAIT, "priority" => prio).record(wait.as_secs_f64());
+        }
+        if let Some((prio, wait)) = s.queue_wait {
+            if let Some(i) = PRIORITIES.iter().position(|p| *p == prio) {
+                self.queue_wait[i].record(wait.as_secs_f64());
             }
-            if let Some((input, output)) = s.tokens {
-                counter!(TOKENS, "model" => model.clone(), "backend" => backend.clone(), "type" => "input")
-                    .increment(input);
-                counter!(TOKENS, "model" => model, "backend" => backend, "type" => "output")
-                    .increment(output);
-            }
-        });
+        }
+        if let Some((input, output)) = s.tokens {
+            series.tokens_in.increment(input);
+            series.tokens_out.increment(output);
+        }
         self.recent.record(s);
     }
 
     /// Counts one try on an upstream: `ok` (it answered), or why it failed (a closed set).
     pub fn upstream_attempt(&self, outcome: &'static str) {
-        metrics::with_local_recorder(&self.recorder, || {
-            counter!(ATTEMPTS, "outcome" => outcome).increment(1);
-        });
+        let mut seen = lock(&self.attempts);
+        let c = match seen.iter().find(|(o, _)| *o == outcome) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = metrics::with_local_recorder(
+                    &self.recorder,
+                    || counter!(ATTEMPTS, "outcome" => outcome),
+                );
+                if seen.len() < MAX_OUTCOMES {
+                    seen.push((outcome, c.clone()));
+                }
+                c
+            }
+        };
+        drop(seen);
+        c.increment(1);
     }
 
     /// Counts a request refused by a rate limit: `key` is the key's configured `name` (never

@@ -211,7 +211,7 @@ fn runtimes(
             let uses_memory = p.slots.iter().any(|s| s.mem.is_some());
             let core = ModelCore::new(limits, p.slots, 0x9e37_79b9_7f4a_7c15 ^ mi as u64);
             let rt = Arc::new(ModelRt {
-                name: m.name.clone(),
+                name: m.name.as_str().into(),
                 policy,
                 deployments: p.deployments,
                 managed: p.managed,

@@ -41,7 +41,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A model clients can ask for: its deployments and its admission state.
 pub struct ModelRt {
-    pub name: String,
+    pub name: Arc<str>,
     policy: Policy,
     deployments: Vec<Arc<Deployment>>,
     /// The pool's process of each deployment that the gateway runs itself.
@@ -270,7 +270,7 @@ impl ModelRt {
             .zip(&self.deployments)
             .map(|(s, d)| {
                 json!({
-                    "backend": d.label,
+                    "backend": &*d.label,
                     "breaker": s.breaker.state().as_str(),
                     "in_flight": s.in_flight,
                     "max_concurrency": s.max,

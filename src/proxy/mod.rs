@@ -166,7 +166,7 @@ impl Pipeline {
         let who = self.auth.authenticate(req.headers())?;
         let mut parsed = parse::parse(endpoint, self.limits, req).await?;
         let model = self.model(&parsed)?;
-        rec.model = Some(model.name.as_str().into());
+        rec.model = Some(model.name.clone());
         rec.priority = Some(parsed.priority());
         rec.stream = parsed.stream;
         authorize::authorize(&who, &mut parsed, rec)?;
@@ -217,7 +217,7 @@ impl Pipeline {
             };
             attempts.trying(permit.dep_index());
             rec.attempts = attempts.count();
-            rec.backend = Some(permit.deployment().label.as_str().into());
+            rec.backend = Some(permit.deployment().label.clone());
             match forward::forward(permit, req, rid, start_by).await {
                 Ok(ok) => {
                     attempts.succeeded();
@@ -339,11 +339,11 @@ fn stamp_backend(
     timing: Option<HeaderValue>,
 ) {
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&dep.label) {
-        h.insert(BACKEND, v);
+    if let Some(v) = &dep.label_header {
+        h.insert(BACKEND, v.clone());
     }
-    if let Some(Ok(v)) = dep.variant.as_deref().map(HeaderValue::from_str) {
-        h.insert(PRECISION, v);
+    if let Some(v) = &dep.variant_header {
+        h.insert(PRECISION, v.clone());
     }
     h.insert(ATTEMPTS, HeaderValue::from(attempts));
     if let Some(v) = timing {

@@ -221,19 +221,27 @@ impl Record {
 
     /// The `Server-Timing` header: queue wait, upstream time to first byte, total so far.
     pub fn server_timing(&self) -> Option<HeaderValue> {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let mut parts = Vec::with_capacity(3);
+        use std::fmt::Write;
+        // Whole microseconds as milliseconds with three decimals, in integer arithmetic (one
+        // buffer, no float formatting: this runs for every reply).
+        let part = |out: &mut String, name: &str, d: Duration| {
+            let us = d.as_micros();
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "{name};dur={}.{:03}", us / 1000, us % 1000);
+        };
+        let mut out = String::with_capacity(64);
         if let Some(q) = self.queue_wait {
-            parts.push(format!("queue;dur={:.3}", ms(q)));
+            part(&mut out, "queue", q);
         }
         if let Some(u) = self.upstream_ttfb {
-            parts.push(format!("upstream;dur={:.3}", ms(u)));
+            part(&mut out, "upstream", u);
         }
-        parts.push(format!("total;dur={:.3}", ms(self.arrival.elapsed())));
-        HeaderValue::from_str(&parts.join(", ")).ok()
+        part(&mut out, "total", self.arrival.elapsed());
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
     }
 
-    /// The request is over with `status` for `reason`: count it and log it.
     pub fn finish(mut self, status: StatusCode, reason: Reason) {
         self.finish_mut(status.as_u16(), reason);
     }

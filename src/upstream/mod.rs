@@ -52,9 +52,13 @@ impl Endpoint {
 /// One place a model can run, ready to be called.
 pub struct Deployment {
     /// The `x-mofa-backend` value, e.g. `local(llama-3-8b@q8)`.
-    pub label: String,
+    pub label: Arc<str>,
+    /// `label` as a header value, built once (`None` if it is not a valid one).
+    pub label_header: Option<HeaderValue>,
     /// The variant (precision) label, e.g. `q4`, sent as `x-mofa-precision`.
     pub variant: Option<String>,
+    /// `variant` as a header value, built once.
+    pub variant_header: Option<HeaderValue>,
     pub upstream_model: Option<String>,
     /// A cloud provider's API (it refuses parameters beyond OpenAI's, such as `top_k`).
     pub cloud: bool,
@@ -68,6 +72,8 @@ pub struct Deployment {
     /// `None` while it is not running).
     dynamic_base: Option<DynamicBase>,
     auth: Option<HeaderValue>,
+    /// `Host` for the fixed URLs, built once (the client would format it per request).
+    host: Option<HeaderValue>,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
     client: HttpClient,
     first_byte_timeout: Duration,
@@ -193,16 +199,28 @@ impl Deployment {
                 ))
             })
             .collect();
+        let label: Arc<str> = cfg.label(model).into();
+        let urls = endpoint_urls(url);
+        let host = urls
+            .as_ref()
+            .and_then(|u| u[0].authority())
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         Ok(Deployment {
-            label: cfg.label(model),
+            label_header: HeaderValue::from_str(&label).ok(),
+            label,
+            variant_header: cfg
+                .variant
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok()),
             variant: cfg.variant.clone(),
             upstream_model: cfg.upstream_model.clone(),
             cloud: cfg.kind == crate::config::DeploymentKind::Cloud,
             base_url: url.trim_end_matches('/').to_owned(),
-            urls: endpoint_urls(url),
+            urls,
             models_url: format!("{}/models", url.trim_end_matches('/')).parse().ok(),
             dynamic_base,
             auth,
+            host,
             extra_headers,
             client,
             first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
@@ -321,6 +339,7 @@ impl Deployment {
         request_id: &str,
         stream: bool,
     ) -> Result<Request<Full<Bytes>>, UpstreamError> {
+        let mut host = None;
         let url = match &self.dynamic_base {
             Some(m) => {
                 match m().and_then(|b| format!("{b}{}", endpoint.path()).parse::<Uri>().ok()) {
@@ -333,7 +352,10 @@ impl Deployment {
                 }
             }
             None => match &self.urls {
-                Some(urls) => urls[endpoint as usize].clone(),
+                Some(urls) => {
+                    host = self.host.clone();
+                    urls[endpoint as usize].clone()
+                }
                 None => return Err(UpstreamError::Connect("no URL is configured".into())),
             },
         };
@@ -341,7 +363,10 @@ impl Deployment {
         *req.method_mut() = Method::POST;
         *req.uri_mut() = url;
         let h = req.headers_mut();
-        h.reserve(4 + self.extra_headers.len());
+        h.reserve(5 + self.extra_headers.len());
+        if let Some(host) = host {
+            h.insert(header::HOST, host);
+        }
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

@@ -8,6 +8,7 @@
 //! (another wire format's events) may rewrite what the client gets, its failure event included;
 //! the relay still counts and checks the upstream's own bytes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -77,7 +78,7 @@ struct Relay {
     first: Option<Bytes>,
     tail: Tail,
     limits: Limits,
-    label: String,
+    label: Arc<str>,
     stats: StreamStats,
     /// The upstream sent an `event: error` line (its data may follow in the next chunk).
     named_error: bool,
@@ -149,7 +150,7 @@ pub struct PendingStream {
     pub(super) first: Bytes,
     pub(super) rest: super::BodyStream,
     pub(super) limits: Limits,
-    pub(super) label: String,
+    pub(super) label: Arc<str>,
 }
 
 impl PendingStream {
