@@ -296,6 +296,40 @@ async fn errors_use_the_anthropic_envelope_and_statuses() {
         "authentication_error",
     )
     .await;
+    // The whole-body check of OpenAI bodies applies to Messages bodies too.
+    let msg = anthropic_error(
+        post_raw(
+            gw,
+            "/v1/messages",
+            Some("application/json"),
+            r#"{"model":"mofa-sim","model":"x","max_tokens":5,"messages":[{"role":"user","content":"Hi"}]}"#,
+        )
+        .await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(msg.contains("duplicate key `model`"), "{msg}");
+    let deep = format!(
+        r#"{{"model":"mofa-sim","max_tokens":5,"messages":[{{"role":"user","content":"Hi"}}],"metadata":{}{}}}"#,
+        "[".repeat(80),
+        "]".repeat(80)
+    );
+    let msg = anthropic_error(
+        post_raw(gw, "/v1/messages", Some("application/json"), &deep).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(msg.contains("nest"), "{msg}");
+    // Routes the gateway does not serve under /v1/messages answer in Anthropic's envelope.
+    anthropic_error(get(gw, "/v1/messages").await, 405, "invalid_request_error").await;
+    anthropic_error(
+        post(gw, "/v1/messages/batches", &json!({})).await,
+        404,
+        "not_found_error",
+    )
+    .await;
 }
 
 #[tokio::test]

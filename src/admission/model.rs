@@ -70,8 +70,8 @@ const OVERDUE_SHARE: f64 = 0.25;
 /// Most clients told to come back that are remembered per model (the rest are told the same
 /// estimate, without a reservation).
 pub const MAX_PROMISES: usize = 1024;
-/// Queued requests placed one by one on the slots; beyond, the rest at the mean rate.
-const SIM_STEPS: usize = 512;
+/// The longest queue ahead that a wait is computed for (more waits as long as this).
+const MAX_AHEAD: usize = 1 << 20;
 
 /// What admission observed of one deployment: recent service times and the starts of the
 /// requests in flight on it (at most its `max_concurrency`).
@@ -315,11 +315,13 @@ impl<T> ModelCore<T> {
             return f64::INFINITY;
         }
         let usable = self.usable(now);
+        // Each deployment's expected service, computed once (not once per step below).
+        let service: Vec<f64> = (0..self.slots.len())
+            .map(|i| self.observed[i].service_ms(now))
+            .collect();
         let mut free: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-        let mut total_slots = 0u64;
         for &i in &usable {
             let (s, o) = (&self.slots[i], &self.observed[i]);
-            total_slots += u64::from(s.max);
             for start in o.running.iter().take(s.max as usize) {
                 let elapsed = now.saturating_duration_since(*start).as_secs_f64() * 1000.0;
                 free.push(Reverse((micros(o.remaining_ms(elapsed)), i)));
@@ -335,27 +337,43 @@ impl<T> ModelCore<T> {
                 free.push(Reverse((micros(o.remaining_ms(0.0)), i)));
             }
         }
-        for _ in 0..ahead.min(SIM_STEPS) {
-            let Some(Reverse((t, i))) = free.pop() else {
-                break;
-            };
-            let service = self.observed[i].service_ms(now) * stretch;
-            free.push(Reverse((t.saturating_add(micros(service)), i)));
+        // Each queued request takes the next slot to free, for one service. This runs under
+        // the model's lock at every arrival that queues, so its cost must not grow with the
+        // queue: two rounds of every slot are placed one by one (the in-flight remainders
+        // settle into a cycle), then whole rounds are added at once (one request per slot
+        // each: exact when the services are alike, the deployments' own pace otherwise), then
+        // the last partial round one by one.
+        let step = |free: &mut BinaryHeap<Reverse<(u64, usize)>>| {
+            if let Some(Reverse((t, i))) = free.pop() {
+                free.push(Reverse((t.saturating_add(micros(service[i] * stretch)), i)));
+            }
+        };
+        let ahead = ahead.min(MAX_AHEAD);
+        let first = ahead.min(2 * free.len());
+        for _ in 0..first {
+            step(&mut free);
+        }
+        let rest = ahead - first;
+        if rest > 0 && !free.is_empty() {
+            let (rounds, last) = (rest / free.len(), rest % free.len());
+            if rounds > 0 {
+                free = free
+                    .into_iter()
+                    .map(|Reverse((t, i))| {
+                        let more = micros(rounds as f64 * service[i] * stretch);
+                        Reverse((t.saturating_add(more), i))
+                    })
+                    .collect();
+            }
+            for _ in 0..last {
+                step(&mut free);
+            }
         }
         let Some(Reverse((t, _))) = free.peek() else {
             // No slot at all (every max_concurrency is 0): as long as it can be.
             return f64::INFINITY;
         };
-        let mut wait = *t as f64 / 1000.0;
-        if ahead > SIM_STEPS && total_slots > 0 {
-            let mean: f64 = usable
-                .iter()
-                .map(|i| self.observed[*i].service_ms(now))
-                .sum::<f64>()
-                / usable.len().max(1) as f64;
-            wait += (ahead - SIM_STEPS) as f64 * mean * stretch / total_slots as f64;
-        }
-        wait
+        *t as f64 / 1000.0
     }
 
     /// The wait a newcomer of priority `prio` can expect for a slot if it queued now: the
@@ -1179,6 +1197,9 @@ mod tests {
                         id += 1;
                         let deadline = now + Duration::from_millis(wait);
                         let before: Vec<Priority> = m.queue.items.keys().map(|(Reverse(p), _)| *p).collect();
+                        for q in Priority::ALL {
+                            assert_eq!(m.queue.ahead_of(q), before.iter().filter(|b| **b >= q).count(), "ahead_of out of step with the queue");
+                        }
                         let full = m.queue.len() == 5;
                         let promised = m.promised.iter().any(|(t, q)| *t > now && *q >= p);
                         match m.admit(&mut ledger, p, (wait > 0).then_some(deadline), 0, now, (id, p, deadline)) {

@@ -20,6 +20,9 @@ pub struct WaitQueue<T> {
     cap: usize,
     next_seq: u64,
     pub(super) items: BTreeMap<WaitKey, (Instant, T)>,
+    /// Waiters per priority (`Priority as usize`), kept with `items`: `ahead_of` is asked at
+    /// every admission and must not walk the queue.
+    counts: [usize; 4],
 }
 
 /// What happened to a newcomer.
@@ -38,6 +41,7 @@ impl<T> WaitQueue<T> {
             cap,
             next_seq: 0,
             items: BTreeMap::new(),
+            counts: [0; 4],
         }
     }
 
@@ -50,6 +54,7 @@ impl<T> WaitQueue<T> {
         self.next_seq += 1;
         if self.items.len() < self.cap {
             self.items.insert(key, (deadline, item));
+            self.counts[prio as usize] += 1;
             return Push::Queued(key);
         }
         let worst_is_less = self
@@ -57,8 +62,10 @@ impl<T> WaitQueue<T> {
             .last_key_value()
             .is_some_and(|(&(Reverse(worst), _), _)| worst < prio);
         if worst_is_less {
-            if let Some((_, (_, shed))) = self.items.pop_last() {
+            if let Some(((Reverse(worst), _), (_, shed))) = self.items.pop_last() {
+                self.counts[worst as usize] -= 1;
                 self.items.insert(key, (deadline, item));
+                self.counts[prio as usize] += 1;
                 return Push::Displaced(key, shed);
             }
         }
@@ -71,25 +78,25 @@ impl<T> WaitQueue<T> {
     }
 
     pub fn pop(&mut self) -> Option<(WaitKey, T)> {
-        self.items.pop_first().map(|(k, (_, t))| (k, t))
+        let (k, (_, t)) = self.items.pop_first()?;
+        self.counts[k.0 .0 as usize] -= 1;
+        Some((k, t))
     }
 
     pub fn remove(&mut self, key: &WaitKey) -> Option<T> {
-        self.items.remove(key).map(|(_, t)| t)
+        let (_, t) = self.items.remove(key)?;
+        self.counts[key.0 .0 as usize] -= 1;
+        Some(t)
     }
 
     /// How many wait ahead of a newcomer of priority `prio` (all of at least that priority).
     pub fn ahead_of(&self, prio: Priority) -> usize {
-        self.items.range(..(Reverse(prio), u64::MAX)).count()
+        self.counts[prio as usize..].iter().sum()
     }
 
     /// Waiters per priority, lowest first.
     pub fn depth_by_priority(&self) -> [usize; 4] {
-        let mut out = [0; 4];
-        for (Reverse(p), _) in self.items.keys() {
-            out[*p as usize] += 1;
-        }
-        out
+        self.counts
     }
 
     /// Removes and returns every waiter whose deadline is at or before `now`.

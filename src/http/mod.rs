@@ -17,7 +17,6 @@ use serde_json::{json, Value};
 use crate::anthropic::WireFormat;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::headers::ANTHROPIC_REQUEST_ID;
 use crate::orchestrator::BuildError;
 use crate::proxy::accept::{accept, Accepted};
 use crate::proxy::authorize::Principal;
@@ -114,12 +113,12 @@ pub(crate) fn json_ok(v: Value) -> Response {
         .into_response()
 }
 
-async fn unknown_url(method: Method, uri: Uri) -> ApiError {
-    ApiError::unknown_url(method.as_str(), uri.path())
+async fn unknown_url(method: Method, uri: Uri) -> Response {
+    ApiError::unknown_url(method.as_str(), uri.path()).into_response_for(stamp::wire_of(&uri))
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::method_not_allowed(method.as_str(), uri.path())
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response_for(stamp::wire_of(&uri))
 }
 
 /// The models the caller may use (with keys: its allow-list; 401 without a known key).
@@ -199,16 +198,10 @@ async fn count_tokens(State(st): State<Arc<AppState>>, req: Request) -> Response
     anthropic_route(&st, WireFormat::AnthropicCount, req).await
 }
 
-/// Runs a request of an Anthropic route; its reply also carries `request-id` (the id the
-/// Anthropic SDKs read), the same as `x-request-id`.
+/// Runs a request of an Anthropic route (its `request-id` header: see `stamp`).
 async fn anthropic_route(st: &AppState, wire: WireFormat, mut req: Request) -> Response {
     req.extensions_mut().insert(wire);
-    let id = req.extensions().get::<Accepted>().map(|a| a.id.clone());
-    let mut resp = proxy(st, Endpoint::ChatCompletions, req).await;
-    if let Some(id) = id {
-        resp.headers_mut().insert(ANTHROPIC_REQUEST_ID, id);
-    }
-    resp
+    proxy(st, Endpoint::ChatCompletions, req).await
 }
 
 async fn proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Response {

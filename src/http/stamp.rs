@@ -1,7 +1,8 @@
 //! The layer around every route: takes the request in (phase `accept`: its id and arrival),
 //! and stamps every response with `x-request-id`, `x-mofa-backend` (default `gateway`) and
 //! `x-mofa-latency-ms` (whole milliseconds), turning any error that is not yet an envelope into
-//! one. It refuses a request whose `Transfer-Encoding` has a coding other than `chunked`
+//! one. Under `/v1/messages` (Anthropic's clients) the same id also goes in `request-id`, the
+//! header the Anthropic SDKs read. It refuses a request whose `Transfer-Encoding` has a coding other than `chunked`
 //! (`gzip, chunked`): the HTTP layer removes only the chunking, and the gateway decodes no
 //! other coding, so such a body would be read as something it is not. It must not look at
 //! bodies.
@@ -12,10 +13,11 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use axum::response::IntoResponse;
 
+
+use crate::anthropic::WireFormat;
 use crate::error::{kind_for_status, ApiError};
-use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
+use crate::headers::{ANTHROPIC_REQUEST_ID, BACKEND, LATENCY_MS, REQUEST_ID};
 use crate::proxy::accept::accept;
 use crate::upstream::envelope;
 
@@ -24,8 +26,9 @@ pub async fn stamp(mut req: Request, next: Next) -> Response {
     let accepted = accept(req.headers());
     let (rid, start) = (accepted.id.clone(), accepted.arrival);
     req.extensions_mut().insert(accepted);
+    let wire = wire_of(req.uri());
     let mut resp = match unsupported_transfer_coding(req.headers()) {
-        Some(coding) => ApiError::unsupported_transfer_encoding(&coding).into_response(),
+        Some(coding) => ApiError::unsupported_transfer_encoding(&coding).into_response_for(wire),
         None => next.run(req).await,
     };
     let status = resp.status();
@@ -33,12 +36,24 @@ pub async fn stamp(mut req: Request, next: Next) -> Response {
         resp = envelope_for(resp);
     }
     let h = resp.headers_mut();
+    if wire.is_anthropic() {
+        h.insert(ANTHROPIC_REQUEST_ID, rid.clone());
+    }
     h.insert(REQUEST_ID, rid);
     h.entry(BACKEND)
         .or_insert(HeaderValue::from_static("gateway"));
     let ms = start.elapsed().as_millis() as u64;
     h.insert(LATENCY_MS, HeaderValue::from(ms));
     resp
+}
+
+/// The error format a URL's clients read: Anthropic's under `/v1/messages`, else OpenAI's.
+pub fn wire_of(uri: &axum::http::Uri) -> WireFormat {
+    if uri.path().starts_with("/v1/messages") {
+        WireFormat::Anthropic
+    } else {
+        WireFormat::default()
+    }
 }
 
 /// A reply from outside our handlers (a layer, an extractor), given the envelope.

@@ -115,3 +115,116 @@ fn names(dim: Dim) -> (HeaderName, HeaderName, HeaderName) {
         Dim::Tokens => (LIMIT_TOK, REMAINING_TOK, RESET_TOK),
     }
 }
+
+/// The CPU a keyed, rate-limited request adds with the memory store, measured by
+/// `bench/limits.sh` (release mode) and recorded in docs/benchmarks.md: a benchmark, not a
+/// test (it asserts nothing of time). Both loops run the same phases on the same request
+/// (authenticate, authorize, limit, the record's finish with its metrics); the keyed one has a
+/// key with `rpm`, `tpm` and `max_parallel`, so it hashes the key, estimates the tokens, charges
+/// three buckets and settles them when the record finishes.
+#[cfg(test)]
+mod bench {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+    use bytes::Bytes;
+
+    use crate::anthropic::WireFormat;
+    use crate::config::Config;
+    use crate::proxy::authorize::{authorize, digest, Auth};
+    use crate::proxy::observe::{Observer, Reason, Record, Tokens};
+    use crate::proxy::parse::Parsed;
+    use crate::quota::Limiter;
+    use crate::upstream::Endpoint;
+
+    const SECRET: &str = "sk-mofa-bench-0123456789abcdef";
+    const BODY: &[u8] =
+        br#"{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}"#;
+
+    /// This thread's CPU time in ns.
+    fn cpu_ns() -> u128 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+    }
+
+    fn parsed() -> Parsed {
+        Parsed {
+            endpoint: Endpoint::ChatCompletions,
+            model: "mofa-sim".into(),
+            stream: false,
+            body_priority: None,
+            strip_priority: false,
+            header_priority: None,
+            default_priority: None,
+            max_priority: None,
+            max_wait: None,
+            body: Bytes::from_static(BODY),
+            wire: WireFormat::OpenAi,
+            anthropic: None,
+        }
+    }
+
+    /// ns of CPU per request through the phases with `config`, the median of 7 rounds.
+    async fn cost(config: &str) -> f64 {
+        let cfg = Config::parse(config, &|_| None).expect("bench config");
+        let auth = Auth::build(&cfg);
+        let limiter = Arc::new(Limiter::build(&cfg).await);
+        let obs = Arc::new(Observer::new(&["mofa-sim".to_string()]));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {SECRET}")).unwrap(),
+        );
+        let mut rounds = Vec::new();
+        for round in 0..8 {
+            let n = 20_000;
+            let start = cpu_ns();
+            for _ in 0..n {
+                let who = auth.authenticate(std::hint::black_box(&h)).unwrap();
+                let mut req = parsed();
+                let mut rec = Record::new(obs.clone(), HeaderValue::from_static("r"), Instant::now());
+                authorize(&who, &mut req, &mut rec).unwrap();
+                super::limit(&limiter, &who, &req, &mut rec).await.unwrap();
+                rec.tokens = Some(Tokens {
+                    input: 9,
+                    output: 16,
+                    estimated: false,
+                });
+                rec.finish(StatusCode::OK, Reason::Ok);
+            }
+            if round > 0 {
+                rounds.push((cpu_ns() - start) as f64 / n as f64);
+            }
+        }
+        rounds.sort_by(f64::total_cmp);
+        rounds[3]
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    #[ignore = "benchmark: bench/limits.sh runs it in release mode"]
+    async fn memory_store_cost_per_request() {
+        let model = "[[models]]\nname = \"mofa-sim\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"http://127.0.0.1:9/v1\"\n";
+        let hex: String = digest(SECRET).iter().map(|b| format!("{b:02x}")).collect();
+        let keyed = format!(
+            "[auth]\nmode = \"keys\"\n[[auth.keys]]\nname = \"bench\"\nhash = \"sha256:{hex}\"\nrpm = 1000000000\ntpm = 1000000000\nmax_parallel = 1000000\n\n{model}"
+        );
+        // Interleaved, so that a drift of the machine hits both alike.
+        let (mut plain, mut limited) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            plain.push(cost(model).await);
+            limited.push(cost(&keyed).await);
+        }
+        plain.sort_by(f64::total_cmp);
+        limited.sort_by(f64::total_cmp);
+        println!("limit phase, thread CPU ns per request (median of 3 runs x 7 rounds x 20000 requests):");
+        println!("  unkeyed (no [auth]):                 {:.0} ns", plain[1]);
+        println!("  keyed, rpm + tpm + max_parallel:     {:.0} ns", limited[1]);
+        println!("  added by keys and limits (memory):   {:.0} ns", limited[1] - plain[1]);
+    }
+}

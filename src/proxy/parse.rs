@@ -72,6 +72,9 @@ fn messages_request(
     header_priority: Option<Priority>,
     max_wait: Option<Duration>,
 ) -> Result<Parsed, ApiError> {
+    // The same whole-body check as an OpenAI body (UTF-8, lone surrogates, nesting, duplicate
+    // keys), so that both formats refuse the same bodies with the same messages.
+    parse_head(body)?;
     let t =
         anthropic::translate(body, wire == WireFormat::AnthropicCount).map_err(|e| match e {
             anthropic::Invalid::Json(m) => ApiError::invalid_json(m),
