@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod logwriter;
+
 /// mimalloc: the request path allocates small buffers on one thread and frees them on another;
 /// a perf profile of the proxy path under load showed glibc's malloc waiting on its arena locks.
 #[global_allocator]
@@ -242,13 +244,12 @@ fn keys(k: &KeysCommand) -> ExitCode {
 /// a line with the event's fields at the top level (`[log] format = "json"`).
 ///
 /// Lines are formatted on the thread that logs and written by a dedicated thread
-/// (`tracing-appender`'s non-blocking writer, which batches them): a request never waits on a
-/// `write` to stderr. If stderr falls more than 128 000 lines behind, new lines are dropped
-/// rather than stalling requests. The returned guard flushes what is left when dropped.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// ([`logwriter`]: a shared buffer written every 50 ms): a request never waits on a `write`
+/// to stderr. The returned guard writes what is left when dropped.
+fn init_logging(format: LogFormat) -> logwriter::Guard {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = logwriter::start(std::io::stderr());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -316,7 +316,7 @@ async fn errors_use_the_anthropic_envelope_and_statuses() {
         "]".repeat(80)
     );
     let msg = anthropic_error(
-        post_raw(gw, "/v1/messages", Some("application/json"), &deep).await,
+        post_raw(gw, "/v1/messages", Some("application/json"), deep.clone()).await,
         400,
         "invalid_request_error",
     )

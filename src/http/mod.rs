@@ -118,7 +118,8 @@ async fn unknown_url(method: Method, uri: Uri) -> Response {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response_for(stamp::wire_of(&uri))
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+        .into_response_for(stamp::wire_of(&uri))
 }
 
 /// The models the caller may use (with keys: its allow-list; 401 without a known key).

@@ -13,8 +13,6 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-
-
 use crate::anthropic::WireFormat;
 use crate::error::{kind_for_status, ApiError};
 use crate::headers::{ANTHROPIC_REQUEST_ID, BACKEND, LATENCY_MS, REQUEST_ID};

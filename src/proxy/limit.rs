@@ -188,7 +188,8 @@ mod bench {
             for _ in 0..n {
                 let who = auth.authenticate(std::hint::black_box(&h)).unwrap();
                 let mut req = parsed();
-                let mut rec = Record::new(obs.clone(), HeaderValue::from_static("r"), Instant::now());
+                let mut rec =
+                    Record::new(obs.clone(), HeaderValue::from_static("r"), Instant::now());
                 authorize(&who, &mut req, &mut rec).unwrap();
                 super::limit(&limiter, &who, &req, &mut rec).await.unwrap();
                 rec.tokens = Some(Tokens {
@@ -224,7 +225,13 @@ mod bench {
         limited.sort_by(f64::total_cmp);
         println!("limit phase, thread CPU ns per request (median of 3 runs x 7 rounds x 20000 requests):");
         println!("  unkeyed (no [auth]):                 {:.0} ns", plain[1]);
-        println!("  keyed, rpm + tpm + max_parallel:     {:.0} ns", limited[1]);
-        println!("  added by keys and limits (memory):   {:.0} ns", limited[1] - plain[1]);
+        println!(
+            "  keyed, rpm + tpm + max_parallel:     {:.0} ns",
+            limited[1]
+        );
+        println!(
+            "  added by keys and limits (memory):   {:.0} ns",
+            limited[1] - plain[1]
+        );
     }
 }
