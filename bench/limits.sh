@@ -104,6 +104,11 @@ for name in unkeyed memory redis; do
     done
     [[ $code == 200 ]] || { echo "error: gateway $name did not answer 200" >&2; cat "$TMP/gw-$name.log" >&2; exit 1; }
 done
+# Redis may come up after the gateway did (it then reconnects): wait for it, up to 10 s.
+for ((i = 0; i < 100; i++)); do
+    [[ $(curl --noproxy '*' -s "http://127.0.0.1:$P_REDIS/readyz") == *'"redis":"up"'* ]] && break
+    sleep 0.1
+done
 if [[ $(curl --noproxy '*' -s "http://127.0.0.1:$P_REDIS/readyz") != *'"redis":"up"'* ]]; then
     echo "error: the redis gateway does not see Redis up" >&2
     exit 1

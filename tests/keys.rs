@@ -7,6 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -215,7 +216,17 @@ async fn keys_gate_models_priorities_and_admin_and_never_show_the_secret() {
     seen += &String::from_utf8_lossy(&out.stdout);
     seen += &String::from_utf8_lossy(&out.stderr);
 
-    // The log (at debug level) names the key, never the secret.
+    // The log (at debug level) names the key, never the secret. The gateway writes its log
+    // every 50 ms: wait for the last access lines.
+    eventually("an access log line naming the key", Duration::from_secs(5), || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("\"team-a\"")
+        }
+    })
+    .await;
     let logged = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
     assert!(
