@@ -218,14 +218,18 @@ async fn keys_gate_models_priorities_and_admin_and_never_show_the_secret() {
 
     // The log (at debug level) names the key, never the secret. The gateway writes its log
     // every 50 ms: wait for the last access lines.
-    eventually("an access log line naming the key", Duration::from_secs(5), || {
-        let log = log.clone();
-        async move {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("\"team-a\"")
-        }
-    })
+    eventually(
+        "an access log line naming the key",
+        Duration::from_secs(5),
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("\"team-a\"")
+            }
+        },
+    )
     .await;
     let logged = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
