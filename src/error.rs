@@ -219,20 +219,12 @@ impl ApiError {
                 d.limit, d.requested
             ),
         };
-        let mut e = ApiError(Box::new(ErrorReply {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            kind: d.dim.as_str(),
-            code: Cow::Borrowed("rate_limit_exceeded"),
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            d.dim.as_str(),
+            "rate_limit_exceeded",
             message,
-            param: None,
-            retry_after: None,
-            retry_after_ms: None,
-            should_retry: None,
-            backend: None,
-            reason: None,
-            passthrough: None,
-            attempts: None,
-        }));
+        );
         match d.retry_after_us {
             Some(us) => {
                 let (secs, ms) = crate::limits::retry_after(us);

@@ -29,6 +29,8 @@ pub mod sim;
 
 mod admission;
 mod anthropic;
+#[cfg(test)]
+mod benchclock;
 mod breaker;
 mod error;
 mod headers;

@@ -128,19 +128,31 @@ impl Series {
 
     /// The `requests_total` counter of (status, reason).
     fn requests(&self, rec: &PrometheusRecorder, status: u16, reason: &'static str) -> Counter {
-        let mut seen = lock(&self.requests);
-        if let Some((_, c)) = seen.iter().find(|(k, _)| *k == (status, reason)) {
-            return c.clone();
-        }
-        let c = metrics::with_local_recorder(rec, || {
-            counter!(REQUESTS, "model" => self.model.clone(), "backend" => self.backend.clone(),
-                "status" => status_label(status), "reason" => reason)
-        });
-        if seen.len() < MAX_OUTCOMES {
-            seen.push(((status, reason), c.clone()));
-        }
-        c
+        cached(&self.requests, (status, reason), || {
+            metrics::with_local_recorder(rec, || {
+                counter!(REQUESTS, "model" => self.model.clone(), "backend" => self.backend.clone(),
+                    "status" => status_label(status), "reason" => reason)
+            })
+        })
     }
+}
+
+/// The counter kept under `key` in `seen`, registered with `register` on first use; at most
+/// [`MAX_OUTCOMES`] are kept (beyond, each use registers again: the registry finds the series).
+fn cached<K: PartialEq>(
+    seen: &Mutex<Vec<(K, Counter)>>,
+    key: K,
+    register: impl FnOnce() -> Counter,
+) -> Counter {
+    let mut seen = lock(seen);
+    if let Some((_, c)) = seen.iter().find(|(k, _)| *k == key) {
+        return c.clone();
+    }
+    let c = register();
+    if seen.len() < MAX_OUTCOMES {
+        seen.push((key, c.clone()));
+    }
+    c
 }
 
 impl Metrics {
@@ -226,22 +238,13 @@ impl Metrics {
 
     /// Counts one try on an upstream: `ok` (it answered), or why it failed (a closed set).
     pub fn upstream_attempt(&self, outcome: &'static str) {
-        let mut seen = lock(&self.attempts);
-        let c = match seen.iter().find(|(o, _)| *o == outcome) {
-            Some((_, c)) => c.clone(),
-            None => {
-                let c = metrics::with_local_recorder(
-                    &self.recorder,
-                    || counter!(ATTEMPTS, "outcome" => outcome),
-                );
-                if seen.len() < MAX_OUTCOMES {
-                    seen.push((outcome, c.clone()));
-                }
-                c
-            }
-        };
-        drop(seen);
-        c.increment(1);
+        cached(&self.attempts, outcome, || {
+            metrics::with_local_recorder(
+                &self.recorder,
+                || counter!(ATTEMPTS, "outcome" => outcome),
+            )
+        })
+        .increment(1);
     }
 
     /// Counts a request refused by a rate limit: `key` is the key's configured `name` (never

@@ -334,16 +334,7 @@ async fn errors_use_the_anthropic_envelope_and_statuses() {
 
 #[tokio::test]
 async fn an_admission_rejection_is_529_with_retry_after() {
-    let slow = sim(SimOptions {
-        tokens_per_sec: 10.0,
-        ..sim_opts("busy")
-    })
-    .await;
-    let cfg = format!(
-        "[admission]\nmax_queue = 0\n{}",
-        one_model("busy", &slow, "max_concurrency = 1")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = busy_gateway().await;
     let req = json!({"model": "busy", "max_tokens": 50, "stream": true,
                      "messages": [{"role": "user", "content": "Hi"}]});
     let holder = messages(gw, &req).await;

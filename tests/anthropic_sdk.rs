@@ -63,16 +63,7 @@ async fn official_anthropic_sdk_works_unchanged() {
 #[tokio::test]
 async fn official_anthropic_sdk_sees_529_and_retries_after_retry_after() {
     // One slot, no queue: while the slot is held, requests are rejected (529 on this route).
-    let slow = sim(SimOptions {
-        tokens_per_sec: 10.0,
-        ..sim_opts("busy")
-    })
-    .await;
-    let cfg = format!(
-        "[admission]\nmax_queue = 0\n{}",
-        one_model("busy", &slow, "max_concurrency = 1")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = busy_gateway().await;
     run_checks(gw, &["overloaded_529", "retry_529"]).await;
 }
 

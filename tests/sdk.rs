@@ -47,16 +47,7 @@ async fn official_python_sdk_works_unchanged() {
 #[tokio::test]
 async fn official_python_sdk_sees_503_and_retries_after_retry_after() {
     // One slot, no queue: while the slot is held, requests are rejected with 503.
-    let slow = sim(SimOptions {
-        tokens_per_sec: 10.0,
-        ..sim_opts("busy")
-    })
-    .await;
-    let cfg = format!(
-        "[admission]\nmax_queue = 0\n{}",
-        one_model("busy", &slow, "max_concurrency = 1")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = busy_gateway().await;
     // The script holds the slot from a thread of its own, then calls without and with retries.
     run_checks(&format!("http://{gw}/v1"), &["rejected_503", "retry_503"]).await;
 }

@@ -950,17 +950,6 @@ mod tests {
 mod bench {
     use super::*;
 
-    /// This thread's CPU time in ns (wall time on a shared machine counts other processes).
-    fn cpu_ns() -> u128 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
-    }
-
     /// An OpenAI chunk as vLLM and llama.cpp send them (one event per read).
     fn text_chunk(i: usize) -> Vec<u8> {
         format!(
@@ -983,7 +972,7 @@ mod bench {
         // One round to warm the caches and the allocator, then 7 measured.
         for round in 0..8 {
             let reps = 200;
-            let start = cpu_ns();
+            let start = crate::benchclock::thread_cpu_ns();
             for _ in 0..reps {
                 let mut t = Translator::new(Context::default());
                 for c in prelude {
@@ -996,7 +985,10 @@ mod bench {
                 }
             }
             if round > 0 {
-                rounds.push((cpu_ns() - start) as f64 / (reps * chunks.len()) as f64);
+                rounds.push(
+                    (crate::benchclock::thread_cpu_ns() - start) as f64
+                        / (reps * chunks.len()) as f64,
+                );
             }
         }
         rounds.sort_by(f64::total_cmp);

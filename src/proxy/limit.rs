@@ -142,17 +142,6 @@ mod bench {
     const BODY: &[u8] =
         br#"{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}"#;
 
-    /// This thread's CPU time in ns.
-    fn cpu_ns() -> u128 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
-    }
-
     fn parsed() -> Parsed {
         Parsed {
             endpoint: Endpoint::ChatCompletions,
@@ -184,7 +173,7 @@ mod bench {
         let mut rounds = Vec::new();
         for round in 0..8 {
             let n = 20_000;
-            let start = cpu_ns();
+            let start = crate::benchclock::thread_cpu_ns();
             for _ in 0..n {
                 let who = auth.authenticate(std::hint::black_box(&h)).unwrap();
                 let mut req = parsed();
@@ -200,7 +189,7 @@ mod bench {
                 rec.finish(StatusCode::OK, Reason::Ok);
             }
             if round > 0 {
-                rounds.push((cpu_ns() - start) as f64 / n as f64);
+                rounds.push((crate::benchclock::thread_cpu_ns() - start) as f64 / n as f64);
             }
         }
         rounds.sort_by(f64::total_cmp);

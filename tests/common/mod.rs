@@ -50,6 +50,21 @@ pub async fn gateway(config: &str) -> SocketAddr {
     gateway_env(config, &[]).await
 }
 
+/// A gateway whose model `busy` has one slot and no queue, in front of a sim that streams
+/// 10 tokens a second: while one request holds the slot, every other is rejected at once.
+pub async fn busy_gateway() -> SocketAddr {
+    let slow = sim(SimOptions {
+        tokens_per_sec: 10.0,
+        ..sim_opts("busy")
+    })
+    .await;
+    gateway(&format!(
+        "[admission]\nmax_queue = 0\n{}",
+        one_model("busy", &slow, "max_concurrency = 1")
+    ))
+    .await
+}
+
 /// A config with one model `name` served by one local deployment at `url`, plus `extra`
 /// lines appended to the deployment table.
 pub fn one_model(name: &str, url: &str, extra: &str) -> String {
