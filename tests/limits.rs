@@ -400,6 +400,64 @@ async fn a_killed_replica_frees_its_in_flight_places_when_its_leases_expire() {
     .await;
 }
 
+#[tokio::test]
+async fn what_one_replica_settles_reaches_the_other_at_once_not_at_lease_expiry() {
+    // A replica tells Redis what a finished request gives back (its in-flight place, its
+    // token correction) with its next call, or within a few ms: the other replica can use
+    // both right away, long before a lease would expire (10 s) or the tokens refill (24 s).
+    let redis = Redis::start().await;
+    let up = sim(sim_opts("m")).await;
+    let model = one_model("m", &up, "");
+    let cfg = redis_config(&redis, "local", "max_parallel = 1\ntpm = 1000", &model);
+    let (_a, a) = run_gateway_binary(&cfg).await;
+    let (_b, b) = run_gateway_binary(&cfg).await;
+    for gw in [a, b] {
+        eventually(
+            "redis up",
+            WAIT,
+            || async move { redis_state(gw).await == "up" },
+        )
+        .await;
+    }
+    // Estimated at 401 tokens (1600 characters / 4 + max_tokens 1); the sim counts 2.
+    let body = json!({"model": "m", "max_tokens": 1,
+                      "messages": [{"role": "user", "content": "x".repeat(1600)}]});
+    let start = Instant::now();
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { a } else { b };
+        let remaining = eventually_some(
+            "served by the other replica",
+            Duration::from_secs(2),
+            || {
+                let body = body.clone();
+                async move {
+                    let r = keyed_chat(gw, &body).await;
+                    match r.status().as_u16() {
+                        200 => Some(num(&r, "x-ratelimit-remaining-tokens")),
+                        429 => {
+                            let e = envelope(r).await;
+                            assert_eq!(e["type"], "requests", "only the place may lag: {e}");
+                            None
+                        }
+                        s => panic!("unexpected {s}"),
+                    }
+                }
+            },
+        )
+        .await;
+        // Without the corrections, the third request would not fit.
+        assert!(
+            remaining >= 1000 - 2 * 401,
+            "request {i}: {remaining} tokens left"
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The official SDK (PyPI: only with the `external` feature).
 

@@ -15,18 +15,27 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use tokio::sync::Notify;
+
 use super::{Outcome, Plan, Slot, LEASE_TTL};
 use crate::config::RedisFailure;
-use crate::limits::{Denial, Dim, Status};
+use crate::limits::{Charge, Denial, Dim, Status};
 
-/// The one script. `check`: charges every bucket or none, takes a lease if asked; answers
-/// `{1, backlog_us...}`, `{0, bucket, retry_after_us (-1: never fits), used}` or
-/// `{2, in_flight}`. `settle`: corrects token buckets by a signed delta and frees a lease.
-/// `renew`: pushes leases' expiry forward. Mirrors `limits::gcra` (keep them in step).
+/// The one script, one call per request. Every op first applies what this replica settled
+/// since its last call under the tag: token corrections (`adjust`, a signed count per bucket)
+/// and freed leases (the members after the fixed arguments). `check` then charges every bucket
+/// or none and takes a lease if asked; it answers `{1, backlog_us...}`, `{0, bucket,
+/// retry_after_us (-1: never fits), used}` or `{2, in_flight}`. `settle` only applies.
+/// `renew` pushes the given leases' expiry forward. ARGV: op, n, then per bucket `limit,
+/// period_us, cost, adjust`, then `max_parallel (0: no lease), member, lease_ttl_us`, then
+/// the members to free (or, for `renew`, to renew). Mirrors `limits::gcra` (keep them in step).
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local op = ARGV[1]
+local n = tonumber(ARGV[2])
+local base = 4 * n + 3
+local lk = KEYS[n + 1]
 local function store(k, tat)
   if tat > now then
     redis.call('SET', k, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
@@ -34,80 +43,135 @@ local function store(k, tat)
     redis.call('DEL', k)
   end
 end
-if op == 'check' then
-  local n = tonumber(ARGV[2])
-  local new = {}
-  local deny, wait, used = 0, 0, 0
+if op == 'renew' then
+  local ttl = tonumber(ARGV[base + 2])
+  for i = base + 3, #ARGV do
+    redis.call('ZADD', lk, 'XX', now + ttl, ARGV[i])
+  end
+  redis.call('PEXPIRE', lk, math.ceil(ttl / 1000) * 2)
+  return 1
+end
+if #ARGV > base + 2 then redis.call('ZREM', lk, unpack(ARGV, base + 3)) end
+local tats, adjusted = {}, {}
+if n > 0 then
+  local got = redis.call('MGET', unpack(KEYS, 1, n))
   for i = 1, n do
-    local limit = tonumber(ARGV[3 * i])
-    local period = tonumber(ARGV[3 * i + 1])
-    local cost = tonumber(ARGV[3 * i + 2])
-    local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-    local inc = math.ceil(cost * period / limit)
-    if inc > period then
-      if deny == 0 or wait >= 0 then deny, wait, used = i, -1, 0 end
+    local tat = tonumber(got[i]) or 0
+    local adj = tonumber(ARGV[4 * i + 2])
+    if adj ~= 0 then
+      local inc = math.ceil(math.abs(adj) * tonumber(ARGV[4 * i]) / tonumber(ARGV[4 * i - 1]))
+      if adj > 0 then tat = math.max(tat, now) + inc else tat = math.max(tat - inc, now) end
+      adjusted[i] = true
+    end
+    tats[i] = tat
+  end
+end
+local function keep()
+  for i = 1, n do
+    if adjusted[i] then store(KEYS[i], tats[i]) end
+  end
+end
+if op ~= 'check' then
+  keep()
+  return 1
+end
+local new = {}
+local deny, wait, used = 0, 0, 0
+for i = 1, n do
+  local limit = tonumber(ARGV[4 * i - 1])
+  local period = tonumber(ARGV[4 * i])
+  local cost = tonumber(ARGV[4 * i + 1])
+  local tat = tats[i]
+  local inc = math.ceil(cost * period / limit)
+  if inc > period then
+    if deny == 0 or wait >= 0 then deny, wait, used = i, -1, 0 end
+  else
+    local nt = math.max(tat, now) + inc
+    if nt - now <= period then
+      new[i] = nt
     else
-      local nt = math.max(tat, now) + inc
-      if nt - now <= period then
-        new[i] = nt
-      else
-        local w = nt - now - period
-        if deny == 0 or (wait >= 0 and w > wait) then
-          deny, wait = i, w
-          used = math.min(limit, math.ceil(math.max(tat - now, 0) * limit / period))
-        end
+      local w = nt - now - period
+      if deny == 0 or (wait >= 0 and w > wait) then
+        deny, wait = i, w
+        used = math.min(limit, math.ceil(math.max(tat - now, 0) * limit / period))
       end
     end
   end
-  if deny > 0 then return {0, deny, wait, used} end
-  local base = 3 * n + 3
-  local maxp = tonumber(ARGV[base])
-  if maxp > 0 then
-    local lk = KEYS[n + 1]
-    redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
-    local count = redis.call('ZCARD', lk)
-    if count >= maxp then return {2, count} end
-    local ttl = tonumber(ARGV[base + 2])
-    redis.call('ZADD', lk, now + ttl, ARGV[base + 1])
-    redis.call('PEXPIRE', lk, math.ceil(ttl / 1000) * 2)
-  end
-  local out = {1}
-  for i = 1, n do
-    store(KEYS[i], new[i])
-    out[i + 1] = new[i] - now
-  end
-  return out
-elseif op == 'settle' then
-  local n = tonumber(ARGV[2])
-  for i = 1, n do
-    local limit = tonumber(ARGV[3 * i])
-    local period = tonumber(ARGV[3 * i + 1])
-    local delta = tonumber(ARGV[3 * i + 2])
-    local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-    local inc = math.ceil(math.abs(delta) * period / limit)
-    if delta >= 0 then
-      store(KEYS[i], math.max(tat, now) + inc)
-    else
-      store(KEYS[i], math.max(tat - inc, now))
-    end
-  end
-  local m = ARGV[3 * n + 3]
-  if m ~= '' then redis.call('ZREM', KEYS[n + 1], m) end
-  return 1
-elseif op == 'renew' then
-  local ttl = tonumber(ARGV[2])
-  for i = 3, #ARGV do
-    redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
-  end
-  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) * 2)
-  return 1
 end
-return redis.error_reply('unknown op')
+if deny > 0 then
+  keep()
+  return {0, deny, wait, used}
+end
+local maxp = tonumber(ARGV[base])
+if maxp > 0 then
+  local count = redis.call('ZCARD', lk)
+  if count >= maxp then
+    redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+    count = redis.call('ZCARD', lk)
+  end
+  if count >= maxp then
+    keep()
+    return {2, count}
+  end
+  local ttl = tonumber(ARGV[base + 2])
+  redis.call('ZADD', lk, now + ttl, ARGV[base + 1])
+  redis.call('PEXPIRE', lk, math.ceil(ttl / 1000) * 2)
+end
+local out = {1}
+for i = 1, n do
+  store(KEYS[i], new[i])
+  out[i + 1] = new[i] - now
+end
+return out
 "#;
 
 /// How often the health task pings a Redis that is down, and renews leases.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 const RENEW_EVERY: Duration = Duration::from_secs(3);
+/// The longest a settlement waits for its tag's next check before it is sent on its own:
+/// other replicas see a freed place at most this late (plus a round trip).
+pub const FLUSH_AFTER: Duration = Duration::from_millis(10);
+/// The most freed leases kept for one tag while Redis does not answer; older ones are
+/// dropped (they expire by themselves, [`LEASE_TTL`]).
+const MAX_PENDING_FREES: usize = 4096;
+
+/// What this replica settled under one hash tag and has not told Redis yet.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Token corrections: per bucket, its rate and the sum of the deltas.
+    adjust: Vec<(Slot, Charge, i64)>,
+    /// Leases to free.
+    free: Vec<String>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.adjust.is_empty() && self.free.is_empty()
+    }
+
+    fn add(&mut self, slot: Slot, charge: Charge, delta: i64) {
+        match self.adjust.iter_mut().find(|(s, _, _)| *s == slot) {
+            Some(a) => a.2 = a.2.saturating_add(delta),
+            None => self.adjust.push((slot, charge, delta)),
+        }
+    }
+
+    /// The summed correction of `slot` (taken out), 0 when there is none.
+    fn take_adjust(&mut self, slot: Slot) -> i64 {
+        match self.adjust.iter().position(|(s, _, _)| *s == slot) {
+            Some(i) => self.adjust.swap_remove(i).2,
+            None => 0,
+        }
+    }
+
+    fn free(&mut self, members: impl IntoIterator<Item = String>) {
+        self.free.extend(members);
+        if self.free.len() > MAX_PENDING_FREES {
+            let over = self.free.len() - MAX_PENDING_FREES;
+            self.free.drain(..over);
+        }
+    }
+}
 
 pub struct RedisStore {
     client: Option<redis::Client>,
@@ -121,6 +185,11 @@ pub struct RedisStore {
     next_lease: AtomicU64,
     /// Leases this replica holds: member -> its sorted set (renewed by the health task).
     leases: Mutex<HashMap<String, String>>,
+    /// Settlements not yet sent, by hash tag (one per principal and per model of the config):
+    /// folded into the tag's next `check`, or sent by the flusher within [`FLUSH_AFTER`].
+    pending: Mutex<HashMap<String, Pending>>,
+    /// Wakes the flusher when a tag's settlements stop being empty.
+    flush: Notify,
 }
 
 /// What the logs say the gateway does while Redis is down.
@@ -132,7 +201,7 @@ fn failure_mode(f: RedisFailure) -> &'static str {
 }
 
 impl RedisStore {
-    /// Connects (waiting at most about a second) and starts the health task.
+    /// Connects (waiting at most about a second) and starts the health task and the flusher.
     pub async fn start(url: &str, timeout: Duration, failure: RedisFailure) -> Arc<RedisStore> {
         let client = match redis::Client::open(url) {
             Ok(c) => Some(c),
@@ -154,6 +223,8 @@ impl RedisStore {
             replica,
             next_lease: AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            flush: Notify::new(),
         });
         if !store.probe().await {
             tracing::warn!(
@@ -162,6 +233,7 @@ impl RedisStore {
             );
         }
         tokio::spawn(health(Arc::downgrade(&store)));
+        tokio::spawn(flusher(Arc::downgrade(&store)));
         store
     }
 
@@ -258,84 +330,137 @@ impl RedisStore {
     /// model's buckets (shared by all principals, their own hash tag) are charged first, then
     /// the principal's; a refusal by the second gives the first charge back.
     pub async fn acquire(self: &Arc<Self>, plan: &Plan) -> Result<(Outcome, Option<String>), ()> {
+        let has_model = plan
+            .charges
+            .iter()
+            .any(|(s, _)| matches!(s, Slot::Model(..)));
+        if !has_model {
+            // The usual case: one call.
+            let member = self.member(plan);
+            let tag = tag(plan);
+            let outcome = self.check(&tag, &plan.charges, member.clone()).await?;
+            return Ok(self.keep_lease(outcome, member, &tag));
+        }
         let (model_part, key_part): (Vec<_>, Vec<_>) = plan
             .charges
             .iter()
             .enumerate()
             .partition(|(_, (s, _))| matches!(s, Slot::Model(..)));
         let mut statuses: Vec<Option<Status>> = vec![None; plan.charges.len()];
-        if !model_part.is_empty() {
-            let part: Vec<_> = model_part.iter().map(|(_, c)| **c).collect();
-            match self.check(&model_tag(plan), &part, plan, None).await? {
-                Outcome::Allowed(st) => {
-                    for ((i, _), s) in model_part.iter().zip(st) {
-                        statuses[*i] = Some(s);
-                    }
+        let mtag = model_tag(plan);
+        let part: Vec<_> = model_part.iter().map(|(_, c)| **c).collect();
+        match self.check(&mtag, &part, None).await? {
+            Outcome::Allowed(st) => {
+                for ((i, _), s) in model_part.iter().zip(st) {
+                    statuses[*i] = Some(s);
                 }
-                other => return Ok((other, None)),
             }
+            other => return Ok((other, None)),
         }
-        let refund = |me: &Arc<Self>| {
-            if !model_part.is_empty() {
-                let back: Vec<_> = model_part
-                    .iter()
-                    .map(|(_, (s, c))| (*s, *c, -(c.cost as i64)))
-                    .collect();
-                me.spawn_settle(model_tag(plan), plan.clone(), back, None);
-            }
-        };
-        let member = plan.max_parallel.map(|max| {
-            let n = self.next_lease.fetch_add(1, Ordering::Relaxed);
-            (max, format!("{}:{n}", self.replica))
-        });
+        let member = self.member(plan);
         let part: Vec<_> = key_part.iter().map(|(_, c)| **c).collect();
         let tag = tag(plan);
-        match self.check(&tag, &part, plan, member.clone()).await {
-            Ok(Outcome::Allowed(st)) => {
+        let outcome = self.check(&tag, &part, member.clone()).await;
+        if !matches!(outcome, Ok(Outcome::Allowed(_))) {
+            // Give the model's charge back (with its tag's next call).
+            let mut back = Pending::default();
+            for (_, (slot, c)) in &model_part {
+                back.add(*slot, *c, -(c.cost as i64));
+            }
+            self.defer(&mtag, back);
+        }
+        match self.keep_lease(outcome?, member, &tag) {
+            (Outcome::Allowed(st), lease) => {
                 for ((i, _), s) in key_part.iter().zip(st) {
                     statuses[*i] = Some(s);
                 }
+                let st = statuses.into_iter().flatten().collect();
+                Ok((Outcome::Allowed(st), lease))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// A fresh lease member for `plan` when it counts requests in flight.
+    fn member(&self, plan: &Plan) -> Option<(u32, String)> {
+        plan.max_parallel.map(|max| {
+            let n = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            (max, format!("{}:{n}", self.replica))
+        })
+    }
+
+    /// Records the lease of an allowed check (so that it is renewed), and returns it.
+    fn keep_lease(
+        &self,
+        outcome: Outcome,
+        member: Option<(u32, String)>,
+        tag: &str,
+    ) -> (Outcome, Option<String>) {
+        match outcome {
+            Outcome::Allowed(st) => {
                 let lease = member.map(|(_, m)| {
                     self.leases
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(m.clone(), lease_key(&tag));
+                        .insert(m.clone(), lease_key(tag));
                     m
                 });
-                let st = statuses.into_iter().flatten().collect();
-                Ok((Outcome::Allowed(st), lease))
+                (Outcome::Allowed(st), lease)
             }
-            Ok(other) => {
-                refund(self);
-                Ok((other, None))
-            }
-            Err(()) => {
-                refund(self);
-                Err(())
-            }
+            other => (other, None),
         }
     }
 
-    /// One `check` of the script: `charges` (all under `tag`), and a lease if asked.
+    /// One `check` of the script: `charges` (all under `tag`), and a lease if asked, with what
+    /// this replica settled under `tag` since its last call.
     async fn check(
         &self,
         tag: &str,
-        charges: &[(Slot, crate::limits::Charge)],
-        plan: &Plan,
+        charges: &[(Slot, Charge)],
         lease: Option<(u32, String)>,
     ) -> Result<Outcome, ()> {
+        let mut pending = self.take(tag);
         let mut inv = self.script.prepare_invoke();
         for (slot, _) in charges {
-            inv.key(bucket_key(tag, *slot, plan));
+            inv.key(bucket_key(tag, *slot));
         }
         inv.key(lease_key(tag));
         inv.arg("check").arg(charges.len());
-        for (_, c) in charges {
-            inv.arg(c.rate.limit).arg(c.rate.period_us).arg(c.cost);
+        for (slot, c) in charges {
+            let adjust = pending.as_mut().map_or(0, |p| p.take_adjust(*slot));
+            inv.arg(c.rate.limit)
+                .arg(c.rate.period_us)
+                .arg(c.cost)
+                .arg(adjust);
         }
         let (max, member) = lease.unwrap_or((0, String::new()));
         inv.arg(max).arg(member).arg(LEASE_TTL.as_micros() as u64);
-        let r: Vec<i64> = self.run(&inv).await?;
+        let mut frees = Vec::new();
+        if let Some(mut p) = pending {
+            frees = std::mem::take(&mut p.free);
+            inv.arg(&frees);
+            // Corrections of buckets this call does not carry wait for the flusher.
+            if !p.adjust.is_empty() {
+                self.defer(tag, p);
+            }
+        }
+        let r: Vec<i64> = match self.run(&inv).await {
+            Ok(r) => r,
+            Err(()) => {
+                // Freeing is idempotent: try again later. A correction may have been applied,
+                // so it is not sent twice.
+                if !frees.is_empty() {
+                    self.defer(
+                        tag,
+                        Pending {
+                            free: frees,
+                            ..Pending::default()
+                        },
+                    );
+                }
+                return Err(());
+            }
+        };
         match r.first() {
             Some(1) => Ok(Outcome::Allowed(
                 charges
@@ -361,54 +486,100 @@ impl RedisStore {
         }
     }
 
-    /// Corrects the token buckets by `delta` and frees `lease`, in tasks of their own.
-    pub fn settle(self: &Arc<Self>, plan: Plan, delta: i64, lease: Option<String>) {
+    fn has_pending(&self) -> bool {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.values().any(|p| !p.is_empty())
+    }
+
+    /// Takes what is pending under `tag`.
+    fn take(&self, tag: &str) -> Option<Pending> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending
+            .get_mut(tag)
+            .and_then(|p| (!p.is_empty()).then(|| std::mem::take(p)))
+    }
+
+    /// Adds `more` to what is pending under `tag`; wakes the flusher when it was empty.
+    fn defer(&self, tag: &str, more: Pending) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let p = match pending.get_mut(tag) {
+            Some(p) => p,
+            None => pending.entry(tag.to_string()).or_default(),
+        };
+        let was_empty = p.is_empty();
+        for (slot, c, d) in more.adjust {
+            p.add(slot, c, d);
+        }
+        p.free(more.free);
+        drop(pending);
+        if was_empty {
+            self.flush.notify_one();
+        }
+    }
+
+    /// The request is over: its token buckets are corrected by `delta` and `lease` is freed,
+    /// with the tag's next call (this replica's next request of the same principal), or by the
+    /// flusher within [`FLUSH_AFTER`]. Never waits.
+    pub fn settle(&self, plan: Plan, delta: i64, lease: Option<String>) {
         if let Some(m) = &lease {
             self.leases
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(m);
         }
-        let (model_part, key_part): (Vec<_>, Vec<_>) = if delta != 0 {
-            plan.token_charges()
-                .map(|(s, c)| (s, c, delta))
-                .partition(|(s, _, _)| matches!(s, Slot::Model(..)))
-        } else {
-            (Vec::new(), Vec::new())
+        let mut key = Pending {
+            free: lease.into_iter().collect(),
+            ..Pending::default()
         };
-        if !model_part.is_empty() {
-            self.spawn_settle(model_tag(&plan), plan.clone(), model_part, None);
+        let mut model = Pending::default();
+        if delta != 0 {
+            for (slot, c) in plan.token_charges() {
+                match slot {
+                    Slot::Model(..) => model.add(slot, c, delta),
+                    Slot::Key(_) => key.add(slot, c, delta),
+                }
+            }
         }
-        if !key_part.is_empty() || lease.is_some() {
-            self.spawn_settle(tag(&plan), plan, key_part, lease);
+        if !model.is_empty() {
+            self.defer(&model_tag(&plan), model);
+        }
+        if !key.is_empty() {
+            self.defer(&tag(&plan), key);
         }
     }
 
-    /// One `settle` of the script (under `tag`), in a task of its own.
-    fn spawn_settle(
-        self: &Arc<Self>,
-        tag: String,
-        plan: Plan,
-        deltas: Vec<(Slot, crate::limits::Charge, i64)>,
-        lease: Option<String>,
-    ) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return; // a lease expires by itself
+    /// Sends everything pending, one `settle` call per tag.
+    async fn flush_all(&self) {
+        let all: Vec<(String, Pending)> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending
+                .iter_mut()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(t, p)| (t.clone(), std::mem::take(p)))
+                .collect()
         };
-        let me = self.clone();
-        rt.spawn(async move {
-            let mut inv = me.script.prepare_invoke();
-            for (slot, _, _) in &deltas {
-                inv.key(bucket_key(&tag, *slot, &plan));
+        for (tag, p) in all {
+            let mut inv = self.script.prepare_invoke();
+            for (slot, _, _) in &p.adjust {
+                inv.key(bucket_key(&tag, *slot));
             }
             inv.key(lease_key(&tag));
-            inv.arg("settle").arg(deltas.len());
-            for (_, c, d) in &deltas {
-                inv.arg(c.rate.limit).arg(c.rate.period_us).arg(*d);
+            inv.arg("settle").arg(p.adjust.len());
+            for (_, c, d) in &p.adjust {
+                inv.arg(c.rate.limit).arg(c.rate.period_us).arg(0).arg(*d);
             }
-            inv.arg(lease.as_deref().unwrap_or(""));
-            let _ = me.run::<i64>(&inv).await;
-        });
+            inv.arg(0).arg("").arg(LEASE_TTL.as_micros() as u64);
+            inv.arg(&p.free);
+            if self.run::<i64>(&inv).await.is_err() && !p.free.is_empty() {
+                self.defer(
+                    &tag,
+                    Pending {
+                        free: p.free,
+                        ..Pending::default()
+                    },
+                );
+            }
+        }
     }
 
     /// Pushes the expiry of every lease this replica holds.
@@ -421,6 +592,9 @@ impl RedisStore {
             let mut inv = self.script.prepare_invoke();
             inv.key(set)
                 .arg("renew")
+                .arg(0)
+                .arg(0)
+                .arg("")
                 .arg(LEASE_TTL.as_micros() as u64)
                 .arg(members);
             if self.run::<i64>(&inv).await.is_err() {
@@ -448,6 +622,30 @@ async fn health(store: Weak<RedisStore>) {
     }
 }
 
+/// Sends the settlements that no check took within [`FLUSH_AFTER`] of becoming pending.
+/// Idle (no wake-up) while nothing is pending, but for a look every second whether the store
+/// is gone.
+async fn flusher(store: Weak<RedisStore>) {
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let woken = tokio::time::timeout(Duration::from_secs(1), s.flush.notified())
+            .await
+            .is_ok();
+        if woken {
+            tokio::time::sleep(FLUSH_AFTER).await;
+            if s.is_up() {
+                s.flush_all().await;
+            } else {
+                // Down: look again later (what is pending is kept, bounded).
+                tokio::time::sleep(PROBE_EVERY).await;
+                if s.has_pending() {
+                    s.flush.notify_one();
+                }
+            }
+        }
+    }
+}
+
 /// The hash tag of a model's buckets (all principals together).
 fn model_tag(plan: &Plan) -> String {
     format!("{{m:{}}}", plan.model_name)
@@ -462,14 +660,13 @@ fn tag(plan: &Plan) -> String {
     }
 }
 
-fn bucket_key(tag: &str, slot: Slot, _plan: &Plan) -> String {
-    let dim = |d: Dim| match d {
-        Dim::Requests => "rpm",
-        Dim::Tokens => "tpm",
+fn bucket_key(tag: &str, slot: Slot) -> String {
+    let dim = match slot {
+        Slot::Key(d) | Slot::Model(_, d) => d,
     };
-    match slot {
-        Slot::Key(d) => format!("mofa:{tag}:{}", dim(d)),
-        Slot::Model(_, d) => format!("mofa:{tag}:{}", dim(d)),
+    match dim {
+        Dim::Requests => format!("mofa:{tag}:rpm"),
+        Dim::Tokens => format!("mofa:{tag}:tpm"),
     }
 }
 
