@@ -29,6 +29,10 @@
 //!     sum of `attempts - 1` over them (tries that failed and were retried on another
 //!     deployment).
 //!
+//!   * `server_timing_ms`: p50/p90/p99/max of each `Server-Timing` entry (`limit`, `queue`,
+//!     `upstream`, `total`) over the window's 2xx responses: the gateway's own account of
+//!     where a request's time went, free of the client's and the network's share.
+//!
 //! `--header NAME:VALUE` (repeatable) adds a header to every request.
 //!
 //! `--retry-as-told`: a request answered 503 is sent once more, exactly `retry-after-ms` (else
@@ -129,6 +133,8 @@ struct Record {
     checks: Checks,
     /// The response's `x-mofa-attempts`, when it had one.
     attempts: Option<u32>,
+    /// The response's `Server-Timing` entries (name, ms).
+    timing: Vec<(String, f64)>,
     /// `--retry-as-told`: the wait told (ms) and whether the retry then succeeded.
     retry: Option<(u64, bool)>,
 }
@@ -259,8 +265,24 @@ fn classify(e: &reqwest::Error) -> &'static str {
     }
 }
 
-/// What one request gave: outcome, latency, 503 checks, `x-mofa-attempts`.
-type Answer = (Outcome, Duration, Checks, Option<u32>);
+/// What one request gave: outcome, latency, 503 checks, `x-mofa-attempts`, and the
+/// `Server-Timing` entries (name, ms).
+type Answer = (Outcome, Duration, Checks, Option<u32>, Vec<(String, f64)>);
+
+/// The `name;dur=ms` entries of a `Server-Timing` header.
+fn server_timing(headers: &reqwest::header::HeaderMap) -> Vec<(String, f64)> {
+    let Some(v) = headers.get("server-timing").and_then(|v| v.to_str().ok()) else {
+        return Vec::new();
+    };
+    v.split(',')
+        .filter_map(|part| {
+            let mut it = part.trim().split(';');
+            let name = it.next()?.trim();
+            let dur = it.find_map(|p| p.trim().strip_prefix("dur="))?;
+            Some((name.to_string(), dur.parse().ok()?))
+        })
+        .collect()
+}
 
 async fn one_request(
     client: &reqwest::Client,
@@ -284,6 +306,7 @@ async fn one_request(
                 start.elapsed(),
                 Checks::default(),
                 None,
+                Vec::new(),
             )
         }
     };
@@ -297,6 +320,7 @@ async fn one_request(
         .get("x-mofa-attempts")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u32>().ok());
+    let timing = server_timing(&headers);
     match resp.bytes().await {
         Ok(body) => {
             let latency = start.elapsed();
@@ -305,13 +329,20 @@ async fn one_request(
             } else {
                 Checks::default()
             };
-            (Outcome::Status(status, reason), latency, checks, attempts)
+            (
+                Outcome::Status(status, reason),
+                latency,
+                checks,
+                attempts,
+                timing,
+            )
         }
         Err(e) => (
             Outcome::Transport(classify(&e)),
             start.elapsed(),
             Checks::default(),
             attempts,
+            timing,
         ),
     }
 }
@@ -442,7 +473,7 @@ async fn main() -> ExitCode {
         let (records, outstanding) = (records.clone(), outstanding.clone());
         let retry_as_told = args.retry_as_told;
         tokio::spawn(async move {
-            let (outcome, latency, checks, attempts) =
+            let (outcome, latency, checks, attempts, timing) =
                 one_request(&client, &url, body.clone(), prio).await;
             let mut retry = None;
             if let (true, Some(told)) = (retry_as_told, checks.told_ms) {
@@ -458,6 +489,7 @@ async fn main() -> ExitCode {
                 outcome,
                 checks,
                 attempts,
+                timing,
                 retry,
             };
             records.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
@@ -482,6 +514,7 @@ async fn main() -> ExitCode {
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut rejections = Vec::new();
+    let mut timing: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut ok_by_prio = [0u64; PRIORITIES.len()];
     let mut ok_lat_by_prio: [Vec<f64>; 4] = Default::default();
     let mut rej_lat_by_prio: [Vec<f64>; 4] = Default::default();
@@ -521,6 +554,9 @@ async fn main() -> ExitCode {
             }
         }
         if success {
+            for (name, dur) in &r.timing {
+                timing.entry(name.clone()).or_default().push(*dur);
+            }
             ok_launched += 1;
             if let Some(p) = r.prio {
                 ok_by_prio[p] += 1;
@@ -583,7 +619,11 @@ async fn main() -> ExitCode {
         "goodput_rps": round3(ok_in_window as f64 / args.duration_s),
         "ok_of_launched_per_s": round3(ok_launched as f64 / args.duration_s),
         "latency_ms": latency_ms,
-        "rejections_503_latency_ms": summary(&mut rejections),
+        "server_timing_ms": timing
+            .iter_mut()
+            .map(|(k, v)| (k.clone(), summary(v)))
+            .collect::<Map<String, Value>>(),
+    "rejections_503_latency_ms": summary(&mut rejections),
         "rejections_503_fast": {
             "within_ms": args.fast_reject_ms,
             "count": fast_rejects,

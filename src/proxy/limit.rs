@@ -43,7 +43,10 @@ pub async fn limit(
         return Ok(());
     };
     let name = plan.name.clone();
-    match limiter.acquire(plan, est.total()).await {
+    let start = std::time::Instant::now();
+    let charged = limiter.acquire(plan, est.total()).await;
+    rec.limit_wait = Some(start.elapsed());
+    match charged {
         Ok(grant) => {
             stamp(&mut rec.reply_headers, grant.requests, Dim::Requests);
             stamp(&mut rec.reply_headers, grant.tokens, Dim::Tokens);

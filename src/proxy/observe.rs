@@ -130,6 +130,8 @@ pub struct Record {
     pub reply_headers: HeaderMap,
     /// Deployments tried.
     pub attempts: u32,
+    /// Time the rate-limit store took to charge the request (a Redis round trip, with Redis).
+    pub limit_wait: Option<Duration>,
     /// Time spent waiting for admission.
     pub queue_wait: Option<Duration>,
     /// Time from sending upstream to its first byte.
@@ -183,6 +185,7 @@ impl Record {
             key: None,
             reply_headers: HeaderMap::new(),
             attempts: 0,
+            limit_wait: None,
             queue_wait: None,
             upstream_ttfb: None,
             bytes: 0,
@@ -219,7 +222,8 @@ impl Record {
         self.obs.metrics.rate_limited(key, limit);
     }
 
-    /// The `Server-Timing` header: queue wait, upstream time to first byte, total so far.
+    /// The `Server-Timing` header: the rate-limit charge, queue wait, upstream time to first
+    /// byte, total so far.
     pub fn server_timing(&self) -> Option<HeaderValue> {
         use std::fmt::Write;
         // Whole microseconds as milliseconds with three decimals, in integer arithmetic (one
@@ -232,6 +236,9 @@ impl Record {
             let _ = write!(out, "{name};dur={}.{:03}", us / 1000, us % 1000);
         };
         let mut out = String::with_capacity(64);
+        if let Some(l) = self.limit_wait {
+            part(&mut out, "limit", l);
+        }
         if let Some(q) = self.queue_wait {
             part(&mut out, "queue", q);
         }
@@ -376,12 +383,13 @@ mod tests {
     fn server_timing_names_its_parts() {
         let obs = Arc::new(Observer::default());
         let mut r = record(&obs);
+        r.limit_wait = Some(Duration::from_micros(1_234));
         r.queue_wait = Some(Duration::from_micros(12));
         r.upstream_ttfb = Some(Duration::from_millis(104));
         let v = r.server_timing().unwrap();
         let s = v.to_str().unwrap();
         assert!(
-            s.starts_with("queue;dur=0.012, upstream;dur=104.000, total;dur="),
+            s.starts_with("limit;dur=1.234, queue;dur=0.012, upstream;dur=104.000, total;dur="),
             "{s}"
         );
         r.finish(StatusCode::OK, Reason::Ok);
