@@ -26,6 +26,9 @@
 #     waited for it). This is what the store adds to a request, measured where it happens:
 #     the end-to-end p99 of one run moves by a millisecond or more between rounds of the
 #     same gateway on a 2-core machine, more than the difference sought.
+#   * During each redis run, bench/redis_probe.py pings the same Redis from another client
+#     (200 PINGs a second, one at a time): the floor, what one loopback round trip to Redis
+#     costs on this machine under this load, whatever the client.
 #   * Then the limit phase alone, in-process (`proxy::limit::bench`, an ignored release-mode
 #     unit test): thread CPU per request of authenticate + authorize + limit + the record's
 #     finish, unkeyed against keyed (memory store): the added CPU without the noise of the
@@ -128,13 +131,24 @@ run() {
     echo "== $label: $RATE req/s for ${DURATION}s (+2 s warm-up)" >&2
     g0=$(proc_ticks "$pid")
     r0=$(proc_ticks "$REDIS_PID")
+    local probe=
+    if [[ $name == redis ]]; then
+        # The floor: a bare PING to the same Redis from another client, while the run lasts.
+        python3 "$ROOT/bench/redis_probe.py" "$REDIS_PORT" "$DURATION" >"$TMP/$label.probe" &
+        probe=$!
+    else
+        echo '{}' >"$TMP/$label.probe"
+    fi
     "$LOADGEN" --url "${GW_URL[$name]}" --rate "$RATE" --duration-s "$DURATION" --warmup-s 2 \
         --max-outstanding 2000 --body "$BODY" --header "$AUTH" >"$TMP/$label.json"
+    [[ -z $probe ]] || wait "$probe"
     g1=$(proc_ticks "$pid")
     r1=$(proc_ticks "$REDIS_PID")
-    python3 - "$TMP/$label.json" "$label" "$((g1 - g0))" "$((r1 - r0))" "$TICK" "$DURATION" <<'EOF' >"$TMP/$label.result"
+    python3 - "$TMP/$label.json" "$label" "$((g1 - g0))" "$((r1 - r0))" "$TICK" "$DURATION" \
+        "$TMP/$label.probe" <<'EOF' >"$TMP/$label.result"
 import json, sys
-path, label, gw_ticks, redis_ticks, tick, duration = sys.argv[1:]
+path, label, gw_ticks, redis_ticks, tick, duration, probe = sys.argv[1:]
+pr = json.load(open(probe))
 d = json.load(open(path))
 lat = d["latency_ms"].get("200", {})
 # CPU over the whole run (warm-up included), per request launched in it.
@@ -143,7 +157,7 @@ per = lambda t: int(t) / int(tick) / max(launched_total, 1) * 1e6
 non200 = sum(v for k, v in d["outcomes"].items() if k != "200")
 lim = d.get("server_timing_ms", {}).get("limit", {})
 print(label, lat.get("p50", 0), lat.get("p99", 0), non200, round(per(gw_ticks), 1), round(per(redis_ticks), 1),
-      lim.get("p50", 0), lim.get("p99", 0))
+      lim.get("p50", 0), lim.get("p99", 0), pr.get("p50", 0), pr.get("p99", 0))
 EOF
 }
 
@@ -154,11 +168,11 @@ done
 echo
 echo "mofa-gateway limits benchmark: $(nproc) CPUs shared by loadgen, sim, redis and gateways;" \
     "$RATE req/s open loop, ${DURATION}s per run, $ROUNDS rounds"
-printf '%-10s %9s %9s %7s %14s %16s %13s %13s\n' run p50_ms p99_ms non200 gw_cpu_us/req redis_cpu_us/req \
-    limit_p50_ms limit_p99_ms
+printf '%-10s %9s %9s %7s %14s %16s %13s %13s %12s %12s\n' run p50_ms p99_ms non200 gw_cpu_us/req redis_cpu_us/req \
+    limit_p50_ms limit_p99_ms ping_p50_ms ping_p99_ms
 for ((r = 1; r <= ROUNDS; r++)); do
     cat "$TMP/unkeyed-$r.result" "$TMP/memory-$r.result" "$TMP/redis-$r.result"
-done | awk '{ printf "%-10s %9.3f %9.3f %7d %14.1f %16.1f %13.3f %13.3f\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
+done | awk '{ printf "%-10s %9.3f %9.3f %7d %14.1f %16.1f %13.3f %13.3f %12.3f %12.3f\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
 echo
 python3 - "$TMP" "$ROUNDS" <<'EOF'
 import statistics, sys
@@ -180,6 +194,9 @@ for name in ("memory", "redis"):
     p99 = [float(x[7]) for x in f]
     print(f"{name:7s} limit phase (Server-Timing `limit`, the gateway's wall time of the charge):"
           f" p50 {show(p50)} ms, p99 {show(p99)} ms")
+f = [open(f"{tmp}/redis-{r}.result").read().split() for r in range(1, rounds + 1)]
+print(f"floor   a bare PING to the same Redis from another client during the redis runs:"
+      f" p50 {show([float(x[8]) for x in f])} ms, p99 {show([float(x[9]) for x in f])} ms")
 EOF
 echo
 echo "== the limit phase alone, in-process (thread CPU time)"
