@@ -4,6 +4,9 @@
 //! that one script call's keys share a Redis Cluster slot. `max_parallel` is a sorted set of leases that expire ([`LEASE_TTL`])
 //! unless the replica holding them renews them: a replica that dies frees its places.
 //!
+//! A request makes one round trip: what it settles at its end (token correction, freed lease)
+//! waits, per hash tag, for that tag's next call, or for the flusher ([`FLUSH_AFTER`]).
+//!
 //! Every round trip has a timeout. A failure marks Redis down (logged once); a health task
 //! pings it and marks it up again (logged once); meanwhile `redis_failure` applies (the
 //! caller's). It must never log the URL (it may hold a password) nor block the runtime.
