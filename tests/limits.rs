@@ -458,6 +458,52 @@ async fn what_one_replica_settles_reaches_the_other_at_once_not_at_lease_expiry(
     );
 }
 
+#[tokio::test]
+async fn a_models_limit_is_shared_through_redis_and_a_keys_refusal_gives_its_charge_back() {
+    // The model `m` allows 3 requests a minute from everyone together, counted in Redis; key
+    // `team` allows itself 1. A request that `team`'s own limit refuses must not spend the
+    // model's allowance (it is given back), whichever replica saw it.
+    const FREE: &str = "sk-mofa-limits-test-free-0123456789ab";
+    let redis = Redis::start().await;
+    let up = sim(sim_opts("m")).await;
+    let cfg = format!(
+        "{}[[auth.keys]]\nname = \"free\"\nhash = \"{}\"\n\
+         [limits]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout_ms = 200\n\
+         [[models]]\nname = \"m\"\nrpm = 3\n[[models.deployments]]\nkind = \"local\"\nurl = \"{up}\"\n",
+        keyed("rpm = 1"),
+        hash(FREE),
+        redis.url()
+    );
+    let (_a, a) = run_gateway_binary(&cfg).await;
+    let (_b, b) = run_gateway_binary(&cfg).await;
+    for gw in [a, b] {
+        eventually(
+            "redis up",
+            WAIT,
+            || async move { redis_state(gw).await == "up" },
+        )
+        .await;
+    }
+    let free = |gw: SocketAddr| async move {
+        let h = format!("Bearer {FREE}");
+        chat_with(gw, &chat_body("m", false), &[("authorization", h.as_str())]).await
+    };
+    assert_eq!(keyed_chat(a, &chat_body("m", false)).await.status(), 200);
+    // `team` is over its own limit on both replicas: refused, and the model's charge returned.
+    assert_429(keyed_chat(b, &chat_body("m", false)).await, "requests").await;
+    assert_429(keyed_chat(a, &chat_body("m", false)).await, "requests").await;
+    // So the model still has 2 of its 3 for `free`, through either replica...
+    assert_eq!(free(b).await.status(), 200);
+    assert_eq!(free(a).await.status(), 200);
+    // ...and then none, on either: the model's limit is one count for both replicas.
+    let (_, e) = assert_429(free(b).await, "requests").await;
+    assert!(
+        e["message"].as_str().unwrap_or("").contains('3'),
+        "names the model's limit: {e}"
+    );
+    assert_eq!(free(a).await.status(), 429);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The official SDK (PyPI: only with the `external` feature).
 
