@@ -155,10 +155,18 @@ fn main() -> ExitCode {
         },
         other => (other, 0),
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
+    // `serve` runs on lanes (see `Gateway::serve_lanes`): this thread's one-thread runtime is
+    // the first; `server.worker_threads` (0: one per core) says how many in all.
+    let serving = matches!(command, Command::Loaded(_));
+    let lanes = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut builder = if serving {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -168,7 +176,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match command {
-            Command::Loaded(cfg) => serve(*cfg).await,
+            Command::Loaded(cfg) => serve(*cfg, lanes).await,
             Command::Sim(args) => sim(args).await,
             Command::Serve(_) | Command::CheckConfig { .. } | Command::Keys(_) => Ok(()),
         }
@@ -278,7 +286,9 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     Ok(cfg)
 }
 
-async fn serve(cfg: Config) -> Result<(), String> {
+async fn serve(cfg: Config, lanes: usize) -> Result<(), String> {
+    // Before the deployments are built: each lane gets its own upstream pool.
+    mofa_gateway::server::set_lanes(lanes);
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| {
@@ -302,7 +312,9 @@ async fn serve(cfg: Config) -> Result<(), String> {
             std::process::exit(130);
         });
     };
-    gw.serve(first_signal).await.map_err(|e| e.to_string())
+    gw.serve_lanes(lanes, first_signal)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn sim(args: SimArgs) -> Result<(), String> {

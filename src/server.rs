@@ -41,6 +41,9 @@ use crate::config::{Config, ServerConfig};
 use crate::http::{router, AppState};
 use crate::proxy::observe::ClientAddr;
 
+/// How many lanes the gateway built next serves on (before [`Gateway::build`]).
+pub use crate::upstream::set_lanes;
+
 type RouterService = TowerToHyperService<axum::Router>;
 
 /// The router, with the connection's peer address put into each request's extensions (for
@@ -91,56 +94,7 @@ impl Gateway {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_millis(self.server.header_read_timeout_ms))
-            // The read buffer bounds the head: a larger one is 431.
-            .max_buf_size(self.server.max_header_bytes.max(8192));
-        http.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.server.max_header_bytes).unwrap_or(u32::MAX));
-        let graceful = GracefulShutdown::new();
-        let service = TowerToHyperService::new(self.app);
-        tokio::pin!(shutdown);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait a moment, do not spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = &mut shutdown => break,
-            };
-            // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
-            let _ = tcp.set_nodelay(true);
-            let head_timeout = Duration::from_millis(self.server.header_read_timeout_ms);
-            let service = Guarded(WithPeer {
-                inner: service.clone(),
-                peer,
-            });
-            let http = http.clone();
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                // The protocol is known from the first bytes, within the head's read time (the
-                // auto builder would wait for them without limit).
-                if !matches!(
-                    tokio::time::timeout(head_timeout, protocol_known(&tcp)).await,
-                    Ok(Ok(()))
-                ) {
-                    return;
-                }
-                let io = TokioIo::new(EnvelopeIo::new(tcp));
-                let conn = watcher.watch(http.serve_connection(io, service).into_owned());
-                // A client that went away, or sent garbage: nothing to answer.
-                let _ = conn.await;
-            });
-        }
-        drop(self.listener);
+        let graceful = accept_loop(self.listener, self.app, &self.server, shutdown).await;
         self.state.begin_shutdown();
         let grace = Duration::from_secs(self.server.shutdown_grace_s);
         tracing::info!(
@@ -158,6 +112,92 @@ impl Gateway {
         Ok(())
     }
 
+    /// Serves on `lanes` threads, like nginx's workers: this one and `lanes - 1` more, each a
+    /// one-thread runtime accepting on the same listening socket (duplicated). A connection
+    /// lives on the lane that accepted it, with its own upstream pool
+    /// (`upstream::set_lane`), so a request never wakes another thread; the state (admission,
+    /// limits, metrics) is shared. Must run on a one-thread runtime, after
+    /// `upstream::set_lanes(lanes)` and [`Gateway::build`]. Shutdown as [`Gateway::serve`], on
+    /// every lane.
+    pub async fn serve_lanes(
+        self,
+        lanes: usize,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let grace = Duration::from_secs(self.server.shutdown_grace_s);
+        let mut ended = Vec::new();
+        for lane in 1..lanes {
+            match self.start_lane(lane, stop_rx.clone(), grace) {
+                Ok(rx) => ended.push(rx),
+                Err(e) => {
+                    tracing::warn!(lane, error = %e, "cannot start a serving thread; serving on fewer");
+                    break;
+                }
+            }
+        }
+        let stop = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        let graceful = accept_loop(self.listener, self.app, &self.server, stop).await;
+        self.state.begin_shutdown();
+        tracing::info!(
+            grace_s = grace.as_secs(),
+            "listener closed; finishing requests in flight"
+        );
+        let all = async {
+            graceful.shutdown().await;
+            for rx in ended {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(grace + Duration::from_millis(500), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; closing the connections left");
+        }
+        self.state.pipeline.orch.memory.stop_all().await;
+        Ok(())
+    }
+
+    /// Starts lane `lane` on a thread of its own; the receiver resolves when it has stopped.
+    fn start_lane(
+        &self,
+        lane: usize,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        grace: Duration,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+        let listener = dup_listener(&self.listener)?;
+        let (app, server) = (self.app.clone(), self.server.clone());
+        let (done, ended) = tokio::sync::oneshot::channel();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("mofa-lane-{lane}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    crate::upstream::set_lane(lane);
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!(lane, error = %e, "a serving thread cannot listen");
+                            return;
+                        }
+                    };
+                    let stopped = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    let graceful = accept_loop(listener, app, &server, stopped).await;
+                    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+                });
+                let _ = done.send(());
+            })?;
+        Ok(ended)
+    }
+
     /// Starts serving on a background task (tests, embedding); returns the address.
     pub fn spawn(self) -> std::io::Result<SocketAddr> {
         let addr = self.local_addr()?;
@@ -168,6 +208,83 @@ impl Gateway {
         });
         Ok(addr)
     }
+}
+
+/// A second handle on the listening socket, for another lane's runtime.
+#[cfg(unix)]
+fn dup_listener(l: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let fd = l.as_fd().try_clone_to_owned()?;
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+#[cfg(not(unix))]
+fn dup_listener(_: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    Err(std::io::Error::other("lanes need a Unix socket"))
+}
+
+/// Accepts on `listener` and serves each connection (HTTP/1.1 or h2 by its first bytes) until
+/// `stop` resolves; then closes the listener and returns the handle that waits for its
+/// connections to end.
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    server: &ServerConfig,
+    stop: impl Future<Output = ()>,
+) -> GracefulShutdown {
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(server.header_read_timeout_ms))
+        // The read buffer bounds the head: a larger one is 431.
+        .max_buf_size(server.max_header_bytes.max(8192));
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = GracefulShutdown::new();
+    let service = TowerToHyperService::new(app);
+    let head_timeout = Duration::from_millis(server.header_read_timeout_ms);
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
+        let _ = tcp.set_nodelay(true);
+        let service = Guarded(WithPeer {
+            inner: service.clone(),
+            peer,
+        });
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // The protocol is known from the first bytes, within the head's read time (the
+            // auto builder would wait for them without limit).
+            if !matches!(
+                tokio::time::timeout(head_timeout, protocol_known(&tcp)).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+            let io = TokioIo::new(EnvelopeIo::new(tcp));
+            let conn = watcher.watch(http.serve_connection(io, service).into_owned());
+            // A client that went away, or sent garbage: nothing to answer.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -11,10 +11,16 @@
 //!
 //! It also coalesces the chunks of a streamed body that are already available into one.
 //! It must not interpret replies (see `upstream`) or know about clients.
+//!
+//! Lanes: when the gateway serves on several threads of their own (`server`), each thread
+//! ("lane", [`set_lane`]) has its own pool, so that a request and the connection task that
+//! carries it run on one thread (no wake-up across threads per request). [`set_lanes`] says
+//! how many before the deployments are built; the connect cap is shared by all.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,11 +49,29 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// A streamed chunk is not grown past this by coalescing.
 const COALESCE_MAX: usize = 64 * 1024;
 
-/// One deployment's client: the pool, and a pool-less twin for the one retry on a fresh
-/// connection. Both share the connect cap.
+/// How many lanes the clients built from now on have a pool for (at least 1).
+static LANES: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// The lane of the serving thread this code runs on (0 outside lanes).
+    static LANE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many serving threads (lanes) the clients built after this call serve.
+pub fn set_lanes(n: usize) {
+    LANES.store(n.clamp(1, 1024), Ordering::Relaxed);
+}
+
+/// Marks the current thread as serving lane `i`.
+pub fn set_lane(i: usize) {
+    LANE.with(|l| l.set(i));
+}
+
+/// One deployment's client: a pool per lane, and a pool-less twin for the one retry on a
+/// fresh connection. All share the connect cap.
 #[derive(Clone)]
 pub(super) struct HttpClient {
-    pooled: Pooled,
+    pooled: Arc<[Pooled]>,
     fresh: Pooled,
 }
 
@@ -80,8 +104,9 @@ impl HttpClient {
                 .pool_max_idle_per_host(max_idle)
                 .build(connector.clone())
         };
+        let lanes = LANES.load(Ordering::Relaxed).max(1);
         Ok(HttpClient {
-            pooled: build(usize::MAX),
+            pooled: (0..lanes).map(|_| build(usize::MAX)).collect(),
             fresh: build(0),
         })
     }
@@ -91,7 +116,8 @@ impl HttpClient {
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
         // Kept to send it again (cheap: the body is a `Bytes`, the URI shared).
         let again = clone_request(&req);
-        match self.send_on(&self.pooled, req).await {
+        let lane = LANE.with(Cell::get) % self.pooled.len();
+        match self.send_on(&self.pooled[lane], req).await {
             Ok(resp) => Ok(resp),
             Err((error, reused)) if reused && closed_before_reply(&error) => {
                 tracing::debug!("a reused upstream connection was closed; retrying on a new one");

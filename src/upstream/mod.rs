@@ -27,6 +27,7 @@ mod wire;
 
 use client::{Coalesce, HttpClient};
 
+pub use client::{set_lane, set_lanes};
 pub use relay::{OnEnd, PendingStream, StreamEnd, Transform};
 use wire::sse_error_in;
 pub use wire::{envelope, error_message, is_envelope, retry_after_secs, Usage};
