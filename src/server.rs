@@ -10,6 +10,10 @@
 //! `x-request-id` and `connection: close`. A request whose `Transfer-Encoding` is anything but
 //! `chunked` (`gzip, chunked`) is refused with 400 before the app ([`refuse_transfer_coding`]).
 //!
+//! `serve` (the binary) runs on lanes ([`Gateway::serve_lanes`]): one one-thread runtime per
+//! core, each accepting on the same socket and keeping what it accepted; tests and embedders
+//! use [`Gateway::serve`] / [`Gateway::spawn`] on the runtime they have.
+//!
 //! Shutdown (the first SIGTERM/SIGINT): the listener closes (new connections are refused);
 //! `/readyz` turns 503; a request on an open connection that is not admitted yet, and every
 //! queued one, gets 503 `shutting_down`; requests and streams in flight may finish for up to
@@ -18,6 +22,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,7 +99,7 @@ impl Gateway {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let graceful = accept_loop(self.listener, self.app, &self.server, shutdown).await;
+        let graceful = accept_loop(self.listener, self.app, &self.server, shutdown, None).await;
         self.state.begin_shutdown();
         let grace = Duration::from_secs(self.server.shutdown_grace_s);
         tracing::info!(
@@ -112,35 +117,42 @@ impl Gateway {
         Ok(())
     }
 
-    /// Serves on `lanes` threads, like nginx's workers: this one and `lanes - 1` more, each a
-    /// one-thread runtime accepting on the same listening socket (duplicated). A connection
-    /// lives on the lane that accepted it, with its own upstream pool
-    /// (`upstream::set_lane`), so a request never wakes another thread; the state (admission,
-    /// limits, metrics) is shared. Must run on a one-thread runtime, after
-    /// `upstream::set_lanes(lanes)` and [`Gateway::build`]. Shutdown as [`Gateway::serve`], on
-    /// every lane.
+    /// Serves on `lanes` threads: this one and `lanes - 1` more, each a one-thread runtime.
+    /// This lane accepts, and hands each new connection to the lane with the fewest live
+    /// connections (itself included); a connection then lives on its lane, with the lane's
+    /// own upstream pool (`upstream::set_lane`), so a request never wakes another thread (one
+    /// hand-over per connection, not per request). The state (admission, limits, metrics) is
+    /// shared. Must run on a one-thread runtime, after `upstream::set_lanes(lanes)` and
+    /// [`Gateway::build`]. Shutdown as [`Gateway::serve`], on every lane.
     pub async fn serve_lanes(
         self,
         lanes: usize,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let grace = Duration::from_secs(self.server.shutdown_grace_s);
-        let mut ended = Vec::new();
+        let live: Arc<[AtomicUsize]> = (0..lanes.max(1)).map(|_| AtomicUsize::new(0)).collect();
+        let mut others = Vec::new();
         for lane in 1..lanes {
-            match self.start_lane(lane, stop_rx.clone(), grace) {
-                Ok(rx) => ended.push(rx),
+            match start_lane(
+                lane,
+                self.app.clone(),
+                self.server.clone(),
+                live.clone(),
+                grace,
+            ) {
+                Ok(lane) => others.push(lane),
                 Err(e) => {
                     tracing::warn!(lane, error = %e, "cannot start a serving thread; serving on fewer");
                     break;
                 }
             }
         }
-        let stop = async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
+        let hand = Handover {
+            live,
+            lanes: others.iter().map(|(tx, _)| tx.clone()).collect(),
         };
-        let graceful = accept_loop(self.listener, self.app, &self.server, stop).await;
+        let graceful =
+            accept_loop(self.listener, self.app, &self.server, shutdown, Some(hand)).await;
         self.state.begin_shutdown();
         tracing::info!(
             grace_s = grace.as_secs(),
@@ -148,8 +160,9 @@ impl Gateway {
         );
         let all = async {
             graceful.shutdown().await;
-            for rx in ended {
-                let _ = rx.await;
+            for (tx, ended) in others {
+                drop(tx);
+                let _ = ended.await;
             }
         };
         if tokio::time::timeout(grace + Duration::from_millis(500), all)
@@ -160,42 +173,6 @@ impl Gateway {
         }
         self.state.pipeline.orch.memory.stop_all().await;
         Ok(())
-    }
-
-    /// Starts lane `lane` on a thread of its own; the receiver resolves when it has stopped.
-    fn start_lane(
-        &self,
-        lane: usize,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-        grace: Duration,
-    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
-        let listener = dup_listener(&self.listener)?;
-        let (app, server) = (self.app.clone(), self.server.clone());
-        let (done, ended) = tokio::sync::oneshot::channel();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name(format!("mofa-lane-{lane}"))
-            .spawn(move || {
-                rt.block_on(async move {
-                    crate::upstream::set_lane(lane);
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::warn!(lane, error = %e, "a serving thread cannot listen");
-                            return;
-                        }
-                    };
-                    let stopped = async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    };
-                    let graceful = accept_loop(listener, app, &server, stopped).await;
-                    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
-                });
-                let _ = done.send(());
-            })?;
-        Ok(ended)
     }
 
     /// Starts serving on a background task (tests, embedding); returns the address.
@@ -210,65 +187,129 @@ impl Gateway {
     }
 }
 
-/// A second handle on the listening socket, for another lane's runtime.
-#[cfg(unix)]
-fn dup_listener(l: &TcpListener) -> std::io::Result<std::net::TcpListener> {
-    use std::os::fd::AsFd;
-    let fd = l.as_fd().try_clone_to_owned()?;
-    let l = std::net::TcpListener::from(fd);
-    l.set_nonblocking(true)?;
-    Ok(l)
+/// A connection handed to another lane: the socket (out of the acceptor's runtime) and its
+/// peer.
+type Handed = (std::net::TcpStream, SocketAddr);
+
+/// Connections waiting for a lane, at most (beyond, the acceptor serves it itself).
+const HANDOVER_QUEUE: usize = 256;
+
+/// How the acceptor hands connections over: each lane's live connections (index 0: the
+/// acceptor's own) and a channel to each other lane.
+struct Handover {
+    live: Arc<[AtomicUsize]>,
+    lanes: Vec<tokio::sync::mpsc::Sender<Handed>>,
 }
 
-#[cfg(not(unix))]
-fn dup_listener(_: &TcpListener) -> std::io::Result<std::net::TcpListener> {
-    Err(std::io::Error::other("lanes need a Unix socket"))
+impl Handover {
+    /// The lane with the fewest live connections (the first such, so the acceptor on a tie).
+    fn pick(&self) -> usize {
+        let n = self.live.len().min(self.lanes.len() + 1);
+        (0..n)
+            .min_by_key(|&i| self.live[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
 }
 
-/// Accepts on `listener` and serves each connection (HTTP/1.1 or h2 by its first bytes) until
-/// `stop` resolves; then closes the listener and returns the handle that waits for its
-/// connections to end.
-async fn accept_loop(
-    listener: TcpListener,
+/// Counts a live connection of a lane while it is held.
+struct Live(Arc<[AtomicUsize]>, usize);
+
+impl Live {
+    fn new(live: &Arc<[AtomicUsize]>, lane: usize) -> Live {
+        if let Some(c) = live.get(lane) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        Live(live.clone(), lane)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.get(self.1) {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Starts lane `lane` on a thread of its own: it serves the connections it is handed until
+/// the sender is dropped, then lets them finish (up to `grace`). Returns the sender and a
+/// receiver that resolves when the lane has stopped.
+fn start_lane(
+    lane: usize,
     app: axum::Router,
-    server: &ServerConfig,
-    stop: impl Future<Output = ()>,
-) -> GracefulShutdown {
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(server.header_read_timeout_ms))
-        // The read buffer bounds the head: a larger one is 431.
-        .max_buf_size(server.max_header_bytes.max(8192));
-    http.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
-    let graceful = GracefulShutdown::new();
-    let service = TowerToHyperService::new(app);
-    let head_timeout = Duration::from_millis(server.header_read_timeout_ms);
-    tokio::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a moment, do not spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    server: ServerConfig,
+    live: Arc<[AtomicUsize]>,
+    grace: Duration,
+) -> std::io::Result<(
+    tokio::sync::mpsc::Sender<Handed>,
+    tokio::sync::oneshot::Receiver<()>,
+)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Handed>(HANDOVER_QUEUE);
+    let (done, ended) = tokio::sync::oneshot::channel();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("mofa-lane-{lane}"))
+        .spawn(move || {
+            rt.block_on(async move {
+                crate::upstream::set_lane(lane);
+                let conns = Connections::new(app, &server);
+                while let Some((std_tcp, peer)) = rx.recv().await {
+                    let held = Live(live.clone(), lane); // counted by the acceptor
+                    match tokio::net::TcpStream::from_std(std_tcp) {
+                        Ok(tcp) => conns.serve(tcp, peer, held),
+                        Err(e) => tracing::warn!(lane, error = %e, "a handed connection failed"),
+                    }
                 }
-            },
-            _ = &mut stop => break,
-        };
+                let _ = tokio::time::timeout(grace, conns.graceful.shutdown()).await;
+            });
+            let _ = done.send(());
+        })?;
+    Ok((tx, ended))
+}
+
+/// What serves the connections of one lane: the HTTP builder, the app, and the handle that
+/// waits for them at shutdown.
+struct Connections {
+    http: auto::Builder<TokioExecutor>,
+    service: RouterService,
+    head_timeout: Duration,
+    graceful: GracefulShutdown,
+}
+
+impl Connections {
+    fn new(app: axum::Router, server: &ServerConfig) -> Connections {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(server.header_read_timeout_ms))
+            // The read buffer bounds the head: a larger one is 431.
+            .max_buf_size(server.max_header_bytes.max(8192));
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
+        Connections {
+            http,
+            service: TowerToHyperService::new(app),
+            head_timeout: Duration::from_millis(server.header_read_timeout_ms),
+            graceful: GracefulShutdown::new(),
+        }
+    }
+
+    /// Serves one connection on a task of this runtime; `held` is dropped when it ends.
+    fn serve(&self, tcp: tokio::net::TcpStream, peer: SocketAddr, held: Live) {
         // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
         let _ = tcp.set_nodelay(true);
         let service = Guarded(WithPeer {
-            inner: service.clone(),
+            inner: self.service.clone(),
             peer,
         });
-        let http = http.clone();
-        let watcher = graceful.watcher();
+        let http = self.http.clone();
+        let watcher = self.graceful.watcher();
+        let head_timeout = self.head_timeout;
         tokio::spawn(async move {
+            let _held = held;
             // The protocol is known from the first bytes, within the head's read time (the
             // auto builder would wait for them without limit).
             if !matches!(
@@ -283,8 +324,66 @@ async fn accept_loop(
             let _ = conn.await;
         });
     }
+}
+
+/// Accepts on `listener` until `stop` resolves, serving each connection here or handing it
+/// to another lane (`hand`); then closes the listener and returns the handle that waits for
+/// this lane's connections to end.
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    server: &ServerConfig,
+    stop: impl Future<Output = ()>,
+    hand: Option<Handover>,
+) -> GracefulShutdown {
+    let conns = Connections::new(app, server);
+    let live: Arc<[AtomicUsize]> = match &hand {
+        Some(h) => h.live.clone(),
+        None => Arc::new([AtomicUsize::new(0)]),
+    };
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let lane = hand.as_ref().map_or(0, Handover::pick);
+        if let Some(tx) = hand
+            .as_ref()
+            .and_then(|h| h.lanes.get(lane.wrapping_sub(1)))
+        {
+            let held = Live::new(&live, lane);
+            match tcp.into_std() {
+                Ok(std_tcp) => match tx.try_send((std_tcp, peer)) {
+                    Ok(()) => std::mem::forget(held), // the lane drops its own count
+                    Err(e) => {
+                        drop(held);
+                        // That lane is stuck or gone: serve it here.
+                        let (std_tcp, peer) = match e {
+                            tokio::sync::mpsc::error::TrySendError::Full(c)
+                            | tokio::sync::mpsc::error::TrySendError::Closed(c) => c,
+                        };
+                        if let Ok(tcp) = tokio::net::TcpStream::from_std(std_tcp) {
+                            conns.serve(tcp, peer, Live::new(&live, 0));
+                        }
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
+            }
+            continue;
+        }
+        conns.serve(tcp, peer, Live::new(&live, 0));
+    }
     drop(listener);
-    graceful
+    conns.graceful
 }
 
 /// Resolves on SIGINT or SIGTERM.
