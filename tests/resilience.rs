@@ -371,6 +371,66 @@ async fn graceful_shutdown_finishes_streams_refuses_new_work_and_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_lanes_every_connection_is_served_and_shutdown_waits_for_each() {
+    // `worker_threads = 3`: the binary serves on three threads ("lanes"); each new connection
+    // goes to the lane with the fewest, and lives there. Six streams on six connections at
+    // once must all be served whole, also across a graceful shutdown begun mid-stream.
+    let slow = sim(SimOptions {
+        tokens_per_sec: 20.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let (mut gw_proc, gw) = run_gateway_binary(&format!(
+        "[server]\nworker_threads = 3\nshutdown_grace_s = 10\n{}",
+        one_model("m", &slow, "")
+    ))
+    .await;
+    let pid = gw_proc.pid();
+    let lanes = move || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|name| name.starts_with("mofa-lane-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // The main thread and two more serve (started just after the port is printed).
+    eventually(
+        "two more serving threads",
+        WAIT,
+        || async move { lanes() == 2 },
+    )
+    .await;
+    let mut body = chat_body("m", true);
+    body["max_tokens"] = serde_json::json!(20);
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        // A client each: a connection each.
+        let r = reqwest::Client::new()
+            .post(format!("http://{gw}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    gw_proc.signal("-TERM");
+    for mut s in streams {
+        let mut text = String::new();
+        while let Some(c) = s.chunk().await.unwrap() {
+            text.push_str(&String::from_utf8_lossy(&c));
+        }
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        // The role chunk (empty content), then the 20 tokens: none lost.
+        assert_eq!(text.matches("\"content\":").count(), 21, "{text}");
+    }
+    assert_eq!(gw_proc.wait().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let slow = sim(SimOptions {
         tokens_per_sec: 5.0,
