@@ -305,21 +305,25 @@ async fn redis_state(gw: SocketAddr) -> String {
     v["limits"]["redis"].as_str().unwrap_or("").to_string()
 }
 
+/// A gateway process for `cfg` (with `store = "redis"`), once it sees Redis up.
+async fn replica(cfg: &str) -> (Binary, SocketAddr) {
+    let (proc, gw) = run_gateway_binary(cfg).await;
+    eventually(
+        "redis up",
+        WAIT,
+        || async move { redis_state(gw).await == "up" },
+    )
+    .await;
+    (proc, gw)
+}
+
 #[tokio::test]
 async fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let mut redis = Redis::start().await;
     let up = sim(sim_opts("m")).await;
     let model = one_model("m", &up, "");
-    let (_a, a) = run_gateway_binary(&redis_config(&redis, "local", "rpm = 60", &model)).await;
-    let (_b, b) = run_gateway_binary(&redis_config(&redis, "closed", "rpm = 60", &model)).await;
-    for gw in [a, b] {
-        eventually(
-            "redis up",
-            WAIT,
-            || async move { redis_state(gw).await == "up" },
-        )
-        .await;
-    }
+    let (_a, a) = replica(&redis_config(&redis, "local", "rpm = 60", &model)).await;
+    let (_b, b) = replica(&redis_config(&redis, "closed", "rpm = 60", &model)).await;
 
     // One limit for both: 60, plus what refills (1 a second) while the burst lasts, plus one.
     let (ok, took) = hammer(&[a, b], 240).await;
@@ -372,16 +376,8 @@ async fn a_killed_replica_frees_its_in_flight_places_when_its_leases_expire() {
         one_model("m", &fast, "")
     );
     let cfg = redis_config(&redis, "local", "max_parallel = 2", &models);
-    let (mut c, c_addr) = run_gateway_binary(&cfg).await;
-    let (_d, d) = run_gateway_binary(&cfg).await;
-    for gw in [c_addr, d] {
-        eventually(
-            "redis up",
-            WAIT,
-            || async move { redis_state(gw).await == "up" },
-        )
-        .await;
-    }
+    let (mut c, c_addr) = replica(&cfg).await;
+    let (_d, d) = replica(&cfg).await;
     let long = json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}],
                       "max_tokens": 1000, "stream": true});
     let h1 = keyed_chat(c_addr, &long).await;
@@ -409,16 +405,8 @@ async fn what_one_replica_settles_reaches_the_other_at_once_not_at_lease_expiry(
     let up = sim(sim_opts("m")).await;
     let model = one_model("m", &up, "");
     let cfg = redis_config(&redis, "local", "max_parallel = 1\ntpm = 1000", &model);
-    let (_a, a) = run_gateway_binary(&cfg).await;
-    let (_b, b) = run_gateway_binary(&cfg).await;
-    for gw in [a, b] {
-        eventually(
-            "redis up",
-            WAIT,
-            || async move { redis_state(gw).await == "up" },
-        )
-        .await;
-    }
+    let (_a, a) = replica(&cfg).await;
+    let (_b, b) = replica(&cfg).await;
     // Estimated at 401 tokens (1600 characters / 4 + max_tokens 1); the sim counts 2.
     let body = json!({"model": "m", "max_tokens": 1,
                       "messages": [{"role": "user", "content": "x".repeat(1600)}]});
@@ -474,16 +462,8 @@ async fn a_models_limit_is_shared_through_redis_and_a_keys_refusal_gives_its_cha
         hash(FREE),
         redis.url()
     );
-    let (_a, a) = run_gateway_binary(&cfg).await;
-    let (_b, b) = run_gateway_binary(&cfg).await;
-    for gw in [a, b] {
-        eventually(
-            "redis up",
-            WAIT,
-            || async move { redis_state(gw).await == "up" },
-        )
-        .await;
-    }
+    let (_a, a) = replica(&cfg).await;
+    let (_b, b) = replica(&cfg).await;
     let free = |gw: SocketAddr| async move {
         let h = format!("Bearer {FREE}");
         chat_with(gw, &chat_body("m", false), &[("authorization", h.as_str())]).await

@@ -1,8 +1,8 @@
 //! Phase 4, `limit`: the per-principal rate limits (requests and tokens per minute, requests
-//! in flight, and a model's `rpm`/`tpm` per principal), before admission, so that a request
-//! over its limit never takes a queue place or a slot. Tokens are charged with an estimate
-//! before the call and corrected from the record's tokens when the request is over (a hook on
-//! the [`Record`], which also frees the in-flight place). Every limited reply carries OpenAI's
+//! in flight, and a model's `rpm`/`tpm`, all principals together), before admission, so that
+//! a request over its limit never takes a queue place or a slot. Tokens are charged with an
+//! estimate before the call and corrected from the record's tokens when the request is over (a
+//! hook on the [`Record`], which also frees the in-flight place). Every limited reply carries OpenAI's
 //! `x-ratelimit-*` headers. The arithmetic is `limits`', the stores `quota`'s; statuses and
 //! envelopes are `error`'s.
 
