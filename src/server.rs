@@ -11,8 +11,9 @@
 //! `chunked` (`gzip, chunked`) is refused with 400 before the app ([`refuse_transfer_coding`]).
 //!
 //! `serve` (the binary) runs on lanes ([`Gateway::serve_lanes`]): one one-thread runtime per
-//! core, each accepting on the same socket and keeping what it accepted; tests and embedders
-//! use [`Gateway::serve`] / [`Gateway::spawn`] on the runtime they have.
+//! core; the first accepts and hands each connection to the lane with the fewest, which keeps
+//! it. Tests and embedders use [`Gateway::serve`] / [`Gateway::spawn`] (one lane) on the
+//! runtime they have.
 //!
 //! Shutdown (the first SIGTERM/SIGINT): the listener closes (new connections are refused);
 //! `/readyz` turns 503; a request on an open connection that is not admitted yet, and every
@@ -94,27 +95,13 @@ impl Gateway {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then shuts down gracefully (see the module doc).
+    /// Serves until `shutdown` resolves, then shuts down gracefully (see the module doc), on
+    /// the runtime it runs on: one lane.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let graceful = accept_loop(self.listener, self.app, &self.server, shutdown, None).await;
-        self.state.begin_shutdown();
-        let grace = Duration::from_secs(self.server.shutdown_grace_s);
-        tracing::info!(
-            grace_s = grace.as_secs(),
-            "listener closed; finishing requests in flight"
-        );
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown grace period over; closing the connections left");
-        }
-        // No model server outlives the gateway.
-        self.state.pipeline.orch.memory.stop_all().await;
-        Ok(())
+        self.serve_lanes(1, shutdown).await
     }
 
     /// Serves on `lanes` threads: this one and `lanes - 1` more, each a one-thread runtime.
@@ -122,8 +109,8 @@ impl Gateway {
     /// connections (itself included); a connection then lives on its lane, with the lane's
     /// own upstream pool (`upstream::set_lane`), so a request never wakes another thread (one
     /// hand-over per connection, not per request). The state (admission, limits, metrics) is
-    /// shared. Must run on a one-thread runtime, after `upstream::set_lanes(lanes)` and
-    /// [`Gateway::build`]. Shutdown as [`Gateway::serve`], on every lane.
+    /// shared. With more than one lane: on a one-thread runtime, after `set_lanes(lanes)` and
+    /// [`Gateway::build`]. Shutdown as in the module doc, on every lane.
     pub async fn serve_lanes(
         self,
         lanes: usize,
@@ -133,13 +120,7 @@ impl Gateway {
         let live: Arc<[AtomicUsize]> = (0..lanes.max(1)).map(|_| AtomicUsize::new(0)).collect();
         let mut others = Vec::new();
         for lane in 1..lanes {
-            match start_lane(
-                lane,
-                self.app.clone(),
-                self.server.clone(),
-                live.clone(),
-                grace,
-            ) {
+            match start_lane(lane, self.app.clone(), self.server.clone(), grace) {
                 Ok(lane) => others.push(lane),
                 Err(e) => {
                     tracing::warn!(lane, error = %e, "cannot start a serving thread; serving on fewer");
@@ -151,13 +132,13 @@ impl Gateway {
             live,
             lanes: others.iter().map(|(tx, _)| tx.clone()).collect(),
         };
-        let graceful =
-            accept_loop(self.listener, self.app, &self.server, shutdown, Some(hand)).await;
+        let graceful = accept_loop(self.listener, self.app, &self.server, shutdown, hand).await;
         self.state.begin_shutdown();
         tracing::info!(
             grace_s = grace.as_secs(),
             "listener closed; finishing requests in flight"
         );
+        let others_started = !others.is_empty();
         let all = async {
             graceful.shutdown().await;
             for (tx, ended) in others {
@@ -165,10 +146,13 @@ impl Gateway {
                 let _ = ended.await;
             }
         };
-        if tokio::time::timeout(grace + Duration::from_millis(500), all)
-            .await
-            .is_err()
-        {
+        // The other lanes each wait `grace` for their own: a moment more for them to say so.
+        let margin = if others_started {
+            Duration::from_millis(500)
+        } else {
+            Duration::ZERO
+        };
+        if tokio::time::timeout(grace + margin, all).await.is_err() {
             tracing::warn!("shutdown grace period over; closing the connections left");
         }
         self.state.pipeline.orch.memory.stop_all().await;
@@ -187,9 +171,9 @@ impl Gateway {
     }
 }
 
-/// A connection handed to another lane: the socket (out of the acceptor's runtime) and its
-/// peer.
-type Handed = (std::net::TcpStream, SocketAddr);
+/// A connection handed to another lane: the socket (out of the acceptor's runtime), its peer,
+/// and its count among the lane's live connections.
+type Handed = (std::net::TcpStream, SocketAddr, Live);
 
 /// Connections waiting for a lane, at most (beyond, the acceptor serves it itself).
 const HANDOVER_QUEUE: usize = 256;
@@ -238,7 +222,6 @@ fn start_lane(
     lane: usize,
     app: axum::Router,
     server: ServerConfig,
-    live: Arc<[AtomicUsize]>,
     grace: Duration,
 ) -> std::io::Result<(
     tokio::sync::mpsc::Sender<Handed>,
@@ -255,8 +238,7 @@ fn start_lane(
             rt.block_on(async move {
                 crate::upstream::set_lane(lane);
                 let conns = Connections::new(app, &server);
-                while let Some((std_tcp, peer)) = rx.recv().await {
-                    let held = Live(live.clone(), lane); // counted by the acceptor
+                while let Some((std_tcp, peer, held)) = rx.recv().await {
                     match tokio::net::TcpStream::from_std(std_tcp) {
                         Ok(tcp) => conns.serve(tcp, peer, held),
                         Err(e) => tracing::warn!(lane, error = %e, "a handed connection failed"),
@@ -327,20 +309,16 @@ impl Connections {
 }
 
 /// Accepts on `listener` until `stop` resolves, serving each connection here or handing it
-/// to another lane (`hand`); then closes the listener and returns the handle that waits for
+/// to another lane (`hand`, which may have none); then closes the listener and returns the handle that waits for
 /// this lane's connections to end.
 async fn accept_loop(
     listener: TcpListener,
     app: axum::Router,
     server: &ServerConfig,
     stop: impl Future<Output = ()>,
-    hand: Option<Handover>,
+    hand: Handover,
 ) -> GracefulShutdown {
     let conns = Connections::new(app, server);
-    let live: Arc<[AtomicUsize]> = match &hand {
-        Some(h) => h.live.clone(),
-        None => Arc::new([AtomicUsize::new(0)]),
-    };
     tokio::pin!(stop);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -355,32 +333,28 @@ async fn accept_loop(
             },
             _ = &mut stop => break,
         };
-        let lane = hand.as_ref().map_or(0, Handover::pick);
-        if let Some(tx) = hand
-            .as_ref()
-            .and_then(|h| h.lanes.get(lane.wrapping_sub(1)))
-        {
-            let held = Live::new(&live, lane);
-            match tcp.into_std() {
-                Ok(std_tcp) => match tx.try_send((std_tcp, peer)) {
-                    Ok(()) => std::mem::forget(held), // the lane drops its own count
-                    Err(e) => {
-                        drop(held);
-                        // That lane is stuck or gone: serve it here.
-                        let (std_tcp, peer) = match e {
-                            tokio::sync::mpsc::error::TrySendError::Full(c)
-                            | tokio::sync::mpsc::error::TrySendError::Closed(c) => c,
-                        };
-                        if let Ok(tcp) = tokio::net::TcpStream::from_std(std_tcp) {
-                            conns.serve(tcp, peer, Live::new(&live, 0));
-                        }
-                    }
-                },
-                Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
-            }
+        let lane = hand.pick();
+        let Some(tx) = lane.checked_sub(1).and_then(|i| hand.lanes.get(i)) else {
+            conns.serve(tcp, peer, Live::new(&hand.live, 0));
             continue;
+        };
+        let std_tcp = match tcp.into_std() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand a connection over");
+                continue;
+            }
+        };
+        if let Err(e) = tx.try_send((std_tcp, peer, Live::new(&hand.live, lane))) {
+            // That lane is stuck or gone: serve it here (its count drops with the tuple).
+            let (std_tcp, peer, _) = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(c)
+                | tokio::sync::mpsc::error::TrySendError::Closed(c) => c,
+            };
+            if let Ok(tcp) = tokio::net::TcpStream::from_std(std_tcp) {
+                conns.serve(tcp, peer, Live::new(&hand.live, 0));
+            }
         }
-        conns.serve(tcp, peer, Live::new(&live, 0));
     }
     drop(listener);
     conns.graceful
