@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use super::{Outcome, Plan, Slot, LEASE_TTL};
 use crate::config::RedisFailure;
-use crate::limits::{Charge, Denial, Dim, Status};
+use crate::limits::{Charge, Denial, Dim, Rate, Status};
 
 /// The one script, one call per request. Every op first applies what this replica settled
 /// since its last call under the tag: token corrections (`adjust`, a signed count per bucket)
@@ -186,7 +186,7 @@ pub struct RedisStore {
     /// This replica's lease prefix.
     replica: String,
     next_lease: AtomicU64,
-    /// Leases this replica holds: member -> its sorted set (renewed by the health task).
+    /// Leases this replica holds: member -> its hash tag (renewed by the health task).
     leases: Mutex<HashMap<String, String>>,
     /// Settlements not yet sent, by hash tag (one per principal and per model of the config):
     /// folded into the tag's next `check`, or sent by the flusher within [`FLUSH_AFTER`].
@@ -405,12 +405,56 @@ impl RedisStore {
                     self.leases
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(m.clone(), lease_key(tag));
+                        .insert(m.clone(), tag.to_string());
                     m
                 });
                 (Outcome::Allowed(st), lease)
             }
             other => (other, None),
+        }
+    }
+
+    /// One call of the script under `tag`, in its ARGV layout (see [`SCRIPT`]): `op` over
+    /// `buckets` (slot, rate, cost, adjust), the lease to take (`max_parallel`, member; 0: none),
+    /// and `members` to free (or, for `renew`, to renew).
+    fn invocation(
+        &self,
+        tag: &str,
+        op: &str,
+        buckets: &[(Slot, Rate, u64, i64)],
+        lease: (u32, &str),
+        members: &[String],
+    ) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.script.prepare_invoke();
+        for (slot, ..) in buckets {
+            inv.key(bucket_key(tag, *slot));
+        }
+        inv.key(lease_key(tag));
+        inv.arg(op).arg(buckets.len());
+        for (_, rate, cost, adjust) in buckets {
+            inv.arg(rate.limit)
+                .arg(rate.period_us)
+                .arg(*cost)
+                .arg(*adjust);
+        }
+        inv.arg(lease.0)
+            .arg(lease.1)
+            .arg(LEASE_TTL.as_micros() as u64)
+            .arg(members);
+        inv
+    }
+
+    /// Leases freed by a call that failed: freeing is idempotent, so they are sent again with
+    /// the tag's next call. (A token correction may have been applied: it is not sent twice.)
+    fn free_again(&self, tag: &str, free: Vec<String>) {
+        if !free.is_empty() {
+            self.defer(
+                tag,
+                Pending {
+                    free,
+                    ..Pending::default()
+                },
+            );
         }
     }
 
@@ -423,46 +467,29 @@ impl RedisStore {
         lease: Option<(u32, String)>,
     ) -> Result<Outcome, ()> {
         let mut pending = self.take(tag);
-        let mut inv = self.script.prepare_invoke();
-        for (slot, _) in charges {
-            inv.key(bucket_key(tag, *slot));
-        }
-        inv.key(lease_key(tag));
-        inv.arg("check").arg(charges.len());
-        for (slot, c) in charges {
-            let adjust = pending.as_mut().map_or(0, |p| p.take_adjust(*slot));
-            inv.arg(c.rate.limit)
-                .arg(c.rate.period_us)
-                .arg(c.cost)
-                .arg(adjust);
-        }
-        let (max, member) = lease.unwrap_or((0, String::new()));
-        inv.arg(max).arg(member).arg(LEASE_TTL.as_micros() as u64);
-        let mut frees = Vec::new();
-        if let Some(mut p) = pending {
-            frees = std::mem::take(&mut p.free);
-            inv.arg(&frees);
-            // Corrections of buckets this call does not carry wait for the flusher.
-            if !p.adjust.is_empty() {
-                self.defer(tag, p);
-            }
-        }
-        let r: Vec<i64> = match self.run(&inv).await {
-            Ok(r) => r,
-            Err(()) => {
-                // Freeing is idempotent: try again later. A correction may have been applied,
-                // so it is not sent twice.
-                if !frees.is_empty() {
-                    self.defer(
-                        tag,
-                        Pending {
-                            free: frees,
-                            ..Pending::default()
-                        },
-                    );
+        let buckets: Vec<_> = charges
+            .iter()
+            .map(|(slot, c)| {
+                let adjust = pending.as_mut().map_or(0, |p| p.take_adjust(*slot));
+                (*slot, c.rate, c.cost, adjust)
+            })
+            .collect();
+        let frees = match pending {
+            Some(mut p) => {
+                let frees = std::mem::take(&mut p.free);
+                // Corrections of buckets this call does not carry wait for the flusher.
+                if !p.adjust.is_empty() {
+                    self.defer(tag, p);
                 }
-                return Err(());
+                frees
             }
+            None => Vec::new(),
+        };
+        let (max, member) = lease.unwrap_or((0, String::new()));
+        let inv = self.invocation(tag, "check", &buckets, (max, &member), &frees);
+        let Ok(r) = self.run::<Vec<i64>>(&inv).await else {
+            self.free_again(tag, frees);
+            return Err(());
         };
         match r.first() {
             Some(1) => Ok(Outcome::Allowed(
@@ -562,44 +589,26 @@ impl RedisStore {
                 .collect()
         };
         for (tag, p) in all {
-            let mut inv = self.script.prepare_invoke();
-            for (slot, _, _) in &p.adjust {
-                inv.key(bucket_key(&tag, *slot));
-            }
-            inv.key(lease_key(&tag));
-            inv.arg("settle").arg(p.adjust.len());
-            for (_, c, d) in &p.adjust {
-                inv.arg(c.rate.limit).arg(c.rate.period_us).arg(0).arg(*d);
-            }
-            inv.arg(0).arg("").arg(LEASE_TTL.as_micros() as u64);
-            inv.arg(&p.free);
-            if self.run::<i64>(&inv).await.is_err() && !p.free.is_empty() {
-                self.defer(
-                    &tag,
-                    Pending {
-                        free: p.free,
-                        ..Pending::default()
-                    },
-                );
+            let buckets: Vec<_> = p
+                .adjust
+                .iter()
+                .map(|(slot, c, d)| (*slot, c.rate, 0, *d))
+                .collect();
+            let inv = self.invocation(&tag, "settle", &buckets, (0, ""), &p.free);
+            if self.run::<i64>(&inv).await.is_err() {
+                self.free_again(&tag, p.free);
             }
         }
     }
 
     /// Pushes the expiry of every lease this replica holds.
     async fn renew(&self) {
-        let mut by_set: HashMap<String, Vec<String>> = HashMap::new();
-        for (m, set) in self.leases.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            by_set.entry(set.clone()).or_default().push(m.clone());
+        let mut by_tag: HashMap<String, Vec<String>> = HashMap::new();
+        for (m, tag) in self.leases.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            by_tag.entry(tag.clone()).or_default().push(m.clone());
         }
-        for (set, members) in by_set {
-            let mut inv = self.script.prepare_invoke();
-            inv.key(set)
-                .arg("renew")
-                .arg(0)
-                .arg(0)
-                .arg("")
-                .arg(LEASE_TTL.as_micros() as u64)
-                .arg(members);
+        for (tag, members) in by_tag {
+            let inv = self.invocation(&tag, "renew", &[], (0, ""), &members);
             if self.run::<i64>(&inv).await.is_err() {
                 return;
             }
