@@ -9,8 +9,8 @@
 BIN="$ROOT/target/release/mofa-gateway"
 LOADGEN="$ROOT/target/release/examples/loadgen"
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    echo "== building (cargo build --release --bin mofa-gateway --example loadgen)" >&2
-    (cd "$ROOT" && cargo build --release --quiet --bin mofa-gateway --example loadgen)
+    echo "== building (cargo build --release --bin mofa-gateway --example loadgen --example floor_proxy)" >&2
+    (cd "$ROOT" && cargo build --release --quiet --bin mofa-gateway --example loadgen --example floor_proxy)
 fi
 
 TMP=$(mktemp -d)
@@ -127,6 +127,25 @@ proc_ticks() {
     local pid t=0 v
     for pid in "$@"; do
         v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+# proc_sys_ticks PID...: the kernel's share of proc_ticks (stime only).
+proc_sys_ticks() {
+    local pid t=0 v
+    for pid in "$@"; do
+        v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $13 }') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+# proc_ctxsw PID...: context switches (voluntary + involuntary, all threads) so far.
+proc_ctxsw() {
+    local pid t=0 v
+    for pid in "$@"; do
+        v=$(cat /proc/"$pid"/task/*/status 2>/dev/null |
+            awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }') || v=0
         t=$((t + ${v:-0}))
     done
     echo "$t"

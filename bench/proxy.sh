@@ -15,6 +15,12 @@
 #         {listen} are replaced) choose the build; GW_WORKERS sets server.worker_threads;
 #       - optionally a second gateway build in the same run: GATEWAY_B_BIN (+ GATEWAY_B_ARGS),
 #         reported as `gateway-b`;
+#       - the floor (WITH_FLOOR=1, the default): examples/floor_proxy.rs, a bare proxy on the
+#         gateway's own HTTP stack (tokio, hyper, hyper-util's pooled client, mimalloc) that
+#         reads the body, forwards it and streams the reply, and does nothing else (no JSON,
+#         admission, routing, logs or metrics), on FLOOR_LANES lanes (default: as many as the
+#         gateway). gateway/floor is the cost of the gateway's own work; floor/nginx that of
+#         the stack;
 #       - optionally (WITH_LITELLM=1) LiteLLM LITELLM_VERSION (pinned) from PyPI in a venv
 #         under ~/.cache/mofa-gateway, 1 worker, LITELLM_LOCAL_MODEL_COST_MAP=True (offline).
 #         It is ~100x slower, so its open-loop points run at LITELLM_RATE (non-streaming) and
@@ -43,7 +49,7 @@
 # Usage: bench/proxy.sh
 #   env: REPEATS=3 DURATION=10 POINTS=... CONNS=32 LOADGEN_WARMUP=2 GW_WORKERS=
 #        GATEWAY_BIN= GATEWAY_ARGS= GATEWAY_B_BIN= GATEWAY_B_ARGS= RESULTS_OUT=FILE (raw runs)
-#        WITH_LITELLM=1 LITELLM_VERSION=1.108.7 LITELLM_RATE=20 LITELLM_STREAM_RATE=5
+#        WITH_FLOOR=1 FLOOR_LANES= WITH_LITELLM=1 LITELLM_VERSION=1.108.7 LITELLM_RATE=20 LITELLM_STREAM_RATE=5
 #        HEADERS='NAME:VALUE|NAME:VALUE' (extra request headers, e.g. an API key, sent by
 #        loadgen and wrk to every target)
 
@@ -57,6 +63,7 @@ CONNS=${CONNS:-32}
 LOADGEN_WARMUP=${LOADGEN_WARMUP:-2}
 GW_WORKERS=${GW_WORKERS:-}
 WITH_LITELLM=${WITH_LITELLM:-0}
+WITH_FLOOR=${WITH_FLOOR:-1}
 LITELLM_VERSION=${LITELLM_VERSION:-1.108.7}
 LITELLM_RATE=${LITELLM_RATE:-20}
 LITELLM_STREAM_RATE=${LITELLM_STREAM_RATE:-5}
@@ -120,6 +127,9 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 # Build, free ports, process tracking and /proc readings: bench/lib.sh.
 source "$ROOT/bench/lib.sh"
 GATEWAY_BIN=${GATEWAY_BIN:-$BIN}
+FLOOR_BIN="$ROOT/target/release/examples/floor_proxy"
+# The floor serves on as many lanes as the gateway (GW_WORKERS, else one per core).
+FLOOR_LANES=${FLOOR_LANES:-$([[ -n $GW_WORKERS && $GW_WORKERS != 0 ]] && echo "$GW_WORKERS" || nproc)}
 DEFAULT_GW_ARGS='serve --config {config} --listen {listen}'
 GATEWAY_ARGS=${GATEWAY_ARGS:-$DEFAULT_GW_ARGS}
 GATEWAY_B_BIN=${GATEWAY_B_BIN:-}
@@ -177,6 +187,18 @@ serve nginx start_nginx
 MAIN_PID[nginx]=$LAST_PID
 URL[nginx]="http://127.0.0.1:$PORT/v1/chat/completions"
 TARGETS+=(nginx)
+
+# floor: examples/floor_proxy.rs, the gateway's HTTP stack (tokio, hyper server, hyper-util
+# pooled client, mimalloc) with nothing of the gateway on it: what any proxy on that stack pays.
+if [[ $WITH_FLOOR == 1 ]]; then
+    start_floor() {
+        start floor "$FLOOR_BIN" --listen "127.0.0.1:$1" --upstream "$SIM_BASE" --lanes "$FLOOR_LANES"
+    }
+    serve floor start_floor
+    MAIN_PID[floor]=$LAST_PID
+    URL[floor]="http://127.0.0.1:$PORT/v1/chat/completions"
+    TARGETS+=(floor)
+fi
 
 {
     if [[ -n $GW_WORKERS ]]; then
@@ -297,6 +319,10 @@ run() {
     echo "== round $round, $point, $target${rate:+ ($rate)}" >&2
     # shellcheck disable=SC2086
     p0=$(proc_ticks ${PROCS[$target]})
+    # shellcheck disable=SC2086
+    k0=$(proc_sys_ticks ${PROCS[$target]})
+    # shellcheck disable=SC2086
+    c0=$(proc_ctxsw ${PROCS[$target]})
     s0=$(proc_ticks "$SIM_PID")
     read -r b0 i0 < <(machine_busy)
     # In a subshell whose only child is the client, so that `times` there gives its CPU time.
@@ -316,13 +342,18 @@ run() {
                    printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TMP/client.times")
     # shellcheck disable=SC2086
     p1=$(proc_ticks ${PROCS[$target]})
+    # shellcheck disable=SC2086
+    k1=$(proc_sys_ticks ${PROCS[$target]})
+    # shellcheck disable=SC2086
+    c1=$(proc_ctxsw ${PROCS[$target]})
     s1=$(proc_ticks "$SIM_PID")
     read -r b1 i1 < <(machine_busy)
     for t in "${TARGETS[@]}"; do alive "$t" "${MAIN_PID[$t]}"; done
     python3 - "$out" "$round" "$point" "$target" "$rate" "$((p1 - p0))" "$((s1 - s0))" \
-        "$((b1 - b0))" "$((i1 - i0))" "$TICK" "$client" >>"$TMP/results.jsonl" <<'EOF'
+        "$((b1 - b0))" "$((i1 - i0))" "$TICK" "$client" "$((k1 - k0))" "$((c1 - c0))" \
+        >>"$TMP/results.jsonl" <<'EOF'
 import json, sys
-out, rnd, point, target, rate, proc, sim, busy, idle, tick, client = sys.argv[1:12]
+out, rnd, point, target, rate, proc, sim, busy, idle, tick, client, ksys, ctxsw = sys.argv[1:14]
 text = open(out).read()
 r = {"round": int(rnd), "point": point, "target": target, "rate": rate}
 if rate == "closed":
@@ -341,6 +372,8 @@ us = 1e6 / float(tick)
 n = max(r["requests"], 1)
 r["cpu_us"] = int(proc) * us / n          # the target process(es) (direct: the sim)
 r["sim_cpu_us"] = int(sim) * us / n
+r["sys_us"] = int(ksys) * us / n          # the kernel's share of cpu_us
+r["ctxsw"] = int(ctxsw) / n               # context switches per request
 r["machine_busy_s"] = int(busy) / float(tick)
 r["machine_idle_s"] = int(idle) / float(tick)
 r["proc_s"] = int(proc) / float(tick)
@@ -403,9 +436,10 @@ for p in points:
     print(f"== {p}: {'streaming, 20 chunks' if kind == 'st' else 'non-streaming'}, {load}")
     print(f"{'target':10} {'CPU-us/req':>18} {'x nginx':>16} {'req/s':>20} {'x direct':>16}"
           f" {'+p50 ms':>18} {'+p99 ms':>18} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}"
-          f" {'sim us/req':>10} {'other%':>6}")
+          f" {'sim us/req':>10} {'other%':>6} {'x floor':>16} {'sys us/req':>10} {'cs/req':>6}")
     direct = by.get((p, "direct"), {})
     nginx = by.get((p, "nginx"), {})
+    floor = by.get((p, "floor"), {})
     for t in targets:
         runs = by.get((p, t), {})
         if not runs:
@@ -415,6 +449,11 @@ for p in points:
         ratio = [runs[i]["cpu_us"] / nginx[i]["cpu_us"] for i in rr
                  if t not in ("direct", "nginx") and i in nginx and nginx[i]["cpu_us"] > 0
                  and runs[i]["rate"] == nginx[i]["rate"]]
+        xfloor = [runs[i]["cpu_us"] / floor[i]["cpu_us"] for i in rr
+                  if t.startswith("gateway") and i in floor and floor[i]["cpu_us"] > 0
+                  and runs[i]["rate"] == floor[i]["rate"]]
+        sys_us = statistics.median(runs[i].get("sys_us", 0) for i in rr)
+        cs = statistics.median(runs[i].get("ctxsw", 0) for i in rr)
         rps = [runs[i]["rps"] for i in rr]
         xd = [runs[i]["rps"] / direct[i]["rps"] for i in rr if i in direct and direct[i]["rps"] > 0
               and runs[i]["rate"] == direct[i]["rate"]] if t != "direct" else []
@@ -432,7 +471,8 @@ for p in points:
         name = t if runs[rr[0]]["rate"] == rate else f"{t}@{runs[rr[0]]['rate']}"
         print(f"{name:10} {stat(cpu, '%.0f'):>18} {stat(ratio, '%.2f'):>16} {stat(rps, '%.0f'):>20}"
               f" {stat(xd, '%.3f'):>16} {stat(a50, '%.3f'):>18} {stat(a99, '%.3f'):>18}"
-              f" {p50:8.3f} {p99:8.3f} {failed:6d} {sim:10.0f} {statistics.median(other):6.0f}")
+              f" {p50:8.3f} {p99:8.3f} {failed:6d} {sim:10.0f} {statistics.median(other):6.0f}"
+              f" {stat(xfloor, '%.2f'):>16} {sys_us:10.0f} {cs:6.2f}")
         lag = max(runs[i].get("lag_p99_ms", 0) for i in rr)
         if failed or lag > 5:
             kinds = defaultdict(int)
@@ -454,6 +494,9 @@ for line in open(rss_path):
 print()
 print("CPU-us/req: utime+stime of the process(es) over the requests sent in that run (direct: the sim).")
 print("x nginx: per round, the target's CPU-us/req divided by nginx's; +p50/+p99: minus direct, same round.")
+print("x floor: per round, a gateway's CPU-us/req divided by the floor's (floor_proxy: the same HTTP")
+print("        stack doing nothing but the proxying): the cost of the gateway's own work.")
+print("sys us/req: the kernel's share (stime) of CPU-us/req; cs/req: context switches per request.")
 print("other%: share of the machine's CPU (all cores) used by processes this script did not start")
 print("        (not the target, the sim or the client): other jobs sharing the machine.")
 EOF
