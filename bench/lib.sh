@@ -4,7 +4,8 @@
 # command), the free-port helper, the processes a script starts (tracked by PID, stopped by PID
 # on exit: never by name), the readiness waits and the /proc readings (CPU ticks, RSS).
 # Must not: reach anything but 127.0.0.1, or stop a process it did not start.
-# Needs ROOT (the repository). Sets BIN, LOADGEN, TMP. SKIP_BUILD=1 skips the build.
+# Needs ROOT (the repository). Sets BIN, LOADGEN, TMP. SKIP_BUILD=1 skips the build; KEEP_TMP=1
+# keeps TMP (the processes' logs) at exit.
 
 BIN="$ROOT/target/release/mofa-gateway"
 LOADGEN="$ROOT/target/release/examples/loadgen"
@@ -32,7 +33,11 @@ cleanup() {
     done
     for pid in "${live[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
     for pid in "${live[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$TMP"
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then
+        echo "kept the run's files (logs, configs, raw results) in $TMP" >&2
+    else
+        rm -rf "$TMP"
+    fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT

@@ -44,8 +44,9 @@ impl Shared {
 #[derive(Clone)]
 pub struct BatchWriter(Arc<Shared>);
 
-impl Write for BatchWriter {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+impl BatchWriter {
+    /// Appends one whole line (or drops it, counted, when too much waits).
+    pub fn push(&self, line: &[u8]) {
         let mut p = self.0.lock();
         if p.buf.len() + line.len() > MAX_PENDING {
             p.dropped += 1;
@@ -55,6 +56,12 @@ impl Write for BatchWriter {
                 self.0.wake.notify_one();
             }
         }
+    }
+}
+
+impl Write for BatchWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.push(line);
         Ok(line.len())
     }
 

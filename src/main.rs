@@ -258,6 +258,12 @@ fn init_logging(format: LogFormat) -> logwriter::Guard {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let (writer, guard) = logwriter::start(std::io::stderr());
+    // The access log's lines skip tracing's formatter: the gateway writes them itself, into
+    // the same writer (see `proxy::observe::line`), still under the filter above.
+    let access = writer.clone();
+    mofa_gateway::server::set_access_log_sink(matches!(format, LogFormat::Json), move |line| {
+        access.push(line)
+    });
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

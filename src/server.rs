@@ -50,6 +50,9 @@ use crate::proxy::observe::ClientAddr;
 /// How many lanes the gateway built next serves on (before [`Gateway::build`]).
 pub use crate::upstream::set_lanes;
 
+/// Where the access log's lines go (the binary's log writer), formatted by the gateway.
+pub use crate::proxy::observe::line::set_sink as set_access_log_sink;
+
 type RouterService = TowerToHyperService<axum::Router>;
 
 /// The router, with the connection's peer address put into each request's extensions (for

@@ -18,6 +18,8 @@ use crate::error::ApiError;
 use crate::metrics::{Metrics, Sample};
 use crate::reason::RejectReason;
 
+pub mod line;
+
 /// The client's address, put into each request's extensions by the server's accept loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
@@ -225,27 +227,27 @@ impl Record {
     /// The `Server-Timing` header: the rate-limit charge, queue wait, upstream time to first
     /// byte, total so far.
     pub fn server_timing(&self) -> Option<HeaderValue> {
-        use std::fmt::Write;
         // Whole microseconds as milliseconds with three decimals, in integer arithmetic (one
-        // buffer, no float formatting: this runs for every reply).
-        let part = |out: &mut String, name: &str, d: Duration| {
-            let us = d.as_micros();
+        // buffer, no `core::fmt`: this runs for every reply).
+        let part = |out: &mut Vec<u8>, name: &[u8], d: Duration| {
             if !out.is_empty() {
-                out.push_str(", ");
+                out.extend_from_slice(b", ");
             }
-            let _ = write!(out, "{name};dur={}.{:03}", us / 1000, us % 1000);
+            out.extend_from_slice(name);
+            out.extend_from_slice(b";dur=");
+            line::push_ms(out, d);
         };
-        let mut out = String::with_capacity(64);
+        let mut out = Vec::with_capacity(80);
         if let Some(l) = self.limit_wait {
-            part(&mut out, "limit", l);
+            part(&mut out, b"limit", l);
         }
         if let Some(q) = self.queue_wait {
-            part(&mut out, "queue", q);
+            part(&mut out, b"queue", q);
         }
         if let Some(u) = self.upstream_ttfb {
-            part(&mut out, "upstream", u);
+            part(&mut out, b"upstream", u);
         }
-        part(&mut out, "total", self.arrival.elapsed());
+        part(&mut out, b"total", self.arrival.elapsed());
         HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
     }
 
@@ -287,31 +289,25 @@ impl Record {
                 .filter(|t| !t.estimated)
                 .map(|t| (t.input, t.output)),
         });
-        // Milliseconds with microsecond resolution.
-        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-        let opt_ms = |d: Option<Duration>| d.map(ms);
-        tracing::info!(
-            target: "mofa_gateway::access",
-            request_id = self.id.to_str().unwrap_or_default(),
-            client = self.client.map(tracing::field::display),
-            key = self.key.as_deref().unwrap_or("-"),
-            model = self.model.as_deref().unwrap_or("-"),
-            backend = self.backend.as_deref().unwrap_or("-"),
-            priority = priority.unwrap_or("-"),
-            stream = self.stream,
+        line::Line {
+            request_id: self.id.to_str().unwrap_or_default(),
+            client: self.client,
+            key: self.key.as_deref().unwrap_or("-"),
+            model: self.model.as_deref().unwrap_or("-"),
+            backend: self.backend.as_deref().unwrap_or("-"),
+            priority: priority.unwrap_or("-"),
+            stream: self.stream,
             status,
-            reason = reason.as_str(),
-            attempts = self.attempts,
-            queue_ms = opt_ms(self.queue_wait),
-            ttfb_ms = opt_ms(self.first_byte),
-            upstream_ttfb_ms = opt_ms(self.upstream_ttfb),
-            total_ms = ms(total),
-            bytes = self.bytes,
-            tokens_in = self.tokens.map(|t| t.input),
-            tokens_out = self.tokens.map(|t| t.output),
-            tokens_estimated = self.tokens.map(|t| t.estimated),
-            "request finished"
-        );
+            reason: reason.as_str(),
+            attempts: self.attempts,
+            queue: self.queue_wait,
+            ttfb: self.first_byte,
+            upstream_ttfb: self.upstream_ttfb,
+            total,
+            bytes: self.bytes,
+            tokens: self.tokens.map(|t| (t.input, t.output, t.estimated)),
+        }
+        .log();
         let fin = Finished {
             status,
             reason,

@@ -445,6 +445,34 @@ impl<'de, 'p> DeserializeSeed<'de> for HeadSeed<'p> {
     }
 }
 
+/// The top-level keys of a body met so far: a short list (a body has a handful: compared
+/// without hashing), a set once there are more than [`Seen::FEW`].
+enum Seen<'de> {
+    Few(Vec<Cow<'de, str>>),
+    Many(HashSet<Cow<'de, str>>),
+}
+
+impl<'de> Seen<'de> {
+    const FEW: usize = 16;
+
+    /// Whether `key` is new (and now seen).
+    fn insert(&mut self, key: &Cow<'de, str>) -> bool {
+        match self {
+            Seen::Few(keys) => {
+                if keys.iter().any(|k| k == key) {
+                    return false;
+                }
+                keys.push(key.clone());
+                if keys.len() > Self::FEW {
+                    *self = Seen::Many(std::mem::take(keys).into_iter().collect());
+                }
+                true
+            }
+            Seen::Many(keys) => keys.insert(key.clone()),
+        }
+    }
+}
+
 impl<'de, 'p> Visitor<'de> for HeadSeed<'p> {
     type Value = Head<'de>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -452,9 +480,9 @@ impl<'de, 'p> Visitor<'de> for HeadSeed<'p> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Head<'de>, A::Error> {
         let mut head = Head::default();
-        let mut seen: HashSet<Cow<'de, str>> = HashSet::with_capacity(8);
+        let mut seen = Seen::Few(Vec::with_capacity(8));
         while let Some(key) = a.next_key_seed(KeySeed)? {
-            if !seen.insert(key.clone()) {
+            if !seen.insert(&key) {
                 return Err(A::Error::custom(format_args!(
                     "duplicate key `{}` in the body",
                     crate::error::truncate(&key, 64)
@@ -830,6 +858,14 @@ mod tests {
         assert!(bytes_err(deep.as_bytes()).contains("nested deeper"));
         // Duplicate top-level keys are named; nested ones are the backend's business.
         let m = bytes_err(br#"{"model":"a","model":"b","messages":[{}]}"#);
+        assert!(m.contains("duplicate key `model`"), "{m}");
+        // Past the short list of keys too, and a key written with an escape is the same key.
+        let many: String = (0..40).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        let body = format!(r#"{{"model":"a",{many}"messages":[{{}}]}}"#);
+        assert!(parse(Endpoint::ChatCompletions, &body).is_ok());
+        let m = bytes_err(format!(r#"{{"model":"a",{many}"k\u0033":1,"messages":[{{}}]}}"#).as_bytes());
+        assert!(m.contains("duplicate key `k3`"), "{m}");
+        let m = bytes_err(br#"{"model":"a","mod\u0065l":"b","messages":[{}]}"#);
         assert!(m.contains("duplicate key `model`"), "{m}");
         assert!(parse(
             Endpoint::ChatCompletions,
