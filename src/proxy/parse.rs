@@ -863,7 +863,8 @@ mod tests {
         let many: String = (0..40).map(|i| format!(r#""k{i}":{i},"#)).collect();
         let body = format!(r#"{{"model":"a",{many}"messages":[{{}}]}}"#);
         assert!(parse(Endpoint::ChatCompletions, &body).is_ok());
-        let m = bytes_err(format!(r#"{{"model":"a",{many}"k\u0033":1,"messages":[{{}}]}}"#).as_bytes());
+        let m =
+            bytes_err(format!(r#"{{"model":"a",{many}"k\u0033":1,"messages":[{{}}]}}"#).as_bytes());
         assert!(m.contains("duplicate key `k3`"), "{m}");
         let m = bytes_err(br#"{"model":"a","mod\u0065l":"b","messages":[{}]}"#);
         assert!(m.contains("duplicate key `model`"), "{m}");

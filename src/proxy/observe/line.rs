@@ -397,7 +397,12 @@ mod tests {
 
     #[test]
     fn addresses_as_display_writes_them() {
-        for a in ["127.0.0.1:5000", "10.0.255.9:1", "[::1]:8080", "[fe80::1%2]:80"] {
+        for a in [
+            "127.0.0.1:5000",
+            "10.0.255.9:1",
+            "[::1]:8080",
+            "[fe80::1%2]:80",
+        ] {
             let addr: SocketAddr = match a.parse() {
                 Ok(x) => x,
                 Err(_) => continue, // a scope id does not parse everywhere
