@@ -37,14 +37,13 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::net::TcpListener;
 
 use crate::error::ApiError;
 use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
 
 use crate::config::{Config, ServerConfig};
-use crate::http::{router, AppState};
+use crate::http::{App, AppFuture, AppState};
 use crate::proxy::observe::ClientAddr;
 
 /// How many lanes the gateway built next serves on (before [`Gateway::build`]).
@@ -53,20 +52,18 @@ pub use crate::upstream::set_lanes;
 /// Where the access log's lines go (the binary's log writer), formatted by the gateway.
 pub use crate::proxy::observe::line::set_sink as set_access_log_sink;
 
-type RouterService = TowerToHyperService<axum::Router>;
-
-/// The router, with the connection's peer address put into each request's extensions (for
+/// The app, with the connection's peer address put into each request's extensions (for
 /// the access log).
 #[derive(Clone)]
 struct WithPeer {
-    inner: RouterService,
+    inner: App,
     peer: SocketAddr,
 }
 
 impl Service<Request<hyper::body::Incoming>> for WithPeer {
-    type Response = <RouterService as Service<Request<hyper::body::Incoming>>>::Response;
-    type Error = <RouterService as Service<Request<hyper::body::Incoming>>>::Error;
-    type Future = TowerToHyperServiceFuture<axum::Router, Request<hyper::body::Incoming>>;
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = AppFuture;
 
     fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
         req.extensions_mut().insert(ClientAddr(self.peer));
@@ -77,8 +74,7 @@ impl Service<Request<hyper::body::Incoming>> for WithPeer {
 /// A gateway bound to a port but not serving yet.
 pub struct Gateway {
     listener: TcpListener,
-    app: axum::Router,
-    state: Arc<AppState>,
+    app: App,
     server: ServerConfig,
 }
 
@@ -88,8 +84,7 @@ impl Gateway {
         let state = Arc::new(AppState::build(cfg).await.map_err(|e| e.to_string())?);
         Ok(Gateway {
             listener,
-            app: router(state.clone()),
-            state,
+            app: App::new(state),
             server: cfg.server.clone(),
         })
     }
@@ -135,8 +130,9 @@ impl Gateway {
             live,
             lanes: others.iter().map(|(tx, _)| tx.clone()).collect(),
         };
+        let state = self.app.state().clone();
         let graceful = accept_loop(self.listener, self.app, &self.server, shutdown, hand).await;
-        self.state.begin_shutdown();
+        state.begin_shutdown();
         tracing::info!(
             grace_s = grace.as_secs(),
             "listener closed; finishing requests in flight"
@@ -158,7 +154,7 @@ impl Gateway {
         if tokio::time::timeout(grace + margin, all).await.is_err() {
             tracing::warn!("shutdown grace period over; closing the connections left");
         }
-        self.state.pipeline.orch.memory.stop_all().await;
+        state.pipeline.orch.memory.stop_all().await;
         Ok(())
     }
 
@@ -223,7 +219,7 @@ impl Drop for Live {
 /// receiver that resolves when the lane has stopped.
 fn start_lane(
     lane: usize,
-    app: axum::Router,
+    app: App,
     server: ServerConfig,
     grace: Duration,
 ) -> std::io::Result<(
@@ -258,13 +254,13 @@ fn start_lane(
 /// waits for them at shutdown.
 struct Connections {
     http: auto::Builder<TokioExecutor>,
-    service: RouterService,
+    service: App,
     head_timeout: Duration,
     graceful: GracefulShutdown,
 }
 
 impl Connections {
-    fn new(app: axum::Router, server: &ServerConfig) -> Connections {
+    fn new(app: App, server: &ServerConfig) -> Connections {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -276,7 +272,7 @@ impl Connections {
             .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
         Connections {
             http,
-            service: TowerToHyperService::new(app),
+            service: app,
             head_timeout: Duration::from_millis(server.header_read_timeout_ms),
             graceful: GracefulShutdown::new(),
         }
@@ -316,7 +312,7 @@ impl Connections {
 /// this lane's connections to end.
 async fn accept_loop(
     listener: TcpListener,
-    app: axum::Router,
+    app: App,
     server: &ServerConfig,
     stop: impl Future<Output = ()>,
     hand: Handover,

@@ -3,6 +3,7 @@
 //! parses nothing itself and contains no retry loop: a proxied request goes through the
 //! [`Pipeline`]; errors become responses in `error`.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
@@ -68,6 +69,88 @@ impl AppState {
 
 fn model_object(name: &str, created: u64) -> Value {
     json!({"id": name, "object": "model", "created": created, "owned_by": "mofa-gateway"})
+}
+
+/// What the server serves: a proxied request (`POST` to one of the [`Hot`] paths) goes
+/// straight to its handler under the stamp layer (the same code the router runs for it,
+/// without the router's layers of boxed futures, a few thousand instructions a request);
+/// every other request goes through [`router`], which also has those routes.
+#[derive(Clone)]
+pub struct App {
+    router: Router,
+    state: Arc<AppState>,
+}
+
+/// The future of one request to [`App`].
+pub type AppFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Infallible>> + Send>>;
+
+/// The proxied routes [`App`] dispatches itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hot {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Messages,
+    CountTokens,
+}
+
+impl Hot {
+    fn of(method: &Method, path: &str) -> Option<Hot> {
+        if method != Method::POST {
+            return None;
+        }
+        Some(match path {
+            "/v1/chat/completions" => Hot::ChatCompletions,
+            "/v1/completions" => Hot::Completions,
+            "/v1/embeddings" => Hot::Embeddings,
+            "/v1/messages" => Hot::Messages,
+            "/v1/messages/count_tokens" => Hot::CountTokens,
+            _ => return None,
+        })
+    }
+
+    async fn run(self, st: Arc<AppState>, req: Request) -> Response {
+        match self {
+            Hot::ChatCompletions => proxy(&st, Endpoint::ChatCompletions, req).await,
+            Hot::Completions => proxy(&st, Endpoint::Completions, req).await,
+            Hot::Embeddings => proxy(&st, Endpoint::Embeddings, req).await,
+            Hot::Messages => anthropic_route(&st, WireFormat::Anthropic, req).await,
+            Hot::CountTokens => anthropic_route(&st, WireFormat::AnthropicCount, req).await,
+        }
+    }
+}
+
+impl App {
+    pub fn new(state: Arc<AppState>) -> App {
+        App {
+            router: router(state.clone()),
+            state,
+        }
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+}
+
+impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for App {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = AppFuture;
+
+    fn call(&self, req: axum::http::Request<hyper::body::Incoming>) -> AppFuture {
+        let req = req.map(axum::body::Body::new);
+        match Hot::of(req.method(), req.uri().path()) {
+            Some(hot) => {
+                let st = self.state.clone();
+                Box::pin(async move {
+                    Ok(stamp::stamp_with(req, move |req| hot.run(st, req)).await)
+                })
+            }
+            None => Box::pin(tower_service::Service::call(&mut self.router.clone(), req)),
+        }
+    }
 }
 
 /// The gateway's router.

@@ -19,15 +19,25 @@ use crate::headers::{ANTHROPIC_REQUEST_ID, BACKEND, LATENCY_MS, REQUEST_ID};
 use crate::proxy::accept::accept;
 use crate::upstream::envelope;
 
-/// See the module doc.
-pub async fn stamp(mut req: Request, next: Next) -> Response {
+/// See the module doc (the router's middleware).
+pub async fn stamp(req: Request, next: Next) -> Response {
+    stamp_with(req, |req| next.run(req)).await
+}
+
+/// The layer around `run` (the handler of a route the server dispatches itself: see
+/// [`super::App`]).
+pub async fn stamp_with<F, Fut>(mut req: Request, run: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let accepted = accept(req.headers());
     let (rid, start) = (accepted.id.clone(), accepted.arrival);
     req.extensions_mut().insert(accepted);
     let wire = wire_of(req.uri());
     let mut resp = match unsupported_transfer_coding(req.headers()) {
         Some(coding) => ApiError::unsupported_transfer_encoding(&coding).into_response_for(wire),
-        None => next.run(req).await,
+        None => run(req).await,
     };
     let status = resp.status();
     if (status.is_client_error() || status.is_server_error()) && !is_json(resp.headers()) {
