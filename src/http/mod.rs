@@ -144,9 +144,9 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for App
         match Hot::of(req.method(), req.uri().path()) {
             Some(hot) => {
                 let st = self.state.clone();
-                Box::pin(async move {
-                    Ok(stamp::stamp_with(req, move |req| hot.run(st, req)).await)
-                })
+                Box::pin(
+                    async move { Ok(stamp::stamp_with(req, move |req| hot.run(st, req)).await) },
+                )
             }
             None => Box::pin(tower_service::Service::call(&mut self.router.clone(), req)),
         }

@@ -112,16 +112,22 @@ impl HttpClient {
     }
 
     /// Sends `req` and returns the reply's head (its body not read yet); see the module doc
-    /// for the connection rules.
-    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
-        // Kept to send it again (cheap: the body is a `Bytes`, the URI shared).
-        let again = clone_request(&req);
+    /// for the connection rules. `again` builds the same request once more (if it still can), for
+    /// the one try on a fresh connection: built only then, as most requests never need it.
+    pub async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+        again: impl FnOnce() -> Option<Request<Full<Bytes>>>,
+    ) -> Result<Response<Incoming>, SendError> {
         let lane = LANE.with(Cell::get) % self.pooled.len();
         match self.send_on(&self.pooled[lane], req).await {
             Ok(resp) => Ok(resp),
             Err((error, reused)) if reused && closed_before_reply(&error) => {
+                let Some(req) = again() else {
+                    return Err(SendError { error });
+                };
                 tracing::debug!("a reused upstream connection was closed; retrying on a new one");
-                self.send_on(&self.fresh, again)
+                self.send_on(&self.fresh, req)
                     .await
                     .map_err(|(error, _)| SendError { error })
             }
@@ -158,14 +164,6 @@ impl HttpClient {
             }
         }
     }
-}
-
-fn clone_request(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
-    let mut out = Request::new(req.body().clone());
-    *out.method_mut() = req.method().clone();
-    *out.uri_mut() = req.uri().clone();
-    *out.headers_mut() = req.headers().clone();
-    out
 }
 
 fn info_of(conn: &Connected) -> Option<Arc<ConnInfo>> {

@@ -242,14 +242,17 @@ impl Deployment {
             None => self.models_url.clone(),
         };
         let Some(url) = url else { return false };
-        let mut req = Request::new(Full::new(Bytes::new()));
-        *req.uri_mut() = url;
-        if let Some(auth) = &self.auth {
-            req.headers_mut()
-                .insert(header::AUTHORIZATION, auth.clone());
-        }
+        let build = || {
+            let mut req = Request::new(Full::new(Bytes::new()));
+            *req.uri_mut() = url.clone();
+            if let Some(auth) = &self.auth {
+                req.headers_mut()
+                    .insert(header::AUTHORIZATION, auth.clone());
+            }
+            req
+        };
         let probe = async {
-            match self.client.send(req).await {
+            match self.client.send(build(), || Some(build())).await {
                 Ok(r) => {
                     let ok = r.status().is_success();
                     // Read to the end so that the connection can be reused.
@@ -278,11 +281,12 @@ impl Deployment {
             let fb = tokio::time::Instant::now() + self.first_byte_timeout;
             deadline.map_or(fb, |d| d.min(fb))
         };
-        let req = self.request(endpoint, body, request_id, stream)?;
+        let req = self.request(endpoint, body.clone(), request_id, stream)?;
+        let again = || self.request(endpoint, body, request_id, stream).ok();
         let first = async {
             let resp = self
                 .client
-                .send(req)
+                .send(req, again)
                 .await
                 .map_err(|e| send_error(&e.error))?;
             let status = resp.status();
