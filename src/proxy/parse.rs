@@ -456,19 +456,19 @@ impl<'de> Seen<'de> {
     const FEW: usize = 16;
 
     /// Whether `key` is new (and now seen).
-    fn insert(&mut self, key: &Cow<'de, str>) -> bool {
+    fn insert(&mut self, key: Cow<'de, str>) -> bool {
         match self {
             Seen::Few(keys) => {
-                if keys.iter().any(|k| k == key) {
+                if keys.contains(&key) {
                     return false;
                 }
-                keys.push(key.clone());
+                keys.push(key);
                 if keys.len() > Self::FEW {
                     *self = Seen::Many(std::mem::take(keys).into_iter().collect());
                 }
                 true
             }
-            Seen::Many(keys) => keys.insert(key.clone()),
+            Seen::Many(keys) => keys.insert(key),
         }
     }
 }
@@ -482,7 +482,7 @@ impl<'de, 'p> Visitor<'de> for HeadSeed<'p> {
         let mut head = Head::default();
         let mut seen = Seen::Few(Vec::with_capacity(8));
         while let Some(key) = a.next_key_seed(KeySeed)? {
-            if !seen.insert(&key) {
+            if !seen.insert(key.clone()) {
                 return Err(A::Error::custom(format_args!(
                     "duplicate key `{}` in the body",
                     crate::error::truncate(&key, 64)

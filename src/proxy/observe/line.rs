@@ -18,10 +18,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The access log's target (and the `target` field of a JSON line).
 pub const TARGET: &str = "mofa_gateway::access";
 
+/// What a finished line is handed to.
+type WriteFn = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Where the lines go, and in which format.
 struct Sink {
     json: bool,
-    write: Box<dyn Fn(&[u8]) + Send + Sync>,
+    write: WriteFn,
 }
 
 static SINK: OnceLock<Sink> = OnceLock::new();
