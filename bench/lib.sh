@@ -126,25 +126,22 @@ serve() {
 }
 
 TICK=$(getconf CLK_TCK)
+# stat_sum EXPR PID...: the sum over the processes of an awk EXPR of the /proc/PID/stat fields
+# after the command name ($12 utime, $13 stime; 0 for a process that is gone).
+stat_sum() {
+    local expr=$1 pid t=0 v
+    shift
+    for pid in "$@"; do
+        v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk "{ print $expr }") || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
 # proc_ticks PID...: CPU time (utime + stime, clock ticks, all threads) used so far by the
-# processes together (0 for one that is gone).
-proc_ticks() {
-    local pid t=0 v
-    for pid in "$@"; do
-        v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }') || v=0
-        t=$((t + ${v:-0}))
-    done
-    echo "$t"
-}
+# processes together.
+proc_ticks() { stat_sum '$12 + $13' "$@"; }
 # proc_sys_ticks PID...: the kernel's share of proc_ticks (stime only).
-proc_sys_ticks() {
-    local pid t=0 v
-    for pid in "$@"; do
-        v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $13 }') || v=0
-        t=$((t + ${v:-0}))
-    done
-    echo "$t"
-}
+proc_sys_ticks() { stat_sum '$13' "$@"; }
 # proc_ctxsw PID...: context switches (voluntary + involuntary, all threads) so far.
 proc_ctxsw() {
     local pid t=0 v
