@@ -324,6 +324,7 @@ async fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let model = one_model("m", &up, "");
     let (_a, a) = replica(&redis_config(&redis, "local", "rpm = 60", &model)).await;
     let (_b, b) = replica(&redis_config(&redis, "closed", "rpm = 60", &model)).await;
+    let start = Instant::now();
 
     // One limit for both: 60, plus what refills (1 a second) while the burst lasts, plus one.
     let (ok, took) = hammer(&[a, b], 240).await;
@@ -333,10 +334,13 @@ async fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
         "{ok} admitted in {took:?} (bound {bound})"
     );
 
-    // Redis gone: the `local` replica keeps answering, the `closed` one refuses with 503.
+    // Redis gone: the `local` replica keeps answering from its own buckets, the `closed` one
+    // refuses with 503.
     redis.kill();
-    let r = keyed_chat(a, &chat_body("m", false)).await;
-    assert_eq!(r.status(), 200, "local: served on a local bucket");
+    // `a`'s local bucket starts where Redis last was (spent but for what refills), not full.
+    let local = alternate(&[a], 10).await;
+    assert!(local <= 2, "{local} of 10 admitted locally after the burst");
+    assert_429(keyed_chat(a, &chat_body("m", false)).await, "requests").await;
     let r = keyed_chat(b, &chat_body("m", false)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(header(&r, "x-mofa-reject-reason"), "limits_unavailable");
@@ -345,7 +349,9 @@ async fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let ready = get_json(&format!("http://{b}/readyz")).await;
     assert_eq!(ready["limits"]["serving_from"], "refusing");
 
-    // Back: both go back to Redis by themselves, and share again.
+    // Back (empty: no persistence): both go back to Redis by themselves, and share again. What
+    // was spent before the outage stays spent: only what refilled since is admitted, not a
+    // fresh 60.
     redis.restart().await;
     for gw in [a, b] {
         eventually("redis up again", Duration::from_secs(20), || async move {
@@ -353,12 +359,15 @@ async fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
         })
         .await;
     }
-    let (ok, took) = hammer(&[a, b], 240).await;
-    let bound = 61 + took.as_secs();
+    let (ok, _) = hammer(&[a, b], 240).await;
+    let refilled = start.elapsed().as_secs() + 1;
     assert!(
-        ok >= 60 && ok <= bound,
-        "{ok} admitted in {took:?} (bound {bound})"
+        ok <= refilled,
+        "{ok} admitted after the restart ({refilled} refilled)"
     );
+    for gw in [a, b] {
+        assert_eq!(redis_state(gw).await, "up");
+    }
 }
 
 #[tokio::test]
@@ -482,6 +491,138 @@ async fn a_models_limit_is_shared_through_redis_and_a_keys_refusal_gives_its_cha
         "names the model's limit: {e}"
     );
     assert_eq!(free(a).await.status(), 429);
+}
+
+/// Whether the Redis at `port` answers a PING (a client of the test's own, not a gateway's).
+async fn redis_pings(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    if s.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"+PONG\r\n"
+    )
+}
+
+/// Sends `n` requests alternating between `gws`, one at a time; counts the 200s (and panics on
+/// anything but 200 or 429).
+async fn alternate(gws: &[SocketAddr], n: usize) -> u64 {
+    let mut ok = 0;
+    for i in 0..n {
+        let r = keyed_chat(gws[i % gws.len()], &chat_body("m", false)).await;
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {}
+            s => panic!("request {i}: unexpected {s}: {:?}", r.text().await),
+        }
+    }
+    ok
+}
+
+/// At most `limit` a minute plus one: what refills (limit/60 a second) while the test runs.
+fn window_bound(limit: u64, took: Duration) -> u64 {
+    limit + 1 + took.as_secs() * limit / 60
+}
+
+#[tokio::test]
+async fn replicas_keep_one_limit_across_a_redis_restart_while_idle() {
+    // Redis restarts (and forgets everything: no persistence) while both replicas are idle, so
+    // their connections are dead without their knowing. Their next calls reconnect at once
+    // (not a fall-back to local buckets that each admit the whole limit), and what they
+    // admitted before the restart is restored from what they last saw.
+    let mut redis = Redis::start().await;
+    let up = sim(sim_opts("m")).await;
+    let model = one_model("m", &up, "");
+    let cfg = redis_config(&redis, "local", "rpm = 20", &model);
+    let (_a, a) = replica(&cfg).await;
+    let (_b, b) = replica(&cfg).await;
+    let start = Instant::now();
+    let before = alternate(&[a, b], 8).await;
+    assert_eq!(before, 8);
+    redis.kill();
+    redis.restart().await;
+    assert_eq!(redis_state(a).await, "up", "an idle replica did not notice");
+    let after = alternate(&[a, b], 30).await;
+    let bound = window_bound(20, start.elapsed());
+    assert!(
+        before + after <= bound,
+        "{before} before and {after} after the restart (bound {bound})"
+    );
+    assert!(after >= 20 - before - 1, "only {after} after the restart");
+    for gw in [a, b] {
+        assert_eq!(redis_state(gw).await, "up", "never fell back");
+    }
+}
+
+#[tokio::test]
+async fn what_a_replica_admits_locally_during_an_outage_is_charged_to_redis_once() {
+    let mut redis = Redis::start().await;
+    let up = sim(sim_opts("m")).await;
+    let model = one_model("m", &up, "");
+    let cfg = redis_config(&redis, "local", "rpm = 20", &model);
+    let (_a, a) = replica(&cfg).await;
+    let (_b, b) = replica(&cfg).await;
+    let start = Instant::now();
+    assert_eq!(alternate(&[a, b], 4).await, 4);
+    redis.kill();
+    // `a` counts on its local buckets, which start from what Redis last told it: it admits
+    // what is left of the limit (16), not a fresh 20.
+    let local = alternate(&[a], 30).await;
+    assert_eq!(redis_state(a).await, "down");
+    assert!(
+        (16..=17).contains(&local),
+        "{local} admitted locally after 4 of 20 (it saw 3 or 4 of them)"
+    );
+    redis.restart().await;
+    eventually("a sees redis again", WAIT, || async {
+        redis_state(a).await == "up"
+    })
+    .await;
+    // `b` was idle: it sees the 4 (restored) and `a`'s local admissions (charged once), so
+    // both admit only what refilled since (20 a minute). Without the debt, 12 more.
+    let after = alternate(&[b, a], 30).await;
+    let refilled = start.elapsed().as_secs() / 3 + 1;
+    assert!(
+        after <= refilled,
+        "4 + {local} local + {after} after recovery (refilled: {refilled})"
+    );
+}
+
+#[tokio::test]
+async fn closed_mode_serves_as_soon_as_redis_answers_a_ping() {
+    let mut redis = Redis::start().await;
+    let up = sim(sim_opts("m")).await;
+    let model = one_model("m", &up, "");
+    let cfg = redis_config(&redis, "closed", "rpm = 600", &model);
+    let (_a, a) = replica(&cfg).await;
+    let (_b, b) = replica(&cfg).await;
+    assert_eq!(alternate(&[a, b], 2).await, 2);
+    // Restarted while both are idle: neither refuses once Redis is back.
+    redis.kill();
+    redis.restart().await;
+    assert!(redis_pings(redis.port).await);
+    for gw in [a, b, a, b] {
+        let r = keyed_chat(gw, &chat_body("m", false)).await;
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
+    // `a` sees the outage (503, limits_unavailable) ...
+    redis.kill();
+    let r = keyed_chat(a, &chat_body("m", false)).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "x-mofa-reject-reason"), "limits_unavailable");
+    assert_eq!(redis_state(a).await, "down");
+    // ... and serves again the moment Redis answers a PING, not at its next health probe.
+    redis.restart().await;
+    assert!(redis_pings(redis.port).await);
+    for gw in [a, b, a] {
+        let r = keyed_chat(gw, &chat_body("m", false)).await;
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

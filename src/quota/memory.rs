@@ -2,7 +2,10 @@
 //! buckets' TATs and its in-flight count, one per model around the model's (all principals
 //! together); never held across an `.await`, always taken principal first. Its size is fixed
 //! by the config (principals + models), never by client input. Also the `local` fallback of
-//! the Redis store.
+//! the Redis store, and its shadow: while Redis answers, each bucket here follows what Redis
+//! said of it ([`MemoryStore::mirror`]), so that a replica that falls back starts from the
+//! shared counts, not from a fresh allowance, and can restore them in a Redis that restarted
+//! empty ([`MemoryStore::backlog`]).
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -117,6 +120,55 @@ impl MemoryStore {
                 *t = c.rate.adjust(*t, now, delta);
             }
         }
+    }
+
+    /// Moves the buckets of `plan` up to what Redis said of them after charging it: `backlogs`
+    /// (microseconds each bucket is ahead of now), in the plan's order. Never down: answers
+    /// to concurrent requests arrive in any order, and the latest state is the fullest (but
+    /// for refunds, which [`MemoryStore::adjust`] applies here too).
+    pub fn mirror(&self, plan: &Plan, backlogs: impl Iterator<Item = u64>) {
+        let now = self.now();
+        if let Some(mut b) = self.lock(plan.who) {
+            let mut mg = self.lock_model(plan);
+            let mut none = [0u64; 2];
+            let m: &mut [u64; 2] = mg.as_deref_mut().unwrap_or(&mut none);
+            for ((slot, _), backlog) in plan.charges.iter().zip(backlogs) {
+                let t = tat(&mut b, m, *slot);
+                *t = (*t).max(now.saturating_add(backlog));
+            }
+        }
+    }
+
+    /// Moves bucket `slot` of principal `who` up to `backlog` microseconds ahead of now (what
+    /// a refusal by Redis says of it).
+    pub fn raise(&self, who: usize, slot: Slot, backlog: u64) {
+        let now = self.now();
+        let raise = |t: &mut u64| *t = (*t).max(now.saturating_add(backlog));
+        match slot {
+            Slot::Key(d) => {
+                if let Some(mut b) = self.lock(who) {
+                    raise(&mut b.key[d as usize]);
+                }
+            }
+            Slot::Model(m, d) => {
+                if let Some(g) = self.models.get(m) {
+                    raise(&mut g.lock().unwrap_or_else(|p| p.into_inner())[d as usize]);
+                }
+            }
+        }
+    }
+
+    /// How far ahead of now the bucket `slot` of principal `who` is (0: full).
+    pub fn backlog(&self, who: usize, slot: Slot) -> u64 {
+        let now = self.now();
+        let t = match slot {
+            Slot::Key(d) => self.lock(who).map(|b| b.key[d as usize]),
+            Slot::Model(m, d) => self
+                .models
+                .get(m)
+                .map(|g| g.lock().unwrap_or_else(|p| p.into_inner())[d as usize]),
+        };
+        t.map_or(0, |t| t.saturating_sub(now))
     }
 
     /// Gives back an in-flight place.

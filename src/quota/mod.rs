@@ -108,7 +108,8 @@ pub struct Limiter {
     /// Per model (config order): its name, `rpm`, `tpm`.
     models: Vec<(Arc<str>, Option<u64>, Option<u64>)>,
     model_index: HashMap<Arc<str>, usize>,
-    memory: MemoryStore,
+    /// The buckets without Redis; with it, the `local` fallback and the shadow of Redis's.
+    memory: Arc<MemoryStore>,
     redis: Option<Arc<RedisStore>>,
     failure: RedisFailure,
     refused: AtomicU64,
@@ -136,19 +137,21 @@ impl Limiter {
             .iter()
             .map(|m| (Arc::<str>::from(m.name.as_str()), m.rpm, m.tpm))
             .collect();
+        let memory = Arc::new(MemoryStore::new(policies.len(), models.len()));
         let redis = match (&cfg.limits.store, &cfg.limits.redis_url) {
             (LimitStore::Redis, Some(url)) => Some(
                 RedisStore::start(
                     url,
                     Duration::from_millis(cfg.limits.redis_timeout_ms.max(1)),
                     cfg.limits.redis_failure,
+                    memory.clone(),
                 )
                 .await,
             ),
             _ => None,
         };
         Limiter {
-            memory: MemoryStore::new(policies.len(), models.len()),
+            memory,
             model_index: models
                 .iter()
                 .enumerate()
@@ -212,12 +215,19 @@ impl Limiter {
     /// Charges `plan` in the configured store (or its fallback), or refuses it.
     pub async fn acquire(&self, plan: Plan, estimate: u64) -> Result<Grant, Refusal> {
         let (outcome, via) = match &self.redis {
-            Some(r) if r.is_up() => match r.acquire(&plan).await {
-                Ok((o, lease)) => (o, Via::Redis { lease }),
-                Err(()) => self.fallback(&plan)?,
-            },
-            Some(_) => self.fallback(&plan)?,
             None => (self.memory.acquire(&plan), Via::Memory),
+            Some(r) => {
+                let ask = r.is_up() || self.worth_asking(r);
+                match if ask { r.acquire(&plan).await } else { Err(()) } {
+                    Ok((o, lease)) => {
+                        if let Outcome::Allowed(st) = &o {
+                            self.memory.mirror(&plan, st.iter().map(|s| s.reset_us));
+                        }
+                        (o, Via::Redis { lease })
+                    }
+                    Err(()) => self.fallback(r, &plan)?,
+                }
+            }
         };
         match outcome {
             Outcome::Allowed(statuses) => {
@@ -248,10 +258,30 @@ impl Limiter {
         }
     }
 
-    /// Redis does not answer: the local buckets, or a refusal.
-    fn fallback(&self, plan: &Plan) -> Result<(Outcome, Via), Refusal> {
+    /// The store is marked down: whether to ask Redis anyway. `closed` does (it would refuse
+    /// otherwise: it refuses nothing once Redis answers); `local` starts a ping for the requests
+    /// after it and counts locally meanwhile.
+    fn worth_asking(&self, r: &Arc<RedisStore>) -> bool {
         match self.failure {
-            RedisFailure::Local => Ok((self.memory.acquire(plan), Via::Memory)),
+            RedisFailure::Closed => true,
+            RedisFailure::Local => {
+                r.probe_soon();
+                false
+            }
+        }
+    }
+
+    /// Redis does not answer: the local buckets (what they admit is owed to Redis, charged
+    /// when it answers again), or a refusal.
+    fn fallback(&self, r: &RedisStore, plan: &Plan) -> Result<(Outcome, Via), Refusal> {
+        match self.failure {
+            RedisFailure::Local => {
+                let outcome = self.memory.acquire(plan);
+                if matches!(outcome, Outcome::Allowed(_)) {
+                    r.owe(plan, None);
+                }
+                Ok((outcome, Via::Memory))
+            }
             RedisFailure::Closed => Err(Refusal::Unavailable),
         }
     }
@@ -265,6 +295,9 @@ impl Limiter {
             Via::Memory => {
                 if delta != 0 && has_tokens {
                     self.memory.adjust(&grant.plan, delta);
+                    if let Some(r) = &self.redis {
+                        r.owe(&grant.plan, Some(delta));
+                    }
                 }
                 if grant.plan.max_parallel.is_some() {
                     self.memory.release(grant.plan.who);
@@ -273,6 +306,10 @@ impl Limiter {
             Via::Redis { lease } => {
                 if let Some(r) = &self.redis {
                     let delta = if has_tokens { delta } else { 0 };
+                    if delta != 0 {
+                        // The shadow follows this replica's own corrections.
+                        self.memory.adjust(&grant.plan, delta);
+                    }
                     r.settle(grant.plan, delta, lease);
                 }
             }

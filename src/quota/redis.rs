@@ -7,37 +7,51 @@
 //! A request makes one round trip: what it settles at its end (token correction, freed lease)
 //! waits, per hash tag, for that tag's next call, or for the flusher ([`FLUSH_AFTER`]).
 //!
-//! Every round trip has a timeout. A failure marks Redis down (logged once); a health task
-//! pings it and marks it up again (logged once); meanwhile `redis_failure` applies (the
-//! caller's). It must never log the URL (it may hold a password) nor block the runtime.
+//! Every round trip has a timeout. A call that fails on a broken connection (Redis restarted,
+//! or closed an idle one) is sent once more on a fresh connection within the same timeout,
+//! before anything falls back. A failure marks Redis down (logged once); a health task pings it
+//! and marks it up again (logged once), and a request may ask for a ping at once
+//! ([`RedisStore::probe_now`]); meanwhile `redis_failure` applies (the caller's).
+//!
+//! Redis may come back empty (a restart without persistence). Every new connection starts an
+//! *epoch*: the first call of each hash tag in it carries a floor per bucket, what this replica
+//! last saw of it (the local shadow, `memory`), and the script moves the bucket up to it; with
+//! it, what this replica admitted locally while Redis was down (its debt, charged once). So a
+//! restart neither forgets what was spent nor buys anyone a fresh allowance.
+//!
+//! It must never log the URL (it may hold a password) nor block the runtime.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
 
 use tokio::sync::Notify;
 
+use super::memory::MemoryStore;
 use super::{Outcome, Plan, Slot, LEASE_TTL};
 use crate::config::RedisFailure;
 use crate::limits::{Charge, Denial, Dim, Rate, Status};
 
 /// The one script, one call per request. Every op first applies what this replica settled
-/// since its last call under the tag: token corrections (`adjust`, a signed count per bucket)
+/// since its last call under the tag: a bucket's `floor` (microseconds ahead of now it is at
+/// least: the first call of an epoch), token corrections (`adjust`, a signed count per bucket)
 /// and freed leases (the members after the fixed arguments). `check` then charges every bucket
 /// or none and takes a lease if asked; it answers `{1, backlog_us...}`, `{0, bucket,
 /// retry_after_us (-1: never fits), used}` or `{2, in_flight}`. `settle` only applies.
 /// `renew` pushes the given leases' expiry forward. ARGV: op, n, then per bucket `limit,
-/// period_us, cost, adjust`, then `max_parallel (0: no lease), member, lease_ttl_us`, then
+/// period_us, cost, adjust, floor`, then `max_parallel (0: no lease), member, lease_ttl_us`, then
 /// the members to free (or, for `renew`, to renew). Mirrors `limits::gcra` (keep them in step).
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local op = ARGV[1]
 local n = tonumber(ARGV[2])
-local base = 4 * n + 3
+local base = 5 * n + 3
 local lk = KEYS[n + 1]
 local function store(k, tat)
   if tat > now then
@@ -60,9 +74,14 @@ if n > 0 then
   local got = redis.call('MGET', unpack(KEYS, 1, n))
   for i = 1, n do
     local tat = tonumber(got[i]) or 0
-    local adj = tonumber(ARGV[4 * i + 2])
+    local floor = tonumber(ARGV[5 * i + 2])
+    if floor > 0 and now + floor > tat then
+      tat = now + floor
+      adjusted[i] = true
+    end
+    local adj = tonumber(ARGV[5 * i + 1])
     if adj ~= 0 then
-      local inc = math.ceil(math.abs(adj) * tonumber(ARGV[4 * i]) / tonumber(ARGV[4 * i - 1]))
+      local inc = math.ceil(math.abs(adj) * tonumber(ARGV[5 * i - 1]) / tonumber(ARGV[5 * i - 2]))
       if adj > 0 then tat = math.max(tat, now) + inc else tat = math.max(tat - inc, now) end
       adjusted[i] = true
     end
@@ -81,9 +100,9 @@ end
 local new = {}
 local deny, wait, used = 0, 0, 0
 for i = 1, n do
-  local limit = tonumber(ARGV[4 * i - 1])
-  local period = tonumber(ARGV[4 * i])
-  local cost = tonumber(ARGV[4 * i + 1])
+  local limit = tonumber(ARGV[5 * i - 2])
+  local period = tonumber(ARGV[5 * i - 1])
+  local cost = tonumber(ARGV[5 * i])
   local tat = tats[i]
   local inc = math.ceil(cost * period / limit)
   if inc > period then
@@ -141,7 +160,9 @@ const MAX_PENDING_FREES: usize = 4096;
 /// What this replica settled under one hash tag and has not told Redis yet.
 #[derive(Debug, Default)]
 struct Pending {
-    /// Token corrections: per bucket, its rate and the sum of the deltas.
+    /// The principal of a key tag (for its floors; `None` for a model's tag).
+    who: Option<usize>,
+    /// Token corrections and local debt: per bucket, its rate and the sum of the deltas.
     adjust: Vec<(Slot, Charge, i64)>,
     /// Leases to free.
     free: Vec<String>,
@@ -176,9 +197,26 @@ impl Pending {
     }
 }
 
+/// A connection being made, that every caller joins.
+type Connecting = Shared<BoxFuture<'static, Option<(u64, MultiplexedConnection)>>>;
+
+/// The connection to Redis: one multiplexed connection, numbered (its epoch), replaced when a
+/// call finds it broken; at most one being made at a time.
+#[derive(Default)]
+struct Link {
+    ready: Option<(u64, MultiplexedConnection)>,
+    connecting: Option<Connecting>,
+    made: u64,
+}
+
+/// Whether an error means the connection is gone (worth a fresh one).
+fn broken(e: &redis::RedisError) -> bool {
+    e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped()
+}
+
 pub struct RedisStore {
     client: Option<redis::Client>,
-    conn: RwLock<Option<ConnectionManager>>,
+    link: Mutex<Link>,
     up: AtomicBool,
     timeout: Duration,
     failure: RedisFailure,
@@ -193,6 +231,14 @@ pub struct RedisStore {
     pending: Mutex<HashMap<String, Pending>>,
     /// Wakes the flusher when a tag's settlements stop being empty.
     flush: Notify,
+    /// The connection (its number is the epoch) in which each tag last sent its floors (one
+    /// entry per tag of the config): a new connection may reach a Redis that restarted empty.
+    floored: Mutex<HashMap<String, u64>>,
+    /// The local buckets, which mirror what Redis said: the floors.
+    shadow: Arc<MemoryStore>,
+    /// When the last ping of [`RedisStore::probe_soon`] started, in ms since `born`.
+    last_probe_ms: AtomicU64,
+    born: std::time::Instant,
 }
 
 /// What the logs say the gateway does while Redis is down.
@@ -203,9 +249,19 @@ fn failure_mode(f: RedisFailure) -> &'static str {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl RedisStore {
     /// Connects (waiting at most about a second) and starts the health task and the flusher.
-    pub async fn start(url: &str, timeout: Duration, failure: RedisFailure) -> Arc<RedisStore> {
+    /// `shadow` is the memory store: set from every answer, the source of the floors.
+    pub async fn start(
+        url: &str,
+        timeout: Duration,
+        failure: RedisFailure,
+        shadow: Arc<MemoryStore>,
+    ) -> Arc<RedisStore> {
         let client = match redis::Client::open(url) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -218,7 +274,7 @@ impl RedisStore {
         let replica: String = id.iter().map(|b| format!("{b:02x}")).collect();
         let store = Arc::new(RedisStore {
             client,
-            conn: RwLock::new(None),
+            link: Mutex::new(Link::default()),
             up: AtomicBool::new(false),
             timeout,
             failure,
@@ -228,8 +284,12 @@ impl RedisStore {
             leases: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             flush: Notify::new(),
+            floored: Mutex::new(HashMap::new()),
+            shadow,
+            last_probe_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         });
-        if !store.probe().await {
+        if !store.probe(Duration::from_secs(1).max(timeout)).await {
             tracing::warn!(
                 "redis limits store unavailable at start: {}",
                 failure_mode(failure)
@@ -259,74 +319,176 @@ impl RedisStore {
         }
     }
 
-    fn conn(&self) -> Option<ConnectionManager> {
-        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Connects if need be and pings; marks the store up or down. Whether it answered.
-    async fn probe(&self) -> bool {
-        let conn = match self.conn() {
-            Some(c) => c,
-            None => {
-                let Some(client) = self.client.clone() else {
-                    return false;
-                };
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(self.timeout.max(Duration::from_millis(500)))
-                    .set_response_timeout(self.timeout)
-                    .set_number_of_retries(1)
-                    .set_max_delay(200);
-                let made = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    ConnectionManager::new_with_config(client, cfg),
-                )
-                .await;
-                match made {
-                    Ok(Ok(c)) => {
-                        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-                        c
+    /// The connection and its number: the current one, or a new one (joining the one being
+    /// made, if any). `None`: Redis cannot be reached now.
+    async fn connection(self: &Arc<Self>) -> Option<(u64, MultiplexedConnection)> {
+        let connecting = {
+            let mut link = lock(&self.link);
+            if let Some(c) = &link.ready {
+                return Some(c.clone());
+            }
+            match &link.connecting {
+                Some(c) => c.clone(),
+                None => {
+                    let client = self.client.clone()?;
+                    let cfg = AsyncConnectionConfig::new()
+                        .set_connection_timeout(self.timeout.max(Duration::from_millis(500)))
+                        .set_response_timeout(self.timeout);
+                    let me = Arc::downgrade(self);
+                    let c = async move {
+                        let made = client
+                            .get_multiplexed_async_connection_with_config(&cfg)
+                            .await
+                            .ok();
+                        let me = me.upgrade()?;
+                        let mut link = lock(&me.link);
+                        link.connecting = None;
+                        let made = made?;
+                        link.made += 1;
+                        let numbered = (link.made, made);
+                        link.ready = Some(numbered.clone());
+                        Some(numbered)
                     }
-                    _ => {
-                        self.mark_down("cannot connect");
-                        return false;
-                    }
+                    .boxed()
+                    .shared();
+                    link.connecting = Some(c.clone());
+                    // It runs to its end even if every caller gives up waiting.
+                    tokio::spawn(c.clone());
+                    c
                 }
             }
         };
-        let mut c = conn;
-        let ping = redis::cmd("PING");
-        match tokio::time::timeout(self.timeout, ping.query_async::<String>(&mut c)).await {
-            Ok(Ok(_)) => {
-                self.mark_up();
-                true
-            }
-            _ => {
-                self.mark_down("no answer to PING");
-                false
-            }
+        connecting.await
+    }
+
+    /// Drops connection `n` (found broken): the next call makes a new one.
+    fn drop_connection(&self, n: u64) {
+        let mut link = lock(&self.link);
+        if link.ready.as_ref().is_some_and(|(m, _)| *m == n) {
+            link.ready = None;
         }
     }
 
-    /// Runs the script with a timeout; marks the store down on any failure.
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        inv: &redis::ScriptInvocation<'_>,
-    ) -> Result<T, ()> {
-        let Some(mut conn) = self.conn() else {
-            self.mark_down("not connected");
-            return Err(());
-        };
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.mark_down(if e.is_timeout() { "timeout" } else { "error" });
-                Err(())
-            }
-            Err(_) => {
-                self.mark_down("timeout");
-                Err(())
+    fn ms_since_born(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Starts a ping in the background unless one started within the last 100 ms: a request
+    /// that finds the store down in `local` mode, so that the next ones use Redis as soon as
+    /// it answers, not at the health task's next ping.
+    pub fn probe_soon(self: &Arc<Self>) {
+        let now = self.ms_since_born();
+        let last = self.last_probe_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 100
+            && self
+                .last_probe_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let me = self.clone();
+            tokio::spawn(async move { me.probe(me.timeout).await });
+        }
+    }
+
+    /// Connects if need be and pings (once more on a fresh connection if the one it had is
+    /// broken), within `within`; marks the store up or down. Whether it answered.
+    async fn probe(self: &Arc<Self>, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        for _ in 0..2 {
+            let Ok(Some((n, mut c))) = tokio::time::timeout_at(deadline, self.connection()).await
+            else {
+                break;
+            };
+            let ping = redis::cmd("PING");
+            match tokio::time::timeout_at(deadline, ping.query_async::<String>(&mut c)).await {
+                Ok(Ok(_)) => {
+                    self.mark_up();
+                    return true;
+                }
+                Ok(Err(e)) if broken(&e) => self.drop_connection(n),
+                _ => break,
             }
         }
+        self.mark_down("no answer to PING");
+        false
+    }
+
+    /// One call of the script under `tag` (see [`RedisStore::invocation`]), within the store's
+    /// timeout: with the tag's floors when it has not sent them on this connection, and once
+    /// more on a fresh connection when the first try finds the connection broken. Marks the
+    /// store up when it answers, down when it fails.
+    async fn call<T: redis::FromRedisValue>(
+        self: &Arc<Self>,
+        tag: &str,
+        who: Option<usize>,
+        op: &str,
+        buckets: &[(Slot, Rate, u64, i64)],
+        lease: (u32, &str),
+        members: &[String],
+    ) -> Result<T, ()> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut retried = false;
+        let failed = loop {
+            let Ok(Some((n, mut conn))) =
+                tokio::time::timeout_at(deadline, self.connection()).await
+            else {
+                break "cannot connect";
+            };
+            let floors = self.floors(tag, who, n, buckets);
+            let inv = self.invocation(tag, op, buckets, floors.as_deref(), lease, members);
+            match tokio::time::timeout_at(deadline, inv.invoke_async::<T>(&mut conn)).await {
+                Ok(Ok(v)) => {
+                    // A check carries every bucket of its tag (a settle, some of them).
+                    if floors.is_some() && op == "check" {
+                        lock(&self.floored).insert(tag.to_string(), n);
+                    }
+                    self.mark_up();
+                    return Ok(v);
+                }
+                Ok(Err(e)) if broken(&e) => {
+                    // Redis restarted, or closed an idle connection: once more on a new one.
+                    self.drop_connection(n);
+                    if retried {
+                        break "connection lost";
+                    }
+                    retried = true;
+                }
+                Ok(Err(e)) if e.is_timeout() => break "timeout",
+                Ok(Err(_)) => break "error",
+                Err(_) => break "timeout",
+            }
+        };
+        self.mark_down(failed);
+        Err(())
+    }
+
+    /// The floors of `buckets` for a call under `tag` on connection `epoch`: `None` when the
+    /// tag sent them on it already; else, per bucket, how far ahead of now this replica last saw
+    /// it, less the debt this call charges (which the shadow counts already).
+    fn floors(
+        &self,
+        tag: &str,
+        who: Option<usize>,
+        epoch: u64,
+        buckets: &[(Slot, Rate, u64, i64)],
+    ) -> Option<Vec<u64>> {
+        if buckets.is_empty() || lock(&self.floored).get(tag) == Some(&epoch) {
+            return None;
+        }
+        Some(
+            buckets
+                .iter()
+                .map(|(slot, rate, _, adjust)| {
+                    let seen = match (slot, who) {
+                        (Slot::Model(..), _) => self.shadow.backlog(0, *slot),
+                        (Slot::Key(_), Some(w)) => self.shadow.backlog(w, *slot),
+                        (Slot::Key(_), None) => 0,
+                    };
+                    let owed = u64::try_from(*adjust).map_or(0, |a| rate.cost_us(a));
+                    seen.saturating_sub(owed)
+                })
+                .collect(),
+        )
     }
 
     /// Charges `plan` in Redis. `Err`: Redis did not answer (the caller falls back). The
@@ -341,7 +503,9 @@ impl RedisStore {
             // The usual case: one call.
             let member = self.member(plan);
             let tag = tag(plan);
-            let outcome = self.check(&tag, &plan.charges, member.clone()).await?;
+            let outcome = self
+                .check(&tag, Some(plan.who), &plan.charges, member.clone())
+                .await?;
             return Ok(self.keep_lease(outcome, member, &tag));
         }
         let (model_part, key_part): (Vec<_>, Vec<_>) = plan
@@ -352,7 +516,7 @@ impl RedisStore {
         let mut statuses: Vec<Option<Status>> = vec![None; plan.charges.len()];
         let mtag = model_tag(plan);
         let part: Vec<_> = model_part.iter().map(|(_, c)| **c).collect();
-        match self.check(&mtag, &part, None).await? {
+        match self.check(&mtag, None, &part, None).await? {
             Outcome::Allowed(st) => {
                 for ((i, _), s) in model_part.iter().zip(st) {
                     statuses[*i] = Some(s);
@@ -363,7 +527,9 @@ impl RedisStore {
         let member = self.member(plan);
         let part: Vec<_> = key_part.iter().map(|(_, c)| **c).collect();
         let tag = tag(plan);
-        let outcome = self.check(&tag, &part, member.clone()).await;
+        let outcome = self
+            .check(&tag, Some(plan.who), &part, member.clone())
+            .await;
         if !matches!(outcome, Ok(Outcome::Allowed(_))) {
             // Give the model's charge back (with its tag's next call).
             let mut back = Pending::default();
@@ -402,10 +568,7 @@ impl RedisStore {
         match outcome {
             Outcome::Allowed(st) => {
                 let lease = member.map(|(_, m)| {
-                    self.leases
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(m.clone(), tag.to_string());
+                    lock(&self.leases).insert(m.clone(), tag.to_string());
                     m
                 });
                 (Outcome::Allowed(st), lease)
@@ -415,13 +578,14 @@ impl RedisStore {
     }
 
     /// One call of the script under `tag`, in its ARGV layout (see [`SCRIPT`]): `op` over
-    /// `buckets` (slot, rate, cost, adjust), the lease to take (`max_parallel`, member; 0: none),
-    /// and `members` to free (or, for `renew`, to renew).
+    /// `buckets` (slot, rate, cost, adjust) with their `floors` (none: 0), the lease to take
+    /// (`max_parallel`, member; 0: none), and `members` to free (or, for `renew`, to renew).
     fn invocation(
         &self,
         tag: &str,
         op: &str,
         buckets: &[(Slot, Rate, u64, i64)],
+        floors: Option<&[u64]>,
         lease: (u32, &str),
         members: &[String],
     ) -> redis::ScriptInvocation<'_> {
@@ -431,11 +595,13 @@ impl RedisStore {
         }
         inv.key(lease_key(tag));
         inv.arg(op).arg(buckets.len());
-        for (_, rate, cost, adjust) in buckets {
+        for (i, (_, rate, cost, adjust)) in buckets.iter().enumerate() {
+            let floor = floors.and_then(|f| f.get(i)).copied().unwrap_or(0);
             inv.arg(rate.limit)
                 .arg(rate.period_us)
                 .arg(*cost)
-                .arg(*adjust);
+                .arg(*adjust)
+                .arg(floor);
         }
         inv.arg(lease.0)
             .arg(lease.1)
@@ -458,11 +624,13 @@ impl RedisStore {
         }
     }
 
-    /// One `check` of the script: `charges` (all under `tag`), and a lease if asked, with what
-    /// this replica settled under `tag` since its last call.
+    /// One `check` of the script: `charges` (all under `tag`, of principal `who` for a key's
+    /// tag), and a lease if asked, with what this replica settled under `tag` since its last
+    /// call.
     async fn check(
-        &self,
+        self: &Arc<Self>,
         tag: &str,
+        who: Option<usize>,
         charges: &[(Slot, Charge)],
         lease: Option<(u32, String)>,
     ) -> Result<Outcome, ()> {
@@ -486,8 +654,10 @@ impl RedisStore {
             None => Vec::new(),
         };
         let (max, member) = lease.unwrap_or((0, String::new()));
-        let inv = self.invocation(tag, "check", &buckets, (max, &member), &frees);
-        let Ok(r) = self.run::<Vec<i64>>(&inv).await else {
+        let Ok(r) = self
+            .call::<Vec<i64>>(tag, who, "check", &buckets, (max, &member), &frees)
+            .await
+        else {
             self.free_again(tag, frees);
             return Err(());
         };
@@ -501,8 +671,13 @@ impl RedisStore {
             )),
             Some(0) => {
                 let i = r.get(1).copied().unwrap_or(1).max(1) as usize - 1;
-                let (_, c) = charges.get(i).ok_or(())?;
+                let (slot, c) = charges.get(i).ok_or(())?;
                 let wait = r.get(2).copied().unwrap_or(-1);
+                if let Ok(w) = u64::try_from(wait) {
+                    // Refused: the bucket is this far ahead (see the script), for the shadow.
+                    let backlog = (c.rate.period_us + w).saturating_sub(c.rate.cost_us(c.cost));
+                    self.shadow.raise(who.unwrap_or(0), *slot, backlog);
+                }
                 Ok(Outcome::Limited(Denial {
                     dim: c.dim,
                     limit: c.rate.limit,
@@ -517,26 +692,30 @@ impl RedisStore {
     }
 
     fn has_pending(&self) -> bool {
-        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.values().any(|p| !p.is_empty())
+        lock(&self.pending).values().any(|p| !p.is_empty())
     }
 
     /// Takes what is pending under `tag`.
     fn take(&self, tag: &str) -> Option<Pending> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending
-            .get_mut(tag)
-            .and_then(|p| (!p.is_empty()).then(|| std::mem::take(p)))
+        let mut pending = lock(&self.pending);
+        pending.get_mut(tag).and_then(|p| {
+            (!p.is_empty()).then(|| Pending {
+                who: p.who,
+                adjust: std::mem::take(&mut p.adjust),
+                free: std::mem::take(&mut p.free),
+            })
+        })
     }
 
     /// Adds `more` to what is pending under `tag`; wakes the flusher when it was empty.
     fn defer(&self, tag: &str, more: Pending) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = lock(&self.pending);
         let p = match pending.get_mut(tag) {
             Some(p) => p,
             None => pending.entry(tag.to_string()).or_default(),
         };
         let was_empty = p.is_empty();
+        p.who = p.who.or(more.who);
         for (slot, c, d) in more.adjust {
             p.add(slot, c, d);
         }
@@ -547,45 +726,75 @@ impl RedisStore {
         }
     }
 
+    /// Defers `deltas` of `plan`'s buckets (and `lease` to free), each under its tag.
+    fn defer_plan(
+        &self,
+        plan: &Plan,
+        deltas: impl Iterator<Item = (Slot, Charge, i64)>,
+        lease: Option<String>,
+    ) {
+        let mut key = Pending {
+            who: Some(plan.who),
+            free: lease.into_iter().collect(),
+            ..Pending::default()
+        };
+        let mut model = Pending::default();
+        for (slot, c, d) in deltas.filter(|(_, _, d)| *d != 0) {
+            match slot {
+                Slot::Model(..) => model.add(slot, c, d),
+                Slot::Key(_) => key.add(slot, c, d),
+            }
+        }
+        if !model.is_empty() {
+            self.defer(&model_tag(plan), model);
+        }
+        if !key.is_empty() {
+            self.defer(&tag(plan), key);
+        }
+    }
+
     /// The request is over: its token buckets are corrected by `delta` and `lease` is freed,
     /// with the tag's next call (this replica's next request of the same principal), or by the
     /// flusher within [`FLUSH_AFTER`]. Never waits.
     pub fn settle(&self, plan: Plan, delta: i64, lease: Option<String>) {
         if let Some(m) = &lease {
-            self.leases
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(m);
+            lock(&self.leases).remove(m);
         }
-        let mut key = Pending {
-            free: lease.into_iter().collect(),
-            ..Pending::default()
-        };
-        let mut model = Pending::default();
-        if delta != 0 {
-            for (slot, c) in plan.token_charges() {
-                match slot {
-                    Slot::Model(..) => model.add(slot, c, delta),
-                    Slot::Key(_) => key.add(slot, c, delta),
-                }
-            }
-        }
-        if !model.is_empty() {
-            self.defer(&model_tag(&plan), model);
-        }
-        if !key.is_empty() {
-            self.defer(&tag(&plan), key);
+        self.defer_plan(
+            &plan,
+            plan.token_charges().map(|(s, c)| (s, c, delta)),
+            lease,
+        );
+    }
+
+    /// `plan` was admitted on the local buckets while Redis did not answer (or `delta` tokens
+    /// corrected one such): charged to Redis with the tags' next calls, once.
+    pub fn owe(&self, plan: &Plan, delta: Option<i64>) {
+        match delta {
+            None => self.defer_plan(
+                plan,
+                plan.charges.iter().map(|(s, c)| (*s, *c, c.cost as i64)),
+                None,
+            ),
+            Some(d) => self.defer_plan(plan, plan.token_charges().map(|(s, c)| (s, c, d)), None),
         }
     }
 
     /// Sends everything pending, one `settle` call per tag.
-    async fn flush_all(&self) {
+    async fn flush_all(self: &Arc<Self>) {
         let all: Vec<(String, Pending)> = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = lock(&self.pending);
             pending
                 .iter_mut()
                 .filter(|(_, p)| !p.is_empty())
-                .map(|(t, p)| (t.clone(), std::mem::take(p)))
+                .map(|(t, p)| {
+                    let taken = Pending {
+                        who: p.who,
+                        adjust: std::mem::take(&mut p.adjust),
+                        free: std::mem::take(&mut p.free),
+                    };
+                    (t.clone(), taken)
+                })
                 .collect()
         };
         for (tag, p) in all {
@@ -594,22 +803,27 @@ impl RedisStore {
                 .iter()
                 .map(|(slot, c, d)| (*slot, c.rate, 0, *d))
                 .collect();
-            let inv = self.invocation(&tag, "settle", &buckets, (0, ""), &p.free);
-            if self.run::<i64>(&inv).await.is_err() {
+            let sent = self
+                .call::<i64>(&tag, p.who, "settle", &buckets, (0, ""), &p.free)
+                .await;
+            if sent.is_err() {
                 self.free_again(&tag, p.free);
             }
         }
     }
 
     /// Pushes the expiry of every lease this replica holds.
-    async fn renew(&self) {
+    async fn renew(self: &Arc<Self>) {
         let mut by_tag: HashMap<String, Vec<String>> = HashMap::new();
-        for (m, tag) in self.leases.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (m, tag) in lock(&self.leases).iter() {
             by_tag.entry(tag.clone()).or_default().push(m.clone());
         }
         for (tag, members) in by_tag {
-            let inv = self.invocation(&tag, "renew", &[], (0, ""), &members);
-            if self.run::<i64>(&inv).await.is_err() {
+            if self
+                .call::<i64>(&tag, None, "renew", &[], (0, ""), &members)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -624,7 +838,7 @@ async fn health(store: Weak<RedisStore>) {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(s) = store.upgrade() else { return };
         if !s.is_up() {
-            s.probe().await;
+            s.probe(s.timeout).await;
         }
         since_renew += PROBE_EVERY;
         if since_renew >= RENEW_EVERY && s.is_up() {
