@@ -23,9 +23,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -36,7 +36,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::error::ApiError;
@@ -139,7 +138,7 @@ impl Gateway {
         );
         let others_started = !others.is_empty();
         let all = async {
-            graceful.shutdown().await;
+            graceful.finish().await;
             for (tx, ended) in others {
                 drop(tx);
                 let _ = ended.await;
@@ -171,8 +170,8 @@ impl Gateway {
 }
 
 /// A connection handed to another lane: the socket (out of the acceptor's runtime), its peer,
-/// and its count among the lane's live connections.
-type Handed = (std::net::TcpStream, SocketAddr, Live);
+/// its count among the lane's live connections, and when it was accepted.
+type Handed = (std::net::TcpStream, SocketAddr, Live, Instant);
 
 /// Connections waiting for a lane, at most (beyond, the acceptor serves it itself).
 const HANDOVER_QUEUE: usize = 256;
@@ -237,13 +236,13 @@ fn start_lane(
             rt.block_on(async move {
                 crate::upstream::set_lane(lane);
                 let conns = Connections::new(app, &server);
-                while let Some((std_tcp, peer, held)) = rx.recv().await {
+                while let Some((std_tcp, peer, held, accepted)) = rx.recv().await {
                     match tokio::net::TcpStream::from_std(std_tcp) {
-                        Ok(tcp) => conns.serve(tcp, peer, held),
+                        Ok(tcp) => conns.serve(tcp, peer, held, accepted),
                         Err(e) => tracing::warn!(lane, error = %e, "a handed connection failed"),
                     }
                 }
-                let _ = tokio::time::timeout(grace, conns.graceful.shutdown()).await;
+                let _ = tokio::time::timeout(grace, conns.drain.finish()).await;
             });
             let _ = done.send(());
         })?;
@@ -251,59 +250,296 @@ fn start_lane(
 }
 
 /// What serves the connections of one lane: the HTTP builder, the app, and the handle that
-/// waits for them at shutdown.
+/// tells them to finish and waits for them at shutdown.
 struct Connections {
     http: auto::Builder<TokioExecutor>,
     service: App,
     head_timeout: Duration,
-    graceful: GracefulShutdown,
+    drain: Drain,
 }
+
+/// How often an h2 connection's peer is pinged, and how long it has to answer.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 impl Connections {
     fn new(app: App, server: &ServerConfig) -> Connections {
+        let head_timeout = Duration::from_millis(server.header_read_timeout_ms);
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_millis(server.header_read_timeout_ms))
+            .header_read_timeout(head_timeout)
             // The read buffer bounds the head: a larger one is 431.
             .max_buf_size(server.max_header_bytes.max(8192));
         http.http2()
             .timer(TokioTimer::new())
+            .keep_alive_interval(Some(H2_KEEP_ALIVE))
+            .keep_alive_timeout(H2_KEEP_ALIVE)
             .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
         Connections {
             http,
             service: app,
-            head_timeout: Duration::from_millis(server.header_read_timeout_ms),
-            graceful: GracefulShutdown::new(),
+            head_timeout,
+            drain: Drain::new(),
         }
     }
 
     /// Serves one connection on a task of this runtime; `held` is dropped when it ends.
-    fn serve(&self, tcp: tokio::net::TcpStream, peer: SocketAddr, held: Live) {
+    ///
+    /// One deadline, `header_read_timeout_ms` from `accepted`, covers the protocol sniff and
+    /// the first request head (HTTP/1.1's head, h2's first HEADERS frame): a connection that
+    /// has not sent one by then is closed. After it, HTTP/1.1 is hyper's (its header timer
+    /// covers each next head, and closes a keep-alive connection idle that long); an h2
+    /// connection with no stream open for that long is closed with a GOAWAY, and its peer is
+    /// pinged ([`H2_KEEP_ALIVE`]).
+    fn serve(&self, tcp: tokio::net::TcpStream, peer: SocketAddr, held: Live, accepted: Instant) {
         // Small SSE chunks must leave at once, not wait for Nagle and a delayed ACK.
         let _ = tcp.set_nodelay(true);
-        let service = Guarded(WithPeer {
-            inner: self.service.clone(),
-            peer,
-        });
         let http = self.http.clone();
-        let watcher = self.graceful.watcher();
+        let app = self.service.clone();
+        let mut stop = self.drain.watch();
+        let open = self.drain.open();
         let head_timeout = self.head_timeout;
         tokio::spawn(async move {
-            let _held = held;
-            // The protocol is known from the first bytes, within the head's read time (the
-            // auto builder would wait for them without limit).
-            if !matches!(
-                tokio::time::timeout(head_timeout, protocol_known(&tcp)).await,
-                Ok(Ok(()))
-            ) {
+            let _held = (held, open);
+            let deadline = tokio::time::Instant::from_std(accepted + head_timeout);
+            // The auto builder would wait for the first bytes without limit.
+            let Ok(Ok(h2)) = tokio::time::timeout_at(deadline, protocol_known(&tcp)).await else {
+                return;
+            };
+            let tracker = Arc::new(Tracker::new());
+            let service = Tracked {
+                inner: Guarded(WithPeer { inner: app, peer }),
+                tracker: tracker.clone(),
+                h2,
+            };
+            let io = TokioIo::new(EnvelopeIo::new(tcp));
+            let conn = http.serve_connection(io, service).into_owned();
+            tokio::pin!(conn);
+            let mut closing = *stop.borrow_and_update();
+            if closing {
+                conn.as_mut().graceful_shutdown();
+            }
+            let mut wake = Some(deadline);
+            loop {
+                tokio::select! {
+                    // A client that went away, or sent garbage: nothing to answer.
+                    _ = conn.as_mut() => return,
+                    _ = stop.changed(), if !closing => {
+                        // Shutdown: the grace period bounds what follows.
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                        wake = None;
+                    }
+                    _ = sleep_until_some(wake), if wake.is_some() => {
+                        if closing || !tracker.seen.load(Ordering::Relaxed) {
+                            // No head by the deadline, or a GOAWAY the peer does not see
+                            // through: closed without a word (as hyper does).
+                            return;
+                        }
+                        wake = match (h2, tracker.idle_since()) {
+                            (false, _) => None,
+                            (true, None) => Some(tokio::time::Instant::now() + head_timeout),
+                            (true, Some(since)) if since.elapsed() >= head_timeout => {
+                                // GOAWAY, then a PING the peer must answer before the close:
+                                // as long again, at most.
+                                conn.as_mut().graceful_shutdown();
+                                closing = true;
+                                Some(tokio::time::Instant::now() + head_timeout)
+                            }
+                            (true, Some(since)) => {
+                                Some(tokio::time::Instant::from_std(since + head_timeout))
+                            }
+                        };
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Tells a lane's connections to finish (HTTP/1.1: after the request in progress; h2: a GOAWAY)
+/// and waits until they have.
+struct Drain {
+    stop: tokio::sync::watch::Sender<bool>,
+    open: Arc<OpenCount>,
+}
+
+struct OpenCount {
+    n: AtomicUsize,
+    none: tokio::sync::Notify,
+}
+
+/// One open connection of a lane, while held.
+struct Open(Arc<OpenCount>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none.notify_waiters();
+        }
+    }
+}
+
+impl Drain {
+    fn new() -> Drain {
+        Drain {
+            stop: tokio::sync::watch::Sender::new(false),
+            open: Arc::new(OpenCount {
+                n: AtomicUsize::new(0),
+                none: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    fn open(&self) -> Open {
+        self.open.n.fetch_add(1, Ordering::AcqRel);
+        Open(self.open.clone())
+    }
+
+    /// Tells every connection to finish, and waits until none is open.
+    async fn finish(&self) {
+        self.stop.send_replace(true);
+        loop {
+            let none = self.open.none.notified();
+            tokio::pin!(none);
+            none.as_mut().enable();
+            if self.open.n.load(Ordering::Acquire) == 0 {
                 return;
             }
-            let io = TokioIo::new(EnvelopeIo::new(tcp));
-            let conn = watcher.watch(http.serve_connection(io, service).into_owned());
-            // A client that went away, or sent garbage: nothing to answer.
-            let _ = conn.await;
+            none.await;
+        }
+    }
+}
+
+/// What a connection has done: whether a request head arrived, and (h2) how many streams are
+/// open and since when none is.
+struct Tracker {
+    seen: AtomicBool,
+    open_streams: AtomicUsize,
+    born: Instant,
+    /// Milliseconds after `born` that the last stream ended.
+    last_end_ms: AtomicU64,
+}
+
+impl Tracker {
+    fn new() -> Tracker {
+        Tracker {
+            seen: AtomicBool::new(false),
+            open_streams: AtomicUsize::new(0),
+            born: Instant::now(),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Since when no stream is open (`None`: one is).
+    fn idle_since(&self) -> Option<Instant> {
+        (self.open_streams.load(Ordering::Acquire) == 0)
+            .then(|| self.born + Duration::from_millis(self.last_end_ms.load(Ordering::Acquire)))
+    }
+}
+
+/// An open h2 stream: its reply's body holds it until the body is done or dropped.
+struct StreamOpen(Arc<Tracker>);
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        let t = &self.0;
+        let ms = u64::try_from(t.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        t.last_end_ms.store(ms, Ordering::Release);
+        t.open_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The app, noting each request in the connection's [`Tracker`].
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    tracker: Arc<Tracker>,
+    h2: bool,
+}
+
+impl<S> Service<Request<hyper::body::Incoming>> for Tracked<S>
+where
+    S: Service<Request<hyper::body::Incoming>, Response = Response>,
+    S::Future: Unpin,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
+        self.tracker.seen.store(true, Ordering::Relaxed);
+        let open = self.h2.then(|| {
+            self.tracker.open_streams.fetch_add(1, Ordering::AcqRel);
+            StreamOpen(self.tracker.clone())
         });
+        TrackedFuture {
+            inner: self.inner.call(req),
+            open,
+        }
+    }
+}
+
+/// The reply of a [`Tracked`] service: an h2 stream's body keeps the stream counted.
+struct TrackedFuture<F> {
+    inner: F,
+    open: Option<StreamOpen>,
+}
+
+impl<F, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response, E>> + Unpin,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let resp = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
+        Poll::Ready(resp.map(|r| match self.open.take() {
+            Some(open) => r.map(|body| {
+                axum::body::Body::new(CountedBody {
+                    inner: body,
+                    _open: open,
+                })
+            }),
+            None => r,
+        }))
+    }
+}
+
+/// A reply body that holds its stream open (see [`StreamOpen`]).
+struct CountedBody {
+    inner: axum::body::Body,
+    _open: StreamOpen,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -316,7 +552,7 @@ async fn accept_loop(
     server: &ServerConfig,
     stop: impl Future<Output = ()>,
     hand: Handover,
-) -> GracefulShutdown {
+) -> Drain {
     let conns = Connections::new(app, server);
     tokio::pin!(stop);
     loop {
@@ -332,9 +568,10 @@ async fn accept_loop(
             },
             _ = &mut stop => break,
         };
+        let accepted = Instant::now();
         let lane = hand.pick();
         let Some(tx) = lane.checked_sub(1).and_then(|i| hand.lanes.get(i)) else {
-            conns.serve(tcp, peer, Live::new(&hand.live, 0));
+            conns.serve(tcp, peer, Live::new(&hand.live, 0), accepted);
             continue;
         };
         let std_tcp = match tcp.into_std() {
@@ -344,19 +581,19 @@ async fn accept_loop(
                 continue;
             }
         };
-        if let Err(e) = tx.try_send((std_tcp, peer, Live::new(&hand.live, lane))) {
+        if let Err(e) = tx.try_send((std_tcp, peer, Live::new(&hand.live, lane), accepted)) {
             // That lane is stuck or gone: serve it here (its count drops with the tuple).
-            let (std_tcp, peer, _) = match e {
+            let (std_tcp, peer, _, _) = match e {
                 tokio::sync::mpsc::error::TrySendError::Full(c)
                 | tokio::sync::mpsc::error::TrySendError::Closed(c) => c,
             };
             if let Ok(tcp) = tokio::net::TcpStream::from_std(std_tcp) {
-                conns.serve(tcp, peer, Live::new(&hand.live, 0));
+                conns.serve(tcp, peer, Live::new(&hand.live, 0), accepted);
             }
         }
     }
     drop(listener);
-    conns.graceful
+    conns.drain
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -382,14 +619,14 @@ pub async fn shutdown_signal() {
 }
 
 /// Waits until the first bytes of a connection tell HTTP/1.1 from the h2 preface (or the
-/// client closed it).
-async fn protocol_known(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+/// client closed it); whether it is h2.
+async fn protocol_known(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut buf = [0u8; 24];
     loop {
         let n = tcp.peek(&mut buf).await?;
         if n == 0 || n == PREFACE.len() || !PREFACE.starts_with(&buf[..n]) {
-            return Ok(());
+            return Ok(n == PREFACE.len() && buf[..] == *PREFACE);
         }
         // A partial preface (rare: real clients send it whole): the rest is already on its way.
         tokio::time::sleep(Duration::from_millis(5)).await;

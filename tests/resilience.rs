@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -325,6 +326,147 @@ async fn slow_clients_are_cut_off() {
     let big = "a".repeat(100_000);
     let resp = get_with(gw, "/v1/models", &[("x-big", &big)]).await;
     assert_eq!(resp.status(), 431);
+}
+
+/// The binary's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A connection that never completes its head: HTTP/1.1 that sends one byte every 200 ms after
+/// a first wait, or an h2 preface (and SETTINGS) and then nothing. How long after connecting
+/// the gateway closed it (`None`: still open after 5 s).
+async fn held_open(gw: SocketAddr, h2: bool) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        if h2 {
+            // The preface and an empty SETTINGS frame.
+            let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+            let _ = wr.write_all(&hello).await;
+            std::future::pending::<()>().await;
+        }
+        // Slowloris: the first byte late (more than half the head timeout), then a byte at a time.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        for b in b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut sink)).await;
+    writer.abort();
+    closed.is_ok().then(|| start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_gets_one_deadline_from_accept_for_http1_and_h2() {
+    // `header_read_timeout_ms = 1000` covers the whole head from the moment the connection is
+    // accepted: the protocol sniff, HTTP/1.1's head, h2's first HEADERS frame. 100 such
+    // connections (half slowloris, half a silent h2 preface) are each closed within 1.5 s,
+    // clients are served meanwhile, and the descriptors come back.
+    let s = sim(sim_opts("m")).await;
+    let (proc, gw) = run_gateway_binary(&format!(
+        "[server]\nheader_read_timeout_ms = 1000\nworker_threads = 1\n{}",
+        one_model("m", &s, "")
+    ))
+    .await;
+    // One lane: one upstream connection, made by a first request.
+    assert_eq!(chat(gw, &chat_body("m", false)).await.status(), 200);
+    let baseline = open_fds(proc.pid());
+    let held: Vec<_> = (0..100)
+        .map(|i| tokio::spawn(held_open(gw, i % 2 == 1)))
+        .collect();
+    // Served meanwhile, on new connections.
+    for _ in 0..10 {
+        let r = chat(gw, &chat_body("m", false)).await;
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, h) in held.into_iter().enumerate() {
+        let kind = if i % 2 == 1 {
+            "h2 preface"
+        } else {
+            "slowloris"
+        };
+        match h.await.unwrap() {
+            Some(t) => assert!(
+                t < Duration::from_millis(1500),
+                "{kind} {i} closed after {t:?}"
+            ),
+            None => panic!("{kind} {i} still open after 5 s"),
+        }
+    }
+    eventually("descriptors back to the baseline", WAIT, || async {
+        open_fds(proc.pid()) <= baseline
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_with_goaway() {
+    // Served once, then idle: closed after header_read_timeout_ms (as HTTP/1.1 keep-alive
+    // connections are), with a GOAWAY first.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = sim(sim_opts("m")).await;
+    let gw = gateway(&format!(
+        "[server]\nheader_read_timeout_ms = 500\n{}",
+        one_model("m", &s, "")
+    ))
+    .await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("http://{gw}/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // And by hand: a request (HEADERS with END_STREAM for GET /v1/models, HPACK-encoded), then
+    // silence: GOAWAY, then the close.
+    let mut tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    // :method GET (idx 2), :scheme http (idx 6), :path (idx 4, literal "/v1/models"),
+    // :authority (idx 1, literal "x").
+    let mut block = vec![0x82, 0x86, 0x04, 10];
+    block.extend_from_slice(b"/v1/models");
+    block.extend_from_slice(&[0x01, 1, b'x']);
+    let len = block.len();
+    hello.extend_from_slice(&[0, 0, len as u8, 1, 0x05, 0, 0, 0, 1]);
+    hello.extend_from_slice(&block);
+    tcp.write_all(&hello).await.unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
+    let took = start.elapsed();
+    // Frames: find a GOAWAY (type 7).
+    let mut at = 0;
+    let mut types = Vec::new();
+    while at + 9 <= got.len() {
+        let l = (usize::from(got[at]) << 16)
+            | (usize::from(got[at + 1]) << 8)
+            | usize::from(got[at + 2]);
+        types.push(got[at + 3]);
+        at += 9 + l;
+    }
+    assert!(read.is_ok(), "an idle h2 connection stayed open: {types:?}");
+    assert!(took < Duration::from_millis(1500), "closed after {took:?}");
+    assert!(types.contains(&1), "the request was answered: {types:?}");
+    assert!(types.contains(&7), "no GOAWAY before the close: {types:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
