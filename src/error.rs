@@ -172,6 +172,21 @@ impl ApiError {
         )
     }
 
+    /// Two credentials that disagree (two `Authorization` or `x-api-key` headers, or one of
+    /// each with different keys): which one is meant cannot be known.
+    pub fn ambiguous_credentials() -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "ambiguous_credentials",
+            "The request carries more than one API key (two Authorization or x-api-key headers, \
+             or one of each with different keys); send exactly one."
+                .into(),
+        );
+        e.param = Some("authorization");
+        e
+    }
+
     /// The key may not use this model.
     pub fn model_not_allowed(model: &str) -> Self {
         let mut e = Self::new(

@@ -518,3 +518,68 @@ async fn upstream_200_carrying_an_error_is_never_a_200() {
     assert_eq!(resp.status(), 502);
     envelope(resp).await;
 }
+
+/// An upstream that keeps the raw body of the last request and answers a chat completion.
+async fn recording_upstream() -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::sync::{Arc, Mutex};
+    let last = Arc::new(Mutex::new(Vec::new()));
+    let keep = last.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let keep = keep.clone();
+        async move {
+            *keep.lock().unwrap() = body.to_vec();
+            (
+                [("content-type", "application/json")],
+                r#"{"id":"r","object":"chat.completion","created":0,"model":"x","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/v1"), last)
+}
+
+#[tokio::test]
+async fn a_renamed_model_leaves_every_other_byte_as_sent() {
+    // `upstream_model` renames `model` in the raw bytes: integers beyond 2^53, numbers beyond
+    // f64, spacing and escapes reach the backend byte for byte; the gateway's `priority` goes.
+    let (url, last) = recording_upstream().await;
+    let gw = gateway(&one_model("m", &url, "upstream_model = \"up/m\"")).await;
+    let body = concat!(
+        "{ \"seed\": 18446744073709551615,\n  \"model\" : \"m\", \"big\": 1e400, ",
+        "\"tiny\": -2.5E-400, \"long\": 123456789012345678901234567890, ",
+        "\"messages\": [{\"role\": \"user\", \"content\": \"caf\\u00e9 \\\"model\\\": 1e400\"}],",
+        " \"priority\": \"high\", \"temperature\": 0.10000000000000001 }"
+    );
+    let r = post_raw(gw, "/v1/chat/completions", Some("application/json"), body).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let sent = String::from_utf8(last.lock().unwrap().clone()).unwrap();
+    let want = body
+        .replace("\"model\" : \"m\"", "\"model\" : \"up/m\"")
+        .replace(", \"priority\": \"high\"", "");
+    assert_eq!(sent, want);
+    // Without a rename nothing is touched at all.
+    let (url, last) = recording_upstream().await;
+    let gw = gateway(&one_model("m", &url, "")).await;
+    let plain = body.replace(", \"priority\": \"high\"", "");
+    let r = post_raw(
+        gw,
+        "/v1/chat/completions",
+        Some("application/json"),
+        plain.clone(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        String::from_utf8(last.lock().unwrap().clone()).unwrap(),
+        plain
+    );
+    // A number that is not JSON is still refused.
+    for bad in ["01", "1e", "-", "1.", "+1", ".5", "1e400e1"] {
+        let b = format!("{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"x\"}}],\"n\":{bad}}}");
+        let r = post_raw(gw, "/v1/chat/completions", Some("application/json"), b).await;
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(envelope(r).await["code"], "invalid_json", "{bad}");
+    }
+}

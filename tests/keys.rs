@@ -262,3 +262,72 @@ async fn without_keys_configured_nothing_changes() {
     assert!(r.headers().get("x-mofa-priority").is_none());
     assert_eq!(get(gw, "/admin/orchestrator").await.status(), 200);
 }
+
+#[tokio::test]
+async fn two_credentials_that_disagree_are_refused_whatever_their_order() {
+    let (team, team_hash) = new_key("team-a");
+    let (admin_key, admin_hash) = new_key("ops");
+    let up = sim(sim_opts("m")).await;
+    let config = format!(
+        "[auth]\nmode = \"keys\"\nadmin_keys = [\"{admin_hash}\"]\n\
+         [[auth.keys]]\nname = \"team-a\"\nhash = \"{team_hash}\"\n{}",
+        one_model("m", &up, "")
+    );
+    let gw = gateway(&config).await;
+    let wrong = "sk-mofa-wrong-0123456789";
+    let (ok, bad) = (bearer(&team), bearer(wrong));
+    let cases: [(&str, Vec<(&str, &str)>); 6] = [
+        (
+            "valid then wrong Authorization",
+            vec![("authorization", &ok), ("authorization", &bad)],
+        ),
+        (
+            "wrong then valid Authorization",
+            vec![("authorization", &bad), ("authorization", &ok)],
+        ),
+        (
+            "the same Authorization twice",
+            vec![("authorization", &ok), ("authorization", &ok)],
+        ),
+        (
+            "two x-api-key",
+            vec![("x-api-key", &team), ("x-api-key", wrong)],
+        ),
+        (
+            "Authorization and a different x-api-key",
+            vec![("authorization", &ok), ("x-api-key", wrong)],
+        ),
+        (
+            "a wrong Authorization and a valid x-api-key",
+            vec![("authorization", &bad), ("x-api-key", &team)],
+        ),
+    ];
+    for (what, headers) in &cases {
+        let r = chat_with(gw, &chat_body("m", false), headers).await;
+        assert_eq!(r.status(), 400, "{what}");
+        assert!(r.headers().contains_key("x-request-id"), "{what}");
+        let e = envelope(r).await;
+        assert_eq!(e["type"], "invalid_request_error", "{what}");
+        assert_eq!(e["code"], "ambiguous_credentials", "{what}");
+        assert_eq!(e["param"], "authorization", "{what}");
+        assert!(!e.to_string().contains(&team), "{what}: the key is echoed");
+    }
+    // The admin routes the same.
+    let a = bearer(&admin_key);
+    let r = get_with(
+        gw,
+        "/admin/orchestrator",
+        &[("authorization", &a), ("x-api-key", wrong)],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    // One key, or the same key both ways, is fine.
+    for headers in [
+        vec![("authorization", ok.as_str())],
+        vec![("x-api-key", team.as_str())],
+        vec![("authorization", ok.as_str()), ("x-api-key", team.as_str())],
+    ] {
+        let r = chat_with(gw, &chat_body("m", false), &headers).await;
+        assert_eq!(r.status(), 200, "{headers:?}");
+    }
+}

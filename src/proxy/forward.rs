@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::Value;
 
 use super::parse::Parsed;
 use crate::admission::Outcome;
@@ -153,29 +152,164 @@ pub async fn forward(
     }
 }
 
-/// `body` with `model` replaced (if `model` is given), `priority` removed (if
-/// `strip_priority`: it was the gateway's) and `top_k` (if `drop_top_k`), other fields and
-/// their order kept.
+/// `body` with `model`'s value replaced (if `model` is given), `priority` removed (if
+/// `strip_priority`: it was the gateway's) and `top_k` (if `drop_top_k`): edited in the raw
+/// bytes, so that every other byte goes out as the client sent it (an integer beyond 2^53, a
+/// number beyond `f64`, the spacing, the key order). `body` passed `parse` (a valid object).
 fn rewrite(
     body: &[u8],
     model: Option<&str>,
     strip_priority: bool,
     drop_top_k: bool,
 ) -> Result<Bytes, ApiError> {
-    let mut v: serde_json::Map<String, Value> =
-        serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
-    if let Some(model) = model {
-        v.insert("model".into(), Value::String(model.to_owned()));
+    let members = top_level_members(body)
+        .ok_or_else(|| ApiError::invalid_json("the body is not a JSON object"))?;
+    let dropped: Vec<bool> = members
+        .iter()
+        .map(|m| {
+            let key = member_key(body, m);
+            (strip_priority && key == "priority") || (drop_top_k && key == "top_k")
+        })
+        .collect();
+    // The members after the last one kept go with the comma before them; every other member
+    // dropped goes with the comma after it.
+    let last_kept = dropped.iter().rposition(|d| !d);
+    let mut edits: Vec<(std::ops::Range<usize>, Option<&str>)> = Vec::new();
+    for (i, m) in members.iter().enumerate() {
+        if dropped[i] {
+            match (last_kept, members.get(i + 1)) {
+                (Some(k), Some(next)) if i < k => edits.push((m.key.start..next.key.start, None)),
+                (Some(k), _) if i == k + 1 => {
+                    let end = members.last().map_or(m.value.end, |l| l.value.end);
+                    edits.push((members[k].value.end..end, None));
+                }
+                (None, _) if i == 0 => {
+                    let end = members.last().map_or(m.value.end, |l| l.value.end);
+                    edits.push((m.key.start..end, None));
+                }
+                _ => {}
+            }
+        } else if model.is_some() && member_key(body, m) == "model" {
+            edits.push((m.value.clone(), model));
+        }
     }
-    if strip_priority {
-        v.shift_remove("priority");
+    let mut out = Vec::with_capacity(body.len() + model.map_or(0, str::len));
+    let mut at = 0;
+    for (range, with) in edits {
+        out.extend_from_slice(&body[at..range.start]);
+        if let Some(text) = with {
+            serde_json::to_writer(&mut out, text).map_err(ApiError::invalid_json)?;
+        }
+        at = range.end;
     }
-    if drop_top_k {
-        v.shift_remove("top_k");
+    out.extend_from_slice(&body[at..]);
+    Ok(Bytes::from(out))
+}
+
+/// Where a top-level member of a JSON object lies: its key (quotes included) and its value.
+struct Member {
+    key: std::ops::Range<usize>,
+    value: std::ops::Range<usize>,
+}
+
+/// A member's key, decoded (a key with escapes, like `"mod\u0065l"`, is `model` too).
+fn member_key<'a>(body: &'a [u8], m: &Member) -> std::borrow::Cow<'a, str> {
+    let raw = &body[m.key.start + 1..m.key.end - 1];
+    match (raw.contains(&b'\\'), std::str::from_utf8(raw)) {
+        (false, Ok(k)) => k.into(),
+        _ => serde_json::from_slice::<String>(&body[m.key.clone()])
+            .unwrap_or_default()
+            .into(),
     }
-    serde_json::to_vec(&v)
-        .map(Bytes::from)
-        .map_err(ApiError::invalid_json)
+}
+
+/// The members of the JSON object `body` is, in order (`None`: not an object).
+fn top_level_members(body: &[u8]) -> Option<Vec<Member>> {
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    let mut out = Vec::new();
+    i = skip_ws(body, i + 1);
+    if body.get(i) == Some(&b'}') {
+        return Some(out);
+    }
+    loop {
+        let key = i..skip_string(body, i)?;
+        i = skip_ws(body, key.end);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = skip_ws(body, i + 1);
+        let value = start..skip_value(body, start)?;
+        i = skip_ws(body, value.end);
+        out.push(Member { key, value });
+        match body.get(i)? {
+            b',' => i = skip_ws(body, i + 1),
+            b'}' => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(body: &[u8], mut i: usize) -> usize {
+    while matches!(body.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// The end of the string starting at `i` (after its closing quote).
+fn skip_string(body: &[u8], i: usize) -> Option<usize> {
+    if body.get(i) != Some(&b'"') {
+        return None;
+    }
+    let mut j = i + 1;
+    loop {
+        match body.get(j)? {
+            b'\\' => j += 2,
+            b'"' => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+}
+
+/// The end of the value starting at `i`.
+fn skip_value(body: &[u8], i: usize) -> Option<usize> {
+    match body.get(i)? {
+        b'"' => skip_string(body, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match body.get(j)? {
+                    b'"' => {
+                        j = skip_string(body, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while !matches!(
+                body.get(j),
+                None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            ) {
+                j += 1;
+            }
+            Some(j)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,5 +339,40 @@ mod tests {
         assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
         let out = rewrite(br#"{"model":"a","top_k":5,"n":1}"#, None, false, true).unwrap();
         assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
+    }
+
+    #[test]
+    fn rewrite_touches_only_what_it_must() {
+        // Every other byte as sent: big numbers, spacing, escapes, strings that look like keys.
+        let body = br#"{ "seed" : 18446744073709551615, "x": [1e400, {"model": "in"}],
+            "mod\u0065l":"a\"b", "s": "\"model\":1", "priority" : null ,"top_k":3}"#;
+        let out = rewrite(body, Some("up/\"q\""), true, true).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{ "seed" : 18446744073709551615, "x": [1e400, {"model": "in"}],
+            "mod\u0065l":"up/\"q\"", "s": "\"model\":1"}"#
+        );
+        // The last member removed takes the comma before it; the only one leaves `{}`.
+        let out = rewrite(br#"{"model":"a","priority":"low"}"#, None, true, false).unwrap();
+        assert_eq!(&out[..], br#"{"model":"a"}"#);
+        let out = rewrite(br#"{"priority":"low"}"#, None, true, false).unwrap();
+        assert_eq!(&out[..], br#"{}"#);
+        let out = rewrite(
+            br#"{"model":"a","priority":"low", "top_k":1}"#,
+            None,
+            true,
+            true,
+        );
+        assert_eq!(&out.unwrap()[..], br#"{"model":"a"}"#);
+        let out = rewrite(
+            br#"{"top_k":1,"priority":"low","n":2}"#,
+            Some("b"),
+            true,
+            true,
+        );
+        assert_eq!(&out.unwrap()[..], br#"{"n":2}"#);
+        let out = rewrite(br#"{"top_k":1, "priority":"low"}"#, None, true, true);
+        assert_eq!(&out.unwrap()[..], br#"{}"#);
+        assert!(rewrite(b"[1]", Some("m"), false, false).is_err());
     }
 }

@@ -164,7 +164,16 @@ impl Pipeline {
     ) -> Result<Ran, ApiError> {
         // The key first: an unknown client gets its 401 before its body is read.
         let who = self.auth.authenticate(req.headers())?;
-        let mut parsed = parse::parse(endpoint, self.limits, req).await?;
+        rec.key = who.name().cloned();
+        let mut named = None;
+        let mut parsed = match parse::parse(endpoint, self.limits, req, &mut named).await {
+            Ok(p) => p,
+            Err(e) => {
+                // A request that named a configured model is counted under it.
+                rec.model = named.and_then(|n| self.orch.models.get(&n).map(|m| m.name.clone()));
+                return Err(e);
+            }
+        };
         let model = self.model(&parsed)?;
         rec.model = Some(model.name.clone());
         rec.priority = Some(parsed.priority());

@@ -32,15 +32,21 @@ use crate::upstream::Endpoint;
 /// The deepest nesting of arrays and objects a body may have; the body object is level 1.
 pub const MAX_DEPTH: usize = 64;
 
-/// Reads and checks a request for `endpoint`: see the module doc.
-pub async fn parse(endpoint: Endpoint, limits: Limits, req: Request) -> Result<Parsed, ApiError> {
+/// Reads and checks a request for `endpoint`: see the module doc. `named`: the `model` the
+/// body names, once known (also when the request is refused after that).
+pub async fn parse(
+    endpoint: Endpoint,
+    limits: Limits,
+    req: Request,
+    named: &mut Option<String>,
+) -> Result<Parsed, ApiError> {
     let wire = wire_format(&req);
     let (header_priority, max_wait) = admission_headers(req.headers())?;
     let body = read_body(limits, req).await?;
     if wire.is_anthropic() {
-        return messages_request(wire, &body, header_priority, max_wait);
+        return messages_request(wire, &body, header_priority, max_wait, named);
     }
-    let f = parse_fields(endpoint, &body)?;
+    let f = parse_fields(endpoint, &body, named)?;
     Ok(Parsed {
         endpoint,
         model: f.model,
@@ -71,10 +77,13 @@ fn messages_request(
     body: &[u8],
     header_priority: Option<Priority>,
     max_wait: Option<Duration>,
+    named: &mut Option<String>,
 ) -> Result<Parsed, ApiError> {
     // The same whole-body check as an OpenAI body (UTF-8, lone surrogates, nesting, duplicate
     // keys), so that both formats refuse the same bodies with the same messages.
-    parse_head(body)?;
+    if let Some(Field::Str(m)) = parse_head(body)?.model {
+        *named = Some(m.into_owned());
+    }
     let t =
         anthropic::translate(body, wire == WireFormat::AnthropicCount).map_err(|e| match e {
             anthropic::Invalid::Json(m) => ApiError::invalid_json(m),
@@ -171,7 +180,9 @@ impl Parsed {
             max_tokens: Option<serde_json::Value>,
             max_completion_tokens: Option<serde_json::Value>,
         }
-        let c: Counted = serde_json::from_slice(&self.body).unwrap_or_default();
+        let c: Counted = serde_json::from_slice(&self.body)
+            .or_else(|_| serde_json::from_slice(&numbers_blanked(&self.body)))
+            .unwrap_or_default();
         let chars = c.messages.0 + c.prompt.0 + c.input.0;
         let completion = c
             .max_completion_tokens
@@ -243,10 +254,17 @@ struct Fields {
 }
 
 /// Checks the whole body and the fields the gateway needs.
-fn parse_fields(endpoint: Endpoint, body: &[u8]) -> Result<Fields, ApiError> {
+fn parse_fields(
+    endpoint: Endpoint,
+    body: &[u8],
+    named: &mut Option<String>,
+) -> Result<Fields, ApiError> {
     let head = parse_head(body)?;
     let model = match &head.model {
-        Some(Field::Str(m)) if !m.is_empty() => m.to_string(),
+        Some(Field::Str(m)) if !m.is_empty() => {
+            *named = Some(m.to_string());
+            m.to_string()
+        }
         Some(Field::Str(_)) | None => {
             return Err(ApiError::invalid_value(
                 "model",
@@ -383,6 +401,28 @@ struct Head<'a> {
     priority: Option<Field<'a>>,
 }
 
+impl Head<'_> {
+    fn into_owned(self) -> Head<'static> {
+        let own = |f: Option<Field<'_>>| {
+            f.map(|f| match f {
+                Field::Str(s) => Field::Str(Cow::Owned(s.into_owned())),
+                Field::Bool(b) => Field::Bool(b),
+                Field::Array(n) => Field::Array(n),
+                Field::Null => Field::Null,
+                Field::Other => Field::Other,
+            })
+        };
+        Head {
+            model: own(self.model),
+            stream: own(self.stream),
+            messages: own(self.messages),
+            prompt: own(self.prompt),
+            input: own(self.input),
+            priority: own(self.priority),
+        }
+    }
+}
+
 /// A top-level field, known by its JSON type; strings are kept, containers are checked.
 enum Field<'a> {
     Str(Cow<'a, str>),
@@ -399,19 +439,117 @@ enum Seg {
 }
 
 /// Parses and checks the whole body in one pass: see the module doc.
+///
+/// serde_json holds a number as an `f64`, `u64` or `i64` and refuses one beyond them (`1e400`),
+/// but JSON sets no range: such a body is checked again with every number blanked (`0` and
+/// spaces, [`numbers_blanked`]), so that its numbers are checked for their syntax only. The
+/// body is forwarded as sent either way.
 fn parse_head(body: &[u8]) -> Result<Head<'_>, ApiError> {
     let mut path = Vec::new();
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let head = HeadSeed { path: &mut path }
-        .deserialize(&mut de)
-        .and_then(|h| de.end().map(|()| h));
-    head.map_err(|e| {
-        if path.is_empty() {
-            ApiError::invalid_json(e)
-        } else {
-            ApiError::invalid_json(format_args!("{e} (in `{}`)", PathDisplay(&path)))
+    match walk_head(body, &mut path) {
+        Err(e) if is_out_of_range(&e) => {
+            let blanked = numbers_blanked(body);
+            let mut path = Vec::new();
+            walk_head(&blanked, &mut path)
+                .map(Head::into_owned)
+                .map_err(|e| json_error(e, &path))
         }
-    })
+        other => other.map_err(|e| json_error(e, &path)),
+    }
+}
+
+fn walk_head<'a>(body: &'a [u8], path: &mut Vec<Seg>) -> Result<Head<'a>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    HeadSeed { path }
+        .deserialize(&mut de)
+        .and_then(|h| de.end().map(|()| h))
+}
+
+fn json_error(e: serde_json::Error, path: &[Seg]) -> ApiError {
+    if path.is_empty() {
+        ApiError::invalid_json(e)
+    } else {
+        ApiError::invalid_json(format_args!("{e} (in `{}`)", PathDisplay(path)))
+    }
+}
+
+/// serde_json's refusal of a number beyond `f64` (its category is shared with real syntax
+/// errors: the message tells them apart).
+fn is_out_of_range(e: &serde_json::Error) -> bool {
+    e.to_string().starts_with("number out of range")
+}
+
+/// `body` with every number outside strings replaced by `0` and spaces: the same length (so
+/// the same positions in error messages), the same structure, every number in range. A token
+/// that is not a JSON number becomes `-` and spaces, which serde_json refuses as one.
+pub(crate) fn numbers_blanked(body: &[u8]) -> Vec<u8> {
+    let numeric = |b: u8| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E');
+    let mut out = body.to_vec();
+    let (mut i, mut in_word) = (0, false);
+    while i < out.len() {
+        match out[i] {
+            b'"' => {
+                // Skip the string (escapes included).
+                i += 1;
+                while i < out.len() && out[i] != b'"' {
+                    i += if out[i] == b'\\' { 2 } else { 1 };
+                }
+                in_word = false;
+            }
+            b'0'..=b'9' | b'-' if !in_word => {
+                let end = (i..out.len())
+                    .find(|&j| !numeric(out[j]))
+                    .unwrap_or(out.len());
+                out[i] = if is_json_number(&body[i..end]) {
+                    b'0'
+                } else {
+                    b'-'
+                };
+                out[i + 1..end].fill(b' ');
+                i = end;
+                continue;
+            }
+            b'a'..=b'z' | b'A'..=b'Z' => in_word = true,
+            _ => in_word = false,
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`, RFC 8259's number.
+fn is_json_number(t: &[u8]) -> bool {
+    let digits = |i: usize| {
+        i + t[i.min(t.len())..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count()
+    };
+    let mut i = usize::from(t.first() == Some(&b'-'));
+    match t.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => i = digits(i),
+        _ => return false,
+    }
+    if t.get(i) == Some(&b'.') {
+        let j = digits(i + 1);
+        if j == i + 1 {
+            return false;
+        }
+        i = j;
+    }
+    if matches!(t.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(t.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let j = digits(i);
+        if j == i {
+            return false;
+        }
+        i = j;
+    }
+    i == t.len()
 }
 
 struct PathDisplay<'a>(&'a [Seg]);
@@ -731,7 +869,38 @@ mod tests {
     use axum::http::StatusCode;
 
     fn parse(e: Endpoint, s: &str) -> Result<Fields, ApiError> {
-        parse_fields(e, s.as_bytes())
+        parse_fields(e, s.as_bytes(), &mut None)
+    }
+
+    #[test]
+    fn numbers_beyond_f64_are_checked_for_their_syntax_only() {
+        for n in [
+            "1e400",
+            "-2.5E-400",
+            "18446744073709551615",
+            "1e+999",
+            "0.1e-99999",
+        ] {
+            let body = format!(r#"{{"model":"m","messages":[{{"content":[{n}]}}],"x":{n}}}"#);
+            assert!(parse(Endpoint::ChatCompletions, &body).is_ok(), "{n}");
+        }
+        let long = format!(
+            r#"{{"model":"m","messages":[{{}}],"x":1{}}}"#,
+            "0".repeat(400)
+        );
+        assert!(parse(Endpoint::ChatCompletions, &long).is_ok());
+        for bad in [
+            "01", "1e", "-", "1.", ".5", "1e400e1", "1e400.", "--1", "1e400x",
+        ] {
+            let body = format!(r#"{{"model":"m","messages":[{{}}],"x":{bad},"big":1e400}}"#);
+            let e = parse(Endpoint::ChatCompletions, &body).err();
+            let code = e.map(|e| e.code.to_string());
+            assert_eq!(code.as_deref(), Some("invalid_json"), "{bad}");
+        }
+        assert_eq!(
+            &numbers_blanked(br#"{"a":[1e400,"1e400"],"b":-0.5}"#)[..],
+            br#"{"a":[0    ,"1e400"],"b":0   }"#
+        );
     }
 
     #[test]
@@ -820,7 +989,7 @@ mod tests {
     }
 
     fn bytes_err(body: &[u8]) -> String {
-        let e = parse_fields(Endpoint::ChatCompletions, body)
+        let e = parse_fields(Endpoint::ChatCompletions, body, &mut None)
             .err()
             .unwrap_or_else(|| panic!("{} passed", String::from_utf8_lossy(body)));
         assert_eq!(e.code, "invalid_json");
