@@ -403,3 +403,34 @@ async fn count_tokens_is_the_gateways_estimate() {
     .await;
     anthropic_error(resp, 404, "not_found_error").await;
 }
+
+#[tokio::test]
+async fn a_reply_that_cannot_be_translated_is_an_error_with_every_header() {
+    // The backend answers 200 with a chat completion that has no choice: the Messages reply
+    // cannot be made, so it is a 502 (500 `api_error` in Anthropic's envelope), through the same error path as
+    // any other (the rate-limit headers of the model's limit, the attempts, Server-Timing).
+    let up = fixed_upstream(
+        200,
+        "application/json",
+        r#"{"id":"x","object":"chat.completion","created":0,"model":"m","choices":[]}"#,
+    )
+    .await;
+    let gw = gateway(&format!(
+        "[[models]]\nname = \"m\"\nrpm = 100\n[[models.deployments]]\nkind = \"local\"\nurl = \"{up}\"\n"
+    ))
+    .await;
+    let resp = messages(
+        gw,
+        &json!({"model": "m", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    let h = resp.headers().clone();
+    let message = anthropic_error(resp, 500, "api_error").await;
+    assert!(message.contains("no choices"), "{message}");
+    assert_eq!(h["x-ratelimit-limit-requests"], "100");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "99");
+    assert_eq!(h["x-mofa-backend"], format!("local(m)"));
+    assert_eq!(h["x-mofa-attempts"], "1");
+    assert!(h.contains_key("server-timing"));
+}

@@ -1,8 +1,11 @@
 //! The stream translator: a state machine over the OpenAI chunks of a streamed chat completion
 //! that writes the Messages events a client of `POST /v1/messages` expects, as they arrive.
 //!
-//! - `message_start` first (its `usage.input_tokens` is the gateway's estimate; the backend's
-//!   count, when it sends one, comes in `message_delta`);
+//! - `message_start` first, with the first data line: its `usage.input_tokens` is the backend's
+//!   `prompt_tokens` when that line carries `usage` (a backend that reports usage in every chunk,
+//!   such as vLLM's continuous usage stats), else the gateway's estimate; the backend's count,
+//!   when it sends one at the end (`stream_options.include_usage`, which the translation asks
+//!   for), comes in `message_delta`, which the SDKs take as the final figure;
 //! - one content block open at a time, numbered from 0 in order: text deltas go to a `text`
 //!   block, each tool call to its own `tool_use` block whose arguments are streamed as
 //!   `input_json_delta` fragments the moment they arrive (never dropped, never re-sent); a new
@@ -263,11 +266,19 @@ impl Translator {
             stop_reason: None,
             stop_sequence: None,
             usage: OutUsage {
-                input_tokens: self.ctx.input_estimate,
+                input_tokens: self
+                    .usage
+                    .map_or(self.ctx.input_estimate, |u| u.prompt_tokens),
                 output_tokens: 0,
             },
         };
         Self::emit(out, &Event::MessageStart { message });
+    }
+
+    fn start_once(&mut self, out: &mut Vec<u8>) {
+        if !self.started {
+            self.start(out);
+        }
     }
 
     fn close(&mut self, out: &mut Vec<u8>) {
@@ -293,6 +304,7 @@ impl Translator {
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
         if data == b"[DONE]" {
+            self.start_once(out);
             self.complete(out);
             return;
         }
@@ -305,6 +317,10 @@ impl Translator {
             Ok(c) => c,
             Err(_) => return, // not a chunk (a keep-alive, a vendor extension)
         };
+        if let Some(u) = chunk.usage {
+            self.usage = Some(u);
+        }
+        self.start_once(out);
         if let Some(e) = chunk.error {
             let message = e
                 .get("message")
@@ -313,9 +329,6 @@ impl Translator {
                 .unwrap_or_else(|| e.to_string());
             self.fail(&format!("the backend failed mid-stream: {message}"), out);
             return;
-        }
-        if let Some(u) = chunk.usage {
-            self.usage = Some(u);
         }
         for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
             if let Some(delta) = choice.delta {
@@ -485,6 +498,8 @@ impl Translator {
         if self.done || self.broken {
             return;
         }
+        // A stream whose head is out is a message: its start comes first, even here.
+        self.start_once(out);
         self.broken = true;
         out.extend_from_slice(&error_event("api_error", message));
     }
@@ -492,9 +507,6 @@ impl Translator {
 
 impl Transform for Translator {
     fn chunk(&mut self, upstream: &[u8], out: &mut Vec<u8>) {
-        if !self.started {
-            self.start(out);
-        }
         if self.done || self.broken {
             return;
         }
@@ -686,6 +698,29 @@ mod tests {
                    "usage": {"input_tokens": 11, "output_tokens": 2}})
         );
         check_blocks(&ev);
+    }
+
+    #[test]
+    fn message_start_has_the_backends_count_when_its_first_chunk_carries_one() {
+        // vLLM's continuous usage stats: usage in every chunk, the first one included.
+        let ev = run(&sse(&[
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+                   "usage": {"prompt_tokens": 6, "completion_tokens": 0}}),
+            json!({"choices": [{"index": 0, "delta": {"content": "Hi"}}],
+                   "usage": {"prompt_tokens": 6, "completion_tokens": 1}}),
+            finish("stop"),
+            json!({"choices": [], "usage": {"prompt_tokens": 6, "completion_tokens": 1}}),
+        ]));
+        assert_eq!(ev[0].0, "message_start");
+        assert_eq!(ev[0].1["message"]["usage"]["input_tokens"], 6);
+        let delta = ev.iter().find(|(n, _)| n == "message_delta").unwrap();
+        assert_eq!(delta.1["usage"]["input_tokens"], 6);
+        // A stream that fails at once still starts with message_start.
+        let mut t = Translator::new(ctx());
+        let end = t.failed("boom", "x");
+        let text = String::from_utf8(end.to_vec()).unwrap();
+        assert!(text.starts_with("event: message_start"), "{text}");
+        assert!(text.contains("event: error"), "{text}");
     }
 
     #[test]

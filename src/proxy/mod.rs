@@ -140,17 +140,7 @@ impl Pipeline {
                 );
                 r
             }
-            Err(e) => {
-                let reason = Reason::of(&e);
-                let mut resp = e.into_response_for(wire);
-                if let Some(v) = rec.server_timing() {
-                    resp.headers_mut().insert(SERVER_TIMING, v);
-                }
-                resp.headers_mut()
-                    .extend(std::mem::take(&mut rec.reply_headers));
-                rec.finish(resp.status(), reason);
-                resp
-            }
+            Err(e) => fail(e, wire, rec),
         }
     }
 
@@ -277,12 +267,10 @@ impl Pipeline {
                         Ok(b) => (b.into(), HeaderValue::from_static("application/json")),
                         Err(detail) => {
                             tracing::warn!(backend = %dep.label, "{detail}");
-                            let e = ApiError::upstream_unavailable(&dep.label, detail);
-                            let reason = Reason::of(&e);
-                            let mut resp = e.into_response_for(WireFormat::Anthropic);
-                            rec.finish(resp.status(), reason);
-                            stamp_backend(&mut resp, &dep, attempts, timing);
-                            return resp;
+                            rec.reply_headers = extra;
+                            let e = ApiError::upstream_unavailable(&dep.label, detail)
+                                .attempts(attempts);
+                            return fail(e, WireFormat::Anthropic, rec);
                         }
                     },
                 };
@@ -338,6 +326,20 @@ impl Pipeline {
         resp.headers_mut().extend(extra);
         resp
     }
+}
+
+/// The one error path: `e` rendered in the client's `wire` format, with the headers the phases
+/// set (`x-ratelimit-*`, ...) and `Server-Timing`; the record finished with it.
+fn fail(e: ApiError, wire: WireFormat, mut rec: Record) -> Response {
+    let reason = Reason::of(&e);
+    let mut resp = e.into_response_for(wire);
+    if let Some(v) = rec.server_timing() {
+        resp.headers_mut().insert(SERVER_TIMING, v);
+    }
+    resp.headers_mut()
+        .extend(std::mem::take(&mut rec.reply_headers));
+    rec.finish(resp.status(), reason);
+    resp
 }
 
 /// The headers of a reply that ran on `dep`.
