@@ -64,6 +64,8 @@ pub struct ErrorReply {
     pub passthrough: Option<Bytes>,
     /// `x-mofa-attempts`: deployments tried.
     pub attempts: Option<u32>,
+    /// `connection: close`: the connection cannot carry another request (its framing broke).
+    pub close: bool,
 }
 
 impl ApiError {
@@ -81,6 +83,7 @@ impl ApiError {
             reason: None,
             passthrough: None,
             attempts: None,
+            close: false,
         }))
     }
 
@@ -115,6 +118,21 @@ impl ApiError {
             ),
         );
         e.param = Some("model");
+        e
+    }
+
+    /// The body's framing is broken (a chunk size that is not one, a connection that ended
+    /// within the body): the connection is closed after the reply.
+    pub fn malformed_body() -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "malformed_request",
+            "The request body could not be read: its framing is invalid (a malformed chunk, or \
+             fewer bytes than announced)."
+                .into(),
+        );
+        e.close = true;
         e
     }
 
@@ -561,6 +579,9 @@ impl ApiError {
         );
         if let Some(n) = self.attempts {
             h.insert(crate::headers::ATTEMPTS, HeaderValue::from(n));
+        }
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -687,12 +687,56 @@ struct EnvelopeIo<T> {
     io: T,
     /// A rewritten reply still being written: bytes and how many are out.
     pending: Option<(Bytes, usize)>,
+    /// The first bytes read since the last reply head went out: the start of the head being
+    /// read (its request line), which tells a version hyper refuses (a 505) from other 400s.
+    line: [u8; LINE_KEPT],
+    line_len: usize,
 }
+
+/// How much of a head's start [`EnvelopeIo`] keeps: a request line up to its version.
+const LINE_KEPT: usize = 96;
 
 impl<T> EnvelopeIo<T> {
     fn new(io: T) -> Self {
-        EnvelopeIo { io, pending: None }
+        EnvelopeIo {
+            io,
+            pending: None,
+            line: [0; LINE_KEPT],
+            line_len: 0,
+        }
     }
+
+    /// Notes what a read brought (the start of it, while the head's first bytes are wanted).
+    fn read_in(&mut self, got: &[u8]) {
+        let n = got.len().min(LINE_KEPT - self.line_len);
+        self.line[self.line_len..self.line_len + n].copy_from_slice(&got[..n]);
+        self.line_len += n;
+    }
+
+    /// A reply head goes out: the next bytes read start the next head.
+    fn reply_out(&mut self, buf: &[u8]) {
+        if buf.starts_with(b"HTTP/1.") {
+            self.line_len = 0;
+        }
+    }
+}
+
+/// Whether a request line's version is one HTTP/1 cannot serve (`HTTP/2.0`, `HTTP/1.2`, ...):
+/// `METHOD TARGET HTTP/d.d` with a version other than 1.0 and 1.1.
+fn unsupported_version(line: &[u8]) -> bool {
+    let line = line
+        .split(|b| *b == b'\r' || *b == b'\n')
+        .next()
+        .unwrap_or(line);
+    let mut parts = line.split(|b| *b == b' ').filter(|p| !p.is_empty());
+    let (Some(_), Some(_), Some(v), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    matches!(v, [b'H', b'T', b'T', b'P', b'/', a, b'.', b] if a.is_ascii_digit() && b.is_ascii_digit())
+        && v != b"HTTP/1.0"
+        && v != b"HTTP/1.1"
 }
 
 impl<T: tokio::io::AsyncWrite + Unpin> EnvelopeIo<T> {
@@ -724,10 +768,14 @@ impl<T: tokio::io::AsyncWrite + Unpin> EnvelopeIo<T> {
     /// returns how many bytes of `buf` it replaces.
     fn rewrite(&mut self, buf: &[u8]) -> Option<usize> {
         let head_len = own_error_head(buf)?;
-        let status = std::str::from_utf8(&buf[9..12])
+        let mut status = std::str::from_utf8(&buf[9..12])
             .ok()
             .and_then(|s| s.parse::<u16>().ok())
             .and_then(|s| StatusCode::from_u16(s).ok())?;
+        if status == StatusCode::BAD_REQUEST && unsupported_version(&self.line[..self.line_len]) {
+            // hyper answers a version it cannot parse with 400: the table says 505.
+            status = StatusCode::HTTP_VERSION_NOT_SUPPORTED;
+        }
         self.pending = Some((error_reply(status), 0));
         Some(head_len)
     }
@@ -794,7 +842,13 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EnvelopeIo<T> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.line_len < LINE_KEPT && buf.filled().len() > before {
+            let me = &mut *self;
+            me.read_in(&buf.filled()[before..]);
+        }
+        r
     }
 }
 
@@ -807,9 +861,11 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for EnvelopeIo<T> {
         std::task::ready!(self.drain(cx))?;
         if let Some(n) = self.rewrite(buf) {
             // Written as far as hyper knows; the envelope goes out now or at the flush.
+            self.line_len = 0;
             let _ = self.drain(cx)?;
             return Poll::Ready(Ok(n));
         }
+        self.reply_out(buf);
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -821,9 +877,11 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for EnvelopeIo<T> {
         std::task::ready!(self.drain(cx))?;
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
             if let Some(n) = self.rewrite(first) {
+                self.line_len = 0;
                 let _ = self.drain(cx)?;
                 return Poll::Ready(Ok(n));
             }
+            self.reply_out(first);
         }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
@@ -855,6 +913,15 @@ mod tests {
         assert_eq!(own_error_head(app), None);
         assert_eq!(own_error_head(b"HTTP/1.1 200 OK\r\n\r\n"), None);
         assert_eq!(own_error_head(b"{\"HTTP/1.1 400\"}"), None);
+        assert!(unsupported_version(b"GET / HTTP/2.0\r\nhost: x"));
+        assert!(unsupported_version(b"POST /v1/x HTTP/9.9"));
+        assert!(!unsupported_version(b"GET / HTTP/1.1\r\n"));
+        assert!(!unsupported_version(b"GET / HTTP/1.0"));
+        assert!(
+            !unsupported_version(b"GET /a b HTTP/2.0"),
+            "a space in the path"
+        );
+        assert!(!unsupported_version(b"GET / HTTP/2"));
         let reply = error_reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         let text = std::str::from_utf8(&reply).unwrap();
         assert!(text.starts_with("HTTP/1.1 431 "));

@@ -303,6 +303,55 @@ async fn replies_made_below_the_app_are_envelopes() {
 }
 
 #[tokio::test]
+async fn http_layer_refusals_follow_the_contract_table() {
+    let up = sim("mofa-sim").await;
+    let gw = gateway(&one_model("mofa-sim", &up)).await;
+    // A version other than HTTP/1.0 or 1.1 on an HTTP/1 request line: 505, not 400.
+    for v in ["HTTP/2.0", "HTTP/3.0", "HTTP/1.2", "HTTP/9.9"] {
+        let got = raw(
+            gw,
+            format!("GET /v1/models {v}\r\nhost: x\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(got.2["error"]["code"], "http_version_not_supported", "{v}");
+        assert!(got.1.contains("\r\nconnection: close"), "{v}: {}", got.1);
+        assert_envelope(v, got, 505);
+    }
+    // A chunked body whose framing is broken: malformed_request, never the library's words,
+    // and the connection is closed.
+    let head =
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                transfer-encoding: chunked\r\n\r\n";
+    for body in [
+        "zz\r\n{}\r\n0\r\n\r\n",
+        "5\r\n{\"model\r\n0\r\n\r\n",
+        "-1\r\n{}\r\n0\r\n\r\n",
+    ] {
+        let got = raw(gw, format!("{head}{body}").as_bytes()).await;
+        assert_eq!(
+            got.2["error"]["code"], "malformed_request",
+            "{body:?}: {}",
+            got.2
+        );
+        assert_eq!(got.2["error"]["type"], "invalid_request_error");
+        assert!(
+            got.1.contains("\r\nconnection: close"),
+            "{body:?}: {}",
+            got.1
+        );
+        assert_envelope(body, got, 400);
+    }
+    // A path segment that does not decode names no pool model: 404, a listed code.
+    let got = raw(
+        gw,
+        b"POST /admin/pool/%ff/load HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(got.2["error"]["code"], "model_not_found", "{}", got.2);
+    assert_envelope("%ff", got, 404);
+}
+
+#[tokio::test]
 async fn http1_and_h2_prior_knowledge_on_one_port() {
     let up = sim("m").await;
     let gw = gateway(&one_model("m", &up)).await;

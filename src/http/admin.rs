@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
+use axum::http::Uri;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -36,7 +38,12 @@ pub async fn pool(State(st): State<Arc<AppState>>) -> Response {
 }
 
 /// Loads a pool model now (at `normal` priority for memory), and waits until it is ready.
-pub async fn load(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+pub async fn load(
+    State(st): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Response {
+    let name = pool_name(name, &uri);
     let memory = &st.pipeline.orch.memory;
     let Some((id, p)) = memory.managed(&name) else {
         return ApiError::unknown_pool_model(&name).into_response();
@@ -52,7 +59,12 @@ pub async fn load(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> 
 }
 
 /// Stops a pool model that has no request in flight.
-pub async fn unload(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+pub async fn unload(
+    State(st): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Response {
+    let name = pool_name(name, &uri);
     let memory = &st.pipeline.orch.memory;
     let Some((id, p)) = memory.managed(&name) else {
         return ApiError::unknown_pool_model(&name).into_response();
@@ -62,4 +74,19 @@ pub async fn unload(State(st): State<Arc<AppState>>, Path(name): Path<String>) -
     }
     p.wait_stopped(STOP_GRACE + Duration::from_secs(1)).await;
     json_ok(memory.process_snapshot(id, p))
+}
+
+/// The pool model a path names; one that does not decode (`%ff`) names none, and is quoted as
+/// sent (it then gets 404 `unknown_pool_model`, as any unknown name).
+fn pool_name(name: Result<Path<String>, PathRejection>, uri: &Uri) -> String {
+    match name {
+        Ok(Path(n)) => n,
+        Err(_) => uri
+            .path()
+            .trim_start_matches("/admin/pool/")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    }
 }

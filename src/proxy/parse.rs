@@ -857,9 +857,11 @@ async fn read_body(limits: Limits, req: Request) -> Result<Bytes, ApiError> {
     match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::invalid_json(format!(
-            "the body could not be read: {e}"
-        ))),
+        // Framing (a bad chunk size, an early end): the HTTP layer's own text stays in the log.
+        Err(e) => {
+            tracing::debug!(error = %e, "request body unreadable");
+            Err(ApiError::malformed_body())
+        }
     }
 }
 
