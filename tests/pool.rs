@@ -313,3 +313,110 @@ async fn no_model_server_outlives_the_gateway() {
         .await;
     }
 }
+
+/// The command lines of every live process that holds `marker` in its command line.
+fn processes_with(marker: &str) -> Vec<(u64, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(marker) && alive(pid) {
+            found.push((pid, cmd));
+        }
+    }
+    found
+}
+
+/// Run by [`a_test_binary_that_ends_in_any_way_leaves_no_model_server`] in a process of its
+/// own (`MOFA_ORPHAN_MARKER` set): starts pool servers in-process, one of them behind an
+/// `sh -c` wrapper, then ends as `MOFA_ORPHAN_END` says: `return` (without any shutdown, as
+/// every test does), `panic`, or `hold` (waits to be killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by another test, in a process of its own"]
+async fn child_starts_pool_servers_and_ends() {
+    let Ok(marker) = std::env::var("MOFA_ORPHAN_MARKER") else {
+        return;
+    };
+    let plain = managed("a", 20, &format!(", \"--model\", \"{marker}\""), "");
+    let wrapped = format!(
+        "[[models]]\nname = \"w\"\n[[models.deployments]]\nkind = \"local\"\n\
+         command = [\"sh\", \"-c\", \"exec {BIN} sim --listen {{host}}:{{port}} --model w --model {marker}-w\"]\n\
+         memory_mb = 20\nstartup_timeout_s = 20\n"
+    );
+    let gw = gateway(&format!("{BUDGET}{plain}{wrapped}")).await;
+    chat_ok(gw, "a").await;
+    chat_ok(gw, "w").await;
+    let servers = processes_with(&marker)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.starts_with(&format!("{BIN} sim ")))
+        .count();
+    assert_eq!(servers, 2, "{:?}", processes_with(&marker));
+    println!("SERVERS-UP");
+    match std::env::var("MOFA_ORPHAN_END").as_deref() {
+        Ok("panic") => panic!("ending with a panic, as asked"),
+        Ok("hold") => std::future::pending::<()>().await,
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn a_test_binary_that_ends_in_any_way_leaves_no_model_server() {
+    // The pool's promise, "never leaves a server behind", whatever way the process that owns
+    // it ends: a test binary whose in-process gateway is never shut down (its runtime just
+    // ends), one that panics, one killed with SIGKILL.
+    use tokio::io::AsyncBufReadExt;
+    for end in ["return", "panic", "hold"] {
+        let marker = format!(
+            "orphan-check-{end}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "child_starts_pool_servers_and_ends",
+                "--nocapture",
+            ])
+            .env("MOFA_ORPHAN_MARKER", &marker)
+            .env("MOFA_ORPHAN_END", end)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let up = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.contains("SERVERS-UP") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(up.ok(), Some(true), "{end}: the servers never came up");
+        if end == "hold" {
+            child.start_kill().unwrap();
+        }
+        let status = child.wait().await.unwrap();
+        assert_eq!(status.success(), end == "return", "{end}: {status}");
+        eventually(
+            &format!("{end}: no model server outlives the test binary"),
+            Duration::from_secs(5),
+            || {
+                let marker = marker.clone();
+                async move { processes_with(&marker).is_empty() }
+            },
+        )
+        .await;
+    }
+}

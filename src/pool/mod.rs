@@ -360,7 +360,7 @@ impl Managed {
     }
 
     /// Runs a ready process until it dies or is told to stop.
-    async fn supervise(&self, mut child: tokio::process::Child, pid: Option<u32>, port: u16) {
+    async fn supervise(&self, mut child: process::Server, pid: Option<u32>, port: u16) {
         let (stop_tx, stop_rx) = oneshot::channel();
         {
             let mut st = lock(&self.state);
@@ -397,7 +397,7 @@ impl Managed {
     }
 
     /// A start failed: kill what is left, back off, free the memory, wake the waiters.
-    async fn start_failed(&self, msg: String, child: Option<tokio::process::Child>) {
+    async fn start_failed(&self, msg: String, child: Option<process::Server>) {
         if let Some(mut c) = child {
             process::terminate(&mut c).await;
         }

@@ -6,8 +6,11 @@
 //! SIGUSR1, even on SIGKILL) and the supervisor then SIGKILLs the whole group, so no server
 //! outlives the gateway, however it is wrapped. A stop is SIGTERM to the group (the supervisor
 //! waits for the server to exit), then SIGKILL; when the supervisor itself ends, the pool
-//! kills what is left of its group ([`kill_leftovers`]). It must not keep any state: the pool
-//! owns the process's life. (A server that leaves the group itself, `setsid`, escapes.)
+//! kills what is left of its group ([`kill_leftovers`]). A [`Server`] dropped while it runs
+//! (the runtime that owns the pool ends: a test, an embedder) SIGKILLs its group: killing the
+//! supervisor alone, as `kill_on_drop` does, would leave the server to init. It must not keep
+//! any state: the pool owns the process's life. (A server that leaves the group itself,
+//! `setsid`, escapes.)
 
 use std::time::Duration;
 
@@ -45,13 +48,42 @@ fn runnable(program: &str, cwd: Option<&str>, path_var: Option<std::ffi::OsStrin
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
+/// A server under its supervisor: the supervisor's `Child` (whose pid leads the group), which
+/// SIGKILLs the whole group when dropped while the supervisor still runs.
+pub struct Server(Child);
+
+impl std::ops::Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Still running (not waited for): its group goes with it.
+        if let (Some(pid), Ok(None)) = (self.0.id(), self.0.try_wait()) {
+            #[cfg(unix)]
+            kill_group(pid, libc::SIGKILL);
+            #[cfg(not(unix))]
+            let _ = pid;
+        }
+    }
+}
+
 /// Starts `argv` under the supervisor, with `env` added, stdin closed and stdout/stderr piped.
 /// The child's pid is the supervisor's, which leads the group.
 pub fn spawn(
     argv: &[String],
     env: impl Iterator<Item = (String, String)>,
     cwd: Option<&str>,
-) -> std::io::Result<Child> {
+) -> std::io::Result<Server> {
     let Some(program) = argv.first() else {
         return Err(std::io::Error::other("the command is empty"));
     };
@@ -105,7 +137,7 @@ pub fn spawn(
             });
         }
     }
-    cmd.spawn()
+    cmd.spawn().map(Server)
 }
 
 /// Sends `sig` to the process group led by `pid`.
@@ -131,7 +163,7 @@ pub fn kill_leftovers(pid: Option<u32>) {
 
 /// SIGTERM to the process group, SIGKILL after [`STOP_GRACE`] (and to whatever of the group is
 /// left once the leader exited).
-pub async fn terminate(child: &mut Child) {
+pub async fn terminate(child: &mut Server) {
     #[cfg(unix)]
     if let Some(pid) = child.id() {
         kill_group(pid, libc::SIGTERM);
