@@ -1,6 +1,12 @@
 //! The `mofa-gateway` command: `serve` (the default), `sim`, `check-config` and `keys`
 //! (`keys new` mints an API key, `keys hash` hashes one for the config).
+//!
+//! Nothing here writes with `println!`/`eprintln!`: they panic when the reader of a pipe has
+//! gone (`mofa-gateway keys new | head -1`). Output goes through [`print_out`]: a command whose
+//! reader left early (EPIPE) exits quietly with 0, as `head` asked for no more; `serve` and
+//! `sim` keep serving when their startup line cannot be written (it is only informational).
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -121,12 +127,9 @@ fn main() -> ExitCode {
     }
     if let Command::CheckConfig { file } = &command {
         return match Config::load(file) {
-            Ok(cfg) => {
-                print!("{}", cfg.to_masked_toml());
-                ExitCode::SUCCESS
-            }
+            Ok(cfg) => printed(print_out(&cfg.to_masked_toml())),
             Err(e) => {
-                eprintln!("error: {e}");
+                report(format_args!("error: {e}"));
                 ExitCode::from(2)
             }
         };
@@ -149,7 +152,7 @@ fn main() -> ExitCode {
                 (Command::Loaded(Box::new(cfg)), workers)
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                report(format_args!("error: {e}"));
                 return ExitCode::from(2);
             }
         },
@@ -170,7 +173,7 @@ fn main() -> ExitCode {
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            report(format_args!("error: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -185,10 +188,37 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            report(format_args!("error: {e}"));
             ExitCode::from(2)
         }
     }
+}
+
+/// Writes `text` to stdout and flushes it, returning what `println!` would panic on (EPIPE
+/// when the reader of a pipe has gone, ENOSPC...).
+fn print_out(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// The exit code of a command whose output was written with `result`: a reader that left
+/// early (EPIPE, `| head -1`) is no failure and is not reported; another error is.
+fn printed(result: std::io::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            report(format_args!("error: cannot write to stdout: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes one line to stderr; unlike `eprintln!`, never panics (a closed stderr loses it).
+fn report(line: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
 }
 
 /// `keys new` / `keys hash`.
@@ -207,43 +237,45 @@ fn keys(k: &KeysCommand) -> ExitCode {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
             if !valid {
-                eprintln!("error: --name must be 1 to 64 of A-Z a-z 0-9 _ . -");
+                report(format_args!(
+                    "error: --name must be 1 to 64 of A-Z a-z 0-9 _ . -"
+                ));
                 return ExitCode::from(2);
             }
             // 256 random bits from the OS.
             let mut raw = [0u8; 32];
             if let Err(e) = getrandom::getrandom(&mut raw) {
-                eprintln!("error: no randomness from the OS: {e}");
+                report(format_args!("error: no randomness from the OS: {e}"));
                 return ExitCode::FAILURE;
             }
             let secret = format!(
                 "sk-mofa-{}",
                 base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
             );
-            println!("{secret}");
-            println!();
-            println!("# Give the key above to its user; it is shown only this once.");
-            println!("# Paste this into the gateway's config:");
-            println!("[[auth.keys]]");
-            println!("name = \"{name}\"");
-            println!("hash = \"{}\"", hash(&secret));
-            ExitCode::SUCCESS
+            printed(print_out(&format!(
+                "{secret}\n\n\
+                 # Give the key above to its user; it is shown only this once.\n\
+                 # Paste this into the gateway's config:\n\
+                 [[auth.keys]]\n\
+                 name = \"{name}\"\n\
+                 hash = \"{}\"\n",
+                hash(&secret)
+            )))
         }
         KeysCommand::Hash => {
             let mut input = String::new();
             if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
-                eprintln!("error: cannot read the key from stdin: {e}");
+                report(format_args!("error: cannot read the key from stdin: {e}"));
                 return ExitCode::from(2);
             }
             let secret = input.trim();
             if secret.is_empty() {
-                eprintln!(
+                report(format_args!(
                     "error: no key on stdin (e.g. `printf %s \"$KEY\" | mofa-gateway keys hash`)"
-                );
+                ));
                 return ExitCode::from(2);
             }
-            println!("{}", hash(secret));
-            ExitCode::SUCCESS
+            printed(print_out(&format!("{}\n", hash(secret))))
         }
     }
 }
@@ -307,14 +339,14 @@ async fn serve(cfg: Config, lanes: usize) -> Result<(), String> {
     let addr = gw.local_addr().map_err(|e| e.to_string())?;
     let names: Vec<&str> = cfg.models.iter().map(|m| m.name.as_str()).collect();
     // Printed on stdout so that scripts and tests can read the port.
-    println!("mofa-gateway listening on http://{addr}");
+    startup_line(&format!("mofa-gateway listening on http://{addr}\n"));
     tracing::info!(%addr, models = ?names, "mofa-gateway listening");
     let first_signal = async {
         shutdown_signal().await;
         tracing::info!("shutting down (a second signal exits at once)");
         tokio::spawn(async {
             shutdown_signal().await;
-            eprintln!("second signal: exiting now");
+            report(format_args!("second signal: exiting now"));
             std::process::exit(130);
         });
     };
@@ -359,10 +391,18 @@ async fn sim(args: SimArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // Printed on stdout so that scripts and tests can read the port.
-    println!("mofa-sim listening on http://{addr}/v1");
+    startup_line(&format!("mofa-sim listening on http://{addr}/v1\n"));
     tracing::info!(%addr, models = ?opts.models, "simulator listening");
     tokio::select! {
         r = mofa_gateway::sim::serve(listener, opts) => r.map_err(|e| e.to_string()),
         _ = shutdown_signal() => Ok(()),
+    }
+}
+
+/// Prints the startup line of `serve` or `sim`; if stdout is gone (its reader left: EPIPE),
+/// says so in the log and serves on: the address is in the log too.
+fn startup_line(line: &str) {
+    if let Err(e) = print_out(line) {
+        tracing::warn!("cannot print the startup line on stdout ({e}); serving anyway");
     }
 }

@@ -8,6 +8,10 @@
 //! phase through [`Metrics::rate_limited`]; state gauges are read from the orchestrator's
 //! snapshots at scrape time ([`Metrics::render`]), never updated on the request path.
 //!
+//! The windows' latency percentiles are of *served* requests only (status 2xx: the head of a
+//! 200 was sent, including a stream its backend cut afterwards), so that a burst of instant
+//! 503 rejections never shows as a fast p50; the rejections are counted in the outcome rates.
+//!
 //! It must not take a label value from client input: model, backend, deployment and key names
 //! come from the config, reasons and priorities from closed sets; a name it does not know is
 //! counted under the empty label. It imports nothing of the crate and does no I/O.
@@ -269,7 +273,8 @@ impl Metrics {
         self.handle.render()
     }
 
-    /// The last minute of `model` (requests/s, outcome rates, p50/p99) for the status page.
+    /// The last minute of `model` for the status page: requests/s and outcome rates of every
+    /// request, p50/p99 of the served ones (status 2xx; `served` says how many).
     pub fn last_minute(&self, model: &str) -> Value {
         self.recent.last_minute(model)
     }
@@ -422,13 +427,24 @@ fn class_of(s: &Sample<'_>) -> Class {
     }
 }
 
+/// Whether a request's latency counts in the windows' percentiles: it was served (status
+/// 2xx: a 200 head was sent, whether the body then completed or its stream was cut). The time
+/// of a rejection, a bad request, an upstream error or a client that left says nothing of how
+/// fast the model serves (an instant 503 would pull the p50 towards 0).
+fn served(s: &Sample<'_>) -> bool {
+    (200..300).contains(&s.status)
+}
+
 /// One second of one model.
 #[derive(Clone, Copy, Default)]
 struct Sec {
     /// Which second (since start) this slot holds.
     t: u64,
+    /// Every finished request, by outcome.
     by_class: [u32; 6],
+    /// Served requests only ([`served`]): time from arrival to the last byte.
     total: [u32; NB],
+    /// Streams that sent a first byte (a 200 head; the client may have left later).
     ttft: [u32; NB],
 }
 
@@ -522,19 +538,29 @@ impl Recent {
     }
 
     fn record(&self, s: &Sample<'_>) {
-        let t = self.now_s();
+        self.record_at(self.now_s(), s);
+    }
+
+    /// Counts `s` in second `t` (since start).
+    fn record_at(&self, t: u64, s: &Sample<'_>) {
         let class = class_of(s) as usize;
         let mut ring = lock(self.ring(s.model));
         let slot = ring.slot(t);
         slot.by_class[class] += 1;
-        slot.total[bucket(s.total)] += 1;
+        if served(s) {
+            slot.total[bucket(s.total)] += 1;
+        }
         if let Some(ttft) = s.ttft {
             slot.ttft[bucket(ttft)] += 1;
         }
     }
 
     fn last_minute(&self, model: &str) -> Value {
-        let now = self.now_s();
+        self.last_minute_at(model, self.now_s())
+    }
+
+    /// The last minute of `model` as of second `now` (since start).
+    fn last_minute_at(&self, model: &str, now: u64) -> Value {
         // The current second is partial: the minute is the 60 whole seconds before it, or
         // everything since start while it is younger than that.
         let from = now.saturating_sub(60);
@@ -559,6 +585,8 @@ impl Recent {
         json!({
             "requests": n,
             "rps": (f64::from(n) / span * 100.0).round() / 100.0,
+            // The requests the percentiles are of (see `served`).
+            "served": sum.total.iter().sum::<u32>(),
             "p50_ms": quantile_ms(&sum.total, 0.5),
             "p99_ms": quantile_ms(&sum.total, 0.99),
             "ttft_p50_ms": quantile_ms(&sum.ttft, 0.5),
@@ -656,6 +684,43 @@ mod tests {
             .contains(r#"mofa_gateway_tokens_total{model="a",backend="sim(x)",type="output"} 10"#));
         assert!(
             text.contains(r#"mofa_gateway_rate_limited_total{key="team-a",limit="requests"} 1"#)
+        );
+    }
+
+    #[test]
+    fn the_last_minutes_percentiles_are_of_served_requests_only() {
+        let r = Recent::new(&["m".into()]);
+        let at = |status, reason, ms| r.record_at(5, &sample("m", status, reason, ms));
+        // 20 served in (1 s, 2 s], 1 stream cut after its 200 head (served, 1.5 s), and
+        // 200 requests refused at once: rejected, limited, invalid, upstream errors, gone.
+        for _ in 0..20 {
+            at(200, "ok", 1500);
+        }
+        at(200, "stream_broken", 1500);
+        for _ in 0..40 {
+            at(503, "queue_full", 0);
+            at(503, "upstream_error", 1);
+            at(429, "rate_limited", 0);
+            at(400, "invalid_request", 0);
+            at(499, "client_disconnect", 3);
+        }
+        let v = r.last_minute_at("m", 6);
+        assert_eq!(v["requests"], 221, "{v}");
+        assert_eq!(v["served"], 21, "{v}");
+        for q in ["p50_ms", "p99_ms"] {
+            let ms = v[q].as_f64().unwrap_or_else(|| panic!("{q}: {v}"));
+            assert!((1000.0..=2000.0).contains(&ms), "{q} {ms}: {v}");
+        }
+        // The rejections are still counted, in the rates.
+        assert_eq!(v["by_outcome"]["rejected"], 40, "{v}");
+        assert!((v["rate_503"].as_f64().unwrap() - 40.0 / 221.0).abs() < 1e-9);
+        // With nothing served, no percentile (not a 0 ms one).
+        let r = Recent::new(&["m".into()]);
+        r.record_at(5, &sample("m", 503, "queue_full", 0));
+        let v = r.last_minute_at("m", 6);
+        assert_eq!(
+            (v["served"].clone(), v["p50_ms"].clone()),
+            (json!(0), Value::Null)
         );
     }
 

@@ -1,9 +1,10 @@
-//! The `mofa-gateway` binary as a user runs it: zero-config serve, `sim`, `check-config`.
+//! The `mofa-gateway` binary as a user runs it: zero-config serve, `sim`, `check-config`, and
+//! every command with a stdout whose reader has gone (`| head -1`): a quiet exit, no panic.
 
 mod common;
 
 use common::{addr_of, chat, model_ids, run_binary as start};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
 
@@ -177,4 +178,114 @@ fn check_config_refuses_a_raw_key_without_repeating_it() {
     assert!(stderr.contains("auth.keys[0].hash"), "{stderr}");
     assert!(stderr.contains("mofa-gateway keys hash"), "{stderr}");
     assert!(!stderr.contains("raw-secret") && !out.stdout.windows(10).any(|w| w == b"raw-secret"));
+}
+
+// --- a stdout whose reader has gone ----------------------------------------------------------
+
+/// Runs the binary with `args` and `stdin`, its stdout a pipe whose read end this process
+/// closes at once (before the binary writes: `| head -c0`); returns its exit code and stderr.
+fn with_closed_stdout(args: &[&str], stdin: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn commands_exit_quietly_when_the_reader_of_stdout_has_gone() {
+    // `println!` panicked on EPIPE (exit 101, a backtrace on stderr) whenever the reader had
+    // left before a line was written: in about half the runs of `keys new | head -1`. Here
+    // it has always left, so each run would panic; the repetitions guard against a race.
+    let dir = TempDir::new("epipe");
+    let file = dir.write(
+        "gw.toml",
+        "[[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\n",
+    );
+    let commands: [(&[&str], &str); 4] = [
+        (&["keys", "new", "--name", "x"], ""),
+        (&["keys", "hash"], "sk-mofa-some-key"),
+        (&["check-config", &file], ""),
+        (&["--help"], ""),
+    ];
+    for _ in 0..20 {
+        for (args, stdin) in commands {
+            let (code, stderr) = with_closed_stdout(args, stdin);
+            assert!(
+                !stderr.contains("panicked") && !stderr.contains("backtrace"),
+                "{args:?}: {stderr}"
+            );
+            // The reader asked for no more: that is no failure, and nothing to report.
+            assert_eq!(code, Some(0), "{args:?}: {stderr}");
+            assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn sim_and_serve_serve_on_when_their_startup_line_cannot_be_printed() {
+    for command in ["sim", "serve"] {
+        // A free port, named up front: the line that would have said it is lost.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut child = tokio::process::Command::new(BIN)
+            .args([command, "--listen", &listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let url = format!("http://{listen}/v1/models");
+        common::eventually(
+            &format!("{command} serving with its stdout closed"),
+            common::WAIT,
+            || {
+                let url = url.clone();
+                async move {
+                    match reqwest::get(&url).await {
+                        Ok(r) => r.status() == 200,
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{command} exited with its stdout closed"
+        );
+        // SIGTERM: a graceful stop, which writes the log's last lines.
+        let pid = child.id().unwrap().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let out = tokio::time::timeout(common::WAIT, child.wait_with_output())
+            .await
+            .expect("it stops on SIGTERM")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{command}: {stderr}");
+        assert!(stderr.contains("startup line"), "{command}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{command}: {stderr}");
+    }
 }

@@ -3,8 +3,8 @@
 //! 503 rejection, cut stream, client disconnect); the access log of a gateway process, one
 //! line per request with the expected fields and no secret; and the status page in a real
 //! headless browser (Debian's `chromium`, driven over the DevTools protocol): no console
-//! error, live values shown, load/unload buttons working, a screenshot saved under
-//! `target/observe/`.
+//! error, live values shown, load/unload buttons working, long values fitting their tiles, a
+//! screenshot saved under `target/observe/`.
 //!
 //! Needs `promtool` and `chromium` on the PATH (`.ci/run` installs Debian's `prometheus` and
 //! `chromium`). Everything listens on 127.0.0.1 ephemeral ports.
@@ -825,4 +825,104 @@ async fn the_status_page_shows_live_values_and_its_buttons_work_in_a_browser() {
     assert_eq!(pool["models"][0]["state"], "ready");
     drop(held);
     let _ = queued.await;
+}
+
+/// Renders the page with the last-minute values `VALUES` for its first model (polling
+/// stopped, so that they stay) and returns the tiles whose value does not fit, the p50 and
+/// p99 shown, the p99's tooltip and the caption under the tiles.
+const RENDER_VALUES: &str = r#"(() => {
+  const show = window.shownRender || (window.shownRender = render);
+  render = () => {};
+  poll = async () => {};
+  clearTimeout(timer);
+  const d = JSON.parse(JSON.stringify(last));
+  Object.assign(d.models[0].last_minute, VALUES);
+  show(d);
+  const card = document.querySelector('[data-model]');
+  const tiles = [...card.querySelectorAll('.kpi')];
+  const spills = e => e.scrollWidth > e.clientWidth;
+  return {
+    over: tiles.filter(t => spills(t) || spills(t.querySelector('b')))
+      .map(t => `${t.className} "${t.textContent}": ${t.scrollWidth} > ${t.clientWidth}`),
+    page_over: document.documentElement.scrollWidth > window.innerWidth + 1,
+    p50: card.querySelector('.p50 b').textContent,
+    p99: card.querySelector('.p99 b').textContent,
+    title: card.querySelector('.p99').title,
+    caption: (card.querySelector('.caption') || {}).textContent,
+  };
+})()"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_values_fit_their_tiles_on_the_status_page() {
+    // A p99 of 1950.0 used to spill out of its tile; any latency up to 100 s must fit, as
+    // must 12k requests/s and a 100% 503 rate, in a wide window and a narrow one.
+    let ok = sim(sim_opts("ok")).await;
+    let gw = gateway(&one_model("ok", &ok, "")).await;
+    let page = format!("http://{gw}/");
+    let shot =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/observe/status-long.png");
+    let (errors, shown) = tokio::task::spawn_blocking(move || {
+        let (_browser, port) = chromium();
+        let mut cdp = Cdp::connect(port);
+        cdp.call("Page.navigate", json!({"url": page}));
+        cdp.wait_for(
+            "!!document.querySelector('[data-model=\"ok\"] .p99')",
+            "the model card",
+        );
+        let mut shown = Vec::new();
+        for width in [1200, 390] {
+            cdp.call(
+                "Emulation.setDeviceMetricsOverride",
+                json!({"width": width, "height": 1500, "deviceScaleFactor": 1, "mobile": width < 500}),
+            );
+            cdp.wait_for(&format!("window.innerWidth === {width}"), "the window size");
+            for values in [
+                json!({"requests": 123456, "served": 99999, "rps": 12345.67, "p50_ms": 1950.0,
+                       "p99_ms": 99999.0, "ttft_p50_ms": 1950.0, "ttft_p99_ms": 99999.0,
+                       "rate_503": 1, "rate_429": 0.0123}),
+                json!({"requests": 99999, "served": 88888, "rps": 9999.4, "p50_ms": 999.4,
+                       "p99_ms": 9994.9, "ttft_p50_ms": 0.04, "ttft_p99_ms": 99.94,
+                       "rate_503": 0.0999, "rate_429": 0.999}),
+                json!({"requests": 60, "served": 60, "rps": 1.0, "p50_ms": 0.25,
+                       "p99_ms": 0.49, "ttft_p50_ms": null, "ttft_p99_ms": null,
+                       "rate_503": 0, "rate_429": 0}),
+            ] {
+                let js = RENDER_VALUES.replace("VALUES", &values.to_string());
+                shown.push((width, cdp.eval(&js)));
+            }
+            cdp.screenshot(&shot.with_file_name(format!("status-long-{width}.png")));
+        }
+        (cdp.errors, shown)
+    })
+    .await
+    .unwrap();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    for (i, (width, v)) in shown.iter().enumerate() {
+        assert_eq!(
+            v["over"],
+            json!([]),
+            "{width} px: values spill out of their tiles: {v}"
+        );
+        assert_eq!(
+            v["page_over"], false,
+            "{width} px: the page scrolls sideways: {v}"
+        );
+        // Compact: 1950 ms is 1.95 s (the unit set apart, smaller), 99999 ms 100 s.
+        // (999.4 ms is 999 ms, 9994.9 ms 9.99 s, 0.25 ms 0.3 ms.)
+        let (p50, p99, served) = [
+            ("1.95s", "100s", "99999"),
+            ("999ms", "9.99s", "88888"),
+            ("0.3ms", "0.5ms", "60"),
+        ][i % 3];
+        assert_eq!(
+            (v["p50"].as_str(), v["p99"].as_str()),
+            (Some(p50), Some(p99)),
+            "{v}"
+        );
+        // The page says what the percentiles are of.
+        let title = v["title"].as_str().unwrap_or_default();
+        assert!(title.contains(&format!("{served} requests served")), "{v}");
+        let caption = v["caption"].as_str().unwrap_or_default();
+        assert!(caption.contains("served requests"), "{v}");
+    }
 }
