@@ -8,8 +8,11 @@
 //! keep-alive connection, and relay the reply's status, `content-type` and body (streamed, as
 //! it arrives). It does not parse JSON, authenticate, admit, route, log, or count anything.
 //!
-//! It serves on `--lanes` threads, each a one-thread runtime with its own listener on the same
-//! port (`SO_REUSEPORT`) and its own upstream pool, as the gateway's lanes do.
+//! It serves on `--lanes` threads, each a one-thread runtime with its own upstream pool, as the
+//! gateway's lanes are. Unlike the gateway (one acceptor that hands each connection to the lane
+//! with the fewest), each lane here accepts on its own listener on the same port
+//! (`SO_REUSEPORT`): the kernel spreads connections, and no hand-over is paid, so the floor
+//! stays the least a proxy on this stack can cost.
 //!
 //! ```text
 //! floor_proxy --listen 127.0.0.1:9000 --upstream http://127.0.0.1:9001 [--lanes N]

@@ -1,7 +1,7 @@
 //! The schema of `[auth]`: API keys declared by the hash of their secret, and the `keys_file`
 //! that holds more of them. Owns the `sha256:<hex>` format and reading the keys file; it must
 //! never hold, print or echo a key's secret (a value that looks like one is refused without
-//! being repeated). Nothing reads these keys yet: the `authorize` phase will.
+//! being repeated). The `authorize` phase (`proxy::authorize`) checks requests against them.
 
 use std::fmt;
 use std::path::Path;

@@ -225,6 +225,11 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {secret}x")).unwrap(),
         );
+        // Two keys that disagree: which one is meant cannot be known.
+        let e = a.authenticate(&h).unwrap_err();
+        assert_eq!(e.code, "ambiguous_credentials");
+        assert!(!e.message.contains(secret));
+        h.remove("x-api-key");
         let e = a.authenticate(&h).unwrap_err();
         assert_eq!(e.code, "invalid_api_key");
         assert!(!e.message.contains(secret));

@@ -45,11 +45,18 @@ use crate::limits::{Charge, Denial, Dim, Rate, Status};
 /// retry_after_us (-1: never fits), used}` or `{2, in_flight}`. `settle` only applies.
 /// `renew` pushes the given leases' expiry forward. ARGV: op, n, then per bucket `limit,
 /// period_us, cost, adjust, floor`, then `max_parallel (0: no lease), member, lease_ttl_us`, then
-/// the members to free (or, for `renew`, to renew). Mirrors `limits::gcra` (keep them in step).
+/// the members to free (or, for `renew`, to renew). The clock is Redis's own (`TIME`); an op
+/// written `check@<us>` runs at that time instead (the test that holds this script against
+/// `limits::gcra`, which it mirrors: see `same_decisions_as_the_rust_gcra`).
 const SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local op = ARGV[1]
+local op, at = string.match(ARGV[1], '^(%a+)@?(%d*)$')
+local now
+if at ~= nil and at ~= '' then
+  now = tonumber(at)
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local n = tonumber(ARGV[2])
 local base = 5 * n + 3
 local lk = KEYS[n + 1]
@@ -898,4 +905,205 @@ fn bucket_key(tag: &str, slot: Slot) -> String {
 
 fn lease_key(tag: &str) -> String {
     format!("mofa:{tag}:inflight")
+}
+
+#[cfg(test)]
+mod tests {
+    //! The Lua GCRA against the Rust one (`limits::gcra`, what the memory store runs): the same
+    //! charges and corrections at the same times, through a real `redis-server` (`SCRIPT LOAD`
+    //! + `EVALSHA`), give the same decision, the same `Retry-After` and the same buckets.
+    use super::*;
+    use crate::limits::{charge_all, Charge, Dim, Rate};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    /// A `redis-server` on an ephemeral loopback port, without persistence; killed when
+    /// dropped.
+    struct Redis(std::process::Child, String);
+
+    impl Redis {
+        fn start() -> Redis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "redis-server could not be run ({e}): install Debian's `redis-server` \
+                         package (.ci/run does)"
+                    )
+                });
+            let r = Redis(child, format!("redis://127.0.0.1:{port}"));
+            let client = redis::Client::open(r.1.as_str()).unwrap();
+            for _ in 0..500 {
+                if client.get_connection().is_ok() {
+                    return r;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("redis-server did not accept connections on port {port}");
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// One step of a sequence: a gap in microseconds, then a check of these costs (one per
+    /// bucket) or a correction of each bucket by these deltas.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Check(u64, Vec<u64>),
+        Adjust(u64, Vec<i64>),
+    }
+
+    /// Gaps: any, and whole seconds (with limits that divide a minute, the exact edges where
+    /// a charge just fits).
+    fn gap() -> impl Strategy<Value = u64> {
+        prop_oneof![0u64..5_000_000, (0u64..4).prop_map(|s| s * 1_000_000)]
+    }
+
+    fn step(buckets: usize) -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (gap(), proptest::collection::vec(0u64..400, buckets))
+                .prop_map(|(g, c)| Step::Check(g, c)),
+            1 => (gap(), proptest::collection::vec(-300i64..300, buckets))
+                .prop_map(|(g, d)| Step::Adjust(g, d)),
+        ]
+    }
+
+    fn limit() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            1u64..2_000,
+            prop::sample::select(vec![1u64, 2, 3, 6, 10, 20, 60, 600])
+        ]
+    }
+
+    fn case() -> impl Strategy<Value = (Vec<u64>, Vec<Step>)> {
+        (1usize..=3).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(limit(), n),
+                proptest::collection::vec(step(n), 1..60),
+            )
+        })
+    }
+
+    /// One call of the script at `now` under keys `t{id}:*`.
+    fn call(
+        con: &mut redis::Connection,
+        id: usize,
+        op: &str,
+        now: u64,
+        rates: &[Rate],
+        cost: &[u64],
+        adj: &[i64],
+    ) -> Vec<i64> {
+        let script = redis::Script::new(SCRIPT);
+        let mut inv = script.prepare_invoke();
+        for i in 0..rates.len() {
+            inv.key(format!("t{id}:{i}"));
+        }
+        inv.key(format!("t{id}:lease"));
+        inv.arg(format!("{op}@{now}")).arg(rates.len());
+        for (i, r) in rates.iter().enumerate() {
+            inv.arg(r.limit)
+                .arg(r.period_us)
+                .arg(cost[i])
+                .arg(adj[i])
+                .arg(0u64);
+        }
+        inv.arg(0u32).arg("").arg(LEASE_TTL.as_micros() as u64);
+        match op {
+            "check" => inv.invoke::<Vec<i64>>(con).unwrap(),
+            _ => vec![inv.invoke::<i64>(con).unwrap()],
+        }
+    }
+
+    #[test]
+    fn same_decisions_as_the_rust_gcra() {
+        let redis = Redis::start();
+        let con = std::cell::RefCell::new(
+            redis::Client::open(redis.1.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap(),
+        );
+        let next = std::cell::Cell::new(0usize);
+        let mut runner = TestRunner::new(Config::with_cases(256));
+        let result = runner.run(&case(), |(limits, steps)| {
+            let id = next.get() + 1;
+            next.set(id);
+            let mut con = con.borrow_mut();
+            let rates: Vec<Rate> = limits.iter().map(|l| Rate::per_minute(*l)).collect();
+            let mut tats = vec![0u64; rates.len()];
+            let mut now = 1_000_000_000_000u64;
+            for s in steps {
+                match s {
+                    Step::Check(gap, costs) => {
+                        now += gap;
+                        let zero = vec![0; costs.len()];
+                        let lua = call(&mut con, id, "check", now, &rates, &costs, &zero);
+                        let charges: Vec<Charge> = rates
+                            .iter()
+                            .zip(&costs)
+                            .map(|(r, c)| Charge {
+                                rate: *r,
+                                dim: Dim::Tokens,
+                                cost: *c,
+                            })
+                            .collect();
+                        match charge_all(&charges, &mut tats, now) {
+                            Ok(_) => {
+                                prop_assert_eq!(
+                                    lua[0],
+                                    1,
+                                    "Lua refused what Rust allows: {:?}",
+                                    lua
+                                );
+                                let backlogs: Vec<i64> =
+                                    tats.iter().map(|t| (t - now) as i64).collect();
+                                prop_assert_eq!(&lua[1..], &backlogs[..]);
+                            }
+                            Err(d) => {
+                                prop_assert_eq!(
+                                    lua[0],
+                                    0,
+                                    "Lua allowed what Rust refuses: {:?}",
+                                    d
+                                );
+                                let i = usize::try_from(lua[1] - 1).unwrap();
+                                prop_assert_eq!(charges[i].cost, d.requested);
+                                prop_assert_eq!(charges[i].rate.limit, d.limit);
+                                let wait = d.retry_after_us.map_or(-1, |w| w as i64);
+                                prop_assert_eq!(lua[2], wait, "Retry-After");
+                                prop_assert_eq!(lua[3] as u64, d.used, "used");
+                            }
+                        }
+                    }
+                    Step::Adjust(gap, deltas) => {
+                        now += gap;
+                        let zero = vec![0; deltas.len()];
+                        call(&mut con, id, "settle", now, &rates, &zero, &deltas);
+                        for ((t, r), d) in tats.iter_mut().zip(&rates).zip(&deltas) {
+                            if *d != 0 {
+                                *t = r.adjust(*t, now, *d);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
 }
