@@ -60,6 +60,7 @@ redis_up() {
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
         >"$TMP/redis.log" 2>&1 &
     echo $! >"$TMP/redis.pid"
+    disown  # killed by PID (the driver restarts it): no job notice
     for ((i = 0; i < 50; i++)); do
         listening "$REDIS_PORT" && return 0
         sleep 0.05

@@ -81,14 +81,16 @@ fn messages_request(
 ) -> Result<Parsed, ApiError> {
     // The same whole-body check as an OpenAI body (UTF-8, lone surrogates, nesting, duplicate
     // keys), so that both formats refuse the same bodies with the same messages.
-    if let Some(Field::Str(m)) = parse_head(body)?.model {
-        *named = Some(m.into_owned());
-    }
-    let t =
-        anthropic::translate(body, wire == WireFormat::AnthropicCount).map_err(|e| match e {
+    let head = parse_head(body)?;
+    let t = anthropic::translate(body, wire == WireFormat::AnthropicCount).map_err(|e| {
+        if let Some(Field::Str(m)) = head.model {
+            *named = Some(m.into_owned());
+        }
+        match e {
             anthropic::Invalid::Json(m) => ApiError::invalid_json(m),
             anthropic::Invalid::Value { param, message } => ApiError::invalid_value(param, message),
-        })?;
+        }
+    })?;
     let body_priority = t
         .priority
         .as_ref()
@@ -261,10 +263,7 @@ fn parse_fields(
 ) -> Result<Fields, ApiError> {
     let head = parse_head(body)?;
     let model = match &head.model {
-        Some(Field::Str(m)) if !m.is_empty() => {
-            *named = Some(m.to_string());
-            m.to_string()
-        }
+        Some(Field::Str(m)) if !m.is_empty() => m.to_string(),
         Some(Field::Str(_)) | None => {
             return Err(ApiError::invalid_value(
                 "model",
@@ -273,28 +272,40 @@ fn parse_fields(
         }
         Some(_) => return Err(ApiError::invalid_value("model", "`model` must be a string")),
     };
-    // One rule on every endpoint: `stream` is a boolean (`null` is the same as absent).
-    // Embeddings do not stream; their `stream` is forwarded untouched.
-    let stream = match head.stream {
-        None | Some(Field::Null) => false,
-        Some(Field::Bool(b)) => b && endpoint != Endpoint::Embeddings,
-        Some(_) => {
-            return Err(ApiError::invalid_value(
-                "stream",
-                "`stream` must be a boolean",
-            ))
+    // The rest is checked knowing the model: a refusal names it (`named`), not the success
+    // path (no second copy of the name per request).
+    let rest = (|| {
+        // One rule on every endpoint: `stream` is a boolean (`null` is the same as absent).
+        // Embeddings do not stream; their `stream` is forwarded untouched.
+        let stream = match head.stream {
+            None | Some(Field::Null) => false,
+            Some(Field::Bool(b)) => b && endpoint != Endpoint::Embeddings,
+            Some(_) => {
+                return Err(ApiError::invalid_value(
+                    "stream",
+                    "`stream` must be a boolean",
+                ))
+            }
+        };
+        check_input(endpoint, &head)?;
+        // Only the gateway's words (and `null`) are the gateway's `priority`; anything else (vLLM's
+        // integer priority, ...) belongs to the backend and is forwarded unchanged.
+        let (priority, strip_priority) = match head.priority {
+            Some(Field::Str(p)) => match priority_word(&p) {
+                Some(p) => (Some(p), true),
+                None => (None, false),
+            },
+            Some(Field::Null) => (None, true),
+            _ => (None, false),
+        };
+        Ok((stream, priority, strip_priority))
+    })();
+    let (stream, priority, strip_priority) = match rest {
+        Ok(r) => r,
+        Err(e) => {
+            *named = Some(model);
+            return Err(e);
         }
-    };
-    check_input(endpoint, &head)?;
-    // Only the gateway's words (and `null`) are the gateway's `priority`; anything else (vLLM's
-    // integer priority, ...) belongs to the backend and is forwarded unchanged.
-    let (priority, strip_priority) = match head.priority {
-        Some(Field::Str(p)) => match priority_word(&p) {
-            Some(p) => (Some(p), true),
-            None => (None, false),
-        },
-        Some(Field::Null) => (None, true),
-        _ => (None, false),
     };
     Ok(Fields {
         model,
