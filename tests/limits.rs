@@ -524,6 +524,20 @@ async fn alternate(gws: &[SocketAddr], n: usize) -> u64 {
     ok
 }
 
+/// A Redis, a sim of model `m`, and two gateway processes with key limits `limits` sharing
+/// them through it with `redis_failure = failure`, once both see Redis up.
+async fn two_replicas(
+    failure: &str,
+    limits: &str,
+) -> (Redis, Binary, SocketAddr, Binary, SocketAddr) {
+    let redis = Redis::start().await;
+    let up = sim(sim_opts("m")).await;
+    let cfg = redis_config(&redis, failure, limits, &one_model("m", &up, ""));
+    let (pa, a) = replica(&cfg).await;
+    let (pb, b) = replica(&cfg).await;
+    (redis, pa, a, pb, b)
+}
+
 /// At most `limit` a minute plus one: what refills (limit/60 a second) while the test runs.
 fn window_bound(limit: u64, took: Duration) -> u64 {
     limit + 1 + took.as_secs() * limit / 60
@@ -535,12 +549,7 @@ async fn replicas_keep_one_limit_across_a_redis_restart_while_idle() {
     // their connections are dead without their knowing. Their next calls reconnect at once
     // (not a fall-back to local buckets that each admit the whole limit), and what they
     // admitted before the restart is restored from what they last saw.
-    let mut redis = Redis::start().await;
-    let up = sim(sim_opts("m")).await;
-    let model = one_model("m", &up, "");
-    let cfg = redis_config(&redis, "local", "rpm = 20", &model);
-    let (_a, a) = replica(&cfg).await;
-    let (_b, b) = replica(&cfg).await;
+    let (mut redis, _a, a, _b, b) = two_replicas("local", "rpm = 20").await;
     let start = Instant::now();
     let before = alternate(&[a, b], 8).await;
     assert_eq!(before, 8);
@@ -561,12 +570,7 @@ async fn replicas_keep_one_limit_across_a_redis_restart_while_idle() {
 
 #[tokio::test]
 async fn what_a_replica_admits_locally_during_an_outage_is_charged_to_redis_once() {
-    let mut redis = Redis::start().await;
-    let up = sim(sim_opts("m")).await;
-    let model = one_model("m", &up, "");
-    let cfg = redis_config(&redis, "local", "rpm = 20", &model);
-    let (_a, a) = replica(&cfg).await;
-    let (_b, b) = replica(&cfg).await;
+    let (mut redis, _a, a, _b, b) = two_replicas("local", "rpm = 20").await;
     let start = Instant::now();
     assert_eq!(alternate(&[a, b], 4).await, 4);
     redis.kill();
@@ -595,12 +599,7 @@ async fn what_a_replica_admits_locally_during_an_outage_is_charged_to_redis_once
 
 #[tokio::test]
 async fn closed_mode_serves_as_soon_as_redis_answers_a_ping() {
-    let mut redis = Redis::start().await;
-    let up = sim(sim_opts("m")).await;
-    let model = one_model("m", &up, "");
-    let cfg = redis_config(&redis, "closed", "rpm = 600", &model);
-    let (_a, a) = replica(&cfg).await;
-    let (_b, b) = replica(&cfg).await;
+    let (mut redis, _a, a, _b, b) = two_replicas("closed", "rpm = 600").await;
     assert_eq!(alternate(&[a, b], 2).await, 2);
     // Restarted while both are idle: neither refuses once Redis is back.
     redis.kill();
