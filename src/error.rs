@@ -1,5 +1,11 @@
 //! The one place that turns a gateway error into an HTTP response.
 //!
+//! A failure is an [`ErrorKind`] (a closed set) with its message, the request field at fault,
+//! its cause (for the log only) and its retry advice. One `match` ([`ErrorKind::spec`]) derives
+//! from the kind everything else: the status, the OpenAI `type` and `code`, the Anthropic status
+//! and `type`, the metric and log reason, `connection: close`. No table maps a status back to a
+//! label (a reply the gateway did not make itself is given a kind once, [`ErrorKind::of_foreign`]).
+//!
 //! Every non-2xx reply the gateway produces goes through [`ApiError`], so every one carries the
 //! OpenAI error envelope `{"error":{"message","type","param","code"}}` with the status that
 //! `docs/http-contract.md` gives for it, plus `Retry-After` / `x-should-retry` where they apply.
@@ -7,22 +13,217 @@
 //! ([`ApiError::into_response_for`]: 503 becomes 529 `overloaded_error`, and so on).
 //! This module decides statuses and envelopes; it must not do I/O or know about routing.
 
-use std::borrow::Cow;
-
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::anthropic::{self, WireFormat};
 use crate::headers::{BACKEND, REJECT_REASON, RETRY_AFTER_MS, SHOULD_RETRY};
+use crate::limits::Dim;
 use crate::pool::StartError;
-use crate::reason::{clamp_retry_after, RejectReason, Rejection, RETRY_AFTER_MAX_S};
+use crate::reason::{clamp_retry_after, Reason, RejectReason, Rejection, RETRY_AFTER_MAX_S};
 use crate::upstream::{envelope, is_envelope, UpstreamError};
 
 /// `retry-after-ms` of a `max_parallel` refusal: a slot frees when a request ends.
 const PARALLEL_RETRY_MS: u64 = 250;
 
-/// A failure to be answered with the OpenAI error envelope (boxed: it travels in `Result`s).
+/// What went wrong: a closed set. Everything a reply says of a failure derives from it in one
+/// `match` ([`ErrorKind::spec`]): the status, the OpenAI `type` and `code`, the Anthropic status
+/// and `type`, the metric and log reason, whether the connection closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    // The request itself.
+    InvalidJson,
+    InvalidValue,
+    AmbiguousCredentials,
+    /// The HTTP layer could not read the request (its head, or its body's framing).
+    MalformedRequest,
+    HeadTooLarge,
+    UriTooLong,
+    VersionNotSupported,
+    /// A query string or path an endpoint could not read (no such case on `/v1`).
+    BadRequest,
+    UnsupportedMediaType,
+    TooLarge,
+    RequestTimeout,
+    UnknownUrl,
+    MethodNotAllowed,
+    ModelNotFound,
+    // Who asks.
+    MissingApiKey,
+    InvalidApiKey,
+    ModelNotAllowed,
+    AdminKeyRequired,
+    // Its limits.
+    RateLimited(Dim),
+    TooManyInFlight,
+    // Admission and the gateway's state (every one a 503).
+    Rejected(RejectReason),
+    /// `/admin/pool/{name}/unload` while it has requests in flight.
+    ModelBusy,
+    // The backend, before the first byte.
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    UpstreamOverloaded,
+    /// Its own 4xx (other than 408 and 429), passed on with its status.
+    UpstreamRejected(StatusCode),
+    /// A 5xx the gateway did not make itself (a safety net: a layer's own reply).
+    Internal,
+}
+
+/// What an [`ErrorKind`] answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spec {
+    pub status: StatusCode,
+    /// OpenAI envelope `type` and `code`.
+    pub openai_type: &'static str,
+    pub code: &'static str,
+    /// Anthropic's status and error `type` (Messages API routes).
+    pub anthropic: (StatusCode, &'static str),
+    /// The metric label and the access log's `reason`.
+    pub reason: Reason,
+    /// `connection: close`: the connection cannot carry another request.
+    pub close: bool,
+}
+
+impl ErrorKind {
+    /// See [`Spec`]: the one table of the error contract (docs/http-contract.md).
+    pub fn spec(self) -> Spec {
+        use ErrorKind as K;
+        const BAD: &str = "invalid_request_error";
+        let s = |n: u16| StatusCode::from_u16(n).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let client = |status: u16, code: &'static str, anthropic: &'static str| Spec {
+            status: s(status),
+            openai_type: BAD,
+            code,
+            anthropic: (s(status), anthropic),
+            reason: Reason::InvalidRequest,
+            close: false,
+        };
+        let closing = |status: u16, code: &'static str| Spec {
+            close: true,
+            ..client(status, code, BAD)
+        };
+        match self {
+            K::InvalidJson => client(400, "invalid_json", BAD),
+            K::InvalidValue => client(400, "invalid_value", BAD),
+            K::AmbiguousCredentials => client(400, "ambiguous_credentials", BAD),
+            K::MalformedRequest => closing(400, "malformed_request"),
+            K::HeadTooLarge => closing(431, "request_header_fields_too_large"),
+            K::UriTooLong => closing(414, "uri_too_long"),
+            K::VersionNotSupported => closing(505, "http_version_not_supported"),
+            K::BadRequest => client(400, "bad_request", BAD),
+            K::UnsupportedMediaType => Spec {
+                anthropic: (s(400), BAD),
+                ..client(415, "unsupported_media_type", BAD)
+            },
+            K::TooLarge => client(413, "request_too_large", "request_too_large"),
+            K::RequestTimeout => client(408, "request_timeout", BAD),
+            K::UnknownUrl => client(404, "unknown_url", "not_found_error"),
+            K::MethodNotAllowed => client(405, "method_not_allowed", BAD),
+            K::ModelNotFound => client(404, "model_not_found", "not_found_error"),
+            K::MissingApiKey | K::InvalidApiKey => {
+                client(401, "invalid_api_key", "authentication_error")
+            }
+            K::ModelNotAllowed => Spec {
+                openai_type: "permission_error",
+                ..client(403, "model_not_allowed", "permission_error")
+            },
+            K::AdminKeyRequired => Spec {
+                openai_type: "permission_error",
+                ..client(403, "admin_key_required", "permission_error")
+            },
+            K::RateLimited(dim) => Spec {
+                openai_type: dim.as_str(),
+                reason: Reason::RateLimited,
+                ..client(429, "rate_limit_exceeded", "rate_limit_error")
+            },
+            K::TooManyInFlight => Spec {
+                openai_type: "requests",
+                reason: Reason::RateLimited,
+                ..client(429, "rate_limit_exceeded", "rate_limit_error")
+            },
+            K::Rejected(r) => Spec {
+                status: s(503),
+                openai_type: "service_unavailable",
+                code: r.as_str(),
+                anthropic: (s(529), "overloaded_error"),
+                reason: Reason::Rejected(r),
+                close: false,
+            },
+            K::ModelBusy => client(409, "model_busy", BAD),
+            K::UpstreamUnavailable => Spec {
+                status: s(502),
+                openai_type: "upstream_error",
+                code: "upstream_unavailable",
+                anthropic: (s(500), "api_error"),
+                reason: Reason::UpstreamError,
+                close: false,
+            },
+            K::UpstreamTimeout => Spec {
+                status: s(504),
+                openai_type: "upstream_error",
+                code: "upstream_timeout",
+                anthropic: (s(504), "timeout_error"),
+                reason: Reason::UpstreamTimeout,
+                close: false,
+            },
+            K::UpstreamOverloaded => Spec {
+                status: s(503),
+                openai_type: "service_unavailable",
+                code: "upstream_overloaded",
+                anthropic: (s(529), "overloaded_error"),
+                reason: Reason::UpstreamError,
+                close: false,
+            },
+            K::UpstreamRejected(status) => {
+                let (openai_type, anthropic) = match status.as_u16() {
+                    401 => ("authentication_error", "authentication_error"),
+                    403 => ("permission_error", "permission_error"),
+                    404 => (BAD, "not_found_error"),
+                    413 => (BAD, "request_too_large"),
+                    _ => (BAD, BAD),
+                };
+                Spec {
+                    status,
+                    openai_type,
+                    code: "upstream_error",
+                    anthropic: (status, anthropic),
+                    reason: Reason::UpstreamRejected,
+                    close: false,
+                }
+            }
+            K::Internal => Spec {
+                status: s(500),
+                openai_type: "server_error",
+                code: "internal_error",
+                anthropic: (s(500), "api_error"),
+                reason: Reason::UpstreamError,
+                close: false,
+            },
+        }
+    }
+
+    /// The kind of a reply the gateway did not make itself (a layer's or an extractor's), by
+    /// its status: the safety net of the `http` stamp layer and of the server's rewrite of
+    /// the HTTP library's own replies.
+    pub fn of_foreign(status: StatusCode) -> ErrorKind {
+        match status.as_u16() {
+            404 => ErrorKind::UnknownUrl,
+            405 => ErrorKind::MethodNotAllowed,
+            408 => ErrorKind::RequestTimeout,
+            413 => ErrorKind::TooLarge,
+            414 => ErrorKind::UriTooLong,
+            415 => ErrorKind::UnsupportedMediaType,
+            431 => ErrorKind::HeadTooLarge,
+            505 => ErrorKind::VersionNotSupported,
+            n if n >= 500 => ErrorKind::Internal,
+            _ => ErrorKind::BadRequest,
+        }
+    }
+}
+
+/// A failure to be answered with an error reply (boxed: it travels in `Result`s).
 #[derive(Debug, Clone)]
 pub struct ApiError(Box<ErrorReply>);
 
@@ -39,79 +240,76 @@ impl std::ops::DerefMut for ApiError {
     }
 }
 
-/// What an [`ApiError`] answers with.
+/// An [`ApiError`]'s kind and what it says beyond it.
 #[derive(Debug, Clone)]
 pub struct ErrorReply {
-    pub status: StatusCode,
-    /// Envelope `type`, e.g. `invalid_request_error`.
-    pub kind: &'static str,
-    /// Envelope `code`, e.g. `model_not_found`.
-    pub code: Cow<'static, str>,
+    pub kind: ErrorKind,
     pub message: String,
     /// Envelope `param`: the request field at fault, if any.
     pub param: Option<&'static str>,
-    /// `Retry-After` in seconds (already clamped to [1, 60] when set through the constructors).
+    /// What caused it, for the log only (never sent: addresses, a library's words).
+    pub source: Option<String>,
+    /// When to retry: `Retry-After` in seconds (clamped to [1, 60] by the constructors),
+    /// `retry-after-ms` when known more exactly, `x-should-retry` when retrying cannot help.
     pub retry_after: Option<u64>,
-    /// `retry-after-ms`, when known more exactly than `retry_after` (else its seconds x 1000).
     pub retry_after_ms: Option<u64>,
-    /// `x-should-retry`, for failures that retrying cannot fix.
     pub should_retry: Option<bool>,
     /// `x-mofa-backend` for this reply; `None` leaves the default (`gateway`).
     pub backend: Option<String>,
-    /// An admission rejection: sets `x-mofa-reject-reason` and `x-mofa-backend: rejected`.
-    pub reason: Option<RejectReason>,
     /// An upstream's own error envelope, sent as it came instead of one built here.
     pub passthrough: Option<Bytes>,
     /// `x-mofa-attempts`: deployments tried.
     pub attempts: Option<u32>,
-    /// `connection: close`: the connection cannot carry another request (its framing broke).
-    pub close: bool,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         ApiError(Box::new(ErrorReply {
-            status,
             kind,
-            code: Cow::Borrowed(code),
-            message,
+            message: message.into(),
             param: None,
+            source: None,
             retry_after: None,
             retry_after_ms: None,
             should_retry: None,
             backend: None,
-            reason: None,
             passthrough: None,
             attempts: None,
-            close: false,
         }))
+    }
+
+    /// The reply's status.
+    pub fn status(&self) -> StatusCode {
+        self.kind.spec().status
+    }
+
+    /// The envelope's `code`.
+    pub fn code(&self) -> &'static str {
+        self.kind.spec().code
+    }
+
+    /// Sets what caused it (for the log).
+    pub fn caused_by(mut self, source: impl std::fmt::Display) -> Self {
+        self.source = Some(source.to_string());
+        self
     }
 
     pub fn invalid_json(detail: impl std::fmt::Display) -> Self {
         Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_json",
+            ErrorKind::InvalidJson,
             format!("We could not parse the JSON body of your request: {detail}"),
         )
     }
 
     pub fn invalid_value(param: &'static str, message: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_value",
-            message.into(),
-        );
+        let mut e = Self::new(ErrorKind::InvalidValue, message);
         e.param = Some(param);
         e
     }
 
     pub fn model_not_found(model: &str) -> Self {
         let mut e = Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
+            ErrorKind::ModelNotFound,
             format!(
                 "The model `{}` does not exist or you do not have access to it.",
                 truncate(model, 200)
@@ -124,42 +322,31 @@ impl ApiError {
     /// The body's framing is broken (a chunk size that is not one, a connection that ended
     /// within the body): the connection is closed after the reply.
     pub fn malformed_body() -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "malformed_request",
+        Self::new(
+            ErrorKind::MalformedRequest,
             "The request body could not be read: its framing is invalid (a malformed chunk, or \
-             fewer bytes than announced)."
-                .into(),
-        );
-        e.close = true;
-        e
+             fewer bytes than announced).",
+        )
     }
 
     pub fn too_large(limit: usize) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
+            ErrorKind::TooLarge,
             format!("The request body is larger than the limit of {limit} bytes."),
         )
     }
 
     pub fn unsupported_media_type() -> Self {
         Self::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "invalid_request_error",
-            "unsupported_media_type",
-            "The request body must be JSON, sent with `Content-Type: application/json`.".into(),
+            ErrorKind::UnsupportedMediaType,
+            "The request body must be JSON, sent with `Content-Type: application/json`.",
         )
     }
 
     /// A `Transfer-Encoding` other than `chunked` (`gzip, chunked`): the gateway decodes none.
     pub fn unsupported_transfer_encoding(coding: &str) -> Self {
         let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_value",
+            ErrorKind::InvalidValue,
             format!(
                 "Transfer-Encoding `{}` is not supported; send the body as is or chunked.",
                 truncate(coding, 40)
@@ -182,24 +369,21 @@ impl ApiError {
         } else {
             "Incorrect API key provided."
         };
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-            message.into(),
-        )
+        let kind = if missing {
+            ErrorKind::MissingApiKey
+        } else {
+            ErrorKind::InvalidApiKey
+        };
+        Self::new(kind, message)
     }
 
     /// Two credentials that disagree (two `Authorization` or `x-api-key` headers, or one of
     /// each with different keys): which one is meant cannot be known.
     pub fn ambiguous_credentials() -> Self {
         let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "ambiguous_credentials",
+            ErrorKind::AmbiguousCredentials,
             "The request carries more than one API key (two Authorization or x-api-key headers, \
-             or one of each with different keys); send exactly one."
-                .into(),
+             or one of each with different keys); send exactly one.",
         );
         e.param = Some("authorization");
         e
@@ -208,9 +392,7 @@ impl ApiError {
     /// The key may not use this model.
     pub fn model_not_allowed(model: &str) -> Self {
         let mut e = Self::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "model_not_allowed",
+            ErrorKind::ModelNotAllowed,
             format!(
                 "Your API key is not allowed to use the model `{}`.",
                 truncate(model, 200)
@@ -223,10 +405,8 @@ impl ApiError {
     /// `/admin/*` with a client key.
     pub fn admin_key_required() -> Self {
         Self::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "admin_key_required",
-            "This endpoint needs an admin key.".into(),
+            ErrorKind::AdminKeyRequired,
+            "This endpoint needs an admin key.",
         )
     }
 
@@ -252,12 +432,7 @@ impl ApiError {
                 d.limit, d.requested
             ),
         };
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            d.dim.as_str(),
-            "rate_limit_exceeded",
-            message,
-        );
+        let mut e = Self::new(ErrorKind::RateLimited(d.dim), message);
         match d.retry_after_us {
             Some(us) => {
                 let (secs, ms) = crate::limits::retry_after(us);
@@ -272,9 +447,7 @@ impl ApiError {
     /// `max_parallel` requests of the key are in flight: a short retry, not a whole window.
     pub fn too_many_in_flight(limit: u32, key: &str) -> Self {
         let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "requests",
-            "rate_limit_exceeded",
+            ErrorKind::TooManyInFlight,
             format!(
                 "Too many requests in flight on key `{key}`: Limit {limit} at once. Please try again when one has finished."
             ),
@@ -292,9 +465,7 @@ impl ApiError {
     /// The client did not send its body in time.
     pub fn request_timeout(limit: std::time::Duration) -> Self {
         Self::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "request_timeout",
+            ErrorKind::RequestTimeout,
             format!(
                 "The request body was not received within {} ms.",
                 limit.as_millis()
@@ -304,18 +475,14 @@ impl ApiError {
 
     pub fn unknown_url(method: &str, path: &str) -> Self {
         Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "unknown_url",
+            ErrorKind::UnknownUrl,
             format!("Unknown request URL: {method} {}.", truncate(path, 200)),
         )
     }
 
     pub fn method_not_allowed(method: &str, path: &str) -> Self {
         Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            "method_not_allowed",
+            ErrorKind::MethodNotAllowed,
             format!("{method} is not allowed on {}.", truncate(path, 200)),
         )
     }
@@ -325,9 +492,7 @@ impl ApiError {
     /// go to the log), so a client learns the deployment's label and nothing internal.
     pub fn upstream_unavailable(backend: &str, why: impl std::fmt::Display) -> Self {
         let mut e = Self::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            "upstream_unavailable",
+            ErrorKind::UpstreamUnavailable,
             format!("The backend {backend} failed before responding: {why}."),
         );
         e.backend = Some(backend.to_owned());
@@ -337,9 +502,7 @@ impl ApiError {
     /// Upstream did not send its first byte in time.
     pub fn upstream_timeout(backend: &str, what: &str) -> Self {
         let mut e = Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream_error",
-            "upstream_timeout",
+            ErrorKind::UpstreamTimeout,
             format!("The backend {backend} timed out ({what})."),
         );
         e.backend = Some(backend.to_owned());
@@ -349,9 +512,7 @@ impl ApiError {
     /// Upstream itself is overloaded (its 429 or 503): the client may retry later.
     pub fn upstream_busy(backend: &str, upstream_status: StatusCode, retry_after: u64) -> Self {
         let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            "upstream_overloaded",
+            ErrorKind::UpstreamOverloaded,
             format!(
                 "The backend {backend} is overloaded (it answered {}).",
                 upstream_status.as_u16()
@@ -366,7 +527,8 @@ impl ApiError {
     /// connect failure 502, timeout 504, upstream 429/503 503 with `Retry-After`, other 5xx 502,
     /// other 4xx passed through with their status (wrapped in the envelope if they were not).
     pub fn from_upstream(backend: &str, e: UpstreamError) -> Self {
-        match e {
+        let source = e.to_string();
+        let err = match e {
             // The details (addresses, the HTTP library's text) are logged by `forward`; the
             // client gets the label and what kind of failure it was.
             UpstreamError::Connect(_) => Self::upstream_unavailable(
@@ -391,9 +553,7 @@ impl ApiError {
                 408 => Self::upstream_timeout(backend, "the backend answered 408"),
                 400..=499 => {
                     let mut e = Self::new(
-                        status,
-                        kind_for_status(status),
-                        "upstream_error",
+                        ErrorKind::UpstreamRejected(status),
                         crate::upstream::error_message(&body).unwrap_or_else(|| {
                             format!(
                                 "The backend {backend} rejected the request ({}): {}",
@@ -412,7 +572,8 @@ impl ApiError {
                     Self::upstream_unavailable(backend, format!("it answered {}", status.as_u16()))
                 }
             },
-        }
+        };
+        err.caused_by(source)
     }
 
     /// An admission rejection: 503 with `Retry-After`, `x-mofa-backend: rejected` and
@@ -430,15 +591,9 @@ impl ApiError {
             RejectReason::ShuttingDown => "The gateway is shutting down; retry on another replica or later.".to_string(),
             RejectReason::LimitsUnavailable => "The shared rate-limit store does not answer; retry later.".to_string(),
         };
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            r.reason.as_str(),
-            message,
-        );
+        let mut e = Self::new(ErrorKind::Rejected(r.reason), message);
         e.retry_after = Some(r.retry_after_s());
         e.retry_after_ms = Some(r.retry_after_ms);
-        e.reason = Some(r.reason);
         if !r.reason.retryable() {
             e.should_retry = Some(false);
         }
@@ -451,7 +606,12 @@ impl ApiError {
     pub fn worst_of(mut failures: Vec<ApiError>) -> ApiError {
         let busy = failures
             .iter()
-            .filter(|e| e.status == StatusCode::SERVICE_UNAVAILABLE)
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    ErrorKind::UpstreamOverloaded | ErrorKind::Rejected(_)
+                )
+            })
             .min_by_key(|e| e.retry_after.unwrap_or(RETRY_AFTER_MAX_S))
             .cloned();
         if let Some(e) = busy {
@@ -460,17 +620,12 @@ impl ApiError {
         if let Some(e) = failures
             .iter()
             .rev()
-            .find(|e| e.status == StatusCode::GATEWAY_TIMEOUT)
+            .find(|e| e.kind == ErrorKind::UpstreamTimeout)
         {
             return e.clone();
         }
         failures.pop().unwrap_or_else(|| {
-            Self::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "upstream_unavailable",
-                "No backend could be tried.".into(),
-            )
+            Self::new(ErrorKind::UpstreamUnavailable, "No backend could be tried.")
         })
     }
 
@@ -502,9 +657,7 @@ impl ApiError {
 
     pub fn unknown_pool_model(name: &str) -> Self {
         Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
+            ErrorKind::ModelNotFound,
             format!(
                 "No model server named `{}` is run by the pool.",
                 truncate(name, 200)
@@ -514,9 +667,7 @@ impl ApiError {
 
     pub fn model_busy(name: &str) -> Self {
         Self::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            "model_busy",
+            ErrorKind::ModelBusy,
             format!(
                 "`{}` has requests in flight; unload it when they are done.",
                 truncate(name, 200)
@@ -532,29 +683,8 @@ impl ApiError {
 
     /// The envelope as JSON bytes.
     pub fn envelope(&self) -> Bytes {
-        envelope(&self.message, self.kind, self.param, &self.code)
-    }
-
-    /// The status and error `type` of this failure on an Anthropic route: 400
-    /// `invalid_request_error` (bad input, unsupported media type), 401 `authentication_error`,
-    /// 403 `permission_error`, 404 `not_found_error`, 413 `request_too_large`, 429
-    /// `rate_limit_error`, every overload and admission rejection (the gateway's 503) 529
-    /// `overloaded_error`, 504 `timeout_error`, any other server-side failure 500 `api_error`;
-    /// other client errors keep their status as `invalid_request_error`.
-    pub fn anthropic_status(&self) -> (StatusCode, &'static str) {
-        let s = |n: u16| StatusCode::from_u16(n).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        match self.status.as_u16() {
-            401 => (self.status, "authentication_error"),
-            403 => (self.status, "permission_error"),
-            404 => (self.status, "not_found_error"),
-            413 => (self.status, "request_too_large"),
-            415 => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-            429 => (self.status, "rate_limit_error"),
-            503 => (s(529), "overloaded_error"),
-            504 => (self.status, "timeout_error"),
-            n if n >= 500 => (StatusCode::INTERNAL_SERVER_ERROR, "api_error"),
-            _ => (self.status, "invalid_request_error"),
-        }
+        let spec = self.kind.spec();
+        envelope(&self.message, spec.openai_type, self.param, spec.code)
     }
 
     /// The response for a client speaking `wire`: the OpenAI envelope, or Anthropic's
@@ -564,7 +694,7 @@ impl ApiError {
         if !wire.is_anthropic() {
             return self.into_response();
         }
-        let (status, kind) = self.anthropic_status();
+        let (status, kind) = self.kind.spec().anthropic;
         let body = anthropic::error_body(kind, &self.message);
         self.respond(status, body)
     }
@@ -580,7 +710,8 @@ impl ApiError {
         if let Some(n) = self.attempts {
             h.insert(crate::headers::ATTEMPTS, HeaderValue::from(n));
         }
-        if self.close {
+        let spec = self.kind.spec();
+        if spec.close {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(secs) = self.retry_after {
@@ -594,7 +725,7 @@ impl ApiError {
                 HeaderValue::from_static(if retry { "true" } else { "false" }),
             );
         }
-        if let Some(r) = self.reason {
+        if let ErrorKind::Rejected(r) = self.kind {
             h.insert(REJECT_REASON, HeaderValue::from_static(r.as_str()));
             h.insert(BACKEND, HeaderValue::from_static("rejected"));
         } else if let Some(b) = self.backend.as_deref() {
@@ -606,26 +737,13 @@ impl ApiError {
     }
 }
 
-/// Envelope `type` for a status the gateway did not produce itself (safety net, pass-through).
-pub fn kind_for_status(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        401 => "authentication_error",
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        503 => "service_unavailable",
-        502 | 504 => "upstream_error",
-        s if s >= 500 => "server_error",
-        _ => "invalid_request_error",
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = match &self.passthrough {
             Some(b) => b.clone(),
             None => self.envelope(),
         };
-        let status = self.status;
+        let status = self.status();
         self.respond(status, body)
     }
 }
@@ -687,16 +805,27 @@ mod tests {
             (ApiError::upstream_timeout("b", "x"), 504, "timeout_error"),
         ];
         for (e, status, kind) in cases {
-            let (s, k) = e.anthropic_status();
+            let (s, k) = e.kind.spec().anthropic;
             assert_eq!((s.as_u16(), k), (status, kind), "{}", e.message);
         }
-        let mut auth = ApiError::invalid_value("x", "y");
-        auth.status = StatusCode::UNAUTHORIZED;
-        assert_eq!(auth.anthropic_status().1, "authentication_error");
-        auth.status = StatusCode::FORBIDDEN;
-        assert_eq!(auth.anthropic_status().1, "permission_error");
-        auth.status = StatusCode::TOO_MANY_REQUESTS;
-        assert_eq!(auth.anthropic_status().1, "rate_limit_error");
+        for (upstream, kind) in [
+            (401, "authentication_error"),
+            (403, "permission_error"),
+            (404, "not_found_error"),
+            (422, "invalid_request_error"),
+        ] {
+            let k = ErrorKind::UpstreamRejected(StatusCode::from_u16(upstream).unwrap());
+            assert_eq!(k.spec().anthropic.1, kind);
+            assert_eq!(k.spec().status.as_u16(), upstream);
+        }
+        assert_eq!(
+            ErrorKind::InvalidApiKey.spec().anthropic.1,
+            "authentication_error"
+        );
+        assert_eq!(
+            ErrorKind::RateLimited(Dim::Tokens).spec().anthropic.1,
+            "rate_limit_error"
+        );
 
         let r = ApiError::rejected(Rejection::new(RejectReason::QueueFull, 3), "m")
             .into_response_for(WireFormat::Anthropic);
@@ -709,5 +838,51 @@ mod tests {
     fn truncate_respects_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "hé");
         assert_eq!(truncate("hi", 10), "hi");
+    }
+
+    #[test]
+    fn every_kind_is_an_error_status_with_a_code() {
+        use ErrorKind as K;
+        let mut kinds = vec![
+            K::InvalidJson,
+            K::InvalidValue,
+            K::AmbiguousCredentials,
+            K::MalformedRequest,
+            K::HeadTooLarge,
+            K::UriTooLong,
+            K::VersionNotSupported,
+            K::BadRequest,
+            K::UnsupportedMediaType,
+            K::TooLarge,
+            K::RequestTimeout,
+            K::UnknownUrl,
+            K::MethodNotAllowed,
+            K::ModelNotFound,
+            K::MissingApiKey,
+            K::InvalidApiKey,
+            K::ModelNotAllowed,
+            K::AdminKeyRequired,
+            K::RateLimited(Dim::Requests),
+            K::TooManyInFlight,
+            K::ModelBusy,
+            K::UpstreamUnavailable,
+            K::UpstreamTimeout,
+            K::UpstreamOverloaded,
+            K::UpstreamRejected(StatusCode::BAD_REQUEST),
+            K::Internal,
+        ];
+        kinds.extend(RejectReason::ALL.map(K::Rejected));
+        for k in kinds {
+            let s = k.spec();
+            assert!(s.status.as_u16() >= 400, "{k:?}");
+            assert!(s.anthropic.0.as_u16() >= 400, "{k:?}");
+            assert!(!s.code.is_empty() && !s.openai_type.is_empty(), "{k:?}");
+            // A failure is never counted as a success.
+            assert_ne!(s.reason, Reason::Ok, "{k:?}");
+            // Statuses the HTTP layer makes are what `of_foreign` reads back.
+            if matches!(k, K::HeadTooLarge | K::UriTooLong | K::VersionNotSupported) {
+                assert_eq!(K::of_foreign(s.status), k);
+            }
+        }
     }
 }

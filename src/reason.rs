@@ -2,7 +2,8 @@
 //! `Retry-After` the gateway sends with them.
 //!
 //! Owns the names: each [`RejectReason`]'s `as_str()` is the `x-mofa-reject-reason` header,
-//! the envelope `code` and the metric label. Pure data; it imports nothing of the crate and
+//! the envelope `code` and the metric label; each [`Reason`]'s, how a request ended (the
+//! metric label and the access log's `reason`). Pure data; it imports nothing of the crate and
 //! no HTTP crate, so that the decision core can use it.
 
 use std::fmt;
@@ -144,5 +145,43 @@ mod tests {
         assert_eq!((r.retry_after_ms, r.retry_after_s()), (100, 1));
         let r = Rejection::after_ms(RejectReason::QueueFull, u64::MAX);
         assert_eq!((r.retry_after_ms, r.retry_after_s()), (60_000, 60));
+    }
+}
+
+/// How a request ended: a closed set (labels, log fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Ok,
+    /// Turned away by admission (503).
+    Rejected(RejectReason),
+    /// The request was bad (400, 401, 403, 404, 408, 413, 415).
+    InvalidRequest,
+    /// Over its principal's rate limit (429).
+    RateLimited,
+    /// The backend refused the request itself (its 4xx).
+    UpstreamRejected,
+    /// The backend failed before the first byte (502, its 503).
+    UpstreamError,
+    /// The backend did not answer in time (504).
+    UpstreamTimeout,
+    /// A stream broke after its first byte (an SSE error event ended it).
+    StreamBroken,
+    /// The client went away first (499).
+    ClientDisconnect,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Ok => "ok",
+            Reason::Rejected(r) => r.as_str(),
+            Reason::InvalidRequest => "invalid_request",
+            Reason::RateLimited => "rate_limited",
+            Reason::UpstreamRejected => "upstream_rejected",
+            Reason::UpstreamError => "upstream_error",
+            Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::StreamBroken => "stream_broken",
+            Reason::ClientDisconnect => "client_disconnect",
+        }
     }
 }

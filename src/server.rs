@@ -38,7 +38,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
 
 use crate::config::{Config, ServerConfig};
@@ -799,26 +799,28 @@ fn own_error_head(buf: &[u8]) -> Option<usize> {
     (!has_id).then_some(end)
 }
 
-/// The envelope reply for a status hyper produced.
+/// The envelope reply for a status hyper produced (the kind it stands for: a head too large,
+/// a path too long, a version, else a request that is not HTTP).
 fn error_reply(status: StatusCode) -> Bytes {
-    let (code, message) = match status.as_u16() {
-        431 => (
-            "request_header_fields_too_large",
-            "the request head is too large (over server.max_header_bytes or 100 header lines)",
-        ),
-        414 => ("uri_too_long", "the request path is too long"),
-        505 => (
-            "http_version_not_supported",
-            "only HTTP/1.1 (and h2 with prior knowledge) are supported",
-        ),
-        _ => (
-            "malformed_request",
-            "the request is not valid HTTP: a malformed request line, path, header name or \
-             value, Content-Length or Transfer-Encoding",
-        ),
+    let kind = match ErrorKind::of_foreign(status) {
+        k @ (ErrorKind::HeadTooLarge | ErrorKind::UriTooLong | ErrorKind::VersionNotSupported) => k,
+        _ => ErrorKind::MalformedRequest,
     };
-    let body =
-        crate::upstream::envelope(message, crate::error::kind_for_status(status), None, code);
+    let message = match kind {
+        ErrorKind::HeadTooLarge => {
+            "the request head is too large (over server.max_header_bytes or 100 header lines)"
+        }
+        ErrorKind::UriTooLong => "the request path is too long",
+        ErrorKind::VersionNotSupported => {
+            "only HTTP/1.1 (and h2 with prior knowledge) are supported"
+        }
+        _ => {
+            "the request is not valid HTTP: a malformed request line, path, header name or \
+             value, Content-Length or Transfer-Encoding"
+        }
+    };
+    let status = kind.spec().status;
+    let body = ApiError::new(kind, message).envelope();
     let id = crate::proxy::accept::accept(&axum::http::HeaderMap::new()).id;
     let mut out = BytesMut::with_capacity(body.len() + 256);
     out.put_slice(b"HTTP/1.1 ");

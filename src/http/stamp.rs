@@ -14,10 +14,9 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use crate::anthropic::WireFormat;
-use crate::error::{kind_for_status, ApiError};
+use crate::error::{ApiError, ErrorKind};
 use crate::headers::{ANTHROPIC_REQUEST_ID, BACKEND, LATENCY_MS, REQUEST_ID};
 use crate::proxy::accept::accept;
-use crate::upstream::envelope;
 
 /// See the module doc (the router's middleware).
 pub async fn stamp(req: Request, next: Next) -> Response {
@@ -64,12 +63,11 @@ pub fn wire_of(uri: &axum::http::Uri) -> WireFormat {
     }
 }
 
-/// A reply from outside our handlers (a layer, an extractor), given the envelope.
+/// A reply from outside our handlers (a layer, an extractor), given the envelope of its kind.
 fn envelope_for(resp: Response) -> Response {
     let status = resp.status();
     let reason = status.canonical_reason().unwrap_or("error");
-    let code = reason.to_ascii_lowercase().replace(' ', "_");
-    let body = envelope(reason, kind_for_status(status), None, &code);
+    let body = ApiError::new(ErrorKind::of_foreign(status), reason).envelope();
     let (mut parts, _) = resp.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(

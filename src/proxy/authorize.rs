@@ -218,7 +218,7 @@ mod tests {
     fn keys_by_bearer_or_x_api_key() {
         let (a, secret) = auth();
         let mut h = HeaderMap::new();
-        assert_eq!(a.authenticate(&h).unwrap_err().status, 401);
+        assert_eq!(a.authenticate(&h).unwrap_err().status(), 401);
         h.insert("x-api-key", HeaderValue::from_static("sk-mofa-test-secret"));
         assert_eq!(a.authenticate(&h).unwrap().index(), 1);
         h.insert(
@@ -227,17 +227,17 @@ mod tests {
         );
         // Two keys that disagree: which one is meant cannot be known.
         let e = a.authenticate(&h).unwrap_err();
-        assert_eq!(e.code, "ambiguous_credentials");
+        assert_eq!(e.code(), "ambiguous_credentials");
         assert!(!e.message.contains(secret));
         h.remove("x-api-key");
         let e = a.authenticate(&h).unwrap_err();
-        assert_eq!(e.code, "invalid_api_key");
+        assert_eq!(e.code(), "invalid_api_key");
         assert!(!e.message.contains(secret));
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_str(&format!("bearer {secret}")).unwrap(),
         );
         assert_eq!(a.authenticate(&h).unwrap().name().unwrap().as_ref(), "a");
-        assert_eq!(a.admin(&h).unwrap_err().status, 403);
+        assert_eq!(a.admin(&h).unwrap_err().status(), 403);
     }
 }

@@ -331,7 +331,10 @@ impl Pipeline {
 /// The one error path: `e` rendered in the client's `wire` format, with the headers the phases
 /// set (`x-ratelimit-*`, ...) and `Server-Timing`; the record finished with it.
 fn fail(e: ApiError, wire: WireFormat, mut rec: Record) -> Response {
-    let reason = Reason::of(&e);
+    let reason = e.kind.spec().reason;
+    if let Some(source) = &e.source {
+        tracing::debug!(kind = ?e.kind, "{source}");
+    }
     let mut resp = e.into_response_for(wire);
     if let Some(v) = rec.server_timing() {
         resp.headers_mut().insert(SERVER_TIMING, v);

@@ -16,65 +16,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use crate::admission::Priority;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, Sample};
-use crate::reason::RejectReason;
+pub use crate::reason::Reason;
 
 pub mod line;
 
 /// The client's address, put into each request's extensions by the server's accept loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
-
-/// How a request ended: a closed set (labels, log fields).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    Ok,
-    /// Turned away by admission (503).
-    Rejected(RejectReason),
-    /// The request was bad (400, 401, 403, 404, 408, 413, 415).
-    InvalidRequest,
-    /// Over its principal's rate limit (429).
-    RateLimited,
-    /// The backend refused the request itself (its 4xx).
-    UpstreamRejected,
-    /// The backend failed before the first byte (502, its 503).
-    UpstreamError,
-    /// The backend did not answer in time (504).
-    UpstreamTimeout,
-    /// A stream broke after its first byte (an SSE error event ended it).
-    StreamBroken,
-    /// The client went away first (499).
-    ClientDisconnect,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Ok => "ok",
-            Reason::Rejected(r) => r.as_str(),
-            Reason::InvalidRequest => "invalid_request",
-            Reason::RateLimited => "rate_limited",
-            Reason::UpstreamRejected => "upstream_rejected",
-            Reason::UpstreamError => "upstream_error",
-            Reason::UpstreamTimeout => "upstream_timeout",
-            Reason::StreamBroken => "stream_broken",
-            Reason::ClientDisconnect => "client_disconnect",
-        }
-    }
-
-    /// The reason of an error reply.
-    pub fn of(e: &ApiError) -> Reason {
-        if let Some(r) = e.reason {
-            return Reason::Rejected(r);
-        }
-        match e.status.as_u16() {
-            504 => Reason::UpstreamTimeout,
-            429 => Reason::RateLimited,
-            502 | 503 => Reason::UpstreamError,
-            _ if e.code == "upstream_error" => Reason::UpstreamRejected,
-            _ => Reason::InvalidRequest,
-        }
-    }
-}
 
 /// Counters of finished requests (the admin view), and the metrics.
 pub struct Observer {
@@ -214,7 +162,9 @@ impl Record {
 
     /// A try on an upstream failed with `e` (another may follow).
     pub fn attempt_failed(&mut self, e: &ApiError) {
-        self.obs.metrics.upstream_attempt(Reason::of(e).as_str());
+        self.obs
+            .metrics
+            .upstream_attempt(e.kind.spec().reason.as_str());
     }
 
     /// The request was refused by the rate limit `limit` (`requests`, `tokens`, ...) of the
@@ -362,15 +312,15 @@ mod tests {
 
     #[test]
     fn reasons_of_errors() {
-        use crate::reason::Rejection;
+        use crate::reason::{RejectReason, Rejection};
         let e = ApiError::rejected(Rejection::new(RejectReason::QueueFull, 2), "m");
-        assert_eq!(Reason::of(&e).as_str(), "queue_full");
+        assert_eq!(e.kind.spec().reason.as_str(), "queue_full");
         assert_eq!(
-            Reason::of(&ApiError::model_not_found("x")),
+            ApiError::model_not_found("x").kind.spec().reason,
             Reason::InvalidRequest
         );
         assert_eq!(
-            Reason::of(&ApiError::upstream_timeout("b", "x")),
+            ApiError::upstream_timeout("b", "x").kind.spec().reason,
             Reason::UpstreamTimeout
         );
     }

@@ -907,7 +907,7 @@ mod tests {
         ] {
             let body = format!(r#"{{"model":"m","messages":[{{}}],"x":{bad},"big":1e400}}"#);
             let e = parse(Endpoint::ChatCompletions, &body).err();
-            let code = e.map(|e| e.code.to_string());
+            let code = e.map(|e| e.code().to_string());
             assert_eq!(code.as_deref(), Some("invalid_json"), "{bad}");
         }
         assert_eq!(
@@ -964,7 +964,7 @@ mod tests {
             let err = parse(e, body)
                 .err()
                 .unwrap_or_else(|| panic!("{body} passed"));
-            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(err.param, Some(param), "{body}");
         }
     }
@@ -997,7 +997,7 @@ mod tests {
     fn parse_rejects_non_objects_and_broken_json() {
         for body in ["[1]", "\"m\"", "{\"model\":", "", "nul"] {
             let err = parse(Endpoint::ChatCompletions, body).err().unwrap();
-            assert_eq!(err.code, "invalid_json", "{body}");
+            assert_eq!(err.code(), "invalid_json", "{body}");
         }
     }
 
@@ -1005,7 +1005,7 @@ mod tests {
         let e = parse_fields(Endpoint::ChatCompletions, body, &mut None)
             .err()
             .unwrap_or_else(|| panic!("{} passed", String::from_utf8_lossy(body)));
-        assert_eq!(e.code, "invalid_json");
+        assert_eq!(e.code(), "invalid_json");
         e.message.clone()
     }
 
