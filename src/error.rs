@@ -9,15 +9,14 @@
 //! Every non-2xx reply the gateway produces goes through [`ApiError`], so every one carries the
 //! OpenAI error envelope `{"error":{"message","type","param","code"}}` with the status that
 //! `docs/http-contract.md` gives for it, plus `Retry-After` / `x-should-retry` where they apply.
-//! On an Anthropic route the same failure is rendered in Anthropic's envelope and statuses
-//! ([`ApiError::into_response_for`]: 503 becomes 529 `overloaded_error`, and so on).
+//! A client API that reads errors otherwise renders the same failure its way, with the same
+//! headers ([`ApiError::render`]; Anthropic's: 503 becomes 529 `overloaded_error`, and so on).
 //! This module decides statuses and envelopes; it must not do I/O or know about routing.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use crate::anthropic::{self, WireFormat};
 use crate::headers::{BACKEND, REJECT_REASON, RETRY_AFTER_MS, SHOULD_RETRY};
 use crate::limits::Dim;
 use crate::pool::StartError;
@@ -35,6 +34,8 @@ pub enum ErrorKind {
     // The request itself.
     InvalidJson,
     InvalidValue,
+    /// A `Transfer-Encoding` other than `chunked`: the body cannot be read as sent.
+    UnsupportedTransferEncoding,
     AmbiguousCredentials,
     /// The HTTP layer could not read the request (its head, or its body's framing).
     MalformedRequest,
@@ -107,6 +108,7 @@ impl ErrorKind {
         match self {
             K::InvalidJson => client(400, "invalid_json", BAD),
             K::InvalidValue => client(400, "invalid_value", BAD),
+            K::UnsupportedTransferEncoding => closing(400, "invalid_value"),
             K::AmbiguousCredentials => client(400, "ambiguous_credentials", BAD),
             K::MalformedRequest => closing(400, "malformed_request"),
             K::HeadTooLarge => closing(431, "request_header_fields_too_large"),
@@ -346,7 +348,7 @@ impl ApiError {
     /// A `Transfer-Encoding` other than `chunked` (`gzip, chunked`): the gateway decodes none.
     pub fn unsupported_transfer_encoding(coding: &str) -> Self {
         let mut e = Self::new(
-            ErrorKind::InvalidValue,
+            ErrorKind::UnsupportedTransferEncoding,
             format!(
                 "Transfer-Encoding `{}` is not supported; send the body as is or chunked.",
                 truncate(coding, 40)
@@ -687,20 +689,8 @@ impl ApiError {
         envelope(&self.message, spec.openai_type, self.param, spec.code)
     }
 
-    /// The response for a client speaking `wire`: the OpenAI envelope, or Anthropic's
-    /// (`{"type":"error","error":{"type","message"}}`) with its statuses. The headers
-    /// (`Retry-After`, `x-should-retry`, `x-mofa-*`) are the same for both.
-    pub fn into_response_for(self, wire: WireFormat) -> Response {
-        if !wire.is_anthropic() {
-            return self.into_response();
-        }
-        let (status, kind) = self.kind.spec().anthropic;
-        let body = anthropic::error_body(kind, &self.message);
-        self.respond(status, body)
-    }
-
     /// `body` with `status` and the headers of this error.
-    fn respond(self, status: StatusCode, body: Bytes) -> Response {
+    pub(crate) fn render(self, status: StatusCode, body: Bytes) -> Response {
         let mut resp = (status, body).into_response();
         let h = resp.headers_mut();
         h.insert(
@@ -744,7 +734,7 @@ impl IntoResponse for ApiError {
             None => self.envelope(),
         };
         let status = self.status();
-        self.respond(status, body)
+        self.render(status, body)
     }
 }
 
@@ -826,12 +816,6 @@ mod tests {
             ErrorKind::RateLimited(Dim::Tokens).spec().anthropic.1,
             "rate_limit_error"
         );
-
-        let r = ApiError::rejected(Rejection::new(RejectReason::QueueFull, 3), "m")
-            .into_response_for(WireFormat::Anthropic);
-        assert_eq!(r.status().as_u16(), 529);
-        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
-        assert_eq!(r.headers()[REJECT_REASON], "queue_full");
     }
 
     #[test]

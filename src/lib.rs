@@ -43,3 +43,4 @@ mod quota;
 mod reason;
 mod routing;
 mod upstream;
+mod wire;

@@ -7,8 +7,8 @@
 //! Transfer-Encoding that does not end in `chunked`, a space in the path; 431: a head over
 //! `server.max_header_bytes` or over 100 header lines; 414; 505) is rewritten on its way out
 //! ([`EnvelopeIo`]) into the JSON envelope with `content-type: application/json`,
-//! `x-request-id` and `connection: close`. A request whose `Transfer-Encoding` is anything but
-//! `chunked` (`gzip, chunked`) is refused with 400 before the app ([`refuse_transfer_coding`]).
+//! `x-request-id` and `connection: close`. (A `Transfer-Encoding` hyper takes but the gateway
+//! cannot read, `gzip, chunked`, is the `http` stamp layer's refusal.)
 //!
 //! `serve` (the binary) runs on lanes ([`Gateway::serve_lanes`]): one one-thread runtime per
 //! core; the first accepts and hands each connection to the lane with the fewest, which keeps
@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use axum::http::{header, HeaderValue, Request, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{Request, StatusCode};
+use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -39,7 +39,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::error::{ApiError, ErrorKind};
-use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
+use crate::headers::REQUEST_ID;
 
 use crate::config::{Config, ServerConfig};
 use crate::http::{App, AppFuture, AppState};
@@ -308,7 +308,7 @@ impl Connections {
             };
             let tracker = Arc::new(Tracker::new());
             let service = Tracked {
-                inner: Guarded(WithPeer { inner: app, peer }),
+                inner: WithPeer { inner: app, peer },
                 tracker: tracker.clone(),
                 h2,
             };
@@ -631,54 +631,6 @@ async fn protocol_known(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
         // A partial preface (rare: real clients send it whole): the rest is already on its way.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// The app behind the check that only `chunked` is accepted as a transfer coding.
-#[derive(Clone)]
-struct Guarded<S>(S);
-
-impl<S> Service<Request<hyper::body::Incoming>> for Guarded<S>
-where
-    S: Service<Request<hyper::body::Incoming>, Response = Response> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future =
-        futures_util::future::Either<std::future::Ready<Result<Response, S::Error>>, S::Future>;
-
-    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
-        match refuse_transfer_coding(req.headers()) {
-            Some(resp) => futures_util::future::Either::Left(std::future::ready(Ok(resp))),
-            None => futures_util::future::Either::Right(self.0.call(req)),
-        }
-    }
-}
-
-/// 400 for a `Transfer-Encoding` other than `chunked` (hyper refuses one that does not end in
-/// `chunked`; this refuses `gzip, chunked` too: the gateway does not decode content codings).
-fn refuse_transfer_coding(h: &axum::http::HeaderMap) -> Option<Response> {
-    let mut values = h.get_all(header::TRANSFER_ENCODING).iter();
-    let first = values.next()?;
-    let ok = values.next().is_none()
-        && first
-            .to_str()
-            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-    if ok {
-        return None;
-    }
-    let mut resp = ApiError::invalid_value(
-        "transfer-encoding",
-        "Transfer-Encoding must be `chunked`; other transfer codings are not supported",
-    )
-    .into_response();
-    let accepted = crate::proxy::accept::accept(h);
-    let rh = resp.headers_mut();
-    rh.insert(REQUEST_ID, accepted.id);
-    rh.insert(BACKEND, HeaderValue::from_static("gateway"));
-    rh.insert(LATENCY_MS, HeaderValue::from(0u32));
-    rh.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    Some(resp)
 }
 
 /// The client connection, with hyper's own error replies rewritten into envelopes (see the

@@ -53,6 +53,13 @@ impl Priority {
         }
     }
 
+    /// `low`, `normal`, `high` or `critical`, in any case (a request's own words).
+    pub fn from_word(s: &str) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Priority::Low => "low",

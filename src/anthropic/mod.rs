@@ -4,13 +4,24 @@
 //! ([`response`]) or streamed ([`stream`]: a state machine over OpenAI chunks), is translated
 //! back. Both formats are serde types; no string surgery on JSON.
 //!
-//! Owns the two formats and the translation between them, and the Anthropic error envelope's
-//! shape. It must not decide statuses (that is `error`), do I/O, or know about admission.
+//! It is a client API ([`Messages`], behind `wire::ClientApi`): owns the two formats and the
+//! translation between them, and the Anthropic error envelope. It must not decide statuses
+//! (`error`'s kinds say which Anthropic status each failure has), do I/O, or know about
+//! admission.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::Response;
 use bytes::Bytes;
 use serde::Serialize;
+
+use crate::admission::Priority;
+use crate::error::ApiError;
+use crate::headers::ANTHROPIC_REQUEST_ID;
+use crate::upstream::{Endpoint, Transform};
+use crate::wire::json::{self, Field};
+use crate::wire::{ClientApi, ClientRequest, Local, ReplyFormat};
 
 pub mod request;
 pub mod response;
@@ -20,22 +31,79 @@ pub use request::{translate, Invalid};
 pub use response::from_openai;
 pub use stream::Translator;
 
-/// The wire format a client speaks on its route: set by the router as a request extension,
-/// read by `parse` (which body to expect) and by the error rendering (which envelope).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum WireFormat {
-    /// The OpenAI API (`/v1/chat/completions`, ...).
-    #[default]
-    OpenAi,
-    /// `POST /v1/messages`.
-    Anthropic,
-    /// `POST /v1/messages/count_tokens`: parsed like a Messages request, answered by the gateway.
-    AnthropicCount,
+/// Anthropic's Messages API as a client API: `POST /v1/messages`, and (`count`)
+/// `/v1/messages/count_tokens`, which the gateway answers itself with its estimate.
+pub(crate) struct Messages {
+    pub count: bool,
 }
 
-impl WireFormat {
-    pub fn is_anthropic(self) -> bool {
-        self != WireFormat::OpenAi
+impl ClientApi for Messages {
+    fn parse(
+        &self,
+        _endpoint: Endpoint,
+        body: Bytes,
+        named: &mut Option<String>,
+    ) -> Result<ClientRequest, ApiError> {
+        // The same whole-body check as an OpenAI body (UTF-8, lone surrogates, nesting,
+        // duplicate keys), so that both formats refuse the same bodies with the same messages.
+        let head = json::check(&body)?;
+        let t = translate(&body, self.count).map_err(|e| {
+            if let Some(Field::Str(m)) = head.model {
+                *named = Some(m.into_owned());
+            }
+            match e {
+                Invalid::Json(m) => ApiError::invalid_json(m),
+                Invalid::Value { param, message } => ApiError::invalid_value(param, message),
+            }
+        })?;
+        let priority = t
+            .priority
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
+            .and_then(Priority::from_word);
+        let local = self.count.then(|| {
+            let n = t.context.input_estimate;
+            Local {
+                body: Bytes::from(format!("{{\"input_tokens\":{n}}}")),
+                input_tokens: n,
+            }
+        });
+        Ok(ClientRequest {
+            endpoint: Endpoint::ChatCompletions,
+            model: t.model,
+            stream: t.stream,
+            priority,
+            // The translation carries no `priority`: nothing to strip.
+            strip_priority: false,
+            body: t.body,
+            // Local servers take `top_k`, cloud OpenAI APIs refuse it.
+            cloud_drops: if t.context.top_k { &["top_k"] } else { &[] },
+            reply: Some(Box::new(Reply(t.context))),
+            local,
+        })
+    }
+
+    fn error(&self, e: ApiError) -> Response {
+        let (status, kind) = e.kind.spec().anthropic;
+        let body = error_body(kind, &e.message);
+        e.render(status, body)
+    }
+
+    fn stamp(&self, headers: &mut HeaderMap, request_id: &HeaderValue) {
+        headers.insert(ANTHROPIC_REQUEST_ID, request_id.clone());
+    }
+}
+
+/// A Messages request's reply: the chat completion translated back, whole or streamed.
+struct Reply(Context);
+
+impl ReplyFormat for Reply {
+    fn whole(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        from_openai(body, &self.0)
+    }
+
+    fn stream(self: Box<Self>) -> Box<dyn Transform> {
+        Box::new(Translator::new(self.0))
     }
 }
 
@@ -127,6 +195,20 @@ mod tests {
             "{s}"
         );
         assert!(s.ends_with("\n\n"));
+    }
+
+    #[test]
+    fn errors_read_as_anthropic_with_the_same_headers() {
+        use crate::headers::REJECT_REASON;
+        use crate::reason::{RejectReason, Rejection};
+        use axum::http::header;
+        let r = Messages { count: false }.error(ApiError::rejected(
+            Rejection::new(RejectReason::QueueFull, 3),
+            "m",
+        ));
+        assert_eq!(r.status().as_u16(), 529);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(r.headers()[REJECT_REASON], "queue_full");
     }
 
     #[test]

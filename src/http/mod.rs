@@ -15,7 +15,7 @@ use axum::Router;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::anthropic::WireFormat;
+use crate::anthropic::Messages;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::orchestrator::BuildError;
@@ -23,6 +23,8 @@ use crate::proxy::accept::{accept, Accepted};
 use crate::proxy::authorize::Principal;
 use crate::proxy::Pipeline;
 use crate::upstream::Endpoint;
+use crate::wire::openai::OpenAi;
+use crate::wire::ClientApi;
 
 mod admin;
 mod stamp;
@@ -71,7 +73,7 @@ fn model_object(name: &str, created: u64) -> Value {
     json!({"id": name, "object": "model", "created": created, "owned_by": "mofa-gateway"})
 }
 
-/// What the server serves: a proxied request (`POST` to one of the [`Hot`] paths) goes
+/// What the server serves: a proxied request (`POST` to one of the [`ROUTES`]) goes
 /// straight to its handler under the stamp layer (the same code the router runs for it,
 /// without the router's layers of boxed futures, a few thousand instructions a request);
 /// every other request goes through [`router`], which also has those routes.
@@ -85,40 +87,63 @@ pub struct App {
 pub type AppFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Infallible>> + Send>>;
 
-/// The proxied routes [`App`] dispatches itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hot {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-    Messages,
-    CountTokens,
+/// One proxied route: its path (`POST`), the endpoint it runs, the API its clients speak.
+pub(crate) struct Route {
+    pub path: &'static str,
+    pub endpoint: Endpoint,
+    pub client: &'static dyn ClientApi,
 }
 
-impl Hot {
-    fn of(method: &Method, path: &str) -> Option<Hot> {
-        if method != Method::POST {
-            return None;
-        }
-        Some(match path {
-            "/v1/chat/completions" => Hot::ChatCompletions,
-            "/v1/completions" => Hot::Completions,
-            "/v1/embeddings" => Hot::Embeddings,
-            "/v1/messages" => Hot::Messages,
-            "/v1/messages/count_tokens" => Hot::CountTokens,
-            _ => return None,
-        })
-    }
+/// Every proxied route: the one table the hot path ([`App`]), the [`router`] and the stamp
+/// layer (which API reads a path's errors, [`client_of`]) are made from. A new client API is
+/// a module and its rows here.
+pub(crate) static ROUTES: &[Route] = &[
+    Route {
+        path: "/v1/chat/completions",
+        endpoint: Endpoint::ChatCompletions,
+        client: &OpenAi,
+    },
+    Route {
+        path: "/v1/completions",
+        endpoint: Endpoint::Completions,
+        client: &OpenAi,
+    },
+    Route {
+        path: "/v1/embeddings",
+        endpoint: Endpoint::Embeddings,
+        client: &OpenAi,
+    },
+    Route {
+        path: "/v1/messages",
+        endpoint: Endpoint::ChatCompletions,
+        client: &Messages { count: false },
+    },
+    Route {
+        path: "/v1/messages/count_tokens",
+        endpoint: Endpoint::ChatCompletions,
+        client: &Messages { count: true },
+    },
+];
 
-    async fn run(self, st: Arc<AppState>, req: Request) -> Response {
-        match self {
-            Hot::ChatCompletions => proxy(&st, Endpoint::ChatCompletions, req).await,
-            Hot::Completions => proxy(&st, Endpoint::Completions, req).await,
-            Hot::Embeddings => proxy(&st, Endpoint::Embeddings, req).await,
-            Hot::Messages => anthropic_route(&st, WireFormat::Anthropic, req).await,
-            Hot::CountTokens => anthropic_route(&st, WireFormat::AnthropicCount, req).await,
-        }
+/// The proxied route of a request, if it is one.
+fn route_of(method: &Method, path: &str) -> Option<&'static Route> {
+    if method != Method::POST {
+        return None;
     }
+    ROUTES.iter().find(|r| r.path == path)
+}
+
+/// The API whose clients read the errors of `path`: its route's, or (for a path under a
+/// route, `/v1/messages/x`) the longest route it lies under; OpenAI's otherwise.
+pub(crate) fn client_of(path: &str) -> &'static dyn ClientApi {
+    ROUTES
+        .iter()
+        .filter(|r| {
+            path.strip_prefix(r.path)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+        .max_by_key(|r| r.path.len())
+        .map_or(&OpenAi, |r| r.client)
 }
 
 impl App {
@@ -141,12 +166,15 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for App
 
     fn call(&self, req: axum::http::Request<hyper::body::Incoming>) -> AppFuture {
         let req = req.map(axum::body::Body::new);
-        match Hot::of(req.method(), req.uri().path()) {
-            Some(hot) => {
+        match route_of(req.method(), req.uri().path()) {
+            Some(route) => {
                 let st = self.state.clone();
-                Box::pin(
-                    async move { Ok(stamp::stamp_with(req, move |req| hot.run(st, req)).await) },
-                )
+                Box::pin(async move {
+                    Ok(
+                        stamp::stamp_with(req, route.client, move |req| proxy(st, route, req))
+                            .await,
+                    )
+                })
             }
             None => Box::pin(tower_service::Service::call(&mut self.router.clone(), req)),
         }
@@ -164,13 +192,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             admin::guard,
         ));
-    Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/messages", post(messages))
-        .route("/v1/messages/count_tokens", post(count_tokens))
-        .route("/v1/models", get(list_models))
+    let mut r = Router::new();
+    for route in ROUTES {
+        r = r.route(
+            route.path,
+            post(move |State(st): State<Arc<AppState>>, req: Request| proxy(st, route, req)),
+        );
+    }
+    r.route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route(
             "/healthz",
@@ -197,12 +226,11 @@ pub(crate) fn json_ok(v: Value) -> Response {
 }
 
 async fn unknown_url(method: Method, uri: Uri) -> Response {
-    ApiError::unknown_url(method.as_str(), uri.path()).into_response_for(stamp::wire_of(&uri))
+    client_of(uri.path()).error(ApiError::unknown_url(method.as_str(), uri.path()))
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    ApiError::method_not_allowed(method.as_str(), uri.path())
-        .into_response_for(stamp::wire_of(&uri))
+    client_of(uri.path()).error(ApiError::method_not_allowed(method.as_str(), uri.path()))
 }
 
 /// The models the caller may use (with keys: its allow-list; 401 without a known key).
@@ -261,37 +289,13 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     json_ok(json!({"status": "ready", "limits": st.pipeline.limiter.health()}))
 }
 
-async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    proxy(&st, Endpoint::ChatCompletions, req).await
-}
-
-async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    proxy(&st, Endpoint::Completions, req).await
-}
-
-async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    proxy(&st, Endpoint::Embeddings, req).await
-}
-
-/// Anthropic's Messages API: the same pipeline, another wire format (see `anthropic`).
-async fn messages(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    anthropic_route(&st, WireFormat::Anthropic, req).await
-}
-
-async fn count_tokens(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    anthropic_route(&st, WireFormat::AnthropicCount, req).await
-}
-
-/// Runs a request of an Anthropic route (its `request-id` header: see `stamp`).
-async fn anthropic_route(st: &AppState, wire: WireFormat, mut req: Request) -> Response {
-    req.extensions_mut().insert(wire);
-    proxy(st, Endpoint::ChatCompletions, req).await
-}
-
-async fn proxy(st: &AppState, endpoint: Endpoint, req: Request) -> Response {
+/// A proxied request: through the pipeline.
+async fn proxy(st: Arc<AppState>, route: &'static Route, req: Request) -> Response {
     let accepted = match req.extensions().get::<Accepted>() {
         Some(a) => a.clone(),
         None => accept(req.headers()),
     };
-    st.pipeline.handle(endpoint, &accepted, req).await
+    st.pipeline
+        .handle(route.endpoint, route.client, &accepted, req)
+        .await
 }

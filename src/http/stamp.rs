@@ -1,10 +1,9 @@
 //! The layer around every route: takes the request in (phase `accept`: its id and arrival),
 //! and stamps every response with `x-request-id`, `x-mofa-backend` (default `gateway`) and
 //! `x-mofa-latency-ms` (whole milliseconds), turning any error that is not yet an envelope into
-//! one. Under `/v1/messages` (Anthropic's clients) the same id also goes in `request-id`, the
-//! header the Anthropic SDKs read. It refuses a request whose `Transfer-Encoding` has a coding other than `chunked`
-//! (`gzip, chunked`): the HTTP layer removes only the chunking, and the gateway decodes no
-//! other coding, so such a body would be read as something it is not. It must not look at
+//! one in the format of the API the path's clients speak (`http::client_of`), with that API's
+//! own headers (Anthropic's `request-id`). It refuses a request whose `Transfer-Encoding` is
+//! anything but one `chunked` (`gzip, chunked`): the only such check. It must not look at
 //! bodies.
 
 use axum::body::Body;
@@ -13,19 +12,24 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::anthropic::WireFormat;
 use crate::error::{ApiError, ErrorKind};
-use crate::headers::{ANTHROPIC_REQUEST_ID, BACKEND, LATENCY_MS, REQUEST_ID};
+use crate::headers::{BACKEND, LATENCY_MS, REQUEST_ID};
 use crate::proxy::accept::accept;
+use crate::wire::ClientApi;
 
 /// See the module doc (the router's middleware).
 pub async fn stamp(req: Request, next: Next) -> Response {
-    stamp_with(req, |req| next.run(req)).await
+    let client = super::client_of(req.uri().path());
+    stamp_with(req, client, |req| next.run(req)).await
 }
 
 /// The layer around `run` (the handler of a route the server dispatches itself: see
 /// [`super::App`]).
-pub async fn stamp_with<F, Fut>(mut req: Request, run: F) -> Response
+pub async fn stamp_with<F, Fut>(
+    mut req: Request,
+    client: &'static dyn ClientApi,
+    run: F,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
@@ -33,9 +37,8 @@ where
     let accepted = accept(req.headers());
     let (rid, start) = (accepted.id.clone(), accepted.arrival);
     req.extensions_mut().insert(accepted);
-    let wire = wire_of(req.uri());
     let mut resp = match unsupported_transfer_coding(req.headers()) {
-        Some(coding) => ApiError::unsupported_transfer_encoding(&coding).into_response_for(wire),
+        Some(coding) => client.error(ApiError::unsupported_transfer_encoding(&coding)),
         None => run(req).await,
     };
     let status = resp.status();
@@ -43,24 +46,13 @@ where
         resp = envelope_for(resp);
     }
     let h = resp.headers_mut();
-    if wire.is_anthropic() {
-        h.insert(ANTHROPIC_REQUEST_ID, rid.clone());
-    }
+    client.stamp(h, &rid);
     h.insert(REQUEST_ID, rid);
     h.entry(BACKEND)
         .or_insert(HeaderValue::from_static("gateway"));
     let ms = start.elapsed().as_millis() as u64;
     h.insert(LATENCY_MS, HeaderValue::from(ms));
     resp
-}
-
-/// The error format a URL's clients read: Anthropic's under `/v1/messages`, else OpenAI's.
-pub fn wire_of(uri: &axum::http::Uri) -> WireFormat {
-    if uri.path().starts_with("/v1/messages") {
-        WireFormat::Anthropic
-    } else {
-        WireFormat::default()
-    }
 }
 
 /// A reply from outside our handlers (a layer, an extractor), given the envelope of its kind.
@@ -77,14 +69,27 @@ fn envelope_for(resp: Response) -> Response {
     Response::from_parts(parts, Body::from(body))
 }
 
-/// The first transfer coding of the request other than `chunked`, if it has one.
+/// The request's transfer codings when they are anything but exactly one `chunked` (the HTTP
+/// layer removes only the chunking, and the gateway decodes no other coding, so such a body
+/// would be read as something it is not): the first other coding, or the whole list.
 fn unsupported_transfer_coding(h: &HeaderMap) -> Option<String> {
-    h.get_all(header::TRANSFER_ENCODING)
+    let codings: Vec<&[u8]> = h
+        .get_all(header::TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(|c| c.trim_ascii())
-        .find(|c| !c.eq_ignore_ascii_case(b"chunked"))
-        .map(|c| String::from_utf8_lossy(c).chars().take(40).collect())
+        .collect();
+    match codings.as_slice() {
+        [] => None,
+        [c] if c.eq_ignore_ascii_case(b"chunked") => None,
+        _ => {
+            let other = codings
+                .iter()
+                .find(|c| !c.eq_ignore_ascii_case(b"chunked"))
+                .map_or_else(|| codings.join(&b", "[..]), |c| c.to_vec());
+            Some(String::from_utf8_lossy(&other).chars().take(40).collect())
+        }
+    }
 }
 
 fn is_json(h: &HeaderMap) -> bool {

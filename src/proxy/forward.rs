@@ -105,10 +105,10 @@ pub async fn forward(
         }
     }
     let new_model = dep.upstream_model.as_deref().filter(|m| *m != req.model);
-    // A Messages request's `top_k`: local servers take it, cloud APIs refuse it.
-    let drop_top_k = dep.cloud && req.anthropic.as_ref().is_some_and(|a| a.top_k);
-    let body = if new_model.is_some() || req.strip_priority || drop_top_k {
-        rewrite(&req.body, new_model, req.strip_priority, drop_top_k).map_err(|error| Failed {
+    // What the client's API says a cloud deployment refuses (a Messages request's `top_k`).
+    let cloud_drops = if dep.cloud { req.cloud_drops } else { &[] };
+    let body = if new_model.is_some() || req.strip_priority || !cloud_drops.is_empty() {
+        rewrite(&req.body, new_model, req.strip_priority, cloud_drops).map_err(|error| Failed {
             error,
             retryable: false,
             suspect: None,
@@ -153,14 +153,14 @@ pub async fn forward(
 }
 
 /// `body` with `model`'s value replaced (if `model` is given), `priority` removed (if
-/// `strip_priority`: it was the gateway's) and `top_k` (if `drop_top_k`): edited in the raw
+/// `strip_priority`: it was the gateway's) and the fields in `drop`: edited in the raw
 /// bytes, so that every other byte goes out as the client sent it (an integer beyond 2^53, a
 /// number beyond `f64`, the spacing, the key order). `body` passed `parse` (a valid object).
 fn rewrite(
     body: &[u8],
     model: Option<&str>,
     strip_priority: bool,
-    drop_top_k: bool,
+    drop: &[&str],
 ) -> Result<Bytes, ApiError> {
     let members = top_level_members(body)
         .ok_or_else(|| ApiError::invalid_json("the body is not a JSON object"))?;
@@ -168,7 +168,7 @@ fn rewrite(
         .iter()
         .map(|m| {
             let key = member_key(body, m);
-            (strip_priority && key == "priority") || (drop_top_k && key == "top_k")
+            (strip_priority && key == "priority") || drop.contains(&key.as_ref())
         })
         .collect();
     // The members after the last one kept go with the comma before them; every other member
@@ -322,22 +322,16 @@ mod tests {
             br#"{"z":1,"model":"a","tools":[{"x":null}],"priority":5}"#,
             Some("b"),
             false,
-            false,
+            &[],
         )
         .unwrap();
         assert_eq!(
             &out[..],
             br#"{"z":1,"model":"b","tools":[{"x":null}],"priority":5}"#
         );
-        let out = rewrite(
-            br#"{"model":"a","priority":"high","n":1}"#,
-            None,
-            true,
-            false,
-        )
-        .unwrap();
+        let out = rewrite(br#"{"model":"a","priority":"high","n":1}"#, None, true, &[]).unwrap();
         assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
-        let out = rewrite(br#"{"model":"a","top_k":5,"n":1}"#, None, false, true).unwrap();
+        let out = rewrite(br#"{"model":"a","top_k":5,"n":1}"#, None, false, &["top_k"]).unwrap();
         assert_eq!(&out[..], br#"{"model":"a","n":1}"#);
     }
 
@@ -346,33 +340,33 @@ mod tests {
         // Every other byte as sent: big numbers, spacing, escapes, strings that look like keys.
         let body = br#"{ "seed" : 18446744073709551615, "x": [1e400, {"model": "in"}],
             "mod\u0065l":"a\"b", "s": "\"model\":1", "priority" : null ,"top_k":3}"#;
-        let out = rewrite(body, Some("up/\"q\""), true, true).unwrap();
+        let out = rewrite(body, Some("up/\"q\""), true, &["top_k"]).unwrap();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{ "seed" : 18446744073709551615, "x": [1e400, {"model": "in"}],
             "mod\u0065l":"up/\"q\"", "s": "\"model\":1"}"#
         );
         // The last member removed takes the comma before it; the only one leaves `{}`.
-        let out = rewrite(br#"{"model":"a","priority":"low"}"#, None, true, false).unwrap();
+        let out = rewrite(br#"{"model":"a","priority":"low"}"#, None, true, &[]).unwrap();
         assert_eq!(&out[..], br#"{"model":"a"}"#);
-        let out = rewrite(br#"{"priority":"low"}"#, None, true, false).unwrap();
+        let out = rewrite(br#"{"priority":"low"}"#, None, true, &[]).unwrap();
         assert_eq!(&out[..], br#"{}"#);
         let out = rewrite(
             br#"{"model":"a","priority":"low", "top_k":1}"#,
             None,
             true,
-            true,
+            &["top_k"],
         );
         assert_eq!(&out.unwrap()[..], br#"{"model":"a"}"#);
         let out = rewrite(
             br#"{"top_k":1,"priority":"low","n":2}"#,
             Some("b"),
             true,
-            true,
+            &["top_k"],
         );
         assert_eq!(&out.unwrap()[..], br#"{"n":2}"#);
-        let out = rewrite(br#"{"top_k":1, "priority":"low"}"#, None, true, true);
+        let out = rewrite(br#"{"top_k":1, "priority":"low"}"#, None, true, &["top_k"]);
         assert_eq!(&out.unwrap()[..], br#"{}"#);
-        assert!(rewrite(b"[1]", Some("m"), false, false).is_err());
+        assert!(rewrite(b"[1]", Some("m"), false, &[]).is_err());
     }
 }

@@ -133,7 +133,6 @@ mod bench {
     use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
     use bytes::Bytes;
 
-    use crate::anthropic::WireFormat;
     use crate::config::Config;
     use crate::proxy::authorize::{authorize, digest, Auth};
     use crate::proxy::observe::{Observer, Reason, Record, Tokens};
@@ -157,8 +156,9 @@ mod bench {
             max_priority: None,
             max_wait: None,
             body: Bytes::from_static(BODY),
-            wire: WireFormat::OpenAi,
-            anthropic: None,
+            cloud_drops: &[],
+            reply: None,
+            local: None,
         }
     }
 

@@ -28,13 +28,13 @@ use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 
-use crate::anthropic::{self, WireFormat};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::headers::{ATTEMPTS, BACKEND, PRECISION, SERVER_TIMING};
 use crate::orchestrator::{BuildError, ModelRt, Orchestrator};
 use crate::reason::{RejectReason, Rejection};
 use crate::upstream::{Deployment, Endpoint, Reply, StreamEnd};
+use crate::wire::{ClientApi, Local, ReplyFormat};
 
 pub mod accept;
 pub mod admit;
@@ -53,10 +53,10 @@ use route::Attempts;
 
 /// What phases 2 to 7 produced.
 enum Ran {
-    /// A try succeeded; a Messages request also has its reply context.
-    Forwarded(Box<(Forwarded, Option<anthropic::Context>)>),
-    /// `count_tokens`: answered after `authorize` with the gateway's estimate of input tokens.
-    Counted(u64),
+    /// A try succeeded; the reply goes back as the client's API says.
+    Forwarded(Box<(Forwarded, Option<Box<dyn ReplyFormat>>)>),
+    /// Answered by the gateway after `authorize` (Anthropic's `count_tokens`).
+    Local(Local),
 }
 
 /// Everything the phases share. Built once; admission state lives per model in the
@@ -115,32 +115,37 @@ impl Pipeline {
         self.shutting_down.load(Ordering::Relaxed)
     }
 
-    /// Runs a request to `endpoint` through every phase; always an answer (errors included).
-    pub async fn handle(&self, endpoint: Endpoint, accepted: &Accepted, req: Request) -> Response {
-        let wire = parse::wire_format(&req);
+    /// Runs a request to `endpoint` from a client speaking `client` through every phase;
+    /// always an answer (errors included, in the client's format).
+    pub(crate) async fn handle(
+        &self,
+        endpoint: Endpoint,
+        client: &'static dyn ClientApi,
+        accepted: &Accepted,
+        req: Request,
+    ) -> Response {
         let mut rec = Record::new(self.observer.clone(), accepted.id.clone(), accepted.arrival);
         rec.client = req.extensions().get::<ClientAddr>().map(|c| c.0);
-        match self.run(endpoint, accepted, req, &mut rec).await {
+        match self.run(endpoint, client, accepted, req, &mut rec).await {
             Ok(Ran::Forwarded(f)) => {
-                let (ok, ctx) = *f;
-                self.respond(ok, ctx, rec)
+                let (ok, reply) = *f;
+                self.respond(ok, reply, client, rec)
             }
-            Ok(Ran::Counted(input_tokens)) => {
+            Ok(Ran::Local(local)) => {
                 rec.tokens = Some(Tokens {
-                    input: input_tokens,
+                    input: local.input_tokens,
                     output: 0,
                     estimated: true,
                 });
                 rec.finish(StatusCode::OK, Reason::Ok);
-                let body = serde_json::json!({ "input_tokens": input_tokens }).to_string();
-                let mut r = Response::new(Body::from(body));
+                let mut r = Response::new(Body::from(local.body));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
                 r
             }
-            Err(e) => fail(e, wire, rec),
+            Err(e) => fail(e, client, rec),
         }
     }
 
@@ -148,6 +153,7 @@ impl Pipeline {
     async fn run(
         &self,
         endpoint: Endpoint,
+        client: &'static dyn ClientApi,
         accepted: &Accepted,
         req: Request,
         rec: &mut Record,
@@ -156,7 +162,7 @@ impl Pipeline {
         let who = self.auth.authenticate(req.headers())?;
         rec.key = who.name().cloned();
         let mut named = None;
-        let mut parsed = match parse::parse(endpoint, self.limits, req, &mut named).await {
+        let mut parsed = match parse::parse(endpoint, client, self.limits, req, &mut named).await {
             Ok(p) => p,
             Err(e) => {
                 // A request that named a configured model is counted under it.
@@ -169,9 +175,8 @@ impl Pipeline {
         rec.priority = Some(parsed.priority());
         rec.stream = parsed.stream;
         authorize::authorize(&who, &mut parsed, rec)?;
-        if parsed.wire == WireFormat::AnthropicCount {
-            let n = parsed.anthropic.as_ref().map_or(0, |a| a.input_estimate);
-            return Ok(Ran::Counted(n));
+        if let Some(local) = parsed.local.take() {
+            return Ok(Ran::Local(local));
         }
         limit::limit(&self.limiter, &who, &parsed, rec).await?;
         if self.is_shutting_down() {
@@ -181,7 +186,7 @@ impl Pipeline {
             ));
         }
         let ok = self.tries(model, &parsed, accepted, rec).await?;
-        Ok(Ran::Forwarded(Box::new((ok, parsed.anthropic.take()))))
+        Ok(Ran::Forwarded(Box::new((ok, parsed.reply.take()))))
     }
 
     /// The configured model a request names (404 otherwise).
@@ -239,8 +244,14 @@ impl Pipeline {
     }
 
     /// The client's 200: a full body now (the request is over), or a stream that finishes
-    /// its record when it ends; for a Messages request (`ctx`), translated back.
-    fn respond(&self, ok: Forwarded, ctx: Option<anthropic::Context>, rec: Record) -> Response {
+    /// its record when it ends; translated back by `format` when the client's API needs it.
+    fn respond(
+        &self,
+        ok: Forwarded,
+        format: Option<Box<dyn ReplyFormat>>,
+        client: &'static dyn ClientApi,
+        rec: Record,
+    ) -> Response {
         let Forwarded {
             reply, dep, permit, ..
         } = ok;
@@ -261,16 +272,16 @@ impl Pipeline {
                     output: u.completion_tokens,
                     estimated: false,
                 });
-                let (body, content_type) = match &ctx {
+                let (body, content_type) = match &format {
                     None => (body, content_type),
-                    Some(ctx) => match anthropic::from_openai(&body, ctx) {
+                    Some(f) => match f.whole(&body) {
                         Ok(b) => (b.into(), HeaderValue::from_static("application/json")),
                         Err(detail) => {
                             tracing::warn!(backend = %dep.label, "{detail}");
                             rec.reply_headers = extra;
                             let e = ApiError::upstream_unavailable(&dep.label, detail)
                                 .attempts(attempts);
-                            return fail(e, WireFormat::Anthropic, rec);
+                            return fail(e, client, rec);
                         }
                     },
                 };
@@ -306,11 +317,9 @@ impl Pipeline {
                     };
                     rec.finish(status, reason);
                 });
-                let body = match ctx {
+                let body = match format {
                     None => pending.relay(on_end),
-                    Some(ctx) => {
-                        pending.relay_with(on_end, Box::new(anthropic::Translator::new(ctx)))
-                    }
+                    Some(f) => pending.relay_with(on_end, f.stream()),
                 };
                 let mut r = Response::new(body);
                 let h = r.headers_mut();
@@ -328,14 +337,14 @@ impl Pipeline {
     }
 }
 
-/// The one error path: `e` rendered in the client's `wire` format, with the headers the phases
+/// The one error path: `e` rendered in the client's format, with the headers the phases
 /// set (`x-ratelimit-*`, ...) and `Server-Timing`; the record finished with it.
-fn fail(e: ApiError, wire: WireFormat, mut rec: Record) -> Response {
+fn fail(e: ApiError, client: &'static dyn ClientApi, mut rec: Record) -> Response {
     let reason = e.kind.spec().reason;
     if let Some(source) = &e.source {
         tracing::debug!(kind = ?e.kind, "{source}");
     }
-    let mut resp = e.into_response_for(wire);
+    let mut resp = client.error(e);
     if let Some(v) = rec.server_timing() {
         resp.headers_mut().insert(SERVER_TIMING, v);
     }
