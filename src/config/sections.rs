@@ -232,10 +232,22 @@ pub enum DeploymentKind {
     Sim,
 }
 
+/// The API a deployment speaks.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum UpstreamApiKind {
+    /// OpenAI's API, as OpenAI, llama-server, vLLM, Ollama and the simulator serve it.
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentConfig {
     pub kind: DeploymentKind,
+    /// The API it speaks (`openai`, the default and only value for now).
+    #[serde(default)]
+    pub api: UpstreamApiKind,
     /// Base URL of the OpenAI-compatible API, ending in `/v1` (not for `sim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,

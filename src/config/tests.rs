@@ -432,3 +432,18 @@ fn syntax_errors_are_located() {
     );
     assert!(e.to_string().contains("3 | ttft_ms = 5 6"), "{e}");
 }
+
+#[test]
+fn a_deployment_names_its_api() {
+    let cfg = parse(CLOUD).unwrap();
+    assert_eq!(cfg.models[0].deployments[0].api, UpstreamApiKind::OpenAi);
+    let text = CLOUD.replace("kind = \"cloud\"", "kind = \"cloud\"\napi = \"openai\"");
+    assert_eq!(
+        parse(&text).unwrap().models[0].deployments[0].api,
+        UpstreamApiKind::OpenAi
+    );
+    let text = CLOUD.replace("kind = \"cloud\"", "kind = \"cloud\"\napi = \"grpc\"");
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.starts_with("models[0].deployments[0].api:"), "{e}");
+    assert!(e.contains("unknown variant") && e.contains("openai"), "{e}");
+}

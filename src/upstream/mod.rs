@@ -14,23 +14,22 @@ use axum::http::{header, HeaderName, HeaderValue, Method, Request, StatusCode, U
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
-use serde::de::IgnoredAny;
-use serde::Deserialize;
 
 use crate::admission::Outcome;
-use crate::config::{DeploymentConfig, Secret};
+use crate::config::DeploymentConfig;
 use crate::headers::UPSTREAM_REQUEST_ID;
 
+mod api;
 mod client;
 mod relay;
 mod wire;
 
+use api::UpstreamApi;
 use client::{Coalesce, HttpClient};
 
 pub use client::{set_lane, set_lanes};
-pub use relay::{OnEnd, PendingStream, StreamEnd, Transform};
-use wire::sse_error_in;
-pub use wire::{envelope, error_message, is_envelope, retry_after_secs, Usage};
+pub use relay::{OnEnd, PendingStream, StreamEnd, StreamStats, Transform};
+pub use wire::{envelope, error_message, is_envelope, Usage};
 
 /// The OpenAI endpoints the gateway forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,16 +37,6 @@ pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
-}
-
-impl Endpoint {
-    pub fn path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/chat/completions",
-            Endpoint::Completions => "/completions",
-            Endpoint::Embeddings => "/embeddings",
-        }
-    }
 }
 
 /// One place a model can run, ready to be called.
@@ -64,15 +53,18 @@ pub struct Deployment {
     /// A cloud provider's API (it refuses parameters beyond OpenAI's, such as `top_k`).
     pub cloud: bool,
     base_url: String,
+    /// The API it speaks (`api` in its config).
+    api: Arc<dyn UpstreamApi>,
     /// `base_url` + each endpoint's path, parsed once (indexed by `Endpoint as usize`); `None`
     /// for a server the pool runs, whose port changes.
     urls: Option<[Uri; 3]>,
-    /// `<base>/models`, for the health probe.
+    /// `<base>` + the API's probe path (`/models`), for the health probe.
     models_url: Option<Uri>,
     /// For a server the gateway runs: where it listens now (its port changes at each start;
     /// `None` while it is not running).
     dynamic_base: Option<DynamicBase>,
-    auth: Option<HeaderValue>,
+    /// The headers that carry `api_key` (sensitive).
+    credentials: Vec<(HeaderName, HeaderValue)>,
     /// `Host` for the fixed URLs, built once (the client would format it per request).
     host: Option<HeaderValue>,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
@@ -189,7 +181,11 @@ impl Deployment {
         max_response_bytes: usize,
     ) -> Result<Deployment, String> {
         let client = HttpClient::new(Duration::from_millis(cfg.connect_timeout_ms))?;
-        let auth = cfg.api_key.as_ref().map(bearer).transpose()?;
+        let api = api::for_kind(cfg.api);
+        let credentials = match &cfg.api_key {
+            Some(key) => api.credentials(key)?,
+            None => Vec::new(),
+        };
         let extra_headers = cfg
             .headers
             .iter()
@@ -201,7 +197,7 @@ impl Deployment {
             })
             .collect();
         let label: Arc<str> = cfg.label(model).into();
-        let urls = endpoint_urls(url);
+        let urls = endpoint_urls(&*api, url);
         let host = urls
             .as_ref()
             .and_then(|u| u[0].authority())
@@ -218,9 +214,12 @@ impl Deployment {
             cloud: cfg.kind == crate::config::DeploymentKind::Cloud,
             base_url: url.trim_end_matches('/').to_owned(),
             urls,
-            models_url: format!("{}/models", url.trim_end_matches('/')).parse().ok(),
+            models_url: format!("{}{}", url.trim_end_matches('/'), api.probe_path())
+                .parse()
+                .ok(),
+            api,
             dynamic_base,
-            auth,
+            credentials,
             host,
             extra_headers,
             client,
@@ -236,7 +235,7 @@ impl Deployment {
     pub async fn probe(&self) -> bool {
         let url = match &self.dynamic_base {
             Some(m) => match m() {
-                Some(u) => format!("{u}/models").parse::<Uri>().ok(),
+                Some(u) => format!("{u}{}", self.api.probe_path()).parse::<Uri>().ok(),
                 None => return true, // not running: the pool's business, not a failure
             },
             None => self.models_url.clone(),
@@ -245,9 +244,8 @@ impl Deployment {
         let build = || {
             let mut req = Request::new(Full::new(Bytes::new()));
             *req.uri_mut() = url.clone();
-            if let Some(auth) = &self.auth {
-                req.headers_mut()
-                    .insert(header::AUTHORIZATION, auth.clone());
+            for (k, v) in &self.credentials {
+                req.headers_mut().insert(k.clone(), v.clone());
             }
             req
         };
@@ -281,6 +279,7 @@ impl Deployment {
             let fb = tokio::time::Instant::now() + self.first_byte_timeout;
             deadline.map_or(fb, |d| d.min(fb))
         };
+        let body = self.api.request_body(endpoint, body)?;
         let req = self.request(endpoint, body.clone(), request_id, stream)?;
         let again = || self.request(endpoint, body, request_id, stream).ok();
         let first = async {
@@ -318,11 +317,20 @@ impl Deployment {
             .map_err(|_| UpstreamError::Timeout("first byte"))??;
         match got {
             Ok((first, rest)) => {
-                if let Some(msg) = sse_error_in(&first) {
-                    return Err(UpstreamError::Invalid(msg));
+                let mut reader = self.api.stream();
+                let mut stats = StreamStats {
+                    bytes: first.len() as u64,
+                    chunks: 1,
+                    ..StreamStats::default()
+                };
+                let first = reader.read(first, &mut stats);
+                if let Some(msg) = reader.error() {
+                    return Err(UpstreamError::Invalid(msg.to_owned()));
                 }
                 Ok(Reply::Stream(PendingStream {
                     first,
+                    stats,
+                    reader,
                     rest: Box::pin(rest),
                     limits: relay::Limits {
                         idle: self.idle_timeout,
@@ -347,7 +355,8 @@ impl Deployment {
         let mut host = None;
         let url = match &self.dynamic_base {
             Some(m) => {
-                match m().and_then(|b| format!("{b}{}", endpoint.path()).parse::<Uri>().ok()) {
+                let path = self.api.path(endpoint);
+                match m().and_then(|b| format!("{b}{path}").parse::<Uri>().ok()) {
                     Some(url) => url,
                     None => {
                         return Err(UpstreamError::Connect(
@@ -387,8 +396,8 @@ impl Deployment {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert(UPSTREAM_REQUEST_ID, v);
         }
-        if let Some(auth) = &self.auth {
-            h.insert(header::AUTHORIZATION, auth.clone());
+        for (k, v) in &self.credentials {
+            h.insert(k.clone(), v.clone());
         }
         for (k, v) in &self.extra_headers {
             h.append(k.clone(), v.clone());
@@ -402,10 +411,9 @@ impl Deployment {
         resp: axum::http::Response<hyper::body::Incoming>,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Reply, UpstreamError> {
-        let status = resp.status();
-        let retry_after = retry_after_secs(resp.headers());
-        let content_type = resp
-            .headers()
+        let (head, mut body) = resp.into_parts();
+        let content_type = head
+            .headers
             .get(header::CONTENT_TYPE)
             .cloned()
             .unwrap_or(HeaderValue::from_static("application/json"));
@@ -414,7 +422,6 @@ impl Deployment {
         let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         let mut len = 0usize;
-        let mut body = resp.into_body();
         loop {
             let idle_end = tokio::time::Instant::now() + self.idle_timeout;
             let until = deadline.map_or(idle_end, |d| d.min(idle_end));
@@ -443,48 +450,27 @@ impl Deployment {
             }
         }
         let body = first.unwrap_or_else(|| buf.freeze());
-        if !status.is_success() {
-            return Err(UpstreamError::Status {
-                status,
-                retry_after,
-                body,
-            });
+        if !head.status.is_success() {
+            return Err(self.api.classify(head.status, &head.headers, body));
         }
-        #[derive(Deserialize)]
-        struct Probe {
-            error: Option<IgnoredAny>,
-            usage: Option<Usage>,
-        }
-        match serde_json::from_slice::<Probe>(&body) {
-            Ok(Probe { error: None, usage }) => Ok(Reply::Full {
-                content_type,
-                body,
-                usage,
-            }),
-            Ok(Probe { error: Some(_), .. }) => Err(UpstreamError::Invalid(
-                error_message(&body).unwrap_or_else(|| "the reply carries an error".into()),
-            )),
-            Err(_) => Err(UpstreamError::Invalid("the reply is not JSON".into())),
-        }
+        let (body, usage) = self.api.read_reply(body)?;
+        Ok(Reply::Full {
+            content_type,
+            body,
+            usage,
+        })
     }
 }
 
 /// The URL of each endpoint under `base`, in `Endpoint` order.
-fn endpoint_urls(base: &str) -> Option<[Uri; 3]> {
+fn endpoint_urls(api: &dyn UpstreamApi, base: &str) -> Option<[Uri; 3]> {
     let base = base.trim_end_matches('/');
-    let url = |e: Endpoint| format!("{base}{}", e.path()).parse::<Uri>().ok();
+    let url = |e: Endpoint| format!("{base}{}", api.path(e)).parse::<Uri>().ok();
     Some([
         url(Endpoint::ChatCompletions)?,
         url(Endpoint::Completions)?,
         url(Endpoint::Embeddings)?,
     ])
-}
-
-fn bearer(key: &Secret) -> Result<HeaderValue, String> {
-    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-        .map_err(|_| "api_key is not a valid header value".to_string())?;
-    v.set_sensitive(true);
-    Ok(v)
 }
 
 /// A failure to send (connect, write, or read the reply's head).

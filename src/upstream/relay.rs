@@ -15,8 +15,9 @@ use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use super::api::StreamReader;
 use super::error_chain;
-use super::wire::{sse_content_events, sse_error_event, sse_error_in, sse_usage, Usage};
+use super::wire::{sse_error_event, Usage};
 
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,14 +77,11 @@ struct Relay {
     on_end: Option<OnEnd>,
     rest: super::BodyStream,
     first: Option<Bytes>,
-    tail: Tail,
     limits: Limits,
     label: Arc<str>,
     stats: StreamStats,
-    /// The upstream sent an `event: error` line (its data may follow in the next chunk).
-    named_error: bool,
-    /// The upstream sent a complete error event: the stream ends after it.
-    upstream_error: bool,
+    /// Reads the upstream's chunks into the common form (and what they say).
+    reader: Box<dyn StreamReader>,
     transform: Option<Box<dyn Transform>>,
     /// When the upstream's next chunk is due (set when the wait starts; kept across keepalives).
     idle_end: Option<tokio::time::Instant>,
@@ -122,20 +120,11 @@ impl Relay {
         }
     }
 
-    fn count(&mut self, chunk: &Bytes) {
-        self.tail.push(chunk);
+    /// One upstream chunk, read: what goes on towards the client (possibly nothing).
+    fn read(&mut self, chunk: Bytes) -> Bytes {
         self.stats.bytes += chunk.len() as u64;
         self.stats.chunks += 1;
-        self.stats.content_events += sse_content_events(chunk);
-        if let Some(u) = sse_usage(chunk) {
-            self.stats.usage = Some(u);
-        }
-        if has_error_event_line(chunk) {
-            self.named_error = true;
-        }
-        if sse_error_in(chunk).is_some() {
-            self.upstream_error = true;
-        }
+        self.reader.read(chunk, &mut self.stats)
     }
 }
 
@@ -147,10 +136,14 @@ impl Drop for Relay {
 
 /// A stream whose first chunk arrived: what [`PendingStream::relay`] sends on.
 pub struct PendingStream {
+    /// The first chunk, already read (in the common form).
     pub(super) first: Bytes,
     pub(super) rest: super::BodyStream,
     pub(super) limits: Limits,
     pub(super) label: Arc<str>,
+    /// What the first chunk said.
+    pub(super) stats: StreamStats,
+    pub(super) reader: Box<dyn StreamReader>,
 }
 
 impl PendingStream {
@@ -171,17 +164,17 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
         rest,
         limits,
         label,
+        stats,
+        reader,
     } = p;
     let state = Relay {
         on_end: Some(on_end),
         rest,
         first: Some(first),
-        tail: Tail::default(),
         limits,
         label,
-        stats: StreamStats::default(),
-        named_error: false,
-        upstream_error: false,
+        stats,
+        reader,
         transform,
         idle_end: None,
     };
@@ -189,8 +182,7 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
         loop {
             // Ended (its `on_end` was told): nothing more.
             st.on_end.as_ref()?;
-            if let Some(first) = st.first.take() {
-                st.count(&first);
+            if let Some(first) = st.first.take().filter(|f| !f.is_empty()) {
                 match st.out(first) {
                     Some(b) => return Some((Ok::<_, std::convert::Infallible>(b), st)),
                     None => continue,
@@ -198,7 +190,7 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
             }
             // The upstream's own error event went out (or, with a transform, its rendering):
             // that is the end (no second one).
-            if st.upstream_error {
+            if st.reader.error().is_some() {
                 return st.upstream_failed();
             }
             // The next chunk is due within the idle limit, and before the total deadline.
@@ -227,13 +219,16 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
                 }
                 Ok(Some(Ok(chunk))) => {
                     st.idle_end = None;
-                    st.count(&chunk);
+                    let chunk = st.read(chunk);
+                    if chunk.is_empty() {
+                        continue;
+                    }
                     match st.out(chunk) {
                         Some(b) => return Some((Ok(b), st)),
                         None => continue,
                     }
                 }
-                Ok(None) if st.tail.ends_with_done() => {
+                Ok(None) if st.reader.complete() => {
                     let broken = st.transform.as_ref().is_some_and(|t| t.broken());
                     st.end(if broken {
                         StreamEnd::Failed
@@ -242,7 +237,7 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
                     });
                     return None;
                 }
-                Ok(None) if st.named_error => return st.upstream_failed(),
+                Ok(None) if st.reader.error_announced() => return st.upstream_failed(),
                 Ok(None) => (
                     format!(
                         "the backend {} closed the stream before it was complete",
@@ -274,80 +269,10 @@ fn relay(p: PendingStream, on_end: OnEnd, transform: Option<Box<dyn Transform>>)
     Body::from_stream(s)
 }
 
-/// Whether `chunk` has an SSE `event: error` line.
-fn has_error_event_line(chunk: &[u8]) -> bool {
-    chunk.split(|b| *b == b'\n').any(|l| {
-        let l = l.trim_ascii();
-        l == b"event: error" || l == b"event:error"
-    })
-}
-
-/// The last bytes of a stream, to tell whether it ended with `data: [DONE]`.
-#[derive(Default)]
-pub(super) struct Tail {
-    buf: Vec<u8>,
-}
-
-impl Tail {
-    const KEEP: usize = 32;
-
-    fn push(&mut self, chunk: &[u8]) {
-        if chunk.len() >= Self::KEEP {
-            self.buf.clear();
-            self.buf
-                .extend_from_slice(&chunk[chunk.len() - Self::KEEP..]);
-        } else {
-            self.buf.extend_from_slice(chunk);
-            let extra = self.buf.len().saturating_sub(Self::KEEP);
-            self.buf.drain(..extra);
-        }
-    }
-
-    fn ends_with_done(&self) -> bool {
-        let end = self
-            .buf
-            .iter()
-            .rposition(|b| !b.is_ascii_whitespace())
-            .map_or(0, |i| i + 1);
-        let t = &self.buf[..end];
-        t.ends_with(b"data: [DONE]") || t.ends_with(b"data:[DONE]")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_event_lines() {
-        assert!(has_error_event_line(
-            b"data: {}\n\nevent: error\r\ndata: {}\n\n"
-        ));
-        assert!(has_error_event_line(b"event:error\n"));
-        assert!(!has_error_event_line(
-            b"data: {\"content\":\"event: error\"}\n\n"
-        ));
-    }
-
-    #[test]
-    fn tail_sees_done_across_chunks() {
-        let mut t = Tail::default();
-        t.push(b"data: {\"x\":1}\n\ndata: [DO");
-        assert!(!t.ends_with_done());
-        t.push(b"NE]\n\n");
-        assert!(t.ends_with_done());
-        t.push(b"data: {\"content\":\"[DONE]\"}\n\n");
-        assert!(!t.ends_with_done());
-        let mut t = Tail::default();
-        t.push(&[b'x'; 100]);
-        t.push(b"\ndata:[DONE]\r\n");
-        assert!(t.ends_with_done());
-    }
-}
-
 #[cfg(test)]
 mod transform_tests {
     use super::*;
+    use crate::upstream::api::UpstreamApi;
     use http_body_util::BodyExt;
 
     /// Upper-cases what it relays, pings every 10 s, and says `failed:<code>` on failure.
@@ -388,6 +313,8 @@ mod transform_tests {
                 deadline: None,
             },
             label: "b".into(),
+            stats: StreamStats::default(),
+            reader: super::super::api::OpenAiCompatible.stream(),
         }
     }
 
