@@ -286,6 +286,7 @@ impl ApiError {
     }
 
     /// The envelope's `code`.
+    #[cfg(test)]
     pub fn code(&self) -> &'static str {
         self.kind.spec().code
     }

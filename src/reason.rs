@@ -45,7 +45,8 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    /// Every reason, for exhaustive tests and metric label sets.
+    /// Every reason, for exhaustive tests.
+    #[cfg(test)]
     pub const ALL: [RejectReason; 9] = [
         RejectReason::CapacityExceeded,
         RejectReason::QueueFull,

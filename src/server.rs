@@ -153,7 +153,7 @@ impl Gateway {
         if tokio::time::timeout(grace + margin, all).await.is_err() {
             tracing::warn!("shutdown grace period over; closing the connections left");
         }
-        state.pipeline.orch.memory.stop_all().await;
+        state.stop_models().await;
         Ok(())
     }
 

@@ -18,23 +18,18 @@ use crate::pool::STOP_GRACE;
 
 /// Lets a request through to `/admin/*` only with an admin key (when keys are required).
 pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    match st.pipeline.auth.admin(req.headers()) {
+    match st.pipeline.admin_allowed(req.headers()) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
 }
 
 pub async fn orchestrator(State(st): State<Arc<AppState>>) -> Response {
-    let p = &st.pipeline;
-    let mut v = p.orch.snapshot();
-    v["limits"] = p.limiter.snapshot();
-    v["counters"] = p.observer.snapshot();
-    v["client_disconnects"] = p.observer.client_disconnects().into();
-    json_ok(v)
+    json_ok(st.pipeline.admin_view())
 }
 
 pub async fn pool(State(st): State<Arc<AppState>>) -> Response {
-    json_ok(st.pipeline.orch.pool_snapshot())
+    json_ok(st.pipeline.pool_view())
 }
 
 /// Loads a pool model now (at `normal` priority for memory), and waits until it is ready.
@@ -44,7 +39,7 @@ pub async fn load(
     uri: Uri,
 ) -> Response {
     let name = pool_name(name, &uri);
-    let memory = &st.pipeline.orch.memory;
+    let memory = st.pipeline.memory();
     let Some((id, p)) = memory.managed(&name) else {
         return ApiError::unknown_pool_model(&name).into_response();
     };
@@ -65,7 +60,7 @@ pub async fn unload(
     uri: Uri,
 ) -> Response {
     let name = pool_name(name, &uri);
-    let memory = &st.pipeline.orch.memory;
+    let memory = st.pipeline.memory();
     let Some((id, p)) = memory.managed(&name) else {
         return ApiError::unknown_pool_model(&name).into_response();
     };

@@ -20,7 +20,6 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::orchestrator::BuildError;
 use crate::proxy::accept::{accept, Accepted};
-use crate::proxy::authorize::Principal;
 use crate::proxy::Pipeline;
 use crate::upstream::Endpoint;
 use crate::wire::openai::OpenAi;
@@ -32,34 +31,14 @@ mod status;
 
 /// What every handler shares. Immutable after start-up.
 pub struct AppState {
-    pub pipeline: Pipeline,
-    /// The `GET /v1/models` body, built once (for principals that may use every model).
-    model_list: Bytes,
-    /// The configured model names, in order (for lists filtered by a key's allow-list).
-    model_names: Vec<String>,
-    created: u64,
+    pipeline: Pipeline,
 }
 
 impl AppState {
     /// Builds the runtime state from a validated config, starting in-process simulators.
     pub async fn build(cfg: &Config) -> Result<AppState, BuildError> {
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let listed: Vec<Value> = cfg
-            .models
-            .iter()
-            .map(|m| model_object(&m.name, created))
-            .collect();
-        let model_list = Bytes::from(
-            serde_json::to_vec(&json!({"object": "list", "data": listed})).unwrap_or_default(),
-        );
         Ok(AppState {
             pipeline: Pipeline::build(cfg).await?,
-            model_list,
-            model_names: cfg.models.iter().map(|m| m.name.clone()).collect(),
-            created,
         })
     }
 
@@ -67,10 +46,11 @@ impl AppState {
     pub fn begin_shutdown(&self) {
         self.pipeline.begin_shutdown();
     }
-}
 
-fn model_object(name: &str, created: u64) -> Value {
-    json!({"id": name, "object": "model", "created": created, "owned_by": "mofa-gateway"})
+    /// Stops the model servers the gateway runs (at exit).
+    pub async fn stop_models(&self) {
+        self.pipeline.stop_models().await;
+    }
 }
 
 /// What the server serves: a proxied request (`POST` to one of the [`ROUTES`]) goes
@@ -235,24 +215,10 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 
 /// The models the caller may use (with keys: its allow-list; 401 without a known key).
 async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let who = match st.pipeline.auth.authenticate(&headers) {
-        Ok(w) => w,
-        Err(e) => return e.into_response(),
-    };
-    if matches!(who, Principal::Anonymous) {
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            st.model_list.clone(),
-        )
-            .into_response();
+    match st.pipeline.list_models(&headers) {
+        Ok(body) => json_bytes(body),
+        Err(e) => e.into_response(),
     }
-    let listed: Vec<Value> = st
-        .model_names
-        .iter()
-        .filter(|m| who.may_use(m))
-        .map(|m| model_object(m, st.created))
-        .collect();
-    json_ok(json!({"object": "list", "data": listed}))
 }
 
 /// One model, if it exists and the caller may use it (404 otherwise, as OpenAI); an id that
@@ -263,30 +229,27 @@ async fn get_model(
     id: Result<Path<String>, PathRejection>,
     uri: Uri,
 ) -> Response {
-    let who = match st.pipeline.auth.authenticate(&headers) {
-        Ok(w) => w,
-        Err(e) => return e.into_response(),
+    let raw = uri.path().strip_prefix("/v1/models/").unwrap_or(uri.path());
+    let id = match &id {
+        Ok(Path(id)) => Ok(id.as_str()),
+        Err(_) => Err(raw),
     };
-    let id = match id {
-        Ok(Path(id)) => id,
-        Err(_) => {
-            let raw = uri.path().strip_prefix("/v1/models/").unwrap_or(uri.path());
-            return ApiError::model_not_found(raw).into_response();
-        }
-    };
-    match st.pipeline.orch.models.get(&id) {
-        Some(m) if who.may_use(&m.name) => json_ok(model_object(&m.name, st.created)),
-        _ => ApiError::model_not_found(&id).into_response(),
+    match st.pipeline.get_model(&headers, id) {
+        Ok(body) => json_bytes(body),
+        Err(e) => e.into_response(),
     }
 }
 
-/// Ready unless shutting down; the detail says where the rate limits are counted (and
-/// whether a shared store answers).
+/// Ready unless shutting down (see [`Pipeline::readiness`]).
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    if st.pipeline.is_shutting_down() {
-        return ApiError::shutting_down().into_response();
+    match st.pipeline.readiness() {
+        Ok(v) => json_ok(v),
+        Err(e) => e.into_response(),
     }
-    json_ok(json!({"status": "ready", "limits": st.pipeline.limiter.health()}))
+}
+
+fn json_bytes(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// A proxied request: through the pipeline.

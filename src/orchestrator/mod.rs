@@ -324,9 +324,4 @@ impl Orchestrator {
     pub fn pool_snapshot(&self) -> Value {
         self.memory.pool_snapshot()
     }
-
-    /// The pool's process named `name` (`model` or `model@variant`).
-    pub fn managed(&self, name: &str) -> Option<&Arc<Managed>> {
-        self.memory.managed(name).map(|(_, p)| p)
-    }
 }

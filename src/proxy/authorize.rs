@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::observe::Record;
+use super::context::Ctx;
 use super::parse::Parsed;
 use crate::admission::Priority;
 use crate::config::{AuthMode, Config};
@@ -182,8 +182,13 @@ fn presented_key(h: &HeaderMap) -> Result<Option<&str>, ApiError> {
 }
 
 /// Decides whether `who` may send `req` (403 `model_not_allowed`), and applies the key's
-/// default priority and ceiling to it; the reply says the priority it ran at.
-pub fn authorize(who: &Principal, req: &mut Parsed, rec: &mut Record) -> Result<(), ApiError> {
+/// default priority and ceiling to it; the reply says the priority it ran at (`headers`).
+pub(crate) fn authorize(
+    who: &Principal,
+    req: &mut Parsed,
+    ctx: &mut Ctx,
+    headers: &mut HeaderMap,
+) -> Result<(), ApiError> {
     let Principal::Key(k) = who else {
         return Ok(());
     };
@@ -193,9 +198,8 @@ pub fn authorize(who: &Principal, req: &mut Parsed, rec: &mut Record) -> Result<
     req.default_priority = Some(k.default_priority);
     req.max_priority = Some(k.max_priority);
     let p = req.priority();
-    rec.priority = Some(p);
-    rec.reply_headers
-        .insert(PRIORITY, HeaderValue::from_static(p.as_str()));
+    ctx.set_priority(p);
+    headers.insert(PRIORITY, HeaderValue::from_static(p.as_str()));
     Ok(())
 }
 

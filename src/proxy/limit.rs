@@ -2,14 +2,14 @@
 //! in flight, and a model's `rpm`/`tpm`, all principals together), before admission, so that
 //! a request over its limit never takes a queue place or a slot. Tokens are charged with an
 //! estimate before the call and corrected from the record's tokens when the request is over (a
-//! hook on the [`Record`], which also frees the in-flight place). Every limited reply carries OpenAI's
+//! hook on the request's context, which also frees the in-flight place). Every limited reply carries OpenAI's
 //! `x-ratelimit-*` headers. The arithmetic is `limits`', the stores `quota`'s; statuses and
 //! envelopes are `error`'s.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::authorize::Principal;
-use super::observe::Record;
+use super::context::Ctx;
 use super::parse::Parsed;
 use crate::error::ApiError;
 use crate::limits::{openai_duration, Denial, Dim, Status};
@@ -23,12 +23,14 @@ const REMAINING_TOK: HeaderName = HeaderName::from_static("x-ratelimit-remaining
 const RESET_TOK: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 /// Charges `req` to `who`'s limits, or refuses it (429; 503 when the shared store is down and
-/// `redis_failure = "closed"`). What it holds is given back when `rec` finishes.
-pub async fn limit(
+/// `redis_failure = "closed"`). What it holds is given back when `ctx` finishes; the reply's
+/// `x-ratelimit-*` go into `headers`.
+pub(crate) async fn limit(
     limiter: &std::sync::Arc<Limiter>,
     who: &Principal,
     req: &Parsed,
-    rec: &mut Record,
+    ctx: &mut Ctx,
+    headers: &mut HeaderMap,
 ) -> Result<(), ApiError> {
     let Some(model) = limiter.model_index(&req.model) else {
         return Ok(());
@@ -45,13 +47,13 @@ pub async fn limit(
     let name = plan.name.clone();
     let start = std::time::Instant::now();
     let charged = limiter.acquire(plan, est.total()).await;
-    rec.limit_wait = Some(start.elapsed());
+    ctx.limit_waited(start.elapsed());
     match charged {
         Ok(grant) => {
-            stamp(&mut rec.reply_headers, grant.requests, Dim::Requests);
-            stamp(&mut rec.reply_headers, grant.tokens, Dim::Tokens);
+            stamp(headers, grant.requests, Dim::Requests);
+            stamp(headers, grant.tokens, Dim::Tokens);
             let l = limiter.clone();
-            rec.on_finish(Box::new(move |fin| {
+            ctx.on_finish(Box::new(move |fin| {
                 // From `usage`; a stream without it: the prompt estimate and its content
                 // chunks; nothing ran (an error before the upstream): nothing was used.
                 let actual = fin.tokens.map_or(0, |t| {
@@ -63,27 +65,20 @@ pub async fn limit(
             Ok(())
         }
         Err(Refusal::Limited(d)) => {
-            stamp_denial(&mut rec.reply_headers, &d);
+            stamp_denial(headers, &d);
             let limit = match d.dim {
                 Dim::Requests => "requests",
                 Dim::Tokens => "tokens",
             };
-            count_refusal(rec, limit);
+            ctx.rate_limited(limit);
             Err(ApiError::rate_limited(&d, &name))
         }
         Err(Refusal::Parallel(n)) => {
-            count_refusal(rec, "parallel");
+            ctx.rate_limited("parallel");
             Err(ApiError::too_many_in_flight(n, &name))
         }
         Err(Refusal::Unavailable) => Err(ApiError::limits_unavailable()),
     }
-}
-
-/// Counts a 429 in `rate_limited_total{key,limit}` (the key's configured name; "-" for a
-/// model's own limit on an anonymous request).
-fn count_refusal(rec: &Record, limit: &'static str) {
-    let key = rec.key.clone();
-    rec.rate_limited(key.as_deref().unwrap_or("-"), limit);
 }
 
 /// The `x-ratelimit-*` headers of one dimension.
@@ -135,7 +130,8 @@ mod bench {
 
     use crate::config::Config;
     use crate::proxy::authorize::{authorize, digest, Auth};
-    use crate::proxy::observe::{Observer, Reason, Record, Tokens};
+    use crate::proxy::context::Ctx;
+    use crate::proxy::observe::{Observer, Reason, Tokens};
     use crate::proxy::parse::Parsed;
     use crate::quota::Limiter;
     use crate::upstream::Endpoint;
@@ -180,16 +176,26 @@ mod bench {
             for _ in 0..n {
                 let who = auth.authenticate(std::hint::black_box(&h)).unwrap();
                 let mut req = parsed();
-                let mut rec =
-                    Record::new(obs.clone(), HeaderValue::from_static("r"), Instant::now());
-                authorize(&who, &mut req, &mut rec).unwrap();
-                super::limit(&limiter, &who, &req, &mut rec).await.unwrap();
-                rec.tokens = Some(Tokens {
-                    input: 9,
-                    output: 16,
-                    estimated: false,
-                });
-                rec.finish(StatusCode::OK, Reason::Ok);
+                let mut ctx = Ctx::new(
+                    obs.clone(),
+                    HeaderValue::from_static("r"),
+                    Instant::now(),
+                    None,
+                );
+                let mut headers = HeaderMap::new();
+                authorize(&who, &mut req, &mut ctx, &mut headers).unwrap();
+                super::limit(&limiter, &who, &req, &mut ctx, &mut headers)
+                    .await
+                    .unwrap();
+                ctx.sent(
+                    0,
+                    Some(Tokens {
+                        input: 9,
+                        output: 16,
+                        estimated: false,
+                    }),
+                );
+                ctx.finish(StatusCode::OK, Reason::Ok);
             }
             if round > 0 {
                 rounds.push((crate::benchclock::thread_cpu_ns() - start) as f64 / n as f64);

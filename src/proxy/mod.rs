@@ -11,8 +11,12 @@
 //! 7. [`forward`]: pool start, rewrite, upstream call (and, for a stream, the relay);
 //! 8. [`observe`]: one record per finished request: outcome, timings, attempts.
 //!
-//! The pipeline owns the order and the hand-over between phases; it must not hold HTTP routing
-//! (that is `http`) nor decide statuses (that is `error`). A new feature plugs into a phase.
+//! The pipeline owns the order and the hand-over between phases, and each request's context
+//! ([`context::Ctx`]: what the phases learn, finished into the one [`observe::Record`]); the
+//! reply's headers that phases add (`x-ratelimit-*`, ...) are kept apart from it. It answers
+//! what `http` asks of the configured models (`/v1/models`, readiness, the admin views); it
+//! must not hold HTTP routing (that is `http`) nor decide statuses (that is `error`). A new
+//! feature plugs into a phase.
 //!
 //! Anthropic's Messages API runs on the same phases: `parse` translates the request into an
 //! OpenAI chat completion, [`Pipeline::respond`] translates the reply back (a stream through
@@ -25,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use bytes::Bytes;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -39,15 +44,18 @@ use crate::wire::{ClientApi, Local, ReplyFormat};
 pub mod accept;
 pub mod admit;
 pub mod authorize;
+mod context;
 pub mod forward;
 pub mod limit;
+mod models;
 pub mod observe;
 pub mod parse;
 pub mod route;
 
 use accept::{Accepted, Limits};
+use context::Ctx;
 use forward::Forwarded;
-use observe::{ClientAddr, Observer, Reason, Record, Tokens};
+use observe::{ClientAddr, Observer, Reason, Tokens};
 use parse::Parsed;
 use route::Attempts;
 
@@ -62,10 +70,12 @@ enum Ran {
 /// Everything the phases share. Built once; admission state lives per model in the
 /// orchestrator, behind short per-model locks.
 pub struct Pipeline {
-    pub orch: Orchestrator,
-    pub observer: Arc<Observer>,
-    pub auth: authorize::Auth,
-    pub limiter: Arc<crate::quota::Limiter>,
+    orch: Orchestrator,
+    observer: Arc<Observer>,
+    auth: authorize::Auth,
+    limiter: Arc<crate::quota::Limiter>,
+    /// The configured models as `/v1/models` lists them.
+    models: models::Listing,
     limits: Limits,
     max_attempts: u32,
     retry_budget: Duration,
@@ -95,6 +105,7 @@ impl Pipeline {
             observer,
             auth: authorize::Auth::build(cfg),
             limiter: Arc::new(crate::quota::Limiter::build(cfg).await),
+            models: models::Listing::new(cfg),
             limits: Limits {
                 max_body_bytes: cfg.server.max_body_bytes,
                 body_read_timeout: Duration::from_millis(cfg.server.body_read_timeout_ms),
@@ -115,6 +126,97 @@ impl Pipeline {
         self.shutting_down.load(Ordering::Relaxed)
     }
 
+    /// `GET /v1/models`: the models the caller (the key in `headers`) may use.
+    pub(crate) fn list_models(&self, headers: &HeaderMap) -> Result<Bytes, ApiError> {
+        let who = self.auth.authenticate(headers)?;
+        Ok(self.models.list(&who))
+    }
+
+    /// `GET /v1/models/{id}`: model `id` if the caller may use it. `Err(raw)`: a path that
+    /// does not decode (`%ff`), which names no model (404 once the caller is known).
+    pub(crate) fn get_model(
+        &self,
+        headers: &HeaderMap,
+        id: Result<&str, &str>,
+    ) -> Result<Bytes, ApiError> {
+        let who = self.auth.authenticate(headers)?;
+        match id {
+            Ok(id) => self.models.get(&who, id),
+            Err(raw) => Err(ApiError::model_not_found(raw)),
+        }
+    }
+
+    /// `/readyz`: ready unless shutting down; the detail says where the rate limits are
+    /// counted (and whether a shared store answers).
+    pub(crate) fn readiness(&self) -> Result<serde_json::Value, ApiError> {
+        if self.is_shutting_down() {
+            return Err(ApiError::shutting_down());
+        }
+        Ok(serde_json::json!({"status": "ready", "limits": self.limiter.health()}))
+    }
+
+    /// Whether `headers` carry an admin key (when keys are required).
+    pub(crate) fn admin_allowed(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        self.auth.admin(headers)
+    }
+
+    /// `/admin/orchestrator`: queues, slots, memory, the limits' store and counters.
+    pub(crate) fn admin_view(&self) -> serde_json::Value {
+        let mut v = self.orch.snapshot();
+        v["limits"] = self.limiter.snapshot();
+        v["counters"] = self.observer.snapshot();
+        v["client_disconnects"] = self.observer.client_disconnects().into();
+        v
+    }
+
+    /// `/admin/pool`: the model servers the gateway runs.
+    pub(crate) fn pool_view(&self) -> serde_json::Value {
+        self.orch.pool_snapshot()
+    }
+
+    /// The memory budget and the pool's servers (the admin's `load` / `unload`).
+    pub(crate) fn memory(&self) -> &crate::orchestrator::Memory {
+        &self.orch.memory
+    }
+
+    /// `/metrics`: the Prometheus text.
+    pub(crate) fn metrics_text(&self) -> String {
+        self.observer
+            .metrics
+            .render(&self.orch.snapshot(), &self.orch.pool_snapshot())
+    }
+
+    /// `/status.json`: per model (with its last minute), memory, pool, counters, the chart.
+    pub(crate) fn status_view(&self) -> serde_json::Value {
+        let snap = self.orch.snapshot();
+        let metrics = &self.observer.metrics;
+        let models: Vec<serde_json::Value> = snap["models"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, m)| {
+                let mut m = m.clone();
+                m["name"] = serde_json::json!(name);
+                m["last_minute"] = metrics.last_minute(name);
+                m
+            })
+            .collect();
+        serde_json::json!({
+            "started_unix": self.models.created(),
+            "shutting_down": self.is_shutting_down(),
+            "models": models,
+            "memory": snap["memory"],
+            "pool": self.orch.pool_snapshot()["models"],
+            "counters": self.observer.snapshot(),
+            "chart": metrics.chart(),
+        })
+    }
+
+    /// Stops the model servers the pool runs (at exit).
+    pub(crate) async fn stop_models(&self) {
+        self.orch.memory.stop_all().await;
+    }
+
     /// Runs a request to `endpoint` from a client speaking `client` through every phase;
     /// always an answer (errors included, in the client's format).
     pub(crate) async fn handle(
@@ -124,28 +226,39 @@ impl Pipeline {
         accepted: &Accepted,
         req: Request,
     ) -> Response {
-        let mut rec = Record::new(self.observer.clone(), accepted.id.clone(), accepted.arrival);
-        rec.client = req.extensions().get::<ClientAddr>().map(|c| c.0);
-        match self.run(endpoint, client, accepted, req, &mut rec).await {
+        let from = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        let mut ctx = Ctx::new(
+            self.observer.clone(),
+            accepted.id.clone(),
+            accepted.arrival,
+            from,
+        );
+        let mut headers = HeaderMap::new();
+        match self
+            .run(endpoint, client, accepted, req, &mut ctx, &mut headers)
+            .await
+        {
             Ok(Ran::Forwarded(f)) => {
                 let (ok, reply) = *f;
-                self.respond(ok, reply, client, rec)
+                self.respond(ok, reply, client, ctx, headers)
             }
             Ok(Ran::Local(local)) => {
-                rec.tokens = Some(Tokens {
+                let tokens = Tokens {
                     input: local.input_tokens,
                     output: 0,
                     estimated: true,
-                });
-                rec.finish(StatusCode::OK, Reason::Ok);
+                };
+                ctx.sent(local.body.len() as u64, Some(tokens));
+                ctx.finish(StatusCode::OK, Reason::Ok);
                 let mut r = Response::new(Body::from(local.body));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
+                r.headers_mut().extend(headers);
                 r
             }
-            Err(e) => fail(e, client, rec),
+            Err(e) => fail(e, client, ctx, headers),
         }
     }
 
@@ -156,36 +269,36 @@ impl Pipeline {
         client: &'static dyn ClientApi,
         accepted: &Accepted,
         req: Request,
-        rec: &mut Record,
+        ctx: &mut Ctx,
+        headers: &mut HeaderMap,
     ) -> Result<Ran, ApiError> {
         // The key first: an unknown client gets its 401 before its body is read.
         let who = self.auth.authenticate(req.headers())?;
-        rec.key = who.name().cloned();
+        ctx.set_key(who.name().cloned());
         let mut named = None;
         let mut parsed = match parse::parse(endpoint, client, self.limits, req, &mut named).await {
             Ok(p) => p,
             Err(e) => {
                 // A request that named a configured model is counted under it.
-                rec.model = named.and_then(|n| self.orch.models.get(&n).map(|m| m.name.clone()));
+                ctx.set_model(named.and_then(|n| self.orch.models.get(&n).map(|m| m.name.clone())));
                 return Err(e);
             }
         };
         let model = self.model(&parsed)?;
-        rec.model = Some(model.name.clone());
-        rec.priority = Some(parsed.priority());
-        rec.stream = parsed.stream;
-        authorize::authorize(&who, &mut parsed, rec)?;
+        ctx.set_model(Some(model.name.clone()));
+        ctx.set_request(parsed.priority(), parsed.stream);
+        authorize::authorize(&who, &mut parsed, ctx, headers)?;
         if let Some(local) = parsed.local.take() {
             return Ok(Ran::Local(local));
         }
-        limit::limit(&self.limiter, &who, &parsed, rec).await?;
+        limit::limit(&self.limiter, &who, &parsed, ctx, headers).await?;
         if self.is_shutting_down() {
             return Err(ApiError::rejected(
                 Rejection::new(RejectReason::ShuttingDown, 1),
                 &model.name,
             ));
         }
-        let ok = self.tries(model, &parsed, accepted, rec).await?;
+        let ok = self.tries(model, &parsed, accepted, ctx).await?;
         Ok(Ran::Forwarded(Box::new((ok, parsed.reply.take()))))
     }
 
@@ -203,7 +316,7 @@ impl Pipeline {
         model: &Arc<ModelRt>,
         req: &Parsed,
         accepted: &Accepted,
-        rec: &mut Record,
+        ctx: &mut Ctx,
     ) -> Result<Forwarded, ApiError> {
         let mut attempts = Attempts::new(self.max_attempts, self.retry_budget, accepted.arrival);
         let start_by = model.deadline(accepted.arrival, req.max_wait);
@@ -213,23 +326,22 @@ impl Pipeline {
             // another deployment with a free slot now, or not at all.
             let permit = match admit::admit(model, req, attempts.exclude()).await {
                 Ok((permit, waited)) => {
-                    rec.queue_wait.get_or_insert(waited);
+                    ctx.admitted(waited);
                     permit
                 }
                 Err(e) if attempts.is_first() => return Err(e),
                 Err(_) => break,
             };
             attempts.trying(permit.dep_index());
-            rec.attempts = attempts.count();
-            rec.backend = Some(permit.deployment().label.clone());
+            ctx.trying(attempts.count(), permit.deployment().label.clone());
             match forward::forward(permit, req, rid, start_by).await {
                 Ok(ok) => {
                     attempts.succeeded();
-                    rec.first_byte(ok.ttfb);
+                    ctx.first_byte(ok.ttfb);
                     return Ok(ok);
                 }
                 Err(f) => {
-                    rec.attempt_failed(&f.error);
+                    ctx.attempt_failed(&f.error);
                     if !attempts.failed(f, Instant::now()) {
                         break;
                     }
@@ -244,21 +356,21 @@ impl Pipeline {
     }
 
     /// The client's 200: a full body now (the request is over), or a stream that finishes
-    /// its record when it ends; translated back by `format` when the client's API needs it.
+    /// its context when it ends; translated back by `format` when the client's API needs it.
+    /// `headers`: what the phases add to the reply.
     fn respond(
         &self,
         ok: Forwarded,
         format: Option<Box<dyn ReplyFormat>>,
         client: &'static dyn ClientApi,
-        rec: Record,
+        mut ctx: Ctx,
+        headers: HeaderMap,
     ) -> Response {
         let Forwarded {
             reply, dep, permit, ..
         } = ok;
-        let timing = rec.server_timing();
-        let attempts = rec.attempts;
-        let mut rec = rec;
-        let extra = std::mem::take(&mut rec.reply_headers);
+        let timing = ctx.server_timing();
+        let attempts = ctx.attempts();
         let mut resp = match reply {
             Reply::Full {
                 content_type,
@@ -266,26 +378,26 @@ impl Pipeline {
                 usage,
             } => {
                 drop(permit);
-                rec.bytes = body.len() as u64;
-                rec.tokens = usage.map(|u| Tokens {
-                    input: u.prompt_tokens,
-                    output: u.completion_tokens,
-                    estimated: false,
-                });
+                let upstream_bytes = body.len() as u64;
                 let (body, content_type) = match &format {
                     None => (body, content_type),
                     Some(f) => match f.whole(&body) {
                         Ok(b) => (b.into(), HeaderValue::from_static("application/json")),
                         Err(detail) => {
                             tracing::warn!(backend = %dep.label, "{detail}");
-                            rec.reply_headers = extra;
                             let e = ApiError::upstream_unavailable(&dep.label, detail)
                                 .attempts(attempts);
-                            return fail(e, client, rec);
+                            return fail(e, client, ctx, headers);
                         }
                     },
                 };
-                rec.finish(StatusCode::OK, Reason::Ok);
+                let tokens = usage.map(|u| Tokens {
+                    input: u.prompt_tokens,
+                    output: u.completion_tokens,
+                    estimated: false,
+                });
+                ctx.sent(upstream_bytes, tokens);
+                ctx.finish(StatusCode::OK, Reason::Ok);
                 let mut r = Response::new(Body::from(body));
                 r.headers_mut().insert(header::CONTENT_TYPE, content_type);
                 r
@@ -293,8 +405,7 @@ impl Pipeline {
             Reply::Stream(pending) => {
                 let on_end: crate::upstream::OnEnd = Box::new(move |end, stats| {
                     drop(permit);
-                    rec.bytes = stats.bytes;
-                    rec.tokens = Some(match stats.usage {
+                    let tokens = match stats.usage {
                         Some(u) => Tokens {
                             input: u.prompt_tokens,
                             output: u.completion_tokens,
@@ -305,17 +416,18 @@ impl Pipeline {
                             output: stats.content_events,
                             estimated: true,
                         },
-                    });
+                    };
+                    ctx.sent(stats.bytes, Some(tokens));
                     let (status, reason) = match end {
                         StreamEnd::Complete => (StatusCode::OK, Reason::Ok),
                         StreamEnd::Failed => (StatusCode::OK, Reason::StreamBroken),
                         // 499: nginx's "client closed request", for the log.
                         StreamEnd::ClientGone => {
                             tracing::info!(status = 499, "client closed the stream");
-                            return rec.finish_disconnected();
+                            return ctx.finish_disconnected();
                         }
                     };
-                    rec.finish(status, reason);
+                    ctx.finish(status, reason);
                 });
                 let body = match format {
                     None => pending.relay(on_end),
@@ -332,25 +444,24 @@ impl Pipeline {
             }
         };
         stamp_backend(&mut resp, &dep, attempts, timing);
-        resp.headers_mut().extend(extra);
+        resp.headers_mut().extend(headers);
         resp
     }
 }
 
 /// The one error path: `e` rendered in the client's format, with the headers the phases
-/// set (`x-ratelimit-*`, ...) and `Server-Timing`; the record finished with it.
-fn fail(e: ApiError, client: &'static dyn ClientApi, mut rec: Record) -> Response {
+/// set (`headers`: `x-ratelimit-*`, ...) and `Server-Timing`; the context finished with it.
+fn fail(e: ApiError, client: &'static dyn ClientApi, ctx: Ctx, headers: HeaderMap) -> Response {
     let reason = e.kind.spec().reason;
     if let Some(source) = &e.source {
         tracing::debug!(kind = ?e.kind, "{source}");
     }
     let mut resp = client.error(e);
-    if let Some(v) = rec.server_timing() {
+    if let Some(v) = ctx.server_timing() {
         resp.headers_mut().insert(SERVER_TIMING, v);
     }
-    resp.headers_mut()
-        .extend(std::mem::take(&mut rec.reply_headers));
-    rec.finish(resp.status(), reason);
+    resp.headers_mut().extend(headers);
+    ctx.finish(resp.status(), reason);
     resp
 }
 

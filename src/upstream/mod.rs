@@ -45,9 +45,7 @@ pub struct Deployment {
     pub label: Arc<str>,
     /// `label` as a header value, built once (`None` if it is not a valid one).
     pub label_header: Option<HeaderValue>,
-    /// The variant (precision) label, e.g. `q4`, sent as `x-mofa-precision`.
-    pub variant: Option<String>,
-    /// `variant` as a header value, built once.
+    /// The variant (precision) label, e.g. `q4`, as the `x-mofa-precision` header value.
     pub variant_header: Option<HeaderValue>,
     pub upstream_model: Option<String>,
     /// A cloud provider's API (it refuses parameters beyond OpenAI's, such as `top_k`).
@@ -209,7 +207,6 @@ impl Deployment {
                 .variant
                 .as_deref()
                 .and_then(|v| HeaderValue::from_str(v).ok()),
-            variant: cfg.variant.clone(),
             upstream_model: cfg.upstream_model.clone(),
             cloud: cfg.kind == crate::config::DeploymentKind::Cloud,
             base_url: url.trim_end_matches('/').to_owned(),
