@@ -1230,33 +1230,3 @@ pub async fn run_sdk_checks(script: &str, base_url: &str, checks: &[&str], unset
         );
     }
 }
-
-// Temporary: the old string helpers, until every test uses `GatewayBuilder`.
-pub async fn gateway_env(config: &str, env: &[(&str, &str)]) -> SocketAddr {
-    let cfg = Config::parse(config, &|k| {
-        env.iter()
-            .find(|(name, _)| *name == k)
-            .map(|(_, v)| v.to_string())
-    })
-    .unwrap_or_else(|e| panic!("bad test config: {e}\n{config}"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(&cfg, listener)
-        .await
-        .unwrap()
-        .spawn()
-        .unwrap()
-}
-
-pub async fn gateway(config: &str) -> SocketAddr {
-    gateway_env(config, &[]).await
-}
-
-pub fn one_model(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[models]]\nname = \"{name}\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{url}\"\n{extra}\n"
-    )
-}
-
-pub async fn run_gateway_binary(config: &str) -> (Binary, SocketAddr) {
-    run_gateway_binary_env(config, &[]).await
-}
