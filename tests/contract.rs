@@ -16,7 +16,7 @@ use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use common::{Deployment, GatewayBuilder};
+use common::{eventually, wait_queued, Deployment, GatewayBuilder, WAIT};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -485,11 +485,13 @@ async fn after_shutdown_begins_queued_requests_get_503_and_new_connections_are_r
     }));
     // One request in flight (held upstream), one queued behind it.
     let held = tokio::spawn(async move { post(addr, &chat("HOLD")).await });
-    while seen.posts.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the held request at the upstream", WAIT, || async {
+        seen.posts.load(Ordering::SeqCst) > 0
+    })
+    .await;
     let queued = tokio::spawn(async move { post(addr, &chat("hello")).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The admin view is open (no `[auth]`): the request is in the queue, not on its way.
+    wait_queued(addr, "m", 1).await;
 
     stop.send(()).unwrap();
     let resp = queued.await.unwrap();
