@@ -54,7 +54,10 @@ fn weather_tools() -> Value {
 #[tokio::test]
 async fn a_message_is_translated_both_ways() {
     let s = sim(sim_opts("mofa-sim")).await;
-    let gw = gateway(&one_model("mofa-sim", &s, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("mofa-sim", &s)
+        .start()
+        .await;
     let resp = messages(
         gw,
         &json!({
@@ -105,7 +108,10 @@ async fn a_message_is_translated_both_ways() {
 #[tokio::test]
 async fn a_text_stream_is_a_messages_event_stream() {
     let s = sim(sim_opts("mofa-sim")).await;
-    let gw = gateway(&one_model("mofa-sim", &s, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("mofa-sim", &s)
+        .start()
+        .await;
     let resp = messages(
         gw,
         &json!({"model": "mofa-sim", "max_tokens": 6, "stream": true,
@@ -143,7 +149,10 @@ async fn a_text_stream_is_a_messages_event_stream() {
 #[tokio::test]
 async fn streamed_parallel_tool_calls_after_text() {
     let s = sim(sim_opts("mofa-sim")).await;
-    let gw = gateway(&one_model("mofa-sim", &s, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("mofa-sim", &s)
+        .start()
+        .await;
     let resp = messages(
         gw,
         &json!({"model": "mofa-sim", "max_tokens": 64, "stream": true, "tools": weather_tools(),
@@ -193,7 +202,10 @@ async fn streamed_parallel_tool_calls_after_text() {
 #[tokio::test]
 async fn tool_use_whole_and_the_tool_result_round_trip() {
     let s = sim(sim_opts("mofa-sim")).await;
-    let gw = gateway(&one_model("mofa-sim", &s, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("mofa-sim", &s)
+        .start()
+        .await;
     let resp = messages(
         gw,
         &json!({"model": "mofa-sim", "max_tokens": 64, "tools": weather_tools(),
@@ -251,12 +263,13 @@ async fn errors_use_the_anthropic_envelope_and_statuses() {
         ..sim_opts("keyed")
     })
     .await;
-    let cfg = format!(
-        "{}\n{}",
-        one_model("mofa-sim", &s, ""),
-        one_model("keyed", &keyed, "api_key = \"wrong\"")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .local_model("mofa-sim", &s)
+        .model("keyed", |m| {
+            m.deployment(Deployment::local(&keyed).api_key("wrong"))
+        })
+        .start()
+        .await;
     let ok = json!({"role": "user", "content": "Hi"});
 
     let msg = anthropic_error(
@@ -357,7 +370,7 @@ async fn a_cut_stream_ends_with_an_error_event_and_no_message_stop() {
         ..sim_opts("cut")
     })
     .await;
-    let gw = gateway(&one_model("cut", &cut, "")).await;
+    let gw = GatewayBuilder::new().local_model("cut", &cut).start().await;
     let resp = messages(
         gw,
         &json!({"model": "cut", "max_tokens": 20, "stream": true,
@@ -381,7 +394,10 @@ async fn a_cut_stream_ends_with_an_error_event_and_no_message_stop() {
 #[tokio::test]
 async fn count_tokens_is_the_gateways_estimate() {
     let s = sim(sim_opts("mofa-sim")).await;
-    let gw = gateway(&one_model("mofa-sim", &s, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("mofa-sim", &s)
+        .start()
+        .await;
     let resp = post(
         gw,
         "/v1/messages/count_tokens",
@@ -415,10 +431,10 @@ async fn a_reply_that_cannot_be_translated_is_an_error_with_every_header() {
         r#"{"id":"x","object":"chat.completion","created":0,"model":"m","choices":[]}"#,
     )
     .await;
-    let gw = gateway(&format!(
-        "[[models]]\nname = \"m\"\nrpm = 100\n[[models.deployments]]\nkind = \"local\"\nurl = \"{up}\"\n"
-    ))
-    .await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| m.rpm(100).deployment(Deployment::local(&up)))
+        .start()
+        .await;
     let resp = messages(
         gw,
         &json!({"model": "m", "max_tokens": 5,

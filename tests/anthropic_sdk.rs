@@ -36,13 +36,14 @@ async fn official_anthropic_sdk_works_unchanged() {
         ..sim_opts("keyed")
     })
     .await;
-    let cfg = format!(
-        "{}\n{}\n{}",
-        one_model("mofa-sim", &ok, ""),
-        one_model("cut", &cut, ""),
-        one_model("keyed", &keyed, "api_key = \"wrong\"")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .local_model("mofa-sim", &ok)
+        .local_model("cut", &cut)
+        .model("keyed", |m| {
+            m.deployment(Deployment::local(&keyed).api_key("wrong"))
+        })
+        .start()
+        .await;
     run_checks(
         gw,
         &[
@@ -71,9 +72,9 @@ async fn official_anthropic_sdk_sees_529_and_retries_after_retry_after() {
 async fn official_anthropic_sdk_sees_429_as_rate_limit_error() {
     // The model's own limit (`rpm = 1`, every client together): the second request is a 429.
     let s = sim(sim_opts("limited")).await;
-    let cfg = format!(
-        "[[models]]\nname = \"limited\"\nrpm = 1\n[[models.deployments]]\nkind = \"local\"\nurl = \"{s}\"\n"
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .model("limited", |m| m.rpm(1).deployment(Deployment::local(&s)))
+        .start()
+        .await;
     run_checks(gw, &["rate_limited_429"]).await;
 }

@@ -279,7 +279,7 @@ async fn sim_and_serve_serve_on_when_their_startup_line_cannot_be_printed() {
             .status()
             .unwrap()
             .success());
-        let out = tokio::time::timeout(common::WAIT, child.wait_with_output())
+        let out = tokio::time::timeout(common::patience(common::WAIT), child.wait_with_output())
             .await
             .expect("it stops on SIGTERM")
             .unwrap();

@@ -4,6 +4,8 @@
 //! per stream, one `stream` rule, duplicate keys named, `%ff` model ids, refused transfer
 //! codings, and what a client sees after SIGTERM. Each test failed before its fix.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,12 +16,12 @@ use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use mofa_gateway::config::Config;
-use mofa_gateway::server::Gateway;
+use common::{eventually, wait_queued, Deployment, GatewayBuilder, WAIT};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-// ---- helpers (small copies of tests/common's, so this file stands alone) ----
+// ---- helpers (gateways and waiting from tests/common; the request helpers are small copies
+// of its own, kept as this file's contract checks were written) ----
 
 /// What the test upstream saw.
 #[derive(Default)]
@@ -105,29 +107,26 @@ async fn answer(s: &Seen, sick: bool, req: Request) -> Response {
         .into_response()
 }
 
-fn config(top: &str, deployments: &[&str], extra: &str) -> String {
-    let mut c = format!("{top}\n[[models]]\nname = \"m\"\npolicy = \"local-first\"\n");
-    for (i, url) in deployments.iter().enumerate() {
-        let kind = if i == 0 {
-            "kind = \"local\"".to_string()
-        } else {
-            format!("kind = \"cloud\"\nprovider = \"p{i}\"")
-        };
-        c.push_str(&format!(
-            "[[models.deployments]]\n{kind}\nurl = \"{url}\"\n{extra}\n"
-        ));
-    }
-    c
+/// Model `m`, local first: the first URL a `local` deployment, the others `cloud` ones named
+/// `p1`, `p2`, ...; each deployment shaped by `extra`.
+fn config_with(deployments: &[&str], extra: impl Fn(Deployment) -> Deployment) -> GatewayBuilder {
+    GatewayBuilder::new().model("m", |mut m| {
+        m = m.policy("local-first");
+        for (i, url) in deployments.iter().enumerate() {
+            let d = if i == 0 {
+                Deployment::local(url)
+            } else {
+                Deployment::cloud(&format!("p{i}"), url)
+            };
+            m = m.deployment(extra(d));
+        }
+        m
+    })
 }
 
-async fn build(config: &str) -> Gateway {
-    let cfg = Config::parse(config, &|_| None).unwrap_or_else(|e| panic!("{e}\n{config}"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(&cfg, listener).await.unwrap()
-}
-
-async fn gateway(config: &str) -> SocketAddr {
-    build(config).await.spawn().unwrap()
+/// [`config_with`], every deployment at its defaults.
+fn config(deployments: &[&str]) -> GatewayBuilder {
+    config_with(deployments, |d| d)
 }
 
 fn client() -> reqwest::Client {
@@ -180,7 +179,7 @@ async fn raw_http(gw: SocketAddr, request: &[u8]) -> String {
 #[tokio::test]
 async fn a_malformed_body_is_400_naming_where_and_never_reaches_the_backend() {
     let (url, seen) = upstream(false).await;
-    let gw = gateway(&config("", &[&url], "")).await;
+    let gw = config(&[&url]).start().await;
 
     // A prompt saved as Windows-1252.
     let cp1252: &[u8] =
@@ -236,8 +235,8 @@ async fn a_malformed_body_is_400_naming_where_and_never_reaches_the_backend() {
 async fn one_client_cannot_open_the_breaker_of_a_healthy_deployment() {
     // One deployment that answers 500 to one kind of body, and its health check with 200.
     let (url, seen) = upstream(false).await;
-    let top = "[resilience]\nbreaker_failures = 3\nbreaker_open_ms = 60000\n";
-    let gw = gateway(&config(top, &[&url], "")).await;
+    let breaker = |r: common::Resilience| r.breaker_failures(3).breaker_open_ms(60000);
+    let gw = config(&[&url]).resilience(breaker).start().await;
     for i in 0..6 {
         let resp = post(gw, &chat("POISON")).await;
         assert_eq!(resp.status(), 502, "bad request {i}");
@@ -251,7 +250,7 @@ async fn one_client_cannot_open_the_breaker_of_a_healthy_deployment() {
     // A 500 that another deployment reproduces is the request's: no more tries, no retry
     // advised, and neither deployment is blamed.
     let (other, other_seen) = upstream(false).await;
-    let gw = gateway(&config(top, &[&url, &other], "")).await;
+    let gw = config(&[&url, &other]).resilience(breaker).start().await;
     for _ in 0..6 {
         let resp = post(gw, &chat("POISON")).await;
         assert_eq!(resp.status(), 502);
@@ -271,8 +270,8 @@ async fn a_deployment_that_fails_what_another_serves_is_still_taken_out() {
     // Sick: 500 to everything. The request succeeds elsewhere, so the 500s are its own.
     let (sick, sick_seen) = upstream(true).await;
     let (good, _) = upstream(false).await;
-    let top = "[resilience]\nbreaker_failures = 2\nbreaker_open_ms = 60000\n";
-    let gw = gateway(&config(top, &[&sick, &good], "")).await;
+    let breaker = |r: common::Resilience| r.breaker_failures(2).breaker_open_ms(60000);
+    let gw = config(&[&sick, &good]).resilience(breaker).start().await;
     for _ in 0..2 {
         let resp = post(gw, &chat("hello")).await;
         assert_eq!(resp.status(), 200);
@@ -288,7 +287,7 @@ async fn a_deployment_that_fails_what_another_serves_is_still_taken_out() {
     assert_eq!(sick_seen.posts.load(Ordering::SeqCst), 2);
 
     // Alone, a deployment whose health check fails as well is taken out.
-    let gw = gateway(&config(top, &[&sick], "")).await;
+    let gw = config(&[&sick]).resilience(breaker).start().await;
     for _ in 0..2 {
         assert_eq!(post(gw, &chat("hello")).await.status(), 502);
     }
@@ -307,7 +306,7 @@ async fn upstream_failures_name_the_label_never_the_url() {
         drop(l);
         format!("http://{a}/v1")
     };
-    let gw = gateway(&config("", &[&dead], "")).await;
+    let gw = config(&[&dead]).start().await;
     let resp = post(gw, &chat("hello")).await;
     assert_eq!(resp.status(), 502);
     let e = envelope(resp).await;
@@ -325,7 +324,9 @@ async fn upstream_failures_name_the_label_never_the_url() {
 
     // A timeout (the upstream holds the request past first_byte_timeout_ms).
     let (slow, seen) = upstream(false).await;
-    let gw = gateway(&config("", &[&slow], "first_byte_timeout_ms = 200")).await;
+    let gw = config_with(&[&slow], |d| d.first_byte_timeout_ms(200))
+        .start()
+        .await;
     let resp = post(gw, &chat("HOLD")).await;
     assert_eq!(resp.status(), 504);
     let m = envelope(resp).await["message"].as_str().unwrap().to_owned();
@@ -338,7 +339,7 @@ async fn upstream_failures_name_the_label_never_the_url() {
 #[tokio::test]
 async fn only_the_gateways_priority_words_are_removed() {
     let (url, seen) = upstream(false).await;
-    let gw = gateway(&config("", &[&url], "")).await;
+    let gw = config(&[&url]).start().await;
     let forwarded = |prio: Value| {
         let seen = seen.clone();
         async move {
@@ -373,7 +374,7 @@ async fn only_the_gateways_priority_words_are_removed() {
 #[tokio::test]
 async fn the_upstreams_own_error_event_is_the_only_one() {
     let (url, _) = upstream(false).await;
-    let gw = gateway(&config("", &[&url], "")).await;
+    let gw = config(&[&url]).start().await;
     let mut body = chat("hello");
     body["stream"] = json!(true);
     let resp = post(gw, &body).await;
@@ -390,7 +391,7 @@ async fn the_upstreams_own_error_event_is_the_only_one() {
 #[tokio::test]
 async fn stream_must_be_a_boolean_on_every_endpoint() {
     let (url, seen) = upstream(false).await;
-    let gw = gateway(&config("", &[&url], "")).await;
+    let gw = config(&[&url]).start().await;
     let bodies = [
         (
             "/v1/embeddings",
@@ -421,7 +422,7 @@ async fn stream_must_be_a_boolean_on_every_endpoint() {
 #[tokio::test]
 async fn duplicate_keys_bad_ids_and_transfer_codings_get_contract_codes() {
     let (url, seen) = upstream(false).await;
-    let gw = gateway(&config("", &[&url], "")).await;
+    let gw = config(&[&url]).start().await;
 
     let resp = post_raw(
         gw,
@@ -473,12 +474,10 @@ async fn duplicate_keys_bad_ids_and_transfer_codings_get_contract_codes() {
 #[tokio::test]
 async fn after_shutdown_begins_queued_requests_get_503_and_new_connections_are_refused() {
     let (url, seen) = upstream(false).await;
-    let gw = build(&config(
-        "[admission]\nmax_queue = 4\nmax_queue_wait_ms = 30000\n",
-        &[&url],
-        "max_concurrency = 1",
-    ))
-    .await;
+    let gw = config_with(&[&url], |d| d.max_concurrency(1))
+        .admission(|a| a.max_queue(4).max_queue_wait_ms(30000))
+        .build()
+        .await;
     let addr = gw.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(gw.serve(async {
@@ -486,11 +485,13 @@ async fn after_shutdown_begins_queued_requests_get_503_and_new_connections_are_r
     }));
     // One request in flight (held upstream), one queued behind it.
     let held = tokio::spawn(async move { post(addr, &chat("HOLD")).await });
-    while seen.posts.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the held request at the upstream", WAIT, || async {
+        seen.posts.load(Ordering::SeqCst) > 0
+    })
+    .await;
     let queued = tokio::spawn(async move { post(addr, &chat("hello")).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The admin view is open (no `[auth]`): the request is in the queue, not on its way.
+    wait_queued(addr, "m", 1).await;
 
     stop.send(()).unwrap();
     let resp = queued.await.unwrap();

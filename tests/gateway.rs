@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn chat_non_streaming_is_forwarded_and_stamped() {
     let sim_url = sim(sim_opts("m")).await;
-    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &sim_url)
+        .start()
+        .await;
     let resp = chat_with(
         gw,
         &chat_body("m", false),
@@ -37,7 +40,10 @@ async fn chat_non_streaming_is_forwarded_and_stamped() {
 #[tokio::test]
 async fn request_id_is_made_when_missing_or_invalid() {
     let sim_url = sim(sim_opts("m")).await;
-    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &sim_url)
+        .start()
+        .await;
     let a = chat(gw, &chat_body("m", false)).await;
     let b = chat_with(gw, &chat_body("m", false), &[("x-request-id", "has space")]).await;
     let ida = a.headers()["x-request-id"].to_str().unwrap().to_string();
@@ -52,7 +58,10 @@ async fn request_id_is_made_when_missing_or_invalid() {
 #[tokio::test]
 async fn chat_streaming_relays_every_chunk_then_done() {
     let sim_url = sim(sim_opts("m")).await;
-    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &sim_url)
+        .start()
+        .await;
     let mut body = chat_body("m", true);
     body["stream_options"] = json!({"include_usage": true});
     let resp = chat(gw, &body).await;
@@ -88,11 +97,11 @@ async fn chat_streaming_relays_every_chunk_then_done() {
 #[tokio::test]
 async fn completions_embeddings_and_models() {
     let sim_url = sim(sim_opts("m")).await;
-    let cfg = format!(
-        "{}\n[[models]]\nname = \"other\"\n[[models.deployments]]\nkind = \"sim\"\n",
-        one_model("m", &sim_url, "")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &sim_url)
+        .model("other", |m| m.deployment(Deployment::sim()))
+        .start()
+        .await;
 
     let resp = completions(gw, &json!({"model": "m", "prompt": "say", "max_tokens": 3})).await;
     assert_eq!(resp.status(), 200);
@@ -151,12 +160,12 @@ async fn completions_embeddings_and_models() {
 #[tokio::test]
 async fn request_is_forwarded_as_sent_with_only_model_rewritten() {
     let sim_url = sim(sim_opts("upstream-name")).await;
-    let gw = gateway(&one_model(
-        "m",
-        &sim_url,
-        "upstream_model = \"upstream-name\"",
-    ))
-    .await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(Deployment::local(&sim_url).upstream_model("upstream-name"))
+        })
+        .start()
+        .await;
     let sent = json!({
         "model": "m",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}],
@@ -186,11 +195,13 @@ async fn upstream_auth_comes_from_the_deployment_never_the_client() {
         ..sim_opts("m")
     })
     .await;
-    let good = gateway_env(
-        &one_model("m", &sim_url, "api_key = \"${UP_KEY}\""),
-        &[("UP_KEY", "sk-upstream")],
-    )
-    .await;
+    let good = GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(Deployment::local(&sim_url).api_key("${UP_KEY}"))
+        })
+        .env("UP_KEY", "sk-upstream")
+        .start()
+        .await;
     let resp = chat_with(
         good,
         &chat_body("m", false),
@@ -201,7 +212,10 @@ async fn upstream_auth_comes_from_the_deployment_never_the_client() {
 
     // A client key is not passed on: with no deployment key the upstream refuses, and its
     // 401 reaches the client as an envelope with the upstream's status.
-    let keyless = gateway(&one_model("m", &sim_url, "")).await;
+    let keyless = GatewayBuilder::new()
+        .local_model("m", &sim_url)
+        .start()
+        .await;
     let resp = chat_with(
         keyless,
         &chat_body("m", false),
@@ -218,11 +232,11 @@ async fn upstream_auth_comes_from_the_deployment_never_the_client() {
 #[tokio::test]
 async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
     let sim_url = sim(sim_opts("m")).await;
-    let gw = gateway(&format!(
-        "[server]\nmax_body_bytes = 2048\n{}",
-        one_model("m", &sim_url, "")
-    ))
-    .await;
+    let gw = GatewayBuilder::new()
+        .server(|s| s.max_body_bytes(2048))
+        .local_model("m", &sim_url)
+        .start()
+        .await;
     const CHAT: &str = "/v1/chat/completions";
     const JSON: Option<&str> = Some("application/json");
     let too_large = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(4096));
@@ -314,11 +328,11 @@ async fn bad_input_gets_400_404_413_415_405_with_the_envelope() {
 #[tokio::test]
 async fn a_body_too_large_without_content_length_is_413() {
     let sim_url = sim(sim_opts("m")).await;
-    let gw = gateway(&format!(
-        "[server]\nmax_body_bytes = 1024\n{}",
-        one_model("m", &sim_url, "")
-    ))
-    .await;
+    let gw = GatewayBuilder::new()
+        .server(|s| s.max_body_bytes(1024))
+        .local_model("m", &sim_url)
+        .start()
+        .await;
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         (0..8).map(|_| Ok(vec![b' '; 512])).collect();
     let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
@@ -329,7 +343,10 @@ async fn a_body_too_large_without_content_length_is_413() {
 
 #[tokio::test]
 async fn upstream_refusing_connections_is_502() {
-    let gw = gateway(&one_model("m", &dead_url().await, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &dead_url().await)
+        .start()
+        .await;
     for stream in [false, true] {
         let resp = chat(gw, &chat_body("m", stream)).await;
         assert_eq!(resp.status(), 502, "stream={stream}");
@@ -347,7 +364,12 @@ async fn upstream_hanging_is_504() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&one_model("m", &sim_url, "first_byte_timeout_ms = 200")).await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(Deployment::local(&sim_url).first_byte_timeout_ms(200))
+        })
+        .start()
+        .await;
     for stream in [false, true] {
         let resp = chat(gw, &chat_body("m", stream)).await;
         assert_eq!(resp.status(), 504, "stream={stream}");
@@ -372,7 +394,10 @@ async fn upstream_500_is_502_and_upstream_overload_is_503_with_retry_after() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&one_model("m", &failing, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &failing)
+        .start()
+        .await;
     for stream in [false, true] {
         let resp = chat(gw, &chat_body("m", stream)).await;
         assert_eq!(resp.status(), 502);
@@ -387,7 +412,7 @@ async fn upstream_500_is_502_and_upstream_overload_is_503_with_retry_after() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&one_model("m", &busy, "")).await;
+    let gw = GatewayBuilder::new().local_model("m", &busy).start().await;
     let hold = tokio::spawn(async move { chat(gw, &chat_body("m", false)).await });
     eventually("the simulator's one slot is taken", WAIT, || async {
         sim_stats(&busy).await["in_flight"] == 1
@@ -411,7 +436,10 @@ async fn stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &sim_url)
+        .start()
+        .await;
     let resp = chat(gw, &chat_body("m", true)).await;
     // The first byte had already been relayed: the status is 200, the end is an error event.
     assert_eq!(resp.status(), 200);
@@ -446,7 +474,12 @@ async fn stream_idle_gap_ends_with_an_error_event() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&one_model("m", &sim_url, "idle_timeout_ms = 150")).await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(Deployment::local(&sim_url).idle_timeout_ms(150))
+        })
+        .start()
+        .await;
     let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
@@ -460,7 +493,7 @@ async fn stream_idle_gap_ends_with_an_error_event() {
 #[tokio::test]
 async fn upstream_4xx_is_passed_through_and_wrapped_when_not_an_envelope() {
     let plain = fixed_upstream(422, "text/plain", "field x is wrong").await;
-    let gw = gateway(&one_model("m", &plain, "")).await;
+    let gw = GatewayBuilder::new().local_model("m", &plain).start().await;
     let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 422);
     assert_eq!(assert_stamped(&resp), "local(m)");
@@ -472,7 +505,7 @@ async fn upstream_4xx_is_passed_through_and_wrapped_when_not_an_envelope() {
     );
 
     let own = fixed_upstream(400, "application/json", r#"{"error":{"message":"context too long","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#).await;
-    let gw = gateway(&one_model("m", &own, "")).await;
+    let gw = GatewayBuilder::new().local_model("m", &own).start().await;
     let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 400);
     let e = envelope(resp).await;
@@ -488,7 +521,10 @@ async fn upstream_200_carrying_an_error_is_never_a_200() {
         r#"{"error":{"message":"model crashed"}}"#,
     )
     .await;
-    let gw = gateway(&one_model("m", &inband, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &inband)
+        .start()
+        .await;
     let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 502);
     let e = envelope(resp).await;
@@ -503,7 +539,7 @@ async fn upstream_200_carrying_an_error_is_never_a_200() {
         "data: {\"error\":{\"message\":\"out of memory\"}}\n\n",
     )
     .await;
-    let gw = gateway(&one_model("m", &sse, "")).await;
+    let gw = GatewayBuilder::new().local_model("m", &sse).start().await;
     let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 502);
     let e = envelope(resp).await;
@@ -513,7 +549,10 @@ async fn upstream_200_carrying_an_error_is_never_a_200() {
     );
 
     let garbage = fixed_upstream(200, "application/json", "<html>proxy login</html>").await;
-    let gw = gateway(&one_model("m", &garbage, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &garbage)
+        .start()
+        .await;
     let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 502);
     envelope(resp).await;
@@ -545,7 +584,12 @@ async fn a_renamed_model_leaves_every_other_byte_as_sent() {
     // `upstream_model` renames `model` in the raw bytes: integers beyond 2^53, numbers beyond
     // f64, spacing and escapes reach the backend byte for byte; the gateway's `priority` goes.
     let (url, last) = recording_upstream().await;
-    let gw = gateway(&one_model("m", &url, "upstream_model = \"up/m\"")).await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(Deployment::local(&url).upstream_model("up/m"))
+        })
+        .start()
+        .await;
     let body = concat!(
         "{ \"seed\": 18446744073709551615,\n  \"model\" : \"m\", \"big\": 1e400, ",
         "\"tiny\": -2.5E-400, \"long\": 123456789012345678901234567890, ",
@@ -561,7 +605,7 @@ async fn a_renamed_model_leaves_every_other_byte_as_sent() {
     assert_eq!(sent, want);
     // Without a rename nothing is touched at all.
     let (url, last) = recording_upstream().await;
-    let gw = gateway(&one_model("m", &url, "")).await;
+    let gw = GatewayBuilder::new().local_model("m", &url).start().await;
     let plain = body.replace(", \"priority\": \"high\"", "");
     let r = post_raw(
         gw,

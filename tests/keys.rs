@@ -114,15 +114,19 @@ async fn keys_gate_models_priorities_and_admin_and_never_show_the_secret() {
 
     let up = sim(sim_opts("small")).await;
     let up2 = sim(sim_opts("big")).await;
-    let config = format!(
-        "[auth]\nmode = \"keys\"\nadmin_keys = [\"{admin_hash}\"]\n\
-         [[auth.keys]]\nname = \"team-a\"\nhash = \"{team_hash}\"\nmodels = [\"small\"]\n\
-         max_priority = \"high\"\ndefault_priority = \"low\"\n\
-         [[auth.keys]]\nname = \"team-b\"\nhash = \"{other_hash}\"\n\
-         {}\n{}",
-        one_model("small", &up, ""),
-        one_model("big", &up2, "")
-    );
+    // The hashes `keys new` printed, as an operator pastes them.
+    let config = GatewayBuilder::new()
+        .admin_hash(&admin_hash)
+        .key(
+            Key::hashed("team-a", &team_hash)
+                .models(&["small"])
+                .max_priority("high")
+                .default_priority("low"),
+        )
+        .key(Key::hashed("team-b", &other_hash))
+        .local_model("small", &up)
+        .local_model("big", &up2)
+        .toml();
     let (_gw, gw, log) = gateway_logged(&config).await;
     let mut seen = String::new();
 
@@ -247,7 +251,7 @@ async fn keys_gate_models_priorities_and_admin_and_never_show_the_secret() {
 async fn without_keys_configured_nothing_changes() {
     // mode = "none" (the default): any or no key, every model, no rate-limit headers.
     let up = sim(sim_opts("m")).await;
-    let gw = gateway(&one_model("m", &up, "")).await;
+    let gw = GatewayBuilder::new().local_model("m", &up).start().await;
     let r = chat_with(
         gw,
         &chat_body("m", false),
@@ -268,12 +272,12 @@ async fn two_credentials_that_disagree_are_refused_whatever_their_order() {
     let (team, team_hash) = new_key("team-a");
     let (admin_key, admin_hash) = new_key("ops");
     let up = sim(sim_opts("m")).await;
-    let config = format!(
-        "[auth]\nmode = \"keys\"\nadmin_keys = [\"{admin_hash}\"]\n\
-         [[auth.keys]]\nname = \"team-a\"\nhash = \"{team_hash}\"\n{}",
-        one_model("m", &up, "")
-    );
-    let gw = gateway(&config).await;
+    let gw = GatewayBuilder::new()
+        .admin_hash(&admin_hash)
+        .key(Key::hashed("team-a", &team_hash))
+        .local_model("m", &up)
+        .start()
+        .await;
     let wrong = "sk-mofa-wrong-0123456789";
     let (ok, bad) = (bearer(&team), bearer(wrong));
     let cases: [(&str, Vec<(&str, &str)>); 6] = [

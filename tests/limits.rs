@@ -16,27 +16,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use mofa_gateway::sim::SimOptions;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 const SECRET: &str = "sk-mofa-limits-test-0123456789abcdef";
 const OTHER: &str = "sk-mofa-limits-test-other-0123456789";
 
-fn hash(secret: &str) -> String {
-    let hex: String = Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
-}
-
-/// `[auth]` with key `team` (SECRET, limits `extra`) and key `other` (OTHER, no limits).
-fn keyed(extra: &str) -> String {
-    format!(
-        "[auth]\nmode = \"keys\"\nadmin_keys = [\"{}\"]\n\
-         [[auth.keys]]\nname = \"team\"\nhash = \"{}\"\n{extra}\n",
-        hash(OTHER),
-        hash(SECRET)
-    )
+/// A config with the client key `team` (SECRET, its limits set by `limits`) and the admin key
+/// OTHER.
+fn keyed(limits: impl FnOnce(Key) -> Key) -> GatewayBuilder {
+    GatewayBuilder::new()
+        .admin_key(OTHER)
+        .key(limits(Key::new("team", SECRET)))
 }
 
 fn auth() -> [(&'static str, String); 1] {
@@ -99,7 +88,7 @@ fn chat_tokens(model: &str, max_tokens: u64) -> Value {
 #[tokio::test]
 async fn rpm_gives_429_with_headers_and_retry_after_is_when_it_fits() {
     let up = sim(sim_opts("m")).await;
-    let gw = gateway(&format!("{}{}", keyed("rpm = 60"), one_model("m", &up, ""))).await;
+    let gw = keyed(|k| k.rpm(60)).local_model("m", &up).start().await;
     let r = keyed_chat(gw, &chat_body("m", false)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(num(&r, "x-ratelimit-limit-requests"), 60);
@@ -143,7 +132,7 @@ async fn rpm_gives_429_with_headers_and_retry_after_is_when_it_fits() {
 #[tokio::test]
 async fn tpm_charges_an_estimate_then_the_usage() {
     let up = sim(sim_opts("m")).await;
-    let gw = gateway(&format!("{}{}", keyed("tpm = 60"), one_model("m", &up, ""))).await;
+    let gw = keyed(|k| k.tpm(60)).local_model("m", &up).start().await;
     // "user" + "hello there": 15 characters, 4 tokens; plus max_tokens.
     let r = keyed_chat(gw, &chat_tokens("m", 5)).await;
     assert_eq!(r.status(), 200);
@@ -179,12 +168,10 @@ async fn max_parallel_refuses_with_a_short_retry_and_frees_at_the_end() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&format!(
-        "{}{}",
-        keyed("max_parallel = 1"),
-        one_model("m", &slow, "")
-    ))
-    .await;
+    let gw = keyed(|k| k.max_parallel(1))
+        .local_model("m", &slow)
+        .start()
+        .await;
     let held = keyed_chat(gw, &chat_body("m", true)).await;
     assert_eq!(held.status(), 200);
     let r = keyed_chat(gw, &chat_body("m", false)).await;
@@ -231,12 +218,12 @@ impl Redis {
     }
 
     async fn restart(&mut self) {
-        let child = std::process::Command::new("redis-server")
+        let child = std::process::Command::new(require_binary("redis-server", "redis-server"))
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(std::process::Stdio::null())
             .spawn()
-            .expect("redis-server (Debian package redis-server; .ci/run installs it)");
+            .unwrap();
         self.child = Some(child);
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         eventually("redis-server accepts", WAIT, || accepts(addr)).await;
@@ -260,13 +247,18 @@ impl Drop for Redis {
     }
 }
 
-fn redis_config(redis: &Redis, failure: &str, key_limits: &str, models: &str) -> String {
-    format!(
-        "{}[limits]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_failure = \"{failure}\"\n\
-         redis_timeout_ms = 200\n{models}",
-        keyed(key_limits),
-        redis.url()
-    )
+/// [`keyed`], its limits counted in `redis` with `redis_failure = failure`.
+fn redis_config(
+    redis: &Redis,
+    failure: &str,
+    key_limits: impl FnOnce(Key) -> Key,
+) -> GatewayBuilder {
+    keyed(key_limits).limits(|l| {
+        l.store("redis")
+            .redis_url(&redis.url())
+            .redis_failure(failure)
+            .redis_timeout_ms(200)
+    })
 }
 
 /// Sends `n` requests through `gws` at once (round robin, 16 at a time); counts the 200s.
@@ -306,8 +298,8 @@ async fn redis_state(gw: SocketAddr) -> String {
 }
 
 /// A gateway process for `cfg` (with `store = "redis"`), once it sees Redis up.
-async fn replica(cfg: &str) -> (Binary, SocketAddr) {
-    let (proc, gw) = run_gateway_binary(cfg).await;
+async fn replica(cfg: &GatewayBuilder) -> (Binary, SocketAddr) {
+    let (proc, gw) = cfg.start_binary().await;
     eventually(
         "redis up",
         WAIT,
@@ -321,9 +313,10 @@ async fn replica(cfg: &str) -> (Binary, SocketAddr) {
 async fn two_replicas_share_one_limit_through_redis_and_survive_its_loss() {
     let mut redis = Redis::start().await;
     let up = sim(sim_opts("m")).await;
-    let model = one_model("m", &up, "");
-    let (_a, a) = replica(&redis_config(&redis, "local", "rpm = 60", &model)).await;
-    let (_b, b) = replica(&redis_config(&redis, "closed", "rpm = 60", &model)).await;
+    let (_a, a) =
+        replica(&redis_config(&redis, "local", |k| k.rpm(60)).local_model("m", &up)).await;
+    let (_b, b) =
+        replica(&redis_config(&redis, "closed", |k| k.rpm(60)).local_model("m", &up)).await;
     let start = Instant::now();
 
     // One limit for both: 60, plus what refills (1 a second) while the burst lasts, plus one.
@@ -379,12 +372,9 @@ async fn a_killed_replica_frees_its_in_flight_places_when_its_leases_expire() {
     })
     .await;
     let fast = sim(sim_opts("m")).await;
-    let models = format!(
-        "{}{}",
-        one_model("slow", &slow, ""),
-        one_model("m", &fast, "")
-    );
-    let cfg = redis_config(&redis, "local", "max_parallel = 2", &models);
+    let cfg = redis_config(&redis, "local", |k| k.max_parallel(2))
+        .local_model("slow", &slow)
+        .local_model("m", &fast);
     let (mut c, c_addr) = replica(&cfg).await;
     let (_d, d) = replica(&cfg).await;
     let long = json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}],
@@ -412,8 +402,7 @@ async fn what_one_replica_settles_reaches_the_other_at_once_not_at_lease_expiry(
     // both right away, long before a lease would expire (10 s) or the tokens refill (24 s).
     let redis = Redis::start().await;
     let up = sim(sim_opts("m")).await;
-    let model = one_model("m", &up, "");
-    let cfg = redis_config(&redis, "local", "max_parallel = 1\ntpm = 1000", &model);
+    let cfg = redis_config(&redis, "local", |k| k.max_parallel(1).tpm(1000)).local_model("m", &up);
     let (_a, a) = replica(&cfg).await;
     let (_b, b) = replica(&cfg).await;
     // Estimated at 401 tokens (1600 characters / 4 + max_tokens 1); the sim counts 2.
@@ -463,14 +452,14 @@ async fn a_models_limit_is_shared_through_redis_and_a_keys_refusal_gives_its_cha
     const FREE: &str = "sk-mofa-limits-test-free-0123456789ab";
     let redis = Redis::start().await;
     let up = sim(sim_opts("m")).await;
-    let cfg = format!(
-        "{}[[auth.keys]]\nname = \"free\"\nhash = \"{}\"\n\
-         [limits]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout_ms = 200\n\
-         [[models]]\nname = \"m\"\nrpm = 3\n[[models.deployments]]\nkind = \"local\"\nurl = \"{up}\"\n",
-        keyed("rpm = 1"),
-        hash(FREE),
-        redis.url()
-    );
+    let cfg = keyed(|k| k.rpm(1))
+        .key(Key::new("free", FREE))
+        .limits(|l| {
+            l.store("redis")
+                .redis_url(&redis.url())
+                .redis_timeout_ms(200)
+        })
+        .model("m", |m| m.rpm(3).deployment(Deployment::local(&up)));
     let (_a, a) = replica(&cfg).await;
     let (_b, b) = replica(&cfg).await;
     let free = |gw: SocketAddr| async move {
@@ -528,11 +517,11 @@ async fn alternate(gws: &[SocketAddr], n: usize) -> u64 {
 /// them through it with `redis_failure = failure`, once both see Redis up.
 async fn two_replicas(
     failure: &str,
-    limits: &str,
+    limits: impl FnOnce(Key) -> Key,
 ) -> (Redis, Binary, SocketAddr, Binary, SocketAddr) {
     let redis = Redis::start().await;
     let up = sim(sim_opts("m")).await;
-    let cfg = redis_config(&redis, failure, limits, &one_model("m", &up, ""));
+    let cfg = redis_config(&redis, failure, limits).local_model("m", &up);
     let (pa, a) = replica(&cfg).await;
     let (pb, b) = replica(&cfg).await;
     (redis, pa, a, pb, b)
@@ -549,7 +538,7 @@ async fn replicas_keep_one_limit_across_a_redis_restart_while_idle() {
     // their connections are dead without their knowing. Their next calls reconnect at once
     // (not a fall-back to local buckets that each admit the whole limit), and what they
     // admitted before the restart is restored from what they last saw.
-    let (mut redis, _a, a, _b, b) = two_replicas("local", "rpm = 20").await;
+    let (mut redis, _a, a, _b, b) = two_replicas("local", |k| k.rpm(20)).await;
     let start = Instant::now();
     let before = alternate(&[a, b], 8).await;
     assert_eq!(before, 8);
@@ -570,7 +559,7 @@ async fn replicas_keep_one_limit_across_a_redis_restart_while_idle() {
 
 #[tokio::test]
 async fn what_a_replica_admits_locally_during_an_outage_is_charged_to_redis_once() {
-    let (mut redis, _a, a, _b, b) = two_replicas("local", "rpm = 20").await;
+    let (mut redis, _a, a, _b, b) = two_replicas("local", |k| k.rpm(20)).await;
     let start = Instant::now();
     assert_eq!(alternate(&[a, b], 4).await, 4);
     redis.kill();
@@ -599,7 +588,7 @@ async fn what_a_replica_admits_locally_during_an_outage_is_charged_to_redis_once
 
 #[tokio::test]
 async fn closed_mode_serves_as_soon_as_redis_answers_a_ping() {
-    let (mut redis, _a, a, _b, b) = two_replicas("closed", "rpm = 600").await;
+    let (mut redis, _a, a, _b, b) = two_replicas("closed", |k| k.rpm(600)).await;
     assert_eq!(alternate(&[a, b], 2).await, 2);
     // Restarted while both are idle: neither refuses once Redis is back.
     redis.kill();
@@ -631,7 +620,7 @@ async fn closed_mode_serves_as_soon_as_redis_answers_a_ping() {
 #[tokio::test]
 async fn official_python_sdk_retries_a_429_and_succeeds() {
     let up = sim(sim_opts("m")).await;
-    let gw = gateway(&format!("{}{}", keyed("rpm = 60"), one_model("m", &up, ""))).await;
+    let gw = keyed(|k| k.rpm(60)).local_model("m", &up).start().await;
     let root = env!("CARGO_MANIFEST_DIR");
     let out = tokio::process::Command::new("bash")
         .arg(format!("{root}/scripts/setup-test-env"))

@@ -49,13 +49,16 @@ async fn backends() -> (String, String, String) {
     (ok, slow, cut)
 }
 
-fn config(ok: &str, slow: &str, cut: &str, extra: &str) -> String {
-    format!(
-        "{extra}\n{}{}{}",
-        one_model("ok", ok, "api_key = \"${OBS_UPSTREAM_KEY}\""),
-        one_model("slow", slow, "max_concurrency = 1"),
-        one_model("cut", cut, ""),
-    )
+/// The models of the sequence; `ok`'s upstream key comes from `${OBS_UPSTREAM_KEY}`.
+fn config(ok: &str, slow: &str, cut: &str) -> GatewayBuilder {
+    GatewayBuilder::new()
+        .model("ok", |m| {
+            m.deployment(Deployment::local(ok).api_key("${OBS_UPSTREAM_KEY}"))
+        })
+        .model("slow", |m| {
+            m.deployment(Deployment::local(slow).max_concurrency(1))
+        })
+        .local_model("cut", cut)
 }
 
 fn chat(model: &str, stream: bool, max_tokens: u32) -> Value {
@@ -171,13 +174,13 @@ async fn metrics_after(gw: SocketAddr, n: f64) -> (String, Samples) {
 }
 
 fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
+    let mut child = Command::new(require_binary("promtool", "prometheus"))
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool not found: install Debian's `prometheus` package (.ci/run does)");
+        .unwrap();
     child
         .stdin
         .take()
@@ -196,11 +199,10 @@ fn promtool_check(text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_sequence_exactly_and_pass_promtool() {
     let (ok, slow, cut) = backends().await;
-    let gw = gateway_env(
-        &config(&ok, &slow, &cut, ""),
-        &[("OBS_UPSTREAM_KEY", UPSTREAM_SECRET)],
-    )
-    .await;
+    let gw = config(&ok, &slow, &cut)
+        .env("OBS_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .start()
+        .await;
     // Before any request: valid, with the state gauges of every model.
     let (text, s) = metrics_after(gw, 0.0).await;
     promtool_check(&text);
@@ -318,10 +320,10 @@ impl Drop for TempDir {
     }
 }
 
-fn spawn_gateway(config: &str, tag: &str) -> Proc {
+fn spawn_gateway(config: &GatewayBuilder, tag: &str) -> Proc {
     let dir = TempDir::new(tag);
     let path = dir.0.join("gateway.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config.toml()).unwrap();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&path)
@@ -382,10 +384,7 @@ async fn access_lines(p: &Proc, n: usize) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_has_one_json_line_per_request_and_no_secret() {
     let (ok, slow, cut) = backends().await;
-    let p = spawn_gateway(
-        &config(&ok, &slow, &cut, "[log]\nformat = \"json\"\n"),
-        "json",
-    );
+    let p = spawn_gateway(&config(&ok, &slow, &cut).log_format("json"), "json");
     sequence(p.addr).await;
     let lines = access_lines(&p, 5).await;
     let all = p.stderr.lock().unwrap().clone();
@@ -453,19 +452,11 @@ async fn an_authenticated_request_refused_later_is_logged_under_its_key_and_mode
     // Once the key is known, its name is in every line; the model is whenever the body named a
     // configured one (a 400 on another field), and the metric counts it under that model.
     let ok = sim(sim_opts("ok")).await;
-    let hash = {
-        use sha2::{Digest, Sha256};
-        let hex: String = Sha256::digest(CLIENT_SECRET.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("sha256:{hex}")
-    };
-    let cfg = format!(
-        "[log]\nformat = \"json\"\n[auth]\nmode = \"keys\"\nadmin_keys = [\"{hash}\"]\n\
-         [[auth.keys]]\nname = \"team\"\nhash = \"{hash}\"\n{}",
-        one_model("ok", &ok, "")
-    );
+    let cfg = GatewayBuilder::new()
+        .log_format("json")
+        .admin_key(CLIENT_SECRET)
+        .key(Key::new("team", CLIENT_SECRET))
+        .local_model("ok", &ok);
     let p = spawn_gateway(&cfg, "attribution");
     let bearer = format!("Bearer {CLIENT_SECRET}");
     let auth = [("authorization", bearer.as_str())];
@@ -509,7 +500,7 @@ async fn an_authenticated_request_refused_later_is_logged_under_its_key_and_mode
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_access_log_is_readable_text() {
     let ok = sim(sim_opts("ok")).await;
-    let p = spawn_gateway(&one_model("ok", &ok, ""), "text");
+    let p = spawn_gateway(&GatewayBuilder::new().local_model("ok", &ok), "text");
     let r = post(p.addr, "/v1/chat/completions", &chat("ok", false, 3)).await;
     assert_eq!(r.status(), 200);
     let line = eventually_some("an access log line", WAIT, || async {
@@ -553,7 +544,7 @@ impl Drop for Browser {
 /// Starts chromium with a DevTools port; returns it and the port.
 fn chromium() -> (Browser, u16) {
     let dir = TempDir::new("chromium");
-    let mut child = Command::new("chromium")
+    let mut child = Command::new(require_binary("chromium", "chromium"))
         .args([
             "--headless",
             "--no-sandbox",
@@ -571,7 +562,7 @@ fn chromium() -> (Browser, u16) {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("chromium not found: install Debian's `chromium` package (.ci/run does)");
+        .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut port = None;
     let mut seen = String::new();
@@ -640,7 +631,7 @@ impl Cdp {
             .to_string();
         let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
+            .set_read_timeout(Some(patience(Duration::from_secs(30))))
             .unwrap();
         let (ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
         let mut cdp = Cdp {
@@ -701,7 +692,7 @@ impl Cdp {
 
     /// Evaluates `expr` until it is true (the page polls every second).
     fn wait_for(&mut self, expr: &str, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + patience(Duration::from_secs(30));
         while self.eval(expr) != json!(true) {
             if Instant::now() > deadline {
                 let dom = self.eval("document.body.innerText");
@@ -729,14 +720,31 @@ async fn the_status_page_shows_live_values_and_its_buttons_work_in_a_browser() {
         ..sim_opts("chat")
     })
     .await;
-    let cfg = format!(
-        "[admission]\nmemory_capacity_mb = 100\ndefer_threshold = 0.8\nreject_threshold = 0.9\n\
-         {}\n[[models]]\nname = \"pooled\"\n[[models.deployments]]\nkind = \"local\"\n\
-         command = [\"{BIN}\", \"sim\", \"--listen\", \"{{host}}:{{port}}\", \"--model\", \"{{model}}\"]\n\
-         memory_mb = 40\nstartup_timeout_s = 20\n",
-        one_model("chat", &chat_url, "max_concurrency = 1")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .admission(|a| {
+            a.memory_capacity_mb(100)
+                .defer_threshold(0.8)
+                .reject_threshold(0.9)
+        })
+        .model("chat", |m| {
+            m.deployment(Deployment::local(&chat_url).max_concurrency(1))
+        })
+        .model("pooled", |m| {
+            m.deployment(
+                Deployment::command(&[
+                    BIN,
+                    "sim",
+                    "--listen",
+                    "{host}:{port}",
+                    "--model",
+                    "{model}",
+                ])
+                .memory_mb(40)
+                .startup_timeout_s(20),
+            )
+        })
+        .start()
+        .await;
     // Live values: one request done on each model, one stream in flight on `chat`'s only
     // slot, and one request queued behind it.
     for m in ["chat", "pooled"] {
@@ -857,7 +865,7 @@ async fn long_values_fit_their_tiles_on_the_status_page() {
     // A p99 of 1950.0 used to spill out of its tile; any latency up to 100 s must fit, as
     // must 12k requests/s and a 100% 503 rate, in a wide window and a narrow one.
     let ok = sim(sim_opts("ok")).await;
-    let gw = gateway(&one_model("ok", &ok, "")).await;
+    let gw = GatewayBuilder::new().local_model("ok", &ok).start().await;
     let page = format!("http://{gw}/");
     let shot =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/observe/status-long.png");

@@ -52,11 +52,13 @@ async fn overload_sheds_low_priority_and_serves_critical_and_high() {
     const N: usize = 4;
     // 10 tokens at 50/s: about 200 ms a request; N at a time.
     let sim_url = slow_sim("m", 50.0, N).await;
-    let cfg = format!(
-        "[admission]\nmax_queue = 8\nmax_queue_wait_ms = 5000\n{}",
-        one_model("m", &sim_url, &format!("max_concurrency = {N}"))
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .admission(|a| a.max_queue(8).max_queue_wait_ms(5000))
+        .model("m", |m| {
+            m.deployment(Deployment::local(&sim_url).max_concurrency(N as u64))
+        })
+        .start()
+        .await;
     let prios = ["low", "normal", "high", "critical"];
     // Requests answered and read to their end (served or rejected).
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -177,7 +179,7 @@ impl Drop for Finished {
 #[tokio::test]
 async fn a_streaming_rejection_is_the_same_503_json() {
     let sim_url = slow_sim("m", 20.0, 0).await;
-    let gw = gateway(&one_model("m", &sim_url, "max_concurrency = 1")).await;
+    let gw = one_slot(&sim_url).await;
     let hold = tokio::spawn(async move { chat_as(gw, "m", "normal", false, 10).await.status() });
     wait_in_flight(gw, "m", 1).await;
     for stream in [true, false] {
@@ -196,7 +198,7 @@ async fn a_streaming_rejection_is_the_same_503_json() {
 #[tokio::test]
 async fn a_queued_request_times_out_at_its_own_deadline() {
     let sim_url = slow_sim("m", 10.0, 0).await;
-    let gw = gateway(&one_model("m", &sim_url, "max_concurrency = 1")).await;
+    let gw = one_slot(&sim_url).await;
     let hold = tokio::spawn(async move { chat_as(gw, "m", "normal", false, 10).await.status() });
     wait_in_flight(gw, "m", 1).await;
     let start = Instant::now();
@@ -216,7 +218,10 @@ async fn a_queued_request_times_out_at_its_own_deadline() {
 #[tokio::test]
 async fn priority_comes_from_header_or_body_and_is_not_forwarded() {
     let sim_url = sim(sim_opts("m")).await;
-    let gw = gateway(&one_model("m", &sim_url, "")).await;
+    let gw = GatewayBuilder::new()
+        .local_model("m", &sim_url)
+        .start()
+        .await;
     let mut body = chat_body("m", false);
     body["priority"] = json!("critical");
     body["extra"] = json!(1);
@@ -246,19 +251,30 @@ async fn priority_comes_from_header_or_body_and_is_not_forwarded() {
     assert_eq!(envelope(resp).await["param"], "x-mofa-max-wait-ms");
 }
 
+/// A gateway whose model `m` has one local deployment at `url` with one slot.
+async fn one_slot(url: &str) -> std::net::SocketAddr {
+    GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(Deployment::local(url).max_concurrency(1))
+        })
+        .start()
+        .await
+}
+
 /// Two simulators: one `local`, one standing in for a cloud provider.
-async fn local_and_cloud(
-    policy: &str,
-    extra_model: &str,
-) -> (std::net::SocketAddr, String, String) {
+async fn local_and_cloud(policy: &str) -> (std::net::SocketAddr, String, String) {
     let local = slow_sim("m", 20.0, 0).await;
     let cloud = sim(sim_opts("m")).await;
-    let cfg = format!(
-        "[routing]\ncost_max_queue_wait_ms = 0\n[[models]]\nname = \"m\"\npolicy = \"{policy}\"\n{extra_model}\n\
-         [[models.deployments]]\nkind = \"local\"\nurl = \"{local}\"\nmax_concurrency = 1\n\
-         [[models.deployments]]\nkind = \"cloud\"\nprovider = \"sim-cloud\"\nurl = \"{cloud}\"\nprice_per_1k_tokens = 0.5\n"
-    );
-    (gateway(&cfg).await, local, cloud)
+    let gw = GatewayBuilder::new()
+        .routing(|r| r.cost_max_queue_wait_ms(0))
+        .model("m", |m| {
+            m.policy(policy)
+                .deployment(Deployment::local(&local).max_concurrency(1))
+                .deployment(Deployment::cloud("sim-cloud", &cloud).price_per_1k_tokens(0.5))
+        })
+        .start()
+        .await;
+    (gw, local, cloud)
 }
 
 async fn backend_of(gw: std::net::SocketAddr, headers: &[(&str, &str)]) -> String {
@@ -292,7 +308,7 @@ fn hold_local(gw: std::net::SocketAddr) -> tokio::task::JoinHandle<String> {
 
 #[tokio::test]
 async fn local_first_falls_back_to_cloud_when_local_is_busy() {
-    let (gw, _, _) = local_and_cloud("local-first", "").await;
+    let (gw, _, _) = local_and_cloud("local-first").await;
     assert_eq!(backend_of(gw, &[]).await, "local(m)");
     let h = hold_local(gw);
     wait_in_flight(gw, "m", 1).await;
@@ -302,7 +318,7 @@ async fn local_first_falls_back_to_cloud_when_local_is_busy() {
 
 #[tokio::test]
 async fn local_only_and_cloud_only_never_cross() {
-    let (gw, _, _) = local_and_cloud("local-only", "").await;
+    let (gw, _, _) = local_and_cloud("local-only").await;
     let h = hold_local(gw);
     wait_in_flight(gw, "m", 1).await;
     assert_eq!(
@@ -310,7 +326,7 @@ async fn local_only_and_cloud_only_never_cross() {
         "rejected:capacity_exceeded"
     );
     h.await.unwrap();
-    let (gw, _, _) = local_and_cloud("cloud-only", "").await;
+    let (gw, _, _) = local_and_cloud("cloud-only").await;
     for _ in 0..3 {
         assert_eq!(backend_of(gw, &[]).await, "cloud(sim-cloud)");
     }
@@ -318,7 +334,7 @@ async fn local_only_and_cloud_only_never_cross() {
 
 #[tokio::test]
 async fn cost_prefers_free_local_and_pays_for_cloud_only_when_local_is_busy() {
-    let (gw, _, _) = local_and_cloud("cost", "").await;
+    let (gw, _, _) = local_and_cloud("cost").await;
     assert_eq!(backend_of(gw, &[]).await, "local(m)");
     let h = hold_local(gw);
     wait_in_flight(gw, "m", 1).await;
@@ -339,12 +355,14 @@ async fn latency_prefers_the_deployment_with_the_fastest_first_byte() {
         ..sim_opts("m")
     })
     .await;
-    let cfg = format!(
-        "[[models]]\nname = \"m\"\npolicy = \"latency\"\n\
-         [[models.deployments]]\nkind = \"local\"\nvariant = \"slow\"\nurl = \"{slow}\"\n\
-         [[models.deployments]]\nkind = \"local\"\nvariant = \"fast\"\nurl = \"{fast}\"\n"
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| {
+            m.policy("latency")
+                .deployment(Deployment::local(&slow).variant("slow"))
+                .deployment(Deployment::local(&fast).variant("fast"))
+        })
+        .start()
+        .await;
     let mut seen = Vec::new();
     for _ in 0..6 {
         seen.push(backend_of(gw, &[]).await);
@@ -367,15 +385,21 @@ async fn ladder() -> (
 ) {
     let s = sim(sim_opts("m")).await;
     let o = slow_sim("other", 20.0, 0).await;
-    let cfg = format!(
-        "[admission]\nmemory_capacity_mb = 100\n\
-         [[models]]\nname = \"other\"\npolicy = \"local-only\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{o}\"\nmemory_mb = 50\n\
-         [[models]]\nname = \"m\"\npolicy = \"degradation-ladder\"\n\
-         [[models.deployments]]\nkind = \"local\"\nvariant = \"f16\"\nurl = \"{s}\"\nmemory_mb = 60\n\
-         [[models.deployments]]\nkind = \"local\"\nvariant = \"q8\"\nurl = \"{s}\"\nmemory_mb = 35\n\
-         [[models.deployments]]\nkind = \"local\"\nvariant = \"q4\"\nurl = \"{s}\"\nmemory_mb = 20\n"
-    );
-    let gw = gateway(&cfg).await;
+    let variant = |name: &str, mb: u64| Deployment::local(&s).variant(name).memory_mb(mb);
+    let gw = GatewayBuilder::new()
+        .admission(|a| a.memory_capacity_mb(100))
+        .model("other", |m| {
+            m.policy("local-only")
+                .deployment(Deployment::local(&o).memory_mb(50))
+        })
+        .model("m", |m| {
+            m.policy("degradation-ladder")
+                .deployment(variant("f16", 60))
+                .deployment(variant("q8", 35))
+                .deployment(variant("q4", 20))
+        })
+        .start()
+        .await;
     let busy =
         tokio::spawn(async move { chat_as(gw, "other", "normal", false, 20).await.status() });
     wait_in_flight(gw, "other", 1).await;
@@ -423,14 +447,18 @@ async fn memory_rejections_defer_and_eviction() {
     })
     .await;
     let o = slow_sim("other", 20.0, 0).await;
-    let cfg = format!(
-        "[admission]\nmemory_capacity_mb = 100\nmax_queue_wait_ms = 2000\n[routing]\npolicy = \"local-only\"\n\
-         [[models]]\nname = \"other\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{o}\"\nmemory_mb = 50\n\
-         [[models]]\nname = \"big\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{s}\"\nmemory_mb = 45\n\
-         [[models]]\nname = \"huge\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{s}\"\nmemory_mb = 500\n\
-         [[models]]\nname = \"mid\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{s}\"\nmemory_mb = 30\n"
-    );
-    let gw = gateway(&cfg).await;
+    fn local(url: &str, mb: u64) -> impl FnOnce(Model) -> Model + '_ {
+        move |m| m.deployment(Deployment::local(url).memory_mb(mb))
+    }
+    let gw = GatewayBuilder::new()
+        .admission(|a| a.memory_capacity_mb(100).max_queue_wait_ms(2000))
+        .routing(|r| r.policy("local-only"))
+        .model("other", local(&o, 50))
+        .model("big", local(&s, 45))
+        .model("huge", local(&s, 500))
+        .model("mid", local(&s, 30))
+        .start()
+        .await;
 
     // Larger than the budget: never, and the SDK is told not to retry.
     let resp = chat(gw, &chat_body("huge", true)).await;
@@ -467,7 +495,7 @@ async fn memory_rejections_defer_and_eviction() {
 #[tokio::test]
 async fn admin_view_shows_queue_in_flight_and_memory() {
     let sim_url = slow_sim("m", 20.0, 0).await;
-    let gw = gateway(&one_model("m", &sim_url, "max_concurrency = 1")).await;
+    let gw = one_slot(&sim_url).await;
     let h = hold_local(gw);
     wait_in_flight(gw, "m", 1).await;
     let waiter = tokio::spawn(async move { chat_as(gw, "m", "high", false, 1).await.status() });
@@ -496,7 +524,7 @@ async fn admin_view_shows_queue_in_flight_and_memory() {
 #[tokio::test]
 async fn a_client_that_leaves_frees_its_slot_and_queue_place() {
     let sim_url = slow_sim("m", 20.0, 0).await;
-    let gw = gateway(&one_model("m", &sim_url, "max_concurrency = 1")).await;
+    let gw = one_slot(&sim_url).await;
     // A stream the client drops after its first chunk, and a waiter that gives up.
     let resp = chat_as(gw, "m", "normal", true, 40).await;
     assert_eq!(resp.status(), 200);

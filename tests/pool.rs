@@ -12,18 +12,38 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
 
-/// A managed deployment running `mofa-gateway sim` for the model, with `extra` lines.
-fn managed(name: &str, mb: u64, sim_args: &str, extra: &str) -> String {
-    format!(
-        "[[models]]\nname = \"{name}\"\n[[models.deployments]]\nkind = \"local\"\n\
-         command = [\"{BIN}\", \"sim\", \"--listen\", \"{{host}}:{{port}}\", \"--model\", \"{{model}}\"{sim_args}]\n\
-         memory_mb = {mb}\nstartup_timeout_s = 20\n{extra}\n"
-    )
+/// A managed deployment running `mofa-gateway sim` for the model (with `sim_args` after its
+/// own), taking `mb` of memory.
+fn managed(mb: u64, sim_args: &[&str]) -> Deployment {
+    let mut argv = vec![
+        BIN,
+        "sim",
+        "--listen",
+        "{host}:{port}",
+        "--model",
+        "{model}",
+    ];
+    argv.extend_from_slice(sim_args);
+    Deployment::command(&argv)
+        .memory_mb(mb)
+        .startup_timeout_s(20)
 }
 
 /// Budget 100 MB; loads may fill it to 90.
-const BUDGET: &str =
-    "[admission]\nmemory_capacity_mb = 100\ndefer_threshold = 0.9\nreject_threshold = 0.9\n";
+fn budget() -> GatewayBuilder {
+    GatewayBuilder::new().admission(|a| {
+        a.memory_capacity_mb(100)
+            .defer_threshold(0.9)
+            .reject_threshold(0.9)
+    })
+}
+
+/// [`budget`] with models named `names`, each a [`managed`] deployment of 40 MB.
+fn managed_40(names: &[&str]) -> GatewayBuilder {
+    names.iter().fold(budget(), |b, name| {
+        b.model(name, |m| m.deployment(managed(40, &[])))
+    })
+}
 
 async fn pool(gw: SocketAddr) -> Vec<Value> {
     admin(gw, "pool").await["models"]
@@ -59,7 +79,7 @@ async fn chat_ok(gw: SocketAddr, model: &str) -> reqwest::Response {
 
 #[tokio::test]
 async fn starts_on_demand_once_for_concurrent_requests() {
-    let gw = gateway(&format!("{BUDGET}{}", managed("a", 40, "", ""))).await;
+    let gw = managed_40(&["a"]).start().await;
     let p = proc_of(gw, "a").await;
     assert_eq!(p["state"], "stopped");
     assert!(p["pid"].is_null());
@@ -94,13 +114,7 @@ async fn starts_on_demand_once_for_concurrent_requests() {
 #[tokio::test]
 async fn evicts_the_least_recently_used_idle_model_to_fit() {
     // Two of the three fit (80 <= 90); the third needs one evicted.
-    let cfg = format!(
-        "{BUDGET}{}{}{}",
-        managed("a", 40, "", ""),
-        managed("b", 40, "", ""),
-        managed("c", 40, "", "")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = managed_40(&["a", "b", "c"]).start().await;
     chat_ok(gw, "a").await;
     chat_ok(gw, "b").await;
     chat_ok(gw, "a").await; // a is now the more recently used
@@ -119,13 +133,14 @@ async fn evicts_the_least_recently_used_idle_model_to_fit() {
 
 #[tokio::test]
 async fn a_model_with_requests_in_flight_is_never_evicted() {
-    let cfg = format!(
-        "{BUDGET}{}{}{}",
-        managed("a", 40, ", \"--tokens-per-sec\", \"20\"", ""),
-        managed("b", 40, "", ""),
-        managed("c", 40, "", "")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = budget()
+        .model("a", |m| {
+            m.deployment(managed(40, &["--tokens-per-sec", "20"]))
+        })
+        .model("b", |m| m.deployment(managed(40, &[])))
+        .model("c", |m| m.deployment(managed(40, &[])))
+        .start()
+        .await;
     chat_ok(gw, "a").await;
     chat_ok(gw, "b").await;
     // `a` (the least recently used) busy with a stream of about a second.
@@ -149,11 +164,10 @@ async fn a_model_with_requests_in_flight_is_never_evicted() {
 
 #[tokio::test]
 async fn an_idle_model_is_stopped_after_its_ttl() {
-    let gw = gateway(&format!(
-        "{BUDGET}{}",
-        managed("a", 40, "", "idle_ttl_s = 1")
-    ))
-    .await;
+    let gw = budget()
+        .model("a", |m| m.deployment(managed(40, &[]).idle_ttl_s(1)))
+        .start()
+        .await;
     chat_ok(gw, "a").await;
     let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
     eventually(
@@ -172,11 +186,12 @@ async fn an_idle_model_is_stopped_after_its_ttl() {
 
 #[tokio::test]
 async fn a_killed_model_fails_its_requests_and_restarts_on_the_next() {
-    let gw = gateway(&format!(
-        "{BUDGET}{}",
-        managed("a", 40, ", \"--tokens-per-sec\", \"20\"", "")
-    ))
-    .await;
+    let gw = budget()
+        .model("a", |m| {
+            m.deployment(managed(40, &["--tokens-per-sec", "20"]))
+        })
+        .start()
+        .await;
     let mut long = chat_body("a", true);
     long["max_tokens"] = serde_json::json!(40);
     let resp = chat(gw, &long).await;
@@ -220,11 +235,16 @@ async fn a_killed_model_fails_its_requests_and_restarts_on_the_next() {
 
 #[tokio::test]
 async fn a_server_that_never_becomes_ready_is_killed_and_gets_503() {
-    let cfg = format!(
-        "{BUDGET}[[models]]\nname = \"dud\"\n[[models.deployments]]\nkind = \"local\"\n\
-         command = [\"sh\", \"-c\", \"echo not listening on {{port}}; exec sleep 60\"]\nmemory_mb = 10\nstartup_timeout_s = 1\n"
-    );
-    let gw = gateway(&cfg).await;
+    let gw = budget()
+        .model("dud", |m| {
+            m.deployment(
+                Deployment::command(&["sh", "-c", "echo not listening on {port}; exec sleep 60"])
+                    .memory_mb(10)
+                    .startup_timeout_s(1),
+            )
+        })
+        .start()
+        .await;
     let start = Instant::now();
     let resp = chat(gw, &chat_body("dud", true)).await;
     assert!(start.elapsed() >= Duration::from_secs(1));
@@ -262,11 +282,12 @@ async fn a_server_that_never_becomes_ready_is_killed_and_gets_503() {
 
 #[tokio::test]
 async fn admin_load_and_unload() {
-    let gw = gateway(&format!(
-        "{BUDGET}{}",
-        managed("a", 40, ", \"--tokens-per-sec\", \"20\"", "")
-    ))
-    .await;
+    let gw = budget()
+        .model("a", |m| {
+            m.deployment(managed(40, &["--tokens-per-sec", "20"]))
+        })
+        .start()
+        .await;
     let r = post_empty(gw, "/admin/pool/a/load").await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
@@ -295,8 +316,7 @@ async fn admin_load_and_unload() {
 #[tokio::test]
 async fn no_model_server_outlives_the_gateway() {
     for signal in ["-TERM", "-KILL"] {
-        let (mut gw_proc, gw) =
-            run_gateway_binary(&format!("{BUDGET}{}", managed("a", 40, "", ""))).await;
+        let (mut gw_proc, gw) = managed_40(&["a"]).start_binary().await;
         chat_ok(gw, "a").await;
         let pid = proc_of(gw, "a").await["pid"].as_u64().unwrap();
         assert!(alive(pid));
@@ -342,13 +362,19 @@ async fn child_starts_pool_servers_and_ends() {
     let Ok(marker) = std::env::var("MOFA_ORPHAN_MARKER") else {
         return;
     };
-    let plain = managed("a", 20, &format!(", \"--model\", \"{marker}\""), "");
-    let wrapped = format!(
-        "[[models]]\nname = \"w\"\n[[models.deployments]]\nkind = \"local\"\n\
-         command = [\"sh\", \"-c\", \"exec {BIN} sim --listen {{host}}:{{port}} --model w --model {marker}-w\"]\n\
-         memory_mb = 20\nstartup_timeout_s = 20\n"
-    );
-    let gw = gateway(&format!("{BUDGET}{plain}{wrapped}")).await;
+    // The shell line of `w`, not a config: its server also answers to the marker.
+    let wrapper = format!("exec {BIN} sim --listen {{host}}:{{port}} --model w --model {marker}-w");
+    let gw = budget()
+        .model("a", |m| m.deployment(managed(20, &["--model", &marker])))
+        .model("w", |m| {
+            m.deployment(
+                Deployment::command(&["sh", "-c", &wrapper])
+                    .memory_mb(20)
+                    .startup_timeout_s(20),
+            )
+        })
+        .start()
+        .await;
     chat_ok(gw, "a").await;
     chat_ok(gw, "w").await;
     let servers = processes_with(&marker)
@@ -394,7 +420,7 @@ async fn a_test_binary_that_ends_in_any_way_leaves_no_model_server() {
             .spawn()
             .unwrap();
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let up = tokio::time::timeout(WAIT, async {
+        let up = tokio::time::timeout(patience(WAIT), async {
             while let Ok(Some(l)) = lines.next_line().await {
                 if l.contains("SERVERS-UP") {
                     return true;

@@ -14,12 +14,12 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
 
 /// One pool model `a` whose command is a shell wrapper that does not `exec` the server.
-fn wrapped() -> String {
-    format!(
-        "[[models]]\nname = \"a\"\n[[models.deployments]]\nkind = \"local\"\n\
-         command = [\"sh\", \"-c\", \"cd . && {BIN} sim --listen {{host}}:{{port}} --model {{model}}; echo done\"]\n\
-         startup_timeout_s = 20\n"
-    )
+fn wrapped() -> GatewayBuilder {
+    // The shell line, not a config.
+    let line = format!("cd . && {BIN} sim --listen {{host}}:{{port}} --model {{model}}; echo done");
+    GatewayBuilder::new().model("a", |m| {
+        m.deployment(Deployment::command(&["sh", "-c", &line]).startup_timeout_s(20))
+    })
 }
 
 /// Live processes (zombies excluded) whose process group is `pgid`.
@@ -46,9 +46,9 @@ fn group(pgid: u64) -> Vec<u64> {
     out
 }
 
-/// Waits up to `secs` for `pgid`'s group to be empty.
+/// Waits up to `secs` (stretched by [`patience`]) for `pgid`'s group to be empty.
 async fn group_ends(pgid: u64, secs: u64) -> bool {
-    let end = Instant::now() + Duration::from_secs(secs);
+    let end = Instant::now() + patience(Duration::from_secs(secs));
     while Instant::now() < end {
         if group(pgid).is_empty() {
             return true;
@@ -78,7 +78,7 @@ async fn start(gw: SocketAddr) -> u64 {
 
 #[tokio::test]
 async fn sigkill_of_the_gateway_leaves_no_process_of_a_wrapped_server() {
-    let (mut gw_proc, gw) = run_gateway_binary(&wrapped()).await;
+    let (mut gw_proc, gw) = wrapped().start_binary().await;
     let pgid = start(gw).await;
     gw_proc.signal("-KILL");
     gw_proc.wait().await;
@@ -91,7 +91,7 @@ async fn sigkill_of_the_gateway_leaves_no_process_of_a_wrapped_server() {
 
 #[tokio::test]
 async fn unload_and_a_killed_supervisor_leave_nothing_either() {
-    let gw = gateway(&wrapped()).await;
+    let gw = wrapped().start().await;
     let pgid = start(gw).await;
     let r = post_empty(gw, "/admin/pool/a/unload").await;
     assert_eq!(r.status(), 200);

@@ -35,14 +35,36 @@ async fn llama_env() -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_model_launched_by_the_pool_answers_chat_and_stream() {
     let (python, model) = llama_env().await;
-    let cfg = format!(
-        "[admission]\nmemory_capacity_mb = 2000\n\
-         [[models]]\nname = \"gemma\"\n[[models.deployments]]\nkind = \"local\"\n\
-         command = [\"{python}\", \"-m\", \"llama_cpp.server\", \"--model\", \"{model}\", \"--chat_format\", \"gemma\", \
-                    \"--host\", \"{{host}}\", \"--port\", \"{{port}}\", \"--n_ctx\", \"1024\", \"--n_threads\", \"2\"]\n\
-         memory_mb = 600\nstartup_timeout_s = 120\nmax_concurrency = 1\nfirst_byte_timeout_ms = 120000\n"
-    );
-    let gw = gateway(&cfg).await;
+    let server = [
+        python.as_str(),
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        model.as_str(),
+        "--chat_format",
+        "gemma",
+        "--host",
+        "{host}",
+        "--port",
+        "{port}",
+        "--n_ctx",
+        "1024",
+        "--n_threads",
+        "2",
+    ];
+    let gw = GatewayBuilder::new()
+        .admission(|a| a.memory_capacity_mb(2000))
+        .model("gemma", |m| {
+            m.deployment(
+                Deployment::command(&server)
+                    .memory_mb(600)
+                    .startup_timeout_s(120)
+                    .max_concurrency(1)
+                    .first_byte_timeout_ms(120000),
+            )
+        })
+        .start()
+        .await;
     let ask = |stream: bool| {
         json!({
             "model": "gemma",

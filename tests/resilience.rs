@@ -32,7 +32,7 @@ async fn falls_back_on_connect_refused_500_and_429_with_no_client_visible_error(
     let cloud = sim(sim_opts("m")).await;
 
     // Connection refused locally: every request still succeeds, on the cloud deployment.
-    let gw = gateway(&local_then_cloud(&dead_url().await, &cloud, "")).await;
+    let gw = local_then_cloud(&dead_url().await, &cloud).start().await;
     let first = attempts_and_backend(gw, false).await;
     assert_eq!(first, (200, "cloud(backup)".into(), "2".into()));
     for i in 0..10 {
@@ -50,7 +50,7 @@ async fn falls_back_on_connect_refused_500_and_429_with_no_client_visible_error(
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&local_then_cloud(&failing, &cloud, "")).await;
+    let gw = local_then_cloud(&failing, &cloud).start().await;
     for stream in [false, true] {
         assert_eq!(
             attempts_and_backend(gw, stream).await,
@@ -61,7 +61,7 @@ async fn falls_back_on_connect_refused_500_and_429_with_no_client_visible_error(
     // A 429 with Retry-After: 2 puts the local deployment in cool-down, skipped meanwhile.
     let (busy, mode, hits) = toggle_upstream().await;
     mode.store(BUSY_429, Ordering::SeqCst);
-    let gw = gateway(&local_then_cloud(&busy, &cloud, "")).await;
+    let gw = local_then_cloud(&busy, &cloud).start().await;
     assert_eq!(
         attempts_and_backend(gw, false).await,
         (200, "cloud(backup)".into(), "2".into())
@@ -91,7 +91,7 @@ async fn falls_back_on_connect_refused_500_and_429_with_no_client_visible_error(
 async fn a_client_error_is_never_retried() {
     let cloud = sim(sim_opts("m")).await;
     let picky = fixed_upstream(400, "application/json", r#"{"error":{"message":"bad tool schema","type":"invalid_request_error","param":"tools","code":null}}"#).await;
-    let gw = gateway(&local_then_cloud(&picky, &cloud, "")).await;
+    let gw = local_then_cloud(&picky, &cloud).start().await;
     let (status, backend, attempts) = attempts_and_backend(gw, false).await;
     assert_eq!(
         (status, backend.as_str(), attempts.as_str()),
@@ -110,7 +110,7 @@ async fn when_every_deployment_fails_the_status_says_what_helps() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&local_then_cloud(&b, &a, "")).await;
+    let gw = local_then_cloud(&b, &a).start().await;
     let resp = chat(gw, &chat_body("m", false)).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["x-mofa-attempts"], "2");
@@ -118,7 +118,7 @@ async fn when_every_deployment_fails_the_status_says_what_helps() {
     assert_eq!(envelope(resp).await["code"], "upstream_overloaded");
 
     // Refused + 500: a 502.
-    let gw = gateway(&local_then_cloud(&dead_url().await, &b, "")).await;
+    let gw = local_then_cloud(&dead_url().await, &b).start().await;
     let resp = chat(gw, &chat_body("m", true)).await;
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["x-mofa-attempts"], "2");
@@ -130,8 +130,10 @@ async fn breaker_opens_skips_and_half_opens_with_exactly_one_probe() {
     let cloud = sim(sim_opts("m")).await;
     let (local, mode, hits) = toggle_upstream().await;
     mode.store(FAIL_500, Ordering::SeqCst);
-    let top = "[resilience]\nbreaker_failures = 3\nbreaker_open_ms = 400\n";
-    let gw = gateway(&local_then_cloud(&local, &cloud, top)).await;
+    let gw = local_then_cloud(&local, &cloud)
+        .resilience(|r| r.breaker_failures(3).breaker_open_ms(400))
+        .start()
+        .await;
     for _ in 0..3 {
         assert_eq!(
             attempts_and_backend(gw, false).await,
@@ -179,11 +181,11 @@ async fn breaker_opens_skips_and_half_opens_with_exactly_one_probe() {
 async fn with_every_breaker_open_the_answer_is_503_no_healthy_backend() {
     let (local, mode, _) = toggle_upstream().await;
     mode.store(FAIL_500, Ordering::SeqCst);
-    let cfg = format!(
-        "[resilience]\nbreaker_failures = 2\nbreaker_open_ms = 3000\n{}",
-        one_model("m", &local, "")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .resilience(|r| r.breaker_failures(2).breaker_open_ms(3000))
+        .local_model("m", &local)
+        .start()
+        .await;
     for _ in 0..2 {
         let resp = chat(gw, &chat_body("m", false)).await;
         assert_eq!(resp.status(), 502);
@@ -204,12 +206,14 @@ async fn with_every_breaker_open_the_answer_is_503_no_healthy_backend() {
 async fn an_active_health_check_opens_the_breaker_of_a_dead_idle_deployment() {
     let cloud = sim(sim_opts("m")).await;
     let (local, mode, hits) = toggle_upstream().await;
-    let cfg = format!(
-        "[resilience]\nbreaker_failures = 2\nbreaker_open_ms = 60000\n\
-         [[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{local}\"\nhealth_check_interval_s = 1\n\
-         [[models.deployments]]\nkind = \"cloud\"\nprovider = \"backup\"\nurl = \"{cloud}\"\n"
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .resilience(|r| r.breaker_failures(2).breaker_open_ms(60000))
+        .model("m", |m| {
+            m.deployment(Deployment::local(&local).health_check_interval_s(1))
+                .deployment(Deployment::cloud("backup", &cloud))
+        })
+        .start()
+        .await;
     mode.store(FAIL_500, Ordering::SeqCst);
     // Two failed probes (about 2 s) open it, with no client request involved. Probes run one
     // after another, so a third one shows that the second's failure was recorded.
@@ -232,7 +236,12 @@ async fn total_timeout_ends_a_stream_with_an_error_event_and_is_504_before_the_f
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&one_model("m", &slow, "total_timeout_ms = 500")).await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(Deployment::local(&slow).total_timeout_ms(500))
+        })
+        .start()
+        .await;
     let mut body = chat_body("m", true);
     body["max_tokens"] = serde_json::json!(40);
     let resp = chat(gw, &body).await;
@@ -255,12 +264,16 @@ async fn a_thousand_clients_leaving_mid_stream_free_everything() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&one_model(
-        "m",
-        &slow,
-        "max_concurrency = 2000\nconnect_timeout_ms = 30000",
-    ))
-    .await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(
+                Deployment::local(&slow)
+                    .max_concurrency(2000)
+                    .connect_timeout_ms(30000),
+            )
+        })
+        .start()
+        .await;
     let tasks: Vec<_> = (0..1000)
         .map(|_| {
             tokio::spawn(async move {
@@ -299,11 +312,11 @@ async fn a_thousand_clients_leaving_mid_stream_free_everything() {
 async fn slow_clients_are_cut_off() {
     use tokio::io::AsyncReadExt;
     let s = sim(sim_opts("m")).await;
-    let cfg = format!(
-        "[server]\nheader_read_timeout_ms = 300\nbody_read_timeout_ms = 300\n{}",
-        one_model("m", &s, "")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .server(|s| s.header_read_timeout_ms(300).body_read_timeout_ms(300))
+        .local_model("m", &s)
+        .start()
+        .await;
 
     // Headers that never end: the connection is closed.
     let mut tcp = raw_http(gw, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n").await;
@@ -376,11 +389,11 @@ async fn a_head_gets_one_deadline_from_accept_for_http1_and_h2() {
     // connections (half slowloris, half a silent h2 preface) are each closed within 1.5 s,
     // clients are served meanwhile, and the descriptors come back.
     let s = sim(sim_opts("m")).await;
-    let (proc, gw) = run_gateway_binary(&format!(
-        "[server]\nheader_read_timeout_ms = 1000\nworker_threads = 1\n{}",
-        one_model("m", &s, "")
-    ))
-    .await;
+    let (proc, gw) = GatewayBuilder::new()
+        .server(|s| s.header_read_timeout_ms(1000).worker_threads(1))
+        .local_model("m", &s)
+        .start_binary()
+        .await;
     // One lane: one upstream connection, made by a first request.
     assert_eq!(chat(gw, &chat_body("m", false)).await.status(), 200);
     let baseline = open_fds(proc.pid());
@@ -419,11 +432,11 @@ async fn an_idle_h2_connection_is_closed_with_goaway() {
     // connections are), with a GOAWAY first.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = sim(sim_opts("m")).await;
-    let gw = gateway(&format!(
-        "[server]\nheader_read_timeout_ms = 500\n{}",
-        one_model("m", &s, "")
-    ))
-    .await;
+    let gw = GatewayBuilder::new()
+        .server(|s| s.header_read_timeout_ms(500))
+        .local_model("m", &s)
+        .start()
+        .await;
     let h2 = reqwest::Client::builder()
         .no_proxy()
         .http2_prior_knowledge()
@@ -476,11 +489,13 @@ async fn graceful_shutdown_finishes_streams_refuses_new_work_and_exits_0() {
         ..sim_opts("m")
     })
     .await;
-    let (mut gw_proc, gw) = run_gateway_binary(&format!(
-        "[server]\nshutdown_grace_s = 10\n{}",
-        one_model("m", &slow, "max_concurrency = 1")
-    ))
-    .await;
+    let (mut gw_proc, gw) = GatewayBuilder::new()
+        .server(|s| s.shutdown_grace_s(10))
+        .model("m", |m| {
+            m.deployment(Deployment::local(&slow).max_concurrency(1))
+        })
+        .start_binary()
+        .await;
     // A stream of about a second in progress, and a request queued behind it.
     let mut body = chat_body("m", true);
     body["max_tokens"] = serde_json::json!(20);
@@ -522,11 +537,11 @@ async fn on_three_lanes_every_connection_is_served_and_shutdown_waits_for_each()
         ..sim_opts("m")
     })
     .await;
-    let (mut gw_proc, gw) = run_gateway_binary(&format!(
-        "[server]\nworker_threads = 3\nshutdown_grace_s = 10\n{}",
-        one_model("m", &slow, "")
-    ))
-    .await;
+    let (mut gw_proc, gw) = GatewayBuilder::new()
+        .server(|s| s.worker_threads(3).shutdown_grace_s(10))
+        .local_model("m", &slow)
+        .start_binary()
+        .await;
     let pid = gw_proc.pid();
     let lanes = move || {
         std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -579,11 +594,11 @@ async fn a_second_signal_exits_at_once() {
         ..sim_opts("m")
     })
     .await;
-    let (mut gw_proc, gw) = run_gateway_binary(&format!(
-        "[server]\nshutdown_grace_s = 30\n{}",
-        one_model("m", &slow, "")
-    ))
-    .await;
+    let (mut gw_proc, gw) = GatewayBuilder::new()
+        .server(|s| s.shutdown_grace_s(30))
+        .local_model("m", &slow)
+        .start_binary()
+        .await;
     let mut body = chat_body("m", true);
     body["max_tokens"] = serde_json::json!(100);
     let mut stream = chat(gw, &body).await;
@@ -608,7 +623,12 @@ async fn a_client_leaving_a_non_streaming_request_cancels_it_upstream() {
         ..sim_opts("m")
     })
     .await;
-    let gw = gateway(&one_model("m", &slow, "max_concurrency = 1")).await;
+    let gw = GatewayBuilder::new()
+        .model("m", |m| {
+            m.deployment(Deployment::local(&slow).max_concurrency(1))
+        })
+        .start()
+        .await;
     let mut body = chat_body("m", false);
     body["max_tokens"] = serde_json::json!(30);
     // Running, and one queued behind it; both clients give up after 300 ms (the timeout drops
@@ -639,7 +659,7 @@ async fn a_client_leaving_a_non_streaming_request_cancels_it_upstream() {
 async fn readyz_turns_503_and_new_requests_are_refused_once_shutdown_begins() {
     use tower::ServiceExt;
     let s = sim(sim_opts("m")).await;
-    let cfg = mofa_gateway::config::Config::parse(&one_model("m", &s, ""), &|_| None).unwrap();
+    let cfg = GatewayBuilder::new().local_model("m", &s).config();
     let state = std::sync::Arc::new(mofa_gateway::http::AppState::build(&cfg).await.unwrap());
     let app = mofa_gateway::http::router(state.clone());
     let get = |path: &str| {

@@ -33,11 +33,13 @@ async fn one_slot(tokens_per_sec: f64, queue: usize) -> std::net::SocketAddr {
         ..sim_opts("m")
     })
     .await;
-    gateway(&format!(
-        "[admission]\nmax_queue = {queue}\nmax_queue_wait_ms = 20000\n{}",
-        one_model("m", &url, "max_concurrency = 1")
-    ))
-    .await
+    GatewayBuilder::new()
+        .admission(|a| a.max_queue(queue as u64).max_queue_wait_ms(20000))
+        .model("m", |m| {
+            m.deployment(Deployment::local(&url).max_concurrency(1))
+        })
+        .start()
+        .await
 }
 
 async fn chat(
@@ -148,12 +150,13 @@ async fn a_herd_rejected_together_is_spread_and_succeeds_when_it_retries_as_told
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_that_passes_during_a_start_is_told_the_observed_start_time() {
     // A model server that takes about a second to start (the shell waits, then execs the sim).
-    let cfg = format!(
-        "[[models]]\nname = \"a\"\n[[models.deployments]]\nkind = \"local\"\n\
-         command = [\"sh\", \"-c\", \"sleep 1 && exec {BIN} sim --listen {{host}}:{{port}} --model {{model}}\"]\n\
-         startup_timeout_s = 30\n"
-    );
-    let gw = gateway(&cfg).await;
+    let line = format!("sleep 1 && exec {BIN} sim --listen {{host}}:{{port}} --model {{model}}");
+    let gw = GatewayBuilder::new()
+        .model("a", |m| {
+            m.deployment(Deployment::command(&["sh", "-c", &line]).startup_timeout_s(30))
+        })
+        .start()
+        .await;
     let ask = |wait: u64| async move {
         let wait = wait.to_string();
         chat_with(gw, &chat_body("a", false), &[("x-mofa-max-wait-ms", &wait)]).await

@@ -23,12 +23,11 @@ async fn official_python_sdk_works_unchanged() {
         ..sim_opts("cut")
     })
     .await;
-    let cfg = format!(
-        "{}\n{}",
-        one_model("mofa-sim", &ok, ""),
-        one_model("cut", &cut, "")
-    );
-    let gw = gateway(&cfg).await;
+    let gw = GatewayBuilder::new()
+        .local_model("mofa-sim", &ok)
+        .local_model("cut", &cut)
+        .start()
+        .await;
     run_checks(
         &format!("http://{gw}/v1"),
         &[

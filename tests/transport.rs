@@ -2,30 +2,25 @@
 //! (issue 9 item 10), HTTP/1.1 and h2 prior knowledge on one port (issue 9 item 13).
 //! Everything on 127.0.0.1 ephemeral ports.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mofa_gateway::config::Config;
-use mofa_gateway::server::Gateway;
+use common::{Deployment, GatewayBuilder};
 use mofa_gateway::sim::SimOptions;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-async fn gateway(config: &str) -> SocketAddr {
-    let cfg = Config::parse(config, &|_| None).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(&cfg, listener)
+/// A gateway whose model `name` is served by one local deployment at `url`.
+async fn one_model(name: &str, url: &str) -> SocketAddr {
+    GatewayBuilder::new()
+        .model(name, |m| {
+            m.deployment(Deployment::local(url).max_concurrency(64))
+        })
+        .start()
         .await
-        .unwrap()
-        .spawn()
-        .unwrap()
-}
-
-fn one_model(name: &str, url: &str) -> String {
-    format!(
-        "[[models]]\nname = \"{name}\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{url}\"\nmax_concurrency = 64\n"
-    )
 }
 
 async fn sim(model: &str) -> String {
@@ -113,7 +108,7 @@ fn client() -> reqwest::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_oversized_body_never_breaks_another_clients_request() {
     let up = early_413_upstream().await;
-    let gw = gateway(&one_model("m", &up)).await;
+    let gw = one_model("m", &up).await;
     let url = format!("http://{gw}/v1/chat/completions");
     let big = {
         let prompt = "x".repeat(3 * 1024 * 1024);
@@ -220,7 +215,7 @@ fn assert_envelope(what: &str, got: (u16, String, Value), status: u16) {
 #[tokio::test]
 async fn replies_made_below_the_app_are_envelopes() {
     let up = sim("mofa-sim").await;
-    let gw = gateway(&one_model("mofa-sim", &up)).await;
+    let gw = one_model("mofa-sim", &up).await;
     let post = |extra: &str| {
         format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{extra}\r\n")
     };
@@ -305,7 +300,7 @@ async fn replies_made_below_the_app_are_envelopes() {
 #[tokio::test]
 async fn http_layer_refusals_follow_the_contract_table() {
     let up = sim("mofa-sim").await;
-    let gw = gateway(&one_model("mofa-sim", &up)).await;
+    let gw = one_model("mofa-sim", &up).await;
     // A version other than HTTP/1.0 or 1.1 on an HTTP/1 request line: 505, not 400.
     for v in ["HTTP/2.0", "HTTP/3.0", "HTTP/1.2", "HTTP/9.9"] {
         let got = raw(
@@ -354,7 +349,7 @@ async fn http_layer_refusals_follow_the_contract_table() {
 #[tokio::test]
 async fn http1_and_h2_prior_knowledge_on_one_port() {
     let up = sim("m").await;
-    let gw = gateway(&one_model("m", &up)).await;
+    let gw = one_model("m", &up).await;
     let h1 = client();
     let h2 = reqwest::Client::builder()
         .no_proxy()

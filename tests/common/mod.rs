@@ -1,19 +1,26 @@
-//! The one harness of the integration tests. It owns: starting simulators and gateways on
-//! ephemeral loopback ports (in process, or as the real binary), every HTTP request a test sends
-//! (JSON posts with custom headers, raw bodies, GETs, raw TCP bytes), reading SSE bodies, the
-//! checks every gateway reply must pass, and [`eventually`], the only way a test waits for
-//! something it can observe. It must not: reach anything beyond 127.0.0.1, sleep to synchronise,
+//! The one harness of the integration tests. It owns: the configuration a test gives a gateway
+//! ([`GatewayBuilder`], typed, validated by production's `Config::parse`), starting simulators
+//! and gateways on ephemeral loopback ports (in process, or as the real binary), every HTTP
+//! request a test sends (JSON posts with custom headers, raw bodies, GETs, raw TCP bytes),
+//! reading SSE bodies, the checks every gateway reply must pass, [`eventually`], the only way a
+//! test waits for something it can observe (its patience stretched by `RUST_TEST_PATIENCE_MS`,
+//! see [`patience`]), and [`require_binary`] for the programs a test needs (`redis-server`,
+//! `promtool`, `chromium`). It must not: reach anything beyond 127.0.0.1, sleep to synchronise,
 //! or use gateway internals beyond `config::Config`, `server::Gateway` and `sim`.
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mofa_gateway::config::Config;
 use mofa_gateway::server::Gateway;
 use mofa_gateway::sim::SimOptions;
+use serde::Serialize;
 use serde_json::Value;
 
 /// Starts a simulator in this process; returns its base URL (`http://127.0.0.1:P/v1`).
@@ -30,24 +37,563 @@ pub fn sim_opts(model: &str) -> SimOptions {
     }
 }
 
-/// Starts a gateway for the TOML `config`; `env` supplies `${VAR}`s. Returns its address.
-pub async fn gateway_env(config: &str, env: &[(&str, &str)]) -> SocketAddr {
-    let cfg = Config::parse(config, &|k| {
-        env.iter()
-            .find(|(name, _)| *name == k)
-            .map(|(_, v)| v.to_string())
-    })
-    .unwrap_or_else(|e| panic!("bad test config: {e}\n{config}"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(&cfg, listener)
-        .await
-        .unwrap()
-        .spawn()
-        .unwrap()
+// ---------------------------------------------------------------------------------------------
+// Configurations.
+//
+// A test says what it configures, typed, and nothing else: `GatewayBuilder` renders it as TOML
+// (only the keys a test set; production fills in every default) and parses that with
+// `Config::parse`, so a test config is validated exactly as an operator's file is.
+//
+//     GatewayBuilder::new()
+//         .admission(|a| a.max_queue(0))
+//         .model("m", |m| m.deployment(Deployment::local(&url).max_concurrency(1)))
+//         .key(Key::new("team-a", "sk-a").rpm(20).models(&["m"]))
+//         .start()
+//         .await
+//
+// Enumerated values (policies, priorities, `store`, `redis_failure`, the log format) are given
+// as the config file spells them; `Config::parse` refuses a misspelt one. Tests about the
+// configuration itself (parse and validation errors, `check-config`, `${ENV}` in a file, key
+// files) write TOML, as an operator would.
+
+/// Generates `pub fn NAME(self, v: T) -> Self` setters for `Option` fields.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $t:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, v: $t) -> Self {
+                self.$name = Some(v.into());
+                self
+            }
+        )*
+    };
 }
 
-pub async fn gateway(config: &str) -> SocketAddr {
-    gateway_env(config, &[]).await
+/// A gateway configuration under construction; see the section comment above.
+#[derive(Clone, Default)]
+pub struct GatewayBuilder {
+    cfg: TestConfig,
+    /// What `${VAR}`s resolve to (in process) or the environment of the binary.
+    env: Vec<(String, String)>,
+}
+
+#[derive(Clone, Default, Serialize)]
+struct TestConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<Server>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admission: Option<Admission>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing: Option<Routing>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resilience: Option<Resilience>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<Auth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<Limits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log: Option<Log>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    models: Vec<Model>,
+}
+
+impl GatewayBuilder {
+    /// No models, every section at its defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the model `name` (after those added before), shaped by `f`.
+    pub fn model(mut self, name: &str, f: impl FnOnce(Model) -> Model) -> Self {
+        self.cfg.models.push(f(Model {
+            name: name.to_string(),
+            ..Model::default()
+        }));
+        self
+    }
+
+    /// Adds the model `name` served by one local deployment at `url`, all defaults.
+    pub fn local_model(self, name: &str, url: &str) -> Self {
+        self.model(name, |m| m.deployment(Deployment::local(url)))
+    }
+
+    /// `[server]`.
+    pub fn server(mut self, f: impl FnOnce(Server) -> Server) -> Self {
+        self.cfg.server = Some(f(self.cfg.server.take().unwrap_or_default()));
+        self
+    }
+
+    /// `[admission]`.
+    pub fn admission(mut self, f: impl FnOnce(Admission) -> Admission) -> Self {
+        self.cfg.admission = Some(f(self.cfg.admission.take().unwrap_or_default()));
+        self
+    }
+
+    /// `[routing]`.
+    pub fn routing(mut self, f: impl FnOnce(Routing) -> Routing) -> Self {
+        self.cfg.routing = Some(f(self.cfg.routing.take().unwrap_or_default()));
+        self
+    }
+
+    /// `[resilience]`.
+    pub fn resilience(mut self, f: impl FnOnce(Resilience) -> Resilience) -> Self {
+        self.cfg.resilience = Some(f(self.cfg.resilience.take().unwrap_or_default()));
+        self
+    }
+
+    /// `[limits]`.
+    pub fn limits(mut self, f: impl FnOnce(Limits) -> Limits) -> Self {
+        self.cfg.limits = Some(f(self.cfg.limits.take().unwrap_or_default()));
+        self
+    }
+
+    /// `[log] format` (`text` or `json`).
+    pub fn log_format(mut self, format: &str) -> Self {
+        self.cfg.log = Some(Log {
+            format: format.to_string(),
+        });
+        self
+    }
+
+    fn auth(&mut self) -> &mut Auth {
+        self.cfg.auth.get_or_insert_with(|| Auth {
+            mode: "keys",
+            admin_keys: Vec::new(),
+            keys: Vec::new(),
+        })
+    }
+
+    /// A client key (`[[auth.keys]]`, after those added before); turns `auth.mode` to `keys`.
+    pub fn key(mut self, key: Key) -> Self {
+        self.auth().keys.push(key);
+        self
+    }
+
+    /// An admin key, by its secret; turns `auth.mode` to `keys`.
+    pub fn admin_key(self, secret: &str) -> Self {
+        self.admin_hash(&key_hash(secret))
+    }
+
+    /// An admin key, by its `sha256:...` hash as written in the config.
+    pub fn admin_hash(mut self, hash: &str) -> Self {
+        self.auth().admin_keys.push(hash.to_string());
+        self
+    }
+
+    /// Sets `${name}` to `value`: for the gateway in this process, and in the binary's
+    /// environment.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// The configuration as a TOML file (for the real binary or `check-config`).
+    pub fn toml(&self) -> String {
+        toml::to_string(&self.cfg).expect("a test config renders as TOML")
+    }
+
+    /// The configuration parsed and validated as production does; panics if it is refused.
+    pub fn config(&self) -> Config {
+        let text = self.toml();
+        Config::parse(&text, &|k| {
+            self.env
+                .iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"))
+    }
+
+    /// A gateway for this configuration in this process, bound to an ephemeral loopback port,
+    /// not serving yet (for tests that drive `serve` and its shutdown themselves).
+    pub async fn build(&self) -> Gateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Gateway::build(&self.config(), listener).await.unwrap()
+    }
+
+    /// A gateway for this configuration serving in this process; returns its address.
+    pub async fn start(&self) -> SocketAddr {
+        self.build().await.spawn().unwrap()
+    }
+
+    /// `mofa-gateway serve` on this configuration (written to a temporary file), with its
+    /// `env`; returns it and its address.
+    pub async fn start_binary(&self) -> (Binary, SocketAddr) {
+        run_gateway_binary_env(&self.toml(), &self.env).await
+    }
+}
+
+/// `[server]`.
+#[derive(Clone, Default, Serialize)]
+pub struct Server {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_body_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_response_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header_read_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_read_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_header_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shutdown_grace_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_threads: Option<u64>,
+}
+
+impl Server {
+    setters! {
+        max_body_bytes: u64,
+        max_response_bytes: u64,
+        header_read_timeout_ms: u64,
+        body_read_timeout_ms: u64,
+        max_header_bytes: u64,
+        shutdown_grace_s: u64,
+        worker_threads: u64,
+    }
+}
+
+/// `[admission]`.
+#[derive(Clone, Default, Serialize)]
+pub struct Admission {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_queue: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_queue_wait_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_capacity_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    defer_threshold: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reject_threshold: Option<f64>,
+}
+
+impl Admission {
+    setters! {
+        max_queue: u64,
+        max_queue_wait_ms: u64,
+        memory_capacity_mb: u64,
+        defer_threshold: f64,
+        reject_threshold: f64,
+    }
+}
+
+/// `[routing]`.
+#[derive(Clone, Default, Serialize)]
+pub struct Routing {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_max_queue_wait_ms: Option<u64>,
+}
+
+impl Routing {
+    setters! {
+        /// The default policy, as the file spells it (`local-first`, `cost`, ...).
+        policy: &str,
+        cost_max_queue_wait_ms: u64,
+    }
+}
+
+/// `[resilience]`.
+#[derive(Clone, Default, Serialize)]
+pub struct Resilience {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_attempts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_budget_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_failures: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_error_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_window: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_open_ms: Option<u64>,
+}
+
+impl Resilience {
+    setters! {
+        max_attempts: u64,
+        retry_budget_ms: u64,
+        breaker_failures: u64,
+        breaker_error_rate: f64,
+        breaker_window: u64,
+        breaker_open_ms: u64,
+    }
+}
+
+/// `[limits]`.
+#[derive(Clone, Default, Serialize)]
+pub struct Limits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_failure: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_timeout_ms: Option<u64>,
+}
+
+impl Limits {
+    setters! {
+        /// `memory` or `redis`.
+        store: &str,
+        redis_url: &str,
+        /// `local` or `closed`.
+        redis_failure: &str,
+        redis_timeout_ms: u64,
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Serialize)]
+struct Log {
+    format: String,
+}
+
+/// `[auth]`: present once a key is added.
+#[derive(Clone, Serialize)]
+struct Auth {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    admin_keys: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    keys: Vec<Key>,
+}
+
+/// `sha256:<hex>` of a key's secret, as `mofa-gateway keys hash` prints it.
+pub fn key_hash(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hex: String = Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+/// One `[[auth.keys]]` table.
+#[derive(Clone, Serialize)]
+pub struct Key {
+    name: String,
+    hash: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    models: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_priority: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_priority: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rpm: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tpm: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_parallel: Option<u64>,
+}
+
+impl Key {
+    /// The key `name` whose secret is `secret` (the config holds its hash).
+    pub fn new(name: &str, secret: &str) -> Key {
+        Key::hashed(name, &key_hash(secret))
+    }
+
+    /// The key `name` by its `sha256:...` hash, as written in the config.
+    pub fn hashed(name: &str, hash: &str) -> Key {
+        Key {
+            name: name.to_string(),
+            hash: hash.to_string(),
+            models: None,
+            max_priority: None,
+            default_priority: None,
+            rpm: None,
+            tpm: None,
+            max_parallel: None,
+        }
+    }
+
+    /// The models this key may use (all if never called).
+    pub fn models(mut self, models: &[&str]) -> Key {
+        self.models = Some(models.iter().map(|m| m.to_string()).collect());
+        self
+    }
+
+    setters! {
+        /// `low`, `normal`, `high` or `critical`.
+        max_priority: &str,
+        default_priority: &str,
+        rpm: u64,
+        tpm: u64,
+        max_parallel: u64,
+    }
+}
+
+/// One `[[models]]` table.
+#[derive(Clone, Default, Serialize)]
+pub struct Model {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rpm: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tpm: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    deployments: Vec<Deployment>,
+}
+
+impl Model {
+    /// Adds a deployment (after those added before).
+    pub fn deployment(mut self, d: Deployment) -> Model {
+        self.deployments.push(d);
+        self
+    }
+
+    setters! {
+        /// As the file spells it: `local-first`, `latency`, `degradation-ladder`, ...
+        policy: &str,
+        rpm: u64,
+        tpm: u64,
+    }
+}
+
+/// One `[[models.deployments]]` table.
+#[derive(Clone, Serialize)]
+pub struct Deployment {
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price_per_1k_tokens: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ready_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    startup_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_ttl_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cwd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_concurrency: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_byte_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_check_interval_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttft_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    headers: BTreeMap<String, String>,
+}
+
+impl Deployment {
+    fn of(kind: &'static str) -> Deployment {
+        Deployment {
+            kind,
+            url: None,
+            provider: None,
+            variant: None,
+            api_key: None,
+            upstream_model: None,
+            memory_mb: None,
+            price_per_1k_tokens: None,
+            command: None,
+            ready_path: None,
+            startup_timeout_s: None,
+            idle_ttl_s: None,
+            cwd: None,
+            max_concurrency: None,
+            connect_timeout_ms: None,
+            first_byte_timeout_ms: None,
+            idle_timeout_ms: None,
+            total_timeout_ms: None,
+            health_check_interval_s: None,
+            ttft_ms: None,
+            tokens_per_sec: None,
+            env: BTreeMap::new(),
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// `kind = "local"` at `url`.
+    pub fn local(url: &str) -> Deployment {
+        Deployment::of("local").url(url)
+    }
+
+    /// `kind = "cloud"`, shown as `cloud(<provider>)`, at `url`.
+    pub fn cloud(provider: &str, url: &str) -> Deployment {
+        Deployment::of("cloud").provider(provider).url(url)
+    }
+
+    /// `kind = "sim"`: the simulator inside the gateway.
+    pub fn sim() -> Deployment {
+        Deployment::of("sim")
+    }
+
+    /// `kind = "local"` run by the gateway's pool: `argv` (`{host}`, `{port}` and `{model}`
+    /// are filled in at each start).
+    pub fn command(argv: &[&str]) -> Deployment {
+        let mut d = Deployment::of("local");
+        d.command = Some(argv.iter().map(|a| a.to_string()).collect());
+        d
+    }
+
+    /// One extra header sent upstream.
+    pub fn header(mut self, name: &str, value: &str) -> Deployment {
+        self.headers.insert(name.to_string(), value.to_string());
+        self
+    }
+
+    /// One environment variable of the `command`.
+    pub fn env(mut self, name: &str, value: &str) -> Deployment {
+        self.env.insert(name.to_string(), value.to_string());
+        self
+    }
+
+    setters! {
+        url: &str,
+        provider: &str,
+        variant: &str,
+        /// Sent upstream as a bearer token; `${VAR}` is interpolated (see `GatewayBuilder::env`).
+        api_key: &str,
+        upstream_model: &str,
+        memory_mb: u64,
+        price_per_1k_tokens: f64,
+        ready_path: &str,
+        startup_timeout_s: u64,
+        idle_ttl_s: u64,
+        cwd: &str,
+        max_concurrency: u64,
+        connect_timeout_ms: u64,
+        first_byte_timeout_ms: u64,
+        idle_timeout_ms: u64,
+        total_timeout_ms: u64,
+        health_check_interval_s: u64,
+        ttft_ms: u64,
+        tokens_per_sec: f64,
+    }
 }
 
 /// A gateway whose model `busy` has one slot and no queue, in front of a sim that streams
@@ -58,27 +604,54 @@ pub async fn busy_gateway() -> SocketAddr {
         ..sim_opts("busy")
     })
     .await;
-    gateway(&format!(
-        "[admission]\nmax_queue = 0\n{}",
-        one_model("busy", &slow, "max_concurrency = 1")
-    ))
-    .await
+    GatewayBuilder::new()
+        .admission(|a| a.max_queue(0))
+        .model("busy", |m| {
+            m.deployment(Deployment::local(&slow).max_concurrency(1))
+        })
+        .start()
+        .await
 }
 
-/// A config with one model `name` served by one local deployment at `url`, plus `extra`
-/// lines appended to the deployment table.
-pub fn one_model(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[models]]\nname = \"{name}\"\n[[models.deployments]]\nkind = \"local\"\nurl = \"{url}\"\n{extra}\n"
-    )
+/// A model `m` that is local first (at `local`), with a cloud fallback `backup` (at `cloud`).
+pub fn local_then_cloud(local: &str, cloud: &str) -> GatewayBuilder {
+    GatewayBuilder::new().model("m", |m| {
+        m.policy("local-first")
+            .deployment(Deployment::local(local))
+            .deployment(Deployment::cloud("backup", cloud))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programs the tests need.
+
+/// The path of the program `name` on the PATH; panics, naming the Debian package that has it,
+/// when it is missing (rather than letting a test time out or fail to spawn obscurely).
+pub fn require_binary(name: &str, debian_package: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| is_executable(p))
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} not found on PATH: install Debian's `{debian_package}` package \
+             (apt-get install {debian_package}), as .ci/run does"
+        )
+    })
+}
+
+fn is_executable(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Waiting.
 
-/// Polls `cond` until it holds; panics naming `what` if it still does not after `timeout`.
-/// This is how a test waits for anything it can observe (a request in flight, a queue filled,
-/// a counter reached, a process gone): never a fixed sleep.
+/// Polls `cond` until it holds; panics naming `what` if it still does not after `timeout`
+/// (stretched by [`patience`]). This is how a test waits for anything it can observe (a request
+/// in flight, a queue filled, a counter reached, a process gone): never a fixed sleep.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
@@ -97,21 +670,51 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    let timeout = patience(timeout);
     let end = Instant::now() + timeout;
     loop {
         if let Some(v) = cond().await {
             return v;
         }
         if Instant::now() >= end {
-            panic!("timed out after {timeout:?} waiting for: {what}");
+            panic!(
+                "timed out after {timeout:?} waiting for: {what} \
+                 (on a slow machine, set {PATIENCE_VAR} above {} to wait longer)",
+                WAIT.as_millis()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// The usual bound of an [`eventually`]: generous, since the machine may be busy; a condition
-/// that holds returns at once.
+/// that holds returns at once. Stretched, as every harness timeout, by [`patience`].
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The environment variable that stretches every wait of the harness (as linkerd's tests'):
+/// see [`patience`].
+pub const PATIENCE_VAR: &str = "RUST_TEST_PATIENCE_MS";
+
+/// `timeout` stretched for a slow machine. `RUST_TEST_PATIENCE_MS=N` (a whole number of
+/// milliseconds, read once) makes [`WAIT`] N ms instead of 10000, and multiplies every other
+/// harness timeout by the same factor N / 10000: the timeouts given to [`eventually`] and
+/// [`eventually_some`], the wait for a binary's address, for `redis-server` to listen, for the
+/// browser. N below 10000 changes nothing (no wait is ever shortened); unset, the factor is 1.
+/// Bounds that are the assertion itself (a reply within 1.5 s) are not stretched, except where a
+/// test states them as an `eventually` bound (those loosen with the factor).
+pub fn patience(timeout: Duration) -> Duration {
+    static FACTOR: OnceLock<f64> = OnceLock::new();
+    let factor = *FACTOR.get_or_init(|| match std::env::var(PATIENCE_VAR) {
+        Ok(v) => {
+            let ms: u64 = v.trim().parse().unwrap_or_else(|_| {
+                panic!("{PATIENCE_VAR}={v:?}: expected a whole number of milliseconds")
+            });
+            (ms as f64 / WAIT.as_millis() as f64).max(1.0)
+        }
+        Err(_) => 1.0,
+    });
+    timeout.mul_f64(factor)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Requests.
@@ -452,9 +1055,15 @@ impl Binary {
 
 /// Runs the binary with `args`; returns it and the URL it printed (`... listening on URL`).
 pub async fn run_binary(args: &[&str]) -> (Binary, String) {
+    run_binary_env(args, &[]).await
+}
+
+/// [`run_binary`] with extra environment variables.
+pub async fn run_binary_env(args: &[&str], env: &[(String, String)]) -> (Binary, String) {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -462,7 +1071,7 @@ pub async fn run_binary(args: &[&str]) -> (Binary, String) {
         .unwrap();
     let mut line = String::new();
     let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
-    tokio::time::timeout(WAIT, stdout.read_line(&mut line))
+    tokio::time::timeout(patience(WAIT), stdout.read_line(&mut line))
         .await
         .expect("the binary did not print its address")
         .unwrap();
@@ -476,8 +1085,9 @@ pub async fn run_binary(args: &[&str]) -> (Binary, String) {
     (Binary(child), url)
 }
 
-/// Runs `mofa-gateway serve` on `config` (written to a temporary file); returns it and its address.
-pub async fn run_gateway_binary(config: &str) -> (Binary, SocketAddr) {
+/// Runs `mofa-gateway serve` on `config` (written to a temporary file) with `env`; returns it
+/// and its address. Tests build `config` with [`GatewayBuilder::start_binary`].
+async fn run_gateway_binary_env(config: &str, env: &[(String, String)]) -> (Binary, SocketAddr) {
     let file = std::env::temp_dir().join(format!(
         "mofa-test-{}-{}.toml",
         std::process::id(),
@@ -487,13 +1097,16 @@ pub async fn run_gateway_binary(config: &str) -> (Binary, SocketAddr) {
             .as_nanos()
     ));
     std::fs::write(&file, config).unwrap();
-    let (bin, url) = run_binary(&[
-        "serve",
-        "--config",
-        file.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ])
+    let (bin, url) = run_binary_env(
+        &[
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        env,
+    )
     .await;
     let _ = std::fs::remove_file(&file);
     (bin, addr_of(&url))
@@ -568,15 +1181,6 @@ pub async fn toggle_upstream() -> (
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (format!("http://{addr}/v1"), mode, hits)
-}
-
-/// A model `m` that is local first (at `local`), with a cloud fallback (at `cloud`).
-pub fn local_then_cloud(local: &str, cloud: &str, top: &str) -> String {
-    format!(
-        "{top}\n[[models]]\nname = \"m\"\npolicy = \"local-first\"\n\
-         [[models.deployments]]\nkind = \"local\"\nurl = \"{local}\"\n\
-         [[models.deployments]]\nkind = \"cloud\"\nprovider = \"backup\"\nurl = \"{cloud}\"\n"
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
