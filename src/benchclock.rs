@@ -3,7 +3,7 @@
 //! builds only.
 
 /// This thread's CPU time in ns.
-pub fn thread_cpu_ns() -> u128 {
+pub(crate) fn thread_cpu_ns() -> u128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

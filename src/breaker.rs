@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// Breaker settings of one deployment.
 #[derive(Debug, Clone, Copy)]
-pub struct BreakerConfig {
+pub(crate) struct BreakerConfig {
     pub failures: u32,
     pub error_rate: f64,
     pub window: usize,
@@ -20,7 +20,7 @@ pub struct BreakerConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     Closed,
     Open {
         until: Instant,
@@ -32,7 +32,7 @@ pub enum State {
 impl State {
     /// `closed`, `open` or `half_open` (an open breaker past its time is still `open` until
     /// its probe goes out).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Closed => "closed",
             State::Open { .. } => "open",
@@ -42,7 +42,7 @@ impl State {
 }
 
 #[derive(Debug, Clone)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     cfg: BreakerConfig,
     state: State,
     consecutive: u32,
@@ -53,7 +53,7 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(cfg: BreakerConfig) -> Self {
+    pub(crate) fn new(cfg: BreakerConfig) -> Self {
         Breaker {
             cfg,
             state: State::Closed,
@@ -63,12 +63,12 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self) -> State {
+    pub(crate) fn state(&self) -> State {
         self.state
     }
 
     /// If a request may not be sent now, until when (at the earliest) it may not.
-    pub fn blocked_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn blocked_until(&self, now: Instant) -> Option<Instant> {
         let cool = self.cool_until.filter(|t| *t > now);
         let open = match self.state {
             State::Closed => None,
@@ -83,7 +83,7 @@ impl Breaker {
     }
 
     /// A request is sent: returns whether it is the half-open probe.
-    pub fn on_send(&mut self, now: Instant) -> bool {
+    pub(crate) fn on_send(&mut self, now: Instant) -> bool {
         match self.state {
             State::Open { until } if until <= now => {
                 self.state = State::HalfOpen;
@@ -93,7 +93,7 @@ impl Breaker {
         }
     }
 
-    pub fn on_success(&mut self) {
+    pub(crate) fn on_success(&mut self) {
         self.consecutive = 0;
         self.push(false);
         if self.state != State::Closed {
@@ -102,7 +102,7 @@ impl Breaker {
         }
     }
 
-    pub fn on_failure(&mut self, now: Instant) {
+    pub(crate) fn on_failure(&mut self, now: Instant) {
         self.consecutive += 1;
         self.push(true);
         let open = match self.state {
@@ -124,14 +124,14 @@ impl Breaker {
     }
 
     /// The probe ended without an outcome (the client left): let another probe through.
-    pub fn on_abandoned_probe(&mut self, now: Instant) {
+    pub(crate) fn on_abandoned_probe(&mut self, now: Instant) {
         if self.state == State::HalfOpen {
             self.state = State::Open { until: now };
         }
     }
 
     /// The upstream asked for a pause (429/503 with `Retry-After`).
-    pub fn cool_down(&mut self, until: Instant) {
+    pub(crate) fn cool_down(&mut self, until: Instant) {
         self.cool_until = Some(self.cool_until.map_or(until, |t| t.max(until)));
     }
 

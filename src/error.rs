@@ -30,7 +30,7 @@ const PARALLEL_RETRY_MS: u64 = 250;
 /// `match` ([`ErrorKind::spec`]): the status, the OpenAI `type` and `code`, the Anthropic status
 /// and `type`, the metric and log reason, whether the connection closes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     // The request itself.
     InvalidJson,
     InvalidValue,
@@ -74,7 +74,7 @@ pub enum ErrorKind {
 
 /// What an [`ErrorKind`] answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Spec {
+pub(crate) struct Spec {
     pub status: StatusCode,
     /// OpenAI envelope `type` and `code`.
     pub openai_type: &'static str,
@@ -89,7 +89,7 @@ pub struct Spec {
 
 impl ErrorKind {
     /// See [`Spec`]: the one table of the error contract (docs/http-contract.md).
-    pub fn spec(self) -> Spec {
+    pub(crate) fn spec(self) -> Spec {
         use ErrorKind as K;
         const BAD: &str = "invalid_request_error";
         let s = |n: u16| StatusCode::from_u16(n).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -209,7 +209,7 @@ impl ErrorKind {
     /// The kind of a reply the gateway did not make itself (a layer's or an extractor's), by
     /// its status: the safety net of the `http` stamp layer and of the server's rewrite of
     /// the HTTP library's own replies.
-    pub fn of_foreign(status: StatusCode) -> ErrorKind {
+    pub(crate) fn of_foreign(status: StatusCode) -> ErrorKind {
         match status.as_u16() {
             404 => ErrorKind::UnknownUrl,
             405 => ErrorKind::MethodNotAllowed,
@@ -227,7 +227,7 @@ impl ErrorKind {
 
 /// A failure to be answered with an error reply (boxed: it travels in `Result`s).
 #[derive(Debug, Clone)]
-pub struct ApiError(Box<ErrorReply>);
+pub(crate) struct ApiError(Box<ErrorReply>);
 
 impl std::ops::Deref for ApiError {
     type Target = ErrorReply;
@@ -244,7 +244,7 @@ impl std::ops::DerefMut for ApiError {
 
 /// An [`ApiError`]'s kind and what it says beyond it.
 #[derive(Debug, Clone)]
-pub struct ErrorReply {
+pub(crate) struct ErrorReply {
     pub kind: ErrorKind,
     pub message: String,
     /// Envelope `param`: the request field at fault, if any.
@@ -265,7 +265,7 @@ pub struct ErrorReply {
 }
 
 impl ApiError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         ApiError(Box::new(ErrorReply {
             kind,
             message: message.into(),
@@ -281,36 +281,36 @@ impl ApiError {
     }
 
     /// The reply's status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         self.kind.spec().status
     }
 
     /// The envelope's `code`.
     #[cfg(test)]
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         self.kind.spec().code
     }
 
     /// Sets what caused it (for the log).
-    pub fn caused_by(mut self, source: impl std::fmt::Display) -> Self {
+    pub(crate) fn caused_by(mut self, source: impl std::fmt::Display) -> Self {
         self.source = Some(source.to_string());
         self
     }
 
-    pub fn invalid_json(detail: impl std::fmt::Display) -> Self {
+    pub(crate) fn invalid_json(detail: impl std::fmt::Display) -> Self {
         Self::new(
             ErrorKind::InvalidJson,
             format!("We could not parse the JSON body of your request: {detail}"),
         )
     }
 
-    pub fn invalid_value(param: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid_value(param: &'static str, message: impl Into<String>) -> Self {
         let mut e = Self::new(ErrorKind::InvalidValue, message);
         e.param = Some(param);
         e
     }
 
-    pub fn model_not_found(model: &str) -> Self {
+    pub(crate) fn model_not_found(model: &str) -> Self {
         let mut e = Self::new(
             ErrorKind::ModelNotFound,
             format!(
@@ -324,7 +324,7 @@ impl ApiError {
 
     /// The body's framing is broken (a chunk size that is not one, a connection that ended
     /// within the body): the connection is closed after the reply.
-    pub fn malformed_body() -> Self {
+    pub(crate) fn malformed_body() -> Self {
         Self::new(
             ErrorKind::MalformedRequest,
             "The request body could not be read: its framing is invalid (a malformed chunk, or \
@@ -332,14 +332,14 @@ impl ApiError {
         )
     }
 
-    pub fn too_large(limit: usize) -> Self {
+    pub(crate) fn too_large(limit: usize) -> Self {
         Self::new(
             ErrorKind::TooLarge,
             format!("The request body is larger than the limit of {limit} bytes."),
         )
     }
 
-    pub fn unsupported_media_type() -> Self {
+    pub(crate) fn unsupported_media_type() -> Self {
         Self::new(
             ErrorKind::UnsupportedMediaType,
             "The request body must be JSON, sent with `Content-Type: application/json`.",
@@ -347,7 +347,7 @@ impl ApiError {
     }
 
     /// A `Transfer-Encoding` other than `chunked` (`gzip, chunked`): the gateway decodes none.
-    pub fn unsupported_transfer_encoding(coding: &str) -> Self {
+    pub(crate) fn unsupported_transfer_encoding(coding: &str) -> Self {
         let mut e = Self::new(
             ErrorKind::UnsupportedTransferEncoding,
             format!(
@@ -360,13 +360,13 @@ impl ApiError {
     }
 
     /// The gateway is shutting down.
-    pub fn shutting_down() -> Self {
+    pub(crate) fn shutting_down() -> Self {
         Self::rejected(Rejection::new(RejectReason::ShuttingDown, 1), "")
     }
 
     /// No API key, or one the gateway does not know (as OpenAI: no hint which keys exist, and
     /// never the key itself).
-    pub fn invalid_api_key(missing: bool) -> Self {
+    pub(crate) fn invalid_api_key(missing: bool) -> Self {
         let message = if missing {
             "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
         } else {
@@ -382,7 +382,7 @@ impl ApiError {
 
     /// Two credentials that disagree (two `Authorization` or `x-api-key` headers, or one of
     /// each with different keys): which one is meant cannot be known.
-    pub fn ambiguous_credentials() -> Self {
+    pub(crate) fn ambiguous_credentials() -> Self {
         let mut e = Self::new(
             ErrorKind::AmbiguousCredentials,
             "The request carries more than one API key (two Authorization or x-api-key headers, \
@@ -393,7 +393,7 @@ impl ApiError {
     }
 
     /// The key may not use this model.
-    pub fn model_not_allowed(model: &str) -> Self {
+    pub(crate) fn model_not_allowed(model: &str) -> Self {
         let mut e = Self::new(
             ErrorKind::ModelNotAllowed,
             format!(
@@ -406,7 +406,7 @@ impl ApiError {
     }
 
     /// `/admin/*` with a client key.
-    pub fn admin_key_required() -> Self {
+    pub(crate) fn admin_key_required() -> Self {
         Self::new(
             ErrorKind::AdminKeyRequired,
             "This endpoint needs an admin key.",
@@ -416,7 +416,7 @@ impl ApiError {
     /// Over a rate limit (429, as OpenAI): `Retry-After` and `retry-after-ms` say when the
     /// request fits; one that never fits (more than a minute's allowance) says
     /// `x-should-retry: false`.
-    pub fn rate_limited(d: &crate::limits::Denial, key: &str) -> Self {
+    pub(crate) fn rate_limited(d: &crate::limits::Denial, key: &str) -> Self {
         use crate::limits::Dim;
         let what = match d.dim {
             Dim::Requests => "requests per min (RPM)",
@@ -448,7 +448,7 @@ impl ApiError {
     }
 
     /// `max_parallel` requests of the key are in flight: a short retry, not a whole window.
-    pub fn too_many_in_flight(limit: u32, key: &str) -> Self {
+    pub(crate) fn too_many_in_flight(limit: u32, key: &str) -> Self {
         let mut e = Self::new(
             ErrorKind::TooManyInFlight,
             format!(
@@ -461,12 +461,12 @@ impl ApiError {
     }
 
     /// The shared rate-limit store does not answer and `redis_failure = "closed"`.
-    pub fn limits_unavailable() -> Self {
+    pub(crate) fn limits_unavailable() -> Self {
         Self::rejected(Rejection::new(RejectReason::LimitsUnavailable, 1), "")
     }
 
     /// The client did not send its body in time.
-    pub fn request_timeout(limit: std::time::Duration) -> Self {
+    pub(crate) fn request_timeout(limit: std::time::Duration) -> Self {
         Self::new(
             ErrorKind::RequestTimeout,
             format!(
@@ -476,14 +476,14 @@ impl ApiError {
         )
     }
 
-    pub fn unknown_url(method: &str, path: &str) -> Self {
+    pub(crate) fn unknown_url(method: &str, path: &str) -> Self {
         Self::new(
             ErrorKind::UnknownUrl,
             format!("Unknown request URL: {method} {}.", truncate(path, 200)),
         )
     }
 
-    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+    pub(crate) fn method_not_allowed(method: &str, path: &str) -> Self {
         Self::new(
             ErrorKind::MethodNotAllowed,
             format!("{method} is not allowed on {}.", truncate(path, 200)),
@@ -493,7 +493,7 @@ impl ApiError {
     /// Upstream could not be reached, or broke, before the first byte reached the client.
     /// `why` is the gateway's own words: never an address nor the HTTP library's text (those
     /// go to the log), so a client learns the deployment's label and nothing internal.
-    pub fn upstream_unavailable(backend: &str, why: impl std::fmt::Display) -> Self {
+    pub(crate) fn upstream_unavailable(backend: &str, why: impl std::fmt::Display) -> Self {
         let mut e = Self::new(
             ErrorKind::UpstreamUnavailable,
             format!("The backend {backend} failed before responding: {why}."),
@@ -503,7 +503,7 @@ impl ApiError {
     }
 
     /// Upstream did not send its first byte in time.
-    pub fn upstream_timeout(backend: &str, what: &str) -> Self {
+    pub(crate) fn upstream_timeout(backend: &str, what: &str) -> Self {
         let mut e = Self::new(
             ErrorKind::UpstreamTimeout,
             format!("The backend {backend} timed out ({what})."),
@@ -513,7 +513,11 @@ impl ApiError {
     }
 
     /// Upstream itself is overloaded (its 429 or 503): the client may retry later.
-    pub fn upstream_busy(backend: &str, upstream_status: StatusCode, retry_after: u64) -> Self {
+    pub(crate) fn upstream_busy(
+        backend: &str,
+        upstream_status: StatusCode,
+        retry_after: u64,
+    ) -> Self {
         let mut e = Self::new(
             ErrorKind::UpstreamOverloaded,
             format!(
@@ -529,7 +533,7 @@ impl ApiError {
     /// Maps a failed upstream call (nothing sent to the client yet) to the client's answer:
     /// connect failure 502, timeout 504, upstream 429/503 503 with `Retry-After`, other 5xx 502,
     /// other 4xx passed through with their status (wrapped in the envelope if they were not).
-    pub fn from_upstream(backend: &str, e: UpstreamError) -> Self {
+    pub(crate) fn from_upstream(backend: &str, e: UpstreamError) -> Self {
         let source = e.to_string();
         let err = match e {
             // The details (addresses, the HTTP library's text) are logged by `forward`; the
@@ -581,7 +585,7 @@ impl ApiError {
 
     /// An admission rejection: 503 with `Retry-After`, `x-mofa-backend: rejected` and
     /// `x-mofa-reject-reason`; one that retrying cannot fix also says `x-should-retry: false`.
-    pub fn rejected(r: Rejection, model: &str) -> Self {
+    pub(crate) fn rejected(r: Rejection, model: &str) -> Self {
         let model = truncate(model, 200);
         let message = match r.reason {
             RejectReason::QueueFull => format!("Model `{model}` has too many requests waiting; retry later."),
@@ -606,7 +610,7 @@ impl ApiError {
     /// The answer when every try failed: an overload (503, the shortest `Retry-After`) if any
     /// deployment asked to come back later, else a timeout (504) if any timed out, else the
     /// last failure (502 or a client error).
-    pub fn worst_of(mut failures: Vec<ApiError>) -> ApiError {
+    pub(crate) fn worst_of(mut failures: Vec<ApiError>) -> ApiError {
         let busy = failures
             .iter()
             .filter(|e| {
@@ -633,13 +637,13 @@ impl ApiError {
     }
 
     /// Sets `x-mofa-attempts`.
-    pub fn attempts(mut self, n: u32) -> Self {
+    pub(crate) fn attempts(mut self, n: u32) -> Self {
         self.attempts = Some(n);
         self
     }
 
     /// A pool model could not be made ready for this request.
-    pub fn from_start(model: &str, e: StartError) -> Self {
+    pub(crate) fn from_start(model: &str, e: StartError) -> Self {
         match e {
             StartError::Failed {
                 message,
@@ -658,7 +662,7 @@ impl ApiError {
         }
     }
 
-    pub fn unknown_pool_model(name: &str) -> Self {
+    pub(crate) fn unknown_pool_model(name: &str) -> Self {
         Self::new(
             ErrorKind::ModelNotFound,
             format!(
@@ -668,7 +672,7 @@ impl ApiError {
         )
     }
 
-    pub fn model_busy(name: &str) -> Self {
+    pub(crate) fn model_busy(name: &str) -> Self {
         Self::new(
             ErrorKind::ModelBusy,
             format!(
@@ -679,13 +683,13 @@ impl ApiError {
     }
 
     /// Sets the backend named in `x-mofa-backend`.
-    pub fn at(mut self, backend: &str) -> Self {
+    pub(crate) fn at(mut self, backend: &str) -> Self {
         self.backend = Some(backend.to_owned());
         self
     }
 
     /// The envelope as JSON bytes.
-    pub fn envelope(&self) -> Bytes {
+    pub(crate) fn envelope(&self) -> Bytes {
         let spec = self.kind.spec();
         envelope(&self.message, spec.openai_type, self.param, spec.code)
     }
@@ -740,7 +744,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Shortens client-supplied text quoted back in a message.
-pub fn truncate(s: &str, max: usize) -> &str {
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,

@@ -3,29 +3,29 @@
 use axum::http::HeaderName;
 
 /// Where the request ran: `local(model)`, `cloud(provider)`, `sim(model)`, `rejected`, `gateway`.
-pub const BACKEND: HeaderName = HeaderName::from_static("x-mofa-backend");
+pub(crate) const BACKEND: HeaderName = HeaderName::from_static("x-mofa-backend");
 /// Milliseconds from the request's arrival to the response head.
-pub const LATENCY_MS: HeaderName = HeaderName::from_static("x-mofa-latency-ms");
+pub(crate) const LATENCY_MS: HeaderName = HeaderName::from_static("x-mofa-latency-ms");
 /// The client's request id, echoed, or one the gateway made.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The code of an admission rejection (`queue_full`, ...).
-pub const REJECT_REASON: HeaderName = HeaderName::from_static("x-mofa-reject-reason");
+pub(crate) const REJECT_REASON: HeaderName = HeaderName::from_static("x-mofa-reject-reason");
 /// Read by the OpenAI SDKs: `false` stops their retries.
-pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+pub(crate) const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// Read by the OpenAI SDKs before `Retry-After`.
-pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+pub(crate) const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 /// The variant (precision) of the local model that served the request, e.g. `q4`.
-pub const PRECISION: HeaderName = HeaderName::from_static("x-mofa-precision");
+pub(crate) const PRECISION: HeaderName = HeaderName::from_static("x-mofa-precision");
 /// A request's priority: `low`, `normal`, `high`, `critical`.
-pub const PRIORITY: HeaderName = HeaderName::from_static("x-mofa-priority");
+pub(crate) const PRIORITY: HeaderName = HeaderName::from_static("x-mofa-priority");
 /// The longest a request will wait in the queue, in ms (only lowers the configured bound).
-pub const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-mofa-max-wait-ms");
+pub(crate) const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-mofa-max-wait-ms");
 /// How many deployments were tried for the request.
-pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-mofa-attempts");
+pub(crate) const ATTEMPTS: HeaderName = HeaderName::from_static("x-mofa-attempts");
 /// The request id as sent upstream. Not `x-request-id`: some servers (llama-cpp-python's)
 /// reject an `x-request-id` that is not a UUID with a bare 400.
-pub const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-mofa-request-id");
+pub(crate) const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-mofa-request-id");
 /// Where the time went (`queue`, `upstream`, `total`, in ms), as browsers' tools read it.
-pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+pub(crate) const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 /// The request id as the Anthropic SDKs read it (on the Messages routes; same as `x-request-id`).
-pub const ANTHROPIC_REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+pub(crate) const ANTHROPIC_REQUEST_ID: HeaderName = HeaderName::from_static("request-id");

@@ -1,13 +1,37 @@
 //! mofa-gateway: an OpenAI-compatible LLM inference gateway.
 //!
-//! Layers, top-down (a module imports only from below it):
-//! - `server` (accept loop, shutdown) -> `http` (router, stamp layer, admin views);
+//! # Embedding
+//! What a program needs to run the gateway inside itself, and nothing else, is public:
+//! [`config`] (the validated TOML schema: [`config::Config::load`], `parse`,
+//! `default_config`), [`Gateway`] (built by [`Gateway::build`] or [`Gateway::builder`], with a
+//! typed [`BuildError`]; then [`Gateway::serve`] until a shutdown future such as
+//! [`shutdown_signal`] resolves, or [`Gateway::spawn`]), [`set_access_log_sink`] (once per
+//! process) and [`sim`] (the simulated backend).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg = mofa_gateway::config::Config::default_config();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let gw = mofa_gateway::Gateway::build(&cfg, listener).await?;
+//! gw.serve(mofa_gateway::shutdown_signal()).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layers
+//! Top-down (a module imports only from below it):
+//! - `server` (accept loop, lanes, shutdown) -> `http` (the `ROUTES` table, router, stamp
+//!   layer, admin views);
 //! - `proxy`: the request pipeline, phase by phase (accept, parse, authorize, limit, admit,
-//!   route, forward, observe); `error` turns any failure into a status and an envelope;
+//!   route, forward, observe), over one request context (`proxy::context`) from which the
+//!   finished record is built once; `error` turns any failure into a status and an envelope
+//!   from one closed `ErrorKind`;
+//! - `wire`: the client APIs behind `ClientApi` (OpenAI in `wire::openai`; Anthropic's
+//!   Messages in `anthropic`);
 //! - `orchestrator`: the async shell of admission (per-model locks, queued waiters, permits,
 //!   the memory budget that reacts to the pool's events);
-//! - `upstream` (one deployment's client and the stream relay) and `pool` (the process
-//!   supervisor of the local model servers);
+//! - `upstream` (one deployment's client, the API it speaks behind `upstream::api::UpstreamApi`,
+//!   and the stream relay) and `pool` (the process supervisor of the local model servers);
 //! - `quota`: the async shell of the rate limits (the memory and Redis stores);
 //! - the pure decision core: `admission`, `routing`, `breaker`, `limits` (GCRA buckets), with
 //!   `reason` (the closed set of rejections); no I/O, no HTTP crate;
@@ -17,15 +41,22 @@
 //!   registry and the status page's windows, fed by `proxy::observe`) imports nothing of the
 //!   crate; `sim` stands alone.
 
+#![warn(unreachable_pub)]
+
 /// The unit tests (and the benchmarks among them) run on the allocator the binary ships with.
 #[cfg(test)]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod config;
-pub mod http;
-pub mod server;
 pub mod sim;
+
+pub use orchestrator::BuildError;
+pub use proxy::observe::line::set_sink as set_access_log_sink;
+pub use server::{shutdown_signal, Builder, Gateway};
+
+mod http;
+mod server;
 
 mod admission;
 mod anthropic;

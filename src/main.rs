@@ -21,8 +21,8 @@ mod logwriter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use mofa_gateway::config::{Config, LogFormat};
-use mofa_gateway::server::{shutdown_signal, Gateway};
 use mofa_gateway::sim::SimOptions;
+use mofa_gateway::{shutdown_signal, Gateway};
 
 #[derive(Parser)]
 #[command(
@@ -158,7 +158,7 @@ fn main() -> ExitCode {
         },
         other => (other, 0),
     };
-    // `serve` runs on lanes (see `Gateway::serve_lanes`): this thread's one-thread runtime is
+    // `serve` runs on lanes (see `Builder::lanes`): this thread's one-thread runtime is
     // the first; `server.worker_threads` (0: one per core) says how many in all.
     let serving = matches!(command, Command::Loaded(_));
     let lanes = match workers {
@@ -293,7 +293,7 @@ fn init_logging(format: LogFormat) -> logwriter::Guard {
     // The access log's lines skip tracing's formatter: the gateway writes them itself, into
     // the same writer (see `proxy::observe::line`), still under the filter above.
     let access = writer.clone();
-    mofa_gateway::server::set_access_log_sink(matches!(format, LogFormat::Json), move |line| {
+    mofa_gateway::set_access_log_sink(matches!(format, LogFormat::Json), move |line| {
         access.push(line)
     });
     let fmt = tracing_subscriber::fmt()
@@ -325,8 +325,6 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
 }
 
 async fn serve(cfg: Config, lanes: usize) -> Result<(), String> {
-    // Before the deployments are built: each lane gets its own upstream pool.
-    mofa_gateway::server::set_lanes(lanes);
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| {
@@ -335,7 +333,11 @@ async fn serve(cfg: Config, lanes: usize) -> Result<(), String> {
                 cfg.server.listen
             )
         })?;
-    let gw = Gateway::build(&cfg, listener).await?;
+    let gw = Gateway::builder(&cfg)
+        .lanes(lanes)
+        .build(listener)
+        .await
+        .map_err(|e| e.to_string())?;
     let addr = gw.local_addr().map_err(|e| e.to_string())?;
     let names: Vec<&str> = cfg.models.iter().map(|m| m.name.as_str()).collect();
     // Printed on stdout so that scripts and tests can read the port.
@@ -350,9 +352,7 @@ async fn serve(cfg: Config, lanes: usize) -> Result<(), String> {
             std::process::exit(130);
         });
     };
-    gw.serve_lanes(lanes, first_signal)
-        .await
-        .map_err(|e| e.to_string())
+    gw.serve(first_signal).await.map_err(|e| e.to_string())
 }
 
 async fn sim(args: SimArgs) -> Result<(), String> {

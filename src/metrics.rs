@@ -43,19 +43,19 @@ const POOL_STATE: &str = "mofa_gateway_pool_state";
 const BREAKER: &str = "mofa_gateway_breaker_state";
 
 /// OpenTelemetry GenAI `gen_ai.server.time_to_first_token` buckets.
-pub const TTFT_BUCKETS: [f64; 16] = [
+pub(crate) const TTFT_BUCKETS: [f64; 16] = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 /// OpenTelemetry GenAI `gen_ai.server.request.duration` buckets.
-pub const DURATION_BUCKETS: [f64; 14] = [
+pub(crate) const DURATION_BUCKETS: [f64; 14] = [
     0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
 ];
 /// OpenTelemetry GenAI `gen_ai.server.time_per_output_token` buckets.
-pub const TPOT_BUCKETS: [f64; 13] = [
+pub(crate) const TPOT_BUCKETS: [f64; 13] = [
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 ];
 /// Queue waits: from a free slot at once to the longest configured wait.
-pub const QUEUE_BUCKETS: [f64; 14] = [
+pub(crate) const QUEUE_BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
@@ -65,7 +65,7 @@ const POOL_STATES: [&str; 5] = ["stopped", "starting", "ready", "stopping", "fai
 
 /// One finished request, as the metrics see it.
 #[derive(Debug, Clone, Copy)]
-pub struct Sample<'a> {
+pub(crate) struct Sample<'a> {
     /// A configured model name, or `""` (the request named none the gateway serves).
     pub model: &'a str,
     /// The deployment that served it, or `""`.
@@ -82,7 +82,7 @@ pub struct Sample<'a> {
 }
 
 /// The registry, its recent-history windows, and when it started.
-pub struct Metrics {
+pub(crate) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     recent: Recent,
@@ -161,7 +161,7 @@ fn cached<K: PartialEq>(
 
 impl Metrics {
     /// A registry for a gateway serving `models` (the windows are kept per model).
-    pub fn new(models: &[String]) -> Metrics {
+    pub(crate) fn new(models: &[String]) -> Metrics {
         let mut b = PrometheusBuilder::new();
         for (name, buckets) in [
             (TTFT, &TTFT_BUCKETS[..]),
@@ -215,7 +215,7 @@ impl Metrics {
     }
 
     /// Counts a finished request.
-    pub fn finished(&self, s: &Sample<'_>) {
+    pub(crate) fn finished(&self, s: &Sample<'_>) {
         let series = self.series(s.model, s.backend);
         series
             .requests(&self.recorder, s.status, s.reason)
@@ -241,7 +241,7 @@ impl Metrics {
     }
 
     /// Counts one try on an upstream: `ok` (it answered), or why it failed (a closed set).
-    pub fn upstream_attempt(&self, outcome: &'static str) {
+    pub(crate) fn upstream_attempt(&self, outcome: &'static str) {
         cached(&self.attempts, outcome, || {
             metrics::with_local_recorder(
                 &self.recorder,
@@ -253,7 +253,7 @@ impl Metrics {
 
     /// Counts a request refused by a rate limit: `key` is the key's configured `name` (never
     /// its secret), `limit` which limit it hit (`requests`, `tokens`, `concurrency`).
-    pub fn rate_limited(&self, key: &str, limit: &'static str) {
+    pub(crate) fn rate_limited(&self, key: &str, limit: &'static str) {
         let key = key.to_owned();
         metrics::with_local_recorder(&self.recorder, || {
             counter!(RATE_LIMITED, "key" => key, "limit" => limit).increment(1);
@@ -262,25 +262,25 @@ impl Metrics {
 
     /// Moves recorded histogram samples into their buckets (bounds the memory they take
     /// between two scrapes); run every few seconds.
-    pub fn upkeep(&self) {
+    pub(crate) fn upkeep(&self) {
         self.handle.run_upkeep();
     }
 
     /// The Prometheus text exposition, with the state gauges read now from `orch` (the
     /// orchestrator's admin view) and `pool` (the pool's).
-    pub fn render(&self, orch: &Value, pool: &Value) -> String {
+    pub(crate) fn render(&self, orch: &Value, pool: &Value) -> String {
         metrics::with_local_recorder(&self.recorder, || set_gauges(orch, pool));
         self.handle.render()
     }
 
     /// The last minute of `model` for the status page: requests/s and outcome rates of every
     /// request, p50/p99 of the served ones (status 2xx; `served` says how many).
-    pub fn last_minute(&self, model: &str) -> Value {
+    pub(crate) fn last_minute(&self, model: &str) -> Value {
         self.recent.last_minute(model)
     }
 
     /// The last five minutes of all models, a point a second, for the status page's chart.
-    pub fn chart(&self) -> Value {
+    pub(crate) fn chart(&self) -> Value {
         self.recent.chart()
     }
 }

@@ -9,21 +9,21 @@
 use std::fmt;
 
 /// Lowest and highest `Retry-After` the gateway ever sends: every OpenAI SDK honours (0, 60].
-pub const RETRY_AFTER_MIN_S: u64 = 1;
-pub const RETRY_AFTER_MAX_S: u64 = 60;
+pub(crate) const RETRY_AFTER_MIN_S: u64 = 1;
+pub(crate) const RETRY_AFTER_MAX_S: u64 = 60;
 /// Bounds of `retry-after-ms`: never sooner than 100 ms (a retry storm helps no one), never
 /// later than `RETRY_AFTER_MAX_S`.
-pub const RETRY_AFTER_MIN_MS: u64 = 100;
-pub const RETRY_AFTER_MAX_MS: u64 = RETRY_AFTER_MAX_S * 1000;
+pub(crate) const RETRY_AFTER_MIN_MS: u64 = 100;
+pub(crate) const RETRY_AFTER_MAX_MS: u64 = RETRY_AFTER_MAX_S * 1000;
 
 /// Clamps a wait in seconds into the range every SDK honours.
-pub fn clamp_retry_after(secs: u64) -> u64 {
+pub(crate) fn clamp_retry_after(secs: u64) -> u64 {
     secs.clamp(RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S)
 }
 
 /// Why admission (or the gateway's state) refused a request: always a 503.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RejectReason {
+pub(crate) enum RejectReason {
     /// Every deployment is busy and the request may not wait.
     CapacityExceeded,
     /// The wait queue is full (or it was pushed out of it by a more important request).
@@ -47,7 +47,7 @@ pub enum RejectReason {
 impl RejectReason {
     /// Every reason, for exhaustive tests.
     #[cfg(test)]
-    pub const ALL: [RejectReason; 9] = [
+    pub(crate) const ALL: [RejectReason; 9] = [
         RejectReason::CapacityExceeded,
         RejectReason::QueueFull,
         RejectReason::QueueTimeout,
@@ -59,7 +59,7 @@ impl RejectReason {
         RejectReason::LimitsUnavailable,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RejectReason::CapacityExceeded => "capacity_exceeded",
             RejectReason::QueueFull => "queue_full",
@@ -74,7 +74,7 @@ impl RejectReason {
     }
 
     /// Whether a retry can ever succeed (`x-should-retry: false` when not).
-    pub fn retryable(self) -> bool {
+    pub(crate) fn retryable(self) -> bool {
         self != RejectReason::ModelTooLarge
     }
 }
@@ -87,7 +87,7 @@ impl fmt::Display for RejectReason {
 
 /// A refusal with the wait to announce: what admission hands back instead of a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rejection {
+pub(crate) struct Rejection {
     pub reason: RejectReason,
     /// The wait in milliseconds (`retry-after-ms`), already within [`RETRY_AFTER_MIN_MS`,
     /// `RETRY_AFTER_MAX_MS`].
@@ -96,12 +96,12 @@ pub struct Rejection {
 
 impl Rejection {
     /// A refusal with a wait given in whole seconds.
-    pub fn new(reason: RejectReason, retry_after_s: u64) -> Self {
+    pub(crate) fn new(reason: RejectReason, retry_after_s: u64) -> Self {
         Self::after_ms(reason, retry_after_s.saturating_mul(1000))
     }
 
     /// A refusal with a wait given in milliseconds (clamped to the bounds).
-    pub fn after_ms(reason: RejectReason, ms: u64) -> Self {
+    pub(crate) fn after_ms(reason: RejectReason, ms: u64) -> Self {
         Rejection {
             reason,
             retry_after_ms: ms.clamp(RETRY_AFTER_MIN_MS, RETRY_AFTER_MAX_MS),
@@ -109,7 +109,7 @@ impl Rejection {
     }
 
     /// `Retry-After` in whole seconds: the wait rounded up, within [1, 60].
-    pub fn retry_after_s(&self) -> u64 {
+    pub(crate) fn retry_after_s(&self) -> u64 {
         clamp_retry_after(self.retry_after_ms.div_ceil(1000))
     }
 }
@@ -151,7 +151,7 @@ mod tests {
 
 /// How a request ended: a closed set (labels, log fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     Ok,
     /// Turned away by admission (503).
     Rejected(RejectReason),
@@ -172,7 +172,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::Ok => "ok",
             Reason::Rejected(r) => r.as_str(),

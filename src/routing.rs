@@ -44,7 +44,7 @@ impl fmt::Display for Policy {
 
 /// Why a deployment cannot take a request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Block {
+pub(crate) enum Block {
     /// Every slot is taken: wait for one.
     Full,
     /// Its model would load into the defer band: wait for memory.
@@ -60,7 +60,7 @@ pub enum Block {
 
 /// What routing needs to know of one deployment.
 #[derive(Debug, Clone)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub local: bool,
     /// Precision rank for the ladder: 0 is the highest precision; equal ranks are equivalent.
     pub rank: usize,
@@ -77,7 +77,7 @@ pub struct Candidate {
 
 /// Routing's answer.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Route {
+pub(crate) enum Route {
     Run(usize),
     /// Nothing can run it now, but something may soon; `memory` when memory is the reason.
     Wait {
@@ -89,7 +89,7 @@ pub enum Route {
 
 /// Picks a deployment for a request under `policy`. `cost_wait_ms` is how long the cost policy
 /// waits for a cheaper deployment before paying for a dearer one.
-pub fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Route {
+pub(crate) fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Route {
     let eligible: Vec<usize> = (0..c.len())
         .filter(|&i| match policy {
             Policy::LocalOnly => c[i].local,

@@ -10,10 +10,10 @@
 //! `x-request-id` and `connection: close`. (A `Transfer-Encoding` hyper takes but the gateway
 //! cannot read, `gzip, chunked`, is the `http` stamp layer's refusal.)
 //!
-//! `serve` (the binary) runs on lanes ([`Gateway::serve_lanes`]): one one-thread runtime per
+//! `serve` (the binary) runs on lanes ([`Builder::lanes`]): one one-thread runtime per
 //! core; the first accepts and hands each connection to the lane with the fewest, which keeps
-//! it. Tests and embedders use [`Gateway::serve`] / [`Gateway::spawn`] (one lane) on the
-//! runtime they have.
+//! it. Tests and embedders use one lane (the default) on the runtime they have:
+//! [`Gateway::serve`] or [`Gateway::spawn`].
 //!
 //! Shutdown (the first SIGTERM/SIGINT): the listener closes (new connections are refused);
 //! `/readyz` turns 503; a request on an open connection that is not admitted yet, and every
@@ -45,11 +45,7 @@ use crate::config::{Config, ServerConfig};
 use crate::http::{App, AppFuture, AppState};
 use crate::proxy::observe::ClientAddr;
 
-/// How many lanes the gateway built next serves on (before [`Gateway::build`]).
-pub use crate::upstream::set_lanes;
-
-/// Where the access log's lines go (the binary's log writer), formatted by the gateway.
-pub use crate::proxy::observe::line::set_sink as set_access_log_sink;
+use crate::orchestrator::BuildError;
 
 /// The app, with the connection's peer address put into each request's extensions (for
 /// the access log).
@@ -70,22 +66,59 @@ impl Service<Request<hyper::body::Incoming>> for WithPeer {
     }
 }
 
-/// A gateway bound to a port but not serving yet.
+/// A gateway bound to a port but not serving yet: [`Gateway::build`], or
+/// [`Gateway::builder`] for the options.
 pub struct Gateway {
     listener: TcpListener,
     app: App,
     server: ServerConfig,
+    lanes: usize,
 }
 
-impl Gateway {
-    /// Builds the gateway for `cfg` on `listener` (which overrides `server.listen`).
-    pub async fn build(cfg: &Config, listener: TcpListener) -> Result<Gateway, String> {
-        let state = Arc::new(AppState::build(cfg).await.map_err(|e| e.to_string())?);
+/// The options of a [`Gateway`] before it is built.
+pub struct Builder<'a> {
+    cfg: &'a Config,
+    lanes: usize,
+}
+
+impl Builder<'_> {
+    /// Serves on `lanes` threads (default 1): the one [`Gateway::serve`] runs on, a
+    /// one-thread runtime, and `lanes - 1` more, each a one-thread runtime. The lane that
+    /// accepts hands each new connection to the lane with the fewest live connections (itself
+    /// included); a connection then lives on its lane, with the lane's own upstream pool, so a
+    /// request never wakes another thread (one hand-over per connection, not per request).
+    /// The state (admission, limits, metrics) is shared. The lane count is process-wide: the
+    /// deployments' clients of the gateway built last follow it.
+    pub fn lanes(mut self, lanes: usize) -> Self {
+        self.lanes = lanes.clamp(1, 1024);
+        self
+    }
+
+    /// Builds the gateway on `listener` (which overrides `server.listen`): the deployments'
+    /// clients, the simulators the config starts, the limits' store, the model pool.
+    pub async fn build(self, listener: TcpListener) -> Result<Gateway, BuildError> {
+        // Before the deployments are built: each lane gets its own upstream pool.
+        crate::upstream::set_lanes(self.lanes);
+        let state = Arc::new(AppState::build(self.cfg).await?);
         Ok(Gateway {
             listener,
             app: App::new(state),
-            server: cfg.server.clone(),
+            server: self.cfg.server.clone(),
+            lanes: self.lanes,
         })
+    }
+}
+
+impl Gateway {
+    /// The options for a gateway serving `cfg`.
+    pub fn builder(cfg: &Config) -> Builder<'_> {
+        Builder { cfg, lanes: 1 }
+    }
+
+    /// Builds the gateway for `cfg` on `listener` (which overrides `server.listen`), on one
+    /// lane.
+    pub async fn build(cfg: &Config, listener: TcpListener) -> Result<Gateway, BuildError> {
+        Gateway::builder(cfg).build(listener).await
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -93,26 +126,12 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then shuts down gracefully (see the module doc), on
-    /// the runtime it runs on: one lane.
+    /// the runtime it runs on and on the other lanes ([`Builder::lanes`]).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        self.serve_lanes(1, shutdown).await
-    }
-
-    /// Serves on `lanes` threads: this one and `lanes - 1` more, each a one-thread runtime.
-    /// This lane accepts, and hands each new connection to the lane with the fewest live
-    /// connections (itself included); a connection then lives on its lane, with the lane's
-    /// own upstream pool (`upstream::set_lane`), so a request never wakes another thread (one
-    /// hand-over per connection, not per request). The state (admission, limits, metrics) is
-    /// shared. With more than one lane: on a one-thread runtime, after `set_lanes(lanes)` and
-    /// [`Gateway::build`]. Shutdown as in the module doc, on every lane.
-    pub async fn serve_lanes(
-        self,
-        lanes: usize,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+        let lanes = self.lanes;
         let grace = Duration::from_secs(self.server.shutdown_grace_s);
         let live: Arc<[AtomicUsize]> = (0..lanes.max(1)).map(|_| AtomicUsize::new(0)).collect();
         let mut others = Vec::new();

@@ -654,34 +654,3 @@ async fn a_client_leaving_a_non_streaming_request_cancels_it_upstream() {
     .await;
     assert_eq!(o["client_disconnects"], 2, "{o}");
 }
-
-#[tokio::test]
-async fn readyz_turns_503_and_new_requests_are_refused_once_shutdown_begins() {
-    use tower::ServiceExt;
-    let s = sim(sim_opts("m")).await;
-    let cfg = GatewayBuilder::new().local_model("m", &s).config();
-    let state = std::sync::Arc::new(mofa_gateway::http::AppState::build(&cfg).await.unwrap());
-    let app = mofa_gateway::http::router(state.clone());
-    let get = |path: &str| {
-        axum::http::Request::get(path)
-            .body(axum::body::Body::empty())
-            .unwrap()
-    };
-    let resp = app.clone().oneshot(get("/readyz")).await.unwrap();
-    assert_eq!(resp.status(), 200);
-
-    state.begin_shutdown();
-    let resp = app.clone().oneshot(get("/readyz")).await.unwrap();
-    assert_eq!(resp.status(), 503);
-    assert_eq!(resp.headers()["x-mofa-reject-reason"], "shutting_down");
-    let resp = app.clone().oneshot(get("/healthz")).await.unwrap();
-    assert_eq!(resp.status(), 200, "still alive while draining");
-    let req = axum::http::Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(axum::body::Body::from(chat_body("m", false).to_string()))
-        .unwrap();
-    let resp = app.oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), 503);
-    assert_eq!(resp.headers()["x-mofa-reject-reason"], "shutting_down");
-    assert!(resp.headers().contains_key("retry-after"));
-}

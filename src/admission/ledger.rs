@@ -11,7 +11,7 @@ use crate::routing::Block;
 
 /// Memory thresholds, as shares of the capacity.
 #[derive(Debug, Clone, Copy)]
-pub struct MemoryLimits {
+pub(crate) struct MemoryLimits {
     /// 0: memory is not tracked.
     pub capacity_mb: u64,
     pub defer: f64,
@@ -20,7 +20,7 @@ pub struct MemoryLimits {
 
 impl MemoryLimits {
     /// Memory not tracked (an empty ledger, for models whose deployments declare none).
-    pub const OFF: MemoryLimits = MemoryLimits {
+    pub(crate) const OFF: MemoryLimits = MemoryLimits {
         capacity_mb: 0,
         defer: 1.0,
         reject: 1.0,
@@ -29,7 +29,7 @@ impl MemoryLimits {
 
 /// One deployment whose model takes memory when loaded.
 #[derive(Debug, Clone)]
-pub struct MemEntry {
+pub(crate) struct MemEntry {
     pub mb: u64,
     pub resident: bool,
     pub in_flight: u32,
@@ -39,14 +39,14 @@ pub struct MemEntry {
 
 /// The memory budget shared by all local models: what is resident, what is in use.
 #[derive(Debug, Clone)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     pub limits: MemoryLimits,
     pub entries: Vec<MemEntry>,
 }
 
 /// Whether a deployment's model can be used now, memory-wise.
 #[derive(Debug, Clone, PartialEq)]
-pub enum MemVerdict {
+pub(crate) enum MemVerdict {
     Fits,
     /// Fits once these idle residents are evicted (critical only).
     FitsAfterEvicting(Vec<usize>),
@@ -54,7 +54,7 @@ pub enum MemVerdict {
 }
 
 impl Ledger {
-    pub fn new(limits: MemoryLimits) -> Self {
+    pub(crate) fn new(limits: MemoryLimits) -> Self {
         Ledger {
             limits,
             entries: Vec::new(),
@@ -62,7 +62,7 @@ impl Ledger {
     }
 
     /// Registers a deployment that takes `mb` when loaded; returns its entry id.
-    pub fn register(&mut self, mb: u64) -> usize {
+    pub(crate) fn register(&mut self, mb: u64) -> usize {
         self.entries.push(MemEntry {
             mb,
             resident: false,
@@ -73,7 +73,7 @@ impl Ledger {
         self.entries.len() - 1
     }
 
-    pub fn resident_mb(&self) -> u64 {
+    pub(crate) fn resident_mb(&self) -> u64 {
         self.entries
             .iter()
             .filter(|e| e.resident)
@@ -86,7 +86,7 @@ impl Ledger {
     }
 
     /// Can entry `id` be used by a request of priority `prio`? Does not change anything.
-    pub fn check(&self, id: usize, prio: Priority) -> MemVerdict {
+    pub(crate) fn check(&self, id: usize, prio: Priority) -> MemVerdict {
         let e = &self.entries[id];
         if self.limits.capacity_mb == 0 || e.resident {
             return MemVerdict::Fits;
@@ -132,7 +132,7 @@ impl Ledger {
     }
 
     /// Starts a request on entry `id`: evicts `evict`, makes it resident, counts it in use.
-    pub fn acquire(&mut self, id: usize, prio: Priority, evict: &[usize], now: Instant) {
+    pub(crate) fn acquire(&mut self, id: usize, prio: Priority, evict: &[usize], now: Instant) {
         for &i in evict {
             self.entries[i].resident = false;
         }
@@ -144,7 +144,12 @@ impl Ledger {
     }
 
     /// Marks entry `id` as loaded without a request (the pool's explicit load): evicts `evict`.
-    pub fn load(&mut self, id: usize, prio: Priority, now: Instant) -> Result<Vec<usize>, Block> {
+    pub(crate) fn load(
+        &mut self,
+        id: usize,
+        prio: Priority,
+        now: Instant,
+    ) -> Result<Vec<usize>, Block> {
         let evict = match self.check(id, prio) {
             MemVerdict::Fits => Vec::new(),
             MemVerdict::FitsAfterEvicting(e) => e,
@@ -162,18 +167,18 @@ impl Ledger {
 
     /// The model's process is gone (crashed, failed to start): its memory is free, whatever is
     /// still counted in flight on it (those requests fail on their own).
-    pub fn force_unload(&mut self, id: usize) {
+    pub(crate) fn force_unload(&mut self, id: usize) {
         self.entries[id].resident = false;
     }
 
-    pub fn release(&mut self, id: usize, now: Instant) {
+    pub(crate) fn release(&mut self, id: usize, now: Instant) {
         let e = &mut self.entries[id];
         e.in_flight = e.in_flight.saturating_sub(1);
         e.last_used = Some(now);
     }
 
     /// Marks entry `id` as no longer loaded (the pool stopped it). Refused while in use.
-    pub fn unload(&mut self, id: usize) -> bool {
+    pub(crate) fn unload(&mut self, id: usize) -> bool {
         let e = &mut self.entries[id];
         if e.in_flight > 0 {
             return false;

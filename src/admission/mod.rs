@@ -18,9 +18,9 @@ mod ledger;
 mod model;
 mod queue;
 
-pub use ledger::{Ledger, MemVerdict, MemoryLimits};
-pub use model::{Admit, Grant, ModelCore, ModelLimits, Outcome, Slot, Wake};
-pub use queue::{Push, WaitKey, WaitQueue};
+pub(crate) use ledger::{Ledger, MemVerdict, MemoryLimits};
+pub(crate) use model::{Admit, Grant, ModelCore, ModelLimits, Outcome, Slot, Wake};
+pub(crate) use queue::{Push, WaitKey, WaitQueue};
 
 /// A request's priority: `x-mofa-priority` or the body's `priority`.
 #[derive(

@@ -24,7 +24,7 @@ use crate::routing::{route, Block, Candidate, Policy, Route};
 
 /// Admission settings of one model.
 #[derive(Debug, Clone, Copy)]
-pub struct ModelLimits {
+pub(crate) struct ModelLimits {
     pub policy: Policy,
     pub max_queue: usize,
     pub cost_wait_ms: f64,
@@ -32,7 +32,7 @@ pub struct ModelLimits {
 
 /// One deployment as admission sees it.
 #[derive(Debug, Clone)]
-pub struct Slot {
+pub(crate) struct Slot {
     pub local: bool,
     pub rank: usize,
     pub max: u32,
@@ -50,7 +50,7 @@ pub struct Slot {
 
 /// What became of a request on a deployment, for its breaker.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// It answered (a 2xx, or a client error that is the client's fault).
     Success,
     /// It failed (connect error, 5xx, timeout, broken reply).
@@ -64,12 +64,12 @@ const SAMPLES: usize = 32;
 /// The prior before a deployment completed anything: a request in flight takes
 /// `max(PRIOR_SERVICE_MS, 2 x its elapsed time)` in all (so it has at least as long again to
 /// go as it has run), and a queued one `max(PRIOR_SERVICE_MS, the longest elapsed in flight)`.
-pub const PRIOR_SERVICE_MS: f64 = 2000.0;
+pub(super) const PRIOR_SERVICE_MS: f64 = 2000.0;
 /// A request running longer than every kept sample: this share of the mean service time left.
 const OVERDUE_SHARE: f64 = 0.25;
 /// Most clients told to come back that are remembered per model (the rest are told the same
 /// estimate, without a reservation).
-pub const MAX_PROMISES: usize = 1024;
+pub(super) const MAX_PROMISES: usize = 1024;
 /// The longest queue ahead that a wait is computed for (more waits as long as this).
 const MAX_AHEAD: usize = 1 << 20;
 
@@ -156,7 +156,7 @@ fn ewma(old: Option<f64>, x: f64) -> f64 {
 /// A request allowed to run on deployment `dep`; `evicted` are the ledger entries it pushed
 /// out of memory (their processes must be stopped).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Grant {
+pub(crate) struct Grant {
     pub dep: usize,
     pub evicted: Vec<usize>,
     /// It is its deployment's half-open probe: report its outcome.
@@ -172,7 +172,7 @@ enum NotNow {
 
 /// The answer to a new request.
 #[derive(Debug)]
-pub enum Admit<T> {
+pub(crate) enum Admit<T> {
     Run(Grant),
     /// Queued under this key; `shed` (if any) was pushed out to make room and must be rejected.
     Queued {
@@ -184,14 +184,14 @@ pub enum Admit<T> {
 
 /// What a change of state (a release, a tick) does to waiters.
 #[derive(Debug)]
-pub enum Wake<T> {
+pub(crate) enum Wake<T> {
     Run(T, Grant),
     Reject(T, Rejection),
 }
 
 /// A model's admission state: its deployments' slots and its wait queue.
 #[derive(Debug)]
-pub struct ModelCore<T> {
+pub(crate) struct ModelCore<T> {
     pub limits: ModelLimits,
     pub slots: Vec<Slot>,
     pub queue: WaitQueue<(Priority, T)>,
@@ -245,7 +245,7 @@ impl Rate {
 }
 
 impl<T> ModelCore<T> {
-    pub fn new(limits: ModelLimits, slots: Vec<Slot>, seed: u64) -> Self {
+    pub(crate) fn new(limits: ModelLimits, slots: Vec<Slot>, seed: u64) -> Self {
         let slots_len = slots.len();
         ModelCore {
             queue: WaitQueue::new(limits.max_queue),
@@ -418,7 +418,7 @@ impl<T> ModelCore<T> {
     /// The wait to announce to a rejected request of priority `prio`, in ms: when a slot is
     /// expected for it behind the requests in flight, the queue ahead and the clients already
     /// told to come back; it is remembered as a promise (its return finds room kept for it).
-    pub fn retry_after_ms(&mut self, prio: Priority, now: Instant) -> u64 {
+    pub(crate) fn retry_after_ms(&mut self, prio: Priority, now: Instant) -> u64 {
         self.decay(now);
         let ahead = self.queue.ahead_of(prio) + self.promised_ahead(prio);
         let wait = self.slot_wait_ms(ahead, self.stretch(prio, now), now);
@@ -510,7 +510,7 @@ impl<T> ModelCore<T> {
     /// A new request of priority `prio` that may wait until `deadline` (`None`: may not wait).
     /// `exclude` is a bit set of deployments not to use (already tried by this request): a
     /// retry, which runs now on another deployment or not at all (it never waits).
-    pub fn admit(
+    pub(crate) fn admit(
         &mut self,
         ledger: &mut Ledger,
         prio: Priority,
@@ -579,17 +579,17 @@ impl<T> ModelCore<T> {
     }
 
     /// Removes every waiter (shutdown).
-    pub fn drain(&mut self) -> Vec<T> {
+    pub(crate) fn drain(&mut self) -> Vec<T> {
         std::iter::from_fn(|| self.queue.pop().map(|(_, (_, t))| t)).collect()
     }
 
     /// A waiter that gave up (deadline, disconnect): removes it if still queued.
-    pub fn cancel(&mut self, key: &WaitKey) -> Option<T> {
+    pub(crate) fn cancel(&mut self, key: &WaitKey) -> Option<T> {
         self.queue.remove(key).map(|(_, t)| t)
     }
 
     /// Feeds what became of a request on `dep` to its breaker.
-    pub fn record(&mut self, dep: usize, outcome: Outcome, now: Instant) {
+    pub(crate) fn record(&mut self, dep: usize, outcome: Outcome, now: Instant) {
         let b = &mut self.slots[dep].breaker;
         match outcome {
             Outcome::Success => b.on_success(),
@@ -602,7 +602,12 @@ impl<T> ModelCore<T> {
     /// `no_healthy_backend`, the time until the first deployment may be tried again; for a
     /// model that can never fit, the longest; otherwise when a slot is expected for it (a
     /// promise, see [`Self::retry_after_ms`]).
-    pub fn rejection(&mut self, code: RejectReason, prio: Priority, now: Instant) -> Rejection {
+    pub(crate) fn rejection(
+        &mut self,
+        code: RejectReason,
+        prio: Priority,
+        now: Instant,
+    ) -> Rejection {
         let ms = match code {
             RejectReason::NoHealthyBackend => self
                 .slots
@@ -620,7 +625,7 @@ impl<T> ModelCore<T> {
 
     /// A request on `dep` finished after `service`: frees its slot, then serves waiters.
     /// `abandoned_probe`: it was the breaker's probe and ended without an outcome.
-    pub fn release(
+    pub(crate) fn release(
         &mut self,
         ledger: &mut Ledger,
         dep: usize,
@@ -643,13 +648,13 @@ impl<T> ModelCore<T> {
     }
 
     /// Records an observed time to first byte on `dep`.
-    pub fn observe_ttfb(&mut self, dep: usize, ttfb: Duration) {
+    pub(crate) fn observe_ttfb(&mut self, dep: usize, ttfb: Duration) {
         let s = &mut self.slots[dep];
         s.ttfb_ms = Some(ewma(s.ttfb_ms, ttfb.as_secs_f64() * 1000.0));
     }
 
     /// Serves waiters in order while they can run; rejects those past their deadline.
-    pub fn pump(&mut self, ledger: &mut Ledger, now: Instant) -> Vec<Wake<T>> {
+    pub(crate) fn pump(&mut self, ledger: &mut Ledger, now: Instant) -> Vec<Wake<T>> {
         let mut out = Vec::new();
         for (prio, t) in self.queue.expire(now) {
             let r = self.rejection(RejectReason::QueueTimeout, prio, now);

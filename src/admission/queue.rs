@@ -11,12 +11,12 @@ use super::Priority;
 // The wait queue
 
 /// Where a waiter stands: higher priority first, then earlier arrival.
-pub type WaitKey = (Reverse<Priority>, u64);
+pub(crate) type WaitKey = (Reverse<Priority>, u64);
 
 /// A bounded priority queue of waiters, served by priority then arrival. When full, the
 /// lowest-priority newest waiter is shed for a newcomer of higher priority.
 #[derive(Debug)]
-pub struct WaitQueue<T> {
+pub(crate) struct WaitQueue<T> {
     cap: usize,
     next_seq: u64,
     pub(super) items: BTreeMap<WaitKey, (Instant, T)>,
@@ -27,7 +27,7 @@ pub struct WaitQueue<T> {
 
 /// What happened to a newcomer.
 #[derive(Debug)]
-pub enum Push<T> {
+pub(crate) enum Push<T> {
     Queued(WaitKey),
     /// Queued, and this waiter was shed to make room.
     Displaced(WaitKey, T),
@@ -36,7 +36,7 @@ pub enum Push<T> {
 }
 
 impl<T> WaitQueue<T> {
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         WaitQueue {
             cap,
             next_seq: 0,
@@ -45,11 +45,11 @@ impl<T> WaitQueue<T> {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.items.len()
     }
 
-    pub fn push(&mut self, prio: Priority, deadline: Instant, item: T) -> Push<T> {
+    pub(crate) fn push(&mut self, prio: Priority, deadline: Instant, item: T) -> Push<T> {
         let key = (Reverse(prio), self.next_seq);
         self.next_seq += 1;
         if self.items.len() < self.cap {
@@ -73,34 +73,34 @@ impl<T> WaitQueue<T> {
     }
 
     /// The first waiter in service order.
-    pub fn peek(&self) -> Option<(WaitKey, Instant)> {
+    pub(crate) fn peek(&self) -> Option<(WaitKey, Instant)> {
         self.items.first_key_value().map(|(k, (d, _))| (*k, *d))
     }
 
-    pub fn pop(&mut self) -> Option<(WaitKey, T)> {
+    pub(crate) fn pop(&mut self) -> Option<(WaitKey, T)> {
         let (k, (_, t)) = self.items.pop_first()?;
         self.counts[k.0 .0 as usize] -= 1;
         Some((k, t))
     }
 
-    pub fn remove(&mut self, key: &WaitKey) -> Option<T> {
+    pub(crate) fn remove(&mut self, key: &WaitKey) -> Option<T> {
         let (_, t) = self.items.remove(key)?;
         self.counts[key.0 .0 as usize] -= 1;
         Some(t)
     }
 
     /// How many wait ahead of a newcomer of priority `prio` (all of at least that priority).
-    pub fn ahead_of(&self, prio: Priority) -> usize {
+    pub(crate) fn ahead_of(&self, prio: Priority) -> usize {
         self.counts[prio as usize..].iter().sum()
     }
 
     /// Waiters per priority, lowest first.
-    pub fn depth_by_priority(&self) -> [usize; 4] {
+    pub(crate) fn depth_by_priority(&self) -> [usize; 4] {
         self.counts
     }
 
     /// Removes and returns every waiter whose deadline is at or before `now`.
-    pub fn expire(&mut self, now: Instant) -> Vec<T> {
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<T> {
         let late: Vec<WaitKey> = self
             .items
             .iter()

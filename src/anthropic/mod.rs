@@ -23,13 +23,13 @@ use crate::upstream::{Endpoint, Transform};
 use crate::wire::json::{self, Field};
 use crate::wire::{ClientApi, ClientRequest, Local, ReplyFormat};
 
-pub mod request;
-pub mod response;
-pub mod stream;
+pub(crate) mod request;
+pub(crate) mod response;
+pub(crate) mod stream;
 
-pub use request::{translate, Invalid};
-pub use response::from_openai;
-pub use stream::Translator;
+pub(crate) use request::{translate, Invalid};
+pub(crate) use response::from_openai;
+pub(crate) use stream::Translator;
 
 /// Anthropic's Messages API as a client API: `POST /v1/messages`, and (`count`)
 /// `/v1/messages/count_tokens`, which the gateway answers itself with its estimate.
@@ -110,7 +110,7 @@ impl ReplyFormat for Reply {
 /// What the pipeline needs to know of a Messages request beyond its OpenAI translation: for
 /// its reply, and for the deployments that refuse part of it.
 #[derive(Debug, Clone, Default)]
-pub struct Context {
+pub(crate) struct Context {
     /// The model as the client named it (echoed in `model`).
     pub model: String,
     /// The request's `stop_sequences` (to name the one a backend says it stopped at).
@@ -137,7 +137,7 @@ struct ErrorDetail<'a> {
 }
 
 /// The Anthropic error envelope with error type `kind` (e.g. `overloaded_error`).
-pub fn error_body(kind: &str, message: &str) -> Bytes {
+pub(crate) fn error_body(kind: &str, message: &str) -> Bytes {
     let env = ErrorEnvelope {
         kind: "error",
         error: ErrorDetail { kind, message },
@@ -146,7 +146,7 @@ pub fn error_body(kind: &str, message: &str) -> Bytes {
 }
 
 /// The SSE `error` event that ends a Messages stream which failed after its first byte.
-pub fn error_event(kind: &str, message: &str) -> Bytes {
+pub(crate) fn error_event(kind: &str, message: &str) -> Bytes {
     let body = error_body(kind, message);
     let mut out = Vec::with_capacity(body.len() + 24);
     out.extend_from_slice(b"event: error\ndata: ");
@@ -172,7 +172,7 @@ pub(crate) fn message_id() -> String {
 
 /// Prompt tokens estimated from characters (4 per token, rounded up), as the gateway counts
 /// them when no backend has: `count_tokens` and the `message_start` of a stream.
-pub fn estimate_tokens(chars: u64) -> u64 {
+pub(crate) fn estimate_tokens(chars: u64) -> u64 {
     chars.div_ceil(4)
 }
 

@@ -24,7 +24,7 @@ use super::{estimate_tokens, Context};
 
 /// Why a Messages request cannot be translated.
 #[derive(Debug, PartialEq)]
-pub enum Invalid {
+pub(crate) enum Invalid {
     /// The body is not JSON (or not an object).
     Json(String),
     /// A field is missing or wrong: its top-level name, and what is wrong.
@@ -36,7 +36,7 @@ pub enum Invalid {
 
 /// A translated request.
 #[derive(Debug)]
-pub struct Translated {
+pub(crate) struct Translated {
     /// The OpenAI chat completion request to send upstream.
     pub body: Bytes,
     pub model: String,
@@ -336,7 +336,7 @@ fn invalid(param: &'static str, message: impl Into<String>) -> Invalid {
 
 /// Translates a Messages request body (`count_only`: for `count_tokens`, where `max_tokens`
 /// may be absent). See the module doc.
-pub fn translate(body: &[u8], count_only: bool) -> Result<Translated, Invalid> {
+pub(crate) fn translate(body: &[u8], count_only: bool) -> Result<Translated, Invalid> {
     // serde would take an array for a struct: only an object is a request.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(Invalid::Json("the body must be a JSON object".into()));

@@ -121,7 +121,7 @@ pub(super) fn stop_reason(
 
 /// Translates a whole OpenAI chat completion `body` into a Messages reply for `ctx`; `Err`
 /// says what is wrong with it (the backend's fault: a 5xx).
-pub fn from_openai(body: &[u8], ctx: &Context) -> Result<Vec<u8>, String> {
+pub(crate) fn from_openai(body: &[u8], ctx: &Context) -> Result<Vec<u8>, String> {
     let c: ChatCompletion = serde_json::from_slice(body)
         .map_err(|e| format!("the backend's reply is not a chat completion: {e}"))?;
     let choice = c

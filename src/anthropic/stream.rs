@@ -33,7 +33,7 @@ use super::{error_event, estimate_tokens, message_id, Context};
 use crate::upstream::Transform;
 
 /// The longest silence before a `ping`.
-pub const PING_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(10);
 /// The longest SSE line kept while waiting for its end.
 const MAX_LINE: usize = 16 * 1024 * 1024;
 /// The most tool calls one reply may stream.
@@ -201,7 +201,7 @@ struct ToolSeen {
 }
 
 /// See the module doc.
-pub struct Translator {
+pub(crate) struct Translator {
     ctx: Context,
     id: String,
     /// A line whose end has not arrived yet.
@@ -220,7 +220,7 @@ pub struct Translator {
 }
 
 impl Translator {
-    pub fn new(ctx: Context) -> Translator {
+    pub(crate) fn new(ctx: Context) -> Translator {
         Translator {
             ctx,
             id: message_id(),
@@ -241,7 +241,7 @@ impl Translator {
 
     /// The same, with pings after `every` (tests).
     #[cfg(test)]
-    pub fn with_ping(mut self, every: Duration) -> Translator {
+    pub(crate) fn with_ping(mut self, every: Duration) -> Translator {
         self.ping_every = every;
         self
     }

@@ -17,23 +17,23 @@ use crate::error::ApiError;
 use crate::pool::STOP_GRACE;
 
 /// Lets a request through to `/admin/*` only with an admin key (when keys are required).
-pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub(super) async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     match st.pipeline.admin_allowed(req.headers()) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
 }
 
-pub async fn orchestrator(State(st): State<Arc<AppState>>) -> Response {
+pub(super) async fn orchestrator(State(st): State<Arc<AppState>>) -> Response {
     json_ok(st.pipeline.admin_view())
 }
 
-pub async fn pool(State(st): State<Arc<AppState>>) -> Response {
+pub(super) async fn pool(State(st): State<Arc<AppState>>) -> Response {
     json_ok(st.pipeline.pool_view())
 }
 
 /// Loads a pool model now (at `normal` priority for memory), and waits until it is ready.
-pub async fn load(
+pub(super) async fn load(
     State(st): State<Arc<AppState>>,
     name: Result<Path<String>, PathRejection>,
     uri: Uri,
@@ -54,7 +54,7 @@ pub async fn load(
 }
 
 /// Stops a pool model that has no request in flight.
-pub async fn unload(
+pub(super) async fn unload(
     State(st): State<Arc<AppState>>,
     name: Result<Path<String>, PathRejection>,
     uri: Uri,

@@ -30,25 +30,25 @@ mod stamp;
 mod status;
 
 /// What every handler shares. Immutable after start-up.
-pub struct AppState {
+pub(crate) struct AppState {
     pipeline: Pipeline,
 }
 
 impl AppState {
     /// Builds the runtime state from a validated config, starting in-process simulators.
-    pub async fn build(cfg: &Config) -> Result<AppState, BuildError> {
+    pub(crate) async fn build(cfg: &Config) -> Result<AppState, BuildError> {
         Ok(AppState {
             pipeline: Pipeline::build(cfg).await?,
         })
     }
 
     /// Shutdown begins: `/readyz` answers 503, new and queued requests get 503 `shutting_down`.
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.pipeline.begin_shutdown();
     }
 
     /// Stops the model servers the gateway runs (at exit).
-    pub async fn stop_models(&self) {
+    pub(crate) async fn stop_models(&self) {
         self.pipeline.stop_models().await;
     }
 }
@@ -58,13 +58,13 @@ impl AppState {
 /// without the router's layers of boxed futures, a few thousand instructions a request);
 /// every other request goes through [`router`], which also has those routes.
 #[derive(Clone)]
-pub struct App {
+pub(crate) struct App {
     router: Router,
     state: Arc<AppState>,
 }
 
 /// The future of one request to [`App`].
-pub type AppFuture =
+pub(crate) type AppFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Infallible>> + Send>>;
 
 /// One proxied route: its path (`POST`), the endpoint it runs, the API its clients speak.
@@ -127,14 +127,14 @@ pub(crate) fn client_of(path: &str) -> &'static dyn ClientApi {
 }
 
 impl App {
-    pub fn new(state: Arc<AppState>) -> App {
+    pub(crate) fn new(state: Arc<AppState>) -> App {
         App {
             router: router(state.clone()),
             state,
         }
     }
 
-    pub fn state(&self) -> &Arc<AppState> {
+    pub(crate) fn state(&self) -> &Arc<AppState> {
         &self.state
     }
 }
@@ -162,7 +162,7 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for App
 }
 
 /// The gateway's router.
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
         .route("/admin/orchestrator", get(admin::orchestrator))
         .route("/admin/pool", get(admin::pool))
@@ -261,4 +261,40 @@ async fn proxy(st: Arc<AppState>, route: &'static Route, req: Request) -> Respon
     st.pipeline
         .handle(route.endpoint, route.client, &accepted, req)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// Shutdown begun (the listener closed, connections still open): `/readyz` says so, and a
+    /// request that is not admitted yet gets 503 `shutting_down` with `retry-after`. Only the
+    /// app in process can see this: once serving stops, no new request reaches it.
+    #[tokio::test]
+    async fn readyz_turns_503_and_new_requests_are_refused_once_shutdown_begins() {
+        let state = Arc::new(AppState::build(&Config::default_config()).await.unwrap());
+        let app = router(state.clone());
+        let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+        let resp = app.clone().oneshot(get("/readyz")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+
+        state.begin_shutdown();
+        let resp = app.clone().oneshot(get("/readyz")).await.unwrap();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["x-mofa-reject-reason"], "shutting_down");
+        let resp = app.clone().oneshot(get("/healthz")).await.unwrap();
+        assert_eq!(resp.status(), 200, "still alive while draining");
+        let body = r#"{"model":"mofa-sim","messages":[{"role":"user","content":"hi"}]}"#;
+        let req = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["x-mofa-reject-reason"], "shutting_down");
+        assert!(resp.headers().contains_key("retry-after"));
+    }
 }

@@ -18,14 +18,14 @@ use crate::proxy::accept::accept;
 use crate::wire::ClientApi;
 
 /// See the module doc (the router's middleware).
-pub async fn stamp(req: Request, next: Next) -> Response {
+pub(super) async fn stamp(req: Request, next: Next) -> Response {
     let client = super::client_of(req.uri().path());
     stamp_with(req, client, |req| next.run(req)).await
 }
 
 /// The layer around `run` (the handler of a route the server dispatches itself: see
 /// [`super::App`]).
-pub async fn stamp_with<F, Fut>(
+pub(super) async fn stamp_with<F, Fut>(
     mut req: Request,
     client: &'static dyn ClientApi,
     run: F,

@@ -16,7 +16,7 @@ use super::{json_ok, AppState};
 /// The status page.
 const PAGE: &str = include_str!("status.html");
 
-pub async fn page() -> Response {
+pub(super) async fn page() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -27,7 +27,7 @@ pub async fn page() -> Response {
         .into_response()
 }
 
-pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -38,7 +38,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-pub async fn status_json(State(st): State<Arc<AppState>>) -> Response {
+pub(super) async fn status_json(State(st): State<Arc<AppState>>) -> Response {
     let mut v = st.pipeline.status_view();
     v["now_unix"] = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -7,17 +7,17 @@
 
 /// A limit: `limit` units (requests or tokens) per `period_us` microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
+pub(crate) struct Rate {
     pub limit: u64,
     pub period_us: u64,
 }
 
 /// One minute, the period of `rpm` and `tpm`.
-pub const MINUTE_US: u64 = 60_000_000;
+pub(crate) const MINUTE_US: u64 = 60_000_000;
 
 /// The outcome of charging a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
+pub(crate) enum Check {
     /// Charged: the bucket's new TAT and what is left.
     Allowed { tat: u64, status: Status },
     /// Not now: it fits exactly `retry_after_us` from now (the bucket is unchanged).
@@ -28,7 +28,7 @@ pub enum Check {
 
 /// What a bucket has left, for the `x-ratelimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Status {
+pub(crate) struct Status {
     pub limit: u64,
     /// Units that would fit now.
     pub remaining: u64,
@@ -38,7 +38,7 @@ pub struct Status {
 
 impl Rate {
     /// `limit` per minute.
-    pub fn per_minute(limit: u64) -> Rate {
+    pub(crate) fn per_minute(limit: u64) -> Rate {
         Rate {
             limit: limit.max(1),
             period_us: MINUTE_US,
@@ -46,7 +46,7 @@ impl Rate {
     }
 
     /// The time `cost` units take to refill, rounded up (so never more than the allowance).
-    pub fn cost_us(&self, cost: u64) -> u64 {
+    pub(crate) fn cost_us(&self, cost: u64) -> u64 {
         let t = (u128::from(cost) * u128::from(self.period_us)).div_ceil(u128::from(self.limit));
         u64::try_from(t).unwrap_or(u64::MAX)
     }
@@ -59,7 +59,7 @@ impl Rate {
     }
 
     /// What is left at `now` of a bucket at `tat`.
-    pub fn status(&self, tat: u64, now: u64) -> Status {
+    pub(crate) fn status(&self, tat: u64, now: u64) -> Status {
         let backlog = tat.saturating_sub(now);
         let free = u128::from(self.period_us.saturating_sub(backlog));
         let remaining = (free * u128::from(self.limit)) / u128::from(self.period_us);
@@ -71,7 +71,7 @@ impl Rate {
     }
 
     /// Charges `cost` units at `now` to a bucket at `tat` (0: a fresh, full bucket).
-    pub fn check(&self, tat: u64, now: u64, cost: u64) -> Check {
+    pub(crate) fn check(&self, tat: u64, now: u64, cost: u64) -> Check {
         let inc = self.cost_us(cost);
         if inc > self.period_us {
             return Check::TooLarge;
@@ -94,7 +94,7 @@ impl Rate {
 
     /// Corrects a charge after the fact by `delta` units (more used: positive; an estimate
     /// that was too high: negative). A refund never makes the bucket fuller than full.
-    pub fn adjust(&self, tat: u64, now: u64, delta: i64) -> u64 {
+    pub(crate) fn adjust(&self, tat: u64, now: u64, delta: i64) -> u64 {
         let inc = self.cost_us(delta.unsigned_abs());
         if delta >= 0 {
             tat.max(now).saturating_add(inc)

@@ -3,20 +3,20 @@
 //! duration format of the `x-ratelimit-reset-*` headers. State and `now` in, decisions out:
 //! no I/O, no clock, no HTTP crate, no tokio (the stores are `quota`'s).
 
-pub mod gcra;
+pub(crate) mod gcra;
 
-pub use gcra::{Check, Rate, Status};
+pub(crate) use gcra::{Check, Rate, Status};
 
 /// What a bucket counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dim {
+pub(crate) enum Dim {
     Requests,
     Tokens,
 }
 
 impl Dim {
     /// The envelope `type` of a 429 for this limit (as OpenAI).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Dim::Requests => "requests",
             Dim::Tokens => "tokens",
@@ -26,7 +26,7 @@ impl Dim {
 
 /// One bucket to charge: its rate, what it counts, and the cost of this request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Charge {
+pub(crate) struct Charge {
     pub rate: Rate,
     pub dim: Dim,
     pub cost: u64,
@@ -34,7 +34,7 @@ pub struct Charge {
 
 /// Why a request does not fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Denial {
+pub(crate) struct Denial {
     pub dim: Dim,
     pub limit: u64,
     pub used: u64,
@@ -46,7 +46,11 @@ pub struct Denial {
 /// Charges every bucket of `charges` (whose TATs are `tats`, in the same order) at `now`, or
 /// none of them: on success the TATs are updated and each bucket's status returned; on a
 /// refusal, the first bucket that refused with the longest wait among the refusals.
-pub fn charge_all(charges: &[Charge], tats: &mut [u64], now: u64) -> Result<Vec<Status>, Denial> {
+pub(crate) fn charge_all(
+    charges: &[Charge],
+    tats: &mut [u64],
+    now: u64,
+) -> Result<Vec<Status>, Denial> {
     let mut new = Vec::with_capacity(charges.len());
     let mut denial: Option<Denial> = None;
     for (c, &tat) in charges.iter().zip(tats.iter()) {
@@ -103,13 +107,13 @@ fn worse(a: Option<Denial>, b: Denial) -> Denial {
 
 /// The tokens charged before a call, as OpenAI counts: prompt characters / 4 (rounded up) plus
 /// the completion budget (`max_tokens` or `max_completion_tokens`; 0 when unset).
-pub fn estimate_tokens(prompt_chars: u64, max_tokens: u64) -> u64 {
+pub(crate) fn estimate_tokens(prompt_chars: u64, max_tokens: u64) -> u64 {
     prompt_chars.div_ceil(4).saturating_add(max_tokens)
 }
 
 /// A duration in OpenAI's format of `x-ratelimit-reset-*`: `12ms`, `1s`, `1.5s`, `6m0s`,
 /// `1h2m3s` (whole seconds from a minute on).
-pub fn openai_duration(us: u64) -> String {
+pub(crate) fn openai_duration(us: u64) -> String {
     let ms = us.div_ceil(1000);
     if ms < 1000 {
         return format!("{ms}ms");
@@ -132,7 +136,7 @@ pub fn openai_duration(us: u64) -> String {
 }
 
 /// `Retry-After` in whole seconds (at least 1) and `retry-after-ms` (at least 1) for a wait.
-pub fn retry_after(us: u64) -> (u64, u64) {
+pub(crate) fn retry_after(us: u64) -> (u64, u64) {
     let ms = us.div_ceil(1000).max(1);
     (ms.div_ceil(1000).max(1), ms)
 }

@@ -48,7 +48,7 @@ struct Parts {
 impl Orchestrator {
     /// Builds every model's deployments and admission state: starts in-process simulators,
     /// registers memory, and sets up the pool's processes (started on demand, not here).
-    pub async fn build(cfg: &Config) -> Result<Orchestrator, BuildError> {
+    pub(crate) async fn build(cfg: &Config) -> Result<Orchestrator, BuildError> {
         let a = &cfg.admission;
         let mut ledger = Ledger::new(MemoryLimits {
             capacity_mb: a.memory_capacity_mb,

@@ -17,7 +17,7 @@ use crate::pool::{Event, Managed, Phase, STOP_GRACE};
 use crate::reason::{RejectReason, Rejection};
 use crate::routing::Block;
 
-pub struct Memory {
+pub(crate) struct Memory {
     pub(super) ledger: Arc<Mutex<Ledger>>,
     /// By ledger id.
     procs: Vec<Option<Arc<Managed>>>,
@@ -26,7 +26,7 @@ pub struct Memory {
 
 /// An unload refused: the model has requests in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Busy;
+pub(crate) struct Busy;
 
 impl Memory {
     pub(super) fn new(ledger: Arc<Mutex<Ledger>>, procs: Vec<Option<Arc<Managed>>>) -> Arc<Self> {
@@ -111,7 +111,7 @@ impl Memory {
     }
 
     /// Stops every process the pool runs (shutdown), waiting up to the stop grace for each.
-    pub async fn stop_all(&self) {
+    pub(crate) async fn stop_all(&self) {
         for (id, _) in self.pool() {
             lock(&self.ledger).force_unload(id);
             self.retire(&[id]);
@@ -130,12 +130,12 @@ impl Memory {
     }
 
     /// The pool's process named `name` (`model` or `model@variant`), with its ledger id.
-    pub fn managed(&self, name: &str) -> Option<(usize, &Arc<Managed>)> {
+    pub(crate) fn managed(&self, name: &str) -> Option<(usize, &Arc<Managed>)> {
         self.pool().find(|(_, p)| p.name == name)
     }
 
     /// Marks a pool model resident (evicting idle ones if needed) so that it can be started.
-    pub fn load(&self, name: &str) -> Option<Result<(), Rejection>> {
+    pub(crate) fn load(&self, name: &str) -> Option<Result<(), Rejection>> {
         let (id, _) = self.managed(name)?;
         let evicted = lock(&self.ledger).load(id, Priority::Normal, Instant::now());
         Some(match evicted {
@@ -154,7 +154,7 @@ impl Memory {
     }
 
     /// Releases a pool model's memory and stops it; refused while requests are in flight.
-    pub fn unload(&self, name: &str) -> Option<Result<(), Busy>> {
+    pub(crate) fn unload(&self, name: &str) -> Option<Result<(), Busy>> {
         let (id, _) = self.managed(name)?;
         if !lock(&self.ledger).unload(id) {
             return Some(Err(Busy));
@@ -164,7 +164,7 @@ impl Memory {
     }
 
     /// The admin view of one pool process, with its memory books.
-    pub fn process_snapshot(&self, id: usize, p: &Managed) -> Value {
+    pub(crate) fn process_snapshot(&self, id: usize, p: &Managed) -> Value {
         let (mb, in_flight, last_used_ago) = {
             let l = lock(&self.ledger);
             let e = &l.entries[id];
@@ -182,7 +182,7 @@ impl Memory {
     }
 
     /// The pool's admin view.
-    pub fn pool_snapshot(&self) -> Value {
+    pub(crate) fn pool_snapshot(&self) -> Value {
         let procs: Vec<Value> = self
             .pool()
             .map(|(id, p)| self.process_snapshot(id, p))
@@ -191,7 +191,7 @@ impl Memory {
     }
 
     /// The memory part of the admin view.
-    pub fn snapshot(&self) -> Value {
+    pub(crate) fn snapshot(&self) -> Value {
         let ledger = lock(&self.ledger);
         json!({
             "capacity_mb": ledger.limits.capacity_mb,

@@ -30,7 +30,7 @@ mod build;
 mod memory;
 
 pub use build::BuildError;
-pub use memory::Memory;
+pub(crate) use memory::Memory;
 
 type Waiter = oneshot::Sender<Result<Permit, Rejection>>;
 
@@ -40,7 +40,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A model clients can ask for: its deployments and its admission state.
-pub struct ModelRt {
+pub(crate) struct ModelRt {
     pub name: Arc<str>,
     policy: Policy,
     deployments: Vec<Arc<Deployment>>,
@@ -54,7 +54,7 @@ pub struct ModelRt {
 }
 
 /// Holds a slot on one deployment; dropping it frees the slot and serves the next waiter.
-pub struct Permit {
+pub(crate) struct Permit {
     model: Arc<ModelRt>,
     dep: usize,
     start: Instant,
@@ -76,27 +76,27 @@ impl std::fmt::Debug for Permit {
 }
 
 impl Permit {
-    pub fn deployment(&self) -> &Arc<Deployment> {
+    pub(crate) fn deployment(&self) -> &Arc<Deployment> {
         &self.model.deployments[self.dep]
     }
 
     /// The pool's process for the deployment, if the gateway runs it.
-    pub fn managed(&self) -> Option<&Arc<Managed>> {
+    pub(crate) fn managed(&self) -> Option<&Arc<Managed>> {
         self.model.managed[self.dep].as_ref()
     }
 
     /// The model it was admitted to.
-    pub fn model_name(&self) -> &str {
+    pub(crate) fn model_name(&self) -> &str {
         &self.model.name
     }
 
     /// Which of its model's deployments (its index, for retries' exclusions).
-    pub fn dep_index(&self) -> usize {
+    pub(crate) fn dep_index(&self) -> usize {
         self.dep
     }
 
     /// A handle to report on this request after the permit moved on (into a stream).
-    pub fn feedback(&self) -> Feedback {
+    pub(crate) fn feedback(&self) -> Feedback {
         Feedback {
             model: self.model.clone(),
             dep: self.dep,
@@ -107,18 +107,18 @@ impl Permit {
 
 /// Reports on one request: its time to first byte (for the `latency` policy) and its outcome
 /// (for the deployment's breaker).
-pub struct Feedback {
+pub(crate) struct Feedback {
     model: Arc<ModelRt>,
     dep: usize,
     reported: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Feedback {
-    pub fn observe_ttfb(&self, ttfb: Duration) {
+    pub(crate) fn observe_ttfb(&self, ttfb: Duration) {
         lock(&self.model.core).observe_ttfb(self.dep, ttfb);
     }
 
-    pub fn report(&self, outcome: Outcome) {
+    pub(crate) fn report(&self, outcome: Outcome) {
         lock(&self.model.core).record(self.dep, outcome, Instant::now());
         self.reported
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -161,7 +161,7 @@ impl ModelRt {
     /// config): a permit to run, or the rejection to answer with.
     /// `exclude`: deployments (a bit each) this request already failed on; a retry runs now on
     /// another deployment or is refused, it never queues.
-    pub async fn admit(
+    pub(crate) async fn admit(
         self: &Arc<Self>,
         prio: Priority,
         max_wait: Option<Duration>,
@@ -228,7 +228,7 @@ impl ModelRt {
     }
 
     /// When a request arriving now must be served by, at the latest, given its `max_wait`.
-    pub fn deadline(&self, arrival: Instant, max_wait: Option<Duration>) -> Instant {
+    pub(crate) fn deadline(&self, arrival: Instant, max_wait: Option<Duration>) -> Instant {
         arrival + max_wait.map_or(self.max_wait, |w| w.min(self.max_wait))
     }
 
@@ -261,7 +261,7 @@ impl ModelRt {
     }
 
     /// The admin view of this model.
-    pub fn snapshot(&self) -> Value {
+    pub(crate) fn snapshot(&self) -> Value {
         let core = lock(&self.core);
         let by_prio = core.queue.depth_by_priority();
         let deployments: Vec<Value> = core
@@ -293,14 +293,14 @@ impl ModelRt {
 }
 
 /// All models and the shared memory.
-pub struct Orchestrator {
+pub(crate) struct Orchestrator {
     pub models: HashMap<String, Arc<ModelRt>>,
     pub memory: Arc<Memory>,
 }
 
 impl Orchestrator {
     /// The admin view: every model, and memory.
-    pub fn snapshot(&self) -> Value {
+    pub(crate) fn snapshot(&self) -> Value {
         let mut names: Vec<&String> = self.models.keys().collect();
         names.sort();
         let models: serde_json::Map<String, Value> = names
@@ -311,7 +311,7 @@ impl Orchestrator {
     }
 
     /// Shutdown: every queued request gets 503 `shutting_down`.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         for m in self.models.values() {
             let drained = lock(&m.core).drain();
             for tx in drained {
@@ -321,7 +321,7 @@ impl Orchestrator {
     }
 
     /// The pool's admin view.
-    pub fn pool_snapshot(&self) -> Value {
+    pub(crate) fn pool_snapshot(&self) -> Value {
         self.memory.pool_snapshot()
     }
 }

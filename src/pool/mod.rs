@@ -20,7 +20,7 @@ use tokio::sync::{oneshot, Notify};
 
 mod process;
 
-pub use process::STOP_GRACE;
+pub(crate) use process::STOP_GRACE;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -39,7 +39,7 @@ const READY_POLL: Duration = Duration::from_millis(100);
 
 /// How to run one managed model server.
 #[derive(Debug, Clone)]
-pub struct Spec {
+pub(crate) struct Spec {
     /// argv, with `{port}`, `{host}` and `{model}` still in it.
     pub command: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -54,7 +54,7 @@ pub struct Spec {
 
 /// Where a managed process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     Stopped,
     Starting,
     Ready,
@@ -100,7 +100,7 @@ struct ProcState {
 
 /// Why a managed model could not be made ready.
 #[derive(Debug, Clone)]
-pub enum StartError {
+pub(crate) enum StartError {
     /// It failed to start (or is in backoff after failures): retry after this many seconds.
     Failed { message: String, retry_after_s: u64 },
     /// Still starting when the request's deadline passed; it is expected to be ready in this
@@ -110,7 +110,7 @@ pub enum StartError {
 
 /// What happened to a managed process, as its listener hears it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// It answers on its ready path.
     Ready,
     /// It died, or its start failed: whatever it held is free (sent before its waiters learn).
@@ -122,7 +122,7 @@ pub enum Event {
 type Listener = Box<dyn Fn(Event) + Send + Sync>;
 
 /// One managed model server.
-pub struct Managed {
+pub(crate) struct Managed {
     /// Shown in logs and the admin API, e.g. `llama-3-8b@q8`.
     pub name: String,
     spec: Spec,
@@ -142,7 +142,7 @@ fn unix_now() -> u64 {
 }
 
 /// Backoff before start number `failures + 1`: none after the first failure, then 1 s, 2 s, ... 30 s.
-pub fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     match failures {
         0 | 1 => Duration::ZERO,
         n => Duration::from_secs(1u64 << (n - 2).min(5)).min(MAX_BACKOFF),
@@ -150,7 +150,7 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 /// `template` with `{port}`, `{host}` and `{model}` filled in.
-pub fn fill(template: &str, host: &str, port: u16, model: &str) -> String {
+pub(crate) fn fill(template: &str, host: &str, port: u16, model: &str) -> String {
     template
         .replace("{port}", &port.to_string())
         .replace("{host}", host)
@@ -158,7 +158,7 @@ pub fn fill(template: &str, host: &str, port: u16, model: &str) -> String {
 }
 
 impl Managed {
-    pub fn new(name: String, spec: Spec) -> Arc<Managed> {
+    pub(crate) fn new(name: String, spec: Spec) -> Arc<Managed> {
         Arc::new_cyclic(|this| Managed {
             name,
             spec,
@@ -185,7 +185,7 @@ impl Managed {
     }
 
     /// Sets who hears of this process's [`Event`]s.
-    pub fn on_event(&self, f: impl Fn(Event) + Send + Sync + 'static) {
+    pub(crate) fn on_event(&self, f: impl Fn(Event) + Send + Sync + 'static) {
         *lock(&self.listener) = Some(Box::new(f));
     }
 
@@ -196,7 +196,7 @@ impl Managed {
     }
 
     /// The base URL while the process is ready.
-    pub fn url(&self) -> Option<String> {
+    pub(crate) fn url(&self) -> Option<String> {
         let st = lock(&self.state);
         match (st.phase, st.port) {
             (Phase::Ready, Some(p)) => Some(format!("http://127.0.0.1:{p}/v1")),
@@ -204,15 +204,15 @@ impl Managed {
         }
     }
 
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         lock(&self.state).phase
     }
 
-    pub fn startup_timeout(&self) -> Duration {
+    pub(crate) fn startup_timeout(&self) -> Duration {
         self.spec.startup_timeout
     }
 
-    pub fn idle_ttl(&self) -> Option<Duration> {
+    pub(crate) fn idle_ttl(&self) -> Option<Duration> {
         self.spec.idle_ttl
     }
 
@@ -223,7 +223,7 @@ impl Managed {
 
     /// Waits until the process is ready, starting it if needed (once, however many wait).
     /// A start that fails while this request waits for it is its failure too.
-    pub async fn ensure_ready(&self, deadline: Instant) -> Result<(), StartError> {
+    pub(crate) async fn ensure_ready(&self, deadline: Instant) -> Result<(), StartError> {
         let mut saw_start = false;
         loop {
             let notified = self.changed.notified();
@@ -427,7 +427,7 @@ impl Managed {
     /// Stops the process if it is ready. The caller decides whether it should stop (the
     /// memory books); one that is starting is stopped by the listener of its `Ready` event if
     /// it is no longer wanted then.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let stop = {
             let mut st = lock(&self.state);
             if st.phase != Phase::Ready {
@@ -443,7 +443,7 @@ impl Managed {
     }
 
     /// Waits until the process is stopped (or failed), up to `timeout`.
-    pub async fn wait_stopped(&self, timeout: Duration) -> bool {
+    pub(crate) async fn wait_stopped(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
@@ -476,7 +476,7 @@ impl Managed {
     }
 
     /// The admin view of this process (the memory books add their own fields).
-    pub fn snapshot(&self) -> Value {
+    pub(crate) fn snapshot(&self) -> Value {
         let st = lock(&self.state);
         let logs: Vec<String> = lock(&self.logs)
             .iter()

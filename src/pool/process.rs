@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 /// Time between SIGTERM and SIGKILL.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The supervisor: the signal from the kernel when the gateway dies (USR1) kills the group;
 /// a stop's SIGTERM to the group reaches the server while the supervisor waits for it to exit
@@ -50,7 +50,7 @@ fn runnable(program: &str, cwd: Option<&str>, path_var: Option<std::ffi::OsStrin
 
 /// A server under its supervisor: the supervisor's `Child` (whose pid leads the group), which
 /// SIGKILLs the whole group when dropped while the supervisor still runs.
-pub struct Server(Child);
+pub(super) struct Server(Child);
 
 impl std::ops::Deref for Server {
     type Target = Child;
@@ -79,7 +79,7 @@ impl Drop for Server {
 
 /// Starts `argv` under the supervisor, with `env` added, stdin closed and stdout/stderr piped.
 /// The child's pid is the supervisor's, which leads the group.
-pub fn spawn(
+pub(super) fn spawn(
     argv: &[String],
     env: impl Iterator<Item = (String, String)>,
     cwd: Option<&str>,
@@ -152,7 +152,7 @@ fn kill_group(pid: u32, sig: libc::c_int) {
 
 /// After the supervisor (the group's leader) `pid` ended by itself: SIGKILL to whatever of its
 /// group is left (a server whose supervisor was killed, a wrapper's stray children).
-pub fn kill_leftovers(pid: Option<u32>) {
+pub(super) fn kill_leftovers(pid: Option<u32>) {
     #[cfg(unix)]
     if let Some(pid) = pid {
         kill_group(pid, libc::SIGKILL);
@@ -163,7 +163,7 @@ pub fn kill_leftovers(pid: Option<u32>) {
 
 /// SIGTERM to the process group, SIGKILL after [`STOP_GRACE`] (and to whatever of the group is
 /// left once the leader exited).
-pub async fn terminate(child: &mut Server) {
+pub(super) async fn terminate(child: &mut Server) {
     #[cfg(unix)]
     if let Some(pid) = child.id() {
         kill_group(pid, libc::SIGTERM);

@@ -12,7 +12,7 @@ use crate::headers::REQUEST_ID;
 
 /// A request the gateway took in.
 #[derive(Debug, Clone)]
-pub struct Accepted {
+pub(crate) struct Accepted {
     /// `x-request-id` of the reply, and `x-mofa-request-id` upstream.
     pub id: HeaderValue,
     pub arrival: Instant,
@@ -20,13 +20,13 @@ pub struct Accepted {
 
 /// The limits every request body must keep.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
 }
 
 /// Takes a request in: see the module doc.
-pub fn accept(h: &HeaderMap) -> Accepted {
+pub(crate) fn accept(h: &HeaderMap) -> Accepted {
     let id = h
         .get(REQUEST_ID)
         .filter(|v| valid_request_id(v.as_bytes()))

@@ -12,7 +12,7 @@ use crate::orchestrator::{ModelRt, Permit};
 
 /// Admits `req` to `model`, avoiding the deployments in `exclude` (a bit each: a retry runs now
 /// on another deployment or not at all). Returns the permit and the time it waited.
-pub async fn admit(
+pub(crate) async fn admit(
     model: &Arc<ModelRt>,
     req: &Parsed,
     exclude: u64,

@@ -22,7 +22,7 @@ use crate::headers::PRIORITY;
 
 /// Who a request comes from.
 #[derive(Debug, Clone)]
-pub enum Principal {
+pub(crate) enum Principal {
     /// `auth.mode = "none"`: anyone who reaches the port.
     Anonymous,
     /// A client key, by its configured entry.
@@ -31,7 +31,7 @@ pub enum Principal {
 
 /// A configured client key (its name, never its secret).
 #[derive(Debug)]
-pub struct KeyEntry {
+pub(crate) struct KeyEntry {
     /// The principal's index for the limits (1 + its place in `auth.keys`).
     pub index: usize,
     pub name: Arc<str>,
@@ -44,7 +44,7 @@ pub struct KeyEntry {
 
 impl Principal {
     /// The index of the principal's limits (0: anonymous).
-    pub fn index(&self) -> usize {
+    pub(crate) fn index(&self) -> usize {
         match self {
             Principal::Anonymous => 0,
             Principal::Key(k) => k.index,
@@ -52,7 +52,7 @@ impl Principal {
     }
 
     /// The key's name (logs, headers), if it is a key.
-    pub fn name(&self) -> Option<&Arc<str>> {
+    pub(crate) fn name(&self) -> Option<&Arc<str>> {
         match self {
             Principal::Anonymous => None,
             Principal::Key(k) => Some(&k.name),
@@ -60,7 +60,7 @@ impl Principal {
     }
 
     /// Whether the principal may use `model`.
-    pub fn may_use(&self, model: &str) -> bool {
+    pub(crate) fn may_use(&self, model: &str) -> bool {
         match self {
             Principal::Anonymous => true,
             Principal::Key(k) => k.models.as_ref().is_none_or(|m| m.contains(model)),
@@ -69,19 +69,19 @@ impl Principal {
 }
 
 /// The keys the gateway knows, by the SHA-256 of their secret.
-pub struct Auth {
+pub(crate) struct Auth {
     mode: AuthMode,
     keys: HashMap<[u8; 32], Arc<KeyEntry>>,
     admin: Vec<[u8; 32]>,
 }
 
 /// The SHA-256 of a key's secret.
-pub fn digest(secret: &str) -> [u8; 32] {
+pub(crate) fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
 impl Auth {
-    pub fn build(cfg: &Config) -> Auth {
+    pub(crate) fn build(cfg: &Config) -> Auth {
         let keys = cfg
             .auth
             .keys
@@ -106,13 +106,13 @@ impl Auth {
         }
     }
 
-    pub fn keys_required(&self) -> bool {
+    pub(crate) fn keys_required(&self) -> bool {
         self.mode == AuthMode::Keys
     }
 
     /// Who sends a request with these headers: 401 when keys are required and it names none
     /// that is known.
-    pub fn authenticate(&self, h: &HeaderMap) -> Result<Principal, ApiError> {
+    pub(crate) fn authenticate(&self, h: &HeaderMap) -> Result<Principal, ApiError> {
         if !self.keys_required() {
             return Ok(Principal::Anonymous);
         }
@@ -130,7 +130,7 @@ impl Auth {
 
     /// Whether these headers carry an admin key (always true without `mode = "keys"`): 401
     /// without a known key, 403 with a client key.
-    pub fn admin(&self, h: &HeaderMap) -> Result<(), ApiError> {
+    pub(crate) fn admin(&self, h: &HeaderMap) -> Result<(), ApiError> {
         if !self.keys_required() {
             return Ok(());
         }

@@ -28,7 +28,7 @@ use crate::upstream::{Deployment, Reply, UpstreamError};
 const SETTLE_PROBE_LIMIT: Duration = Duration::from_secs(2);
 
 /// A successful try.
-pub struct Forwarded {
+pub(crate) struct Forwarded {
     pub reply: Reply,
     pub dep: Arc<Deployment>,
     /// From sending to the first byte.
@@ -38,7 +38,7 @@ pub struct Forwarded {
 }
 
 /// A failed try: the answer it would give, and whether another deployment could do better.
-pub struct Failed {
+pub(crate) struct Failed {
     pub error: ApiError,
     pub retryable: bool,
     /// A 5xx answer not yet reported to the deployment's breaker.
@@ -48,7 +48,7 @@ pub struct Failed {
 /// A deployment's 5xx answer to a request, held until it is known whose fault it was (see the
 /// module doc). Dropped without [`Suspect::confirm`] or [`Suspect::settle`]: the request's
 /// fault, nothing is reported.
-pub struct Suspect {
+pub(crate) struct Suspect {
     feedback: Feedback,
     dep: Arc<Deployment>,
 }
@@ -63,12 +63,12 @@ impl std::fmt::Debug for Suspect {
 
 impl Suspect {
     /// Another deployment served the same request: the failure was this deployment's.
-    pub fn confirm(self) {
+    pub(crate) fn confirm(self) {
         self.feedback.report(Outcome::Failure);
     }
 
     /// Nothing to compare with: it counts only if the deployment's health check fails too.
-    pub async fn settle(self) {
+    pub(crate) async fn settle(self) {
         let healthy = tokio::time::timeout(SETTLE_PROBE_LIMIT, self.dep.probe())
             .await
             .unwrap_or(false);
@@ -87,7 +87,7 @@ fn maybe_the_requests_fault(e: &UpstreamError) -> bool {
 
 /// Runs one try of `req` under `permit`; `start_by`: the latest a pool server may take to
 /// start for it.
-pub async fn forward(
+pub(crate) async fn forward(
     permit: Permit,
     req: &Parsed,
     request_id: &str,

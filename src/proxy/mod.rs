@@ -41,16 +41,16 @@ use crate::reason::{RejectReason, Rejection};
 use crate::upstream::{Deployment, Endpoint, Reply, StreamEnd};
 use crate::wire::{ClientApi, Local, ReplyFormat};
 
-pub mod accept;
-pub mod admit;
-pub mod authorize;
+pub(crate) mod accept;
+pub(crate) mod admit;
+pub(crate) mod authorize;
 mod context;
-pub mod forward;
-pub mod limit;
+pub(crate) mod forward;
+pub(crate) mod limit;
 mod models;
-pub mod observe;
-pub mod parse;
-pub mod route;
+pub(crate) mod observe;
+pub(crate) mod parse;
+pub(crate) mod route;
 
 use accept::{Accepted, Limits};
 use context::Ctx;
@@ -69,7 +69,7 @@ enum Ran {
 
 /// Everything the phases share. Built once; admission state lives per model in the
 /// orchestrator, behind short per-model locks.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     orch: Orchestrator,
     observer: Arc<Observer>,
     auth: authorize::Auth,
@@ -85,7 +85,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Builds the pipeline from a validated config, starting in-process simulators.
-    pub async fn build(cfg: &Config) -> Result<Pipeline, BuildError> {
+    pub(crate) async fn build(cfg: &Config) -> Result<Pipeline, BuildError> {
         let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();
         let observer = Arc::new(Observer::new(&names));
         // Histogram samples wait for the next scrape: move them into buckets now and then.
@@ -117,12 +117,12 @@ impl Pipeline {
     }
 
     /// Shutdown begins: new and queued requests get 503 `shutting_down`.
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
         self.orch.shutdown();
     }
 
-    pub fn is_shutting_down(&self) -> bool {
+    pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
 

@@ -16,16 +16,16 @@ use axum::http::HeaderValue;
 use crate::admission::Priority;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, Sample};
-pub use crate::reason::Reason;
+pub(crate) use crate::reason::Reason;
 
-pub mod line;
+pub(crate) mod line;
 
 /// The client's address, put into each request's extensions by the server's accept loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
+pub(crate) struct ClientAddr(pub SocketAddr);
 
 /// Counters of finished requests (the admin view), and the metrics.
-pub struct Observer {
+pub(crate) struct Observer {
     requests: AtomicU64,
     retries: AtomicU64,
     client_disconnects: AtomicU64,
@@ -40,7 +40,7 @@ impl Default for Observer {
 
 impl Observer {
     /// The observer of a gateway serving `models` (the configured names).
-    pub fn new(models: &[String]) -> Observer {
+    pub(crate) fn new(models: &[String]) -> Observer {
         Observer {
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -49,12 +49,12 @@ impl Observer {
         }
     }
 
-    pub fn client_disconnects(&self) -> u64 {
+    pub(crate) fn client_disconnects(&self) -> u64 {
         self.client_disconnects.load(Ordering::Relaxed)
     }
 
     /// The admin view of the counters.
-    pub fn snapshot(&self) -> serde_json::Value {
+    pub(crate) fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
             "requests": self.requests.load(Ordering::Relaxed),
             "retries": self.retries.load(Ordering::Relaxed),
@@ -69,7 +69,7 @@ impl Observer {
 ///
 /// [`Ctx`]: super::context::Ctx
 #[derive(Debug, Clone)]
-pub struct Record {
+pub(crate) struct Record {
     pub request_id: HeaderValue,
     /// Where the request came from.
     pub client: Option<SocketAddr>,
@@ -108,7 +108,7 @@ impl Record {
     /// An empty record of request `request_id` (what a [`Ctx`] starts from).
     ///
     /// [`Ctx`]: super::context::Ctx
-    pub fn new(request_id: HeaderValue) -> Record {
+    pub(crate) fn new(request_id: HeaderValue) -> Record {
         Record {
             request_id,
             client: None,
@@ -133,7 +133,7 @@ impl Record {
 
 /// Token counts of a request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tokens {
+pub(crate) struct Tokens {
     pub input: u64,
     pub output: u64,
     /// Counted by the gateway (no `usage` from the upstream).
@@ -141,11 +141,11 @@ pub struct Tokens {
 }
 
 /// A hook run when a request is over, with its record.
-pub type OnFinish = Box<dyn FnOnce(&Record) + Send>;
+pub(crate) type OnFinish = Box<dyn FnOnce(&Record) + Send>;
 
 impl Observer {
     /// Counts `rec`, feeds the metrics and writes its access log line.
-    pub fn finished(&self, rec: &Record) {
+    pub(crate) fn finished(&self, rec: &Record) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if rec.attempts > 1 {
             self.retries
@@ -190,14 +190,14 @@ impl Observer {
     }
 
     /// A try on an upstream failed with `e` (another may follow), or succeeded (`None`).
-    pub fn upstream_attempt(&self, e: Option<&ApiError>) {
+    pub(crate) fn upstream_attempt(&self, e: Option<&ApiError>) {
         let outcome = e.map_or("ok", |e| e.kind.spec().reason.as_str());
         self.metrics.upstream_attempt(outcome);
     }
 
     /// A request was refused by the rate limit `limit` (`requests`, `tokens`, ...) of the
     /// key named `key` (its configured name, never the secret).
-    pub fn rate_limited(&self, key: &str, limit: &'static str) {
+    pub(crate) fn rate_limited(&self, key: &str, limit: &'static str) {
         self.metrics.rate_limited(key, limit);
     }
 }

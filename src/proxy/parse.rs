@@ -24,7 +24,7 @@ use crate::wire::{ClientApi, Local, ReplyFormat};
 /// Reads and checks a request for `endpoint` from a client speaking `client`: see the module
 /// doc. `named`: the `model` the body names, once known (also when the request is refused after
 /// that).
-pub async fn parse(
+pub(crate) async fn parse(
     endpoint: Endpoint,
     client: &'static dyn ClientApi,
     limits: Limits,
@@ -52,7 +52,7 @@ pub async fn parse(
 }
 
 /// What a valid request asks for.
-pub struct Parsed {
+pub(crate) struct Parsed {
     pub endpoint: Endpoint,
     pub model: String,
     pub stream: bool,
@@ -80,7 +80,7 @@ pub struct Parsed {
 
 /// The tokens a request is charged before it runs (see [`Parsed::token_estimate`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TokenEstimate {
+pub(crate) struct TokenEstimate {
     /// Prompt characters / 4, rounded up.
     pub prompt: u64,
     /// `max_tokens` or `max_completion_tokens` (0 when unset).
@@ -88,7 +88,7 @@ pub struct TokenEstimate {
 }
 
 impl TokenEstimate {
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.prompt.saturating_add(self.completion)
     }
 }
@@ -96,7 +96,7 @@ impl TokenEstimate {
 impl Parsed {
     /// The priority the request asks for (header, then body, then its principal's default,
     /// then `normal`).
-    pub fn requested_priority(&self) -> Priority {
+    pub(crate) fn requested_priority(&self) -> Priority {
         self.header_priority
             .or(self.body_priority)
             .or(self.default_priority)
@@ -104,7 +104,7 @@ impl Parsed {
     }
 
     /// The priority it runs at: the one it asks for, lowered to its principal's ceiling.
-    pub fn priority(&self) -> Priority {
+    pub(crate) fn priority(&self) -> Priority {
         let p = self.requested_priority();
         self.max_priority.map_or(p, |max| p.min(max))
     }
@@ -112,7 +112,7 @@ impl Parsed {
     /// The tokens to charge before the call, as OpenAI counts them: the characters of the
     /// prompt (`messages`, `prompt` or `input`: every string in them) / 4, plus `max_tokens`
     /// or `max_completion_tokens`. Parses the body again: call it only when tokens are limited.
-    pub fn token_estimate(&self) -> TokenEstimate {
+    pub(crate) fn token_estimate(&self) -> TokenEstimate {
         #[derive(Deserialize, Default)]
         #[serde(default)]
         struct Counted {

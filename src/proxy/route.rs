@@ -14,7 +14,7 @@ use crate::error::ApiError;
 
 /// The tries of one request.
 #[derive(Debug)]
-pub struct Attempts {
+pub(crate) struct Attempts {
     max: u32,
     budget_end: Instant,
     /// Deployments already tried, a bit each.
@@ -27,7 +27,7 @@ pub struct Attempts {
 }
 
 impl Attempts {
-    pub fn new(max: u32, budget: Duration, arrival: Instant) -> Attempts {
+    pub(crate) fn new(max: u32, budget: Duration, arrival: Instant) -> Attempts {
         Attempts {
             max: max.max(1),
             budget_end: arrival + budget,
@@ -39,28 +39,28 @@ impl Attempts {
     }
 
     /// The deployments not to use for the next try.
-    pub fn exclude(&self) -> u64 {
+    pub(crate) fn exclude(&self) -> u64 {
         self.exclude
     }
 
     /// This is the first try (a rejection then is the answer; later, the failures are).
-    pub fn is_first(&self) -> bool {
+    pub(crate) fn is_first(&self) -> bool {
         self.failures.is_empty()
     }
 
     /// How many tries were made (or are being made).
-    pub fn count(&self) -> u32 {
+    pub(crate) fn count(&self) -> u32 {
         self.failures.len() as u32 + 1
     }
 
     /// A try goes to deployment `dep`.
-    pub fn trying(&mut self, dep: usize) {
+    pub(crate) fn trying(&mut self, dep: usize) {
         self.exclude |= 1 << dep.min(63);
     }
 
     /// The try failed; whether to try again (`retryable`: another deployment could succeed
     /// where this one failed; not when a second deployment reproduced a 5xx answer).
-    pub fn failed(&mut self, f: Failed, now: Instant) -> bool {
+    pub(crate) fn failed(&mut self, f: Failed, now: Instant) -> bool {
         self.failures.push(f.error);
         if let Some(s) = f.suspect {
             if self.suspect.take().is_some() {
@@ -74,7 +74,7 @@ impl Attempts {
     }
 
     /// A try succeeded: a 5xx answer held before it was the other deployment's fault.
-    pub fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         if let Some(s) = self.suspect.take() {
             s.confirm();
         }
@@ -82,7 +82,7 @@ impl Attempts {
 
     /// The answer when no try succeeded, and the 5xx answer that nothing could be compared
     /// with (to be settled by the deployment's health check).
-    pub fn give_up(self) -> (ApiError, Option<Suspect>) {
+    pub(crate) fn give_up(self) -> (ApiError, Option<Suspect>) {
         let n = self.failures.len().max(1) as u32;
         let mut e = ApiError::worst_of(self.failures).attempts(n);
         if self.request_at_fault {

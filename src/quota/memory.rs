@@ -14,7 +14,7 @@ use super::{Outcome, Plan, Slot};
 use crate::limits::charge_all;
 
 /// The buckets of every principal, by index.
-pub struct MemoryStore {
+pub(super) struct MemoryStore {
     epoch: Instant,
     principals: Vec<Mutex<Buckets>>,
     /// Per model: its `rpm`, `tpm` TATs.
@@ -36,7 +36,7 @@ fn tat<'a>(b: &'a mut Buckets, m: &'a mut [u64; 2], slot: Slot) -> &'a mut u64 {
 }
 
 impl MemoryStore {
-    pub fn new(principals: usize, models: usize) -> MemoryStore {
+    pub(super) fn new(principals: usize, models: usize) -> MemoryStore {
         MemoryStore {
             epoch: Instant::now(),
             principals: (0..principals)
@@ -75,7 +75,7 @@ impl MemoryStore {
     }
 
     /// Charges `plan` (and takes an in-flight place if it has `max_parallel`), or refuses.
-    pub fn acquire(&self, plan: &Plan) -> Outcome {
+    pub(super) fn acquire(&self, plan: &Plan) -> Outcome {
         let now = self.now();
         let Some(mut b) = self.lock(plan.who) else {
             return Outcome::Allowed(Vec::new());
@@ -109,7 +109,7 @@ impl MemoryStore {
     }
 
     /// Corrects the token buckets of `plan` by `delta` tokens.
-    pub fn adjust(&self, plan: &Plan, delta: i64) {
+    pub(super) fn adjust(&self, plan: &Plan, delta: i64) {
         let now = self.now();
         if let Some(mut b) = self.lock(plan.who) {
             let mut mg = self.lock_model(plan);
@@ -126,7 +126,7 @@ impl MemoryStore {
     /// (microseconds each bucket is ahead of now), in the plan's order. Never down: answers
     /// to concurrent requests arrive in any order, and the latest state is the fullest (but
     /// for refunds, which [`MemoryStore::adjust`] applies here too).
-    pub fn mirror(&self, plan: &Plan, backlogs: impl Iterator<Item = u64>) {
+    pub(super) fn mirror(&self, plan: &Plan, backlogs: impl Iterator<Item = u64>) {
         let now = self.now();
         if let Some(mut b) = self.lock(plan.who) {
             let mut mg = self.lock_model(plan);
@@ -141,7 +141,7 @@ impl MemoryStore {
 
     /// Moves bucket `slot` of principal `who` up to `backlog` microseconds ahead of now (what
     /// a refusal by Redis says of it).
-    pub fn raise(&self, who: usize, slot: Slot, backlog: u64) {
+    pub(super) fn raise(&self, who: usize, slot: Slot, backlog: u64) {
         let now = self.now();
         let raise = |t: &mut u64| *t = (*t).max(now.saturating_add(backlog));
         match slot {
@@ -159,7 +159,7 @@ impl MemoryStore {
     }
 
     /// How far ahead of now the bucket `slot` of principal `who` is (0: full).
-    pub fn backlog(&self, who: usize, slot: Slot) -> u64 {
+    pub(super) fn backlog(&self, who: usize, slot: Slot) -> u64 {
         let now = self.now();
         let t = match slot {
             Slot::Key(d) => self.lock(who).map(|b| b.key[d as usize]),
@@ -172,14 +172,14 @@ impl MemoryStore {
     }
 
     /// Gives back an in-flight place.
-    pub fn release(&self, who: usize) {
+    pub(super) fn release(&self, who: usize) {
         if let Some(mut b) = self.lock(who) {
             b.in_flight = b.in_flight.saturating_sub(1);
         }
     }
 
     /// In-flight places taken, by principal.
-    pub fn in_flight(&self, who: usize) -> u32 {
+    pub(super) fn in_flight(&self, who: usize) -> u32 {
         self.lock(who).map_or(0, |b| b.in_flight)
     }
 }

@@ -22,11 +22,11 @@ use redis::RedisStore;
 
 /// How long a Redis in-flight lease lives without renewal: a replica that dies frees its
 /// places after this.
-pub const LEASE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// Which bucket of a principal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
+pub(crate) enum Slot {
     /// The principal's own limit.
     Key(Dim),
     /// A model's limit (by model index), all principals together.
@@ -35,7 +35,7 @@ pub enum Slot {
 
 /// What one request charges: the principal (index), the model, each bucket and its cost.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub who: usize,
     /// The principal's name (Redis keys).
     pub name: Arc<str>,
@@ -56,7 +56,7 @@ impl Plan {
 
 /// What a store answers.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Charged: each bucket's status, in the plan's order.
     Allowed(Vec<Status>),
     Limited(Denial),
@@ -66,7 +66,7 @@ pub enum Outcome {
 
 /// Why a request may not run.
 #[derive(Debug, Clone, Copy)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     Limited(Denial),
     Parallel(u32),
     /// `redis_failure = "closed"` and Redis does not answer.
@@ -82,7 +82,7 @@ enum Via {
 
 /// What a request holds of its limits until it ends.
 #[derive(Debug)]
-pub struct Grant {
+pub(crate) struct Grant {
     plan: Plan,
     via: Via,
     /// The tokens charged before the call.
@@ -102,7 +102,7 @@ struct Policy {
 }
 
 /// The rate limits of every principal, and their store.
-pub struct Limiter {
+pub(crate) struct Limiter {
     /// Index 0: the anonymous principal (`auth.mode = "none"`); then `auth.keys` in order.
     policies: Vec<Policy>,
     /// Per model (config order): its name, `rpm`, `tpm`.
@@ -119,7 +119,7 @@ impl Limiter {
     /// Built from the config; with Redis, starts its connection and health task (so it must
     /// run inside the runtime). A Redis that is down at start is the same as one that fails
     /// later: `redis_failure` applies until it answers.
-    pub async fn build(cfg: &Config) -> Limiter {
+    pub(crate) async fn build(cfg: &Config) -> Limiter {
         let mut policies = vec![Policy {
             name: "anonymous".into(),
             rpm: None,
@@ -166,20 +166,20 @@ impl Limiter {
     }
 
     /// The index of a configured model.
-    pub fn model_index(&self, name: &str) -> Option<usize> {
+    pub(crate) fn model_index(&self, name: &str) -> Option<usize> {
         self.model_index.get(name).copied()
     }
 
     /// Whether a request of `who` to `model` is charged tokens (so that its estimate is
     /// worth computing).
-    pub fn counts_tokens(&self, who: usize, model: usize) -> bool {
+    pub(crate) fn counts_tokens(&self, who: usize, model: usize) -> bool {
         self.policies.get(who).is_some_and(|p| p.tpm.is_some())
             || self.models.get(model).is_some_and(|m| m.2.is_some())
     }
 
     /// What request `who` (principal index) to `model` (index) charges, `tokens` estimated;
     /// `None` when no limit applies to it at all.
-    pub fn plan(&self, who: usize, model: usize, tokens: u64) -> Option<Plan> {
+    pub(crate) fn plan(&self, who: usize, model: usize, tokens: u64) -> Option<Plan> {
         let p = self.policies.get(who)?;
         let (model_name, m_rpm, m_tpm) = self.models.get(model)?.clone();
         let mut charges = Vec::new();
@@ -213,7 +213,7 @@ impl Limiter {
     }
 
     /// Charges `plan` in the configured store (or its fallback), or refuses it.
-    pub async fn acquire(&self, plan: Plan, estimate: u64) -> Result<Grant, Refusal> {
+    pub(crate) async fn acquire(&self, plan: Plan, estimate: u64) -> Result<Grant, Refusal> {
         let (outcome, via) = match &self.redis {
             None => (self.memory.acquire(&plan), Via::Memory),
             Some(r) => {
@@ -288,7 +288,7 @@ impl Limiter {
 
     /// The request is over: corrects its token charge to `actual` tokens (when known) and
     /// frees its in-flight place. Never waits: Redis is told by a task of its own.
-    pub fn settle(&self, grant: Grant, actual: Option<u64>) {
+    pub(crate) fn settle(&self, grant: Grant, actual: Option<u64>) {
         let delta = actual.map_or(0, |a| a as i64 - grant.estimate as i64);
         let has_tokens = grant.plan.token_charges().next().is_some();
         match grant.via {
@@ -317,7 +317,7 @@ impl Limiter {
     }
 
     /// `/readyz` detail and the admin view: the store and its state.
-    pub fn health(&self) -> Value {
+    pub(crate) fn health(&self) -> Value {
         match &self.redis {
             None => json!({"store": "memory"}),
             Some(r) => json!({
@@ -336,7 +336,7 @@ impl Limiter {
 
     /// The admin view: store state, refusals, and each principal's limits and local in-flight
     /// count (names only, never a key or its hash).
-    pub fn snapshot(&self) -> Value {
+    pub(crate) fn snapshot(&self) -> Value {
         let mut v = self.health();
         v["refused"] = self.refused.load(Ordering::Relaxed).into();
         v["principals"] = self

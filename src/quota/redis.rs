@@ -159,7 +159,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 const RENEW_EVERY: Duration = Duration::from_secs(3);
 /// The longest a settlement waits for its tag's next check before it is sent on its own:
 /// other replicas see a freed place at most this late (plus a round trip).
-pub const FLUSH_AFTER: Duration = Duration::from_millis(10);
+pub(super) const FLUSH_AFTER: Duration = Duration::from_millis(10);
 /// The most freed leases kept for one tag while Redis does not answer; older ones are
 /// dropped (they expire by themselves, [`LEASE_TTL`]).
 const MAX_PENDING_FREES: usize = 4096;
@@ -221,7 +221,7 @@ fn broken(e: &redis::RedisError) -> bool {
     e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped()
 }
 
-pub struct RedisStore {
+pub(super) struct RedisStore {
     client: Option<redis::Client>,
     link: Mutex<Link>,
     up: AtomicBool,
@@ -263,7 +263,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl RedisStore {
     /// Connects (waiting at most about a second) and starts the health task and the flusher.
     /// `shadow` is the memory store: set from every answer, the source of the floors.
-    pub async fn start(
+    pub(super) async fn start(
         url: &str,
         timeout: Duration,
         failure: RedisFailure,
@@ -307,7 +307,7 @@ impl RedisStore {
         store
     }
 
-    pub fn is_up(&self) -> bool {
+    pub(super) fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
 
@@ -383,7 +383,7 @@ impl RedisStore {
     /// Starts a ping in the background unless one started within the last 100 ms: a request
     /// that finds the store down in `local` mode, so that the next ones use Redis as soon as
     /// it answers, not at the health task's next ping.
-    pub fn probe_soon(self: &Arc<Self>) {
+    pub(super) fn probe_soon(self: &Arc<Self>) {
         let now = self.ms_since_born();
         let last = self.last_probe_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 100
@@ -501,7 +501,10 @@ impl RedisStore {
     /// Charges `plan` in Redis. `Err`: Redis did not answer (the caller falls back). The
     /// model's buckets (shared by all principals, their own hash tag) are charged first, then
     /// the principal's; a refusal by the second gives the first charge back.
-    pub async fn acquire(self: &Arc<Self>, plan: &Plan) -> Result<(Outcome, Option<String>), ()> {
+    pub(super) async fn acquire(
+        self: &Arc<Self>,
+        plan: &Plan,
+    ) -> Result<(Outcome, Option<String>), ()> {
         let has_model = plan
             .charges
             .iter()
@@ -763,7 +766,7 @@ impl RedisStore {
     /// The request is over: its token buckets are corrected by `delta` and `lease` is freed,
     /// with the tag's next call (this replica's next request of the same principal), or by the
     /// flusher within [`FLUSH_AFTER`]. Never waits.
-    pub fn settle(&self, plan: Plan, delta: i64, lease: Option<String>) {
+    pub(super) fn settle(&self, plan: Plan, delta: i64, lease: Option<String>) {
         if let Some(m) = &lease {
             lock(&self.leases).remove(m);
         }
@@ -776,7 +779,7 @@ impl RedisStore {
 
     /// `plan` was admitted on the local buckets while Redis did not answer (or `delta` tokens
     /// corrected one such): charged to Redis with the tags' next calls, once.
-    pub fn owe(&self, plan: &Plan, delta: Option<i64>) {
+    pub(super) fn owe(&self, plan: &Plan, delta: Option<i64>) {
         match delta {
             None => self.defer_plan(
                 plan,

@@ -58,12 +58,12 @@ thread_local! {
 }
 
 /// How many serving threads (lanes) the clients built after this call serve.
-pub fn set_lanes(n: usize) {
+pub(crate) fn set_lanes(n: usize) {
     LANES.store(n.clamp(1, 1024), Ordering::Relaxed);
 }
 
 /// Marks the current thread as serving lane `i`.
-pub fn set_lane(i: usize) {
+pub(crate) fn set_lane(i: usize) {
     LANE.with(|l| l.set(i));
 }
 
@@ -81,7 +81,7 @@ pub(super) struct SendError {
 }
 
 impl HttpClient {
-    pub fn new(connect_timeout: Duration) -> Result<HttpClient, String> {
+    pub(super) fn new(connect_timeout: Duration) -> Result<HttpClient, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -114,7 +114,7 @@ impl HttpClient {
     /// Sends `req` and returns the reply's head (its body not read yet); see the module doc
     /// for the connection rules. `again` builds the same request once more (if it still can), for
     /// the one try on a fresh connection: built only then, as most requests never need it.
-    pub async fn send(
+    pub(super) async fn send(
         &self,
         req: Request<Full<Bytes>>,
         again: impl FnOnce() -> Option<Request<Full<Bytes>>>,
@@ -317,7 +317,7 @@ pub(super) struct Coalesce {
 }
 
 impl Coalesce {
-    pub fn new(body: Incoming) -> Coalesce {
+    pub(super) fn new(body: Incoming) -> Coalesce {
         Coalesce {
             body,
             error: None,

@@ -27,20 +27,20 @@ mod wire;
 use api::UpstreamApi;
 use client::{Coalesce, HttpClient};
 
-pub use client::{set_lane, set_lanes};
-pub use relay::{OnEnd, PendingStream, StreamEnd, StreamStats, Transform};
-pub use wire::{envelope, error_message, is_envelope, Usage};
+pub(crate) use client::{set_lane, set_lanes};
+pub(crate) use relay::{OnEnd, PendingStream, StreamEnd, StreamStats, Transform};
+pub(crate) use wire::{envelope, error_message, is_envelope, Usage};
 
 /// The OpenAI endpoints the gateway forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
 }
 
 /// One place a model can run, ready to be called.
-pub struct Deployment {
+pub(crate) struct Deployment {
     /// The `x-mofa-backend` value, e.g. `local(llama-3-8b@q8)`.
     pub label: Arc<str>,
     /// `label` as a header value, built once (`None` if it is not a valid one).
@@ -83,11 +83,11 @@ impl std::fmt::Debug for Deployment {
 }
 
 /// The current base URL of a deployment whose address changes (a server the pool runs).
-pub type DynamicBase = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+pub(crate) type DynamicBase = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// Why an upstream call failed before anything reached the client.
 #[derive(Debug)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// Could not connect, or the connection broke before the reply's first body byte.
     Connect(String),
     /// No reply (head or first body byte) within the deadline; names the deadline.
@@ -121,7 +121,7 @@ impl std::error::Error for UpstreamError {}
 impl UpstreamError {
     /// Whether another deployment should be tried: connection failures, timeouts, broken
     /// replies, 5xx, 408 and 429. Never a client error (other 4xx) or an oversized reply.
-    pub fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         match self {
             UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::Invalid(_) => {
                 true
@@ -135,7 +135,7 @@ impl UpstreamError {
 
     /// What it says of the deployment, for its breaker: a 429 (or a 503 with `Retry-After`)
     /// asks for a pause; a client error says nothing bad of it.
-    pub fn outcome(&self, now: std::time::Instant) -> Outcome {
+    pub(crate) fn outcome(&self, now: std::time::Instant) -> Outcome {
         match self {
             UpstreamError::Status {
                 status,
@@ -155,7 +155,7 @@ impl UpstreamError {
 }
 
 /// A successful upstream reply, ready to send.
-pub enum Reply {
+pub(crate) enum Reply {
     /// A complete body (non-streaming), already checked.
     Full {
         content_type: HeaderValue,
@@ -171,7 +171,7 @@ pub enum Reply {
 impl Deployment {
     /// Builds a deployment from its config; `url` overrides the config's (for in-process sims);
     /// `dynamic_base` gives the address of a server the pool runs (a deployment with a `command`).
-    pub fn new(
+    pub(crate) fn new(
         model: &str,
         cfg: &DeploymentConfig,
         url: &str,
@@ -229,7 +229,7 @@ impl Deployment {
     }
 
     /// `GET <base>/models`, the active health check: whether it answered 2xx in time.
-    pub async fn probe(&self) -> bool {
+    pub(crate) async fn probe(&self) -> bool {
         let url = match &self.dynamic_base {
             Some(m) => match m() {
                 Some(u) => format!("{u}{}", self.api.probe_path()).parse::<Uri>().ok(),
@@ -264,7 +264,7 @@ impl Deployment {
 
     /// Sends `body` to `endpoint` and waits for the reply's first body byte (streaming) or its
     /// whole body (non-streaming).
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         endpoint: Endpoint,
         body: Bytes,

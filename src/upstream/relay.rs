@@ -21,7 +21,7 @@ use super::wire::{sse_error_event, Usage};
 
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamEnd {
+pub(crate) enum StreamEnd {
     /// Its last byte (`[DONE]`) was relayed.
     Complete,
     /// The backend failed, or went idle, after the first byte: an error event ended it.
@@ -32,7 +32,7 @@ pub enum StreamEnd {
 
 /// What was relayed.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct StreamStats {
+pub(crate) struct StreamStats {
     pub bytes: u64,
     pub chunks: u64,
     /// The usage chunk's counts, when the upstream sent one.
@@ -42,11 +42,11 @@ pub struct StreamStats {
 }
 
 /// Told how a stream ended, once; what it holds (a slot) is freed with it.
-pub type OnEnd = Box<dyn FnOnce(StreamEnd, StreamStats) + Send>;
+pub(crate) type OnEnd = Box<dyn FnOnce(StreamEnd, StreamStats) + Send>;
 
 /// Rewrites a relayed stream for a client that speaks another wire format (the Anthropic
 /// Messages events, say). The relay feeds it every upstream chunk as it arrives.
-pub trait Transform: Send {
+pub(crate) trait Transform: Send {
     /// Appends to `out` what the client gets for one upstream chunk (possibly nothing).
     fn chunk(&mut self, upstream: &[u8], out: &mut Vec<u8>);
     /// The event that ends the stream when it failed after its first byte (instead of the
@@ -135,7 +135,7 @@ impl Drop for Relay {
 }
 
 /// A stream whose first chunk arrived: what [`PendingStream::relay`] sends on.
-pub struct PendingStream {
+pub(crate) struct PendingStream {
     /// The first chunk, already read (in the common form).
     pub(super) first: Bytes,
     pub(super) rest: super::BodyStream,
@@ -148,12 +148,12 @@ pub struct PendingStream {
 
 impl PendingStream {
     /// The response body: `first`, then the rest of the stream. See the module doc.
-    pub fn relay(self, on_end: OnEnd) -> Body {
+    pub(crate) fn relay(self, on_end: OnEnd) -> Body {
         relay(self, on_end, None)
     }
 
     /// The same, rewritten by `transform` for the client.
-    pub fn relay_with(self, on_end: OnEnd, transform: Box<dyn Transform>) -> Body {
+    pub(crate) fn relay_with(self, on_end: OnEnd, transform: Box<dyn Transform>) -> Body {
         relay(self, on_end, Some(transform))
     }
 }

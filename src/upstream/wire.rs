@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 /// The token counts of a reply (OpenAI's `usage`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-pub struct Usage {
+pub(crate) struct Usage {
     #[serde(default)]
     pub prompt_tokens: u64,
     #[serde(default)]
@@ -15,7 +15,7 @@ pub struct Usage {
 }
 
 /// The `usage` of the SSE events in `chunk` (the last one with a non-null `usage`), if any.
-pub fn sse_usage(chunk: &[u8]) -> Option<Usage> {
+pub(super) fn sse_usage(chunk: &[u8]) -> Option<Usage> {
     if !chunk.windows(7).any(|w| w == b"\"usage\"") {
         return None;
     }
@@ -32,7 +32,7 @@ pub fn sse_usage(chunk: &[u8]) -> Option<Usage> {
 
 /// How many SSE events in `chunk` carry generated text (a non-empty `"content"` or `"text"`
 /// string): the output token estimate of a stream without a usage chunk.
-pub fn sse_content_events(chunk: &[u8]) -> u64 {
+pub(super) fn sse_content_events(chunk: &[u8]) -> u64 {
     let mut n = 0;
     for line in chunk.split(|b| *b == b'\n') {
         if !line.starts_with(b"data:") {
@@ -51,7 +51,7 @@ pub fn sse_content_events(chunk: &[u8]) -> u64 {
 }
 
 /// Builds `{"error":{"message","type","param","code"}}`.
-pub fn envelope(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
+pub(crate) fn envelope(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
     let v = serde_json::json!({
         "error": { "message": message, "type": kind, "param": param, "code": code }
     });
@@ -59,7 +59,7 @@ pub fn envelope(message: &str, kind: &str, param: Option<&str>, code: &str) -> B
 }
 
 /// The SSE event that ends a stream that failed after its first byte (no `[DONE]` follows).
-pub fn sse_error_event(message: &str, code: &str) -> Bytes {
+pub(super) fn sse_error_event(message: &str, code: &str) -> Bytes {
     let env = envelope(message, "upstream_error", None, code);
     let mut out = Vec::with_capacity(env.len() + 24);
     out.extend_from_slice(b"event: error\ndata: ");
@@ -69,7 +69,7 @@ pub fn sse_error_event(message: &str, code: &str) -> Bytes {
 }
 
 /// Whether `body` is an OpenAI error envelope (an object whose `error` has a string `message`).
-pub fn is_envelope(body: &[u8]) -> bool {
+pub(crate) fn is_envelope(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("error")?.get("message")?.as_str().map(|_| ()))
@@ -77,7 +77,7 @@ pub fn is_envelope(body: &[u8]) -> bool {
 }
 
 /// `Retry-After` (seconds or `retry-after-ms`) of an upstream reply, rounded up to seconds.
-pub fn retry_after_secs(h: &HeaderMap) -> Option<u64> {
+pub(super) fn retry_after_secs(h: &HeaderMap) -> Option<u64> {
     if let Some(ms) = h
         .get(crate::headers::RETRY_AFTER_MS)
         .and_then(|v| v.to_str().ok())
@@ -94,7 +94,7 @@ pub fn retry_after_secs(h: &HeaderMap) -> Option<u64> {
 }
 
 /// `error.message` of an OpenAI envelope, if `body` is one.
-pub fn error_message(body: &[u8]) -> Option<String> {
+pub(crate) fn error_message(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let e = v.get("error")?;
     Some(

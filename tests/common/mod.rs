@@ -18,8 +18,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mofa_gateway::config::Config;
-use mofa_gateway::server::Gateway;
 use mofa_gateway::sim::SimOptions;
+use mofa_gateway::Gateway;
 use serde::Serialize;
 use serde_json::Value;
 

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The access log's target (and the `target` field of a JSON line).
-pub const TARGET: &str = "mofa_gateway::access";
+pub(crate) const TARGET: &str = "mofa_gateway::access";
 
 /// What a finished line is handed to.
 type WriteFn = Box<dyn Fn(&[u8]) + Send + Sync>;
@@ -40,7 +40,7 @@ pub fn set_sink(json: bool, write: impl Fn(&[u8]) + Send + Sync + 'static) {
 }
 
 /// The fields of one line.
-pub struct Line<'a> {
+pub(crate) struct Line<'a> {
     pub request_id: &'a str,
     pub client: Option<SocketAddr>,
     pub key: &'a str,
@@ -66,7 +66,7 @@ thread_local! {
 
 impl Line<'_> {
     /// Logs the line, if the log's filter lets it through.
-    pub fn log(&self) {
+    pub(crate) fn log(&self) {
         if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
             return;
         }
@@ -215,7 +215,7 @@ impl Writer<'_> {
 
 /// `d` as milliseconds with three decimals (whole microseconds: `1.500`), in integer
 /// arithmetic.
-pub fn push_ms(out: &mut Vec<u8>, d: Duration) {
+pub(crate) fn push_ms(out: &mut Vec<u8>, d: Duration) {
     let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     out.extend_from_slice(itoa::Buffer::new().format(us / 1000).as_bytes());
     let frac = us % 1000;
