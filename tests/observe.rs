@@ -731,16 +731,9 @@ async fn the_status_page_shows_live_values_and_its_buttons_work_in_a_browser() {
         })
         .model("pooled", |m| {
             m.deployment(
-                Deployment::command(&[
-                    BIN,
-                    "sim",
-                    "--listen",
-                    "{host}:{port}",
-                    "--model",
-                    "{model}",
-                ])
-                .memory_mb(40)
-                .startup_timeout_s(20),
+                Deployment::sim_command(&[])
+                    .memory_mb(40)
+                    .startup_timeout_s(20),
             )
         })
         .start()

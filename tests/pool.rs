@@ -15,16 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
 /// A managed deployment running `mofa-gateway sim` for the model (with `sim_args` after its
 /// own), taking `mb` of memory.
 fn managed(mb: u64, sim_args: &[&str]) -> Deployment {
-    let mut argv = vec![
-        BIN,
-        "sim",
-        "--listen",
-        "{host}:{port}",
-        "--model",
-        "{model}",
-    ];
-    argv.extend_from_slice(sim_args);
-    Deployment::command(&argv)
+    Deployment::sim_command(sim_args)
         .memory_mb(mb)
         .startup_timeout_s(20)
 }

@@ -560,6 +560,21 @@ impl Deployment {
         d
     }
 
+    /// `kind = "local"` run by the gateway's pool: this crate's own `mofa-gateway sim` serving
+    /// the model, with `sim_args` after its own arguments.
+    pub fn sim_command(sim_args: &[&str]) -> Deployment {
+        let mut argv = vec![
+            env!("CARGO_BIN_EXE_mofa-gateway"),
+            "sim",
+            "--listen",
+            "{host}:{port}",
+            "--model",
+            "{model}",
+        ];
+        argv.extend_from_slice(sim_args);
+        Deployment::command(&argv)
+    }
+
     /// One extra header sent upstream.
     pub fn header(mut self, name: &str, value: &str) -> Deployment {
         self.headers.insert(name.to_string(), value.to_string());
