@@ -24,7 +24,7 @@ pub enum AuthMode {
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     #[serde(default)]
@@ -42,7 +42,7 @@ pub struct AuthConfig {
 }
 
 /// One `[[auth.keys]]` table.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// Shown in logs, metrics and headers instead of the key: `[A-Za-z0-9_.-]{1,64}`, unique.

@@ -11,6 +11,7 @@
 //! shows), `error` ([`ConfigError`]).
 
 mod auth;
+mod diff;
 mod error;
 mod interpolate;
 mod mask;
@@ -24,6 +25,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthConfig, AuthMode, KeyConfig, KeyHash};
+pub use diff::{deployment_ids, diff, Diff, ModelChange};
 pub use error::ConfigError;
 pub use sections::*;
 
@@ -68,7 +70,7 @@ impl Serialize for Secret {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]

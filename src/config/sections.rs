@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::Secret;
 use crate::routing::Policy;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResilienceConfig {
     /// Tries per request, over different deployments, before the first byte (1: no retry).
@@ -66,7 +66,7 @@ fn default_breaker_open_ms() -> u64 {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdmissionConfig {
     /// Waiters per model; beyond it the least important newest one is shed (503 `queue_full`).
@@ -112,7 +112,7 @@ fn default_reject_threshold() -> f64 {
     0.90
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
     /// Policy of models that do not set their own.
@@ -136,7 +136,7 @@ fn default_cost_max_queue_wait_ms() -> u64 {
     2_000
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address to listen on.
@@ -203,7 +203,7 @@ fn default_max_response_bytes() -> usize {
     64 * 1024 * 1024
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name clients send as `model`.
@@ -241,7 +241,7 @@ pub enum UpstreamApiKind {
     OpenAi,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentConfig {
     pub kind: DeploymentKind,
@@ -359,7 +359,7 @@ pub enum RedisFailure {
 }
 
 /// `[limits]`: where rate limits are counted (read by no feature yet).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     #[serde(default)]
@@ -402,7 +402,7 @@ pub enum LogFormat {
 }
 
 /// `[log]` (read by no feature yet).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
