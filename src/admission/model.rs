@@ -46,6 +46,24 @@ pub(crate) struct Slot {
     pub service_ms: Option<f64>,
     /// Circuit breaker and upstream cool-down.
     pub breaker: Breaker,
+    /// Removed by a reload: never chosen again; kept (and counted) while requests it took
+    /// are in flight, so that slots keep their places.
+    pub retired: bool,
+}
+
+/// What a reload says of one of the new config's deployments (see [`ModelCore::reconfigure`]).
+#[derive(Debug)]
+pub(crate) enum Reslot {
+    /// It continues slot `idx`, with the new settings of `fresh` (its limit, locality, rank,
+    /// price, memory entry); `reset`: it is a different backend now (new URL), so its
+    /// breaker and observed times start over. Its requests in flight stay counted.
+    Keep {
+        idx: usize,
+        fresh: Slot,
+        reset: bool,
+    },
+    /// A new deployment: a new slot after the existing ones.
+    New(Slot),
 }
 
 /// What became of a request on a deployment, for its breaker.
@@ -271,11 +289,12 @@ impl<T> ModelCore<T> {
 
     /// The deployments a waiter may get: those not out of rotation (all, if every one is).
     fn usable(&self, now: Instant) -> Vec<usize> {
-        let open: Vec<usize> = (0..self.slots.len())
+        let live = || (0..self.slots.len()).filter(|i| !self.slots[*i].retired);
+        let open: Vec<usize> = live()
             .filter(|i| self.slots[*i].breaker.blocked_until(now).is_none())
             .collect();
         if open.is_empty() {
-            (0..self.slots.len()).collect()
+            live().collect()
         } else {
             open
         }
@@ -450,8 +469,9 @@ impl<T> ModelCore<T> {
             .enumerate()
             .map(|(i, s)| {
                 let v = s.mem.map_or(MemVerdict::Fits, |id| ledger.check(id, prio));
-                let unavailable =
-                    exclude & (1 << i.min(63)) != 0 || s.breaker.blocked_until(now).is_some();
+                let unavailable = s.retired
+                    || exclude & (1 << i.min(63)) != 0
+                    || s.breaker.blocked_until(now).is_some();
                 let block = match &v {
                     _ if unavailable => Some(Block::Unavailable),
                     MemVerdict::Blocked(b) => Some(*b),
@@ -578,6 +598,61 @@ impl<T> ModelCore<T> {
         }
     }
 
+    /// A reload: the model's new settings and deployments (`next`, in the new config's order),
+    /// returned as the slot index of each. Slots that no deployment continues are retired:
+    /// never chosen again, their requests in flight finish and are released as before. A
+    /// lower `max` admits nothing until in-flight falls below it, and cancels nothing. The
+    /// waiters are served by the new slots at once, or rejected if no deployment is left.
+    pub(crate) fn reconfigure(
+        &mut self,
+        ledger: &mut Ledger,
+        limits: ModelLimits,
+        next: Vec<Reslot>,
+        now: Instant,
+    ) -> (Vec<usize>, Vec<Wake<T>>) {
+        let mut continued = vec![false; self.slots.len()];
+        let mut order = Vec::with_capacity(next.len());
+        for r in next {
+            match r {
+                Reslot::Keep { idx, fresh, reset } if idx < self.slots.len() => {
+                    continued[idx] = true;
+                    let s = &mut self.slots[idx];
+                    s.local = fresh.local;
+                    s.rank = fresh.rank;
+                    s.max = fresh.max;
+                    s.price = fresh.price;
+                    s.mem = fresh.mem;
+                    s.retired = false;
+                    if reset {
+                        s.breaker = fresh.breaker;
+                        s.ttfb_ms = None;
+                        s.service_ms = None;
+                        self.observed[idx].samples.clear();
+                    }
+                    order.push(idx);
+                }
+                Reslot::Keep { fresh, .. } | Reslot::New(fresh) => {
+                    self.slots.push(Slot {
+                        retired: false,
+                        in_flight: 0,
+                        ..fresh
+                    });
+                    self.observed.push(Observed::default());
+                    continued.push(true);
+                    order.push(self.slots.len() - 1);
+                }
+            }
+        }
+        for (s, kept) in self.slots.iter_mut().zip(continued) {
+            if !kept {
+                s.retired = true;
+            }
+        }
+        self.queue.set_cap(limits.max_queue);
+        self.limits = limits;
+        (order, self.pump(ledger, now))
+    }
+
     /// Removes every waiter (shutdown).
     pub(crate) fn drain(&mut self) -> Vec<T> {
         std::iter::from_fn(|| self.queue.pop().map(|(_, (_, t))| t)).collect()
@@ -701,6 +776,7 @@ mod tests {
             mem: None,
             ttfb_ms: None,
             service_ms: None,
+            retired: false,
             breaker: Breaker::new(crate::breaker::BreakerConfig {
                 failures: 5,
                 error_rate: 0.5,
@@ -724,6 +800,132 @@ mod tests {
             defer: 0.75,
             reject: 0.9,
         })
+    }
+
+    fn run(core: &mut ModelCore<u32>, l: &mut Ledger, now: Instant) -> Option<usize> {
+        match core.admit(l, Priority::Normal, None, 0, now, 0) {
+            Admit::Run(g) => Some(g.dep),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_in_flight_and_a_lower_max_admits_nothing_until_below_it() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut core: ModelCore<u32> =
+            ModelCore::new(limits(Policy::LocalFirst, 4), vec![slot(true, 3)], 1);
+        for _ in 0..3 {
+            assert_eq!(run(&mut core, &mut l, now), Some(0));
+        }
+        // max 3 -> 1 with 3 in flight: the slot keeps its place and its count.
+        let (order, wakes) = core.reconfigure(
+            &mut l,
+            limits(Policy::LocalFirst, 4),
+            vec![Reslot::Keep {
+                idx: 0,
+                fresh: slot(true, 1),
+                reset: false,
+            }],
+            now,
+        );
+        assert_eq!(order, [0]);
+        assert!(wakes.is_empty());
+        assert_eq!(core.slots[0].in_flight, 3);
+        assert_eq!(run(&mut core, &mut l, now), None);
+        core.release(&mut l, 0, Duration::from_millis(5), false, now);
+        core.release(&mut l, 0, Duration::from_millis(5), false, now);
+        assert_eq!(run(&mut core, &mut l, now), None, "1 in flight, max 1");
+        core.release(&mut l, 0, Duration::from_millis(5), false, now);
+        assert_eq!(run(&mut core, &mut l, now), Some(0));
+    }
+
+    #[test]
+    fn a_removed_deployment_is_retired_in_place_and_waiters_move_or_are_refused() {
+        let now = t0();
+        let later = now + Duration::from_secs(60);
+        let mut l = no_memory();
+        let mut core: ModelCore<u32> = ModelCore::new(
+            limits(Policy::LocalFirst, 4),
+            vec![slot(true, 1), slot(false, 1)],
+            1,
+        );
+        let a = run(&mut core, &mut l, now).unwrap();
+        let b = run(&mut core, &mut l, now).unwrap();
+        assert_ne!(a, b);
+        // Two waiters.
+        for item in [7, 8] {
+            assert!(matches!(
+                core.admit(&mut l, Priority::Normal, Some(later), 0, now, item),
+                Admit::Queued { .. }
+            ));
+        }
+        // Slot 0 removed, a new one added: the new slot comes after, the waiters run on it.
+        let (order, wakes) = core.reconfigure(
+            &mut l,
+            limits(Policy::LocalFirst, 4),
+            vec![
+                Reslot::Keep {
+                    idx: 1,
+                    fresh: slot(false, 1),
+                    reset: false,
+                },
+                Reslot::New(slot(true, 2)),
+            ],
+            now,
+        );
+        assert_eq!(order, [1, 2]);
+        assert!(core.slots[0].retired && core.slots[0].in_flight == 1);
+        let ran: Vec<usize> = wakes
+            .iter()
+            .map(|w| match w {
+                Wake::Run(_, g) => g.dep,
+                Wake::Reject(..) => panic!("rejected"),
+            })
+            .collect();
+        assert_eq!(ran, [2, 2]);
+        // The retired slot's request ends: nothing runs there again.
+        core.release(&mut l, 0, Duration::from_millis(5), false, now);
+        assert_eq!(core.slots[0].in_flight, 0);
+        assert!(matches!(
+            core.admit(&mut l, Priority::Normal, Some(later), 0, now, 9),
+            Admit::Queued { .. }
+        ));
+        // Every deployment removed: the waiter is refused with no_healthy_backend.
+        let (order, wakes) = core.reconfigure(&mut l, limits(Policy::LocalFirst, 4), vec![], now);
+        assert!(order.is_empty());
+        assert!(matches!(
+            wakes.as_slice(),
+            [Wake::Reject(9, r)] if r.reason == RejectReason::NoHealthyBackend
+        ));
+        assert!(matches!(
+            core.admit(&mut l, Priority::Normal, Some(later), 0, now, 10),
+            Admit::Reject(r) if r.reason == RejectReason::NoHealthyBackend
+        ));
+    }
+
+    #[test]
+    fn a_changed_backend_starts_its_breaker_over_only_when_reset() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut core: ModelCore<u32> =
+            ModelCore::new(limits(Policy::LocalFirst, 4), vec![slot(true, 1)], 1);
+        for _ in 0..10 {
+            core.record(0, Outcome::Failure, now);
+        }
+        assert!(core.slots[0].breaker.blocked_until(now).is_some());
+        let keep = |reset| {
+            vec![Reslot::Keep {
+                idx: 0,
+                fresh: slot(true, 1),
+                reset,
+            }]
+        };
+        core.reconfigure(&mut l, limits(Policy::LocalFirst, 4), keep(false), now);
+        assert!(core.slots[0].breaker.blocked_until(now).is_some());
+        core.reconfigure(&mut l, limits(Policy::LocalFirst, 4), keep(true), now);
+        assert!(core.slots[0].breaker.blocked_until(now).is_none());
+        assert_eq!(run(&mut core, &mut l, now), Some(0));
     }
 
     #[test]

@@ -45,6 +45,11 @@ impl<T> WaitQueue<T> {
         }
     }
 
+    /// A new bound (a reload): waiters beyond a lower one stay, newcomers wait for room.
+    pub(crate) fn set_cap(&mut self, cap: usize) {
+        self.cap = cap;
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.items.len()
     }

@@ -148,6 +148,7 @@ async fn model_parts(
             mem: *mem,
             ttfb_ms: None,
             service_ms: None,
+            retired: false,
             breaker: Breaker::new(breaker_cfg),
         });
     }
