@@ -182,17 +182,24 @@ fn check_config_refuses_a_raw_key_without_repeating_it() {
 
 // --- a stdout whose reader has gone ----------------------------------------------------------
 
-/// Runs the binary with `args` and `stdin`, its stdout a pipe whose read end this process
-/// closes at once (before the binary writes: `| head -c0`); returns its exit code and stderr.
+/// A stdout for a child: a pipe whose read end is closed before the child starts, so that
+/// its first write fails with EPIPE however fast it is (`| head -c0`, its reader gone).
+fn closed_pipe() -> Stdio {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Stdio::from(writer)
+}
+
+/// Runs the binary with `args` and `stdin`, its stdout a pipe with no reader ([`closed_pipe`]);
+/// returns its exit code and stderr.
 fn with_closed_stdout(args: &[&str], stdin: &str) -> (Option<i32>, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(closed_pipe())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    drop(child.stdout.take());
     {
         use std::io::Write;
         let mut input = child.stdin.take().unwrap();
@@ -247,12 +254,11 @@ async fn sim_and_serve_serve_on_when_their_startup_line_cannot_be_printed() {
         let listen = format!("127.0.0.1:{port}");
         let mut child = tokio::process::Command::new(BIN)
             .args([command, "--listen", &listen])
-            .stdout(Stdio::piped())
+            .stdout(closed_pipe())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        drop(child.stdout.take());
         let url = format!("http://{listen}/v1/models");
         common::eventually(
             &format!("{command} serving with its stdout closed"),
