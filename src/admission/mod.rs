@@ -19,7 +19,7 @@ mod model;
 mod queue;
 
 pub(crate) use ledger::{Ledger, MemVerdict, MemoryLimits};
-pub(crate) use model::{Admit, Grant, ModelCore, ModelLimits, Outcome, Slot, Wake};
+pub(crate) use model::{Admit, Grant, ModelCore, ModelLimits, Outcome, Reslot, Slot, Wake};
 pub(crate) use queue::{Push, WaitKey, WaitQueue};
 
 /// A request's priority: `x-mofa-priority` or the body's `priority`.

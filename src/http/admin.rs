@@ -48,7 +48,7 @@ pub(super) async fn load(
     }
     let deadline = Instant::now() + p.startup_timeout();
     match p.ensure_ready(deadline).await {
-        Ok(()) => json_ok(memory.process_snapshot(id, p)),
+        Ok(()) => json_ok(memory.process_snapshot(id, &p)),
         Err(e) => ApiError::from_start(&name, e).into_response(),
     }
 }
@@ -68,7 +68,7 @@ pub(super) async fn unload(
         return ApiError::model_busy(&name).into_response();
     }
     p.wait_stopped(STOP_GRACE + Duration::from_secs(1)).await;
-    json_ok(memory.process_snapshot(id, p))
+    json_ok(memory.process_snapshot(id, &p))
 }
 
 /// The pool model a path names; one that does not decode (`%ff`) names none, and is quoted as

@@ -1,16 +1,22 @@
 //! Building the orchestrator from a validated config: the memory ledger and the pool's
 //! processes, each model's deployments (starting in-process simulators) and admission state,
-//! and the background tasks (health checks, the idle reaper). Runs once, at start.
+//! and the background tasks (health checks, the idle reaper); at start, and again at each
+//! reload, which reuses what the running generation has (see [`Orchestrator::reload`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::{lock, Memory, ModelRt, Orchestrator};
-use crate::admission::{Ledger, MemoryLimits, ModelCore, ModelLimits, Outcome, Slot};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+
+use super::{lock, Memory, ModelConf, ModelRt, Orchestrator};
+use crate::admission::{Ledger, MemoryLimits, ModelCore, ModelLimits, Outcome, Reslot, Slot};
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::config::{Config, DeploymentConfig, DeploymentKind, ModelConfig};
 use crate::pool::{Managed, Spec};
+use crate::routing::Policy;
 use crate::upstream::{Deployment, DynamicBase};
 
 /// Why the gateway could not be built from a valid config.
@@ -38,56 +44,162 @@ impl std::fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
-/// A model's parts before its runtime is made.
-struct Parts {
-    deployments: Vec<Arc<Deployment>>,
-    managed: Vec<Option<Arc<Managed>>>,
-    slots: Vec<Slot>,
-}
-
 impl Orchestrator {
     /// Builds every model's deployments and admission state: starts in-process simulators,
-    /// registers memory, and sets up the pool's processes (started on demand, not here).
+    /// registers memory, and sets up the pool's processes (started on demand, not here); and
+    /// the idle reaper of the pool.
     pub(crate) async fn build(cfg: &Config) -> Result<Orchestrator, BuildError> {
         let a = &cfg.admission;
-        let mut ledger = Ledger::new(MemoryLimits {
+        let memory = Memory::new(Ledger::new(MemoryLimits {
             capacity_mb: a.memory_capacity_mb,
             defer: a.defer_threshold,
             reject: a.reject_threshold,
+        }));
+        let empty = Orchestrator {
+            models: HashMap::new(),
+            memory: memory.clone(),
+        };
+        let orch = empty.reload(cfg).await?;
+        let weak = Arc::downgrade(&memory);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(m) => m.reap_idle(),
+                    None => return,
+                }
+            }
         });
-        // Ledger entries: deployments that declare memory, and every one the pool runs.
-        let mem_ids: Vec<Vec<Option<usize>>> = cfg
-            .models
-            .iter()
-            .map(|m| {
-                m.deployments
-                    .iter()
-                    .map(|d| {
-                        (d.memory_mb.is_some() || d.command.is_some())
-                            .then(|| ledger.register(d.memory_mb.unwrap_or(0)))
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut procs: Vec<Option<Arc<Managed>>> = vec![None; ledger.entries.len()];
-        let mut parts = Vec::new();
-        for (m, ids) in cfg.models.iter().zip(&mem_ids) {
-            parts.push(model_parts(cfg, m, ids, &mut procs).await?);
+        Ok(orch)
+    }
+
+    /// The orchestrator of `cfg`, made from this one: a model that stays is the same runtime
+    /// (its queue, slots, breakers and pool processes live on) with its settings and
+    /// deployments changed in place; a new model is built; a removed one has its deployments
+    /// retired (its waiters are refused, its requests in flight finish). Everything that can
+    /// fail (starting a simulator, building a client) happens before anything is changed.
+    pub(crate) async fn reload(&self, cfg: &Config) -> Result<Orchestrator, BuildError> {
+        let mut prepared = Vec::with_capacity(cfg.models.len());
+        for (mi, m) in cfg.models.iter().enumerate() {
+            let old = self.models.get(&m.name).map(|rt| rt.conf.load_full());
+            prepared.push(prepare(cfg, m, mi, old.as_deref(), &self.memory).await?);
         }
-        let memory = Memory::new(Arc::new(Mutex::new(ledger)), procs);
-        let models = runtimes(cfg, parts, &memory);
-        spawn_background(cfg, &models, &memory);
-        Ok(Orchestrator { models, memory })
+        let mut models = HashMap::with_capacity(cfg.models.len());
+        for (m, prep) in cfg.models.iter().zip(prepared) {
+            let rt = match self.models.get(&m.name) {
+                Some(rt) => rt.clone(),
+                None => Arc::new(ModelRt {
+                    name: m.name.as_str().into(),
+                    conf: ArcSwap::from_pointee(ModelConf::empty(prep.limits.policy)),
+                    core: Mutex::new(ModelCore::new(prep.limits, Vec::new(), prep.seed)),
+                    memory: self.memory.clone(),
+                    uses_memory: AtomicBool::new(false),
+                }),
+            };
+            let checks = rt.apply(prep);
+            for (dep, d, every) in checks {
+                tokio::spawn(health_check(Arc::downgrade(&rt), dep, d, every));
+            }
+            models.insert(m.name.clone(), rt);
+        }
+        for (name, rt) in &self.models {
+            if !models.contains_key(name) {
+                let limits = lock(&rt.core).limits;
+                rt.apply(Prepared {
+                    limits,
+                    max_wait: Duration::ZERO,
+                    seed: 0,
+                    deps: Vec::new(),
+                });
+            }
+        }
+        self.memory.models.store(Arc::new(
+            models
+                .values()
+                .filter(|m| m.uses_memory.load(Ordering::Relaxed))
+                .map(Arc::downgrade)
+                .collect(),
+        ));
+        Ok(Orchestrator {
+            models,
+            memory: self.memory.clone(),
+        })
     }
 }
 
-/// One model's deployments and slots; registers its pool processes in `procs`.
-async fn model_parts(
+/// A model's new settings and deployments, made before anything is changed.
+struct Prepared {
+    limits: ModelLimits,
+    max_wait: Duration,
+    seed: u64,
+    deps: Vec<PreparedDep>,
+}
+
+/// One deployment of the new config, and which slot (if any) it continues.
+struct PreparedDep {
+    id: String,
+    config: DeploymentConfig,
+    url: String,
+    deployment: Arc<Deployment>,
+    managed: Option<Arc<Managed>>,
+    /// Its slot as the new config says (limit, locality, rank, price, memory entry).
+    fresh: Slot,
+    /// The slot it continues, and whether its backend changed (breaker and times start over).
+    keep: Option<(usize, bool)>,
+    /// A new client (new or changed): its health check (if any) starts.
+    built: bool,
+}
+
+impl ModelConf {
+    fn empty(policy: Policy) -> ModelConf {
+        ModelConf {
+            policy,
+            max_wait: Duration::ZERO,
+            deployments: Vec::new(),
+            managed: Vec::new(),
+            ids: Vec::new(),
+            configs: Vec::new(),
+            urls: Vec::new(),
+            mems: Vec::new(),
+        }
+    }
+}
+
+/// The fields of a deployment that make its pool process: a change of any is another process.
+fn process_spec(d: &DeploymentConfig) -> impl PartialEq + '_ {
+    (
+        &d.command,
+        &d.env,
+        &d.cwd,
+        &d.ready_path,
+        d.startup_timeout_s,
+        d.idle_ttl_s,
+        &d.upstream_model,
+        d.memory_mb,
+    )
+}
+
+/// The fields of a `sim` deployment that its in-process simulator was started with.
+fn sim_spec(d: &DeploymentConfig) -> impl PartialEq + '_ {
+    (
+        &d.upstream_model,
+        d.ttft_ms,
+        d.tokens_per_sec.map(f64::to_bits),
+    )
+}
+
+/// Makes model `m`'s deployments for `cfg`, reusing what `old` (its running generation, if
+/// it has one) already runs: an unchanged deployment is kept whole; a changed one gets a new
+/// client on the same slot (and the same process or simulator when those did not change);
+/// a pool deployment whose process changed is a new slot and a new process.
+async fn prepare(
     cfg: &Config,
     m: &ModelConfig,
-    mem_ids: &[Option<usize>],
-    procs: &mut [Option<Arc<Managed>>],
-) -> Result<Parts, BuildError> {
+    mi: usize,
+    old: Option<&ModelConf>,
+    memory: &Arc<Memory>,
+) -> Result<Prepared, BuildError> {
     let r = &cfg.resilience;
     let breaker_cfg = BreakerConfig {
         failures: r.breaker_failures,
@@ -95,30 +207,82 @@ async fn model_parts(
         window: r.breaker_window,
         open_for: Duration::from_millis(r.breaker_open_ms),
     };
-    let mut parts = Parts {
-        deployments: Vec::new(),
-        managed: Vec::new(),
-        slots: Vec::new(),
-    };
+    let a = &cfg.admission;
+    let policy = m.policy.unwrap_or(cfg.routing.policy);
+    let mut deps = Vec::with_capacity(m.deployments.len());
     let mut variants: Vec<&str> = Vec::new();
-    for (d, mem) in m.deployments.iter().zip(mem_ids) {
-        let proc = match (&d.command, mem) {
-            (Some(_), Some(id)) => {
-                let p = managed(m, d);
-                procs[*id] = Some(p.clone());
-                Some(p)
-            }
-            _ => None,
+    let ids = crate::config::deployment_ids(&m.name, &m.deployments);
+    for (d, id) in m.deployments.iter().zip(ids) {
+        let prev = old.and_then(|o| {
+            let i = o.ids.iter().rposition(|x| *x == id)?;
+            Some((i, o))
+        });
+        // The slot it continues; `None`: a new slot.
+        let same_process = |o: &ModelConf, i: usize| {
+            // A process stopped for good (its slot was retired and went idle) is not reused.
+            let live = o.managed[i].is_none() || o.mems[i].is_some_and(|id| memory.runs(id));
+            process_spec(&o.configs[i]) == process_spec(d) && live
         };
-        let dynamic_base = proc.clone().map(|p| {
+        let cont = prev.filter(|(i, o)| same_process(o, *i));
+        let unchanged = cont.filter(|(i, o)| o.configs[*i] == *d);
+        let local = d.kind != DeploymentKind::Cloud;
+        let rank = match (&d.variant, local) {
+            (Some(v), true) => variants.iter().position(|x| x == v).unwrap_or_else(|| {
+                variants.push(v);
+                variants.len() - 1
+            }),
+            _ => 0,
+        };
+        let mut fresh = Slot {
+            local,
+            rank,
+            max: d.max_concurrency,
+            in_flight: 0,
+            price: d.price_per_1k_tokens.unwrap_or(0.0),
+            mem: None,
+            ttfb_ms: None,
+            service_ms: None,
+            retired: false,
+            breaker: Breaker::new(breaker_cfg),
+        };
+        if let Some((i, o)) = unchanged {
+            fresh.mem = o.mems[i];
+            deps.push(PreparedDep {
+                id,
+                config: d.clone(),
+                url: o.urls[i].clone(),
+                deployment: o.deployments[i].clone(),
+                managed: o.managed[i].clone(),
+                fresh,
+                keep: Some((i, false)),
+                built: false,
+            });
+            continue;
+        }
+        // The pool's process: the one it had, or a new one (with its memory entry).
+        let (managed, mem) = match cont {
+            Some((i, o)) => (o.managed[i].clone(), old_mem(o, i, memory, d)),
+            None => match &d.command {
+                Some(_) => {
+                    let p = managed(m, d);
+                    let id = memory.register(d.memory_mb.unwrap_or(0), Some(p.clone()));
+                    (Some(p), Some(id))
+                }
+                None => (None, d.memory_mb.map(|mb| memory.register(mb, None))),
+            },
+        };
+        fresh.mem = mem;
+        let url = match (d.kind, cont) {
+            (DeploymentKind::Sim, Some((i, o))) if sim_spec(&o.configs[i]) == sim_spec(d) => {
+                o.urls[i].clone()
+            }
+            (DeploymentKind::Sim, _) => sim_url(m, d).await?,
+            _ => d.url.clone().unwrap_or_default(),
+        };
+        let dynamic_base = managed.clone().map(|p| {
             let base: DynamicBase = Arc::new(move || p.url());
             base
         });
-        parts.managed.push(proc);
-        let url = match d.kind {
-            DeploymentKind::Sim => sim_url(m, d).await?,
-            _ => d.url.clone().unwrap_or_default(),
-        };
         let dep = Deployment::new(
             &m.name,
             d,
@@ -130,29 +294,123 @@ async fn model_parts(
             model: m.name.clone(),
             detail,
         })?;
-        parts.deployments.push(Arc::new(dep));
-        let local = d.kind != DeploymentKind::Cloud;
-        let rank = match (&d.variant, local) {
-            (Some(v), true) => variants.iter().position(|x| x == v).unwrap_or_else(|| {
-                variants.push(v);
-                variants.len() - 1
-            }),
-            _ => 0,
-        };
-        parts.slots.push(Slot {
-            local,
-            rank,
-            max: d.max_concurrency,
-            in_flight: 0,
-            price: d.price_per_1k_tokens.unwrap_or(0.0),
-            mem: *mem,
-            ttfb_ms: None,
-            service_ms: None,
-            retired: false,
-            breaker: Breaker::new(breaker_cfg),
+        let keep = cont.map(|(i, o)| {
+            let c = &o.configs[i];
+            (
+                i,
+                (c.kind, &c.url, c.api) != (d.kind, &d.url, d.api) || o.urls[i] != url,
+            )
+        });
+        deps.push(PreparedDep {
+            id,
+            config: d.clone(),
+            url,
+            deployment: Arc::new(dep),
+            managed,
+            fresh,
+            keep,
+            built: true,
         });
     }
-    Ok(parts)
+    Ok(Prepared {
+        limits: ModelLimits {
+            policy,
+            max_queue: a.max_queue,
+            cost_wait_ms: cfg.routing.cost_max_queue_wait_ms as f64,
+        },
+        max_wait: Duration::from_millis(a.max_queue_wait_ms),
+        seed: 0x9e37_79b9_7f4a_7c15 ^ mi as u64,
+        deps,
+    })
+}
+
+/// The memory entry of slot `i` of `o`, kept for `d` (a deployment that declares no memory
+/// and is not run by the pool has none; one that now declares memory gets a new entry).
+fn old_mem(o: &ModelConf, i: usize, memory: &Arc<Memory>, d: &DeploymentConfig) -> Option<usize> {
+    match (o.mems[i], d.memory_mb, &d.command) {
+        (Some(id), _, _) if o.configs[i].memory_mb == d.memory_mb => Some(id),
+        (_, None, None) => None,
+        (_, mb, _) => Some(memory.register(mb.unwrap_or(0), o.managed[i].clone())),
+    }
+}
+
+impl ModelRt {
+    /// Puts `prep` into effect: the core reconfigured and the new generation of the model's
+    /// settings stored under the model's lock (so that a grant and its deployment agree),
+    /// waiters served or refused, idle retired deployments released. Returns the health
+    /// checks to start (slot, deployment, period).
+    fn apply(self: &Arc<Self>, prep: Prepared) -> Vec<(usize, Arc<Deployment>, Duration)> {
+        let Prepared {
+            limits,
+            max_wait,
+            deps,
+            ..
+        } = prep;
+        if deps.iter().any(|d| d.fresh.mem.is_some()) {
+            self.uses_memory.store(true, Ordering::Relaxed);
+        }
+        let mut checks = Vec::new();
+        let wakes = {
+            let mut core = lock(&self.core);
+            let old = self.conf.load_full();
+            let reslots = deps
+                .iter()
+                .map(|d| match d.keep {
+                    Some((idx, reset)) => Reslot::Keep {
+                        idx,
+                        fresh: d.fresh.clone(),
+                        reset,
+                    },
+                    None => Reslot::New(d.fresh.clone()),
+                })
+                .collect();
+            let (order, wakes) = if self.uses_memory.load(Ordering::Relaxed) {
+                let mut ledger = lock(&self.memory.ledger);
+                core.reconfigure(&mut ledger, limits, reslots, Instant::now())
+            } else {
+                let mut ledger = Ledger::new(MemoryLimits::OFF);
+                core.reconfigure(&mut ledger, limits, reslots, Instant::now())
+            };
+            let n = core.slots.len();
+            let mut conf = ModelConf {
+                policy: limits.policy,
+                max_wait,
+                deployments: old.deployments.clone(),
+                managed: old.managed.clone(),
+                ids: old.ids.clone(),
+                configs: old.configs.clone(),
+                urls: old.urls.clone(),
+                mems: old.mems.clone(),
+            };
+            for (slot, d) in order.into_iter().zip(deps) {
+                if slot >= conf.deployments.len() {
+                    conf.deployments.push(d.deployment.clone());
+                    conf.managed.push(d.managed.clone());
+                    conf.ids.push(d.id.clone());
+                    conf.configs.push(d.config.clone());
+                    conf.urls.push(d.url.clone());
+                    conf.mems.push(d.fresh.mem);
+                } else {
+                    conf.deployments[slot] = d.deployment.clone();
+                    conf.managed[slot] = d.managed.clone();
+                    conf.ids[slot] = d.id.clone();
+                    conf.configs[slot] = d.config.clone();
+                    conf.urls[slot] = d.url.clone();
+                    conf.mems[slot] = d.fresh.mem;
+                }
+                if d.built && d.config.health_check_interval_s > 0 {
+                    let every = Duration::from_secs(d.config.health_check_interval_s);
+                    checks.push((slot, d.deployment, every));
+                }
+            }
+            debug_assert_eq!(conf.deployments.len(), n);
+            self.conf.store(Arc::new(conf));
+            wakes
+        };
+        self.deliver(wakes);
+        self.release_retired();
+        checks
+    }
 }
 
 /// The pool's process for a deployment with a `command`, named `model` or `model@variant`.
@@ -190,86 +448,33 @@ async fn sim_url(m: &ModelConfig, d: &DeploymentConfig) -> Result<String, BuildE
     Ok(format!("http://{addr}/v1"))
 }
 
-/// Each model's runtime, registered with the memory budget if it takes memory.
-fn runtimes(
-    cfg: &Config,
-    parts: Vec<Parts>,
-    memory: &Arc<Memory>,
-) -> HashMap<String, Arc<ModelRt>> {
-    let a = &cfg.admission;
-    let models: HashMap<String, Arc<ModelRt>> = cfg
-        .models
-        .iter()
-        .zip(parts)
-        .enumerate()
-        .map(|(mi, (m, p))| {
-            let policy = m.policy.unwrap_or(cfg.routing.policy);
-            let limits = ModelLimits {
-                policy,
-                max_queue: a.max_queue,
-                cost_wait_ms: cfg.routing.cost_max_queue_wait_ms as f64,
-            };
-            let uses_memory = p.slots.iter().any(|s| s.mem.is_some());
-            let core = ModelCore::new(limits, p.slots, 0x9e37_79b9_7f4a_7c15 ^ mi as u64);
-            let rt = Arc::new(ModelRt {
-                name: m.name.as_str().into(),
-                policy,
-                deployments: p.deployments,
-                managed: p.managed,
-                max_wait: Duration::from_millis(a.max_queue_wait_ms),
-                core: Mutex::new(core),
-                memory: uses_memory.then(|| memory.clone()),
-            });
-            (m.name.clone(), rt)
-        })
-        .collect();
-    let _ = memory.models.set(
-        models
-            .values()
-            .filter(|m| m.memory.is_some())
-            .map(Arc::downgrade)
-            .collect(),
-    );
-    models
-}
-
-/// Health checks of the deployments that ask for them, and the idle reaper of the pool.
-fn spawn_background(cfg: &Config, models: &HashMap<String, Arc<ModelRt>>, memory: &Arc<Memory>) {
-    for m in &cfg.models {
-        for (i, d) in m.deployments.iter().enumerate() {
-            if d.health_check_interval_s > 0 {
-                let every = Duration::from_secs(d.health_check_interval_s);
-                tokio::spawn(health_check(Arc::downgrade(&models[&m.name]), i, every));
-            }
-        }
-    }
-    if memory.has_idle_ttl() {
-        let weak = Arc::downgrade(memory);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            loop {
-                tick.tick().await;
-                match weak.upgrade() {
-                    Some(m) => m.reap_idle(),
-                    None => return,
-                }
-            }
-        });
-    }
-}
-
 /// Probes deployment `dep` of a model every `every` while it is idle, feeding its breaker: a
-/// failed probe counts as a failure, a good one closes an open breaker.
-async fn health_check(model: Weak<ModelRt>, dep: usize, every: Duration) {
+/// failed probe counts as a failure, a good one closes an open breaker. Ends when a reload
+/// replaces or removes the deployment (or the model goes).
+async fn health_check(model: Weak<ModelRt>, dep: usize, d: Arc<Deployment>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
         let Some(m) = model.upgrade() else { return };
-        if lock(&m.core).slots[dep].in_flight > 0 {
-            continue;
+        if !m
+            .conf
+            .load()
+            .deployments
+            .get(dep)
+            .is_some_and(|x| Arc::ptr_eq(x, &d))
+        {
+            return;
         }
-        let d = m.deployments[dep].clone();
+        {
+            let core = lock(&m.core);
+            if core.slots[dep].retired {
+                return;
+            }
+            if core.slots[dep].in_flight > 0 {
+                continue;
+            }
+        }
         let ok = d.probe().await;
         let outcome = if ok {
             Outcome::Success

@@ -6,7 +6,9 @@
 //! ([`Event`]s: a crash frees memory, a stop lets memory waiters in). Lock order: a model's
 //! core, then the ledger, then a process's state; none is held across an `.await`.
 
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -19,9 +21,11 @@ use crate::routing::Block;
 
 pub(crate) struct Memory {
     pub(super) ledger: Arc<Mutex<Ledger>>,
-    /// By ledger id.
-    procs: Vec<Option<Arc<Managed>>>,
-    pub(super) models: OnceLock<Vec<Weak<ModelRt>>>,
+    /// By ledger id; grows when a reload adds a pool model (entries are never reused).
+    procs: Mutex<Vec<Option<Arc<Managed>>>>,
+    /// The models that take memory (their waiters are served when memory frees); set at
+    /// start and by each reload.
+    pub(super) models: ArcSwap<Vec<Weak<ModelRt>>>,
 }
 
 /// An unload refused: the model has requests in flight.
@@ -29,23 +33,47 @@ pub(crate) struct Memory {
 pub(crate) struct Busy;
 
 impl Memory {
-    pub(super) fn new(ledger: Arc<Mutex<Ledger>>, procs: Vec<Option<Arc<Managed>>>) -> Arc<Self> {
-        let memory = Arc::new(Memory {
-            ledger,
-            procs,
-            models: OnceLock::new(),
-        });
-        for (id, p) in memory.procs.iter().enumerate() {
-            if let Some(p) = p {
-                let weak = Arc::downgrade(&memory);
-                p.on_event(move |e| {
-                    if let Some(m) = weak.upgrade() {
-                        m.on_pool_event(id, e);
-                    }
-                });
+    pub(super) fn new(ledger: Ledger) -> Arc<Self> {
+        Arc::new(Memory {
+            ledger: Arc::new(Mutex::new(ledger)),
+            procs: Mutex::new(Vec::new()),
+            models: ArcSwap::from_pointee(Vec::new()),
+        })
+    }
+
+    /// A ledger entry of `mb` for a deployment that takes memory, run by the pool as `proc`
+    /// (if it is): its id.
+    pub(super) fn register(self: &Arc<Self>, mb: u64, proc: Option<Arc<Managed>>) -> usize {
+        let id = lock(&self.ledger).register(mb);
+        let mut procs = lock(&self.procs);
+        procs.resize(id + 1, None);
+        if let Some(p) = &proc {
+            let weak = Arc::downgrade(self);
+            p.on_event(move |e| {
+                if let Some(m) = weak.upgrade() {
+                    m.on_pool_event(id, e);
+                }
+            });
+        }
+        procs[id] = proc;
+        id
+    }
+
+    /// Entry `id` is no longer configured (a reload removed it) and nothing runs on it: its
+    /// memory is released and its process (if any) stopped.
+    pub(super) fn remove(&self, id: usize) {
+        lock(&self.ledger).force_unload(id);
+        self.retire(&[id]);
+        if let Some(p) = lock(&self.procs).get_mut(id) {
+            if let Some(p) = p.take() {
+                tracing::info!(model = %p.name, "stopping a model server the config no longer has");
             }
         }
-        memory
+    }
+
+    /// Whether entry `id` has its pool process (not removed by a reload).
+    pub(super) fn runs(&self, id: usize) -> bool {
+        lock(&self.procs).get(id).is_some_and(Option::is_some)
     }
 
     /// What the pool reports about the process of ledger entry `id`.
@@ -61,8 +89,9 @@ impl Memory {
     /// Stops the processes of ledger entries that are no longer resident (evicted, unloaded).
     /// One that a request made resident again meanwhile keeps running.
     pub(super) fn retire(&self, ids: &[usize]) {
+        let procs = lock(&self.procs);
         for id in ids {
-            if let Some(Some(p)) = self.procs.get(*id) {
+            if let Some(Some(p)) = procs.get(*id) {
                 let ledger = lock(&self.ledger);
                 if !ledger.entries[*id].resident {
                     p.stop();
@@ -75,7 +104,7 @@ impl Memory {
     /// models' waiters that can run now.
     /// `except`: a model that was just pumped (by its own release) and need not be again.
     pub(super) fn pump_all(&self, except: Option<&ModelRt>) {
-        for m in self.models.get().into_iter().flatten() {
+        for m in self.models.load().iter() {
             if let Some(m) = m.upgrade() {
                 if except.is_some_and(|e| std::ptr::eq(e, &*m)) {
                     continue;
@@ -105,11 +134,6 @@ impl Memory {
         }
     }
 
-    /// Whether any pool model has an idle TTL (then a reaper runs).
-    pub(super) fn has_idle_ttl(&self) -> bool {
-        self.pool().any(|(_, p)| p.idle_ttl().is_some())
-    }
-
     /// Stops every process the pool runs (shutdown), waiting up to the stop grace for each.
     pub(crate) async fn stop_all(&self) {
         for (id, _) in self.pool() {
@@ -122,16 +146,17 @@ impl Memory {
     }
 
     /// The pool's processes with their ledger ids.
-    fn pool(&self) -> impl Iterator<Item = (usize, &Arc<Managed>)> {
-        self.procs
+    fn pool(&self) -> Vec<(usize, Arc<Managed>)> {
+        lock(&self.procs)
             .iter()
             .enumerate()
-            .filter_map(|(id, p)| Some((id, p.as_ref()?)))
+            .filter_map(|(id, p)| Some((id, p.clone()?)))
+            .collect()
     }
 
     /// The pool's process named `name` (`model` or `model@variant`), with its ledger id.
-    pub(crate) fn managed(&self, name: &str) -> Option<(usize, &Arc<Managed>)> {
-        self.pool().find(|(_, p)| p.name == name)
+    pub(crate) fn managed(&self, name: &str) -> Option<(usize, Arc<Managed>)> {
+        self.pool().into_iter().find(|(_, p)| p.name == name)
     }
 
     /// Marks a pool model resident (evicting idle ones if needed) so that it can be started.
@@ -185,7 +210,8 @@ impl Memory {
     pub(crate) fn pool_snapshot(&self) -> Value {
         let procs: Vec<Value> = self
             .pool()
-            .map(|(id, p)| self.process_snapshot(id, p))
+            .into_iter()
+            .map(|(id, p)| self.process_snapshot(id, &p))
             .collect();
         json!({ "models": procs })
     }

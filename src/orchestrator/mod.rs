@@ -15,12 +15,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::admission::{
     Admit, Grant, Ledger, MemoryLimits, ModelCore, Outcome, Priority, WaitKey, Wake,
 };
+use crate::config::DeploymentConfig;
 use crate::pool::Managed;
 use crate::reason::{RejectReason, Rejection};
 use crate::routing::Policy;
@@ -39,24 +43,45 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A model clients can ask for: its deployments and its admission state.
+/// A model clients can ask for: its deployments and its admission state. A reload changes it
+/// in place ([`ModelRt::conf`] swapped, the core reconfigured), so that its queue, slots,
+/// breakers and observed times live on.
 pub(crate) struct ModelRt {
     pub name: Arc<str>,
+    /// The current settings and deployments; replaced whole by a reload.
+    conf: ArcSwap<ModelConf>,
+    core: Mutex<ModelCore<Waiter>>,
+    /// The shared memory budget; its ledger lock is taken only while `uses_memory` (a
+    /// deployment declares `memory_mb` or is run by the pool): the others never take it.
+    memory: Arc<Memory>,
+    uses_memory: AtomicBool,
+}
+
+/// A model's settings and deployments, one generation of them. The vectors run parallel to
+/// the core's slots, retired slots included (their requests may still be in flight).
+pub(crate) struct ModelConf {
     policy: Policy,
+    max_wait: Duration,
     deployments: Vec<Arc<Deployment>>,
     /// The pool's process of each deployment that the gateway runs itself.
     managed: Vec<Option<Arc<Managed>>>,
-    max_wait: Duration,
-    core: Mutex<ModelCore<Waiter>>,
-    /// The shared memory ledger, only for models with a deployment that takes memory (declares
-    /// `memory_mb`, or is run by the pool): the others never take the shared lock.
-    memory: Option<Arc<Memory>>,
+    /// Each slot's identity ([`crate::config::deployment_ids`]), its config and its URL (for
+    /// a simulator, the one it listens on), for the next reload's diff.
+    ids: Vec<String>,
+    configs: Vec<DeploymentConfig>,
+    urls: Vec<String>,
+    /// Each slot's memory entry (the core's `Slot::mem`, kept here for the next reload).
+    mems: Vec<Option<usize>>,
 }
 
 /// Holds a slot on one deployment; dropping it frees the slot and serves the next waiter.
 pub(crate) struct Permit {
     model: Arc<ModelRt>,
     dep: usize,
+    /// The deployment as configured when the slot was granted: a reload that changes it
+    /// lets this request finish on the settings it started with.
+    deployment: Arc<Deployment>,
+    managed: Option<Arc<Managed>>,
     start: Instant,
     /// It is the breaker's half-open probe.
     probe: bool,
@@ -77,12 +102,12 @@ impl std::fmt::Debug for Permit {
 
 impl Permit {
     pub(crate) fn deployment(&self) -> &Arc<Deployment> {
-        &self.model.deployments[self.dep]
+        &self.deployment
     }
 
     /// The pool's process for the deployment, if the gateway runs it.
     pub(crate) fn managed(&self) -> Option<&Arc<Managed>> {
-        self.model.managed[self.dep].as_ref()
+        self.managed.as_ref()
     }
 
     /// The model it was admitted to.
@@ -129,13 +154,19 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let (dep, service) = (self.dep, self.start.elapsed());
         let abandoned = self.probe && !self.reported.load(std::sync::atomic::Ordering::Relaxed);
-        let wakes = self
-            .model
-            .decide(|core, ledger| core.release(ledger, dep, service, abandoned, Instant::now()));
+        let (wakes, retired_idle) = self.model.decide(|core, ledger| {
+            let wakes = core.release(ledger, dep, service, abandoned, Instant::now());
+            let s = &core.slots[dep];
+            (wakes, s.retired && s.in_flight == 0)
+        });
         self.model.deliver(wakes);
-        if let Some(memory) = &self.model.memory {
+        if retired_idle {
+            // The last request on a deployment a reload removed: its process may stop.
+            self.model.release_retired();
+        }
+        if self.model.uses_memory.load(Ordering::Relaxed) {
             // This model may now be evictable: other models' memory waiters may fit.
-            memory.pump_all(Some(&self.model));
+            self.model.memory.pump_all(Some(&self.model));
         }
     }
 }
@@ -168,7 +199,8 @@ impl ModelRt {
         exclude: u64,
     ) -> Result<Permit, Rejection> {
         let now = Instant::now();
-        let wait = max_wait.map_or(self.max_wait, |w| w.min(self.max_wait));
+        let limit = self.conf.load().max_wait;
+        let wait = max_wait.map_or(limit, |w| w.min(limit));
         let deadline = (!wait.is_zero()).then(|| now + wait);
         let (tx, mut rx) = oneshot::channel();
         let decision =
@@ -215,27 +247,55 @@ impl ModelRt {
     /// model that uses memory; lock order: core, then ledger).
     fn decide<R>(&self, f: impl FnOnce(&mut ModelCore<Waiter>, &mut Ledger) -> R) -> R {
         let mut core = lock(&self.core);
-        match &self.memory {
-            Some(m) => f(&mut core, &mut lock(&m.ledger)),
-            None => f(&mut core, &mut Ledger::new(MemoryLimits::OFF)),
+        if self.uses_memory.load(Ordering::Relaxed) {
+            f(&mut core, &mut lock(&self.memory.ledger))
+        } else {
+            f(&mut core, &mut Ledger::new(MemoryLimits::OFF))
         }
     }
 
     fn retire(&self, evicted: &[usize]) {
-        if let Some(m) = &self.memory {
-            m.retire(evicted);
+        if !evicted.is_empty() {
+            self.memory.retire(evicted);
         }
     }
 
     /// When a request arriving now must be served by, at the latest, given its `max_wait`.
     pub(crate) fn deadline(&self, arrival: Instant, max_wait: Option<Duration>) -> Instant {
-        arrival + max_wait.map_or(self.max_wait, |w| w.min(self.max_wait))
+        let limit = self.conf.load().max_wait;
+        arrival + max_wait.map_or(limit, |w| w.min(limit))
+    }
+
+    /// Releases the memory (and stops the process) of every retired slot with nothing in
+    /// flight that still holds a ledger entry no current slot uses.
+    fn release_retired(&self) {
+        let idle: Vec<usize> = {
+            let core = lock(&self.core);
+            let live: Vec<usize> = core
+                .slots
+                .iter()
+                .filter(|s| !s.retired)
+                .filter_map(|s| s.mem)
+                .collect();
+            core.slots
+                .iter()
+                .filter(|s| s.retired && s.in_flight == 0)
+                .filter_map(|s| s.mem)
+                .filter(|id| !live.contains(id))
+                .collect()
+        };
+        for id in idle {
+            self.memory.remove(id);
+        }
     }
 
     fn permit(self: &Arc<Self>, g: &Grant, start: Instant) -> Permit {
+        let conf = self.conf.load();
         Permit {
             model: self.clone(),
             dep: g.dep,
+            deployment: conf.deployments[g.dep].clone(),
+            managed: conf.managed[g.dep].clone(),
             start,
             probe: g.probe,
             reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -262,12 +322,14 @@ impl ModelRt {
 
     /// The admin view of this model.
     pub(crate) fn snapshot(&self) -> Value {
+        let conf = self.conf.load();
         let core = lock(&self.core);
         let by_prio = core.queue.depth_by_priority();
         let deployments: Vec<Value> = core
             .slots
             .iter()
-            .zip(&self.deployments)
+            .zip(&conf.deployments)
+            .filter(|(s, _)| !s.retired || s.in_flight > 0)
             .map(|(s, d)| {
                 json!({
                     "backend": &*d.label,
@@ -277,11 +339,12 @@ impl ModelRt {
                     "ttfb_ms_ewma": s.ttfb_ms,
                     "service_ms_ewma": s.service_ms,
                     "service_rate_per_s": s.service_ms.map(|ms| s.max as f64 * 1000.0 / ms.max(0.001)),
+                    "removed": s.retired,
                 })
             })
             .collect();
         json!({
-            "policy": self.policy.to_string(),
+            "policy": conf.policy.to_string(),
             "queue": {
                 "depth": core.queue.len(),
                 "by_priority": {"low": by_prio[0], "normal": by_prio[1], "high": by_prio[2], "critical": by_prio[3]},
