@@ -62,6 +62,11 @@ pub(crate) enum ErrorKind {
     Rejected(RejectReason),
     /// `/admin/pool/{name}/unload` while it has requests in flight.
     ModelBusy,
+    // `/admin/reload`.
+    /// The new config file does not validate (the old one keeps serving).
+    InvalidConfig,
+    /// The new config changes a key that needs a restart, or there is no file to read.
+    ReloadRefused,
     // The backend, before the first byte.
     UpstreamUnavailable,
     UpstreamTimeout,
@@ -154,6 +159,8 @@ impl ErrorKind {
                 close: false,
             },
             K::ModelBusy => client(409, "model_busy", BAD),
+            K::InvalidConfig => client(400, "invalid_config", BAD),
+            K::ReloadRefused => client(409, "reload_refused", BAD),
             K::UpstreamUnavailable => Spec {
                 status: s(502),
                 openai_type: "upstream_error",
@@ -672,6 +679,19 @@ impl ApiError {
         )
     }
 
+    /// A reload's new config does not validate: `detail` names the key and the fix.
+    pub(crate) fn invalid_config(detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            ErrorKind::InvalidConfig,
+            format!("The new configuration is invalid; the running one stays in effect: {detail}"),
+        )
+    }
+
+    /// A reload that cannot be applied live (`detail` says why); nothing changed.
+    pub(crate) fn reload_refused(detail: impl std::fmt::Display) -> Self {
+        Self::new(ErrorKind::ReloadRefused, detail.to_string())
+    }
+
     pub(crate) fn model_busy(name: &str) -> Self {
         Self::new(
             ErrorKind::ModelBusy,
@@ -854,6 +874,8 @@ mod tests {
             K::RateLimited(Dim::Requests),
             K::TooManyInFlight,
             K::ModelBusy,
+            K::InvalidConfig,
+            K::ReloadRefused,
             K::UpstreamUnavailable,
             K::UpstreamTimeout,
             K::UpstreamOverloaded,

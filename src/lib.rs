@@ -53,9 +53,10 @@ pub mod sim;
 
 pub use orchestrator::BuildError;
 pub use proxy::observe::line::set_sink as set_access_log_sink;
-pub use server::{shutdown_signal, Builder, Gateway};
+pub use server::{shutdown_signal, Builder, Gateway, Reloader};
 
 mod http;
+mod reload;
 mod server;
 
 mod admission;

@@ -55,7 +55,7 @@ enum Command {
     Keys(KeysCommand),
     /// `serve` with its config read (internal).
     #[command(skip)]
-    Loaded(Box<Config>),
+    Loaded(Box<(Config, ServeArgs)>),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +78,9 @@ struct ServeArgs {
     /// Address to listen on; overrides `server.listen`.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Reload the config when its file (or its `keys_file`) changes, as `SIGHUP` does.
+    #[arg(long, requires = "config")]
+    watch: bool,
 }
 
 #[derive(clap::Args)]
@@ -149,7 +152,7 @@ fn main() -> ExitCode {
                     );
                 }
                 let workers = cfg.server.worker_threads;
-                (Command::Loaded(Box::new(cfg)), workers)
+                (Command::Loaded(Box::new((cfg, args))), workers)
             }
             Err(e) => {
                 report(format_args!("error: {e}"));
@@ -179,7 +182,10 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match command {
-            Command::Loaded(cfg) => serve(*cfg, lanes).await,
+            Command::Loaded(loaded) => {
+                let (cfg, args) = *loaded;
+                serve(cfg, &args, lanes).await
+            }
             Command::Sim(args) => sim(args).await,
             Command::Serve(_) | Command::CheckConfig { .. } | Command::Keys(_) => Ok(()),
         }
@@ -324,7 +330,7 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     Ok(cfg)
 }
 
-async fn serve(cfg: Config, lanes: usize) -> Result<(), String> {
+async fn serve(cfg: Config, args: &ServeArgs, lanes: usize) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| {
@@ -333,11 +339,27 @@ async fn serve(cfg: Config, lanes: usize) -> Result<(), String> {
                 cfg.server.listen
             )
         })?;
-    let gw = Gateway::builder(&cfg)
-        .lanes(lanes)
-        .build(listener)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut builder = Gateway::builder(&cfg).lanes(lanes);
+    if let Some(path) = &args.config {
+        builder = builder.config_file(path, args.listen);
+    }
+    let gw = builder.build(listener).await.map_err(|e| e.to_string())?;
+    // SIGHUP: read the config file again (the answer is logged).
+    let reloader = gw.reloader();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            let reloader = reloader.clone();
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let _ = reloader.reload().await;
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot handle SIGHUP ({e}): reload through /admin/reload"),
+    }
+    if args.watch {
+        tokio::spawn(reloader.watch(Duration::from_millis(250)));
+    }
     let addr = gw.local_addr().map_err(|e| e.to_string())?;
     let names: Vec<&str> = cfg.models.iter().map(|m| m.name.as_str()).collect();
     // Printed on stdout so that scripts and tests can read the port.

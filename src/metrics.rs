@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use metrics::{counter, gauge, histogram, Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -41,6 +42,8 @@ const MEM_RESIDENT: &str = "mofa_gateway_memory_resident_bytes";
 const MEM_CAPACITY: &str = "mofa_gateway_memory_capacity_bytes";
 const POOL_STATE: &str = "mofa_gateway_pool_state";
 const BREAKER: &str = "mofa_gateway_breaker_state";
+const RELOADS: &str = "mofa_gateway_config_reloads_total";
+const CONFIG_INFO: &str = "mofa_gateway_config_info";
 
 /// OpenTelemetry GenAI `gen_ai.server.time_to_first_token` buckets.
 pub(crate) const TTFT_BUCKETS: [f64; 16] = [
@@ -94,6 +97,9 @@ pub(crate) struct Metrics {
     queue_wait: [Histogram; 4],
     /// `upstream_attempts_total` by outcome (a closed set).
     attempts: Mutex<Vec<(&'static str, Counter)>>,
+    /// The hash of the config in effect, for `config_info` (rendered by hand: one series, the
+    /// current one, not one per config ever loaded).
+    config_hash: Mutex<String>,
 }
 
 /// The most (model, backend) pairs and (status, reason) pairs per pair whose handles are
@@ -186,6 +192,7 @@ impl Metrics {
             series: RwLock::new(HashMap::new()),
             queue_wait,
             attempts: Mutex::new(Vec::new()),
+            config_hash: Mutex::new(String::new()),
         }
     }
 
@@ -270,7 +277,35 @@ impl Metrics {
     /// orchestrator's admin view) and `pool` (the pool's).
     pub(crate) fn render(&self, orch: &Value, pool: &Value) -> String {
         metrics::with_local_recorder(&self.recorder, || set_gauges(orch, pool));
-        self.handle.render()
+        let mut text = self.handle.render();
+        let hash = lock(&self.config_hash).clone();
+        if !hash.is_empty() {
+            use std::fmt::Write;
+            let _ = write!(
+                text,
+                "# HELP {CONFIG_INFO} The configuration in effect, by its hash (always 1).\n\
+                 # TYPE {CONFIG_INFO} gauge\n{CONFIG_INFO}{{hash=\"{hash}\"}} 1\n"
+            );
+        }
+        text
+    }
+
+    /// A config was put into effect (at start, or by a reload): its hash (hex).
+    pub(crate) fn config_loaded(&self, hash: &str) {
+        *lock(&self.config_hash) = hash.to_owned();
+    }
+
+    /// Counts a reload by its result: `ok`, `invalid` (the file did not validate), `refused`
+    /// (it changes a key that needs a restart), `failed` (the new config could not be built).
+    pub(crate) fn config_reload(&self, result: &'static str) {
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!(RELOADS, "result" => result).increment(1);
+        });
+    }
+
+    /// Windows for models a reload added.
+    pub(crate) fn add_models(&self, models: &[String]) {
+        self.recent.add(models);
     }
 
     /// The last minute of `model` for the status page: requests/s and outcome rates of every
@@ -322,6 +357,11 @@ fn describe() {
     describe_counter!(
         ATTEMPTS,
         "Tries on upstream deployments: ok, or why the try failed."
+    );
+    describe_counter!(
+        RELOADS,
+        "Configuration reloads, by result: ok, invalid (did not validate), refused (needs a \
+         restart), failed (could not be built)."
     );
     describe_counter!(
         RATE_LIMITED,
@@ -503,11 +543,12 @@ fn quantile_ms(counts: &[u32; NB], q: f64) -> Value {
     Value::Null
 }
 
-/// Per-model rings (models from the config, plus one for requests that named none).
+/// Per-model rings (models from the config, plus one for requests that named none). A reload
+/// that adds a model adds its ring; a removed model's ring stays (its last minutes are real).
 struct Recent {
     start: Instant,
-    models: Vec<(String, Mutex<Ring>)>,
-    other: Mutex<Ring>,
+    models: ArcSwap<Vec<(String, Arc<Mutex<Ring>>)>>,
+    other: Arc<Mutex<Ring>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -518,19 +559,33 @@ impl Recent {
     fn new(models: &[String]) -> Recent {
         Recent {
             start: Instant::now(),
-            models: models
-                .iter()
-                .map(|m| (m.clone(), Mutex::new(Ring::new())))
-                .collect(),
-            other: Mutex::new(Ring::new()),
+            models: ArcSwap::from_pointee(
+                models
+                    .iter()
+                    .map(|m| (m.clone(), Arc::new(Mutex::new(Ring::new()))))
+                    .collect(),
+            ),
+            other: Arc::new(Mutex::new(Ring::new())),
         }
     }
 
-    fn ring(&self, model: &str) -> &Mutex<Ring> {
+    /// Adds the rings of `models` that have none (a reload).
+    fn add(&self, models: &[String]) {
+        let mut all: Vec<_> = self.models.load().iter().cloned().collect();
+        for m in models {
+            if !all.iter().any(|(n, _)| n == m) {
+                all.push((m.clone(), Arc::new(Mutex::new(Ring::new()))));
+            }
+        }
+        self.models.store(Arc::new(all));
+    }
+
+    fn ring(&self, model: &str) -> Arc<Mutex<Ring>> {
         self.models
+            .load()
             .iter()
             .find(|(m, _)| m == model)
-            .map_or(&self.other, |(_, r)| r)
+            .map_or_else(|| self.other.clone(), |(_, r)| r.clone())
     }
 
     fn now_s(&self) -> u64 {
@@ -544,7 +599,8 @@ impl Recent {
     /// Counts `s` in second `t` (since start).
     fn record_at(&self, t: u64, s: &Sample<'_>) {
         let class = class_of(s) as usize;
-        let mut ring = lock(self.ring(s.model));
+        let ring = self.ring(s.model);
+        let mut ring = lock(&ring);
         let slot = ring.slot(t);
         slot.by_class[class] += 1;
         if served(s) {
@@ -567,7 +623,8 @@ impl Recent {
         let span = (now - from).max(1) as f64;
         let mut sum = Sec::default();
         {
-            let ring = lock(self.ring(model));
+            let ring = self.ring(model);
+            let ring = lock(&ring);
             for t in from..now {
                 if let Some(s) = ring.get(t) {
                     add(&mut sum, s);
@@ -600,13 +657,14 @@ impl Recent {
     fn chart(&self) -> Value {
         let now = self.now_s();
         let from = now.saturating_sub(HISTORY_S as u64 - 1);
-        let rings: Vec<MutexGuard<'_, Ring>> = self
+        let all: Vec<Arc<Mutex<Ring>>> = self
             .models
+            .load()
             .iter()
-            .map(|(_, r)| r)
-            .chain(std::iter::once(&self.other))
-            .map(lock)
+            .map(|(_, r)| r.clone())
+            .chain(std::iter::once(self.other.clone()))
             .collect();
+        let rings: Vec<MutexGuard<'_, Ring>> = all.iter().map(|r| lock(r)).collect();
         let points: Vec<Value> = (from..now)
             .map(|t| {
                 let mut sum = Sec::default();

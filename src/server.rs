@@ -23,6 +23,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +45,7 @@ use crate::headers::REQUEST_ID;
 use crate::config::{Config, ServerConfig};
 use crate::http::{App, AppFuture, AppState};
 use crate::proxy::observe::ClientAddr;
+use crate::reload::Source;
 
 use crate::orchestrator::BuildError;
 
@@ -79,6 +81,7 @@ pub struct Gateway {
 pub struct Builder<'a> {
     cfg: &'a Config,
     lanes: usize,
+    source: Option<Source>,
 }
 
 impl Builder<'_> {
@@ -94,12 +97,23 @@ impl Builder<'_> {
         self
     }
 
+    /// The file the config came from: [`Reloader::reload`] (and `POST /admin/reload`) read it
+    /// again. `listen`: the address that overrides its `server.listen` (the command line's
+    /// `--listen`), kept across reloads. Without it, a reload answers that there is no file.
+    pub fn config_file(mut self, path: impl Into<PathBuf>, listen: Option<SocketAddr>) -> Self {
+        self.source = Some(Source {
+            path: path.into(),
+            listen,
+        });
+        self
+    }
+
     /// Builds the gateway on `listener` (which overrides `server.listen`): the deployments'
     /// clients, the simulators the config starts, the limits' store, the model pool.
     pub async fn build(self, listener: TcpListener) -> Result<Gateway, BuildError> {
         // Before the deployments are built: each lane gets its own upstream pool.
         crate::upstream::set_lanes(self.lanes);
-        let state = Arc::new(AppState::build(self.cfg).await?);
+        let state = Arc::new(AppState::build(self.cfg, self.source).await?);
         Ok(Gateway {
             listener,
             app: App::new(state),
@@ -112,13 +126,22 @@ impl Builder<'_> {
 impl Gateway {
     /// The options for a gateway serving `cfg`.
     pub fn builder(cfg: &Config) -> Builder<'_> {
-        Builder { cfg, lanes: 1 }
+        Builder {
+            cfg,
+            lanes: 1,
+            source: None,
+        }
     }
 
     /// Builds the gateway for `cfg` on `listener` (which overrides `server.listen`), on one
     /// lane.
     pub async fn build(cfg: &Config, listener: TcpListener) -> Result<Gateway, BuildError> {
         Gateway::builder(cfg).build(listener).await
+    }
+
+    /// A handle that reloads the config file ([`Builder::config_file`]) while it serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader::new(self.app.state().clone())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -185,6 +208,46 @@ impl Gateway {
             }
         });
         Ok(addr)
+    }
+}
+
+/// Reloads a serving gateway's config file (the binary calls it on `SIGHUP` and `--watch`).
+#[derive(Clone)]
+pub struct Reloader {
+    state: Arc<AppState>,
+}
+
+impl Reloader {
+    fn new(state: Arc<AppState>) -> Reloader {
+        Reloader { state }
+    }
+
+    /// Reads the config file again and puts it into effect, entity by entity; an invalid
+    /// file, or one that changes a key only a restart changes, changes nothing. `Ok`: what
+    /// changed, by name; `Err`: why nothing did. Either is also logged.
+    pub async fn reload(&self) -> Result<String, String> {
+        match self.state.reload().await {
+            Ok(v) => Ok(v["summary"].as_str().unwrap_or_default().to_owned()),
+            Err(e) => Err(e.message.clone()),
+        }
+    }
+
+    /// Reloads whenever the config file or its `keys_file` changes (checked every `every`),
+    /// until the gateway is gone (see `reload::watch`).
+    pub async fn watch(self, every: Duration) {
+        let weak = Arc::downgrade(&self.state);
+        drop(self);
+        let files = || weak.upgrade().map(|s| s.watched_files());
+        let read = || weak.upgrade().map(|s| s.read_stamps()).unwrap_or_default();
+        let reload = || {
+            let state = weak.upgrade();
+            async move {
+                if let Some(s) = state {
+                    let _ = s.reload().await;
+                }
+            }
+        };
+        crate::reload::watch(every, files, read, reload).await;
     }
 }
 

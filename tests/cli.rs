@@ -182,12 +182,12 @@ fn check_config_refuses_a_raw_key_without_repeating_it() {
 
 // --- a stdout whose reader has gone ----------------------------------------------------------
 
-/// A stdout for a child: a pipe whose read end is closed before the child starts, so that
-/// its first write fails with EPIPE however fast it is (`| head -c0`, its reader gone).
+/// A stdout for a child whose reader is gone before the child starts (a socket pair with one
+/// end closed), so that its first write fails with EPIPE however fast it is (`| head -c0`).
 fn closed_pipe() -> Stdio {
-    let (reader, writer) = std::io::pipe().unwrap();
+    let (reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
     drop(reader);
-    Stdio::from(writer)
+    Stdio::from(std::os::fd::OwnedFd::from(writer))
 }
 
 /// Runs the binary with `args` and `stdin`, its stdout a pipe with no reader ([`closed_pipe`]);

@@ -1,7 +1,8 @@
 //! The admin routes: `/admin/orchestrator` (queues, slots, memory, counters, rate-limit store
-//! and principals by name), `/admin/pool` and a pool model's `load` / `unload`, all behind
-//! [`guard`] (an admin key when `auth.mode = "keys"`). Views only, and the pool's two
-//! commands; it must not change admission state otherwise, nor show a key or its hash.
+//! and principals by name), `/admin/pool` and a pool model's `load` / `unload`, `/admin/reload`,
+//! all behind [`guard`] (an admin key when `auth.mode = "keys"`). Views only, the pool's two
+//! commands and the reload; it must not change admission state otherwise, nor show a key or
+//! its hash.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,16 @@ use crate::pool::STOP_GRACE;
 pub(super) async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     match st.pipeline.admin_allowed(req.headers()) {
         Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Reads the config file again and puts it into effect: 200 with what changed, 400
+/// `invalid_config` with the key at fault, 409 `reload_refused` (a key that needs a restart,
+/// or no file); in both refusals nothing changed.
+pub(super) async fn reload(State(st): State<Arc<AppState>>) -> Response {
+    match st.reload().await {
+        Ok(v) => json_ok(v),
         Err(e) => e.into_response(),
     }
 }

@@ -21,6 +21,7 @@ use crate::error::ApiError;
 use crate::orchestrator::BuildError;
 use crate::proxy::accept::{accept, Accepted};
 use crate::proxy::Pipeline;
+use crate::reload::{stamps, Source, Stamp};
 use crate::upstream::Endpoint;
 use crate::wire::openai::OpenAi;
 use crate::wire::ClientApi;
@@ -29,17 +30,108 @@ mod admin;
 mod stamp;
 mod status;
 
-/// What every handler shares. Immutable after start-up.
+/// What every handler shares. The configuration in it changes only by a reload (see
+/// [`AppState::reload`]).
 pub(crate) struct AppState {
     pipeline: Pipeline,
+    /// Where a reload reads the configuration from (`None`: the gateway was given a config,
+    /// not a file, and a reload has nothing to read).
+    source: Option<Source>,
+    /// One reload at a time (from the file's reading to the swap).
+    reloading: tokio::sync::Mutex<()>,
+    /// The identity of the watched files when they were last read (`--watch` compares).
+    read_stamps: std::sync::Mutex<Vec<Option<Stamp>>>,
 }
 
 impl AppState {
     /// Builds the runtime state from a validated config, starting in-process simulators.
-    pub(crate) async fn build(cfg: &Config) -> Result<AppState, BuildError> {
-        Ok(AppState {
+    pub(crate) async fn build(
+        cfg: &Config,
+        source: Option<Source>,
+    ) -> Result<AppState, BuildError> {
+        let state = AppState {
             pipeline: Pipeline::build(cfg).await?,
-        })
+            source,
+            reloading: tokio::sync::Mutex::new(()),
+            read_stamps: std::sync::Mutex::new(Vec::new()),
+        };
+        let now = stamps(&state.watched_files()).await;
+        state.set_read_stamps(now);
+        Ok(state)
+    }
+
+    /// Reads the config file again and puts it into effect (`SIGHUP`, `POST /admin/reload`,
+    /// `--watch`): the answer names what changed; an invalid file, or one that changes what
+    /// only a restart can, changes nothing and says why. One log line either way (names,
+    /// never secrets).
+    pub(crate) async fn reload(&self) -> Result<Value, ApiError> {
+        let _one = self.reloading.lock().await;
+        let Some(source) = self.source.clone() else {
+            return Err(ApiError::reload_refused(
+                "the gateway was started without a config file (--config): there is nothing to \
+                 reload",
+            ));
+        };
+        // The files' identity before they are read: a change after this is a change to read.
+        let now = stamps(&self.watched_files()).await;
+        self.set_read_stamps(now);
+        let path = source.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let mut cfg = match loaded {
+            Ok(Ok(cfg)) => cfg,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "config reload: invalid file; the running config stays");
+                self.pipeline.reload_invalid();
+                return Err(ApiError::invalid_config(e));
+            }
+            Err(e) => {
+                return Err(ApiError::reload_refused(format!(
+                    "cannot read the file: {e}"
+                )))
+            }
+        };
+        if let Some(listen) = source.listen {
+            cfg.server.listen = listen;
+        }
+        let started = std::time::Instant::now();
+        match self.pipeline.reload(cfg).await {
+            Ok(diff) => {
+                let hash = self.pipeline.config_view()["hash"].clone();
+                let summary = diff.describe();
+                tracing::info!(hash = %hash, ms = started.elapsed().as_millis() as u64, "config reloaded: {summary}");
+                Ok(json!({"status": "reloaded", "hash": hash, "summary": summary, "changed": diff}))
+            }
+            Err(e) => {
+                tracing::warn!("config reload refused: {e}");
+                Err(ApiError::reload_refused(e))
+            }
+        }
+    }
+
+    /// The watched files' identity when they were last read.
+    pub(crate) fn read_stamps(&self) -> Vec<Option<Stamp>> {
+        self.read_stamps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_read_stamps(&self, now: Vec<Option<Stamp>>) {
+        *self.read_stamps.lock().unwrap_or_else(|e| e.into_inner()) = now;
+    }
+
+    /// The files a reload reads: the config file and its `keys_file` (as the config in
+    /// effect names it), for `--watch`.
+    pub(crate) fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let Some(source) = &self.source else {
+            return Vec::new();
+        };
+        let mut files = vec![source.path.clone()];
+        if let Some(keys) = self.pipeline.keys_file() {
+            let dir = source.path.parent().unwrap_or(std::path::Path::new("."));
+            files.push(dir.join(keys));
+        }
+        files
     }
 
     /// Shutdown begins: `/readyz` answers 503, new and queued requests get 503 `shutting_down`.
@@ -168,6 +260,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/admin/pool", get(admin::pool))
         .route("/admin/pool/{name}/load", post(admin::load))
         .route("/admin/pool/{name}/unload", post(admin::unload))
+        .route("/admin/reload", post(admin::reload))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::guard,
@@ -275,7 +368,11 @@ mod tests {
     /// app in process can see this: once serving stops, no new request reaches it.
     #[tokio::test]
     async fn readyz_turns_503_and_new_requests_are_refused_once_shutdown_begins() {
-        let state = Arc::new(AppState::build(&Config::default_config()).await.unwrap());
+        let state = Arc::new(
+            AppState::build(&Config::default_config(), None)
+                .await
+                .unwrap(),
+        );
         let app = router(state.clone());
         let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
         let resp = app.clone().oneshot(get("/readyz")).await.unwrap();

@@ -92,6 +92,17 @@ impl Rate {
         }
     }
 
+    /// A bucket at `tat` under `old`, moved to this rate keeping the units it has spent (a
+    /// reload that changes a limit): a lower limit applies to what was already spent; at
+    /// most a full bucket (the new period's allowance spent).
+    pub(crate) fn rescale(&self, old: Rate, tat: u64, now: u64) -> u64 {
+        if tat <= now || old == *self {
+            return tat;
+        }
+        let spent = old.used(tat, now);
+        now.saturating_add(self.cost_us(spent).min(self.period_us))
+    }
+
     /// Corrects a charge after the fact by `delta` units (more used: positive; an estimate
     /// that was too high: negative). A refund never makes the bucket fuller than full.
     pub(crate) fn adjust(&self, tat: u64, now: u64, delta: i64) -> u64 {
@@ -136,6 +147,29 @@ mod tests {
         ));
         assert_eq!(r.check(0, now, 61), Check::TooLarge);
         assert_eq!(r.status(tat, now).reset_us, MINUTE_US);
+    }
+
+    #[test]
+    fn rescale_keeps_what_was_spent() {
+        let now = 1_000_000;
+        let (sixty, ten, one_twenty) = (
+            Rate::per_minute(60),
+            Rate::per_minute(10),
+            Rate::per_minute(120),
+        );
+        // 50 spent at 60/min: at 10/min the bucket is full (refused), then refills at 10/min.
+        let tat = now + sixty.cost_us(50);
+        let low = ten.rescale(sixty, tat, now);
+        assert!(matches!(ten.check(low, now, 1), Check::Denied { .. }));
+        assert!(matches!(
+            ten.check(low, now + ten.cost_us(1), 1),
+            Check::Allowed { .. }
+        ));
+        // At 120/min the same 50 leave 70.
+        let high = one_twenty.rescale(sixty, tat, now);
+        assert_eq!(one_twenty.status(high, now).remaining, 70);
+        // Nothing spent: nothing changes.
+        assert_eq!(ten.rescale(sixty, now - 5, now), now - 5);
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub(crate) enum Principal {
 /// A configured client key (its name, never its secret).
 #[derive(Debug)]
 pub(crate) struct KeyEntry {
-    /// The principal's index for the limits (1 + its place in `auth.keys`).
+    /// The principal's index for the limits (stable for its name across reloads).
     pub index: usize,
     pub name: Arc<str>,
     digest: [u8; 32],
@@ -81,15 +81,15 @@ pub(crate) fn digest(secret: &str) -> [u8; 32] {
 }
 
 impl Auth {
-    pub(crate) fn build(cfg: &Config) -> Auth {
+    /// The keys of `cfg`; `index`: each key's principal index (the limits', by name).
+    pub(crate) fn build(cfg: &Config, index: &dyn Fn(&str) -> usize) -> Auth {
         let keys = cfg
             .auth
             .keys
             .iter()
-            .enumerate()
-            .map(|(i, k)| {
+            .map(|k| {
                 let e = KeyEntry {
-                    index: i + 1,
+                    index: index(&k.name),
                     name: k.name.as_str().into(),
                     digest: *k.hash.digest(),
                     models: k.models.as_ref().map(|m| m.iter().cloned().collect()),
@@ -215,7 +215,7 @@ mod tests {
              [[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\n"
         );
         let cfg = Config::parse(&toml, &|_| None).unwrap();
-        (Auth::build(&cfg), secret)
+        (Auth::build(&cfg, &|_| 1), secret)
     }
 
     #[test]

@@ -161,8 +161,8 @@ mod bench {
     /// ns of CPU per request through the phases with `config`, the median of 7 rounds.
     async fn cost(config: &str) -> f64 {
         let cfg = Config::parse(config, &|_| None).expect("bench config");
-        let auth = Auth::build(&cfg);
         let limiter = Arc::new(Limiter::build(&cfg).await);
+        let auth = Auth::build(&cfg, &|n| limiter.key_index(n));
         let obs = Arc::new(Observer::new(&["mofa-sim".to_string()]));
         let mut h = HeaderMap::new();
         h.insert(

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -67,20 +68,99 @@ enum Ran {
     Local(Local),
 }
 
-/// Everything the phases share. Built once; admission state lives per model in the
-/// orchestrator, behind short per-model locks.
+/// Everything the phases share. The configuration in effect is one [`Generation`], swapped
+/// whole by a reload; a request reads it once, at its start, without a lock. State that must
+/// outlive a generation lives beside it (the observer, the limits' buckets) or is carried
+/// into the next one by name (the models' runtimes: see `orchestrator`).
 pub(crate) struct Pipeline {
-    orch: Orchestrator,
+    live: ArcSwap<Generation>,
     observer: Arc<Observer>,
-    auth: authorize::Auth,
     limiter: Arc<crate::quota::Limiter>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    /// When the gateway started (Unix seconds).
+    started_unix: u64,
+    /// Set by the first shutdown signal: no new requests.
+    shutting_down: AtomicBool,
+}
+
+/// One generation of the configuration, and what is made of it.
+struct Generation {
+    cfg: Arc<Config>,
+    orch: Orchestrator,
+    auth: authorize::Auth,
     /// The configured models as `/v1/models` lists them.
     models: models::Listing,
     limits: Limits,
     max_attempts: u32,
     retry_budget: Duration,
-    /// Set by the first shutdown signal: no new requests.
-    shutting_down: AtomicBool,
+    /// The config's hash and when it was loaded (Unix seconds).
+    hash: String,
+    loaded_unix: u64,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug)]
+pub(crate) enum ReloadError {
+    /// The new config changes keys that only a restart changes.
+    RestartNeeded(Vec<String>),
+    /// Something the new config needs could not be made (a simulator, a client).
+    Build(BuildError),
+    ShuttingDown,
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::RestartNeeded(keys) => write!(
+                f,
+                "{} cannot change while the gateway runs: restart it to apply the new config \
+                 (nothing was changed)",
+                keys.join(", ")
+            ),
+            ReloadError::Build(e) => write!(f, "{e} (nothing was changed)"),
+            ReloadError::ShuttingDown => f.write_str("the gateway is shutting down"),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Generation {
+    fn new(
+        cfg: Config,
+        orch: Orchestrator,
+        limiter: &crate::quota::Limiter,
+        started_unix: u64,
+    ) -> Generation {
+        Generation {
+            orch,
+            auth: authorize::Auth::build(&cfg, &|name| limiter.key_index(name)),
+            models: models::Listing::new(&cfg, started_unix),
+            limits: Limits {
+                max_body_bytes: cfg.server.max_body_bytes,
+                body_read_timeout: Duration::from_millis(cfg.server.body_read_timeout_ms),
+            },
+            max_attempts: cfg.resilience.max_attempts,
+            retry_budget: Duration::from_millis(cfg.resilience.retry_budget_ms),
+            hash: cfg.hash(),
+            loaded_unix: unix_now(),
+            cfg: Arc::new(cfg),
+        }
+    }
+
+    /// The configured model a request names (404 otherwise).
+    fn model(&self, req: &Parsed) -> Result<&Arc<ModelRt>, ApiError> {
+        self.orch
+            .models
+            .get(&req.model)
+            .ok_or_else(|| ApiError::model_not_found(&req.model))
+    }
 }
 
 impl Pipeline {
@@ -100,26 +180,77 @@ impl Pipeline {
                 }
             }
         });
+        let orch = Orchestrator::build(cfg).await?;
+        let limiter = Arc::new(crate::quota::Limiter::build(cfg).await);
+        let started_unix = unix_now();
+        let generation = Generation::new(cfg.clone(), orch, &limiter, started_unix);
+        observer.metrics.config_loaded(&generation.hash);
         Ok(Pipeline {
-            orch: Orchestrator::build(cfg).await?,
+            live: ArcSwap::from_pointee(generation),
             observer,
-            auth: authorize::Auth::build(cfg),
-            limiter: Arc::new(crate::quota::Limiter::build(cfg).await),
-            models: models::Listing::new(cfg),
-            limits: Limits {
-                max_body_bytes: cfg.server.max_body_bytes,
-                body_read_timeout: Duration::from_millis(cfg.server.body_read_timeout_ms),
-            },
-            max_attempts: cfg.resilience.max_attempts,
-            retry_budget: Duration::from_millis(cfg.resilience.retry_budget_ms),
+            limiter,
+            reloading: tokio::sync::Mutex::new(()),
+            started_unix,
             shutting_down: AtomicBool::new(false),
         })
+    }
+
+    /// Puts `cfg` (validated) into effect, entity by entity (see `config::diff`): unchanged
+    /// models and deployments keep everything, changed ones take new requests on their new
+    /// settings while requests in flight finish on the old, removed ones take no new requests.
+    /// Refused whole (nothing changes) when a key that needs a restart changed. Answers what
+    /// changed.
+    pub(crate) async fn reload(&self, cfg: Config) -> Result<crate::config::Diff, ReloadError> {
+        let _one = self.reloading.lock().await;
+        let result = self.reload_locked(cfg).await;
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(ReloadError::RestartNeeded(_)) => "refused",
+            Err(_) => "failed",
+        };
+        self.observer.metrics.config_reload(label);
+        result
+    }
+
+    async fn reload_locked(&self, cfg: Config) -> Result<crate::config::Diff, ReloadError> {
+        if self.is_shutting_down() {
+            return Err(ReloadError::ShuttingDown);
+        }
+        let cur = self.live.load_full();
+        let diff = crate::config::diff(&cur.cfg, &cfg);
+        if !diff.restart_needed.is_empty() {
+            return Err(ReloadError::RestartNeeded(diff.restart_needed));
+        }
+        let orch = cur.orch.reload(&cfg).await.map_err(ReloadError::Build)?;
+        self.limiter.reload(&cfg);
+        let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();
+        self.observer.metrics.add_models(&names);
+        let generation = Generation::new(cfg, orch, &self.limiter, self.started_unix);
+        self.observer.metrics.config_loaded(&generation.hash);
+        self.live.store(Arc::new(generation));
+        Ok(diff)
+    }
+
+    /// The `auth.keys_file` of the config in effect, as written.
+    pub(crate) fn keys_file(&self) -> Option<String> {
+        self.live.load().cfg.auth.keys_file.clone()
+    }
+
+    /// A reload whose file did not validate (counted; nothing changed).
+    pub(crate) fn reload_invalid(&self) {
+        self.observer.metrics.config_reload("invalid");
+    }
+
+    /// The config in effect: its hash and when it was loaded (the admin view, the status page).
+    pub(crate) fn config_view(&self) -> serde_json::Value {
+        let g = self.live.load();
+        serde_json::json!({"hash": g.hash, "loaded_unix": g.loaded_unix})
     }
 
     /// Shutdown begins: new and queued requests get 503 `shutting_down`.
     pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
-        self.orch.shutdown();
+        self.live.load().orch.shutdown();
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -128,8 +259,9 @@ impl Pipeline {
 
     /// `GET /v1/models`: the models the caller (the key in `headers`) may use.
     pub(crate) fn list_models(&self, headers: &HeaderMap) -> Result<Bytes, ApiError> {
-        let who = self.auth.authenticate(headers)?;
-        Ok(self.models.list(&who))
+        let g = self.live.load();
+        let who = g.auth.authenticate(headers)?;
+        Ok(g.models.list(&who))
     }
 
     /// `GET /v1/models/{id}`: model `id` if the caller may use it. `Err(raw)`: a path that
@@ -139,9 +271,10 @@ impl Pipeline {
         headers: &HeaderMap,
         id: Result<&str, &str>,
     ) -> Result<Bytes, ApiError> {
-        let who = self.auth.authenticate(headers)?;
+        let g = self.live.load();
+        let who = g.auth.authenticate(headers)?;
         match id {
-            Ok(id) => self.models.get(&who, id),
+            Ok(id) => g.models.get(&who, id),
             Err(raw) => Err(ApiError::model_not_found(raw)),
         }
     }
@@ -157,12 +290,13 @@ impl Pipeline {
 
     /// Whether `headers` carry an admin key (when keys are required).
     pub(crate) fn admin_allowed(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        self.auth.admin(headers)
+        self.live.load().auth.admin(headers)
     }
 
     /// `/admin/orchestrator`: queues, slots, memory, the limits' store and counters.
     pub(crate) fn admin_view(&self) -> serde_json::Value {
-        let mut v = self.orch.snapshot();
+        let mut v = self.live.load().orch.snapshot();
+        v["config"] = self.config_view();
         v["limits"] = self.limiter.snapshot();
         v["counters"] = self.observer.snapshot();
         v["client_disconnects"] = self.observer.client_disconnects().into();
@@ -171,24 +305,26 @@ impl Pipeline {
 
     /// `/admin/pool`: the model servers the gateway runs.
     pub(crate) fn pool_view(&self) -> serde_json::Value {
-        self.orch.pool_snapshot()
+        self.live.load().orch.pool_snapshot()
     }
 
     /// The memory budget and the pool's servers (the admin's `load` / `unload`).
-    pub(crate) fn memory(&self) -> &crate::orchestrator::Memory {
-        &self.orch.memory
+    pub(crate) fn memory(&self) -> Arc<crate::orchestrator::Memory> {
+        self.live.load().orch.memory.clone()
     }
 
     /// `/metrics`: the Prometheus text.
     pub(crate) fn metrics_text(&self) -> String {
+        let g = self.live.load();
         self.observer
             .metrics
-            .render(&self.orch.snapshot(), &self.orch.pool_snapshot())
+            .render(&g.orch.snapshot(), &g.orch.pool_snapshot())
     }
 
     /// `/status.json`: per model (with its last minute), memory, pool, counters, the chart.
     pub(crate) fn status_view(&self) -> serde_json::Value {
-        let snap = self.orch.snapshot();
+        let g = self.live.load_full();
+        let snap = g.orch.snapshot();
         let metrics = &self.observer.metrics;
         let models: Vec<serde_json::Value> = snap["models"]
             .as_object()
@@ -202,11 +338,12 @@ impl Pipeline {
             })
             .collect();
         serde_json::json!({
-            "started_unix": self.models.created(),
+            "started_unix": self.started_unix,
+            "config": {"hash": g.hash, "loaded_unix": g.loaded_unix},
             "shutting_down": self.is_shutting_down(),
             "models": models,
             "memory": snap["memory"],
-            "pool": self.orch.pool_snapshot()["models"],
+            "pool": g.orch.pool_snapshot()["models"],
             "counters": self.observer.snapshot(),
             "chart": metrics.chart(),
         })
@@ -214,7 +351,8 @@ impl Pipeline {
 
     /// Stops the model servers the pool runs (at exit).
     pub(crate) async fn stop_models(&self) {
-        self.orch.memory.stop_all().await;
+        let memory = self.memory();
+        memory.stop_all().await;
     }
 
     /// Runs a request to `endpoint` from a client speaking `client` through every phase;
@@ -227,6 +365,7 @@ impl Pipeline {
         req: Request,
     ) -> Response {
         let from = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        let g = self.live.load_full();
         let mut ctx = Ctx::new(
             self.observer.clone(),
             accepted.id.clone(),
@@ -235,7 +374,7 @@ impl Pipeline {
         );
         let mut headers = HeaderMap::new();
         match self
-            .run(endpoint, client, accepted, req, &mut ctx, &mut headers)
+            .run(&g, endpoint, client, accepted, req, &mut ctx, &mut headers)
             .await
         {
             Ok(Ran::Forwarded(f)) => {
@@ -263,8 +402,10 @@ impl Pipeline {
     }
 
     /// Phases 2 to 7.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
+        g: &Generation,
         endpoint: Endpoint,
         client: &'static dyn ClientApi,
         accepted: &Accepted,
@@ -273,18 +414,18 @@ impl Pipeline {
         headers: &mut HeaderMap,
     ) -> Result<Ran, ApiError> {
         // The key first: an unknown client gets its 401 before its body is read.
-        let who = self.auth.authenticate(req.headers())?;
+        let who = g.auth.authenticate(req.headers())?;
         ctx.set_key(who.name().cloned());
         let mut named = None;
-        let mut parsed = match parse::parse(endpoint, client, self.limits, req, &mut named).await {
+        let mut parsed = match parse::parse(endpoint, client, g.limits, req, &mut named).await {
             Ok(p) => p,
             Err(e) => {
                 // A request that named a configured model is counted under it.
-                ctx.set_model(named.and_then(|n| self.orch.models.get(&n).map(|m| m.name.clone())));
+                ctx.set_model(named.and_then(|n| g.orch.models.get(&n).map(|m| m.name.clone())));
                 return Err(e);
             }
         };
-        let model = self.model(&parsed)?;
+        let model = g.model(&parsed)?;
         ctx.set_model(Some(model.name.clone()));
         ctx.set_request(parsed.priority(), parsed.stream);
         authorize::authorize(&who, &mut parsed, ctx, headers)?;
@@ -298,27 +439,20 @@ impl Pipeline {
                 &model.name,
             ));
         }
-        let ok = self.tries(model, &parsed, accepted, ctx).await?;
+        let ok = self.tries(g, model, &parsed, accepted, ctx).await?;
         Ok(Ran::Forwarded(Box::new((ok, parsed.reply.take()))))
-    }
-
-    /// The configured model a request names (404 otherwise).
-    fn model(&self, req: &Parsed) -> Result<&Arc<ModelRt>, ApiError> {
-        self.orch
-            .models
-            .get(&req.model)
-            .ok_or_else(|| ApiError::model_not_found(&req.model))
     }
 
     /// Phases 5 to 7, once per try, until one succeeds or `route` says there is no other.
     async fn tries(
         &self,
+        g: &Generation,
         model: &Arc<ModelRt>,
         req: &Parsed,
         accepted: &Accepted,
         ctx: &mut Ctx,
     ) -> Result<Forwarded, ApiError> {
-        let mut attempts = Attempts::new(self.max_attempts, self.retry_budget, accepted.arrival);
+        let mut attempts = Attempts::new(g.max_attempts, g.retry_budget, accepted.arrival);
         let start_by = model.deadline(accepted.arrival, req.max_wait);
         let rid = accepted.id.to_str().unwrap_or_default();
         loop {

@@ -20,11 +20,8 @@ pub(super) struct Listing {
 }
 
 impl Listing {
-    pub(super) fn new(cfg: &Config) -> Listing {
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+    /// The models of `cfg`, each `created` at `created` (when the gateway started).
+    pub(super) fn new(cfg: &Config, created: u64) -> Listing {
         let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();
         let all = list_body(names.iter().map(|n| object(n, created)));
         Listing {
@@ -32,11 +29,6 @@ impl Listing {
             all,
             created,
         }
-    }
-
-    /// When the gateway started (Unix seconds).
-    pub(super) fn created(&self) -> u64 {
-        self.created
     }
 
     /// The list `who` may use.

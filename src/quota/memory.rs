@@ -1,24 +1,32 @@
 //! The in-process store of the rate limits: one short std mutex per principal around its
 //! buckets' TATs and its in-flight count, one per model around the model's (all principals
-//! together); never held across an `.await`, always taken principal first. Its size is fixed
-//! by the config (principals + models), never by client input. Also the `local` fallback of
+//! together); never held across an `.await`, always taken principal first. Its size is set
+//! by the config (principals + models, grown by a reload that adds some), never by client input. Also the `local` fallback of
 //! the Redis store, and its shadow: while Redis answers, each bucket here follows what Redis
 //! said of it ([`MemoryStore::mirror`]), so that a replica that falls back starts from the
 //! shared counts, not from a fresh allowance, and can restore them in a Redis that restarted
 //! empty ([`MemoryStore::backlog`]).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
+
 use super::{Outcome, Plan, Slot};
-use crate::limits::charge_all;
+use crate::limits::{charge_all, Rate};
 
 /// The buckets of every principal, by index.
 pub(super) struct MemoryStore {
     epoch: Instant,
-    principals: Vec<Mutex<Buckets>>,
-    /// Per model: its `rpm`, `tpm` TATs.
-    models: Vec<Mutex<[u64; 2]>>,
+    /// By principal index (stable for a name across reloads: [`super::Limiter`]); grows when a
+    /// reload adds a key, never shrinks.
+    principals: ArcSwap<Vec<Arc<Mutex<Buckets>>>>,
+    /// Per model (by its stable index): its `rpm`, `tpm` TATs.
+    models: ArcSwap<Vec<Arc<Mutex<[u64; 2]>>>>,
+}
+
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Buckets {
@@ -37,17 +45,49 @@ fn tat<'a>(b: &'a mut Buckets, m: &'a mut [u64; 2], slot: Slot) -> &'a mut u64 {
 
 impl MemoryStore {
     pub(super) fn new(principals: usize, models: usize) -> MemoryStore {
-        MemoryStore {
+        let store = MemoryStore {
             epoch: Instant::now(),
-            principals: (0..principals)
-                .map(|_| {
-                    Mutex::new(Buckets {
-                        key: [0; 2],
-                        in_flight: 0,
-                    })
-                })
-                .collect(),
-            models: (0..models).map(|_| Mutex::new([0; 2])).collect(),
+            principals: ArcSwap::from_pointee(Vec::new()),
+            models: ArcSwap::from_pointee(Vec::new()),
+        };
+        store.grow(principals, models);
+        store
+    }
+
+    /// Room for `principals` and `models` (a reload that adds some); existing buckets keep
+    /// their counts. Only the reload calls it (one at a time).
+    pub(super) fn grow(&self, principals: usize, models: usize) {
+        let mut p: Vec<_> = self.principals.load().iter().cloned().collect();
+        while p.len() < principals {
+            p.push(Arc::new(Mutex::new(Buckets {
+                key: [0; 2],
+                in_flight: 0,
+            })));
+        }
+        self.principals.store(Arc::new(p));
+        let mut m: Vec<_> = self.models.load().iter().cloned().collect();
+        while m.len() < models {
+            m.push(Arc::new(Mutex::new([0; 2])));
+        }
+        self.models.store(Arc::new(m));
+    }
+
+    /// A limit changed by a reload keeps what was spent: bucket `slot` of principal `who`
+    /// (or of the model) holds the units it held under `old`, now at `new`.
+    pub(super) fn rescale(&self, who: usize, slot: Slot, old: Rate, new: Rate) {
+        let now = self.now();
+        let scale = |t: &mut u64| *t = new.rescale(old, *t, now);
+        match slot {
+            Slot::Key(d) => {
+                if let Some(b) = self.principals.load().get(who) {
+                    scale(&mut guard(b).key[d as usize]);
+                }
+            }
+            Slot::Model(m, d) => {
+                if let Some(g) = self.models.load().get(m) {
+                    scale(&mut guard(g)[d as usize]);
+                }
+            }
         }
     }
 
@@ -56,13 +96,12 @@ impl MemoryStore {
         u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX) + 1
     }
 
-    fn lock(&self, who: usize) -> Option<std::sync::MutexGuard<'_, Buckets>> {
-        let m = self.principals.get(who)?;
-        Some(m.lock().unwrap_or_else(|p| p.into_inner()))
+    fn bucket(&self, who: usize) -> Option<Arc<Mutex<Buckets>>> {
+        self.principals.load().get(who).cloned()
     }
 
-    /// The model's buckets (a dummy for a plan without model limits).
-    fn lock_model(&self, plan: &Plan) -> Option<std::sync::MutexGuard<'_, [u64; 2]>> {
+    /// The model's buckets (none for a plan without model limits).
+    fn model_of(&self, plan: &Plan) -> Option<Arc<Mutex<[u64; 2]>>> {
         if !plan
             .charges
             .iter()
@@ -70,22 +109,23 @@ impl MemoryStore {
         {
             return None;
         }
-        let m = self.models.get(plan.model)?;
-        Some(m.lock().unwrap_or_else(|p| p.into_inner()))
+        self.models.load().get(plan.model).cloned()
     }
 
     /// Charges `plan` (and takes an in-flight place if it has `max_parallel`), or refuses.
     pub(super) fn acquire(&self, plan: &Plan) -> Outcome {
         let now = self.now();
-        let Some(mut b) = self.lock(plan.who) else {
+        let Some(bucket) = self.bucket(plan.who) else {
             return Outcome::Allowed(Vec::new());
         };
+        let mut b = guard(&bucket);
         if let Some(max) = plan.max_parallel {
             if b.in_flight >= max {
                 return Outcome::Parallel(max);
             }
         }
-        let mut mg = self.lock_model(plan);
+        let model = self.model_of(plan);
+        let mut mg = model.as_deref().map(guard);
         let mut none = [0u64; 2];
         let m: &mut [u64; 2] = mg.as_deref_mut().unwrap_or(&mut none);
         let mut tats: Vec<u64> = plan
@@ -111,8 +151,10 @@ impl MemoryStore {
     /// Corrects the token buckets of `plan` by `delta` tokens.
     pub(super) fn adjust(&self, plan: &Plan, delta: i64) {
         let now = self.now();
-        if let Some(mut b) = self.lock(plan.who) {
-            let mut mg = self.lock_model(plan);
+        if let Some(bucket) = self.bucket(plan.who) {
+            let mut b = guard(&bucket);
+            let model = self.model_of(plan);
+            let mut mg = model.as_deref().map(guard);
             let mut none = [0u64; 2];
             let m: &mut [u64; 2] = mg.as_deref_mut().unwrap_or(&mut none);
             for (slot, c) in plan.token_charges() {
@@ -128,8 +170,10 @@ impl MemoryStore {
     /// for refunds, which [`MemoryStore::adjust`] applies here too).
     pub(super) fn mirror(&self, plan: &Plan, backlogs: impl Iterator<Item = u64>) {
         let now = self.now();
-        if let Some(mut b) = self.lock(plan.who) {
-            let mut mg = self.lock_model(plan);
+        if let Some(bucket) = self.bucket(plan.who) {
+            let mut b = guard(&bucket);
+            let model = self.model_of(plan);
+            let mut mg = model.as_deref().map(guard);
             let mut none = [0u64; 2];
             let m: &mut [u64; 2] = mg.as_deref_mut().unwrap_or(&mut none);
             for ((slot, _), backlog) in plan.charges.iter().zip(backlogs) {
@@ -146,13 +190,13 @@ impl MemoryStore {
         let raise = |t: &mut u64| *t = (*t).max(now.saturating_add(backlog));
         match slot {
             Slot::Key(d) => {
-                if let Some(mut b) = self.lock(who) {
-                    raise(&mut b.key[d as usize]);
+                if let Some(b) = self.bucket(who) {
+                    raise(&mut guard(&b).key[d as usize]);
                 }
             }
             Slot::Model(m, d) => {
-                if let Some(g) = self.models.get(m) {
-                    raise(&mut g.lock().unwrap_or_else(|p| p.into_inner())[d as usize]);
+                if let Some(g) = self.models.load().get(m) {
+                    raise(&mut guard(g)[d as usize]);
                 }
             }
         }
@@ -162,24 +206,22 @@ impl MemoryStore {
     pub(super) fn backlog(&self, who: usize, slot: Slot) -> u64 {
         let now = self.now();
         let t = match slot {
-            Slot::Key(d) => self.lock(who).map(|b| b.key[d as usize]),
-            Slot::Model(m, d) => self
-                .models
-                .get(m)
-                .map(|g| g.lock().unwrap_or_else(|p| p.into_inner())[d as usize]),
+            Slot::Key(d) => self.bucket(who).map(|b| guard(&b).key[d as usize]),
+            Slot::Model(m, d) => self.models.load().get(m).map(|g| guard(g)[d as usize]),
         };
         t.map_or(0, |t| t.saturating_sub(now))
     }
 
     /// Gives back an in-flight place.
     pub(super) fn release(&self, who: usize) {
-        if let Some(mut b) = self.lock(who) {
+        if let Some(b) = self.bucket(who) {
+            let mut b = guard(&b);
             b.in_flight = b.in_flight.saturating_sub(1);
         }
     }
 
     /// In-flight places taken, by principal.
     pub(super) fn in_flight(&self, who: usize) -> u32 {
-        self.lock(who).map_or(0, |b| b.in_flight)
+        self.bucket(who).map_or(0, |b| guard(&b).in_flight)
     }
 }

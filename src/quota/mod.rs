@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 
 use crate::config::{Config, LimitStore, RedisFailure};
@@ -93,7 +94,7 @@ pub(crate) struct Grant {
 }
 
 /// The limits of one principal.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Policy {
     name: Arc<str>,
     rpm: Option<u64>,
@@ -101,13 +102,48 @@ struct Policy {
     max_parallel: Option<u32>,
 }
 
+/// One model's limits, all principals together.
+#[derive(Debug, Clone, PartialEq)]
+struct ModelPolicy {
+    name: Arc<str>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+}
+
+/// The limits of one config generation, by stable index (`None`: not configured now).
+#[derive(Debug, Default)]
+struct Tables {
+    /// Index 0: the anonymous principal (`auth.mode = "none"`); then keys by [`Registry`].
+    policies: Vec<Option<Policy>>,
+    models: Vec<Option<ModelPolicy>>,
+    model_index: HashMap<Arc<str>, usize>,
+}
+
+/// The index of every key and model name ever configured in this process: a name keeps its
+/// buckets (what it has spent) across reloads. Grows only with the names an operator
+/// configures, never with client input.
+#[derive(Debug, Default)]
+struct Registry {
+    principals: HashMap<String, usize>,
+    models: HashMap<String, usize>,
+}
+
+impl Registry {
+    fn principal(&mut self, name: &str) -> usize {
+        let next = self.principals.len() + 1;
+        *self.principals.entry(name.to_owned()).or_insert(next)
+    }
+
+    fn model(&mut self, name: &str) -> usize {
+        let next = self.models.len();
+        *self.models.entry(name.to_owned()).or_insert(next)
+    }
+}
+
 /// The rate limits of every principal, and their store.
 pub(crate) struct Limiter {
-    /// Index 0: the anonymous principal (`auth.mode = "none"`); then `auth.keys` in order.
-    policies: Vec<Policy>,
-    /// Per model (config order): its name, `rpm`, `tpm`.
-    models: Vec<(Arc<str>, Option<u64>, Option<u64>)>,
-    model_index: HashMap<Arc<str>, usize>,
+    tables: ArcSwap<Tables>,
+    registry: std::sync::Mutex<Registry>,
     /// The buckets without Redis; with it, the `local` fallback and the shadow of Redis's.
     memory: Arc<MemoryStore>,
     redis: Option<Arc<RedisStore>>,
@@ -120,24 +156,7 @@ impl Limiter {
     /// run inside the runtime). A Redis that is down at start is the same as one that fails
     /// later: `redis_failure` applies until it answers.
     pub(crate) async fn build(cfg: &Config) -> Limiter {
-        let mut policies = vec![Policy {
-            name: "anonymous".into(),
-            rpm: None,
-            tpm: None,
-            max_parallel: None,
-        }];
-        policies.extend(cfg.auth.keys.iter().map(|k| Policy {
-            name: k.name.as_str().into(),
-            rpm: k.rpm,
-            tpm: k.tpm,
-            max_parallel: k.max_parallel,
-        }));
-        let models: Vec<_> = cfg
-            .models
-            .iter()
-            .map(|m| (Arc::<str>::from(m.name.as_str()), m.rpm, m.tpm))
-            .collect();
-        let memory = Arc::new(MemoryStore::new(policies.len(), models.len()));
+        let memory = Arc::new(MemoryStore::new(0, 0));
         let redis = match (&cfg.limits.store, &cfg.limits.redis_url) {
             (LimitStore::Redis, Some(url)) => Some(
                 RedisStore::start(
@@ -150,38 +169,115 @@ impl Limiter {
             ),
             _ => None,
         };
-        Limiter {
+        let limiter = Limiter {
+            tables: ArcSwap::from_pointee(Tables::default()),
+            registry: std::sync::Mutex::new(Registry::default()),
             memory,
-            model_index: models
-                .iter()
-                .enumerate()
-                .map(|(i, m)| (m.0.clone(), i))
-                .collect(),
-            policies,
-            models,
             redis,
             failure: cfg.limits.redis_failure,
             refused: AtomicU64::new(0),
+        };
+        limiter.reload(cfg);
+        limiter
+    }
+
+    /// The limits of `cfg` from now on (the store itself cannot change live). A key or model
+    /// keeps its buckets by name: a changed limit applies to what it has already spent (in
+    /// this process's buckets; Redis's buckets are kept as they are and the new limit applies
+    /// to their backlog). Each key's principal index is then [`Limiter::key_index`].
+    pub(crate) fn reload(&self, cfg: &Config) {
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.tables.load_full();
+        let mut t = Tables {
+            policies: vec![None; 1],
+            ..Tables::default()
+        };
+        t.policies[0] = Some(Policy {
+            name: "anonymous".into(),
+            rpm: None,
+            tpm: None,
+            max_parallel: None,
+        });
+        for k in &cfg.auth.keys {
+            let i = reg.principal(&k.name);
+            if t.policies.len() <= i {
+                t.policies.resize(i + 1, None);
+            }
+            t.policies[i] = Some(Policy {
+                name: k.name.as_str().into(),
+                rpm: k.rpm,
+                tpm: k.tpm,
+                max_parallel: k.max_parallel,
+            });
         }
+        for m in &cfg.models {
+            let i = reg.model(&m.name);
+            if t.models.len() <= i {
+                t.models.resize(i + 1, None);
+            }
+            let name: Arc<str> = m.name.as_str().into();
+            t.model_index.insert(name.clone(), i);
+            t.models[i] = Some(ModelPolicy {
+                name,
+                rpm: m.rpm,
+                tpm: m.tpm,
+            });
+        }
+        self.memory.grow(reg.principals.len() + 1, reg.models.len());
+        // Changed limits keep what was spent.
+        let rate = |l: Option<u64>| l.map(Rate::per_minute);
+        for (i, p) in t.policies.iter().enumerate() {
+            let (Some(p), Some(Some(o))) = (p, old.policies.get(i)) else {
+                continue;
+            };
+            for (dim, was, now) in [(Dim::Requests, o.rpm, p.rpm), (Dim::Tokens, o.tpm, p.tpm)] {
+                if let (Some(was), Some(now)) = (rate(was), rate(now)) {
+                    self.memory.rescale(i, Slot::Key(dim), was, now);
+                }
+            }
+        }
+        for (i, m) in t.models.iter().enumerate() {
+            let (Some(m), Some(Some(o))) = (m, old.models.get(i)) else {
+                continue;
+            };
+            for (dim, was, now) in [(Dim::Requests, o.rpm, m.rpm), (Dim::Tokens, o.tpm, m.tpm)] {
+                if let (Some(was), Some(now)) = (rate(was), rate(now)) {
+                    self.memory.rescale(0, Slot::Model(i, dim), was, now);
+                }
+            }
+        }
+        self.tables.store(Arc::new(t));
+    }
+
+    /// The principal index of key `name` (0, the anonymous one's, for a name never configured).
+    pub(crate) fn key_index(&self, name: &str) -> usize {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.principals.get(name).copied().unwrap_or(0)
     }
 
     /// The index of a configured model.
     pub(crate) fn model_index(&self, name: &str) -> Option<usize> {
-        self.model_index.get(name).copied()
+        self.tables.load().model_index.get(name).copied()
     }
 
     /// Whether a request of `who` to `model` is charged tokens (so that its estimate is
     /// worth computing).
     pub(crate) fn counts_tokens(&self, who: usize, model: usize) -> bool {
-        self.policies.get(who).is_some_and(|p| p.tpm.is_some())
-            || self.models.get(model).is_some_and(|m| m.2.is_some())
+        let t = self.tables.load();
+        t.policies
+            .get(who)
+            .is_some_and(|p| p.as_ref().is_some_and(|p| p.tpm.is_some()))
+            || t.models
+                .get(model)
+                .is_some_and(|m| m.as_ref().is_some_and(|m| m.tpm.is_some()))
     }
 
     /// What request `who` (principal index) to `model` (index) charges, `tokens` estimated;
     /// `None` when no limit applies to it at all.
     pub(crate) fn plan(&self, who: usize, model: usize, tokens: u64) -> Option<Plan> {
-        let p = self.policies.get(who)?;
-        let (model_name, m_rpm, m_tpm) = self.models.get(model)?.clone();
+        let t = self.tables.load();
+        let p = t.policies.get(who)?.as_ref()?;
+        let m = t.models.get(model)?.as_ref()?;
         let mut charges = Vec::new();
         let mut add = |slot, limit: Option<u64>, dim, cost| {
             if let Some(l) = limit {
@@ -197,8 +293,8 @@ impl Limiter {
         };
         add(Slot::Key(Dim::Requests), p.rpm, Dim::Requests, 1);
         add(Slot::Key(Dim::Tokens), p.tpm, Dim::Tokens, tokens);
-        add(Slot::Model(model, Dim::Requests), m_rpm, Dim::Requests, 1);
-        add(Slot::Model(model, Dim::Tokens), m_tpm, Dim::Tokens, tokens);
+        add(Slot::Model(model, Dim::Requests), m.rpm, Dim::Requests, 1);
+        add(Slot::Model(model, Dim::Tokens), m.tpm, Dim::Tokens, tokens);
         if charges.is_empty() && p.max_parallel.is_none() {
             return None;
         }
@@ -206,7 +302,7 @@ impl Limiter {
             who,
             name: p.name.clone(),
             model,
-            model_name,
+            model_name: m.name.clone(),
             charges,
             max_parallel: p.max_parallel,
         })
@@ -340,9 +436,12 @@ impl Limiter {
         let mut v = self.health();
         v["refused"] = self.refused.load(Ordering::Relaxed).into();
         v["principals"] = self
+            .tables
+            .load()
             .policies
             .iter()
             .enumerate()
+            .filter_map(|(i, p)| Some((i, p.as_ref()?)))
             .map(|(i, p)| {
                 json!({
                     "name": &*p.name,

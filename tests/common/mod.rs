@@ -1100,6 +1100,21 @@ pub async fn run_binary_env(args: &[&str], env: &[(String, String)]) -> (Binary,
     (Binary(child), url)
 }
 
+/// Runs `mofa-gateway serve --config file` (on an ephemeral port) with `extra` arguments
+/// (`--watch`); the file stays, for tests that change it and reload.
+pub async fn run_gateway_file(file: &std::path::Path, extra: &[&str]) -> (Binary, SocketAddr) {
+    let mut args = vec![
+        "serve",
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (bin, url) = run_binary_env(&args, &[]).await;
+    (bin, addr_of(&url))
+}
+
 /// Runs `mofa-gateway serve` on `config` (written to a temporary file) with `env`; returns it
 /// and its address. Tests build `config` with [`GatewayBuilder::start_binary`].
 async fn run_gateway_binary_env(config: &str, env: &[(String, String)]) -> (Binary, SocketAddr) {
