@@ -97,6 +97,10 @@ struct Args {
     /// Retry a 503 once, exactly when it says (`retry-after-ms`, else `Retry-After`).
     #[arg(long)]
     retry_as_told: bool,
+    /// Also write one line per request of the window to this file: its launch (ms since the
+    /// Unix epoch), its latency (ms) and its outcome, tab-separated.
+    #[arg(long, value_name = "FILE")]
+    latencies: Option<std::path::PathBuf>,
 }
 
 /// How one request ended.
@@ -442,6 +446,9 @@ async fn main() -> ExitCode {
     let mut lags = Vec::with_capacity((end - first).min(50_000_000) as usize);
 
     let t0 = Instant::now();
+    let t0_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     for i in 0..end {
         let due = t0 + Duration::from_secs_f64(i as f64 / args.rate);
         if due > Instant::now() {
@@ -510,6 +517,23 @@ async fn main() -> ExitCode {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let records = std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(path) = &args.latencies {
+        use std::fmt::Write;
+        let mut text = String::new();
+        for r in records.iter().filter(|r| r.in_window) {
+            let start = t0_unix_ms + ms(r.end.saturating_sub(r.latency));
+            let _ = writeln!(
+                text,
+                "{start:.1}\t{:.3}\t{}",
+                ms(r.latency),
+                r.outcome.key()
+            );
+        }
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
 
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -607,6 +631,7 @@ async fn main() -> ExitCode {
     });
     let out = json!({
         "url": args.url,
+        "t0_unix_ms": t0_unix_ms,
         "warmup_s": args.warmup_s,
         "duration_s": args.duration_s,
         "offered_rps": args.rate,

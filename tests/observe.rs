@@ -799,6 +799,7 @@ async fn the_status_page_shows_live_values_and_its_buttons_work_in_a_browser() {
             "the pool server ready after Load",
         );
         let msg = cdp.eval("document.getElementById('msg').textContent");
+        let meta = cdp.eval("document.getElementById('meta').textContent");
         // Narrow window: still no horizontal scrolling of the page.
         cdp.call(
             "Emulation.setDeviceMetricsOverride",
@@ -809,7 +810,7 @@ async fn the_status_page_shows_live_values_and_its_buttons_work_in_a_browser() {
             cdp.eval("document.documentElement.scrollWidth <= window.innerWidth + 1");
         let narrow = shot.with_file_name("status-narrow.png");
         cdp.screenshot(&narrow);
-        (cdp.errors, json!([resident, after_unload, msg, overflow]))
+        (cdp.errors, json!([resident, after_unload, msg, overflow, meta]))
     })
     .await
     .unwrap();
@@ -820,6 +821,13 @@ async fn the_status_page_shows_live_values_and_its_buttons_work_in_a_browser() {
     assert_eq!(
         shown[3], true,
         "the page scrolls sideways in a narrow window"
+    );
+    // The config in effect, by its hash, as the admin view says.
+    let hash = admin(gw, "orchestrator").await["config"]["hash"].clone();
+    let meta = shown[4].as_str().unwrap();
+    assert!(
+        meta.contains(&format!("config {} loaded", hash.as_str().unwrap())),
+        "{meta}"
     );
     // The gateway agrees with what the page showed.
     let pool = admin(gw, "pool").await;

@@ -472,3 +472,37 @@ async fn watch_reloads_on_an_atomic_rename() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_lower_rpm_applies_to_what_the_key_already_spent() {
+    let upstream = sim(sim_opts("m")).await;
+    let with_rpm = |rpm: u64| {
+        GatewayBuilder::new()
+            .admin_key(ADMIN)
+            .key(Key::new("alice", "sk-alice").rpm(rpm))
+            .key(Key::new("bob", "sk-bob").rpm(rpm))
+            .local_model("m", &upstream)
+            .toml()
+    };
+    let file = ConfigFile::new(&with_rpm(60));
+    let (_bin, gw) = run_gateway_file(&file.path, &[]).await;
+    for _ in 0..5 {
+        assert_eq!(chat_as(gw, "m", "sk-alice", false).await.status(), 200);
+    }
+    // rpm 60 -> 3: alice spent 5 in this minute, so she is over; bob spent nothing.
+    file.replace(&with_rpm(3));
+    let (status, body) = reload(gw).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["changed"]["keys_changed"],
+        serde_json::json!(["alice", "bob"])
+    );
+    let r = chat_as(gw, "m", "sk-alice", false).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "3");
+    assert!(retry_after(&r) >= 1);
+    for _ in 0..3 {
+        assert_eq!(chat_as(gw, "m", "sk-bob", false).await.status(), 200);
+    }
+    assert_eq!(chat_as(gw, "m", "sk-bob", false).await.status(), 429);
+}
