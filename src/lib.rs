@@ -5,8 +5,9 @@
 //! [`config`] (the validated TOML schema: [`config::Config::load`], `parse`,
 //! `default_config`), [`Gateway`] (built by [`Gateway::build`] or [`Gateway::builder`], with a
 //! typed [`BuildError`]; then [`Gateway::serve`] until a shutdown future such as
-//! [`shutdown_signal`] resolves, or [`Gateway::spawn`]), [`set_access_log_sink`] (once per
-//! process) and [`sim`] (the simulated backend).
+//! [`shutdown_signal`] resolves, or [`Gateway::spawn`]), [`Reloader`] (a gateway built with
+//! [`Builder::config_file`] reads its file again: [`Gateway::reloader`]),
+//! [`set_access_log_sink`] (once per process) and [`sim`] (the simulated backend).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,11 +21,12 @@
 //!
 //! # Layers
 //! Top-down (a module imports only from below it):
-//! - `server` (accept loop, lanes, shutdown) -> `http` (the `ROUTES` table, router, stamp
-//!   layer, admin views);
+//! - `server` (accept loop, lanes, shutdown, the `Reloader`) -> `http` (the `ROUTES` table,
+//!   router, stamp layer, admin views, the reload's answer) -> `reload` (the file a reload
+//!   reads, `--watch`'s polling);
 //! - `proxy`: the request pipeline, phase by phase (accept, parse, authorize, limit, admit,
 //!   route, forward, observe), over one request context (`proxy::context`) from which the
-//!   finished record is built once; `error` turns any failure into a status and an envelope
+//!   finished record is built once, and one config generation swapped whole by a reload; `error` turns any failure into a status and an envelope
 //!   from one closed `ErrorKind`;
 //! - `wire`: the client APIs behind `ClientApi` (OpenAI in `wire::openai`; Anthropic's
 //!   Messages in `anthropic`);
@@ -37,7 +39,8 @@
 //!   `reason` (the closed set of rejections); no I/O, no HTTP crate;
 //! - `anthropic`: the Messages API's formats and their translation to and from OpenAI's
 //!   (pure; used by `proxy` and `error`, plugged into the relay as a transform);
-//! - `config` (validated TOML) and `headers` (names), used by all; `metrics` (the Prometheus
+//! - `config` (validated TOML, and the diff between two configs that a reload acts on) and
+//!   `headers` (names), used by all; `metrics` (the Prometheus
 //!   registry and the status page's windows, fed by `proxy::observe`) imports nothing of the
 //!   crate; `sim` stands alone.
 

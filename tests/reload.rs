@@ -476,21 +476,27 @@ async fn watch_reloads_on_an_atomic_rename() {
 #[tokio::test]
 async fn a_lower_rpm_applies_to_what_the_key_already_spent() {
     let upstream = sim(sim_opts("m")).await;
-    let with_rpm = |rpm: u64| {
-        GatewayBuilder::new()
-            .admin_key(ADMIN)
-            .key(Key::new("alice", "sk-alice").rpm(rpm))
-            .key(Key::new("bob", "sk-bob").rpm(rpm))
-            .local_model("m", &upstream)
-            .toml()
+    // The keys in either order: what a key spent follows its name, not its place.
+    let with_rpm = |rpm: u64, bob_first: bool| {
+        let (alice, bob) = (
+            Key::new("alice", "sk-alice").rpm(rpm),
+            Key::new("bob", "sk-bob").rpm(rpm),
+        );
+        let b = GatewayBuilder::new().admin_key(ADMIN);
+        let b = if bob_first {
+            b.key(bob).key(alice)
+        } else {
+            b.key(alice).key(bob)
+        };
+        b.local_model("m", &upstream).toml()
     };
-    let file = ConfigFile::new(&with_rpm(60));
+    let file = ConfigFile::new(&with_rpm(60, false));
     let (_bin, gw) = run_gateway_file(&file.path, &[]).await;
     for _ in 0..5 {
         assert_eq!(chat_as(gw, "m", "sk-alice", false).await.status(), 200);
     }
     // rpm 60 -> 3: alice spent 5 in this minute, so she is over; bob spent nothing.
-    file.replace(&with_rpm(3));
+    file.replace(&with_rpm(3, true));
     let (status, body) = reload(gw).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
