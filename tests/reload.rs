@@ -422,18 +422,20 @@ async fn two_model_sim() -> String {
     .await
 }
 
+/// A config with model `m`, and one with `m` and `n`, both on `upstream`.
+fn m_then_m_and_n(upstream: &str) -> (String, String) {
+    let m = GatewayBuilder::new().local_model("m", upstream);
+    (m.toml(), m.local_model("n", upstream).toml())
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_file() {
     let upstream = two_model_sim().await;
-    let file = ConfigFile::new(&GatewayBuilder::new().local_model("m", &upstream).toml());
+    let (only_m, m_and_n) = m_then_m_and_n(&upstream);
+    let file = ConfigFile::new(&only_m);
     let (bin, gw) = run_gateway_file(&file.path, &[]).await;
     assert_eq!(chat(gw, &chat_body("n", false)).await.status(), 404);
-    file.replace(
-        &GatewayBuilder::new()
-            .local_model("m", &upstream)
-            .local_model("n", &upstream)
-            .toml(),
-    );
+    file.replace(&m_and_n);
     bin.signal("-HUP");
     eventually("model n served after SIGHUP", WAIT, || async move {
         chat(gw, &chat_body("n", false)).await.status() == 200
@@ -445,15 +447,11 @@ async fn sighup_reloads_the_file() {
 #[tokio::test]
 async fn watch_reloads_on_an_atomic_rename() {
     let upstream = two_model_sim().await;
-    let file = ConfigFile::new(&GatewayBuilder::new().local_model("m", &upstream).toml());
+    let (only_m, m_and_n) = m_then_m_and_n(&upstream);
+    let file = ConfigFile::new(&only_m);
     let (_bin, gw) = run_gateway_file(&file.path, &["--watch"]).await;
     assert_eq!(chat(gw, &chat_body("n", false)).await.status(), 404);
-    file.replace(
-        &GatewayBuilder::new()
-            .local_model("m", &upstream)
-            .local_model("n", &upstream)
-            .toml(),
-    );
+    file.replace(&m_and_n);
     eventually("model n served after the rename", WAIT, || async move {
         chat(gw, &chat_body("n", false)).await.status() == 200
     })
@@ -501,7 +499,8 @@ async fn a_lower_rpm_applies_to_what_the_key_already_spent() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["changed"]["keys_changed"],
-        serde_json::json!(["alice", "bob"])
+        serde_json::json!(["bob", "alice"]),
+        "in the new file's order"
     );
     let r = chat_as(gw, "m", "sk-alice", false).await;
     assert_eq!(r.status(), 429);
@@ -511,4 +510,36 @@ async fn a_lower_rpm_applies_to_what_the_key_already_spent() {
         assert_eq!(chat_as(gw, "m", "sk-bob", false).await.status(), 200);
     }
     assert_eq!(chat_as(gw, "m", "sk-bob", false).await.status(), 429);
+}
+
+#[tokio::test]
+async fn watch_sees_a_new_keys_file() {
+    let upstream = sim(sim_opts("m")).await;
+    let keys = |name: &str, secret: &str| {
+        format!(
+            "[[keys]]\nname = \"{name}\"\nhash = \"{}\"\n",
+            key_hash(secret)
+        )
+    };
+    let file = ConfigFile::new(&format!(
+        "[auth]\nmode = \"keys\"\nkeys_file = \"keys.toml\"\n\n{}",
+        GatewayBuilder::new().local_model("m", &upstream).toml()
+    ));
+    let keys_path = file.dir.join("keys.toml");
+    let replace_keys = |text: String| {
+        let tmp = file.dir.join(".keys.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &keys_path).unwrap();
+    };
+    replace_keys(keys("alice", "sk-alice"));
+    let (_bin, gw) = run_gateway_file(&file.path, &["--watch"]).await;
+    assert_eq!(chat_as(gw, "m", "sk-alice", false).await.status(), 200);
+    replace_keys(keys("bob", "sk-bob"));
+    eventually(
+        "bob's key works after the keys file changed",
+        WAIT,
+        || async move { chat_as(gw, "m", "sk-bob", false).await.status() == 200 },
+    )
+    .await;
+    assert_eq!(chat_as(gw, "m", "sk-alice", false).await.status(), 401);
 }
