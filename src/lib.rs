@@ -78,4 +78,5 @@ mod quota;
 mod reason;
 mod routing;
 mod upstream;
+mod usage;
 mod wire;

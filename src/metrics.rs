@@ -44,6 +44,8 @@ const POOL_STATE: &str = "mofa_gateway_pool_state";
 const BREAKER: &str = "mofa_gateway_breaker_state";
 const RELOADS: &str = "mofa_gateway_config_reloads_total";
 const CONFIG_INFO: &str = "mofa_gateway_config_info";
+const USAGE_WRITTEN: &str = "mofa_gateway_usage_written_total";
+const USAGE_DROPPED: &str = "mofa_gateway_usage_dropped_total";
 
 /// OpenTelemetry GenAI `gen_ai.server.time_to_first_token` buckets.
 pub(crate) const TTFT_BUCKETS: [f64; 16] = [
@@ -275,9 +277,20 @@ impl Metrics {
 
     /// The Prometheus text exposition, with the state gauges read now from `orch` (the
     /// orchestrator's admin view) and `pool` (the pool's).
-    pub(crate) fn render(&self, orch: &Value, pool: &Value) -> String {
+    /// `usage`: the ledger's records written and dropped, when it has a store.
+    pub(crate) fn render(&self, orch: &Value, pool: &Value, usage: Option<(u64, u64)>) -> String {
         metrics::with_local_recorder(&self.recorder, || set_gauges(orch, pool));
         let mut text = self.handle.render();
+        if let Some((written, dropped)) = usage {
+            use std::fmt::Write;
+            let _ = write!(
+                text,
+                "# HELP {USAGE_WRITTEN} Usage records written to the ledger's store.\n\
+                 # TYPE {USAGE_WRITTEN} counter\n{USAGE_WRITTEN} {written}\n\
+                 # HELP {USAGE_DROPPED} Usage records dropped: the queue to the store was full.\n\
+                 # TYPE {USAGE_DROPPED} counter\n{USAGE_DROPPED} {dropped}\n"
+            );
+        }
         let hash = lock(&self.config_hash).clone();
         if !hash.is_empty() {
             use std::fmt::Write;
@@ -729,7 +742,11 @@ mod tests {
         m.finished(&sample("a", 200, "ok", 30));
         m.finished(&sample("a", 503, "queue_full", 1));
         m.rate_limited("team-a", "requests");
-        let text = m.render(&json!({"models": {}, "memory": {}}), &json!({"models": []}));
+        let text = m.render(
+            &json!({"models": {}, "memory": {}}),
+            &json!({"models": []}),
+            None,
+        );
         assert!(
             text.contains("# TYPE mofa_gateway_requests_total counter"),
             "{text}"

@@ -35,6 +35,7 @@ const RESTART_ONLY: &[&str] = &[
     "limits.redis_failure",
     "limits.redis_timeout_ms",
     "log",
+    "usage",
 ];
 
 /// The difference between the running config and a new one.
@@ -224,6 +225,7 @@ impl Config {
             "auth": auth,
             "limits": &self.limits,
             "log": &self.log,
+            "usage": &self.usage,
         })
     }
 

@@ -88,6 +88,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub usage: UsageConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
     /// Paths of the values that came from `${ENV}`, for masking.
     #[serde(skip)]

@@ -269,6 +269,14 @@ pub struct DeploymentConfig {
     /// Price per 1k tokens, for the `cost` policy (local and sim: 0 unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_per_1k_tokens: Option<f64>,
+    /// The usage ledger's price of input tokens, per million (default: from
+    /// `price_per_1k_tokens`, else 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_price_per_1m: Option<f64>,
+    /// The usage ledger's price of output tokens, per million (default: from
+    /// `price_per_1k_tokens`, else 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_price_per_1m: Option<f64>,
     /// `local` only: run the model server ourselves (instead of `url`). `{port}`, `{host}` and
     /// `{model}` are filled in at each start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -407,4 +415,55 @@ pub enum LogFormat {
 pub struct LogConfig {
     #[serde(default)]
     pub format: LogFormat,
+}
+
+/// Where the usage ledger writes.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageStore {
+    /// No ledger.
+    #[default]
+    Off,
+    /// A SQLite file (`path`), embedded.
+    Sqlite,
+}
+
+/// `[usage]`: the usage ledger (docs/configuration.md).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    #[serde(default)]
+    pub store: UsageStore,
+    /// `store = "sqlite"`: the database file, relative to the working directory.
+    #[serde(default = "default_usage_path")]
+    pub path: String,
+    /// Records held in memory while the database is slow or down; beyond, dropped and counted.
+    #[serde(default = "default_usage_queue")]
+    pub queue_capacity: usize,
+    /// Longest a record waits before it is written (at most 1000).
+    #[serde(default = "default_usage_flush_ms")]
+    pub flush_interval_ms: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            store: UsageStore::default(),
+            path: default_usage_path(),
+            queue_capacity: default_usage_queue(),
+            flush_interval_ms: default_usage_flush_ms(),
+        }
+    }
+}
+
+fn default_usage_path() -> String {
+    "mofa-usage.db".into()
+}
+
+fn default_usage_queue() -> usize {
+    100_000
+}
+
+fn default_usage_flush_ms() -> u64 {
+    1000
 }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use super::auth::{AuthMode, FileKeys, KeyConfig};
 use super::error::{err, ConfigError};
-use super::{Config, DeploymentConfig, DeploymentKind, LimitStore, ModelConfig};
+use super::{Config, DeploymentConfig, DeploymentKind, LimitStore, ModelConfig, UsageStore};
 use crate::routing::Policy;
 
 type Check = Result<(), ConfigError>;
@@ -18,7 +18,31 @@ pub(super) fn config(cfg: &Config, file_keys: Option<&FileKeys>) -> Check {
     admission(cfg)?;
     models(cfg)?;
     auth(cfg, file_keys)?;
-    limits(cfg)
+    limits(cfg)?;
+    usage(cfg)
+}
+
+fn usage(cfg: &Config) -> Check {
+    let u = &cfg.usage;
+    if u.store == UsageStore::Sqlite && u.path.trim().is_empty() {
+        return err(
+            "usage.path",
+            "is empty; name the SQLite file, e.g. path = \"mofa-usage.db\"",
+        );
+    }
+    if u.queue_capacity == 0 || u.queue_capacity > 10_000_000 {
+        return err(
+            "usage.queue_capacity",
+            "must be from 1 to 10000000 (records)",
+        );
+    }
+    if u.flush_interval_ms == 0 || u.flush_interval_ms > 1000 {
+        return err(
+            "usage.flush_interval_ms",
+            "must be from 1 to 1000 (milliseconds)",
+        );
+    }
+    Ok(())
 }
 
 fn server(cfg: &Config) -> Check {
@@ -358,6 +382,14 @@ fn sizes(d: &DeploymentConfig, key: &str) -> Check {
             format!("{key}.price_per_1k_tokens"),
             "must be a number >= 0",
         );
+    }
+    for (name, v) in [
+        ("input_price_per_1m", d.input_price_per_1m),
+        ("output_price_per_1m", d.output_price_per_1m),
+    ] {
+        if v.is_some_and(|p| !(p.is_finite() && p >= 0.0)) {
+            return err(format!("{key}.{name}"), "must be a number >= 0");
+        }
     }
     if d.max_concurrency == 0 {
         return err(format!("{key}.max_concurrency"), "must be at least 1");

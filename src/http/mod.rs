@@ -142,6 +142,7 @@ impl AppState {
     /// Stops the model servers the gateway runs (at exit).
     pub(crate) async fn stop_models(&self) {
         self.pipeline.stop_models().await;
+        self.pipeline.close_usage().await;
     }
 }
 
@@ -352,7 +353,7 @@ async fn proxy(st: Arc<AppState>, route: &'static Route, req: Request) -> Respon
         None => accept(req.headers()),
     };
     st.pipeline
-        .handle(route.endpoint, route.client, &accepted, req)
+        .handle(route.path, route.endpoint, route.client, &accepted, req)
         .await
 }
 

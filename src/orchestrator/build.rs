@@ -29,6 +29,8 @@ pub enum BuildError {
     },
     /// A deployment could not be set up (its client, its credentials).
     Deployment { model: String, detail: String },
+    /// The usage ledger's database could not be opened or migrated.
+    Usage(String),
 }
 
 impl std::fmt::Display for BuildError {
@@ -38,6 +40,7 @@ impl std::fmt::Display for BuildError {
                 write!(f, "cannot start the simulator for {model}: {source}")
             }
             BuildError::Deployment { model, detail } => write!(f, "model {model}: {detail}"),
+            BuildError::Usage(detail) => f.write_str(detail),
         }
     }
 }

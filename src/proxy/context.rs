@@ -18,6 +18,7 @@ use axum::http::{HeaderValue, StatusCode};
 use super::observe::{line, Observer, OnFinish, Reason, Record, Tokens};
 use crate::admission::Priority;
 use crate::error::ApiError;
+use crate::usage::Prices;
 
 /// One request's context (see the module doc).
 pub(crate) struct Ctx {
@@ -86,9 +87,15 @@ impl Ctx {
     }
 
     /// Try number `attempt` goes to the deployment labelled `backend`.
-    pub(crate) fn trying(&mut self, attempt: u32, backend: Arc<str>) {
+    pub(crate) fn trying(&mut self, attempt: u32, backend: Arc<str>, prices: Prices) {
         self.rec.attempts = attempt;
         self.rec.backend = Some(backend);
+        self.rec.prices = prices;
+    }
+
+    /// The route the request came in on.
+    pub(crate) fn set_endpoint(&mut self, path: &'static str) {
+        self.rec.endpoint = path;
     }
 
     /// Deployments tried so far.
@@ -195,7 +202,7 @@ mod tests {
     fn a_context_finishes_once_and_a_dropped_one_is_a_disconnect() {
         let obs = Arc::new(Observer::default());
         let mut c = ctx(&obs);
-        c.trying(3, "b".into());
+        c.trying(3, "b".into(), Prices::default());
         c.finish(StatusCode::OK, Reason::Ok);
         drop(ctx(&obs));
         let v = obs.snapshot();

@@ -74,6 +74,8 @@ enum Ran {
 /// into the next one by name (the models' runtimes: see `orchestrator`).
 pub(crate) struct Pipeline {
     live: ArcSwap<Generation>,
+    /// The usage ledger (`[usage]`), flushed at exit.
+    usage: Option<Arc<crate::usage::Ledger>>,
     observer: Arc<Observer>,
     limiter: Arc<crate::quota::Limiter>,
     /// One reload at a time.
@@ -180,6 +182,13 @@ impl Pipeline {
                 }
             }
         });
+        let usage = crate::usage::Ledger::start(&cfg.usage)
+            .await
+            .map_err(BuildError::Usage)?
+            .map(Arc::new);
+        if let Some(l) = &usage {
+            observer.set_usage(l.clone());
+        }
         let orch = Orchestrator::build(cfg).await?;
         let limiter = Arc::new(crate::quota::Limiter::build(cfg).await);
         let started_unix = unix_now();
@@ -187,6 +196,7 @@ impl Pipeline {
         observer.metrics.config_loaded(&generation.hash);
         Ok(Pipeline {
             live: ArcSwap::from_pointee(generation),
+            usage,
             observer,
             limiter,
             reloading: tokio::sync::Mutex::new(()),
@@ -316,9 +326,10 @@ impl Pipeline {
     /// `/metrics`: the Prometheus text.
     pub(crate) fn metrics_text(&self) -> String {
         let g = self.live.load();
+        let usage = self.usage.as_ref().map(|l| (l.written(), l.dropped()));
         self.observer
             .metrics
-            .render(&g.orch.snapshot(), &g.orch.pool_snapshot())
+            .render(&g.orch.snapshot(), &g.orch.pool_snapshot(), usage)
     }
 
     /// `/status.json`: per model (with its last minute), memory, pool, counters, the chart.
@@ -349,6 +360,18 @@ impl Pipeline {
         })
     }
 
+    /// Writes the usage records still queued (at exit, after the requests finished).
+    pub(crate) async fn close_usage(&self) {
+        if let Some(l) = &self.usage {
+            l.close(Duration::from_secs(10)).await;
+            tracing::info!(
+                written = l.written(),
+                dropped = l.dropped(),
+                "usage ledger closed"
+            );
+        }
+    }
+
     /// Stops the model servers the pool runs (at exit).
     pub(crate) async fn stop_models(&self) {
         let memory = self.memory();
@@ -359,6 +382,7 @@ impl Pipeline {
     /// always an answer (errors included, in the client's format).
     pub(crate) async fn handle(
         &self,
+        path: &'static str,
         endpoint: Endpoint,
         client: &'static dyn ClientApi,
         accepted: &Accepted,
@@ -372,6 +396,7 @@ impl Pipeline {
             accepted.arrival,
             from,
         );
+        ctx.set_endpoint(path);
         let mut headers = HeaderMap::new();
         match self
             .run(&g, endpoint, client, accepted, req, &mut ctx, &mut headers)
@@ -467,7 +492,8 @@ impl Pipeline {
                 Err(_) => break,
             };
             attempts.trying(permit.dep_index());
-            ctx.trying(attempts.count(), permit.deployment().label.clone());
+            let dep = permit.deployment();
+            ctx.trying(attempts.count(), dep.label.clone(), dep.prices);
             match forward::forward(permit, req, rid, start_by).await {
                 Ok(ok) => {
                     attempts.succeeded();

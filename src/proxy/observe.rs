@@ -17,6 +17,7 @@ use crate::admission::Priority;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, Sample};
 pub(crate) use crate::reason::Reason;
+use crate::usage::{Ledger, Prices, UsageRecord};
 
 pub(crate) mod line;
 
@@ -26,6 +27,8 @@ pub(crate) struct ClientAddr(pub SocketAddr);
 
 /// Counters of finished requests (the admin view), and the metrics.
 pub(crate) struct Observer {
+    /// The usage ledger, when `[usage]` has a store: every finished record goes to it.
+    usage: std::sync::OnceLock<Arc<Ledger>>,
     requests: AtomicU64,
     retries: AtomicU64,
     client_disconnects: AtomicU64,
@@ -42,11 +45,17 @@ impl Observer {
     /// The observer of a gateway serving `models` (the configured names).
     pub(crate) fn new(models: &[String]) -> Observer {
         Observer {
+            usage: std::sync::OnceLock::new(),
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             client_disconnects: AtomicU64::new(0),
             metrics: Metrics::new(models),
         }
+    }
+
+    /// Sends every finished record to `ledger` from now on (set once, at build).
+    pub(crate) fn set_usage(&self, ledger: Arc<Ledger>) {
+        let _ = self.usage.set(ledger);
     }
 
     pub(crate) fn client_disconnects(&self) -> u64 {
@@ -102,6 +111,10 @@ pub(crate) struct Record {
     pub bytes: u64,
     /// Tokens in and out: from `usage` when the upstream reported it, else estimated.
     pub tokens: Option<Tokens>,
+    /// The route it came in on (`/v1/chat/completions`, ...).
+    pub endpoint: &'static str,
+    /// The prices of the deployment that served it (the last one tried).
+    pub prices: Prices,
 }
 
 impl Record {
@@ -127,6 +140,8 @@ impl Record {
             total: Duration::ZERO,
             bytes: 0,
             tokens: None,
+            endpoint: "",
+            prices: Prices::default(),
         }
     }
 }
@@ -153,6 +168,9 @@ impl Observer {
         }
         if rec.reason == Reason::ClientDisconnect {
             self.client_disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(ledger) = self.usage.get() {
+            ledger.push(usage_record(rec, std::time::SystemTime::now()));
         }
         let priority = rec.priority.map(Priority::as_str);
         self.metrics.finished(&Sample {
@@ -199,6 +217,40 @@ impl Observer {
     /// key named `key` (its configured name, never the secret).
     pub(crate) fn rate_limited(&self, key: &str, limit: &'static str) {
         self.metrics.rate_limited(key, limit);
+    }
+}
+
+/// The usage ledger's row of `rec`, finished at `now`: its tokens priced at the prices of the
+/// deployment that served it (a request that reached none costs nothing).
+fn usage_record(rec: &Record, now: std::time::SystemTime) -> UsageRecord {
+    let tokens = rec.tokens.unwrap_or_default();
+    let (cost_input, cost_output) = match rec.backend {
+        Some(_) => rec.prices.cost(tokens.input, tokens.output),
+        None => (0.0, 0.0),
+    };
+    let mut ts = Vec::with_capacity(32);
+    line::timestamp(now, &mut ts);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    UsageRecord {
+        request_id: rec.request_id.to_str().unwrap_or_default().to_owned(),
+        ts: String::from_utf8(ts).unwrap_or_default(),
+        key: rec.key.as_deref().map(str::to_owned),
+        model: rec.model.as_deref().map(str::to_owned),
+        deployment: rec.backend.as_deref().map(str::to_owned),
+        priority: rec.priority.map(Priority::as_str),
+        endpoint: rec.endpoint,
+        stream: rec.stream,
+        status: rec.status,
+        reason: rec.reason.as_str(),
+        attempts: rec.attempts,
+        tokens_in: tokens.input,
+        tokens_out: tokens.output,
+        tokens_estimated: tokens.estimated,
+        cost_input,
+        cost_output,
+        cost: cost_input + cost_output,
+        ttft_ms: rec.first_byte.map(ms),
+        total_ms: ms(rec.total),
     }
 }
 

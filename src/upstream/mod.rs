@@ -50,6 +50,8 @@ pub(crate) struct Deployment {
     pub upstream_model: Option<String>,
     /// A cloud provider's API (it refuses parameters beyond OpenAI's, such as `top_k`).
     pub cloud: bool,
+    /// What its tokens cost (the usage ledger).
+    pub prices: crate::usage::Prices,
     base_url: String,
     /// The API it speaks (`api` in its config).
     api: Arc<dyn UpstreamApi>,
@@ -209,6 +211,7 @@ impl Deployment {
                 .and_then(|v| HeaderValue::from_str(v).ok()),
             upstream_model: cfg.upstream_model.clone(),
             cloud: cfg.kind == crate::config::DeploymentKind::Cloud,
+            prices: crate::usage::Prices::of(cfg),
             base_url: url.trim_end_matches('/').to_owned(),
             urls,
             models_url: format!("{}{}", url.trim_end_matches('/'), api.probe_path())

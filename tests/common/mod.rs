@@ -93,8 +93,18 @@ struct TestConfig {
     limits: Option<Limits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log: Option<Log>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     models: Vec<Model>,
+}
+
+/// `[usage]`.
+#[derive(Clone, Serialize)]
+struct Usage {
+    store: &'static str,
+    path: String,
+    flush_interval_ms: u64,
 }
 
 impl GatewayBuilder {
@@ -144,6 +154,16 @@ impl GatewayBuilder {
     /// `[limits]`.
     pub fn limits(mut self, f: impl FnOnce(Limits) -> Limits) -> Self {
         self.cfg.limits = Some(f(self.cfg.limits.take().unwrap_or_default()));
+        self
+    }
+
+    /// `[usage]`: the ledger in the SQLite file `path`, written every 100 ms.
+    pub fn usage_sqlite(mut self, path: &std::path::Path) -> Self {
+        self.cfg.usage = Some(Usage {
+            store: "sqlite",
+            path: path.to_str().unwrap().to_string(),
+            flush_interval_ms: 100,
+        });
         self
     }
 
@@ -477,6 +497,10 @@ pub struct Deployment {
     #[serde(skip_serializing_if = "Option::is_none")]
     price_per_1k_tokens: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    input_price_per_1m: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_price_per_1m: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     command: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ready_path: Option<String>,
@@ -519,6 +543,8 @@ impl Deployment {
             upstream_model: None,
             memory_mb: None,
             price_per_1k_tokens: None,
+            input_price_per_1m: None,
+            output_price_per_1m: None,
             command: None,
             ready_path: None,
             startup_timeout_s: None,
@@ -596,6 +622,8 @@ impl Deployment {
         upstream_model: &str,
         memory_mb: u64,
         price_per_1k_tokens: f64,
+        input_price_per_1m: f64,
+        output_price_per_1m: f64,
         ready_path: &str,
         startup_timeout_s: u64,
         idle_ttl_s: u64,

@@ -285,7 +285,7 @@ fn escape(s: &str, json: bool, out: &mut Vec<u8>) {
 
 /// `now` as RFC 3339 in UTC with microseconds (`2026-12-04T13:22:55.390665Z`), as tracing
 /// writes it.
-fn timestamp(now: SystemTime, out: &mut Vec<u8>) {
+pub(crate) fn timestamp(now: SystemTime, out: &mut Vec<u8>) {
     let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

@@ -1,0 +1,169 @@
+//! The usage ledger: one [`UsageRecord`] per finished request (from the observe phase's one
+//! record), with its tokens and cost, written to a database without slowing any request.
+//!
+//! Owns the bounded queue between the request path and the writer, the writer task (batches
+//! of at most [`MAX_BATCH`] rows, at least every `flush_interval_ms`), the count of records
+//! dropped when the queue is full, and the flush at shutdown. The stores are behind [`Store`]
+//! (`sqlite`, the embedded default); their schemas are versioned migrations run at start.
+//! It must not block or wait on the request path (a full queue drops and counts, never
+//! waits), must not see a prompt, a completion or a key (a key is its configured name), and
+//! must not decide budgets (a later `budget` module reads the ledger).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::config::{UsageConfig, UsageStore};
+
+mod record;
+mod sqlite;
+
+pub(crate) use record::{Prices, UsageRecord};
+
+/// Most rows one insert carries.
+pub(crate) const MAX_BATCH: usize = 2000;
+
+/// What an insert returns.
+pub(crate) type Inserting<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// A database the ledger writes to.
+pub(crate) trait Store: Send + Sync {
+    /// Inserts `batch` in one transaction; `Err` leaves nothing written and the batch is
+    /// tried again.
+    fn insert<'a>(&'a self, batch: &'a [UsageRecord]) -> Inserting<'a>;
+}
+
+/// The ledger's handle on the request path: a bounded queue to the writer.
+pub(crate) struct Ledger {
+    tx: Mutex<Option<mpsc::Sender<UsageRecord>>>,
+    dropped: Arc<AtomicU64>,
+    warned: AtomicBool,
+    written: Arc<AtomicU64>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Ledger {
+    /// Opens the configured store (running its migrations) and starts the writer; `None`
+    /// with `store = "off"`.
+    pub(crate) async fn start(cfg: &UsageConfig) -> Result<Option<Ledger>, String> {
+        let store: Arc<dyn Store> = match cfg.store {
+            UsageStore::Off => return Ok(None),
+            UsageStore::Sqlite => Arc::new(sqlite::Sqlite::open(&cfg.path).await?),
+        };
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let written = Arc::new(AtomicU64::new(0));
+        let every = Duration::from_millis(cfg.flush_interval_ms.clamp(1, 1000));
+        let writer = tokio::spawn(write(store, rx, every, written.clone()));
+        Ok(Some(Ledger {
+            tx: Mutex::new(Some(tx)),
+            dropped: Arc::new(AtomicU64::new(0)),
+            warned: AtomicBool::new(false),
+            written,
+            writer: Mutex::new(Some(writer)),
+        }))
+    }
+
+    /// Queues `rec` for the writer; never waits. A full queue (the database is down or slow)
+    /// drops it and counts it; the first drop is logged.
+    pub(crate) fn push(&self, rec: UsageRecord) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(tx) = tx else { return };
+        if tx.try_send(rec).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "usage ledger: the queue is full (the database is down or slow); records \
+                     are dropped and counted in mofa_gateway_usage_dropped_total"
+                );
+            }
+        }
+    }
+
+    /// Records dropped because the queue was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Records written to the store.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Shutdown: no more records; waits until the writer has written every queued one (or
+    /// `grace` is over).
+    pub(crate) async fn close(&self, grace: Duration) {
+        drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = writer {
+            if tokio::time::timeout(grace, w).await.is_err() {
+                tracing::warn!("usage ledger: records still queued at exit were not written");
+            }
+        }
+    }
+}
+
+/// The writer: takes what is queued, at most [`MAX_BATCH`] at a time, and inserts it every
+/// `every` (sooner when a batch is full); a failed insert is retried with backoff while new
+/// records wait in the queue. Ends when the queue is closed and empty.
+async fn write(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<UsageRecord>,
+    every: Duration,
+    written: Arc<AtomicU64>,
+) {
+    let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
+    let mut open = true;
+    let mut failing = false;
+    while open || !batch.is_empty() {
+        if open && batch.len() < MAX_BATCH {
+            let deadline = tokio::time::Instant::now() + every;
+            while batch.len() < MAX_BATCH {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(r)) => batch.push(r),
+                    Ok(None) => {
+                        open = false;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match store.insert(&batch).await {
+            Ok(()) => {
+                written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                if failing {
+                    tracing::info!("usage ledger: writing again");
+                    failing = false;
+                }
+                batch.clear();
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("usage ledger: cannot write ({e}); retrying");
+                    failing = true;
+                }
+                if !open {
+                    // Shutting down: one more try after a pause, then give up on this batch.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if store.insert(&batch).await.is_ok() {
+                        written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    } else {
+                        tracing::warn!(
+                            lost = batch.len(),
+                            "usage ledger: records not written at exit"
+                        );
+                    }
+                    batch.clear();
+                } else {
+                    tokio::time::sleep(every).await;
+                }
+            }
+        }
+    }
+}

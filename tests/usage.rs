@@ -1,0 +1,161 @@
+//! The usage ledger with the real binary and a real SQLite file: one row per finished request,
+//! with the tokens the client was told (`usage`) and their cost; a try that failed before the
+//! one that served is not billed; SIGTERM writes every queued record before exit.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use serde_json::{json, Value};
+use sqlx::Row;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new() -> Dir {
+        let d = std::env::temp_dir().join(format!(
+            "mofa-usage-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every row of the ledger, oldest first.
+async fn rows(db: &std::path::Path) -> Vec<sqlx::sqlite::SqliteRow> {
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let rows = sqlx::query("SELECT * FROM usage_records ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows
+}
+
+/// The `usage` a client was told: from a whole reply, or a stream's last usage chunk.
+fn told(body: &Value) -> (u64, u64) {
+    let u = &body["usage"];
+    (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn every_request_is_recorded_with_the_tokens_the_client_was_told_and_sigterm_loses_none() {
+    let dir = Dir::new();
+    let db = dir.0.join("usage.db");
+    let upstream = sim(sim_opts("m")).await;
+    let dead = dead_url().await;
+    let cfg = GatewayBuilder::new()
+        .usage_sqlite(&db)
+        .key(Key::new("team-a", "sk-a"))
+        .model("m", |m| {
+            m.deployment(
+                Deployment::local(&upstream)
+                    .input_price_per_1m(2.0)
+                    .output_price_per_1m(10.0),
+            )
+        })
+        // Under `cost`, the free local deployment is tried first; it is down, so the cloud one
+        // serves: only the cloud one's prices apply.
+        .model("fallback", |m| {
+            m.policy("cost")
+                .deployment(Deployment::local(&dead).upstream_model("m"))
+                .deployment(
+                    Deployment::cloud("sim", &upstream)
+                        .upstream_model("m")
+                        .price_per_1k_tokens(0.001),
+                )
+        });
+    let file = dir.0.join("gateway.toml");
+    std::fs::write(&file, cfg.toml()).unwrap();
+    let (mut bin, gw) = run_gateway_file(&file, &[]).await;
+    let auth = [("authorization", "Bearer sk-a")];
+    let mut expected = Vec::new();
+    for i in 0..6 {
+        let mut body = chat_body("m", i % 2 == 1);
+        body["max_tokens"] = json!(3 + i);
+        if i % 2 == 1 {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let r = chat_with(gw, &body, &auth).await;
+        assert_eq!(r.status(), 200);
+        let usage = if i % 2 == 1 {
+            let sse = read_sse(r).await;
+            assert!(sse.done(), "{}", sse.text);
+            let last = sse
+                .data
+                .iter()
+                .rev()
+                .find(|d| d.contains("\"usage\"") && d.contains("prompt_tokens"))
+                .unwrap();
+            told(&serde_json::from_str(last).unwrap())
+        } else {
+            told(&r.json::<Value>().await.unwrap())
+        };
+        expected.push(("m", i % 2 == 1, usage));
+    }
+    let r = chat_with(gw, &chat_body("fallback", false), &auth).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-mofa-attempts"], "2");
+    expected.push(("fallback", false, told(&r.json::<Value>().await.unwrap())));
+    // A refused request is recorded too (no deployment: no cost).
+    let r = chat_with(
+        gw,
+        &chat_body("m", false),
+        &[("authorization", "Bearer sk-nope")],
+    )
+    .await;
+    assert_eq!(r.status(), 401);
+
+    // SIGTERM right away: the records still queued are written before the process exits.
+    bin.signal("-TERM");
+    assert!(bin.wait().await.success());
+    let rows = rows(&db).await;
+    assert_eq!(rows.len(), expected.len() + 1, "one row per request");
+    for (row, (model, stream, (tin, tout))) in rows.iter().zip(&expected) {
+        assert_eq!(row.get::<String, _>("model"), *model);
+        assert_eq!(row.get::<bool, _>("stream"), *stream);
+        assert_eq!(row.get::<i64, _>("status"), 200);
+        assert_eq!(row.get::<String, _>("key"), "team-a");
+        assert_eq!(row.get::<String, _>("endpoint"), "/v1/chat/completions");
+        assert_eq!(row.get::<i64, _>("tokens_in") as u64, *tin);
+        assert_eq!(row.get::<i64, _>("tokens_out") as u64, *tout);
+        assert!(!row.get::<bool, _>("tokens_estimated"));
+        let (pin, pout) = if *model == "m" {
+            (2.0, 10.0)
+        } else {
+            (1.0, 1.0)
+        };
+        let want = *tin as f64 * pin / 1e6 + *tout as f64 * pout / 1e6;
+        let cost: f64 = row.get("cost");
+        assert!(
+            (cost - want).abs() < 1e-12,
+            "{model}: cost {cost}, want {want}"
+        );
+        assert!(row.get::<String, _>("ts").ends_with('Z'));
+        assert!(row.get::<f64, _>("total_ms") > 0.0);
+    }
+    let fallback = &rows[expected.len() - 1];
+    assert_eq!(fallback.get::<i64, _>("attempts"), 2);
+    assert_eq!(fallback.get::<String, _>("deployment"), "cloud(sim)");
+    let refused = &rows[expected.len()];
+    assert_eq!(refused.get::<i64, _>("status"), 401);
+    assert_eq!(refused.get::<String, _>("reason"), "invalid_request");
+    assert_eq!(refused.get::<f64, _>("cost"), 0.0);
+    assert!(refused.get::<Option<String>, _>("deployment").is_none());
+}
