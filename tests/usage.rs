@@ -159,3 +159,74 @@ async fn every_request_is_recorded_with_the_tokens_the_client_was_told_and_sigte
     assert_eq!(refused.get::<f64, _>("cost"), 0.0);
     assert!(refused.get::<Option<String>, _>("deployment").is_none());
 }
+
+#[tokio::test]
+async fn a_cut_stream_is_recorded_with_what_it_delivered_and_a_locked_database_delays_but_loses_nothing(
+) {
+    let dir = Dir::new();
+    let db = dir.0.join("usage.db");
+    // Paced, so that each chunk leaves the simulator before it drops the connection.
+    let cut = sim(mofa_gateway::sim::SimOptions {
+        die_after_tokens: Some(3),
+        tokens_per_sec: 100.0,
+        ..sim_opts("cut")
+    })
+    .await;
+    let ok = sim(sim_opts("m")).await;
+    let cfg = GatewayBuilder::new()
+        .usage_sqlite(&db)
+        .local_model("cut", &cut)
+        .local_model("m", &ok);
+    let file = dir.0.join("gateway.toml");
+    std::fs::write(&file, cfg.toml()).unwrap();
+    let (mut bin, gw) = run_gateway_file(&file, &[]).await;
+
+    // A stream its backend cuts after 3 tokens: an SSE error event, no [DONE]; recorded as a
+    // 200 `stream_broken` with the tokens it delivered (estimated: no usage came).
+    let mut body = chat_body("cut", true);
+    body["max_tokens"] = json!(20);
+    let sse = read_sse(chat(gw, &body).await).await;
+    assert!(!sse.done() && sse.named_error, "{}", sse.text);
+    eventually("the cut stream's record", WAIT, || {
+        let db = db.clone();
+        async move { rows(&db).await.len() == 1 }
+    })
+    .await;
+    let row = &rows(&db).await[0];
+    assert_eq!(row.get::<String, _>("reason"), "stream_broken");
+    assert_eq!(row.get::<i64, _>("status"), 200);
+    assert!(row.get::<bool, _>("tokens_estimated"));
+    let delivered = row.get::<i64, _>("tokens_out");
+    assert!((1..=3).contains(&delivered), "delivered {delivered}");
+
+    // Another connection holds the database's write lock: the ledger cannot write, requests
+    // go on unharmed; once it lets go, every record is written.
+    let url = format!("sqlite://{}", db.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let mut locker = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        assert_eq!(chat(gw, &chat_body("m", false)).await.status(), 200);
+    }
+    // Longer than the writer's flush interval: it has tried, and waits on the lock.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_records")
+        .fetch_one(&mut *locker)
+        .await
+        .unwrap();
+    assert_eq!(held, 1, "nothing written while the lock is held");
+    sqlx::query("ROLLBACK").execute(&mut *locker).await.unwrap();
+    drop(locker);
+    pool.close().await;
+    eventually("the 20 records written after the lock", WAIT, || {
+        let db = db.clone();
+        async move { rows(&db).await.len() == 21 }
+    })
+    .await;
+    bin.signal("-TERM");
+    assert!(bin.wait().await.success());
+    assert_eq!(rows(&db).await.len(), 21);
+}
