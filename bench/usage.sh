@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# bench/usage.sh: what the usage ledger costs the gateway: CPU per request with `[usage]` off
+# and with the SQLite store, same load, same run, rounds interleaved.
+#
+# Method:
+#   * Build the release binary and the load generator (bench/lib.sh); start one
+#     `mofa-gateway sim` and two gateways on free loopback ports, the same config but for
+#     `[usage]`: `off`, and `store = "sqlite"` (a file in the run's temp dir).
+#   * REPEATS rounds (default 3); in each, each gateway in turn gets RATE req/s (default 2000)
+#     of a small non-streaming chat completion for DURATION s (default 10) after 2 s of
+#     warm-up (examples/loadgen.rs, open loop). The CPU time (utime + stime, all threads) of
+#     the gateway process over its run, divided by the requests sent, is its CPU per request.
+#   * Reported: per gateway, CPU-µs per request (median [min..max] of the rounds), the ratio
+#     sqlite / off per round, failed requests, and for SQLite the rows written against the
+#     requests sent (every one must be there) and the ledger's dropped count.
+#
+# Traffic goes to 127.0.0.1 only. Every process started here is killed on exit.
+# Usage: bench/usage.sh    (env: RATE DURATION REPEATS)
+
+set -euo pipefail
+export LC_ALL=C
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RATE=${RATE:-2000}
+DURATION=${DURATION:-10}
+REPEATS=${REPEATS:-3}
+for v in RATE DURATION REPEATS; do
+    if ! [[ ${!v} =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: $v must be a positive integer (got '${!v}')" >&2
+        exit 2
+    fi
+done
+command -v python3 >/dev/null 2>&1 || {
+    echo "error: python3 is required" >&2
+    exit 2
+}
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+sim_up() { start sim "$BIN" sim --listen "127.0.0.1:$1" --model m; }
+serve sim sim_up
+SIM_PORT=$PORT
+wait_ready sim "http://127.0.0.1:$SIM_PORT/v1/models" "$LAST_PID" -
+
+BODY='{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'
+declare -A GW_PORT GW_PID
+for kind in off sqlite; do
+    {
+        echo '[server]'
+        echo 'listen = "127.0.0.1:0"'
+        if [[ $kind == sqlite ]]; then
+            printf '[usage]\nstore = "sqlite"\npath = "%s"\n' "$TMP/usage.db"
+        fi
+        printf '[[models]]\nname = "m"\n[[models.deployments]]\nkind = "local"\n'
+        printf 'url = "http://127.0.0.1:%s/v1"\nmax_concurrency = 1024\n' "$SIM_PORT"
+    } >"$TMP/$kind.toml"
+    gw_up() { start "gw-$kind" "$BIN" serve --config "$TMP/$kind.toml" --listen "127.0.0.1:$1"; }
+    serve "gw-$kind" gw_up
+    GW_PORT[$kind]=$PORT
+    GW_PID[$kind]=$LAST_PID
+    wait_ready "gw-$kind" "http://127.0.0.1:$PORT/v1/chat/completions" "$LAST_PID" "$BODY"
+done
+
+: >"$TMP/results.txt"
+for ((round = 1; round <= REPEATS; round++)); do
+    for kind in off sqlite; do
+        echo "== round $round, $kind" >&2
+        pid=${GW_PID[$kind]}
+        before=$(stat_sum '$12 + $13' "$pid")
+        "$LOADGEN" --url "http://127.0.0.1:${GW_PORT[$kind]}/v1/chat/completions" \
+            --rate "$RATE" --duration-s "$DURATION" --warmup-s 2 --body "$BODY" \
+            >"$TMP/$kind-$round.json"
+        after=$(stat_sum '$12 + $13' "$pid")
+        alive "gw-$kind" "$pid"
+        echo "$round $kind $((after - before)) $TICK $TMP/$kind-$round.json" >>"$TMP/results.txt"
+    done
+done
+# The ledger's own count, before the gateways stop (it flushes at least every second).
+sleep 2
+curl --noproxy '*' -s "http://127.0.0.1:${GW_PORT[sqlite]}/metrics" | grep '^mofa_gateway_usage' >"$TMP/usage-metrics.txt" || true
+
+python3 - "$TMP" <<'PY'
+import json, sys, statistics
+tmp = sys.argv[1]
+rows = [l.split() for l in open(f"{tmp}/results.txt")]
+per = {"off": [], "sqlite": []}
+failed = {"off": 0, "sqlite": 0}
+sent = {"off": 0, "sqlite": 0}
+for rnd, kind, ticks, tick, path in rows:
+    r = json.load(open(path))
+    n = r["launched_all"]
+    sent[kind] += n
+    failed[kind] += sum(v for k, v in r["outcomes"].items() if k != "200")
+    per[kind].append(int(ticks) / int(tick) * 1e6 / n)
+def fmt(v):
+    return f"{statistics.median(v):.1f} [{min(v):.1f}..{max(v):.1f}]"
+print("CPU-us per request of the gateway process (utime+stime over the requests sent, warm-up included)")
+for k in ("off", "sqlite"):
+    print(f"  {k:7} {fmt(per[k]):24} requests sent {sent[k]:8d} failed {failed[k]}")
+ratios = [s / o for s, o in zip(per["sqlite"], per["off"])]
+print(f"  sqlite / off per round: {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
+print(f"  sqlite ledger rows expected: {sent['sqlite']} sent + the readiness probe")
+PY
+cat "$TMP/usage-metrics.txt"
