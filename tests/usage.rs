@@ -7,8 +7,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
+use rusqlite::types::Value as Sql;
 use serde_json::{json, Value};
-use sqlx::Row;
 
 struct Dir(PathBuf);
 
@@ -33,16 +33,57 @@ impl Drop for Dir {
     }
 }
 
-/// Every row of the ledger, oldest first.
-async fn rows(db: &std::path::Path) -> Vec<sqlx::sqlite::SqliteRow> {
-    let url = format!("sqlite://{}?mode=ro", db.display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let rows = sqlx::query("SELECT * FROM usage_records ORDER BY id")
-        .fetch_all(&pool)
-        .await
+/// One row of the ledger, by column name.
+struct Row(std::collections::HashMap<String, Sql>);
+
+impl Row {
+    fn int(&self, col: &str) -> i64 {
+        match &self.0[col] {
+            Sql::Integer(i) => *i,
+            v => panic!("{col} is {v:?}"),
+        }
+    }
+    fn real(&self, col: &str) -> f64 {
+        match &self.0[col] {
+            Sql::Real(f) => *f,
+            Sql::Integer(i) => *i as f64,
+            v => panic!("{col} is {v:?}"),
+        }
+    }
+    fn text(&self, col: &str) -> Option<String> {
+        match &self.0[col] {
+            Sql::Text(t) => Some(t.clone()),
+            Sql::Null => None,
+            v => panic!("{col} is {v:?}"),
+        }
+    }
+    fn str(&self, col: &str) -> String {
+        self.text(col).unwrap_or_else(|| panic!("{col} is null"))
+    }
+    fn flag(&self, col: &str) -> bool {
+        self.int(col) != 0
+    }
+}
+
+/// Every row of the ledger, oldest first (read by another connection, as a report would).
+fn rows(db: &std::path::Path) -> Vec<Row> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut st = conn
+        .prepare("SELECT * FROM usage_records ORDER BY id")
         .unwrap();
-    pool.close().await;
-    rows
+    let names: Vec<String> = st.column_names().iter().map(|n| n.to_string()).collect();
+    st.query_map([], |r| {
+        let mut m = std::collections::HashMap::new();
+        for (i, n) in names.iter().enumerate() {
+            m.insert(n.clone(), r.get::<_, Sql>(i)?);
+        }
+        Ok(Row(m))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
 }
 
 /// The `usage` a client was told: from a whole reply, or a stream's last usage chunk.
@@ -125,39 +166,39 @@ async fn every_request_is_recorded_with_the_tokens_the_client_was_told_and_sigte
     // SIGTERM right away: the records still queued are written before the process exits.
     bin.signal("-TERM");
     assert!(bin.wait().await.success());
-    let rows = rows(&db).await;
+    let rows = rows(&db);
     assert_eq!(rows.len(), expected.len() + 1, "one row per request");
     for (row, (model, stream, (tin, tout))) in rows.iter().zip(&expected) {
-        assert_eq!(row.get::<String, _>("model"), *model);
-        assert_eq!(row.get::<bool, _>("stream"), *stream);
-        assert_eq!(row.get::<i64, _>("status"), 200);
-        assert_eq!(row.get::<String, _>("key"), "team-a");
-        assert_eq!(row.get::<String, _>("endpoint"), "/v1/chat/completions");
-        assert_eq!(row.get::<i64, _>("tokens_in") as u64, *tin);
-        assert_eq!(row.get::<i64, _>("tokens_out") as u64, *tout);
-        assert!(!row.get::<bool, _>("tokens_estimated"));
+        assert_eq!(row.str("model"), *model);
+        assert_eq!(row.flag("stream"), *stream);
+        assert_eq!(row.int("status"), 200);
+        assert_eq!(row.str("key"), "team-a");
+        assert_eq!(row.str("endpoint"), "/v1/chat/completions");
+        assert_eq!(row.int("tokens_in") as u64, *tin);
+        assert_eq!(row.int("tokens_out") as u64, *tout);
+        assert!(!row.flag("tokens_estimated"));
         let (pin, pout) = if *model == "m" {
             (2.0, 10.0)
         } else {
             (1.0, 1.0)
         };
         let want = *tin as f64 * pin / 1e6 + *tout as f64 * pout / 1e6;
-        let cost: f64 = row.get("cost");
+        let cost = row.real("cost");
         assert!(
             (cost - want).abs() < 1e-12,
             "{model}: cost {cost}, want {want}"
         );
-        assert!(row.get::<String, _>("ts").ends_with('Z'));
-        assert!(row.get::<f64, _>("total_ms") > 0.0);
+        assert!(row.str("ts").ends_with('Z'));
+        assert!(row.real("total_ms") > 0.0);
     }
     let fallback = &rows[expected.len() - 1];
-    assert_eq!(fallback.get::<i64, _>("attempts"), 2);
-    assert_eq!(fallback.get::<String, _>("deployment"), "cloud(sim)");
+    assert_eq!(fallback.int("attempts"), 2);
+    assert_eq!(fallback.str("deployment"), "cloud(sim)");
     let refused = &rows[expected.len()];
-    assert_eq!(refused.get::<i64, _>("status"), 401);
-    assert_eq!(refused.get::<String, _>("reason"), "invalid_request");
-    assert_eq!(refused.get::<f64, _>("cost"), 0.0);
-    assert!(refused.get::<Option<String>, _>("deployment").is_none());
+    assert_eq!(refused.int("status"), 401);
+    assert_eq!(refused.str("reason"), "invalid_request");
+    assert_eq!(refused.real("cost"), 0.0);
+    assert!(refused.text("deployment").is_none());
 }
 
 #[tokio::test]
@@ -189,44 +230,37 @@ async fn a_cut_stream_is_recorded_with_what_it_delivered_and_a_locked_database_d
     assert!(!sse.done() && sse.named_error, "{}", sse.text);
     eventually("the cut stream's record", WAIT, || {
         let db = db.clone();
-        async move { rows(&db).await.len() == 1 }
+        async move { rows(&db).len() == 1 }
     })
     .await;
-    let row = &rows(&db).await[0];
-    assert_eq!(row.get::<String, _>("reason"), "stream_broken");
-    assert_eq!(row.get::<i64, _>("status"), 200);
-    assert!(row.get::<bool, _>("tokens_estimated"));
-    let delivered = row.get::<i64, _>("tokens_out");
+    let row = &rows(&db)[0];
+    assert_eq!(row.str("reason"), "stream_broken");
+    assert_eq!(row.int("status"), 200);
+    assert!(row.flag("tokens_estimated"));
+    let delivered = row.int("tokens_out");
     assert!((1..=3).contains(&delivered), "delivered {delivered}");
 
     // Another connection holds the database's write lock: the ledger cannot write, requests
     // go on unharmed; once it lets go, every record is written.
-    let url = format!("sqlite://{}", db.display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let mut locker = pool.acquire().await.unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let locker = rusqlite::Connection::open(&db).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
     for _ in 0..20 {
         assert_eq!(chat(gw, &chat_body("m", false)).await.status(), 200);
     }
     // Longer than the writer's flush interval: it has tried, and waits on the lock.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_records")
-        .fetch_one(&mut *locker)
-        .await
+    let held: i64 = locker
+        .query_row("SELECT count(*) FROM usage_records", [], |r| r.get(0))
         .unwrap();
     assert_eq!(held, 1, "nothing written while the lock is held");
-    sqlx::query("ROLLBACK").execute(&mut *locker).await.unwrap();
+    locker.execute_batch("ROLLBACK").unwrap();
     drop(locker);
-    pool.close().await;
     eventually("the 20 records written after the lock", WAIT, || {
         let db = db.clone();
-        async move { rows(&db).await.len() == 21 }
+        async move { rows(&db).len() == 21 }
     })
     .await;
     bin.signal("-TERM");
     assert!(bin.wait().await.success());
-    assert_eq!(rows(&db).await.len(), 21);
+    assert_eq!(rows(&db).len(), 21);
 }

@@ -25,15 +25,16 @@ pub(crate) use record::{Prices, UsageRecord};
 /// Most rows one insert carries.
 pub(crate) const MAX_BATCH: usize = 2000;
 
-/// What an insert returns.
-pub(crate) type Inserting<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+/// What an insert returns: `Err` gives the batch back (nothing of it was written), with why.
+pub(crate) type Inserting = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), (String, Vec<UsageRecord>)>> + Send>,
+>;
 
 /// A database the ledger writes to.
 pub(crate) trait Store: Send + Sync {
-    /// Inserts `batch` in one transaction; `Err` leaves nothing written and the batch is
-    /// tried again.
-    fn insert<'a>(&'a self, batch: &'a [UsageRecord]) -> Inserting<'a>;
+    /// Inserts `batch` in one transaction; on `Err` nothing of it was written and the writer
+    /// tries it again.
+    fn insert(&self, batch: Vec<UsageRecord>) -> Inserting;
 }
 
 /// The ledger's handle on the request path: a bounded queue to the writer.
@@ -134,16 +135,18 @@ async fn write(
         if batch.is_empty() {
             continue;
         }
-        match store.insert(&batch).await {
+        let n = batch.len() as u64;
+        match store.insert(std::mem::take(&mut batch)).await {
             Ok(()) => {
-                written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                written.fetch_add(n, Ordering::Relaxed);
                 if failing {
                     tracing::info!("usage ledger: writing again");
                     failing = false;
                 }
-                batch.clear();
+                batch = Vec::with_capacity(MAX_BATCH);
             }
-            Err(e) => {
+            Err((e, back)) => {
+                batch = back;
                 if !failing {
                     tracing::warn!("usage ledger: cannot write ({e}); retrying");
                     failing = true;
@@ -151,15 +154,15 @@ async fn write(
                 if !open {
                     // Shutting down: one more try after a pause, then give up on this batch.
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    if store.insert(&batch).await.is_ok() {
-                        written.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    } else {
-                        tracing::warn!(
-                            lost = batch.len(),
-                            "usage ledger: records not written at exit"
-                        );
+                    let n = batch.len();
+                    match store.insert(std::mem::take(&mut batch)).await {
+                        Ok(()) => {
+                            written.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            tracing::warn!(lost = n, "usage ledger: records not written at exit");
+                        }
                     }
-                    batch.clear();
                 } else {
                     tokio::time::sleep(every).await;
                 }

@@ -1,81 +1,106 @@
-//! The SQLite store: the embedded default (the SQLite bundled with `sqlx`, a file, WAL mode:
-//! the writer does not block readers such as `mofa-gateway usage`). Its schema is the
-//! versioned migrations of `migrations/sqlite`, run at open.
+//! The SQLite store: the embedded default (the SQLite bundled with `rusqlite`, a file, WAL
+//! mode: the writer does not block readers such as `sqlite3` or a report). Its schema is the
+//! versioned migrations of `migrations/sqlite` (`rusqlite_migration`: SQLite's
+//! `user_version` says which have run), applied at open. The connection lives on the
+//! blocking pool's threads (`spawn_blocking`), never on the runtime.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, SqlitePool};
+use rusqlite::{params, Connection};
+use rusqlite_migration::{Migrations, M};
 
 use super::{Inserting, Store, UsageRecord};
 
-/// Rows per `INSERT` (19 columns each, within SQLite's 32 766 bound variables).
-const ROWS_PER_INSERT: usize = 500;
+/// The schema's versions, in order; a new one is appended, never edited.
+const MIGRATIONS: &[&str] = &[include_str!(
+    "../../migrations/sqlite/0001_usage_records.sql"
+)];
+
+const INSERT: &str = "INSERT INTO usage_records (request_id, ts, key, model, deployment, \
+    priority, endpoint, stream, status, reason, attempts, tokens_in, tokens_out, \
+    tokens_estimated, cost_input, cost_output, cost, ttft_ms, total_ms) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
 
 pub(super) struct Sqlite {
-    pool: SqlitePool,
+    conn: Arc<Mutex<Connection>>,
 }
 
 impl Sqlite {
     /// Opens (creating it if needed) the database at `path` and brings its schema up to date.
     pub(super) async fn open(path: &str) -> Result<Sqlite, String> {
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(opts)
+        let path = path.to_owned();
+        let conn = tokio::task::spawn_blocking(move || open(&path))
             .await
-            .map_err(|e| format!("usage.path: cannot open the SQLite database {path}: {e}"))?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&pool)
-            .await
-            .map_err(|e| format!("usage.path: cannot migrate the SQLite database {path}: {e}"))?;
-        Ok(Sqlite { pool })
+            .map_err(|e| e.to_string())??;
+        Ok(Sqlite {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 }
 
+fn open(path: &str) -> Result<Connection, String> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        format!("usage.path: cannot {what} the SQLite database {path}: {e}")
+    };
+    let mut conn = Connection::open(path).map_err(|e| fail("open", &e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| fail("open", &e))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| fail("open", &e))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| fail("open", &e))?;
+    Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
+        .to_latest(&mut conn)
+        .map_err(|e| fail("migrate", &e))?;
+    Ok(conn)
+}
+
+/// Inserts `batch` in one transaction, one cached prepared statement a row.
+fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut st = tx.prepare_cached(INSERT)?;
+        for r in batch {
+            st.execute(params![
+                r.request_id,
+                r.ts,
+                r.key,
+                r.model,
+                r.deployment,
+                r.priority,
+                r.endpoint,
+                r.stream,
+                r.status,
+                r.reason,
+                r.attempts,
+                i64::try_from(r.tokens_in).unwrap_or(i64::MAX),
+                i64::try_from(r.tokens_out).unwrap_or(i64::MAX),
+                r.tokens_estimated,
+                r.cost_input,
+                r.cost_output,
+                r.cost,
+                r.ttft_ms,
+                r.total_ms,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
 impl Store for Sqlite {
-    fn insert<'a>(&'a self, batch: &'a [UsageRecord]) -> Inserting<'a> {
+    fn insert(&self, batch: Vec<UsageRecord>) -> Inserting {
+        let conn = self.conn.clone();
         Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
-            for rows in batch.chunks(ROWS_PER_INSERT) {
-                let mut q = QueryBuilder::<sqlx::Sqlite>::new(
-                    "INSERT INTO usage_records (request_id, ts, key, model, deployment, \
-                     priority, endpoint, stream, status, reason, attempts, tokens_in, \
-                     tokens_out, tokens_estimated, cost_input, cost_output, cost, ttft_ms, \
-                     total_ms) ",
-                );
-                q.push_values(rows, |mut b, r| {
-                    b.push_bind(&r.request_id)
-                        .push_bind(&r.ts)
-                        .push_bind(&r.key)
-                        .push_bind(&r.model)
-                        .push_bind(&r.deployment)
-                        .push_bind(r.priority)
-                        .push_bind(r.endpoint)
-                        .push_bind(r.stream)
-                        .push_bind(i64::from(r.status))
-                        .push_bind(r.reason)
-                        .push_bind(i64::from(r.attempts))
-                        .push_bind(i64::try_from(r.tokens_in).unwrap_or(i64::MAX))
-                        .push_bind(i64::try_from(r.tokens_out).unwrap_or(i64::MAX))
-                        .push_bind(r.tokens_estimated)
-                        .push_bind(r.cost_input)
-                        .push_bind(r.cost_output)
-                        .push_bind(r.cost)
-                        .push_bind(r.ttft_ms)
-                        .push_bind(r.total_ms);
-                });
-                q.build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            tx.commit().await.map_err(|e| e.to_string())
+            tokio::task::spawn_blocking(move || {
+                let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+                match insert(&mut c, &batch) {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err((e.to_string(), batch)),
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Err((e.to_string(), Vec::new())))
         })
     }
 }
