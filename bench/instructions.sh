@@ -7,7 +7,9 @@
 # Method:
 #   * Build the release binary and the load generator (bench/lib.sh); start one
 #     `mofa-gateway sim` on a free loopback port.
-#   * For each binary (BIN, and BIN_B when set: e.g. the build before a change), twice: the
+#   * For each binary (BIN, and BIN_B when set: e.g. the build before a change; or the same
+#     binary with another config: EXTRA and EXTRA_B are TOML appended to each one's config,
+#     e.g. EXTRA_B=$'[usage]\nstore = "sqlite"\npath = "/tmp/u.db"'), twice: the
 #     gateway under `valgrind --tool=callgrind` with one worker thread and the sim as its one
 #     local deployment; 2 s of warm-up, then N1 (default 500) or N2 (default 1500) small
 #     non-streaming chat completions at 100 req/s (loadgen), then SIGTERM (callgrind writes
@@ -15,7 +17,7 @@
 #     and shutdown cancel out.
 #
 # Traffic goes to 127.0.0.1 only. Every process started here is killed on exit.
-# Usage: bench/instructions.sh    (env: BIN_B N1 N2)
+# Usage: bench/instructions.sh    (env: BIN_B EXTRA EXTRA_B N1 N2)
 
 set -euo pipefail
 export LC_ALL=C
@@ -35,9 +37,9 @@ SIM_PORT=$PORT
 wait_ready sim "http://127.0.0.1:$SIM_PORT/v1/models" "$LAST_PID" -
 BODY='{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'
 
-# count BIN N: the gateway's instructions for warm-up + N requests.
+# count BIN N EXTRA: the gateway's instructions for warm-up + N requests.
 count() {
-    local bin=$1 n=$2 port
+    local bin=$1 n=$2 extra=${3:-} port
     port=$(free_ports 1)
     cat >"$TMP/gw.toml" <<EOF
 [server]
@@ -49,6 +51,7 @@ name = "m"
 kind = "local"
 url = "http://127.0.0.1:$SIM_PORT/v1"
 EOF
+    printf '%s\n' "$extra" >>"$TMP/gw.toml"
     start callgrind valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.out" \
         "$bin" serve --config "$TMP/gw.toml"
     local pid=$LAST_PID
@@ -66,16 +69,16 @@ EOF
 
 per_request() {
     local a b
-    a=$(count "$1" "$N1")
-    b=$(count "$1" "$N2")
+    a=$(count "$1" "$N1" "${2:-}")
+    b=$(count "$1" "$N2" "${2:-}")
     echo $(((b - a) / (N2 - N1)))
 }
 
 echo "instructions per request (callgrind, 1 worker thread, non-streaming, $N1 vs $N2 requests)"
-A=$(per_request "$BIN")
-echo "gateway    $BIN: $A"
-if [[ -n ${BIN_B:-} ]]; then
-    B=$(per_request "$BIN_B")
-    echo "gateway-b  $BIN_B: $B"
+A=$(per_request "$BIN" "${EXTRA:-}")
+echo "gateway    $BIN ${EXTRA:+(+ EXTRA)}: $A"
+if [[ -n ${BIN_B:-} || -n ${EXTRA_B:-} ]]; then
+    B=$(per_request "${BIN_B:-$BIN}" "${EXTRA_B:-}")
+    echo "gateway-b  ${BIN_B:-$BIN} ${EXTRA_B:+(+ EXTRA_B)}: $B"
     python3 -c "print(f'gateway / gateway-b: {$A / $B:.4f}')"
 fi

@@ -12,7 +12,8 @@
 #     the gateway process over its run, divided by the requests sent, is its CPU per request.
 #   * Reported: per gateway, CPU-µs per request (median [min..max] of the rounds), the ratio
 #     sqlite / off per round, failed requests, and for SQLite the rows written against the
-#     requests sent (every one must be there) and the ledger's dropped count.
+#     requests sent (every one must be there) and the ledger's dropped count; then the store
+#     alone: thread CPU per record of `insert` (batches of 2000) in a release-mode unit test.
 #
 # Traffic goes to 127.0.0.1 only. Every process started here is killed on exit.
 # Usage: bench/usage.sh    (env: RATE DURATION REPEATS)
@@ -101,3 +102,8 @@ print(f"  sqlite / off per round: {', '.join(f'{r:.3f}' for r in ratios)}; media
 print(f"  sqlite ledger rows expected: {sent['sqlite']} sent + the readiness probe")
 PY
 cat "$TMP/usage-metrics.txt"
+
+echo
+echo "the store alone (an ignored release-mode unit test, thread CPU time):"
+(cd "$ROOT" && cargo test --release --quiet --lib usage::sqlite::tests::insert_cost_per_record \
+    -- --ignored --nocapture 2>/dev/null | grep 'SQLite insert')
