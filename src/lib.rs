@@ -79,4 +79,5 @@ mod reason;
 mod routing;
 mod upstream;
 mod usage;
+mod utc;
 mod wire;

@@ -228,15 +228,13 @@ fn usage_record(rec: &Record, now: std::time::SystemTime) -> UsageRecord {
         Some(_) => rec.prices.cost(tokens.input, tokens.output),
         None => (0.0, 0.0),
     };
-    let mut ts = Vec::with_capacity(32);
-    line::timestamp(now, &mut ts);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     UsageRecord {
-        request_id: rec.request_id.to_str().unwrap_or_default().to_owned(),
-        ts: String::from_utf8(ts).unwrap_or_default(),
-        key: rec.key.as_deref().map(str::to_owned),
-        model: rec.model.as_deref().map(str::to_owned),
-        deployment: rec.backend.as_deref().map(str::to_owned),
+        request_id: rec.request_id.clone(),
+        ts: now,
+        key: rec.key.clone(),
+        model: rec.model.clone(),
+        deployment: rec.backend.clone(),
         priority: rec.priority.map(Priority::as_str),
         endpoint: rec.endpoint,
         stream: rec.stream,

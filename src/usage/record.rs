@@ -20,15 +20,16 @@ impl Prices {
     }
 }
 
-/// One row of `usage_records`.
+/// One row of `usage_records`. Made on the request path, so it only shares what the request
+/// already holds (names, the request id); the writer formats it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct UsageRecord {
-    pub request_id: String,
-    /// When it finished, RFC 3339 UTC.
-    pub ts: String,
-    pub key: Option<String>,
-    pub model: Option<String>,
-    pub deployment: Option<String>,
+    pub request_id: axum::http::HeaderValue,
+    /// When it finished (written as RFC 3339 UTC).
+    pub ts: std::time::SystemTime,
+    pub key: Option<std::sync::Arc<str>>,
+    pub model: Option<std::sync::Arc<str>>,
+    pub deployment: Option<std::sync::Arc<str>>,
     pub priority: Option<&'static str>,
     pub endpoint: &'static str,
     pub stream: bool,

@@ -61,13 +61,16 @@ fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> 
     let tx = conn.transaction()?;
     {
         let mut st = tx.prepare_cached(INSERT)?;
+        let mut ts = Vec::with_capacity(32);
         for r in batch {
+            ts.clear();
+            crate::utc::timestamp(r.ts, &mut ts);
             st.execute(params![
-                r.request_id,
-                r.ts,
-                r.key,
-                r.model,
-                r.deployment,
+                r.request_id.to_str().unwrap_or_default(),
+                std::str::from_utf8(&ts).unwrap_or_default(),
+                r.key.as_deref(),
+                r.model.as_deref(),
+                r.deployment.as_deref(),
                 r.priority,
                 r.endpoint,
                 r.stream,
@@ -111,8 +114,8 @@ mod tests {
 
     fn record(i: u64) -> UsageRecord {
         UsageRecord {
-            request_id: format!("req-{i:016x}"),
-            ts: "2026-12-05T22:01:02.345678Z".into(),
+            request_id: axum::http::HeaderValue::from_str(&format!("req-{i:016x}")).unwrap(),
+            ts: std::time::SystemTime::now(),
             key: Some("team-a".into()),
             model: Some("llama-3-8b".into()),
             deployment: Some("local(llama-3-8b@q8)".into()),
