@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::TempDir;
+
 use common::{addr_of, chat, model_ids, run_binary as start};
 use std::process::{Command, Stdio};
 
@@ -82,34 +84,17 @@ fn check_config_masks_secrets_and_names_bad_keys() {
 }
 
 /// A scratch directory of this test process, removed when dropped.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("mofa-cli-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn write(&self, file: &str, text: &str) -> String {
-        let path = self.0.join(file);
-        std::fs::write(&path, text).unwrap();
-        path.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn check_config_locates_invalid_toml() {
     let dir = TempDir::new("syntax");
-    let file = dir.write(
-        "bad.toml",
-        "[[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\nttft_ms = 5 6\n",
-    );
+    let file = dir
+        .write(
+            "bad.toml",
+            "[[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\nttft_ms = 5 6\n",
+        )
+        .to_str()
+        .unwrap()
+        .to_string();
     let out = Command::new(BIN)
         .args(["check-config", &file])
         .output()
@@ -134,7 +119,10 @@ fn check_config_masks_credential_headers_and_redis_password() {
          url = \"https://api.example.test/v1\"\n\
          headers = { \"OpenAI-Organization\" = \"${MOFA_TEST_ORG}\", \"X-Api-Key\" = \"literal-api-secret\", \
          \"x-session-TOKEN\" = \"tok-secret\", \"Cookie\" = \"c=cookie-secret\", \"X-Source\" = \"visible-value\" }\n",
-    );
+    )
+    .to_str()
+    .unwrap()
+    .to_string();
     let out = Command::new(BIN)
         .args(["check-config", &file])
         .env("MOFA_TEST_ORG", "org-env-secret")
@@ -164,11 +152,15 @@ fn check_config_masks_credential_headers_and_redis_password() {
 #[test]
 fn check_config_refuses_a_raw_key_without_repeating_it() {
     let dir = TempDir::new("rawkey");
-    let file = dir.write(
-        "gw.toml",
-        "[auth]\nmode = \"keys\"\n[[auth.keys]]\nname = \"a\"\nhash = \"sk-mofa-raw-secret\"\n\
+    let file = dir
+        .write(
+            "gw.toml",
+            "[auth]\nmode = \"keys\"\n[[auth.keys]]\nname = \"a\"\nhash = \"sk-mofa-raw-secret\"\n\
          [[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\n",
-    );
+        )
+        .to_str()
+        .unwrap()
+        .to_string();
     let out = Command::new(BIN)
         .args(["check-config", &file])
         .output()
@@ -218,10 +210,14 @@ fn commands_exit_quietly_when_the_reader_of_stdout_has_gone() {
     // left before a line was written: in about half the runs of `keys new | head -1`. Here
     // it has always left, so each run would panic; the repetitions guard against a race.
     let dir = TempDir::new("epipe");
-    let file = dir.write(
-        "gw.toml",
-        "[[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\n",
-    );
+    let file = dir
+        .write(
+            "gw.toml",
+            "[[models]]\nname = \"m\"\n[[models.deployments]]\nkind = \"sim\"\n",
+        )
+        .to_str()
+        .unwrap()
+        .to_string();
     let commands: [(&[&str], &str); 4] = [
         (&["keys", "new", "--name", "x"], ""),
         (&["keys", "hash"], "sk-mofa-some-key"),

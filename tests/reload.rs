@@ -17,37 +17,19 @@ const ADMIN: &str = "sk-admin-reload-test";
 /// A config file in a temporary directory, replaced the way editors and ConfigMaps do: the
 /// new text written beside it, then renamed over it.
 struct ConfigFile {
-    dir: PathBuf,
+    dir: TempDir,
     path: PathBuf,
 }
 
 impl ConfigFile {
     fn new(text: &str) -> ConfigFile {
-        let dir = std::env::temp_dir().join(format!(
-            "mofa-reload-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("gateway.toml");
-        let f = ConfigFile { dir, path };
-        f.replace(text);
-        f
+        let dir = TempDir::new("reload");
+        let path = dir.replace("gateway.toml", text);
+        ConfigFile { dir, path }
     }
 
     fn replace(&self, text: &str) {
-        let tmp = self.dir.join(".gateway.toml.new");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &self.path).unwrap();
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.dir.replace("gateway.toml", text);
     }
 }
 
@@ -525,11 +507,8 @@ async fn watch_sees_a_new_keys_file() {
         "[auth]\nmode = \"keys\"\nkeys_file = \"keys.toml\"\n\n{}",
         GatewayBuilder::new().local_model("m", &upstream).toml()
     ));
-    let keys_path = file.dir.join("keys.toml");
     let replace_keys = |text: String| {
-        let tmp = file.dir.join(".keys.toml.new");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &keys_path).unwrap();
+        file.dir.replace("keys.toml", &text);
     };
     replace_keys(keys("alice", "sk-alice"));
     let (_bin, gw) = run_gateway_file(&file.path, &["--watch"]).await;

@@ -4,34 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
 use rusqlite::types::Value as Sql;
 use serde_json::{json, Value};
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        let d = std::env::temp_dir().join(format!(
-            "mofa-usage-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One row of the ledger, by column name.
 struct Row(std::collections::HashMap<String, Sql>);
@@ -97,7 +72,7 @@ fn told(body: &Value) -> (u64, u64) {
 
 #[tokio::test]
 async fn every_request_is_recorded_with_the_tokens_the_client_was_told_and_sigterm_loses_none() {
-    let dir = Dir::new();
+    let dir = TempDir::new("usage");
     let db = dir.0.join("usage.db");
     let upstream = sim(sim_opts("m")).await;
     let dead = dead_url().await;
@@ -122,8 +97,7 @@ async fn every_request_is_recorded_with_the_tokens_the_client_was_told_and_sigte
                         .price_per_1k_tokens(0.001),
                 )
         });
-    let file = dir.0.join("gateway.toml");
-    std::fs::write(&file, cfg.toml()).unwrap();
+    let file = dir.write("gateway.toml", &cfg.toml());
     let (mut bin, gw) = run_gateway_file(&file, &[]).await;
     let auth = [("authorization", "Bearer sk-a")];
     let mut expected = Vec::new();
@@ -204,7 +178,7 @@ async fn every_request_is_recorded_with_the_tokens_the_client_was_told_and_sigte
 #[tokio::test]
 async fn a_cut_stream_is_recorded_with_what_it_delivered_and_a_locked_database_delays_but_loses_nothing(
 ) {
-    let dir = Dir::new();
+    let dir = TempDir::new("usage");
     let db = dir.0.join("usage.db");
     // Paced, so that each chunk leaves the simulator before it drops the connection.
     let cut = sim(mofa_gateway::sim::SimOptions {
@@ -218,8 +192,7 @@ async fn a_cut_stream_is_recorded_with_what_it_delivered_and_a_locked_database_d
         .usage_sqlite(&db)
         .local_model("cut", &cut)
         .local_model("m", &ok);
-    let file = dir.0.join("gateway.toml");
-    std::fs::write(&file, cfg.toml()).unwrap();
+    let file = dir.write("gateway.toml", &cfg.toml());
     let (mut bin, gw) = run_gateway_file(&file, &[]).await;
 
     // A stream its backend cuts after 3 tokens: an SSE error event, no [DONE]; recorded as a

@@ -666,6 +666,51 @@ pub fn local_then_cloud(local: &str, cloud: &str) -> GatewayBuilder {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Files.
+
+/// A directory of its own under the system's temp dir, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new empty directory, named after `tag`, this process and the time (never reused).
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "mofa-test-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// Writes `text` to `file` in it, in place; returns its path.
+    pub fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.0.join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Replaces `file` with `text` the way editors and ConfigMaps do: written beside it, then
+    /// renamed over it. Returns its path.
+    pub fn replace(&self, file: &str, text: &str) -> PathBuf {
+        let tmp = self.0.join(format!(".{file}.new"));
+        std::fs::write(&tmp, text).unwrap();
+        let path = self.0.join(file);
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Programs the tests need.
 
 /// The path of the program `name` on the PATH; panics, naming the Debian package that has it,
