@@ -44,6 +44,7 @@ const POOL_STATE: &str = "mofa_gateway_pool_state";
 const BREAKER: &str = "mofa_gateway_breaker_state";
 const RELOADS: &str = "mofa_gateway_config_reloads_total";
 const CONFIG_INFO: &str = "mofa_gateway_config_info";
+const COST: &str = "mofa_gateway_cost_total";
 const USAGE_WRITTEN: &str = "mofa_gateway_usage_written_total";
 const USAGE_DROPPED: &str = "mofa_gateway_usage_dropped_total";
 
@@ -102,6 +103,9 @@ pub(crate) struct Metrics {
     /// The hash of the config in effect, for `config_info` (rendered by hand: one series, the
     /// current one, not one per config ever loaded).
     config_hash: Mutex<String>,
+    /// `cost_total` by (model, key): currency units, a float, so rendered by hand (the
+    /// recorder's counters count integers). At most [`MAX_SERIES`] pairs, names from the config.
+    costs: Mutex<Vec<((String, String), f64)>>,
 }
 
 /// The most (model, backend) pairs and (status, reason) pairs per pair whose handles are
@@ -195,6 +199,7 @@ impl Metrics {
             queue_wait,
             attempts: Mutex::new(Vec::new()),
             config_hash: Mutex::new(String::new()),
+            costs: Mutex::new(Vec::new()),
         }
     }
 
@@ -291,6 +296,24 @@ impl Metrics {
                  # TYPE {USAGE_DROPPED} counter\n{USAGE_DROPPED} {dropped}\n"
             );
         }
+        {
+            let costs = lock(&self.costs);
+            if !costs.is_empty() {
+                use std::fmt::Write;
+                let _ = write!(
+                    text,
+                    "# HELP {COST} Cost of the tokens used, from the serving deployment's prices, by model and API key name.\n# TYPE {COST} counter\n"
+                );
+                for ((model, key), v) in costs.iter() {
+                    let _ = writeln!(
+                        text,
+                        "{COST}{{model=\"{}\",key=\"{}\"}} {v}",
+                        escape_label(model),
+                        escape_label(key)
+                    );
+                }
+            }
+        }
         let hash = lock(&self.config_hash).clone();
         if !hash.is_empty() {
             use std::fmt::Write;
@@ -301,6 +324,17 @@ impl Metrics {
             );
         }
         text
+    }
+
+    /// Adds `amount` to the cost of `model` (a configured name, or `""`) for `key` (a key's
+    /// configured name, or `""` without keys).
+    pub(crate) fn cost(&self, model: &str, key: &str, amount: f64) {
+        let mut costs = lock(&self.costs);
+        if let Some((_, v)) = costs.iter_mut().find(|((m, k), _)| m == model && k == key) {
+            *v += amount;
+        } else if costs.len() < MAX_SERIES {
+            costs.push(((model.to_owned(), key.to_owned()), amount));
+        }
     }
 
     /// A config was put into effect (at start, or by a reload): its hash (hex).
@@ -331,6 +365,13 @@ impl Metrics {
     pub(crate) fn chart(&self) -> Value {
         self.recent.chart()
     }
+}
+
+/// A label value as the Prometheus text format writes it.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn status_label(status: u16) -> String {
@@ -796,6 +837,31 @@ mod tests {
         assert_eq!(
             (v["served"].clone(), v["p50_ms"].clone()),
             (json!(0), Value::Null)
+        );
+    }
+
+    #[test]
+    fn cost_is_a_float_counter_by_model_and_key_with_labels_escaped() {
+        let m = Metrics::new(&["m".to_string()]);
+        m.cost("m", "team-a", 0.25);
+        m.cost("m", "team-a", 0.125);
+        m.cost("say \"hi\"", "", 1.0);
+        let text = m.render(
+            &json!({"models": {}, "memory": {}}),
+            &json!({"models": []}),
+            None,
+        );
+        assert!(
+            text.contains("# TYPE mofa_gateway_cost_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mofa_gateway_cost_total{model=\"m\",key=\"team-a\"} 0.375\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mofa_gateway_cost_total{model=\"say \\\"hi\\\"\",key=\"\"} 1\n"),
+            "{text}"
         );
     }
 

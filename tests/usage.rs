@@ -137,6 +137,20 @@ async fn every_request_is_recorded_with_the_tokens_the_client_was_told_and_sigte
     .await;
     assert_eq!(r.status(), 401);
 
+    // The metric agrees with the tokens each client was told, priced.
+    let want: f64 = expected
+        .iter()
+        .filter(|(m, ..)| *m == "m")
+        .map(|(_, _, (tin, tout))| *tin as f64 * 2.0 / 1e6 + *tout as f64 * 10.0 / 1e6)
+        .sum();
+    let metrics = get(gw, "/metrics").await.text().await.unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"mofa_gateway_cost_total{model="m",key="team-a"}"#))
+        .unwrap_or_else(|| panic!("no cost_total for m: {metrics}"));
+    let got: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((got - want).abs() < 1e-12, "{line}, want {want}");
+
     // SIGTERM right away: the records still queued are written before the process exits.
     bin.signal("-TERM");
     assert!(bin.wait().await.success());

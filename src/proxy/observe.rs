@@ -169,6 +169,14 @@ impl Observer {
         if rec.reason == Reason::ClientDisconnect {
             self.client_disconnects.fetch_add(1, Ordering::Relaxed);
         }
+        if let (Some(_), Some(t)) = (&rec.backend, rec.tokens) {
+            let (input, output) = rec.prices.cost(t.input, t.output);
+            self.metrics.cost(
+                rec.model.as_deref().unwrap_or_default(),
+                rec.key.as_deref().unwrap_or_default(),
+                input + output,
+            );
+        }
         if let Some(ledger) = self.usage.get() {
             ledger.push(usage_record(rec, std::time::SystemTime::now()));
         }
