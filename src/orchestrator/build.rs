@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
-use super::{lock, Memory, ModelConf, ModelRt, Orchestrator};
+use super::{lock, Memory, ModelConf, ModelRt, Orchestrator, SlotConf};
 use crate::admission::{Ledger, MemoryLimits, ModelCore, ModelLimits, Outcome, Reslot, Slot};
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::config::{Config, DeploymentConfig, DeploymentKind, ModelConfig};
@@ -141,11 +141,7 @@ struct Prepared {
 
 /// One deployment of the new config, and which slot (if any) it continues.
 struct PreparedDep {
-    id: String,
-    config: DeploymentConfig,
-    url: String,
-    deployment: Arc<Deployment>,
-    managed: Option<Arc<Managed>>,
+    conf: SlotConf,
     /// Its slot as the new config says (limit, locality, rank, price, memory entry).
     fresh: Slot,
     /// The slot it continues, and whether its backend changed (breaker and times start over).
@@ -159,12 +155,7 @@ impl ModelConf {
         ModelConf {
             policy,
             max_wait: Duration::ZERO,
-            deployments: Vec::new(),
-            managed: Vec::new(),
-            ids: Vec::new(),
-            configs: Vec::new(),
-            urls: Vec::new(),
-            mems: Vec::new(),
+            slots: Vec::new(),
         }
     }
 }
@@ -217,17 +208,17 @@ async fn prepare(
     let ids = crate::config::deployment_ids(&m.name, &m.deployments);
     for (d, id) in m.deployments.iter().zip(ids) {
         let prev = old.and_then(|o| {
-            let i = o.ids.iter().rposition(|x| *x == id)?;
-            Some((i, o))
+            let i = o.slots.iter().rposition(|s| s.id == id)?;
+            Some((i, &o.slots[i]))
         });
         // The slot it continues; `None`: a new slot.
-        let same_process = |o: &ModelConf, i: usize| {
+        let same_process = |o: &SlotConf| {
             // A process stopped for good (its slot was retired and went idle) is not reused.
-            let live = o.managed[i].is_none() || o.mems[i].is_some_and(|id| memory.runs(id));
-            process_spec(&o.configs[i]) == process_spec(d) && live
+            let live = o.managed.is_none() || o.mem.is_some_and(|id| memory.runs(id));
+            process_spec(&o.config) == process_spec(d) && live
         };
-        let cont = prev.filter(|(i, o)| same_process(o, *i));
-        let unchanged = cont.filter(|(i, o)| o.configs[*i] == *d);
+        let cont = prev.filter(|(_, o)| same_process(o));
+        let unchanged = cont.filter(|(_, o)| o.config == *d);
         let local = d.kind != DeploymentKind::Cloud;
         let rank = match (&d.variant, local) {
             (Some(v), true) => variants.iter().position(|x| x == v).unwrap_or_else(|| {
@@ -249,13 +240,9 @@ async fn prepare(
             breaker: Breaker::new(breaker_cfg),
         };
         if let Some((i, o)) = unchanged {
-            fresh.mem = o.mems[i];
+            fresh.mem = o.mem;
             deps.push(PreparedDep {
-                id,
-                config: d.clone(),
-                url: o.urls[i].clone(),
-                deployment: o.deployments[i].clone(),
-                managed: o.managed[i].clone(),
+                conf: o.clone(),
                 fresh,
                 keep: Some((i, false)),
                 built: false,
@@ -264,7 +251,7 @@ async fn prepare(
         }
         // The pool's process: the one it had, or a new one (with its memory entry).
         let (managed, mem) = match cont {
-            Some((i, o)) => (o.managed[i].clone(), old_mem(o, i, memory, d)),
+            Some((_, o)) => (o.managed.clone(), old_mem(o, memory, d)),
             None => match &d.command {
                 Some(_) => {
                     let p = managed(m, d);
@@ -276,8 +263,8 @@ async fn prepare(
         };
         fresh.mem = mem;
         let url = match (d.kind, cont) {
-            (DeploymentKind::Sim, Some((i, o))) if sim_spec(&o.configs[i]) == sim_spec(d) => {
-                o.urls[i].clone()
+            (DeploymentKind::Sim, Some((_, o))) if sim_spec(&o.config) == sim_spec(d) => {
+                o.url.clone()
             }
             (DeploymentKind::Sim, _) => sim_url(m, d).await?,
             _ => d.url.clone().unwrap_or_default(),
@@ -298,18 +285,21 @@ async fn prepare(
             detail,
         })?;
         let keep = cont.map(|(i, o)| {
-            let c = &o.configs[i];
+            let c = &o.config;
             (
                 i,
-                (c.kind, &c.url, c.api) != (d.kind, &d.url, d.api) || o.urls[i] != url,
+                (c.kind, &c.url, c.api) != (d.kind, &d.url, d.api) || o.url != url,
             )
         });
         deps.push(PreparedDep {
-            id,
-            config: d.clone(),
-            url,
-            deployment: Arc::new(dep),
-            managed,
+            conf: SlotConf {
+                deployment: Arc::new(dep),
+                managed,
+                id,
+                config: d.clone(),
+                url,
+                mem,
+            },
             fresh,
             keep,
             built: true,
@@ -327,13 +317,13 @@ async fn prepare(
     })
 }
 
-/// The memory entry of slot `i` of `o`, kept for `d` (a deployment that declares no memory
-/// and is not run by the pool has none; one that now declares memory gets a new entry).
-fn old_mem(o: &ModelConf, i: usize, memory: &Arc<Memory>, d: &DeploymentConfig) -> Option<usize> {
-    match (o.mems[i], d.memory_mb, &d.command) {
-        (Some(id), _, _) if o.configs[i].memory_mb == d.memory_mb => Some(id),
+/// The memory entry of slot `o`, kept for `d` (a deployment that declares no memory and is
+/// not run by the pool has none; one that now declares memory gets a new entry).
+fn old_mem(o: &SlotConf, memory: &Arc<Memory>, d: &DeploymentConfig) -> Option<usize> {
+    match (o.mem, d.memory_mb, &d.command) {
+        (Some(id), _, _) if o.config.memory_mb == d.memory_mb => Some(id),
         (_, None, None) => None,
-        (_, mb, _) => Some(memory.register(mb.unwrap_or(0), o.managed[i].clone())),
+        (_, mb, _) => Some(memory.register(mb.unwrap_or(0), o.managed.clone())),
     }
 }
 
@@ -353,63 +343,39 @@ impl ModelRt {
             self.uses_memory.store(true, Ordering::Relaxed);
         }
         let mut checks = Vec::new();
-        let wakes = {
-            let mut core = lock(&self.core);
-            let old = self.conf.load_full();
-            let reslots = deps
-                .iter()
-                .map(|d| match d.keep {
-                    Some((idx, reset)) => Reslot::Keep {
-                        idx,
-                        fresh: d.fresh.clone(),
-                        reset,
-                    },
-                    None => Reslot::New(d.fresh.clone()),
-                })
-                .collect();
-            let (order, wakes) = if self.uses_memory.load(Ordering::Relaxed) {
-                let mut ledger = lock(&self.memory.ledger);
-                core.reconfigure(&mut ledger, limits, reslots, Instant::now())
-            } else {
-                let mut ledger = Ledger::new(MemoryLimits::OFF);
-                core.reconfigure(&mut ledger, limits, reslots, Instant::now())
-            };
-            let n = core.slots.len();
-            let mut conf = ModelConf {
-                policy: limits.policy,
-                max_wait,
-                deployments: old.deployments.clone(),
-                managed: old.managed.clone(),
-                ids: old.ids.clone(),
-                configs: old.configs.clone(),
-                urls: old.urls.clone(),
-                mems: old.mems.clone(),
-            };
+        let reslots = deps
+            .iter()
+            .map(|d| match d.keep {
+                Some((idx, reset)) => Reslot::Keep {
+                    idx,
+                    fresh: d.fresh.clone(),
+                    reset,
+                },
+                None => Reslot::New(d.fresh.clone()),
+            })
+            .collect();
+        // Under the model's lock: the core and the settings change together.
+        let wakes = self.decide(|core, ledger| {
+            let (order, wakes) = core.reconfigure(ledger, limits, reslots, Instant::now());
+            let mut slots = self.conf.load().slots.clone();
             for (slot, d) in order.into_iter().zip(deps) {
-                if slot >= conf.deployments.len() {
-                    conf.deployments.push(d.deployment.clone());
-                    conf.managed.push(d.managed.clone());
-                    conf.ids.push(d.id.clone());
-                    conf.configs.push(d.config.clone());
-                    conf.urls.push(d.url.clone());
-                    conf.mems.push(d.fresh.mem);
-                } else {
-                    conf.deployments[slot] = d.deployment.clone();
-                    conf.managed[slot] = d.managed.clone();
-                    conf.ids[slot] = d.id.clone();
-                    conf.configs[slot] = d.config.clone();
-                    conf.urls[slot] = d.url.clone();
-                    conf.mems[slot] = d.fresh.mem;
+                if d.built && d.conf.config.health_check_interval_s > 0 {
+                    let every = Duration::from_secs(d.conf.config.health_check_interval_s);
+                    checks.push((slot, d.conf.deployment.clone(), every));
                 }
-                if d.built && d.config.health_check_interval_s > 0 {
-                    let every = Duration::from_secs(d.config.health_check_interval_s);
-                    checks.push((slot, d.deployment, every));
+                match slots.get_mut(slot) {
+                    Some(s) => *s = d.conf,
+                    None => slots.push(d.conf),
                 }
             }
-            debug_assert_eq!(conf.deployments.len(), n);
-            self.conf.store(Arc::new(conf));
+            debug_assert_eq!(slots.len(), core.slots.len());
+            self.conf.store(Arc::new(ModelConf {
+                policy: limits.policy,
+                max_wait,
+                slots,
+            }));
             wakes
-        };
+        });
         self.deliver(wakes);
         self.release_retired();
         checks
@@ -463,9 +429,9 @@ async fn health_check(model: Weak<ModelRt>, dep: usize, d: Arc<Deployment>, ever
         if !m
             .conf
             .load()
-            .deployments
+            .slots
             .get(dep)
-            .is_some_and(|x| Arc::ptr_eq(x, &d))
+            .is_some_and(|s| Arc::ptr_eq(&s.deployment, &d))
         {
             return;
         }

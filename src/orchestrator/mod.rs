@@ -57,21 +57,27 @@ pub(crate) struct ModelRt {
     uses_memory: AtomicBool,
 }
 
-/// A model's settings and deployments, one generation of them. The vectors run parallel to
-/// the core's slots, retired slots included (their requests may still be in flight).
+/// A model's settings and deployments, one generation of them. `slots` runs parallel to the
+/// core's slots, retired slots included (their requests may still be in flight).
 pub(crate) struct ModelConf {
     policy: Policy,
     max_wait: Duration,
-    deployments: Vec<Arc<Deployment>>,
-    /// The pool's process of each deployment that the gateway runs itself.
-    managed: Vec<Option<Arc<Managed>>>,
-    /// Each slot's identity ([`crate::config::deployment_ids`]), its config and its URL (for
-    /// a simulator, the one it listens on), for the next reload's diff.
-    ids: Vec<String>,
-    configs: Vec<DeploymentConfig>,
-    urls: Vec<String>,
-    /// Each slot's memory entry (the core's `Slot::mem`, kept here for the next reload).
-    mems: Vec<Option<usize>>,
+    slots: Vec<SlotConf>,
+}
+
+/// What one slot runs on, and what the next reload compares and reuses.
+#[derive(Clone)]
+pub(crate) struct SlotConf {
+    deployment: Arc<Deployment>,
+    /// The pool's process, when the gateway runs the deployment itself.
+    managed: Option<Arc<Managed>>,
+    /// Its identity ([`crate::config::deployment_ids`]).
+    id: String,
+    config: DeploymentConfig,
+    /// Its URL (for a simulator, the one it listens on).
+    url: String,
+    /// Its memory entry (the core's `Slot::mem`).
+    mem: Option<usize>,
 }
 
 /// Holds a slot on one deployment; dropping it frees the slot and serves the next waiter.
@@ -291,11 +297,12 @@ impl ModelRt {
 
     fn permit(self: &Arc<Self>, g: &Grant, start: Instant) -> Permit {
         let conf = self.conf.load();
+        let slot = &conf.slots[g.dep];
         Permit {
             model: self.clone(),
             dep: g.dep,
-            deployment: conf.deployments[g.dep].clone(),
-            managed: conf.managed[g.dep].clone(),
+            deployment: slot.deployment.clone(),
+            managed: slot.managed.clone(),
             start,
             probe: g.probe,
             reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -328,9 +335,9 @@ impl ModelRt {
         let deployments: Vec<Value> = core
             .slots
             .iter()
-            .zip(&conf.deployments)
+            .zip(&conf.slots)
             .filter(|(s, _)| !s.retired || s.in_flight > 0)
-            .map(|(s, d)| {
+            .map(|(s, SlotConf { deployment: d, .. })| {
                 json!({
                     "backend": &*d.label,
                     "breaker": s.breaker.state().as_str(),
