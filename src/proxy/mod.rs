@@ -78,8 +78,6 @@ pub(crate) struct Pipeline {
     usage: Option<Arc<crate::usage::Ledger>>,
     observer: Arc<Observer>,
     limiter: Arc<crate::quota::Limiter>,
-    /// One reload at a time.
-    reloading: tokio::sync::Mutex<()>,
     /// When the gateway started (Unix seconds).
     started_unix: u64,
     /// Set by the first shutdown signal: no new requests.
@@ -156,6 +154,11 @@ impl Generation {
         }
     }
 
+    /// Its hash and when it was loaded (the admin view, the status page).
+    fn config_view(&self) -> serde_json::Value {
+        serde_json::json!({"hash": self.hash, "loaded_unix": self.loaded_unix})
+    }
+
     /// The configured model a request names (404 otherwise).
     fn model(&self, req: &Parsed) -> Result<&Arc<ModelRt>, ApiError> {
         self.orch
@@ -199,7 +202,6 @@ impl Pipeline {
             usage,
             observer,
             limiter,
-            reloading: tokio::sync::Mutex::new(()),
             started_unix,
             shutting_down: AtomicBool::new(false),
         })
@@ -209,9 +211,9 @@ impl Pipeline {
     /// models and deployments keep everything, changed ones take new requests on their new
     /// settings while requests in flight finish on the old, removed ones take no new requests.
     /// Refused whole (nothing changes) when a key that needs a restart changed. Answers what
-    /// changed.
+    /// changed. Reloads must not overlap (one generation is made from the one before): the one
+    /// caller, `http::AppState::reload`, holds its lock from reading the file to the swap.
     pub(crate) async fn reload(&self, cfg: Config) -> Result<crate::config::Diff, ReloadError> {
-        let _one = self.reloading.lock().await;
         let result = self.reload_locked(cfg).await;
         let label = match &result {
             Ok(_) => "ok",
@@ -253,8 +255,7 @@ impl Pipeline {
 
     /// The config in effect: its hash and when it was loaded (the admin view, the status page).
     pub(crate) fn config_view(&self) -> serde_json::Value {
-        let g = self.live.load();
-        serde_json::json!({"hash": g.hash, "loaded_unix": g.loaded_unix})
+        self.live.load().config_view()
     }
 
     /// Shutdown begins: new and queued requests get 503 `shutting_down`.
@@ -350,7 +351,7 @@ impl Pipeline {
             .collect();
         serde_json::json!({
             "started_unix": self.started_unix,
-            "config": {"hash": g.hash, "loaded_unix": g.loaded_unix},
+            "config": g.config_view(),
             "shutting_down": self.is_shutting_down(),
             "models": models,
             "memory": snap["memory"],
