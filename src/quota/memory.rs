@@ -76,16 +76,20 @@ impl MemoryStore {
     /// (or of the model) holds the units it held under `old`, now at `new`.
     pub(super) fn rescale(&self, who: usize, slot: Slot, old: Rate, new: Rate) {
         let now = self.now();
-        let scale = |t: &mut u64| *t = new.rescale(old, *t, now);
+        self.update(who, slot, |t| *t = new.rescale(old, *t, now));
+    }
+
+    /// Changes the TAT of bucket `slot` of principal `who` (or of the model) with `f`.
+    fn update(&self, who: usize, slot: Slot, f: impl FnOnce(&mut u64)) {
         match slot {
             Slot::Key(d) => {
-                if let Some(b) = self.principals.load().get(who) {
-                    scale(&mut guard(b).key[d as usize]);
+                if let Some(b) = self.bucket(who) {
+                    f(&mut guard(&b).key[d as usize]);
                 }
             }
             Slot::Model(m, d) => {
                 if let Some(g) = self.models.load().get(m) {
-                    scale(&mut guard(g)[d as usize]);
+                    f(&mut guard(g)[d as usize]);
                 }
             }
         }
@@ -187,19 +191,7 @@ impl MemoryStore {
     /// a refusal by Redis says of it).
     pub(super) fn raise(&self, who: usize, slot: Slot, backlog: u64) {
         let now = self.now();
-        let raise = |t: &mut u64| *t = (*t).max(now.saturating_add(backlog));
-        match slot {
-            Slot::Key(d) => {
-                if let Some(b) = self.bucket(who) {
-                    raise(&mut guard(&b).key[d as usize]);
-                }
-            }
-            Slot::Model(m, d) => {
-                if let Some(g) = self.models.load().get(m) {
-                    raise(&mut guard(g)[d as usize]);
-                }
-            }
-        }
+        self.update(who, slot, |t| *t = (*t).max(now.saturating_add(backlog)));
     }
 
     /// How far ahead of now the bucket `slot` of principal `who` is (0: full).

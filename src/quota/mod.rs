@@ -224,26 +224,32 @@ impl Limiter {
             });
         }
         self.memory.grow(reg.principals.len() + 1, reg.models.len());
-        // Changed limits keep what was spent.
-        let rate = |l: Option<u64>| l.map(Rate::per_minute);
-        for (i, p) in t.policies.iter().enumerate() {
-            let (Some(p), Some(Some(o))) = (p, old.policies.get(i)) else {
-                continue;
-            };
-            for (dim, was, now) in [(Dim::Requests, o.rpm, p.rpm), (Dim::Tokens, o.tpm, p.tpm)] {
-                if let (Some(was), Some(now)) = (rate(was), rate(now)) {
-                    self.memory.rescale(i, Slot::Key(dim), was, now);
+        // Changed limits keep what was spent: the `rpm` and `tpm` buckets of principal `who`
+        // (or of a model), from the limits `was` to `now`.
+        let rescale = |who: usize,
+                       slot: &dyn Fn(Dim) -> Slot,
+                       was: [Option<u64>; 2],
+                       now: [Option<u64>; 2]| {
+            for (i, dim) in [Dim::Requests, Dim::Tokens].into_iter().enumerate() {
+                if let (Some(was), Some(now)) = (was[i], now[i]) {
+                    let (was, now) = (Rate::per_minute(was), Rate::per_minute(now));
+                    self.memory.rescale(who, slot(dim), was, now);
                 }
+            }
+        };
+        for (i, p) in t.policies.iter().enumerate() {
+            if let (Some(p), Some(Some(o))) = (p, old.policies.get(i)) {
+                rescale(i, &Slot::Key, [o.rpm, o.tpm], [p.rpm, p.tpm]);
             }
         }
         for (i, m) in t.models.iter().enumerate() {
-            let (Some(m), Some(Some(o))) = (m, old.models.get(i)) else {
-                continue;
-            };
-            for (dim, was, now) in [(Dim::Requests, o.rpm, m.rpm), (Dim::Tokens, o.tpm, m.tpm)] {
-                if let (Some(was), Some(now)) = (rate(was), rate(now)) {
-                    self.memory.rescale(0, Slot::Model(i, dim), was, now);
-                }
+            if let (Some(m), Some(Some(o))) = (m, old.models.get(i)) {
+                rescale(
+                    0,
+                    &|dim| Slot::Model(i, dim),
+                    [o.rpm, o.tpm],
+                    [m.rpm, m.tpm],
+                );
             }
         }
         self.tables.store(Arc::new(t));
