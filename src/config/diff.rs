@@ -147,75 +147,70 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
             }
         }
     }
-    // Secrets serialize as `***`: a changed provider key is seen by comparing the values.
-    if old.auth.mode != new.auth.mode && !d.settings_changed.iter().any(|s| s == "auth.mode") {
-        d.settings_changed.push("auth.mode".into());
-    }
-    if old.auth.admin_keys != new.auth.admin_keys {
-        d.settings_changed.push("auth.admin_keys".into());
-    }
     d.settings_changed.sort();
     d.settings_changed.dedup();
 
-    for m in &new.models {
-        match old.models.iter().find(|o| o.name == m.name) {
-            None => d.models_added.push(m.name.clone()),
-            Some(o) if o == m => {}
-            Some(o) => {
-                let change = model_change(o, m);
-                d.models_changed.insert(m.name.clone(), change);
-            }
-        }
-    }
-    for o in &old.models {
-        if !new.models.iter().any(|m| m.name == o.name) {
-            d.models_removed.push(o.name.clone());
-        }
-    }
-    for k in &new.auth.keys {
-        match old.auth.keys.iter().find(|o| o.name == k.name) {
-            None => d.keys_added.push(k.name.clone()),
-            Some(o) if o == k => {}
-            Some(_) => d.keys_changed.push(k.name.clone()),
-        }
-    }
-    for o in &old.auth.keys {
-        if !new.auth.keys.iter().any(|k| k.name == o.name) {
-            d.keys_removed.push(o.name.clone());
-        }
-    }
+    let (added, removed, changed) = by_name(&old.models, &new.models, |m| &m.name);
+    d.models_added = added;
+    d.models_removed = removed;
+    d.models_changed = changed
+        .into_iter()
+        .map(|(o, m)| (m.name.clone(), model_change(o, m)))
+        .collect();
+    let (added, removed, changed) = by_name(&old.auth.keys, &new.auth.keys, |k| &k.name);
+    d.keys_added = added;
+    d.keys_removed = removed;
+    d.keys_changed = changed.into_iter().map(|(_, k)| k.name.clone()).collect();
     d
 }
 
+/// Entities matched by `name` (compared whole; a secret compares by its value): the names
+/// added (in `new`'s order), the names removed (in `old`'s), and the changed pairs (old, new).
+#[allow(clippy::type_complexity)]
+fn by_name<'a, T: PartialEq>(
+    old: &'a [T],
+    new: &'a [T],
+    name: impl Fn(&T) -> &str,
+) -> (Vec<String>, Vec<String>, Vec<(&'a T, &'a T)>) {
+    let (mut added, mut changed) = (Vec::new(), Vec::new());
+    for n in new {
+        match old.iter().find(|o| name(o) == name(n)) {
+            None => added.push(name(n).to_owned()),
+            Some(o) if o == n => {}
+            Some(o) => changed.push((o, n)),
+        }
+    }
+    let removed = old
+        .iter()
+        .filter(|o| !new.iter().any(|n| name(n) == name(o)))
+        .map(|o| name(o).to_owned())
+        .collect();
+    (added, removed, changed)
+}
+
 fn model_change(old: &super::ModelConfig, new: &super::ModelConfig) -> ModelChange {
-    let mut c = ModelChange {
+    fn with_ids(m: &super::ModelConfig) -> Vec<(String, &DeploymentConfig)> {
+        deployment_ids(&m.name, &m.deployments)
+            .into_iter()
+            .zip(&m.deployments)
+            .collect()
+    }
+    let (o, n) = (with_ids(old), with_ids(new));
+    let (added, removed, changed) = by_name(&o, &n, |(id, _)| id);
+    ModelChange {
         settings: (old.policy, old.rpm, old.tpm) != (new.policy, new.rpm, new.tpm),
-        ..ModelChange::default()
-    };
-    let old_ids = deployment_ids(&old.name, &old.deployments);
-    let new_ids = deployment_ids(&new.name, &new.deployments);
-    for (id, dep) in new_ids.iter().zip(&new.deployments) {
-        match old_ids.iter().position(|o| o == id) {
-            None => c.deployments_added.push(id.clone()),
-            Some(i) if old.deployments[i] == *dep => {}
-            Some(_) => c.deployments_changed.push(id.clone()),
-        }
+        deployments_added: added,
+        deployments_removed: removed,
+        deployments_changed: changed.into_iter().map(|(_, (id, _))| id.clone()).collect(),
     }
-    for id in &old_ids {
-        if !new_ids.contains(id) {
-            c.deployments_removed.push(id.clone());
-        }
-    }
-    c
 }
 
 impl Config {
-    /// The sections other than `models` and the keys, for [`diff`].
+    /// The sections other than `models` and the client keys, for [`diff`].
     fn sections(&self) -> serde_json::Value {
         let mut auth = serde_json::json!(&self.auth);
         if let Some(a) = auth.as_object_mut() {
             a.remove("keys");
-            a.remove("admin_keys");
         }
         serde_json::json!({
             "server": &self.server,
