@@ -17,6 +17,7 @@
 //! counted under the empty label. It imports nothing of the crate and does no I/O.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -103,9 +104,10 @@ pub(crate) struct Metrics {
     /// The hash of the config in effect, for `config_info` (rendered by hand: one series, the
     /// current one, not one per config ever loaded).
     config_hash: Mutex<String>,
-    /// `cost_total` by (model, key): currency units, a float, so rendered by hand (the
-    /// recorder's counters count integers). At most [`MAX_SERIES`] pairs, names from the config.
-    costs: Mutex<Vec<((String, String), f64)>>,
+    /// `cost_total` by model, then key: currency units, a float (its bits in the atomic), so
+    /// rendered by hand (the recorder's counters count integers). Resolved once per pair, as
+    /// `series` is; at most [`MAX_SERIES`] pairs, names from the config.
+    costs: RwLock<HashMap<String, HashMap<String, Arc<AtomicU64>>>>,
 }
 
 /// The most (model, backend) pairs and (status, reason) pairs per pair whose handles are
@@ -199,7 +201,7 @@ impl Metrics {
             queue_wait,
             attempts: Mutex::new(Vec::new()),
             config_hash: Mutex::new(String::new()),
-            costs: Mutex::new(Vec::new()),
+            costs: RwLock::new(HashMap::new()),
         }
     }
 
@@ -297,14 +299,22 @@ impl Metrics {
             );
         }
         {
-            let costs = lock(&self.costs);
-            if !costs.is_empty() {
+            let costs = self.costs.read().unwrap_or_else(|e| e.into_inner());
+            let mut pairs: Vec<(&String, &String, f64)> = costs
+                .iter()
+                .flat_map(|(m, keys)| {
+                    keys.iter()
+                        .map(move |(k, v)| (m, k, f64::from_bits(v.load(Ordering::Relaxed))))
+                })
+                .collect();
+            pairs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            if !pairs.is_empty() {
                 use std::fmt::Write;
                 let _ = write!(
                     text,
                     "# HELP {COST} Cost of the tokens used, from the serving deployment's prices, by model and API key name.\n# TYPE {COST} counter\n"
                 );
-                for ((model, key), v) in costs.iter() {
+                for (model, key, v) in pairs {
                     let _ = writeln!(
                         text,
                         "{COST}{{model=\"{}\",key=\"{}\"}} {v}",
@@ -329,12 +339,33 @@ impl Metrics {
     /// Adds `amount` to the cost of `model` (a configured name, or `""`) for `key` (a key's
     /// configured name, or `""` without keys).
     pub(crate) fn cost(&self, model: &str, key: &str, amount: f64) {
-        let mut costs = lock(&self.costs);
-        if let Some((_, v)) = costs.iter_mut().find(|((m, k), _)| m == model && k == key) {
-            *v += amount;
-        } else if costs.len() < MAX_SERIES {
-            costs.push(((model.to_owned(), key.to_owned()), amount));
-        }
+        let known = self
+            .costs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+            .and_then(|keys| keys.get(key))
+            .cloned();
+        let total = match known {
+            Some(t) => t,
+            None => {
+                let mut map = self.costs.write().unwrap_or_else(|e| e.into_inner());
+                let known = map.get(model).and_then(|keys| keys.get(key)).cloned();
+                match known {
+                    Some(t) => t,
+                    None if map.values().map(HashMap::len).sum::<usize>() < MAX_SERIES => map
+                        .entry(model.to_owned())
+                        .or_default()
+                        .entry(key.to_owned())
+                        .or_insert_with(|| Arc::new(AtomicU64::new(0f64.to_bits())))
+                        .clone(),
+                    None => return,
+                }
+            }
+        };
+        let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            Some((f64::from_bits(bits) + amount).to_bits())
+        });
     }
 
     /// A config was put into effect (at start, or by a reload): its hash (hex).

@@ -146,6 +146,18 @@ impl Record {
     }
 }
 
+impl Record {
+    /// What its tokens cost (input, output) at the prices of the deployment that served it;
+    /// nothing when no deployment did.
+    fn cost(&self) -> (f64, f64) {
+        let t = self.tokens.unwrap_or_default();
+        match self.backend {
+            Some(_) => self.prices.cost(t.input, t.output),
+            None => (0.0, 0.0),
+        }
+    }
+}
+
 /// Token counts of a request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Tokens {
@@ -169,16 +181,16 @@ impl Observer {
         if rec.reason == Reason::ClientDisconnect {
             self.client_disconnects.fetch_add(1, Ordering::Relaxed);
         }
-        if let (Some(_), Some(t)) = (&rec.backend, rec.tokens) {
-            let (input, output) = rec.prices.cost(t.input, t.output);
+        let cost = rec.cost();
+        if rec.backend.is_some() && rec.tokens.is_some() {
             self.metrics.cost(
                 rec.model.as_deref().unwrap_or_default(),
                 rec.key.as_deref().unwrap_or_default(),
-                input + output,
+                cost.0 + cost.1,
             );
         }
         if let Some(ledger) = self.usage.get() {
-            ledger.push(usage_record(rec, std::time::SystemTime::now()));
+            ledger.push(usage_record(rec, cost, std::time::SystemTime::now()));
         }
         let priority = rec.priority.map(Priority::as_str);
         self.metrics.finished(&Sample {
@@ -228,14 +240,11 @@ impl Observer {
     }
 }
 
-/// The usage ledger's row of `rec`, finished at `now`: its tokens priced at the prices of the
-/// deployment that served it (a request that reached none costs nothing).
-fn usage_record(rec: &Record, now: std::time::SystemTime) -> UsageRecord {
+/// The usage ledger's row of `rec`, finished at `now`, its tokens costing `cost` (input,
+/// output; see [`Record::cost`]).
+fn usage_record(rec: &Record, cost: (f64, f64), now: std::time::SystemTime) -> UsageRecord {
     let tokens = rec.tokens.unwrap_or_default();
-    let (cost_input, cost_output) = match rec.backend {
-        Some(_) => rec.prices.cost(tokens.input, tokens.output),
-        None => (0.0, 0.0),
-    };
+    let (cost_input, cost_output) = cost;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     UsageRecord {
         request_id: rec.request_id.clone(),

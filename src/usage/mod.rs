@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use tokio::sync::mpsc;
 
 use crate::config::{UsageConfig, UsageStore};
@@ -39,7 +40,8 @@ pub(crate) trait Store: Send + Sync {
 
 /// The ledger's handle on the request path: a bounded queue to the writer.
 pub(crate) struct Ledger {
-    tx: Mutex<Option<mpsc::Sender<UsageRecord>>>,
+    /// `None` once closed. Read without a lock (or a clone) on the request path.
+    tx: ArcSwapOption<mpsc::Sender<UsageRecord>>,
     dropped: Arc<AtomicU64>,
     warned: AtomicBool,
     written: Arc<AtomicU64>,
@@ -59,7 +61,7 @@ impl Ledger {
         let every = Duration::from_millis(cfg.flush_interval_ms.clamp(1, 1000));
         let writer = tokio::spawn(write(store, rx, every, written.clone()));
         Ok(Some(Ledger {
-            tx: Mutex::new(Some(tx)),
+            tx: ArcSwapOption::from_pointee(tx),
             dropped: Arc::new(AtomicU64::new(0)),
             warned: AtomicBool::new(false),
             written,
@@ -70,8 +72,8 @@ impl Ledger {
     /// Queues `rec` for the writer; never waits. A full queue (the database is down or slow)
     /// drops it and counts it; the first drop is logged.
     pub(crate) fn push(&self, rec: UsageRecord) {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(tx) = tx else { return };
+        let tx = self.tx.load();
+        let Some(tx) = tx.as_deref() else { return };
         if tx.try_send(rec).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             if !self.warned.swap(true, Ordering::Relaxed) {
@@ -96,7 +98,7 @@ impl Ledger {
     /// Shutdown: no more records; waits until the writer has written every queued one (or
     /// `grace` is over).
     pub(crate) async fn close(&self, grace: Duration) {
-        drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
+        self.tx.store(None);
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(w) = writer {
             if tokio::time::timeout(grace, w).await.is_err() {
