@@ -31,10 +31,7 @@ command -v valgrind >/dev/null 2>&1 || {
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-sim_up() { start sim "$BIN" sim --listen "127.0.0.1:$1" --model m; }
-serve sim sim_up
-SIM_PORT=$PORT
-wait_ready sim "http://127.0.0.1:$SIM_PORT/v1/models" "$LAST_PID" -
+sim_ready --model m
 BODY='{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'
 
 # count BIN N EXTRA: the gateway's instructions for warm-up + N requests.

@@ -125,6 +125,16 @@ serve() {
     exit 1
 }
 
+# sim_ready ARGS...: `mofa-gateway sim ARGS...` on a free loopback port, answering; sets
+# SIM_PORT (and LAST_PID).
+sim_ready() {
+    SIM_ARGS=("$@")
+    _sim_up() { start sim "$BIN" sim --listen "127.0.0.1:$1" "${SIM_ARGS[@]}"; }
+    serve sim _sim_up
+    SIM_PORT=$PORT
+    wait_ready sim "http://127.0.0.1:$SIM_PORT/v1/models" "$LAST_PID" -
+}
+
 TICK=$(getconf CLK_TCK)
 # stat_sum EXPR PID...: the sum over the processes of an awk EXPR of the /proc/PID/stat fields
 # after the command name ($12 utime, $13 stime; 0 for a process that is gone).

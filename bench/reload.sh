@@ -58,10 +58,7 @@ ADMIN_HASH=$(hash_of "$ADMIN_KEY")
 ALICE_HASH=$(hash_of sk-bench-alice)
 BOB_HASH=$(hash_of sk-bench-bob)
 
-sim_up() { start sim "$BIN" sim --listen "127.0.0.1:$1" --model m --model extra --ttft-ms "$SIM_TTFT_MS"; }
-serve sim sim_up
-SIM_PORT=$PORT
-wait_ready sim "http://127.0.0.1:$SIM_PORT/v1/models" "$LAST_PID" -
+sim_ready --model m --model extra --ttft-ms "$SIM_TTFT_MS"
 
 # config NAME OTHER_KEY OTHER_HASH MAX_CONCURRENCY WITH_EXTRA
 config() {
