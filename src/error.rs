@@ -688,8 +688,12 @@ impl ApiError {
     }
 
     /// A reload that cannot be applied live (`detail` says why); nothing changed.
+    /// `x-should-retry: false`: the SDKs retry a 409 by default, and the same file is refused
+    /// again until it changes.
     pub(crate) fn reload_refused(detail: impl std::fmt::Display) -> Self {
-        Self::new(ErrorKind::ReloadRefused, detail.to_string())
+        let mut e = Self::new(ErrorKind::ReloadRefused, detail.to_string());
+        e.should_retry = Some(false);
+        e
     }
 
     pub(crate) fn model_busy(name: &str) -> Self {

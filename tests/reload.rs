@@ -173,9 +173,20 @@ async fn an_invalid_file_or_a_restart_only_change_leaves_the_old_config_serving(
         .server(|s| s.worker_threads(1))
         .toml();
     file.replace(&restart);
-    let (status, body) = reload(gw).await;
-    assert_eq!(status, 409, "{body}");
-    assert_eq!(body["error"]["code"], "reload_refused");
+    let auth = bearer(ADMIN);
+    let r = post_with(
+        gw,
+        "/admin/reload",
+        &Value::Null,
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status(), 409);
+    // The SDKs retry a 409; the same file would be refused again.
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let body = envelope(r).await;
+    assert_eq!(body["code"], "reload_refused");
+    let body = serde_json::json!({ "error": body });
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(
         msg.contains("server.worker_threads") && msg.contains("restart"),
