@@ -58,6 +58,8 @@ pub(crate) enum ErrorKind {
     // Its limits.
     RateLimited(Dim),
     TooManyInFlight,
+    /// The key has spent its `budget` or `token_budget` for the period.
+    OverBudget,
     // Admission and the gateway's state (every one a 503).
     Rejected(RejectReason),
     /// `/admin/pool/{name}/unload` while it has requests in flight.
@@ -149,6 +151,11 @@ impl ErrorKind {
                 openai_type: "requests",
                 reason: Reason::RateLimited,
                 ..client(429, "rate_limit_exceeded", "rate_limit_error")
+            },
+            K::OverBudget => Spec {
+                openai_type: "insufficient_quota",
+                reason: Reason::OverBudget,
+                ..client(429, "insufficient_quota", "rate_limit_error")
             },
             K::Rejected(r) => Spec {
                 status: s(503),
@@ -451,6 +458,43 @@ impl ApiError {
             }
             None => e.should_retry = Some(false),
         }
+        e
+    }
+
+    /// The key has spent a budget: OpenAI's `insufficient_quota`, which no retry helps before
+    /// the period resets (`x-should-retry: false`; `Retry-After` is when it resets).
+    pub(crate) fn over_budget(over: &crate::budget::Over, key: &str, now: u64) -> Self {
+        let what = if over.tokens {
+            format!("token budget of {} tokens", over.amount)
+        } else {
+            format!("budget of {:.2}", over.amount)
+        };
+        let spent = if over.tokens {
+            format!("{} tokens", over.spent)
+        } else {
+            format!("{:.4}", over.spent)
+        };
+        let when = match over.resets {
+            Some(t) => format!(
+                "It resets at {} (the next UTC {}).",
+                crate::budget::rfc3339(t),
+                over.period.as_str()
+            ),
+            None => "It is a total budget and does not reset; raise it in the config.".into(),
+        };
+        let mut e = Self::new(
+            ErrorKind::OverBudget,
+            format!(
+                "You exceeded your current quota: key `{key}` has spent its {what} {} ({spent} spent). {when}",
+                match over.period {
+                    crate::budget::Period::Day => "per day",
+                    crate::budget::Period::Month => "per month",
+                    crate::budget::Period::Total => "in total",
+                }
+            ),
+        );
+        e.should_retry = Some(false);
+        e.retry_after = over.resets.map(|t| t.saturating_sub(now).max(1));
         e
     }
 
@@ -877,6 +921,7 @@ mod tests {
             K::AdminKeyRequired,
             K::RateLimited(Dim::Requests),
             K::TooManyInFlight,
+            K::OverBudget,
             K::ModelBusy,
             K::InvalidConfig,
             K::ReloadRefused,

@@ -67,6 +67,7 @@ mod anthropic;
 #[cfg(test)]
 mod benchclock;
 mod breaker;
+mod budget;
 mod error;
 mod headers;
 mod limits;

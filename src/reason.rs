@@ -159,6 +159,8 @@ pub(crate) enum Reason {
     InvalidRequest,
     /// Over its principal's rate limit (429).
     RateLimited,
+    /// Its key has spent its budget (429 `insufficient_quota`).
+    OverBudget,
     /// The backend refused the request itself (its 4xx).
     UpstreamRejected,
     /// The backend failed before the first byte (502, its 503).
@@ -178,6 +180,7 @@ impl Reason {
             Reason::Rejected(r) => r.as_str(),
             Reason::InvalidRequest => "invalid_request",
             Reason::RateLimited => "rate_limited",
+            Reason::OverBudget => "over_budget",
             Reason::UpstreamRejected => "upstream_rejected",
             Reason::UpstreamError => "upstream_error",
             Reason::UpstreamTimeout => "upstream_timeout",

@@ -251,3 +251,385 @@ async fn a_cut_stream_is_recorded_with_what_it_delivered_and_a_locked_database_d
     assert!(bin.wait().await.success());
     assert_eq!(rows(&db).len(), 21);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Budgets.
+
+/// The tokens of a whole reply (`usage`), input + output.
+async fn tokens_of(r: reqwest::Response) -> u64 {
+    let (tin, tout) = told(&r.json::<Value>().await.unwrap());
+    tin + tout
+}
+
+/// A key's requests until the first refusal: the tokens the client was told, summed, and the
+/// refusal.
+async fn spend_until_refused(
+    gw: std::net::SocketAddr,
+    secret: &str,
+    model: &str,
+) -> (u64, u32, reqwest::Response) {
+    let auth = format!("Bearer {secret}");
+    let mut spent = 0;
+    for n in 0..200 {
+        let mut body = chat_body(model, false);
+        body["max_tokens"] = json!(5);
+        let r = chat_with(gw, &body, &[("authorization", &auth)]).await;
+        if r.status() != 200 {
+            return (spent, n, r);
+        }
+        spent += tokens_of(r).await;
+    }
+    panic!("never refused after 200 requests ({spent} tokens)");
+}
+
+#[tokio::test]
+async fn a_key_over_its_budget_gets_insufficient_quota_until_the_period_resets_even_after_a_restart(
+) {
+    let dir = TempDir::new("budget");
+    let db = dir.0.join("usage.db");
+    let upstream = sim(sim_opts("m")).await;
+    let cfg = GatewayBuilder::new()
+        .usage_sqlite(&db)
+        .key(Key::new("tokens", "sk-t").token_budget(100, "day"))
+        .key(Key::new("money", "sk-m").budget(0.001, "month"))
+        .key(Key::new("free", "sk-f"))
+        .model("m", |m| {
+            m.deployment(
+                Deployment::local(&upstream)
+                    .input_price_per_1m(10.0)
+                    .output_price_per_1m(30.0),
+            )
+        });
+    let file = dir.write("gateway.toml", &cfg.toml());
+    let (mut bin, gw) = run_gateway_file(&file, &[]).await;
+
+    // A reply under budget says what is left.
+    let mut body = chat_body("m", false);
+    body["max_tokens"] = json!(5);
+    let r = chat_with(gw, &body, &[("authorization", "Bearer sk-t")]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit-budget-tokens"], "100");
+    assert_eq!(r.headers()["x-ratelimit-remaining-budget-tokens"], "100");
+    let reset: u64 = r.headers()["x-ratelimit-reset-budget-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=86_400).contains(&reset), "{reset}");
+    assert!(r.headers().get("x-ratelimit-limit-budget").is_none());
+    let first = tokens_of(r).await;
+
+    // Sequential requests on one gateway: it stops at the first request after the budget is
+    // reached, not one later.
+    let (spent, _, refused) = spend_until_refused(gw, "sk-t", "m").await;
+    let spent = spent + first;
+    assert!(spent >= 100 && spent - first < 100 + first, "spent {spent}");
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-should-retry"], "false");
+    assert_eq!(refused.headers()["x-mofa-backend"], "rejected");
+    assert_eq!(
+        refused.headers()["x-ratelimit-remaining-budget-tokens"],
+        "0"
+    );
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=86_400).contains(&retry), "{retry}");
+    let e = envelope(refused).await;
+    assert_eq!(e["error"]["code"], "insufficient_quota");
+    assert_eq!(e["error"]["type"], "insufficient_quota");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("`tokens`") && msg.contains("token budget of 100 tokens per day"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("resets at") && msg.contains("T00:00:00Z"),
+        "{msg}"
+    );
+
+    // A currency budget: priced tokens.
+    let (_, served, refused) = spend_until_refused(gw, "sk-m", "m").await;
+    assert!(served >= 1);
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-ratelimit-limit-budget"], "0.001");
+    let msg = envelope(refused).await["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("budget of 0.00 per month"), "{msg}");
+    assert!(msg.contains("-01T00:00:00Z"), "{msg}");
+
+    // A key without a budget is not limited by the others'.
+    assert_eq!(
+        chat_with(gw, &body, &[("authorization", "Bearer sk-f")])
+            .await
+            .status(),
+        200
+    );
+
+    // A restart reads what was spent from the ledger: still refused.
+    bin.signal("-TERM");
+    assert!(bin.wait().await.success());
+    let (_bin, gw) = run_gateway_file(&file, &[]).await;
+    let r = chat_with(gw, &body, &[("authorization", "Bearer sk-t")]).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(envelope(r).await["error"]["code"], "insufficient_quota");
+    assert_eq!(
+        chat_with(gw, &body, &[("authorization", "Bearer sk-m")])
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(
+        chat_with(gw, &body, &[("authorization", "Bearer sk-f")])
+            .await
+            .status(),
+        200
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL.
+
+/// The ledger's rows in Postgres: (count, tokens in + out) of those with `status`.
+async fn pg_totals(pg: &PgServer, status: i32) -> (i64, i64) {
+    let c = pg.client().await;
+    let row = c
+        .query_one(
+            "SELECT count(*), coalesce(sum(tokens_in + tokens_out), 0)::bigint FROM usage_records WHERE status = $1",
+            &[&status],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_postgres_stop_a_budget_at_the_same_total() {
+    let pg = PgServer::start().await;
+    // Paced replies (5 tokens at 25/s, about 0.2 s each), so that a replica learns what the
+    // other spent (written every 100 ms, re-read every 100 ms) within about one request.
+    let upstream = sim(mofa_gateway::sim::SimOptions {
+        tokens_per_sec: 25.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let budget = 300;
+    let cfg = GatewayBuilder::new()
+        .usage_postgres(&pg.url())
+        .key(Key::new("team", "sk-team").token_budget(budget, "month"))
+        .local_model("m", &upstream);
+    let dir = TempDir::new("pg-replicas");
+    let file = dir.write("gateway.toml", &cfg.toml());
+    let (_a, gw_a) = run_gateway_file(&file, &[]).await;
+    let (_b, gw_b) = run_gateway_file(&file, &[]).await;
+
+    // Two clients on each replica, each sequential, until each is refused.
+    let clients: Vec<_> = [gw_a, gw_a, gw_b, gw_b]
+        .into_iter()
+        .map(|gw| tokio::spawn(async move { spend_until_refused(gw, "sk-team", "m").await }))
+        .collect();
+    let mut told = 0;
+    let mut most = 0;
+    for c in clients {
+        let (spent, n, refused) = c.await.unwrap();
+        assert_eq!(refused.status(), 429);
+        assert_eq!(
+            envelope(refused).await["error"]["code"],
+            "insufficient_quota"
+        );
+        told += spent;
+        most = most.max(spent / u64::from(n.max(1)));
+    }
+    // Every record is in, and the ledger agrees with the clients.
+    eventually("the replicas' records", WAIT, || async {
+        pg_totals(&pg, 200).await.1 as u64 == told
+    })
+    .await;
+    // Reached, and passed by at most the requests in flight when it was: four clients, one
+    // each, and one more each for what the other replica had not written yet.
+    assert!(told >= budget, "stopped early: {told} < {budget}");
+    assert!(
+        told <= budget + 8 * most,
+        "{told} tokens against a budget of {budget} ({most} a request)"
+    );
+    // Both replicas now refuse, and say nothing is left.
+    for gw in [gw_a, gw_b] {
+        let r = chat_with(
+            gw,
+            &chat_body("m", false),
+            &[("authorization", "Bearer sk-team")],
+        )
+        .await;
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["x-ratelimit-remaining-budget-tokens"], "0");
+    }
+}
+
+#[tokio::test]
+async fn postgres_down_for_10_s_under_load_fails_no_request_and_loses_no_record_nor_at_sigterm() {
+    let pg = PgServer::start().await;
+    let upstream = sim(sim_opts("m")).await;
+    let cfg = GatewayBuilder::new()
+        .usage_postgres(&pg.url())
+        .local_model("m", &upstream);
+    let dir = TempDir::new("pg-down");
+    let file = dir.write("gateway.toml", &cfg.toml());
+    let (mut bin, gw) = run_gateway_file(&file, &[]).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = |stop: std::sync::Arc<std::sync::atomic::AtomicBool>| {
+        tokio::spawn(async move {
+            let (mut ok, mut other) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match reqwest::Client::new()
+                    .post(format!("http://{gw}/v1/chat/completions"))
+                    .json(&chat_body("m", false))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => other.push(r.status().as_u16()),
+                    Err(_) => break, // the gateway has exited
+                }
+            }
+            (ok, other)
+        })
+    };
+    let clients: Vec<_> = (0..4).map(|_| load(stop.clone())).collect();
+    eventually("records written", WAIT, || async {
+        pg_totals(&pg, 200).await.0 > 50
+    })
+    .await;
+    pg.stop();
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    pg.start_again().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = 0;
+    for c in clients {
+        let (ok, other) = c.await.unwrap();
+        assert!(
+            other.is_empty(),
+            "failed requests while Postgres was down: {other:?}"
+        );
+        served += ok;
+    }
+    eventually("the outage's records written after it", WAIT, || async {
+        pg_totals(&pg, 200).await.0 as u64 == served
+    })
+    .await;
+    let metrics = get(gw, "/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "mofa_gateway_usage_dropped_total 0"),
+        "{metrics}"
+    );
+
+    // SIGTERM under load: every request a client saw succeed is in the ledger after exit.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4).map(|_| load(stop.clone())).collect();
+    eventually("more records", WAIT, || async {
+        pg_totals(&pg, 200).await.0 as u64 > served + 50
+    })
+    .await;
+    bin.signal("-TERM");
+    assert!(bin.wait().await.success());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        let (ok, other) = c.await.unwrap();
+        // Refused during the drain: 503 shutting_down, never a 200 that is not recorded.
+        assert!(other.iter().all(|s| *s == 503), "{other:?}");
+        served += ok;
+    }
+    assert_eq!(pg_totals(&pg, 200).await.0 as u64, served);
+}
+
+mod previous_version {
+    refinery::embed_migrations!("migrations/postgres");
+}
+
+#[tokio::test]
+async fn postgres_migrations_run_on_an_empty_database_and_on_one_of_the_previous_version() {
+    let pg = PgServer::start().await;
+    // The previous version's schema (V1: records only), with a record of last month's and
+    // one of today's.
+    let mut c = pg.client().await;
+    previous_version::migrations::runner()
+        .set_target(refinery::Target::Version(1))
+        .run_async(&mut c)
+        .await
+        .unwrap();
+    c.batch_execute(
+        "INSERT INTO usage_records (request_id, ts, key, model, endpoint, stream, status, reason, \
+         attempts, tokens_in, tokens_out, tokens_estimated, cost_input, cost_output, cost, total_ms) VALUES \
+         ('old', now() - interval '40 days', 'team', 'm', '/v1/chat/completions', false, 200, 'ok', 1, 10, 20, false, 0, 0, 0.5, 1), \
+         ('new', now(), 'team', 'm', '/v1/chat/completions', false, 200, 'ok', 1, 1, 2, false, 0, 0, 0.25, 1)",
+    )
+    .await
+    .unwrap();
+    let upstream = sim(sim_opts("m")).await;
+    let cfg = GatewayBuilder::new()
+        .usage_postgres(&pg.url())
+        .key(Key::new("team", "sk-team").budget(0.75, "total"))
+        .local_model("m", &upstream);
+    let dir = TempDir::new("pg-migrate");
+    let file = dir.write("gateway.toml", &cfg.toml());
+    let (_bin, gw) = run_gateway_file(&file, &[]).await;
+    // Migrated to V2: the spend table made from the records; the total budget is spent.
+    let v: i32 = c
+        .query_one("SELECT max(version) FROM refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 2);
+    let total: f64 = c
+        .query_one(
+            "SELECT cost FROM usage_spend WHERE key = 'team' AND period = 'total'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 0.75);
+    let months: i64 = c
+        .query_one(
+            "SELECT count(*) FROM usage_spend WHERE key = 'team' AND period = 'month'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(months >= 1);
+    let r = chat_with(
+        gw,
+        &chat_body("m", false),
+        &[("authorization", "Bearer sk-team")],
+    )
+    .await;
+    assert_eq!(r.status(), 429);
+    let msg = envelope(r).await["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("in total") && msg.contains("does not reset"),
+        "{msg}"
+    );
+
+    // An empty database: both versions run at start.
+    let fresh = PgServer::start().await;
+    let cfg = GatewayBuilder::new()
+        .usage_postgres(&fresh.url())
+        .local_model("m", &upstream);
+    let file = dir.write("fresh.toml", &cfg.toml());
+    let (_bin, gw) = run_gateway_file(&file, &[]).await;
+    assert_eq!(chat(gw, &chat_body("m", false)).await.status(), 200);
+    eventually("the record", WAIT, || async {
+        pg_totals(&fresh, 200).await.0 == 1
+    })
+    .await;
+}

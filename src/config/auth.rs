@@ -67,6 +67,20 @@ pub struct KeyConfig {
     /// Requests in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel: Option<u32>,
+    /// What the key may spend per period, in currency units (from the usage ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+    /// Tokens (input + output) the key may use per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_budget: Option<Budget>,
+}
+
+/// `budget = { amount = 50.0, period = "month" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub amount: f64,
+    pub period: crate::budget::Period,
 }
 
 fn default_max_priority() -> Priority {

@@ -39,6 +39,9 @@ pub(super) fn masked(cfg: &Config, from_env: &BTreeSet<String>) -> Config {
             mask_values(&mut d.env, &format!("{at}.env"), from_env);
         }
     }
+    if let Some(url) = &mut shown.usage.url {
+        *url = mask_url_password(url);
+    }
     if let Some(url) = &mut shown.limits.redis_url {
         *url = mask_url_password(url);
     }

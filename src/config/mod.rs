@@ -24,7 +24,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use auth::{AuthConfig, AuthMode, KeyConfig, KeyHash};
+pub use crate::budget::Period;
+pub use auth::{AuthConfig, AuthMode, Budget, KeyConfig, KeyHash};
 pub use diff::{deployment_ids, diff, Diff, ModelChange};
 pub use error::ConfigError;
 pub use sections::*;

@@ -426,6 +426,8 @@ pub enum UsageStore {
     Off,
     /// A SQLite file (`path`), embedded.
     Sqlite,
+    /// A PostgreSQL server (`url`), shared by replicas.
+    Postgres,
 }
 
 /// `[usage]`: the usage ledger (docs/configuration.md).
@@ -443,6 +445,13 @@ pub struct UsageConfig {
     /// Longest a record waits before it is written (at most 1000).
     #[serde(default = "default_usage_flush_ms")]
     pub flush_interval_ms: u64,
+    /// `store = "postgres"`: `postgres://user:password@host:port/db` (`${VAR}` for the
+    /// password). Its password is never shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// How often budgets re-read what other replicas spent (milliseconds).
+    #[serde(default = "default_usage_sync_ms")]
+    pub budget_sync_ms: u64,
 }
 
 impl Default for UsageConfig {
@@ -452,6 +461,8 @@ impl Default for UsageConfig {
             path: default_usage_path(),
             queue_capacity: default_usage_queue(),
             flush_interval_ms: default_usage_flush_ms(),
+            url: None,
+            budget_sync_ms: default_usage_sync_ms(),
         }
     }
 }
@@ -462,6 +473,10 @@ fn default_usage_path() -> String {
 
 fn default_usage_queue() -> usize {
     100_000
+}
+
+fn default_usage_sync_ms() -> u64 {
+    1000
 }
 
 fn default_usage_flush_ms() -> u64 {

@@ -19,16 +19,44 @@ pub(super) fn config(cfg: &Config, file_keys: Option<&FileKeys>) -> Check {
     models(cfg)?;
     auth(cfg, file_keys)?;
     limits(cfg)?;
-    usage(cfg)
+    usage(cfg, file_keys)
 }
 
-fn usage(cfg: &Config) -> Check {
+fn usage(cfg: &Config, file_keys: Option<&FileKeys>) -> Check {
     let u = &cfg.usage;
     if u.store == UsageStore::Sqlite && u.path.trim().is_empty() {
         return err(
             "usage.path",
             "is empty; name the SQLite file, e.g. path = \"mofa-usage.db\"",
         );
+    }
+    if u.store == UsageStore::Postgres && u.url.as_deref().is_none_or(|s| s.trim().is_empty()) {
+        return err(
+            "usage.url",
+            "is missing; store = \"postgres\" needs url = \"postgres://user:${PGPASSWORD}@host:5432/db\"",
+        );
+    }
+    if u.budget_sync_ms == 0 || u.budget_sync_ms > 60_000 {
+        return err(
+            "usage.budget_sync_ms",
+            "must be from 1 to 60000 (milliseconds)",
+        );
+    }
+    let file = file_keys.map(|f| f.keys.as_slice()).unwrap_or_default();
+    for k in cfg.auth.keys.iter().chain(file) {
+        for (what, b) in [("budget", k.budget), ("token_budget", k.token_budget)] {
+            let Some(b) = b else { continue };
+            let at = format!("auth.keys[{}].{what}", k.name);
+            if !(b.amount.is_finite() && b.amount > 0.0) {
+                return err(&at, "amount must be a positive number");
+            }
+            if u.store == UsageStore::Off {
+                return err(
+                    &at,
+                    "needs the usage ledger (budgets are counted from it): set [usage] store = \"sqlite\" (or \"postgres\")",
+                );
+            }
+        }
     }
     if u.queue_capacity == 0 || u.queue_capacity > 10_000_000 {
         return err(

@@ -81,6 +81,57 @@ pub(crate) async fn limit(
     }
 }
 
+const LIMIT_BUDGET: HeaderName = HeaderName::from_static("x-ratelimit-limit-budget");
+const REMAINING_BUDGET: HeaderName = HeaderName::from_static("x-ratelimit-remaining-budget");
+const RESET_BUDGET: HeaderName = HeaderName::from_static("x-ratelimit-reset-budget");
+const LIMIT_BUDGET_TOK: HeaderName = HeaderName::from_static("x-ratelimit-limit-budget-tokens");
+const REMAINING_BUDGET_TOK: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-budget-tokens");
+const RESET_BUDGET_TOK: HeaderName = HeaderName::from_static("x-ratelimit-reset-budget-tokens");
+
+/// Refuses a request of a key that has spent its `budget` or `token_budget` (429
+/// `insufficient_quota`); a budgeted key's replies carry `x-ratelimit-*-budget[-tokens]`
+/// (limit, remaining, seconds to the reset). Enforced here, at admission: a request that
+/// starts under budget may finish over it.
+pub(crate) fn budget(
+    budgets: &crate::budget::Budgets,
+    who: &Principal,
+    ctx: &mut Ctx,
+    headers: &mut HeaderMap,
+) -> Result<(), ApiError> {
+    let Some(key) = who.name() else {
+        return Ok(());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let over = budgets.check(key, now);
+    let names = [
+        (LIMIT_BUDGET, REMAINING_BUDGET, RESET_BUDGET),
+        (LIMIT_BUDGET_TOK, REMAINING_BUDGET_TOK, RESET_BUDGET_TOK),
+    ];
+    for (left, (l, r, t)) in budgets.remaining(key, now).into_iter().zip(names) {
+        let Some((limit, remaining, ends)) = left else {
+            continue;
+        };
+        let num = |v: f64| HeaderValue::from_str(&format!("{}", (v * 1e6).round() / 1e6));
+        if let (Ok(lv), Ok(rv)) = (num(limit), num(remaining)) {
+            headers.insert(l, lv);
+            headers.insert(r, rv);
+        }
+        if let Some(end) = ends {
+            headers.insert(t, HeaderValue::from(end.saturating_sub(now)));
+        }
+    }
+    match over {
+        None => Ok(()),
+        Some(o) => {
+            ctx.rate_limited(if o.tokens { "token_budget" } else { "budget" });
+            Err(ApiError::over_budget(&o, key, now))
+        }
+    }
+}
+
 /// The `x-ratelimit-*` headers of one dimension.
 fn stamp(h: &mut HeaderMap, s: Option<Status>, dim: Dim) {
     let Some(s) = s else { return };

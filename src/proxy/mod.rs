@@ -76,6 +76,8 @@ pub(crate) struct Pipeline {
     live: ArcSwap<Generation>,
     /// The usage ledger (`[usage]`), flushed at exit.
     usage: Option<Arc<crate::usage::Ledger>>,
+    /// The keys' budgets and their spend (kept across reloads).
+    budgets: Arc<crate::budget::Budgets>,
     observer: Arc<Observer>,
     limiter: Arc<crate::quota::Limiter>,
     /// When the gateway started (Unix seconds).
@@ -185,7 +187,9 @@ impl Pipeline {
                 }
             }
         });
-        let usage = crate::usage::Ledger::start(&cfg.usage)
+        let budgets = Arc::new(crate::budget::Budgets::default());
+        budgets.configure(&cfg.auth.keys);
+        let usage = crate::usage::Ledger::start(&cfg.usage, budgets.clone())
             .await
             .map_err(BuildError::Usage)?
             .map(Arc::new);
@@ -200,6 +204,7 @@ impl Pipeline {
         Ok(Pipeline {
             live: ArcSwap::from_pointee(generation),
             usage,
+            budgets,
             observer,
             limiter,
             started_unix,
@@ -235,6 +240,7 @@ impl Pipeline {
         }
         let orch = cur.orch.reload(&cfg).await.map_err(ReloadError::Build)?;
         self.limiter.reload(&cfg);
+        self.budgets.configure(&cfg.auth.keys);
         let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();
         self.observer.metrics.add_models(&names);
         let generation = Generation::new(cfg, orch, &self.limiter, self.started_unix);
@@ -458,6 +464,7 @@ impl Pipeline {
         if let Some(local) = parsed.local.take() {
             return Ok(Ran::Local(local));
         }
+        limit::budget(&self.budgets, &who, ctx, headers)?;
         limit::limit(&self.limiter, &who, &parsed, ctx, headers).await?;
         if self.is_shutting_down() {
             return Err(ApiError::rejected(

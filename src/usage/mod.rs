@@ -7,7 +7,9 @@
 //! (`sqlite`, the embedded default); their schemas are versioned migrations run at start.
 //! It must not block or wait on the request path (a full queue drops and counts, never
 //! waits), must not see a prompt, a completion or a key (a key is its configured name), and
-//! must not decide budgets (a later `budget` module reads the ledger).
+//! must not decide budgets: it tells `budget` what was spent (at once) and what the store
+//! holds (when a batch commits, in the same transaction as the spend table, and every
+//! `budget_sync_ms`, what other replicas spent).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,24 +20,32 @@ use tokio::sync::mpsc;
 
 use crate::config::{UsageConfig, UsageStore};
 
+mod postgres;
 mod record;
 mod sqlite;
+
+use crate::budget::{Budgets, Period, SpendDelta, SpendTotal};
 
 pub(crate) use record::{Prices, UsageRecord};
 
 /// Most rows one insert carries.
 pub(crate) const MAX_BATCH: usize = 2000;
 
-/// What an insert returns: `Err` gives the batch back (nothing of it was written), with why.
-pub(crate) type Inserting = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(), (String, Vec<UsageRecord>)>> + Send>,
->;
+/// A boxed future of a store.
+pub(crate) type Fut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// What an insert returns: the spend table's totals after it, one per delta and in their
+/// order; `Err` gives the batch back (nothing of it was written), with why.
+pub(crate) type Inserting = Fut<Result<Vec<SpendTotal>, (String, Vec<UsageRecord>)>>;
 
 /// A database the ledger writes to.
 pub(crate) trait Store: Send + Sync {
-    /// Inserts `batch` in one transaction; on `Err` nothing of it was written and the writer
-    /// tries it again.
-    fn insert(&self, batch: Vec<UsageRecord>) -> Inserting;
+    /// Inserts `batch` into `usage_records` and adds `spend` (its [`crate::budget::deltas`])
+    /// to `usage_spend`, in one transaction; on `Err` nothing of it was written and the
+    /// writer tries it again.
+    fn insert(&self, batch: Vec<UsageRecord>, spend: Vec<SpendDelta>) -> Inserting;
+    /// Every key's spend in the given periods.
+    fn spend(&self, periods: Vec<(Period, String)>) -> Fut<Result<Vec<SpendTotal>, String>>;
 }
 
 /// The ledger's handle on the request path: a bounded queue to the writer.
@@ -46,26 +56,47 @@ pub(crate) struct Ledger {
     warned: AtomicBool,
     written: Arc<AtomicU64>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    sync: tokio::task::JoinHandle<()>,
+    budgets: Arc<Budgets>,
 }
 
 impl Ledger {
     /// Opens the configured store (running its migrations) and starts the writer; `None`
     /// with `store = "off"`.
-    pub(crate) async fn start(cfg: &UsageConfig) -> Result<Option<Ledger>, String> {
+    /// `budgets` learns what is spent.
+    pub(crate) async fn start(
+        cfg: &UsageConfig,
+        budgets: Arc<Budgets>,
+    ) -> Result<Option<Ledger>, String> {
         let store: Arc<dyn Store> = match cfg.store {
             UsageStore::Off => return Ok(None),
             UsageStore::Sqlite => Arc::new(sqlite::Sqlite::open(&cfg.path).await?),
+            UsageStore::Postgres => {
+                Arc::new(postgres::Postgres::open(cfg.url.as_deref().unwrap_or_default()).await?)
+            }
         };
+        // What was spent before this start (and by other replicas) counts at once.
+        sync_once(&*store, &budgets).await;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let written = Arc::new(AtomicU64::new(0));
         let every = Duration::from_millis(cfg.flush_interval_ms.clamp(1, 1000));
-        let writer = tokio::spawn(write(store, rx, every, written.clone()));
+        let writer = tokio::spawn(write(
+            store.clone(),
+            rx,
+            every,
+            written.clone(),
+            budgets.clone(),
+        ));
+        let sync_every = Duration::from_millis(cfg.budget_sync_ms.max(1));
+        let sync = tokio::spawn(sync(store, budgets.clone(), sync_every));
         Ok(Some(Ledger {
             tx: ArcSwapOption::from_pointee(tx),
             dropped: Arc::new(AtomicU64::new(0)),
             warned: AtomicBool::new(false),
             written,
             writer: Mutex::new(Some(writer)),
+            sync,
+            budgets,
         }))
     }
 
@@ -74,6 +105,19 @@ impl Ledger {
     pub(crate) fn push(&self, rec: UsageRecord) {
         let tx = self.tx.load();
         let Some(tx) = tx.as_deref() else { return };
+        if let Some(key) = rec.key.as_deref() {
+            // Counted against its budget now, whether or not the record reaches the store.
+            let unix = rec
+                .ts
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.budgets.spend(
+                key,
+                unix,
+                rec.cost,
+                rec.tokens_in.saturating_add(rec.tokens_out),
+            );
+        }
         if tx.try_send(rec).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             if !self.warned.swap(true, Ordering::Relaxed) {
@@ -99,6 +143,7 @@ impl Ledger {
     /// `grace` is over).
     pub(crate) async fn close(&self, grace: Duration) {
         self.tx.store(None);
+        self.sync.abort();
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(w) = writer {
             if tokio::time::timeout(grace, w).await.is_err() {
@@ -116,7 +161,20 @@ async fn write(
     mut rx: mpsc::Receiver<UsageRecord>,
     every: Duration,
     written: Arc<AtomicU64>,
+    budgets: Arc<Budgets>,
 ) {
+    let insert = |batch: Vec<UsageRecord>| {
+        let spend = crate::budget::deltas(&batch);
+        let store = store.clone();
+        let budgets = budgets.clone();
+        async move {
+            let totals = store.insert(batch, spend.clone()).await?;
+            for (d, t) in spend.iter().zip(&totals) {
+                budgets.committed(d, t);
+            }
+            Ok::<(), (String, Vec<UsageRecord>)>(())
+        }
+    };
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
     let mut open = true;
     let mut failing = false;
@@ -138,7 +196,7 @@ async fn write(
             continue;
         }
         let n = batch.len() as u64;
-        match store.insert(std::mem::take(&mut batch)).await {
+        match insert(std::mem::take(&mut batch)).await {
             Ok(()) => {
                 written.fetch_add(n, Ordering::Relaxed);
                 if failing {
@@ -157,7 +215,7 @@ async fn write(
                     // Shutting down: one more try after a pause, then give up on this batch.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let n = batch.len();
-                    match store.insert(std::mem::take(&mut batch)).await {
+                    match insert(std::mem::take(&mut batch)).await {
                         Ok(()) => {
                             written.fetch_add(n as u64, Ordering::Relaxed);
                         }
@@ -170,5 +228,30 @@ async fn write(
                 }
             }
         }
+    }
+}
+
+/// Reads what every key spent in the current periods from the store into `budgets`.
+async fn sync_once(store: &dyn Store, budgets: &Budgets) {
+    if !budgets.any() {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    budgets.roll_all(now);
+    match store.spend(budgets.labels(now)).await {
+        Ok(totals) => totals.iter().for_each(|t| budgets.synced(t)),
+        Err(e) => tracing::debug!("usage ledger: cannot read the spend table ({e})"),
+    }
+}
+
+/// Every `every`, what other replicas spent.
+async fn sync(store: Arc<dyn Store>, budgets: Arc<Budgets>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        sync_once(&*store, &budgets).await;
     }
 }

@@ -10,12 +10,18 @@ use std::time::Duration;
 use rusqlite::{params, Connection};
 use rusqlite_migration::{Migrations, M};
 
-use super::{Inserting, Store, UsageRecord};
+use super::{Fut, Inserting, Store, UsageRecord};
+use crate::budget::{Period, SpendDelta, SpendTotal};
 
 /// The schema's versions, in order; a new one is appended, never edited.
-const MIGRATIONS: &[&str] = &[include_str!(
-    "../../migrations/sqlite/0001_usage_records.sql"
-)];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_usage_records.sql"),
+    include_str!("../../migrations/sqlite/0002_usage_spend.sql"),
+];
+
+const ADD_SPEND: &str = "INSERT INTO usage_spend (key, period, label, cost, tokens) \
+    VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (key, period, label) DO UPDATE SET \
+    cost = cost + excluded.cost, tokens = tokens + excluded.tokens RETURNING cost, tokens";
 
 const INSERT: &str = "INSERT INTO usage_records (request_id, ts, key, model, deployment, \
     priority, endpoint, stream, status, reason, attempts, tokens_in, tokens_out, \
@@ -40,6 +46,11 @@ impl Sqlite {
 }
 
 fn open(path: &str) -> Result<Connection, String> {
+    open_at(path, MIGRATIONS.len())
+}
+
+/// Opens `path` with the first `version` migrations run (a test makes an older database).
+fn open_at(path: &str, version: usize) -> Result<Connection, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         format!("usage.path: cannot {what} the SQLite database {path}: {e}")
     };
@@ -50,15 +61,21 @@ fn open(path: &str) -> Result<Connection, String> {
         .map_err(|e| fail("open", &e))?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(|e| fail("open", &e))?;
-    Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
+    Migrations::new(MIGRATIONS[..version].iter().map(|sql| M::up(sql)).collect())
         .to_latest(&mut conn)
         .map_err(|e| fail("migrate", &e))?;
     Ok(conn)
 }
 
-/// Inserts `batch` in one transaction, one cached prepared statement a row.
-fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+/// Inserts `batch` and adds `spend` in one transaction, one cached prepared statement a row;
+/// returns the spend table's totals after it.
+fn insert(
+    conn: &mut Connection,
+    batch: &[UsageRecord],
+    spend: &[SpendDelta],
+) -> rusqlite::Result<Vec<SpendTotal>> {
     let tx = conn.transaction()?;
+    let mut totals = Vec::with_capacity(spend.len());
     {
         let mut st = tx.prepare_cached(INSERT)?;
         let mut ts = Vec::with_capacity(32);
@@ -87,23 +104,74 @@ fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> 
                 r.total_ms,
             ])?;
         }
+        let mut add = tx.prepare_cached(ADD_SPEND)?;
+        for d in spend {
+            let tokens = i64::try_from(d.tokens).unwrap_or(i64::MAX);
+            let (cost, tokens): (f64, i64) = add.query_row(
+                params![&*d.key, d.period.as_str(), d.label, d.cost, tokens],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            totals.push(SpendTotal {
+                key: d.key.to_string(),
+                period: d.period,
+                label: d.label.clone(),
+                cost,
+                tokens: u64::try_from(tokens).unwrap_or(0),
+            });
+        }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(totals)
+}
+
+/// Every key's spend in `periods`.
+pub(super) fn spend(
+    conn: &Connection,
+    periods: &[(Period, String)],
+) -> rusqlite::Result<Vec<SpendTotal>> {
+    let mut st = conn.prepare_cached(
+        "SELECT key, cost, tokens FROM usage_spend WHERE period = ?1 AND label = ?2",
+    )?;
+    let mut out = Vec::new();
+    for (period, label) in periods {
+        let rows = st.query_map(params![period.as_str(), label], |row| {
+            Ok(SpendTotal {
+                key: row.get(0)?,
+                period: *period,
+                label: label.clone(),
+                cost: row.get(1)?,
+                tokens: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+            })
+        })?;
+        for r in rows {
+            out.push(r?);
+        }
+    }
+    Ok(out)
 }
 
 impl Store for Sqlite {
-    fn insert(&self, batch: Vec<UsageRecord>) -> Inserting {
+    fn insert(&self, batch: Vec<UsageRecord>, spend: Vec<SpendDelta>) -> Inserting {
         let conn = self.conn.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
-                match insert(&mut c, &batch) {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err((e.to_string(), batch)),
-                }
+                insert(&mut c, &batch, &spend).map_err(|e| (e.to_string(), batch))
             })
             .await
             .unwrap_or_else(|e| Err((e.to_string(), Vec::new())))
+        })
+    }
+
+    fn spend(&self, periods: Vec<(Period, String)>) -> Fut<Result<Vec<SpendTotal>, String>> {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let c = conn.lock().unwrap_or_else(|e| e.into_inner());
+                spend(&c, &periods).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
         })
     }
 }
@@ -152,7 +220,8 @@ mod tests {
         remove(&db);
         let path = db.to_str().unwrap();
         let mut c = open(path).unwrap();
-        insert(&mut c, &[record(1), record(2)]).unwrap();
+        let batch = [record(1), record(2)];
+        insert(&mut c, &batch, &crate::budget::deltas(&batch)).unwrap();
         drop(c);
         // Opened again (the next start): nothing to migrate, the rows are there.
         let c = open(path).unwrap();
@@ -173,17 +242,85 @@ mod tests {
     }
 
     #[test]
+    fn a_database_of_the_previous_version_gets_its_spend_table_from_its_records() {
+        let db = temp_db("upgrade");
+        remove(&db);
+        let path = db.to_str().unwrap();
+        // Version 1: records only.
+        let mut c = open_at(path, 1).unwrap();
+        {
+            let tx = c.transaction().unwrap();
+            let mut st = tx.prepare(INSERT).unwrap();
+            for r in [record(1), record(2), record(3)] {
+                let mut ts = Vec::new();
+                crate::utc::timestamp(r.ts, &mut ts);
+                st.execute(params![
+                    "r",
+                    std::str::from_utf8(&ts).unwrap(),
+                    r.key.as_deref(),
+                    r.model.as_deref(),
+                    r.deployment.as_deref(),
+                    r.priority,
+                    r.endpoint,
+                    r.stream,
+                    r.status,
+                    r.reason,
+                    r.attempts,
+                    r.tokens_in as i64,
+                    r.tokens_out as i64,
+                    r.tokens_estimated,
+                    r.cost_input,
+                    r.cost_output,
+                    r.cost,
+                    r.ttft_ms,
+                    r.total_ms,
+                ])
+                .unwrap();
+            }
+            drop(st);
+            tx.commit().unwrap();
+        }
+        drop(c);
+        // The next version's start: the spend table is made from the three records.
+        let mut c = open(path).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let periods: Vec<_> = Period::ALL.iter().map(|p| (*p, p.window(now).0)).collect();
+        let tokens: u64 = (1..=3)
+            .map(|i| record(i).tokens_in + record(i).tokens_out)
+            .sum();
+        let before = spend(&c, &periods).unwrap();
+        assert_eq!(before.len(), 3, "{before:?}");
+        for t in &before {
+            assert_eq!(t.key, "team-a");
+            assert_eq!(t.tokens, tokens);
+            assert!((t.cost - 3.0 * 0.00104).abs() < 1e-12);
+        }
+        // New records add to it.
+        let batch = [record(4)];
+        let totals = insert(&mut c, &batch, &crate::budget::deltas(&batch)).unwrap();
+        assert_eq!(totals.len(), 3);
+        assert!(totals
+            .iter()
+            .all(|t| t.tokens == tokens + record(4).tokens_in + record(4).tokens_out));
+        drop(c);
+        remove(&db);
+    }
+
+    #[test]
     #[ignore = "benchmark: bench/usage.sh runs it in release mode"]
     fn insert_cost_per_record() {
         let db = temp_db("bench");
         remove(&db);
         let mut c = open(db.to_str().unwrap()).unwrap();
         let batch: Vec<UsageRecord> = (0..2000).map(record).collect();
-        insert(&mut c, &batch).unwrap();
+        insert(&mut c, &batch, &[]).unwrap();
         let mut rounds = Vec::new();
         for _ in 0..10 {
             let start = crate::benchclock::thread_cpu_ns();
-            insert(&mut c, &batch).unwrap();
+            insert(&mut c, &batch, &[]).unwrap();
             rounds.push((crate::benchclock::thread_cpu_ns() - start) as f64 / batch.len() as f64);
         }
         rounds.sort_by(f64::total_cmp);

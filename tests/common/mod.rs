@@ -103,8 +103,12 @@ struct TestConfig {
 #[derive(Clone, Serialize)]
 struct Usage {
     store: &'static str,
-    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
     flush_interval_ms: u64,
+    budget_sync_ms: u64,
 }
 
 impl GatewayBuilder {
@@ -161,8 +165,22 @@ impl GatewayBuilder {
     pub fn usage_sqlite(mut self, path: &std::path::Path) -> Self {
         self.cfg.usage = Some(Usage {
             store: "sqlite",
-            path: path.to_str().unwrap().to_string(),
+            path: Some(path.to_str().unwrap().to_string()),
+            url: None,
             flush_interval_ms: 100,
+            budget_sync_ms: 100,
+        });
+        self
+    }
+
+    /// `[usage] store = "postgres"` at `url`, written every 100 ms, budgets re-read as often.
+    pub fn usage_postgres(mut self, url: &str) -> Self {
+        self.cfg.usage = Some(Usage {
+            store: "postgres",
+            path: None,
+            url: Some(url.to_string()),
+            flush_interval_ms: 100,
+            budget_sync_ms: 100,
         });
         self
     }
@@ -411,6 +429,17 @@ pub struct Key {
     tpm: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_parallel: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget: Option<Budget>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_budget: Option<Budget>,
+}
+
+/// `{ amount, period }` of a key's budget.
+#[derive(Clone, Serialize)]
+pub struct Budget {
+    amount: f64,
+    period: String,
 }
 
 impl Key {
@@ -430,7 +459,27 @@ impl Key {
             rpm: None,
             tpm: None,
             max_parallel: None,
+            budget: None,
+            token_budget: None,
         }
+    }
+
+    /// `budget = { amount, period }` (currency units; `day`, `month` or `total`).
+    pub fn budget(mut self, amount: f64, period: &str) -> Key {
+        self.budget = Some(Budget {
+            amount,
+            period: period.to_string(),
+        });
+        self
+    }
+
+    /// `token_budget = { amount, period }`.
+    pub fn token_budget(mut self, amount: u64, period: &str) -> Key {
+        self.token_budget = Some(Budget {
+            amount: amount as f64,
+            period: period.to_string(),
+        });
+        self
     }
 
     /// The models this key may use (all if never called).
@@ -1332,4 +1381,175 @@ pub async fn run_sdk_checks(script: &str, base_url: &str, checks: &[&str], unset
             "{c} did not report ok: {stdout}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL.
+
+/// A PostgreSQL server of its own (Debian's `postgresql` package: `initdb` + `pg_ctl`) on a
+/// loopback port in a temporary directory, trusting local connections, no fsync; stopped when
+/// dropped. As root (CI), it runs as the `postgres` user the package creates.
+pub struct PgServer {
+    dir: TempDir,
+    pub port: u16,
+    bin: PathBuf,
+    as_user: Option<&'static str>,
+}
+
+impl PgServer {
+    /// `initdb` a cluster and start it.
+    pub async fn start() -> PgServer {
+        let bin = pg_bin_dir();
+        let dir = TempDir::new("pg");
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        let as_user = root.then_some("postgres");
+        if let Some(u) = as_user {
+            let ok = std::process::Command::new("chown")
+                .args(["-R", u])
+                .arg(&dir.0)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "chown {} to {u}", dir.0.display());
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let pg = PgServer {
+            dir,
+            port,
+            bin,
+            as_user,
+        };
+        let data = pg.dir.0.join("data");
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "mofa",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        pg.start_again().await;
+        pg
+    }
+
+    fn run(&self, prog: &str, args: &[&str]) {
+        let exe = self.bin.join(prog);
+        let mut cmd = match self.as_user {
+            Some(u) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(&exe);
+                c
+            }
+            None => std::process::Command::new(&exe),
+        };
+        let out = cmd
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{prog}: {e}"));
+        assert!(
+            out.status.success(),
+            "{prog} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the server (again, after [`PgServer::stop`]) and waits until it accepts.
+    pub async fn start_again(&self) {
+        let data = self.dir.0.join("data");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
+            self.port,
+            self.dir.0.display()
+        );
+        let log = self.dir.0.join("pg.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        eventually("postgres accepts", WAIT, || accepts(addr)).await;
+    }
+
+    /// Stops the server (fast: open connections are cut).
+    pub fn stop(&self) {
+        let data = self.dir.0.join("data");
+        self.run(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
+    }
+
+    /// `postgres://mofa@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://mofa@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A client connection (its driver task spawned).
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.dir.0.join("data");
+        let exe = self.bin.join("pg_ctl");
+        let mut cmd = match self.as_user {
+            Some(u) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(&exe);
+                c
+            }
+            None => std::process::Command::new(&exe),
+        };
+        let _ = cmd
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// Where `initdb` and `pg_ctl` are: on PATH, else Debian's /usr/lib/postgresql/<version>/bin.
+fn pg_bin_dir() -> PathBuf {
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(d) = std::env::split_paths(&path)
+            .find(|d| is_executable(&d.join("initdb")) && is_executable(&d.join("pg_ctl")))
+        {
+            return d;
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|d| is_executable(&d.join("initdb")))
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!("initdb not found on PATH nor in /usr/lib/postgresql/*/bin: install Debian's `postgresql` package (apt-get install postgresql), as .ci/run does")
+    })
 }

@@ -1,0 +1,531 @@
+//! Budgets: what a key may spend, in currency or in tokens, per UTC calendar period (`day`,
+//! `month`) or in all (`total`), counted from the usage ledger.
+//!
+//! Owns the periods' arithmetic (labels and reset times, pure) and each budgeted key's view of
+//! its spend: what the shared store said was spent (`shared`, raised by the ledger's writer
+//! when it commits and by the periodic re-read of what other replicas spent) plus what this
+//! gateway spent that is not committed yet (`pending`). A request is refused at admission
+//! when the view has reached the budget, so a request that starts under budget may finish over
+//! it. It must not do I/O: the ledger (`usage`) writes and reads the store and calls in here;
+//! statuses are `error`'s.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Budget, KeyConfig};
+
+/// A budget's period, on calendar boundaries in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Day,
+    Month,
+    Total,
+}
+
+impl Period {
+    pub(crate) const ALL: [Period; 3] = [Period::Day, Period::Month, Period::Total];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month => "month",
+            Period::Total => "total",
+        }
+    }
+
+    /// The period holding `unix_s`: its label (`2026-12-06`, `2026-12`, `total`) and when
+    /// the next one starts (Unix seconds; `None` for `total`).
+    pub(crate) fn window(self, unix_s: u64) -> (String, Option<u64>) {
+        let days = unix_s / 86_400;
+        let (y, m, d) = civil_from_days(days);
+        match self {
+            Period::Day => (format!("{y:04}-{m:02}-{d:02}"), Some((days + 1) * 86_400)),
+            Period::Month => {
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (
+                    format!("{y:04}-{m:02}"),
+                    Some(days_from_civil(ny, nm, 1) * 86_400),
+                )
+            }
+            Period::Total => ("total".to_owned(), None),
+        }
+    }
+}
+
+/// (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + u64::from(month <= 2), month, day)
+}
+
+/// Days since 1970-01-01 of a date on or after it.
+fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// RFC 3339 of a Unix second, for messages.
+pub(crate) fn rfc3339(unix_s: u64) -> String {
+    let (y, m, d) = civil_from_days(unix_s / 86_400);
+    let r = unix_s % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        r / 3600,
+        r / 60 % 60,
+        r % 60
+    )
+}
+
+/// What a batch of records adds to one key's spend in one period.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SpendDelta {
+    pub key: Arc<str>,
+    pub period: Period,
+    pub label: String,
+    pub cost: f64,
+    pub tokens: u64,
+}
+
+/// One key's spend in one period as the store has it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SpendTotal {
+    pub key: String,
+    pub period: Period,
+    pub label: String,
+    pub cost: f64,
+    pub tokens: u64,
+}
+
+/// Spend of one key in one period, as this gateway knows it.
+#[derive(Debug, Clone, Default)]
+struct Tally {
+    label: String,
+    /// When the next period starts (Unix s); `None`: never (`total`).
+    ends: Option<u64>,
+    shared_cost: f64,
+    shared_tokens: u64,
+    pending_cost: f64,
+    pending_tokens: u64,
+}
+
+impl Tally {
+    /// Moves to the period holding `now` when the current one is over.
+    fn roll(&mut self, period: Period, now: u64) {
+        if self.label.is_empty() || self.ends.is_some_and(|e| now >= e) {
+            let (label, ends) = period.window(now);
+            *self = Tally {
+                label,
+                ends,
+                ..Tally::default()
+            };
+        }
+    }
+    fn cost(&self) -> f64 {
+        self.shared_cost + self.pending_cost
+    }
+    fn tokens(&self) -> u64 {
+        self.shared_tokens.saturating_add(self.pending_tokens)
+    }
+}
+
+/// A budgeted key's tallies, one per period.
+#[derive(Debug, Default)]
+struct Tallies([Tally; 3]);
+
+fn ix(p: Period) -> usize {
+    p as usize
+}
+
+/// Which of a key's budgets refused a request.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Over {
+    /// `budget` (currency) or `token_budget`.
+    pub tokens: bool,
+    pub period: Period,
+    pub amount: f64,
+    pub spent: f64,
+    /// When the period ends (Unix s); `None` for `total`.
+    pub resets: Option<u64>,
+}
+
+/// One key's budgets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Limits {
+    cost: Option<Budget>,
+    tokens: Option<Budget>,
+}
+
+/// The spend views of every budgeted key. Keys are the configured ones (a bounded set);
+/// a key that loses its budget on a reload keeps its tallies (for the status page) but is
+/// no longer checked.
+#[derive(Debug, Default)]
+pub(crate) struct Budgets {
+    /// Read on every request of a key; written by a reload.
+    keys: arc_swap::ArcSwap<HashMap<Arc<str>, (Limits, Arc<Mutex<Tallies>>)>>,
+}
+
+/// Locks a key's tallies (never across an `.await`; a poisoned lock is still consistent:
+/// every update is a few field writes).
+fn lock(t: &Mutex<Tallies>) -> std::sync::MutexGuard<'_, Tallies> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Budgets {
+    /// The budgets of `keys`; the tallies of keys already known are kept.
+    pub(crate) fn configure(&self, keys: &[KeyConfig]) {
+        let old = self.keys.load();
+        let mut next = HashMap::new();
+        for k in keys {
+            if k.budget.is_none() && k.token_budget.is_none() {
+                continue;
+            }
+            let tallies = old
+                .get(k.name.as_str())
+                .map(|(_, t)| t.clone())
+                .unwrap_or_default();
+            let limits = Limits {
+                cost: k.budget,
+                tokens: k.token_budget,
+            };
+            next.insert(Arc::from(k.name.as_str()), (limits, tallies));
+        }
+        self.keys.store(Arc::new(next));
+    }
+
+    /// Whether any key has a budget.
+    pub(crate) fn any(&self) -> bool {
+        !self.keys.load().is_empty()
+    }
+
+    /// `None` when `key` may spend at `now` (Unix s), else the budget it has used up.
+    pub(crate) fn check(&self, key: &str, now: u64) -> Option<Over> {
+        let keys = self.keys.load();
+        let (limits, tallies) = keys.get(key)?;
+        let mut t = lock(tallies);
+        for (tokens, b) in [(false, limits.cost), (true, limits.tokens)] {
+            let Some(b) = b else { continue };
+            let tally = &mut t.0[ix(b.period)];
+            tally.roll(b.period, now);
+            let spent = if tokens {
+                tally.tokens() as f64
+            } else {
+                tally.cost()
+            };
+            if spent >= b.amount {
+                return Some(Over {
+                    tokens,
+                    period: b.period,
+                    amount: b.amount,
+                    spent,
+                    resets: tally.ends,
+                });
+            }
+        }
+        None
+    }
+
+    /// What `key` has left of each budget at `now`: (limit, remaining, period end) for the
+    /// currency budget and for the token budget.
+    pub(crate) fn remaining(&self, key: &str, now: u64) -> [Option<(f64, f64, Option<u64>)>; 2] {
+        let keys = self.keys.load();
+        let Some((limits, tallies)) = keys.get(key) else {
+            return [None, None];
+        };
+        let mut t = lock(tallies);
+        let mut out = [None, None];
+        for (i, b) in [limits.cost, limits.tokens].into_iter().enumerate() {
+            let Some(b) = b else { continue };
+            let tally = &mut t.0[ix(b.period)];
+            tally.roll(b.period, now);
+            let spent = if i == 1 {
+                tally.tokens() as f64
+            } else {
+                tally.cost()
+            };
+            out[i] = Some((b.amount, (b.amount - spent).max(0.0), tally.ends));
+        }
+        out
+    }
+
+    /// This gateway spent `cost` and `tokens` for `key` at `unix_s`, not committed yet.
+    pub(crate) fn spend(&self, key: &str, unix_s: u64, cost: f64, tokens: u64) {
+        let keys = self.keys.load();
+        let Some((_, tallies)) = keys.get(key) else {
+            return;
+        };
+        let mut t = lock(tallies);
+        for p in Period::ALL {
+            let tally = &mut t.0[ix(p)];
+            tally.roll(p, unix_s);
+            if p.window(unix_s).0 == tally.label {
+                tally.pending_cost += cost;
+                tally.pending_tokens = tally.pending_tokens.saturating_add(tokens);
+            }
+        }
+    }
+
+    /// The ledger committed `delta`; the store's total after it is `total`.
+    pub(crate) fn committed(&self, delta: &SpendDelta, total: &SpendTotal) {
+        let keys = self.keys.load();
+        let Some((_, tallies)) = keys.get(&delta.key) else {
+            return;
+        };
+        let mut t = lock(tallies);
+        let tally = &mut t.0[ix(delta.period)];
+        if tally.label == delta.label {
+            tally.pending_cost = (tally.pending_cost - delta.cost).max(0.0);
+            tally.pending_tokens = tally.pending_tokens.saturating_sub(delta.tokens);
+            tally.shared_cost = tally.shared_cost.max(total.cost);
+            tally.shared_tokens = tally.shared_tokens.max(total.tokens);
+        }
+    }
+
+    /// The store says `total` (this gateway's and other replicas' committed spend).
+    pub(crate) fn synced(&self, total: &SpendTotal) {
+        let keys = self.keys.load();
+        let Some((_, tallies)) = keys.get(total.key.as_str()) else {
+            return;
+        };
+        let mut t = lock(tallies);
+        let tally = &mut t.0[ix(total.period)];
+        if tally.label == total.label {
+            tally.shared_cost = tally.shared_cost.max(total.cost);
+            tally.shared_tokens = tally.shared_tokens.max(total.tokens);
+        }
+    }
+
+    /// The labels of the periods holding `now`, to read the store's totals with.
+    pub(crate) fn labels(&self, now: u64) -> Vec<(Period, String)> {
+        Period::ALL.iter().map(|p| (*p, p.window(now).0)).collect()
+    }
+
+    /// Makes sure every budgeted key's tallies are in the periods holding `now` (so a
+    /// re-read matches their labels).
+    pub(crate) fn roll_all(&self, now: u64) {
+        for (_, tallies) in self.keys.load().values() {
+            let mut t = lock(tallies);
+            for p in Period::ALL {
+                t.0[ix(p)].roll(p, now);
+            }
+        }
+    }
+}
+
+/// What a batch of records adds to each key's spend, one row per (key, period), sorted so
+/// that concurrent writers lock the store's rows in one order.
+pub(crate) fn deltas(batch: &[crate::usage::UsageRecord]) -> Vec<SpendDelta> {
+    let mut out: HashMap<(Arc<str>, Period, String), (f64, u64)> = HashMap::new();
+    for r in batch {
+        let Some(key) = &r.key else { continue };
+        let unix =
+            r.ts.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+        let tokens = r.tokens_in.saturating_add(r.tokens_out);
+        for p in Period::ALL {
+            let e = out
+                .entry((key.clone(), p, p.window(unix).0))
+                .or_insert((0.0, 0));
+            e.0 += r.cost;
+            e.1 = e.1.saturating_add(tokens);
+        }
+    }
+    let mut v: Vec<SpendDelta> = out
+        .into_iter()
+        .map(|((key, period, label), (cost, tokens))| SpendDelta {
+            key,
+            period,
+            label,
+            cost,
+            tokens,
+        })
+        .collect();
+    v.sort_by(|a, b| {
+        (&*a.key, a.period.as_str(), &a.label).cmp(&(&*b.key, b.period.as_str(), &b.label))
+    });
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, budget: Option<Budget>, tokens: Option<Budget>) -> KeyConfig {
+        let mut k: KeyConfig = toml::from_str(&format!(
+            "name = \"{name}\"\nhash = \"sha256:{}\"",
+            "ab".repeat(32)
+        ))
+        .unwrap();
+        k.budget = budget;
+        k.token_budget = tokens;
+        k
+    }
+
+    const DEC_31_2026_23H: u64 = 1_798_758_000; // 2026-12-31T23:00:00Z
+
+    #[test]
+    fn periods_are_utc_calendar_days_and_months() {
+        assert_eq!(rfc3339(DEC_31_2026_23H), "2026-12-31T23:00:00Z");
+        let (l, end) = Period::Day.window(DEC_31_2026_23H);
+        assert_eq!(l, "2026-12-31");
+        assert_eq!(rfc3339(end.unwrap()), "2027-01-01T00:00:00Z");
+        let (l, end) = Period::Month.window(DEC_31_2026_23H);
+        assert_eq!(l, "2026-12");
+        assert_eq!(rfc3339(end.unwrap()), "2027-01-01T00:00:00Z");
+        // February of a leap year ends on the 29th.
+        let feb_10_2028 = days_from_civil(2028, 2, 10) * 86_400;
+        let (l, end) = Period::Month.window(feb_10_2028);
+        assert_eq!(l, "2028-02");
+        assert_eq!(rfc3339(end.unwrap()), "2028-03-01T00:00:00Z");
+        assert_eq!(Period::Total.window(feb_10_2028), ("total".into(), None));
+        for days in [0u64, 59, 365, 10_957, 20_000, 36_524, 100_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn a_key_is_refused_once_its_view_reaches_the_budget_and_again_served_next_period() {
+        let b = Budgets::default();
+        let month = Budget {
+            amount: 1.0,
+            period: Period::Month,
+        };
+        let day_tokens = Budget {
+            amount: 100.0,
+            period: Period::Day,
+        };
+        b.configure(&[
+            key("a", Some(month), Some(day_tokens)),
+            key("free", None, None),
+        ]);
+        let now = DEC_31_2026_23H;
+        assert_eq!(b.check("a", now), None);
+        assert_eq!(b.check("free", now), None);
+        b.spend("a", now, 0.6, 40);
+        assert_eq!(b.check("a", now), None);
+        b.spend("a", now, 0.5, 10);
+        let over = b.check("a", now).unwrap();
+        assert!(!over.tokens);
+        assert_eq!(over.period, Period::Month);
+        assert_eq!(over.resets, Some(DEC_31_2026_23H + 3600));
+        // The next month (and day): a fresh budget.
+        assert_eq!(b.check("a", now + 3600), None);
+        b.spend("a", now + 3600, 0.0, 100);
+        let over = b.check("a", now + 3600).unwrap();
+        assert!(over.tokens);
+        assert_eq!(over.spent, 100.0);
+    }
+
+    #[test]
+    fn commits_move_spend_from_pending_to_shared_without_counting_it_twice() {
+        let b = Budgets::default();
+        let budget = Budget {
+            amount: 10.0,
+            period: Period::Day,
+        };
+        b.configure(&[key("a", Some(budget), None)]);
+        let now = DEC_31_2026_23H;
+        b.spend("a", now, 3.0, 0);
+        let label = Period::Day.window(now).0;
+        // Another replica committed 4 before this one's 3 arrived: the store says 7.
+        let delta = SpendDelta {
+            key: "a".into(),
+            period: Period::Day,
+            label: label.clone(),
+            cost: 3.0,
+            tokens: 0,
+        };
+        let total = |cost| SpendTotal {
+            key: "a".into(),
+            period: Period::Day,
+            label: label.clone(),
+            cost,
+            tokens: 0,
+        };
+        b.committed(&delta, &total(7.0));
+        assert_eq!(
+            b.remaining("a", now)[0],
+            Some((10.0, 3.0, Some(now + 3600)))
+        );
+        // An older re-read never lowers it.
+        b.synced(&total(4.0));
+        assert_eq!(b.remaining("a", now)[0].unwrap().1, 3.0);
+        b.synced(&total(10.5));
+        assert!(b.check("a", now).is_some());
+        // A reload that keeps the key keeps what it spent; one that drops the budget frees it.
+        b.configure(&[key("a", Some(budget), None)]);
+        assert!(b.check("a", now).is_some());
+        b.configure(&[key("a", None, None)]);
+        assert_eq!(b.check("a", now), None);
+    }
+
+    #[test]
+    fn deltas_group_a_batch_by_key_and_period_in_a_stable_order() {
+        let rec = |key: Option<&str>, cost: f64, tokens_in: u64| crate::usage::UsageRecord {
+            request_id: axum::http::HeaderValue::from_static("r"),
+            ts: std::time::UNIX_EPOCH + std::time::Duration::from_secs(DEC_31_2026_23H),
+            key: key.map(Arc::from),
+            model: None,
+            deployment: None,
+            priority: None,
+            endpoint: "/v1/chat/completions",
+            stream: false,
+            status: 200,
+            reason: "ok",
+            attempts: 1,
+            tokens_in,
+            tokens_out: 1,
+            tokens_estimated: false,
+            cost_input: 0.0,
+            cost_output: 0.0,
+            cost,
+            ttft_ms: None,
+            total_ms: 1.0,
+        };
+        let d = deltas(&[
+            rec(Some("b"), 1.0, 9),
+            rec(None, 5.0, 5),
+            rec(Some("a"), 0.5, 1),
+            rec(Some("b"), 2.0, 19),
+        ]);
+        let rows: Vec<(&str, &str, &str, f64, u64)> = d
+            .iter()
+            .map(|d| {
+                (
+                    &*d.key,
+                    d.period.as_str(),
+                    d.label.as_str(),
+                    d.cost,
+                    d.tokens,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("a", "day", "2026-12-31", 0.5, 2),
+                ("a", "month", "2026-12", 0.5, 2),
+                ("a", "total", "total", 0.5, 2),
+                ("b", "day", "2026-12-31", 3.0, 30),
+                ("b", "month", "2026-12", 3.0, 30),
+                ("b", "total", "total", 3.0, 30),
+            ]
+        );
+    }
+}
