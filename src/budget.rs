@@ -176,8 +176,11 @@ struct Limits {
 #[derive(Debug, Default)]
 pub(crate) struct Budgets {
     /// Read on every request of a key; written by a reload.
-    keys: arc_swap::ArcSwap<HashMap<Arc<str>, (Limits, Arc<Mutex<Tallies>>)>>,
+    keys: arc_swap::ArcSwap<HashMap<Arc<str>, Budgeted>>,
 }
+
+/// A budgeted key: its budgets and its tallies.
+type Budgeted = (Limits, Arc<Mutex<Tallies>>);
 
 /// Locks a key's tallies (never across an `.await`; a poisoned lock is still consistent:
 /// every update is a few field writes).
