@@ -12,18 +12,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{Budget, KeyConfig};
 
-/// A budget's period, on calendar boundaries in UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Period {
-    Day,
-    Month,
-    Total,
-}
+pub(crate) use crate::config::Period;
 
 impl Period {
     pub(crate) const ALL: [Period; 3] = [Period::Day, Period::Month, Period::Total];
@@ -329,41 +320,6 @@ impl Budgets {
     }
 }
 
-/// What a batch of records adds to each key's spend, one row per (key, period), sorted so
-/// that concurrent writers lock the store's rows in one order.
-pub(crate) fn deltas(batch: &[crate::usage::UsageRecord]) -> Vec<SpendDelta> {
-    let mut out: HashMap<(Arc<str>, Period, String), (f64, u64)> = HashMap::new();
-    for r in batch {
-        let Some(key) = &r.key else { continue };
-        let unix =
-            r.ts.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-        let tokens = r.tokens_in.saturating_add(r.tokens_out);
-        for p in Period::ALL {
-            let e = out
-                .entry((key.clone(), p, p.window(unix).0))
-                .or_insert((0.0, 0));
-            e.0 += r.cost;
-            e.1 = e.1.saturating_add(tokens);
-        }
-    }
-    let mut v: Vec<SpendDelta> = out
-        .into_iter()
-        .map(|((key, period, label), (cost, tokens))| SpendDelta {
-            key,
-            period,
-            label,
-            cost,
-            tokens,
-        })
-        .collect();
-    v.sort_by(|a, b| {
-        (&*a.key, a.period.as_str(), &a.label).cmp(&(&*b.key, b.period.as_str(), &b.label))
-    });
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,59 +432,5 @@ mod tests {
         assert!(b.check("a", now).is_some());
         b.configure(&[key("a", None, None)]);
         assert_eq!(b.check("a", now), None);
-    }
-
-    #[test]
-    fn deltas_group_a_batch_by_key_and_period_in_a_stable_order() {
-        let rec = |key: Option<&str>, cost: f64, tokens_in: u64| crate::usage::UsageRecord {
-            request_id: axum::http::HeaderValue::from_static("r"),
-            ts: std::time::UNIX_EPOCH + std::time::Duration::from_secs(DEC_31_2026_23H),
-            key: key.map(Arc::from),
-            model: None,
-            deployment: None,
-            priority: None,
-            endpoint: "/v1/chat/completions",
-            stream: false,
-            status: 200,
-            reason: "ok",
-            attempts: 1,
-            tokens_in,
-            tokens_out: 1,
-            tokens_estimated: false,
-            cost_input: 0.0,
-            cost_output: 0.0,
-            cost,
-            ttft_ms: None,
-            total_ms: 1.0,
-        };
-        let d = deltas(&[
-            rec(Some("b"), 1.0, 9),
-            rec(None, 5.0, 5),
-            rec(Some("a"), 0.5, 1),
-            rec(Some("b"), 2.0, 19),
-        ]);
-        let rows: Vec<(&str, &str, &str, f64, u64)> = d
-            .iter()
-            .map(|d| {
-                (
-                    &*d.key,
-                    d.period.as_str(),
-                    d.label.as_str(),
-                    d.cost,
-                    d.tokens,
-                )
-            })
-            .collect();
-        assert_eq!(
-            rows,
-            vec![
-                ("a", "day", "2026-12-31", 0.5, 2),
-                ("a", "month", "2026-12", 0.5, 2),
-                ("a", "total", "total", 0.5, 2),
-                ("b", "day", "2026-12-31", 3.0, 30),
-                ("b", "month", "2026-12", 3.0, 30),
-                ("b", "total", "total", 3.0, 30),
-            ]
-        );
     }
 }

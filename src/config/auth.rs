@@ -80,7 +80,7 @@ pub struct KeyConfig {
 #[serde(deny_unknown_fields)]
 pub struct Budget {
     pub amount: f64,
-    pub period: crate::budget::Period,
+    pub period: Period,
 }
 
 fn default_max_priority() -> Priority {
@@ -229,4 +229,13 @@ mod tests {
             .parse::<KeyHash>()
             .is_err());
     }
+}
+
+/// A budget's period, on calendar boundaries in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Day,
+    Month,
+    Total,
 }

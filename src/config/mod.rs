@@ -24,8 +24,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::budget::Period;
-pub use auth::{AuthConfig, AuthMode, Budget, KeyConfig, KeyHash};
+pub use auth::{AuthConfig, AuthMode, Budget, KeyConfig, KeyHash, Period};
 pub use diff::{deployment_ids, diff, Diff, ModelChange};
 pub use error::ConfigError;
 pub use sections::*;

@@ -221,7 +221,7 @@ mod tests {
         let path = db.to_str().unwrap();
         let mut c = open(path).unwrap();
         let batch = [record(1), record(2)];
-        insert(&mut c, &batch, &crate::budget::deltas(&batch)).unwrap();
+        insert(&mut c, &batch, &crate::usage::deltas(&batch)).unwrap();
         drop(c);
         // Opened again (the next start): nothing to migrate, the rows are there.
         let c = open(path).unwrap();
@@ -300,7 +300,7 @@ mod tests {
         }
         // New records add to it.
         let batch = [record(4)];
-        let totals = insert(&mut c, &batch, &crate::budget::deltas(&batch)).unwrap();
+        let totals = insert(&mut c, &batch, &crate::usage::deltas(&batch)).unwrap();
         assert_eq!(totals.len(), 3);
         assert!(totals
             .iter()
