@@ -38,7 +38,7 @@ pub(crate) fn timestamp(now: SystemTime, out: &mut Vec<u8>) {
 
 /// The (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`, for days on or after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z - era * 146_097;

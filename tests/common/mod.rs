@@ -1442,17 +1442,22 @@ impl PgServer {
         pg
     }
 
-    fn run(&self, prog: &str, args: &[&str]) {
+    /// `prog` of the server's binaries, run as the server's user.
+    fn command(&self, prog: &str) -> std::process::Command {
         let exe = self.bin.join(prog);
-        let mut cmd = match self.as_user {
+        match self.as_user {
             Some(u) => {
                 let mut c = std::process::Command::new("runuser");
                 c.args(["-u", u, "--"]).arg(&exe);
                 c
             }
             None => std::process::Command::new(&exe),
-        };
-        let out = cmd
+        }
+    }
+
+    fn run(&self, prog: &str, args: &[&str]) {
+        let out = self
+            .command(prog)
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("{prog}: {e}"));
@@ -1517,16 +1522,8 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         let data = self.dir.0.join("data");
-        let exe = self.bin.join("pg_ctl");
-        let mut cmd = match self.as_user {
-            Some(u) => {
-                let mut c = std::process::Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(&exe);
-                c
-            }
-            None => std::process::Command::new(&exe),
-        };
-        let _ = cmd
+        let _ = self
+            .command("pg_ctl")
             .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
             .output();
     }
