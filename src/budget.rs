@@ -47,6 +47,21 @@ impl Period {
     }
 }
 
+impl Period {
+    /// When the period holding `unix_s` started.
+    fn start(self, unix_s: u64) -> u64 {
+        let days = unix_s / 86_400;
+        match self {
+            Period::Day => days * 86_400,
+            Period::Month => {
+                let (y, m, _) = civil_from_days(days);
+                days_from_civil(y, m, 1) * 86_400
+            }
+            Period::Total => 0,
+        }
+    }
+}
+
 /// Days since 1970-01-01 of a date on or after it.
 fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -94,6 +109,8 @@ pub(crate) struct SpendTotal {
 #[derive(Debug, Clone, Default)]
 struct Tally {
     label: String,
+    /// When this period started (Unix s).
+    starts: u64,
     /// When the next period starts (Unix s); `None`: never (`total`).
     ends: Option<u64>,
     shared_cost: f64,
@@ -109,6 +126,7 @@ impl Tally {
             let (label, ends) = period.window(now);
             *self = Tally {
                 label,
+                starts: period.start(now),
                 ends,
                 ..Tally::default()
             };
@@ -140,6 +158,14 @@ pub(crate) struct Over {
     pub spent: f64,
     /// When the period ends (Unix s); `None` for `total`.
     pub resets: Option<u64>,
+}
+
+/// A budgeted key's standing: for the currency budget and the token budget, (limit,
+/// remaining, when the period ends); and the budget it has used up, if any.
+#[derive(Debug, Default)]
+pub(crate) struct Standing {
+    pub left: [Option<(f64, f64, Option<u64>)>; 2],
+    pub over: Option<Over>,
 }
 
 /// One key's budgets.
@@ -194,22 +220,27 @@ impl Budgets {
         !self.keys.load().is_empty()
     }
 
-    /// `None` when `key` may spend at `now` (Unix s), else the budget it has used up.
-    pub(crate) fn check(&self, key: &str, now: u64) -> Option<Over> {
+    /// Where `key` stands at `now` (Unix s), in one look at its tallies: what is left of
+    /// each budget and, when one is used up, which (the currency budget is looked at first).
+    /// `None` for a key without a budget.
+    pub(crate) fn standing(&self, key: &str, now: u64) -> Option<Standing> {
         let keys = self.keys.load();
         let (limits, tallies) = keys.get(key)?;
         let mut t = lock(tallies);
-        for (tokens, b) in [(false, limits.cost), (true, limits.tokens)] {
+        let mut out = Standing::default();
+        for (i, b) in [limits.cost, limits.tokens].into_iter().enumerate() {
             let Some(b) = b else { continue };
             let tally = &mut t.0[ix(b.period)];
             tally.roll(b.period, now);
+            let tokens = i == 1;
             let spent = if tokens {
                 tally.tokens() as f64
             } else {
                 tally.cost()
             };
-            if spent >= b.amount {
-                return Some(Over {
+            out.left[i] = Some((b.amount, (b.amount - spent).max(0.0), tally.ends));
+            if spent >= b.amount && out.over.is_none() {
+                out.over = Some(Over {
                     tokens,
                     period: b.period,
                     amount: b.amount,
@@ -218,30 +249,17 @@ impl Budgets {
                 });
             }
         }
-        None
+        Some(out)
     }
 
-    /// What `key` has left of each budget at `now`: (limit, remaining, period end) for the
-    /// currency budget and for the token budget.
-    pub(crate) fn remaining(&self, key: &str, now: u64) -> [Option<(f64, f64, Option<u64>)>; 2] {
-        let keys = self.keys.load();
-        let Some((limits, tallies)) = keys.get(key) else {
-            return [None, None];
-        };
-        let mut t = lock(tallies);
-        let mut out = [None, None];
-        for (i, b) in [limits.cost, limits.tokens].into_iter().enumerate() {
-            let Some(b) = b else { continue };
-            let tally = &mut t.0[ix(b.period)];
-            tally.roll(b.period, now);
-            let spent = if i == 1 {
-                tally.tokens() as f64
-            } else {
-                tally.cost()
-            };
-            out[i] = Some((b.amount, (b.amount - spent).max(0.0), tally.ends));
-        }
-        out
+    #[cfg(test)]
+    fn check(&self, key: &str, now: u64) -> Option<Over> {
+        self.standing(key, now).and_then(|s| s.over)
+    }
+
+    #[cfg(test)]
+    fn remaining(&self, key: &str, now: u64) -> [Option<(f64, f64, Option<u64>)>; 2] {
+        self.standing(key, now).map(|s| s.left).unwrap_or_default()
     }
 
     /// This gateway spent `cost` and `tokens` for `key` at `unix_s`, not committed yet.
@@ -254,7 +272,8 @@ impl Budgets {
         for p in Period::ALL {
             let tally = &mut t.0[ix(p)];
             tally.roll(p, unix_s);
-            if p.window(unix_s).0 == tally.label {
+            // A record of an earlier period (it finished before the tally rolled) is not this one's.
+            if unix_s >= tally.starts {
                 tally.pending_cost += cost;
                 tally.pending_tokens = tally.pending_tokens.saturating_add(tokens);
             }
@@ -340,6 +359,14 @@ mod tests {
         assert_eq!(l, "2028-02");
         assert_eq!(rfc3339(end.unwrap()), "2028-03-01T00:00:00Z");
         assert_eq!(Period::Total.window(feb_10_2028), ("total".into(), None));
+        assert_eq!(
+            rfc3339(Period::Month.start(feb_10_2028)),
+            "2028-02-01T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(Period::Day.start(DEC_31_2026_23H)),
+            "2026-12-31T00:00:00Z"
+        );
         for days in [0u64, 59, 365, 10_957, 20_000, 36_524, 100_000] {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);

@@ -105,12 +105,14 @@ pub(crate) fn budget(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let over = budgets.check(key, now);
+    let Some(standing) = budgets.standing(key, now) else {
+        return Ok(());
+    };
     let names = [
         (LIMIT_BUDGET, REMAINING_BUDGET, RESET_BUDGET),
         (LIMIT_BUDGET_TOK, REMAINING_BUDGET_TOK, RESET_BUDGET_TOK),
     ];
-    for (left, (l, r, t)) in budgets.remaining(key, now).into_iter().zip(names) {
+    for (left, (l, r, t)) in standing.left.into_iter().zip(names) {
         let Some((limit, remaining, ends)) = left else {
             continue;
         };
@@ -123,7 +125,7 @@ pub(crate) fn budget(
             headers.insert(t, HeaderValue::from(end.saturating_sub(now)));
         }
     }
-    match over {
+    match standing.over {
         None => Ok(()),
         Some(o) => {
             ctx.rate_limited(if o.tokens { "token_budget" } else { "budget" });

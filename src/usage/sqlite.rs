@@ -104,20 +104,23 @@ fn insert(
                 r.total_ms,
             ])?;
         }
-        let mut add = tx.prepare_cached(ADD_SPEND)?;
-        for d in spend {
-            let tokens = i64::try_from(d.tokens).unwrap_or(i64::MAX);
-            let (cost, tokens): (f64, i64) = add.query_row(
-                params![&*d.key, d.period.as_str(), d.label, d.cost, tokens],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )?;
-            totals.push(SpendTotal {
-                key: d.key.to_string(),
-                period: d.period,
-                label: d.label.clone(),
-                cost,
-                tokens: u64::try_from(tokens).unwrap_or(0),
-            });
+        // Prepared only when there is spend to add (a batch of unkeyed requests has none).
+        if !spend.is_empty() {
+            let mut add = tx.prepare_cached(ADD_SPEND)?;
+            for d in spend {
+                let tokens = i64::try_from(d.tokens).unwrap_or(i64::MAX);
+                let (cost, tokens): (f64, i64) = add.query_row(
+                    params![&*d.key, d.period.as_str(), d.label, d.cost, tokens],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?;
+                totals.push(SpendTotal {
+                    key: d.key.to_string(),
+                    period: d.period,
+                    label: d.label.clone(),
+                    cost,
+                    tokens: u64::try_from(tokens).unwrap_or(0),
+                });
+            }
         }
     }
     tx.commit()?;
@@ -248,38 +251,8 @@ mod tests {
         let path = db.to_str().unwrap();
         // Version 1: records only.
         let mut c = open_at(path, 1).unwrap();
-        {
-            let tx = c.transaction().unwrap();
-            let mut st = tx.prepare(INSERT).unwrap();
-            for r in [record(1), record(2), record(3)] {
-                let mut ts = Vec::new();
-                crate::utc::timestamp(r.ts, &mut ts);
-                st.execute(params![
-                    "r",
-                    std::str::from_utf8(&ts).unwrap(),
-                    r.key.as_deref(),
-                    r.model.as_deref(),
-                    r.deployment.as_deref(),
-                    r.priority,
-                    r.endpoint,
-                    r.stream,
-                    r.status,
-                    r.reason,
-                    r.attempts,
-                    r.tokens_in as i64,
-                    r.tokens_out as i64,
-                    r.tokens_estimated,
-                    r.cost_input,
-                    r.cost_output,
-                    r.cost,
-                    r.ttft_ms,
-                    r.total_ms,
-                ])
-                .unwrap();
-            }
-            drop(st);
-            tx.commit().unwrap();
-        }
+        // No spend rows: version 1 has no spend table.
+        insert(&mut c, &[record(1), record(2), record(3)], &[]).unwrap();
         drop(c);
         // The next version's start: the spend table is made from the three records.
         let mut c = open(path).unwrap();
