@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::config::{Budget, KeyConfig};
-use crate::utc::civil_from_days;
+use crate::utc::{civil_from_days, days_from_civil};
 
 pub(crate) use crate::config::Period;
 
@@ -60,17 +60,6 @@ impl Period {
             Period::Total => 0,
         }
     }
-}
-
-/// Days since 1970-01-01 of a date on or after it.
-fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// RFC 3339 of a Unix second, for messages.
@@ -148,7 +137,8 @@ fn ix(p: Period) -> usize {
     p as usize
 }
 
-/// Which of a key's budgets refused a request.
+/// One of a key's budgets and what it has spent: the one that refused a request, or (the
+/// status page) any.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Over {
     /// `budget` (currency) or `token_budget`.
@@ -213,11 +203,6 @@ impl Budgets {
             next.insert(Arc::from(k.name.as_str()), (limits, tallies));
         }
         self.keys.store(Arc::new(next));
-    }
-
-    /// Whether any key has a budget.
-    pub(crate) fn any(&self) -> bool {
-        !self.keys.load().is_empty()
     }
 
     /// Where `key` stands at `now` (Unix s), in one look at its tallies: what is left of
@@ -308,6 +293,40 @@ impl Budgets {
             tally.shared_cost = tally.shared_cost.max(total.cost);
             tally.shared_tokens = tally.shared_tokens.max(total.tokens);
         }
+    }
+
+    /// Every budgeted key's budgets at `now`, by key name (the status page): each as an
+    /// [`Over`] whose `spent` may be under its `amount`.
+    pub(crate) fn view(&self, now: u64) -> Vec<(Arc<str>, Vec<Over>)> {
+        let keys = self.keys.load();
+        let mut out: Vec<(Arc<str>, Vec<Over>)> = keys
+            .iter()
+            .map(|(name, (limits, tallies))| {
+                let mut t = lock(tallies);
+                let budgets = [(limits.cost, false), (limits.tokens, true)]
+                    .into_iter()
+                    .filter_map(|(b, tokens)| {
+                        let b = b?;
+                        let tally = &mut t.0[ix(b.period)];
+                        tally.roll(b.period, now);
+                        Some(Over {
+                            tokens,
+                            period: b.period,
+                            amount: b.amount,
+                            spent: if tokens {
+                                tally.tokens() as f64
+                            } else {
+                                tally.cost()
+                            },
+                            resets: tally.ends,
+                        })
+                    })
+                    .collect();
+                (name.clone(), budgets)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// The labels of the periods holding `now`, to read the store's totals with.

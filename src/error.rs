@@ -69,6 +69,11 @@ pub(crate) enum ErrorKind {
     InvalidConfig,
     /// The new config changes a key that needs a restart, or there is no file to read.
     ReloadRefused,
+    // `/admin/usage`.
+    /// `[usage] store = "off"`: there is no ledger to read.
+    UsageOff,
+    /// The usage store did not answer the report.
+    UsageUnavailable,
     // The backend, before the first byte.
     UpstreamUnavailable,
     UpstreamTimeout,
@@ -168,6 +173,15 @@ impl ErrorKind {
             K::ModelBusy => client(409, "model_busy", BAD),
             K::InvalidConfig => client(400, "invalid_config", BAD),
             K::ReloadRefused => client(409, "reload_refused", BAD),
+            K::UsageOff => client(404, "usage_ledger_off", "not_found_error"),
+            K::UsageUnavailable => Spec {
+                status: s(503),
+                openai_type: "service_unavailable",
+                code: "usage_store_unavailable",
+                anthropic: (s(529), "overloaded_error"),
+                reason: Reason::UpstreamError,
+                close: false,
+            },
             K::UpstreamUnavailable => Spec {
                 status: s(502),
                 openai_type: "upstream_error",
@@ -740,6 +754,27 @@ impl ApiError {
         e
     }
 
+    /// `/admin/usage` with `[usage] store = "off"`.
+    pub(crate) fn usage_off() -> Self {
+        Self::new(
+            ErrorKind::UsageOff,
+            "The usage ledger is off: set [usage] store = \"sqlite\" or \"postgres\" to record \
+             and report usage.",
+        )
+    }
+
+    /// The usage store did not answer a report (`source`, for the log only: it may name the
+    /// database's host).
+    pub(crate) fn usage_unavailable(source: impl std::fmt::Display) -> Self {
+        let mut e = Self::new(
+            ErrorKind::UsageUnavailable,
+            "The usage store did not answer; try again.",
+        )
+        .caused_by(source);
+        e.retry_after = Some(1);
+        e
+    }
+
     pub(crate) fn model_busy(name: &str) -> Self {
         Self::new(
             ErrorKind::ModelBusy,
@@ -925,6 +960,8 @@ mod tests {
             K::ModelBusy,
             K::InvalidConfig,
             K::ReloadRefused,
+            K::UsageOff,
+            K::UsageUnavailable,
             K::UpstreamUnavailable,
             K::UpstreamTimeout,
             K::UpstreamOverloaded,

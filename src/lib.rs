@@ -80,5 +80,6 @@ mod reason;
 mod routing;
 mod upstream;
 mod usage;
+pub use usage::report_text as usage_report;
 mod utc;
 mod wire;

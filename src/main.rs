@@ -50,6 +50,9 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Print a report of the usage ledger (the store of the config's `[usage]`): requests,
+    /// tokens and cost, grouped as asked.
+    Usage(UsageArgs),
     /// Mint or hash API keys for `[[auth.keys]]` (the config holds only their hashes).
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -81,6 +84,31 @@ struct ServeArgs {
     /// Reload the config when its file (or its `keys_file`) changes, as `SIGHUP` does.
     #[arg(long, requires = "config")]
     watch: bool,
+}
+
+#[derive(clap::Args)]
+struct UsageArgs {
+    /// The gateway's TOML config (its `[usage]` names the store).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Group by key, model, deployment or day (comma-separated or repeated).
+    #[arg(long, value_name = "key|model|deployment|day")]
+    by: Vec<String>,
+    /// Records since: a span back (`24h`, `7d`), a UTC day or month, RFC 3339 (default: all).
+    #[arg(long)]
+    since: Option<String>,
+    /// Records before: as --since; a day or month takes in all of it.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this key's records (its configured name).
+    #[arg(long)]
+    key: Option<String>,
+    /// Only this model's records.
+    #[arg(long)]
+    model: Option<String>,
+    /// table, csv or json.
+    #[arg(long, default_value = "table")]
+    format: String,
 }
 
 #[derive(clap::Args)]
@@ -187,6 +215,7 @@ fn main() -> ExitCode {
                 serve(cfg, &args, lanes).await
             }
             Command::Sim(args) => sim(args).await,
+            Command::Usage(args) => usage(args).await,
             Command::Serve(_) | Command::CheckConfig { .. } | Command::Keys(_) => Ok(()),
         }
     });
@@ -375,6 +404,38 @@ async fn serve(cfg: Config, args: &ServeArgs, lanes: usize) -> Result<(), String
         });
     };
     gw.serve(first_signal).await.map_err(|e| e.to_string())
+}
+
+/// `mofa-gateway usage`: the report, printed.
+async fn usage(args: UsageArgs) -> Result<(), String> {
+    let cfg = Config::load(&args.config).map_err(|e| e.to_string())?;
+    let by = args.by.join(",");
+    let mut params = vec![("format", args.format.as_str())];
+    for (name, value) in [
+        ("group_by", Some(&by).filter(|b| !b.is_empty())),
+        ("from", args.since.as_ref()),
+        ("to", args.until.as_ref()),
+        ("key", args.key.as_ref()),
+        ("model", args.model.as_ref()),
+    ] {
+        if let Some(v) = value {
+            params.push((name, v.as_str()));
+        }
+    }
+    let text = mofa_gateway::usage_report(&cfg.usage, &params)
+        .await
+        .map_err(|e| {
+            // The CLI's flags for the query's names.
+            e.replace("`from`", "--since")
+                .replace("`to`", "--until")
+                .replace("`group_by`", "--by")
+        })?;
+    match print_out(&text) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write to stdout: {e}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn sim(args: SimArgs) -> Result<(), String> {

@@ -421,6 +421,7 @@ async fn two_replicas_on_one_postgres_stop_a_budget_at_the_same_total() {
     let cfg = GatewayBuilder::new()
         .usage_postgres(&pg.url())
         .key(Key::new("team", "sk-team").token_budget(budget, "month"))
+        .admin_key("sk-admin")
         .local_model("m", &upstream);
     let dir = TempDir::new("pg-replicas");
     let file = dir.write("gateway.toml", &cfg.toml());
@@ -463,6 +464,35 @@ async fn two_replicas_on_one_postgres_stop_a_budget_at_the_same_total() {
         .await;
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["x-ratelimit-remaining-budget-tokens"], "0");
+    }
+    // Either replica's report reads the shared ledger: every token the clients were told,
+    // and the refusals as failed requests.
+    // Four clients and two checks were refused: six records not `ok`, once written.
+    let (c, failed) = eventually_some("the refusals' records", WAIT, || async {
+        let c = pg.client().await;
+        let row = c
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE reason <> 'ok') FROM usage_records",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (all, failed) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+        (failed == 6).then_some((all, failed))
+    })
+    .await;
+    for gw in [gw_a, gw_b] {
+        let (status, _, body) = usage_report(gw, "?group_by=key,day&from=1d").await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{v}");
+        assert_eq!(rows[0]["key"], "team");
+        assert_eq!(rows[0]["requests"], c);
+        assert_eq!(rows[0]["failed"], failed);
+        let tokens =
+            rows[0]["tokens_in"].as_u64().unwrap() + rows[0]["tokens_out"].as_u64().unwrap();
+        assert_eq!(tokens, told);
     }
 }
 
@@ -626,4 +656,221 @@ async fn postgres_migrations_run_on_an_empty_database_and_on_one_of_the_previous
         pg_totals(&fresh, 200).await.0 == 1
     })
     .await;
+}
+
+// Reading the ledger back.
+
+/// `GET /admin/usage` with the admin key; its status, content type and body.
+async fn usage_report(gw: std::net::SocketAddr, query: &str) -> (u16, String, String) {
+    let r = get_with(
+        gw,
+        &format!("/admin/usage{query}"),
+        &[("authorization", "Bearer sk-admin")],
+    )
+    .await;
+    let status = r.status().as_u16();
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    (status, ct, r.text().await.unwrap())
+}
+
+/// The report's rows as (group values joined by `/`, requests, tokens in + out).
+fn report_rows(report: &Value, groups: &[&str]) -> Vec<(String, u64, u64)> {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let name = groups
+                .iter()
+                .map(|g| r[*g].as_str().unwrap_or("-").to_string())
+                .collect::<Vec<_>>()
+                .join("/");
+            let tokens = r["tokens_in"].as_u64().unwrap() + r["tokens_out"].as_u64().unwrap();
+            (name, r["requests"].as_u64().unwrap(), tokens)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_ledger_reads_back_by_key_model_and_day_as_json_csv_and_from_the_cli() {
+    let dir = TempDir::new("usage-report");
+    let db = dir.0.join("usage.db");
+    let upstream = sim(sim_opts("m")).await;
+    let priced = |url: &str| {
+        Deployment::local(url)
+            .upstream_model("m")
+            .input_price_per_1m(1.0)
+            .output_price_per_1m(1.0)
+    };
+    let cfg = GatewayBuilder::new()
+        .usage_sqlite(&db)
+        .key(Key::new("team-a", "sk-a"))
+        .key(Key::new("team-b", "sk-b"))
+        .admin_key("sk-admin")
+        .model("m1", |m| m.deployment(priced(&upstream)))
+        .model("m2", |m| m.deployment(priced(&upstream)));
+    let file = dir.write("gateway.toml", &cfg.toml());
+    let (_bin, gw) = run_gateway_file(&file, &[]).await;
+
+    // What each (key, model) was told, stream and not.
+    let mut expected: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for (key, model, n) in [("a", "m1", 3), ("a", "m2", 1), ("b", "m1", 2)] {
+        for i in 0..n {
+            let stream = i == 1;
+            let mut body = chat_body(model, stream);
+            body["max_tokens"] = json!(2 + i);
+            if stream {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            let r = chat_with(gw, &body, &[("authorization", &format!("Bearer sk-{key}"))]).await;
+            assert_eq!(r.status(), 200);
+            let (tin, tout) = if stream {
+                let sse = read_sse(r).await;
+                let last = sse
+                    .data
+                    .iter()
+                    .rev()
+                    .find(|d| d.contains("prompt_tokens"))
+                    .unwrap();
+                told(&serde_json::from_str(last).unwrap())
+            } else {
+                told(&r.json::<Value>().await.unwrap())
+            };
+            let e = expected.entry(format!("team-{key}/{model}")).or_default();
+            e.0 += 1;
+            e.1 += tin + tout;
+        }
+    }
+    let all: u64 = expected.values().map(|e| e.0).sum();
+    let tokens: u64 = expected.values().map(|e| e.1).sum();
+    let report = eventually_some("every record in the report", WAIT, || async {
+        let (status, _, body) = usage_report(gw, "?group_by=key,model").await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        (v["total"]["requests"] == all).then_some(v)
+    })
+    .await;
+    assert_eq!(report["object"], "usage_report");
+    assert_eq!(report["group_by"], json!(["key", "model"]));
+    assert_eq!(report["truncated"], false);
+    let want: Vec<(String, u64, u64)> = expected
+        .iter()
+        .map(|(k, (n, t))| (k.clone(), *n, *t))
+        .collect();
+    // Ordered by key, then model; tokens as the clients were told them.
+    assert_eq!(report_rows(&report, &["key", "model"]), want);
+    assert_eq!(report["total"]["failed"], 0);
+    let cost = report["total"]["cost"].as_f64().unwrap();
+    assert!(
+        (cost - tokens as f64 / 1e6).abs() < 1e-12,
+        "{cost} for {tokens} tokens"
+    );
+
+    // Filters: a key, a model, a window.
+    let (_, _, body) = usage_report(gw, "?key=team-a&group_by=model").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        report_rows(&v, &["model"]),
+        vec![
+            ("m1".to_string(), 3, expected["team-a/m1"].1),
+            ("m2".to_string(), 1, expected["team-a/m2"].1)
+        ]
+    );
+    let (_, _, body) = usage_report(gw, "?model=m1").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["total"]["requests"], 5);
+    assert_eq!(v["rows"].as_array().unwrap().len(), 1);
+    let (_, _, body) = usage_report(gw, "?from=1h&group_by=day").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let today = &v["rows"][0]["day"];
+    assert_eq!(today.as_str().unwrap().len(), 10, "{v}");
+    assert_eq!(v["rows"][0]["requests"], all);
+    let (_, _, body) = usage_report(gw, "?from=2099-01-01&group_by=key").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["rows"], json!([]));
+    assert_eq!(v["total"]["requests"], 0);
+
+    // CSV: a header and one line a row, the same numbers.
+    let (status, ct, csv) = usage_report(gw, "?group_by=key,model&format=csv").await;
+    assert_eq!(status, 200);
+    assert_eq!(ct, "text/csv; charset=utf-8");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "key,model,requests,failed,tokens_in,tokens_out,cost"
+    );
+    assert_eq!(lines.len(), 1 + want.len(), "{csv}");
+    assert!(lines[1].starts_with("team-a,m1,3,0,"), "{csv}");
+
+    // Refusals name the parameter; only an admin key reads it.
+    for (query, param) in [
+        ("?group_by=ts", "group_by"),
+        ("?from=yesterday", "from"),
+        ("?format=xml", "format"),
+        ("?keys=team-a", "query"),
+        ("?from=2026-12-02&to=2026-12-01T00:00:00Z", "to"),
+    ] {
+        let r = get_with(
+            gw,
+            &format!("/admin/usage{query}"),
+            &[("authorization", "Bearer sk-admin")],
+        )
+        .await;
+        assert_eq!(r.status(), 400, "{query}");
+        let e = envelope(r).await;
+        assert_eq!(e["param"], param, "{query}: {e}");
+        assert_eq!(e["type"], "invalid_request_error");
+    }
+    let r = get_with(gw, "/admin/usage", &[("authorization", "Bearer sk-a")]).await;
+    assert_eq!(r.status(), 403);
+
+    // The CLI reads the same store from the same config file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
+        .args(["usage", "--config"])
+        .arg(&file)
+        .args(["--by", "key", "--since", "7d"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "key",
+            "requests",
+            "failed",
+            "tokens_in",
+            "tokens_out",
+            "cost"
+        ]
+    );
+    assert_eq!(lines[1][..3], ["team-a", "4", "0"], "{text}");
+    assert_eq!(lines[2][..3], ["team-b", "2", "0"], "{text}");
+    assert_eq!(lines[3][..2], ["total", &all.to_string()], "{text}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
+        .args(["usage", "--config"])
+        .arg(&file)
+        .args(["--since", "last week"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`last week` is not a time"), "{err}");
+
+    // Without a ledger there is nothing to read.
+    let off = GatewayBuilder::new()
+        .local_model("m", &upstream)
+        .start()
+        .await;
+    let r = get(off, "/admin/usage").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(envelope(r).await["code"], "usage_ledger_off");
 }

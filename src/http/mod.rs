@@ -262,6 +262,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/admin/pool/{name}/load", post(admin::load))
         .route("/admin/pool/{name}/unload", post(admin::unload))
         .route("/admin/reload", post(admin::reload))
+        .route("/admin/usage", get(admin::usage))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::guard,

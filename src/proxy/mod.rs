@@ -364,7 +364,72 @@ impl Pipeline {
             "pool": g.orch.pool_snapshot()["models"],
             "counters": self.observer.snapshot(),
             "chart": metrics.chart(),
+            "spend": self.spend_view(),
         })
+    }
+
+    /// Most keys the status page's spend panel lists (the most spent this month first).
+    const SPEND_KEYS: usize = 200;
+
+    /// The status page's spend panel: each key's spend today and this month (as the usage
+    /// store said at its last re-read) and its budgets (with this gateway's pending spend);
+    /// `null` when the ledger is off.
+    fn spend_view(&self) -> serde_json::Value {
+        use crate::budget::Period;
+        use serde_json::json;
+        let Some(ledger) = &self.usage else {
+            return serde_json::Value::Null;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (day, month) = (Period::Day.window(now).0, Period::Month.window(now).0);
+        let zero = json!({"cost": 0.0, "tokens": 0});
+        let row = |key: &str| json!({"key": key, "today": zero, "month": zero, "budgets": []});
+        let mut rows: std::collections::HashMap<String, serde_json::Value> =
+            std::collections::HashMap::new();
+        for t in ledger.spent().iter() {
+            let slot = match t.period {
+                Period::Day if t.label == day => "today",
+                Period::Month if t.label == month => "month",
+                _ => continue,
+            };
+            let r = rows.entry(t.key.clone()).or_insert_with(|| row(&t.key));
+            r[slot] = json!({"cost": t.cost, "tokens": t.tokens});
+        }
+        for (key, budgets) in self.budgets.view(now) {
+            let r = rows.entry(key.to_string()).or_insert_with(|| row(&key));
+            r["budgets"] = budgets
+                .iter()
+                .map(|b| {
+                    json!({
+                        "kind": if b.tokens { "tokens" } else { "cost" },
+                        "period": b.period.as_str(),
+                        "amount": b.amount,
+                        "spent": b.spent,
+                        "resets": b.resets.map(crate::budget::rfc3339),
+                    })
+                })
+                .collect();
+        }
+        let mut list: Vec<serde_json::Value> = rows.into_values().collect();
+        let month_cost = |v: &serde_json::Value| v["month"]["cost"].as_f64().unwrap_or(0.0);
+        list.sort_by(|a, b| {
+            month_cost(b)
+                .total_cmp(&month_cost(a))
+                .then_with(|| a["key"].as_str().cmp(&b["key"].as_str()))
+        });
+        let listed = list.len();
+        list.truncate(Self::SPEND_KEYS);
+        json!({"day": day, "month": month, "keys": list, "more": listed - list.len()})
+    }
+
+    /// A report of the usage ledger; `None` when it is off.
+    pub(crate) fn usage_report(
+        &self,
+        q: crate::usage::Query,
+    ) -> Option<crate::usage::Fut<Result<crate::usage::Report, String>>> {
+        self.usage.as_ref().map(|l| l.report(q))
     }
 
     /// Writes the usage records still queued (at exit, after the requests finished).

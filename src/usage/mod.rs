@@ -16,18 +16,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::mpsc;
 
 use crate::config::{UsageConfig, UsageStore};
 
 mod postgres;
 mod record;
+pub(crate) mod report;
 mod sqlite;
 
 use crate::budget::{Budgets, Period, SpendDelta, SpendTotal};
 
 pub(crate) use record::{Prices, UsageRecord};
+pub(crate) use report::{Format, Query, Report};
 
 /// Most rows one insert carries.
 pub(crate) const MAX_BATCH: usize = 2000;
@@ -47,6 +49,8 @@ pub(crate) trait Store: Send + Sync {
     fn insert(&self, batch: Vec<UsageRecord>, spend: Vec<SpendDelta>) -> Inserting;
     /// Every key's spend in the given periods.
     fn spend(&self, periods: Vec<(Period, String)>) -> Fut<Result<Vec<SpendTotal>, String>>;
+    /// Reads a report from `usage_records` (on a connection of its own: the writer goes on).
+    fn report(&self, q: Query) -> Fut<Result<Report, String>>;
 }
 
 /// The ledger's handle on the request path: a bounded queue to the writer.
@@ -59,6 +63,42 @@ pub(crate) struct Ledger {
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     sync: tokio::task::JoinHandle<()>,
     budgets: Arc<Budgets>,
+    store: Arc<dyn Store>,
+    /// Every key's spend in the current day, month and in all, as the store said at the last
+    /// re-read (the status page's spend panel).
+    spent: Arc<ArcSwap<Vec<SpendTotal>>>,
+}
+
+/// Opens the configured store (running its migrations); `None` with `store = "off"`.
+async fn open(cfg: &UsageConfig) -> Result<Option<Arc<dyn Store>>, String> {
+    Ok(Some(match cfg.store {
+        UsageStore::Off => return Ok(None),
+        UsageStore::Sqlite => Arc::new(sqlite::Sqlite::open(&cfg.path).await?),
+        UsageStore::Postgres => {
+            Arc::new(postgres::Postgres::open(cfg.url.as_deref().unwrap_or_default()).await?)
+        }
+    }))
+}
+
+/// `mofa-gateway usage`: a report from the store `cfg` names, written as the `format`
+/// parameter says (a table by default). `params` are `GET /admin/usage`'s (`from`, `to`,
+/// `key`, `model`, `group_by`, `format`). `Err` when a parameter is wrong, the ledger is off
+/// or the store cannot be read.
+pub async fn report_text(cfg: &UsageConfig, params: &[(&str, &str)]) -> Result<String, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let mut params = params.to_vec();
+    if !params.iter().any(|(n, _)| *n == "format") {
+        params.push(("format", "table"));
+    }
+    let (q, format) = Query::from_params(params, now).map_err(|(_, e)| e)?;
+    let Some(store) = open(cfg).await? else {
+        return Err(
+            "the usage ledger is off: set [usage] store = \"sqlite\" or \"postgres\"".into(),
+        );
+    };
+    Ok(store.report(q).await?.render(format))
 }
 
 impl Ledger {
@@ -69,15 +109,12 @@ impl Ledger {
         cfg: &UsageConfig,
         budgets: Arc<Budgets>,
     ) -> Result<Option<Ledger>, String> {
-        let store: Arc<dyn Store> = match cfg.store {
-            UsageStore::Off => return Ok(None),
-            UsageStore::Sqlite => Arc::new(sqlite::Sqlite::open(&cfg.path).await?),
-            UsageStore::Postgres => {
-                Arc::new(postgres::Postgres::open(cfg.url.as_deref().unwrap_or_default()).await?)
-            }
+        let Some(store) = open(cfg).await? else {
+            return Ok(None);
         };
         // What was spent before this start (and by other replicas) counts at once.
-        sync_once(&*store, &budgets).await;
+        let spent = Arc::new(ArcSwap::default());
+        sync_once(&*store, &budgets, &spent).await;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let written = Arc::new(AtomicU64::new(0));
         let every = Duration::from_millis(cfg.flush_interval_ms.clamp(1, 1000));
@@ -89,7 +126,12 @@ impl Ledger {
             budgets.clone(),
         ));
         let sync_every = Duration::from_millis(cfg.budget_sync_ms.max(1));
-        let sync = tokio::spawn(sync(store, budgets.clone(), sync_every));
+        let sync = tokio::spawn(sync(
+            store.clone(),
+            budgets.clone(),
+            spent.clone(),
+            sync_every,
+        ));
         Ok(Some(Ledger {
             tx: ArcSwapOption::from_pointee(tx),
             dropped: Arc::new(AtomicU64::new(0)),
@@ -98,6 +140,8 @@ impl Ledger {
             writer: Mutex::new(Some(writer)),
             sync,
             budgets,
+            store,
+            spent,
         }))
     }
 
@@ -128,6 +172,16 @@ impl Ledger {
                 );
             }
         }
+    }
+
+    /// Reads a report (on a connection of its own).
+    pub(crate) fn report(&self, q: Query) -> Fut<Result<Report, String>> {
+        self.store.report(q)
+    }
+
+    /// Every key's spend in the current day, month and in all, as last read from the store.
+    pub(crate) fn spent(&self) -> Arc<Vec<SpendTotal>> {
+        self.spent.load_full()
     }
 
     /// Records dropped because the queue was full.
@@ -232,28 +286,34 @@ async fn write(
     }
 }
 
-/// Reads what every key spent in the current periods from the store into `budgets`.
-async fn sync_once(store: &dyn Store, budgets: &Budgets) {
-    if !budgets.any() {
-        return;
-    }
+/// Reads what every key spent in the current periods from the store into `budgets` and
+/// `spent`.
+async fn sync_once(store: &dyn Store, budgets: &Budgets, spent: &ArcSwap<Vec<SpendTotal>>) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     budgets.roll_all(now);
     match store.spend(budgets.labels(now)).await {
-        Ok(totals) => totals.iter().for_each(|t| budgets.synced(t)),
+        Ok(totals) => {
+            totals.iter().for_each(|t| budgets.synced(t));
+            spent.store(Arc::new(totals));
+        }
         Err(e) => tracing::debug!("usage ledger: cannot read the spend table ({e})"),
     }
 }
 
 /// Every `every`, what other replicas spent.
-async fn sync(store: Arc<dyn Store>, budgets: Arc<Budgets>, every: Duration) {
+async fn sync(
+    store: Arc<dyn Store>,
+    budgets: Arc<Budgets>,
+    spent: Arc<ArcSwap<Vec<SpendTotal>>>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        sync_once(&*store, &budgets).await;
+        sync_once(&*store, &budgets, &spent).await;
     }
 }
 

@@ -12,6 +12,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 
+use super::report::{self, Bind, Query, Report, Row};
 use super::{Fut, Inserting, Store, UsageRecord};
 use crate::budget::{Period, SpendDelta, SpendTotal};
 
@@ -215,6 +216,53 @@ async fn spend(
     Ok(out)
 }
 
+/// Runs `q` on a connection of its own (the writer's goes on).
+async fn report(client: &Client, q: Query) -> Result<Report, tokio_postgres::Error> {
+    let (text, binds) = report::sql(&q, "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')", |n| {
+        format!("${n}")
+    });
+    let time = |us: Option<u64>| std::time::UNIX_EPOCH + Duration::from_micros(us.unwrap_or(0));
+    let (from, to) = (time(q.from_us), time(q.to_us));
+    let (key, model) = (
+        q.key.clone().unwrap_or_default(),
+        q.model.clone().unwrap_or_default(),
+    );
+    let params: Vec<&(dyn ToSql + Sync)> = binds
+        .iter()
+        .map(|b| -> &(dyn ToSql + Sync) {
+            match b {
+                Bind::From => &from,
+                Bind::To => &to,
+                Bind::Key => &key,
+                Bind::Model => &model,
+            }
+        })
+        .collect();
+    let groups = q.group_by.len();
+    let count = |r: &tokio_postgres::Row, i| {
+        r.try_get::<_, i64>(i)
+            .map(|v| u64::try_from(v).unwrap_or(0))
+    };
+    let rows = client
+        .query(&text, &params)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(Row {
+                groups: (0..groups)
+                    .map(|i| r.try_get::<_, Option<String>>(i))
+                    .collect::<Result<_, _>>()?,
+                requests: count(r, groups)?,
+                failed: count(r, groups + 1)?,
+                tokens_in: count(r, groups + 2)?,
+                tokens_out: count(r, groups + 3)?,
+                cost: r.try_get(groups + 4)?,
+            })
+        })
+        .collect::<Result<Vec<Row>, tokio_postgres::Error>>()?;
+    Ok(Report::new(q, rows))
+}
+
 impl Store for Postgres {
     fn insert(&self, batch: Vec<UsageRecord>, spend: Vec<SpendDelta>) -> Inserting {
         let me = self.clone();
@@ -248,6 +296,14 @@ impl Store for Postgres {
                 *slot = Some(c);
             }
             r
+        })
+    }
+
+    fn report(&self, q: Query) -> Fut<Result<Report, String>> {
+        let config = self.config.clone();
+        Box::pin(async move {
+            let client = bounded(connect(&config)).await?;
+            bounded(report(&client, q)).await
         })
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection};
 use rusqlite_migration::{Migrations, M};
 
+use super::report::{self, Bind, Query, Report, Row};
 use super::{Fut, Inserting, Store, UsageRecord};
 use crate::budget::{Period, SpendDelta, SpendTotal};
 
@@ -30,17 +31,20 @@ const INSERT: &str = "INSERT INTO usage_records (request_id, ts, key, model, dep
 
 pub(super) struct Sqlite {
     conn: Arc<Mutex<Connection>>,
+    /// Reports open their own read-only connection to it (WAL: the writer goes on).
+    path: String,
 }
 
 impl Sqlite {
     /// Opens (creating it if needed) the database at `path` and brings its schema up to date.
     pub(super) async fn open(path: &str) -> Result<Sqlite, String> {
-        let path = path.to_owned();
-        let conn = tokio::task::spawn_blocking(move || open(&path))
+        let at = path.to_owned();
+        let conn = tokio::task::spawn_blocking(move || open(&at))
             .await
             .map_err(|e| e.to_string())??;
         Ok(Sqlite {
             conn: Arc::new(Mutex::new(conn)),
+            path: path.to_owned(),
         })
     }
 }
@@ -153,6 +157,46 @@ pub(super) fn spend(
     Ok(out)
 }
 
+/// Runs `q` on a read-only connection of its own.
+fn report(path: &str, q: Query) -> rusqlite::Result<Report> {
+    use rusqlite::types::Value;
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let (text, binds) = report::sql(&q, "substr(ts, 1, 10)", |n| format!("?{n}"));
+    let time = |us: u64| {
+        let mut out = Vec::with_capacity(32);
+        crate::utc::timestamp(std::time::UNIX_EPOCH + Duration::from_micros(us), &mut out);
+        Value::Text(String::from_utf8_lossy(&out).into_owned())
+    };
+    let values: Vec<Value> = binds
+        .iter()
+        .map(|b| match b {
+            Bind::From => time(q.from_us.unwrap_or_default()),
+            Bind::To => time(q.to_us.unwrap_or_default()),
+            Bind::Key => Value::Text(q.key.clone().unwrap_or_default()),
+            Bind::Model => Value::Text(q.model.clone().unwrap_or_default()),
+        })
+        .collect();
+    let groups = q.group_by.len();
+    let mut st = conn.prepare(&text)?;
+    let rows = st
+        .query_map(rusqlite::params_from_iter(values), |r| {
+            let count = |i| r.get::<_, i64>(i).map(|v| u64::try_from(v).unwrap_or(0));
+            Ok(Row {
+                groups: (0..groups)
+                    .map(|i| r.get::<_, Option<String>>(i))
+                    .collect::<rusqlite::Result<_>>()?,
+                requests: count(groups)?,
+                failed: count(groups + 1)?,
+                tokens_in: count(groups + 2)?,
+                tokens_out: count(groups + 3)?,
+                cost: r.get(groups + 4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<Row>>>()?;
+    Ok(Report::new(q, rows))
+}
+
 impl Store for Sqlite {
     fn insert(&self, batch: Vec<UsageRecord>, spend: Vec<SpendDelta>) -> Inserting {
         let conn = self.conn.clone();
@@ -175,6 +219,15 @@ impl Store for Sqlite {
             })
             .await
             .map_err(|e| e.to_string())?
+        })
+    }
+
+    fn report(&self, q: Query) -> Fut<Result<Report, String>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || report(&path, q).map_err(|e| e.to_string()))
+                .await
+                .map_err(|e| e.to_string())?
         })
     }
 }
