@@ -935,3 +935,92 @@ async fn long_values_fit_their_tiles_on_the_status_page() {
         assert!(caption.contains("served requests"), "{v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_each_keys_spend_and_its_budget_bar_in_a_browser() {
+    let dir = TempDir::new("spend-panel");
+    let upstream = sim(sim_opts("m")).await;
+    let gw = GatewayBuilder::new()
+        .usage_sqlite(&dir.0.join("usage.db"))
+        .key(Key::new("team-a", "sk-a").token_budget(60, "day"))
+        .key(Key::new("team-b", "sk-b"))
+        .model("m", |m| {
+            m.deployment(Deployment::local(&upstream).price_per_1k_tokens(0.01))
+        })
+        .start()
+        .await;
+    // team-a spends past its budget (refused after), team-b one request.
+    let mut told_a = 0;
+    loop {
+        let r = post_with(
+            gw,
+            "/v1/chat/completions",
+            &chat("m", false, 8),
+            &[("authorization", "Bearer sk-a")],
+        )
+        .await;
+        if r.status() == 429 {
+            break;
+        }
+        assert_eq!(r.status(), 200);
+        told_a += r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(told_a < 1000, "never refused");
+    }
+    let r = post_with(
+        gw,
+        "/v1/chat/completions",
+        &chat("m", false, 3),
+        &[("authorization", "Bearer sk-b")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let told_b = r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+        .as_u64()
+        .unwrap();
+
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/observe/spend.png");
+    let page = format!("http://{gw}/");
+    let (errors, shown) = tokio::task::spawn_blocking(move || {
+        let (_browser, port) = chromium();
+        let mut cdp = Cdp::connect(port);
+        cdp.call("Page.navigate", json!({"url": page}));
+        // The store is re-read every second: wait until both keys' records are in.
+        cdp.wait_for(
+            &format!(
+                "!!document.querySelector('#spend tr[data-key=\"team-b\"]') && \
+                 document.querySelector('#spend tr[data-key=\"team-b\"] td:nth-child(2)').textContent.includes('{told_b} tokens') && \
+                 document.querySelector('#spend tr[data-key=\"team-a\"] td:nth-child(3)').textContent.includes('{told_a} tokens')"
+            ),
+            "both keys' spend",
+        );
+        cdp.screenshot(&shot);
+        let v = cdp.eval(
+            "(() => { const a = document.querySelector('#spend tr[data-key=\"team-a\"] .budget');
+               const rows = [...document.querySelectorAll('#spend tbody tr')].map(r => r.dataset.key);
+               return { kind: a.dataset.kind, spent: Number(a.dataset.spent), amount: Number(a.dataset.amount),
+                        over: a.classList.contains('over'), text: a.textContent, title: a.title,
+                        width: a.querySelector('.bar i').style.width, rows,
+                        b: document.querySelector('#spend tr[data-key=\"team-b\"] td:nth-child(4)').textContent,
+                        panel: document.getElementById('spend').innerText }; })()",
+        );
+        (cdp.errors, v)
+    })
+    .await
+    .unwrap();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    assert_eq!(shown["kind"], "tokens", "{shown}");
+    assert_eq!(shown["spent"], told_a, "{shown}");
+    assert_eq!(shown["amount"], 60, "{shown}");
+    assert_eq!(shown["over"], true, "{shown}");
+    assert_eq!(shown["width"], "100%", "{shown}");
+    let text = shown["text"].as_str().unwrap();
+    assert!(text.contains(&format!("{told_a} of 60 tokens a day")), "{text}");
+    assert!(shown["title"].as_str().unwrap().starts_with("resets 20"), "{shown}");
+    // The key that spent more this month first; a key without a budget says so.
+    assert_eq!(shown["rows"], json!(["team-a", "team-b"]));
+    assert_eq!(shown["b"], "none");
+    let panel = shown["panel"].as_str().unwrap();
+    assert!(!panel.contains("null") && !panel.contains("undefined"), "{panel}");
+}
