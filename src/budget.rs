@@ -106,6 +106,10 @@ struct Tally {
     shared_tokens: u64,
     pending_cost: f64,
     pending_tokens: u64,
+    /// What the Redis counters said (every replica's spend as soon as each finished, this
+    /// one's included), when `[limits] store = "redis"`.
+    fast_cost: f64,
+    fast_tokens: u64,
 }
 
 impl Tally {
@@ -121,11 +125,16 @@ impl Tally {
             };
         }
     }
+    /// The spend: the database's view plus what this gateway has not committed, or the Redis
+    /// counters' when they are ahead (another replica's recent spend). Each is a count of
+    /// spend that happened, so the larger is the nearer.
     fn cost(&self) -> f64 {
-        self.shared_cost + self.pending_cost
+        (self.shared_cost + self.pending_cost).max(self.fast_cost)
     }
     fn tokens(&self) -> u64 {
-        self.shared_tokens.saturating_add(self.pending_tokens)
+        self.shared_tokens
+            .saturating_add(self.pending_tokens)
+            .max(self.fast_tokens)
     }
 }
 
@@ -248,10 +257,11 @@ impl Budgets {
     }
 
     /// This gateway spent `cost` and `tokens` for `key` at `unix_s`, not committed yet.
-    pub(crate) fn spend(&self, key: &str, unix_s: u64, cost: f64, tokens: u64) {
+    /// Whether `key` has a budget.
+    pub(crate) fn spend(&self, key: &str, unix_s: u64, cost: f64, tokens: u64) -> bool {
         let keys = self.keys.load();
         let Some((_, tallies)) = keys.get(key) else {
-            return;
+            return false;
         };
         let mut t = lock(tallies);
         for p in Period::ALL {
@@ -263,6 +273,40 @@ impl Budgets {
                 tally.pending_tokens = tally.pending_tokens.saturating_add(tokens);
             }
         }
+        true
+    }
+
+    /// The Redis counters say `total` (every replica's spend, counted as each finished).
+    pub(crate) fn counted(&self, total: &SpendTotal) {
+        let keys = self.keys.load();
+        let Some((_, tallies)) = keys.get(total.key.as_str()) else {
+            return;
+        };
+        let mut t = lock(tallies);
+        let tally = &mut t.0[ix(total.period)];
+        if tally.label == total.label {
+            tally.fast_cost = tally.fast_cost.max(total.cost);
+            tally.fast_tokens = tally.fast_tokens.max(total.tokens);
+        }
+    }
+
+    /// What is known to be counted of `key`'s spend in `period` labelled `label` (the
+    /// database's, or the Redis counters' when ahead; not this gateway's pending spend, which
+    /// is on its way to both), to seed an empty Redis counter with.
+    pub(crate) fn stored(&self, key: &str, period: Period, label: &str) -> Option<(f64, u64)> {
+        let keys = self.keys.load();
+        let (_, tallies) = keys.get(key)?;
+        let t = lock(tallies);
+        let tally = &t.0[ix(period)];
+        (tally.label == label).then_some((
+            tally.shared_cost.max(tally.fast_cost),
+            tally.shared_tokens.max(tally.fast_tokens),
+        ))
+    }
+
+    /// The budgeted keys' names.
+    pub(crate) fn names(&self) -> Vec<Arc<str>> {
+        self.keys.load().keys().cloned().collect()
     }
 
     /// The ledger committed `delta`; the store's total after it is `total`.
@@ -349,6 +393,60 @@ impl Budgets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_redis_counters_count_when_they_are_ahead_and_never_twice() {
+        let b = Budgets::default();
+        b.configure(&[key(
+            "k",
+            None,
+            Some(Budget {
+                amount: 100.0,
+                period: Period::Day,
+            }),
+        )]);
+        let now = 1_765_000_000;
+        let label = Period::Day.window(now).0;
+        let total = |tokens| SpendTotal {
+            key: "k".into(),
+            period: Period::Day,
+            label: label.clone(),
+            cost: 0.0,
+            tokens,
+        };
+        assert!(b.spend("k", now, 0.0, 30));
+        assert!(!b.spend("other", now, 0.0, 30));
+        // Redis counted this replica's 30 and another's 50.
+        b.counted(&total(80));
+        assert_eq!(
+            b.remaining("k", now)[1],
+            Some((100.0, 20.0, Some((now / 86_400 + 1) * 86_400)))
+        );
+        // The database commits this replica's 30: no double count.
+        let d = SpendDelta {
+            key: "k".into(),
+            period: Period::Day,
+            label: label.clone(),
+            cost: 0.0,
+            tokens: 30,
+        };
+        b.committed(&d, &total(30));
+        assert_eq!(b.remaining("k", now)[1].unwrap().1, 20.0);
+        // The database is ahead of a Redis that restarted empty.
+        b.synced(&total(90));
+        b.counted(&total(5));
+        assert_eq!(b.remaining("k", now)[1].unwrap().1, 10.0);
+        assert_eq!(b.stored("k", Period::Day, &label), Some((0.0, 90)));
+        assert_eq!(b.stored("k", Period::Day, "2001-01-01"), None);
+        // A stale label is not this period's.
+        b.counted(&SpendTotal {
+            label: "2001-01-01".into(),
+            ..total(1000)
+        });
+        assert!(b.check("k", now).is_none());
+        b.counted(&total(100));
+        assert!(b.check("k", now).is_some());
+    }
 
     fn key(name: &str, budget: Option<Budget>, tokens: Option<Budget>) -> KeyConfig {
         let mut k: KeyConfig = toml::from_str(&format!(

@@ -201,52 +201,6 @@ async fn max_parallel_refuses_with_a_short_retry_and_frees_at_the_end() {
 // ---------------------------------------------------------------------------------------------
 // Redis.
 
-/// A `redis-server` on a loopback port, without persistence; killed when dropped.
-struct Redis {
-    child: Option<std::process::Child>,
-    port: u16,
-}
-
-impl Redis {
-    async fn start() -> Redis {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
-        let mut r = Redis { child: None, port };
-        r.restart().await;
-        r
-    }
-
-    async fn restart(&mut self) {
-        let child = std::process::Command::new(require_binary("redis-server", "redis-server"))
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        eventually("redis-server accepts", WAIT, || accepts(addr)).await;
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// [`keyed`], its limits counted in `redis` with `redis_failure = failure`.
 fn redis_config(
     redis: &Redis,

@@ -1016,11 +1016,20 @@ async fn the_status_page_shows_each_keys_spend_and_its_budget_bar_in_a_browser()
     assert_eq!(shown["over"], true, "{shown}");
     assert_eq!(shown["width"], "100%", "{shown}");
     let text = shown["text"].as_str().unwrap();
-    assert!(text.contains(&format!("{told_a} of 60 tokens a day")), "{text}");
-    assert!(shown["title"].as_str().unwrap().starts_with("resets 20"), "{shown}");
+    assert!(
+        text.contains(&format!("{told_a} of 60 tokens a day")),
+        "{text}"
+    );
+    assert!(
+        shown["title"].as_str().unwrap().starts_with("resets 20"),
+        "{shown}"
+    );
     // The key that spent more this month first; a key without a budget says so.
     assert_eq!(shown["rows"], json!(["team-a", "team-b"]));
     assert_eq!(shown["b"], "none");
     let panel = shown["panel"].as_str().unwrap();
-    assert!(!panel.contains("null") && !panel.contains("undefined"), "{panel}");
+    assert!(
+        !panel.contains("null") && !panel.contains("undefined"),
+        "{panel}"
+    );
 }

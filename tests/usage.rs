@@ -874,3 +874,95 @@ async fn the_ledger_reads_back_by_key_model_and_day_as_json_csv_and_from_the_cli
     assert_eq!(r.status(), 404);
     assert_eq!(envelope(r).await["code"], "usage_ledger_off");
 }
+
+// Redis counters.
+
+#[tokio::test]
+async fn replicas_with_their_own_sqlite_share_a_budget_through_redis_even_after_it_restarts_empty()
+{
+    let mut redis = Redis::start().await;
+    let upstream = sim(mofa_gateway::sim::SimOptions {
+        tokens_per_sec: 25.0,
+        ..sim_opts("m")
+    })
+    .await;
+    let budget = 300;
+    let dir = TempDir::new("redis-budget");
+    // Each replica its own ledger: only Redis joins their budgets.
+    let config = |db: &str| {
+        GatewayBuilder::new()
+            .usage_sqlite(&dir.0.join(db))
+            .key(Key::new("team", "sk-team").token_budget(budget, "month"))
+            .limits(|l| {
+                l.store("redis")
+                    .redis_url(&redis.url())
+                    .redis_timeout_ms(500)
+            })
+            .local_model("m", &upstream)
+            .toml()
+    };
+    let file_a = dir.write("a.toml", &config("a.db"));
+    let file_b = dir.write("b.toml", &config("b.db"));
+    let (mut bin_a, gw_a) = run_gateway_file(&file_a, &[]).await;
+    let (_b, gw_b) = run_gateway_file(&file_b, &[]).await;
+
+    let clients: Vec<_> = [gw_a, gw_a, gw_b, gw_b]
+        .into_iter()
+        .map(|gw| tokio::spawn(async move { spend_until_refused(gw, "sk-team", "m").await }))
+        .collect();
+    let mut told = 0;
+    let mut most = 0;
+    for c in clients {
+        let (spent, n, refused) = c.await.unwrap();
+        assert_eq!(refused.status(), 429);
+        assert_eq!(envelope(refused).await["code"], "insufficient_quota");
+        told += spent;
+        most = most.max(spent / u64::from(n.max(1)));
+    }
+    // Without a shared count each replica would spend a whole budget of its own.
+    assert!(told >= budget, "stopped early: {told} < {budget}");
+    assert!(
+        told <= budget + 8 * most,
+        "{told} tokens against a budget of {budget} ({most} a request)"
+    );
+
+    // Redis restarts empty, then replica a restarts: its own ledger holds only part of the
+    // spend, but b puts back what it knew into the empty counter, and a reads it at start.
+    redis.kill();
+    redis.restart().await;
+    // The month's label, as the status page gives it.
+    let month = get_json(&format!("http://{gw_b}/status.json")).await["spend"]["month"].clone();
+    let counter = format!("mofa:{{b:team}}:spend:month:{}", month.as_str().unwrap());
+    let client = redis::Client::open(redis.url()).unwrap();
+    let seeded: u64 = eventually_some("b seeds the empty counter", WAIT, || {
+        let client = client.clone();
+        let counter = counter.clone();
+        async move {
+            let mut c = client.get_multiplexed_async_connection().await.ok()?;
+            let v: Option<u64> = redis::cmd("HGET")
+                .arg(&counter)
+                .arg("tokens")
+                .query_async(&mut c)
+                .await
+                .ok()?;
+            v
+        }
+    })
+    .await;
+    assert!(seeded >= budget, "seeded with {seeded}");
+    bin_a.signal("-TERM");
+    bin_a.wait().await;
+    let (_a, gw_a) = run_gateway_file(&file_a, &[]).await;
+    let r = chat_with(
+        gw_a,
+        &chat_body("m", false),
+        &[("authorization", "Bearer sk-team")],
+    )
+    .await;
+    assert_eq!(
+        r.status(),
+        429,
+        "a restarted replica forgot the other's spend"
+    );
+    assert_eq!(r.headers()["x-ratelimit-remaining-budget-tokens"], "0");
+}

@@ -189,7 +189,14 @@ impl Pipeline {
         });
         let budgets = Arc::new(crate::budget::Budgets::default());
         budgets.configure(&cfg.auth.keys);
-        let usage = crate::usage::Ledger::start(&cfg.usage, budgets.clone())
+        let redis = match (cfg.limits.store, cfg.limits.redis_url.as_deref()) {
+            (crate::config::LimitStore::Redis, Some(url)) => Some((
+                url,
+                Duration::from_millis(cfg.limits.redis_timeout_ms.max(1)),
+            )),
+            _ => None,
+        };
+        let usage = crate::usage::Ledger::start(&cfg.usage, redis, budgets.clone())
             .await
             .map_err(BuildError::Usage)?
             .map(Arc::new);

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{UsageConfig, UsageStore};
 
+mod counters;
 mod postgres;
 mod record;
 pub(crate) mod report;
@@ -67,7 +68,13 @@ pub(crate) struct Ledger {
     /// Every key's spend in the current day, month and in all, as the store said at the last
     /// re-read (the status page's spend panel).
     spent: Arc<ArcSwap<Vec<SpendTotal>>>,
+    /// Budget counters in Redis (`[limits] store = "redis"`).
+    counters: Option<Arc<counters::Counters>>,
 }
+
+/// Where budgets are counted between replicas besides the usage store: Redis's URL and
+/// round-trip timeout, when `[limits] store = "redis"`.
+pub(crate) type SharedCounters<'a> = Option<(&'a str, Duration)>;
 
 /// Opens the configured store (running its migrations); `None` with `store = "off"`.
 async fn open(cfg: &UsageConfig) -> Result<Option<Arc<dyn Store>>, String> {
@@ -107,14 +114,23 @@ impl Ledger {
     /// `budgets` learns what is spent.
     pub(crate) async fn start(
         cfg: &UsageConfig,
+        redis: SharedCounters<'_>,
         budgets: Arc<Budgets>,
     ) -> Result<Option<Ledger>, String> {
         let Some(store) = open(cfg).await? else {
             return Ok(None);
         };
+        let counters = match redis {
+            Some((url, timeout)) => Some(Arc::new(counters::Counters::start(
+                url,
+                timeout,
+                budgets.clone(),
+            )?)),
+            None => None,
+        };
         // What was spent before this start (and by other replicas) counts at once.
         let spent = Arc::new(ArcSwap::default());
-        sync_once(&*store, &budgets, &spent).await;
+        sync_once(&*store, counters.as_deref(), &budgets, &spent).await;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let written = Arc::new(AtomicU64::new(0));
         let every = Duration::from_millis(cfg.flush_interval_ms.clamp(1, 1000));
@@ -128,6 +144,7 @@ impl Ledger {
         let sync_every = Duration::from_millis(cfg.budget_sync_ms.max(1));
         let sync = tokio::spawn(sync(
             store.clone(),
+            counters.clone(),
             budgets.clone(),
             spent.clone(),
             sync_every,
@@ -142,6 +159,7 @@ impl Ledger {
             budgets,
             store,
             spent,
+            counters,
         }))
     }
 
@@ -156,12 +174,12 @@ impl Ledger {
                 .ts
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            self.budgets.spend(
-                key,
-                unix,
-                rec.cost,
-                rec.tokens_in.saturating_add(rec.tokens_out),
-            );
+            let tokens = rec.tokens_in.saturating_add(rec.tokens_out);
+            if self.budgets.spend(key, unix, rec.cost, tokens) {
+                if let Some(c) = &self.counters {
+                    c.add(key.into(), unix, rec.cost, tokens);
+                }
+            }
         }
         if tx.try_send(rec).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -288,7 +306,12 @@ async fn write(
 
 /// Reads what every key spent in the current periods from the store into `budgets` and
 /// `spent`.
-async fn sync_once(store: &dyn Store, budgets: &Budgets, spent: &ArcSwap<Vec<SpendTotal>>) {
+async fn sync_once(
+    store: &dyn Store,
+    counters: Option<&counters::Counters>,
+    budgets: &Budgets,
+    spent: &ArcSwap<Vec<SpendTotal>>,
+) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -300,11 +323,16 @@ async fn sync_once(store: &dyn Store, budgets: &Budgets, spent: &ArcSwap<Vec<Spe
         }
         Err(e) => tracing::debug!("usage ledger: cannot read the spend table ({e})"),
     }
+    // After the database's totals: a Redis counter found empty is seeded with them.
+    if let Some(c) = counters {
+        c.sync(budgets, now).await;
+    }
 }
 
 /// Every `every`, what other replicas spent.
 async fn sync(
     store: Arc<dyn Store>,
+    counters: Option<Arc<counters::Counters>>,
     budgets: Arc<Budgets>,
     spent: Arc<ArcSwap<Vec<SpendTotal>>>,
     every: Duration,
@@ -313,7 +341,7 @@ async fn sync(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        sync_once(&*store, &budgets, &spent).await;
+        sync_once(&*store, counters.as_deref(), &budgets, &spent).await;
     }
 }
 

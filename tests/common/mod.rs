@@ -1550,3 +1550,49 @@ fn pg_bin_dir() -> PathBuf {
         panic!("initdb not found on PATH nor in /usr/lib/postgresql/*/bin: install Debian's `postgresql` package (apt-get install postgresql), as .ci/run does")
     })
 }
+
+/// A `redis-server` on a loopback port, without persistence; killed when dropped.
+pub struct Redis {
+    child: Option<std::process::Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let mut r = Redis { child: None, port };
+        r.restart().await;
+        r
+    }
+
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new(require_binary("redis-server", "redis-server"))
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        eventually("redis-server accepts", WAIT, || accepts(addr)).await;
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
