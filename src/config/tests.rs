@@ -24,14 +24,16 @@ fn documented_examples_parse() {
         .skip(1)
         .map(|b| b.split("```").next().unwrap())
         .collect();
-    assert_eq!(blocks.len(), 3);
+    assert_eq!(blocks.len(), 4);
     assert_eq!(blocks[0].trim(), DEFAULT_CONFIG.trim());
     let c = Config::parse(blocks[1], &|k| Some(format!("value-of-{k}"))).unwrap();
     assert_eq!(c.models.len(), 3);
     assert_eq!(c.models[0].deployments.len(), 4);
     assert!(c.models[1].deployments[0].command.is_some());
     assert_eq!(c.admission.memory_capacity_mb, 24000);
-    let k = Config::parse(blocks[2], &|k| Some(format!("value-of-{k}"))).unwrap();
+    let a = Config::parse(blocks[2], &|k| Some(format!("value-of-{k}"))).unwrap();
+    assert_eq!(a.models[0].deployments[0].api, UpstreamApiKind::Anthropic);
+    let k = Config::parse(blocks[3], &|k| Some(format!("value-of-{k}"))).unwrap();
     assert_eq!(k.auth.mode, AuthMode::Keys);
     assert_eq!(k.auth.keys.len(), 2);
     assert_eq!(k.limits.store, LimitStore::Redis);

@@ -326,6 +326,10 @@ fn url(d: &DeploymentConfig, key: &str) -> Check {
             format!("{key}.url"),
             "a \"sim\" deployment runs inside the gateway and takes no url; remove it, or use kind = \"local\" for a separate `mofa-gateway sim`",
         ),
+        (DeploymentKind::Local | DeploymentKind::Cloud, None) if d.api == UpstreamApiKind::Anthropic => err(
+            format!("{key}.url"),
+            "required: the root URL of the Messages API, e.g. url = \"https://api.anthropic.com\"",
+        ),
         (DeploymentKind::Local | DeploymentKind::Cloud, None) => err(
             format!("{key}.url"),
             "required: the base URL of an OpenAI-compatible API, e.g. url = \"http://127.0.0.1:9001/v1\" (or, for kind = \"local\", a command the gateway runs)",

@@ -49,7 +49,8 @@ pub(crate) struct Deployment {
     /// The variant (precision) label, e.g. `q4`, as the `x-mofa-precision` header value.
     pub variant_header: Option<HeaderValue>,
     pub upstream_model: Option<String>,
-    /// A cloud provider's API (it refuses parameters beyond OpenAI's, such as `top_k`).
+    /// A cloud provider's OpenAI API (it refuses parameters beyond OpenAI's, such as `top_k`;
+    /// Anthropic's Messages API takes `top_k`).
     pub cloud: bool,
     /// What its tokens cost (the usage ledger).
     pub prices: crate::usage::Prices,
@@ -234,7 +235,8 @@ impl Deployment {
                 .as_deref()
                 .and_then(|v| HeaderValue::from_str(v).ok()),
             upstream_model: cfg.upstream_model.clone(),
-            cloud: cfg.kind == crate::config::DeploymentKind::Cloud,
+            cloud: cfg.kind == crate::config::DeploymentKind::Cloud
+                && cfg.api == crate::config::UpstreamApiKind::OpenAi,
             prices: crate::usage::Prices::of(cfg),
             base_url: url.to_owned(),
             urls,

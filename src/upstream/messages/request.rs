@@ -592,20 +592,21 @@ fn image_source(url: String) -> Option<ImageSource> {
 /// An assistant's tool call as a `tool_use` block (`arguments` parsed: a JSON object).
 fn tool_use(call: InToolCall, i: usize, j: usize) -> Result<Block, Refused> {
     let args = call.function.arguments.trim();
-    let input =
-        if args.is_empty() {
-            Value::Object(Map::new())
-        } else {
-            match serde_json::from_str::<Value>(args) {
-                Ok(v @ Value::Object(_)) => v,
-                _ => return Err(refuse(
+    let input = if args.is_empty() {
+        Value::Object(Map::new())
+    } else {
+        match serde_json::from_str::<Value>(args) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                return Err(refuse(
                     "messages",
                     format!(
                         "messages[{i}].tool_calls[{j}].function.arguments: must be a JSON object"
                     ),
-                )),
+                ))
             }
-        };
+        }
+    };
     Ok(Block::ToolUse {
         id: call.id,
         name: call.function.name,

@@ -476,6 +476,8 @@ fn a_deployment_sends_to_v1_messages_with_its_headers() {
     let d =
         crate::upstream::Deployment::new("m", &cfg, "https://api.anthropic.com/v1", None, 1 << 20)
             .unwrap();
+    // A Messages request's `top_k` is not dropped for it (see `proxy::forward`).
+    assert!(!d.cloud);
     let dbg = format!("{d:?}");
     assert!(dbg.contains("https://api.anthropic.com\""), "{dbg}");
     assert!(!dbg.contains("sk-ant-secret"), "{dbg}");
