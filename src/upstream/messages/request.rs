@@ -10,8 +10,9 @@
 //!   requires one) becomes `max_tokens`; `stop` becomes `stop_sequences`; `temperature`,
 //!   `top_p`, `top_k` and `stream` keep their names; `user` becomes `metadata.user_id`;
 //! - function `tools` become `{name, description, input_schema}`; `tool_choice` `auto` /
-//!   `required` / `none` / a named function becomes `auto` / `any` / `none` / `tool`, and
-//!   `parallel_tool_calls: false` becomes its `disable_parallel_tool_use: true`.
+//!   `required` / `none` / a named function becomes `auto` / `any` / `none` / `tool` (left
+//!   out without tools), and `parallel_tool_calls: false` becomes its
+//!   `disable_parallel_tool_use: true`.
 //!
 //! What the Messages API cannot do is refused ([`Refused`], a 400 naming the field), never
 //! silently lost: `n` > 1, `logprobs`, `top_logprobs`, a JSON `response_format`, non-zero
@@ -346,7 +347,9 @@ pub(crate) fn to_messages(body: &[u8]) -> Result<Vec<u8>, Refused> {
         _ => None,
     };
     let disable_parallel = req.parallel_tool_calls == Some(false);
+    // Without tools, a tool choice means nothing (the Messages API refuses one).
     let tool_choice = match req.tool_choice {
+        Some(_) if tools.is_none() => None,
         Some(c) => Some(tool_choice(c, disable_parallel)?),
         None if disable_parallel && tools.is_some() => Some(OutToolChoice::Auto {
             disable_parallel_tool_use: true,
@@ -771,8 +774,14 @@ mod tests {
         assert!(base(Value::Null, json!(true)).get("tool_choice").is_none());
         let r = refused(json!({"model": "m", "messages": [], "tools": [{"type": "web_search"}]}));
         assert_eq!(r.param, Some("tools"));
-        let r = refused(json!({"model": "m", "messages": [], "tool_choice": "sometimes"}));
+        let r = refused(
+            json!({"model": "m", "messages": [], "tools": tools, "tool_choice": "sometimes"}),
+        );
         assert_eq!(r.param, Some("tool_choice"));
+        let out = translate(
+            json!({"model": "m", "messages": [], "tool_choice": "none", "parallel_tool_calls": false}),
+        );
+        assert!(out.get("tool_choice").is_none() && out.get("tools").is_none());
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl MessagesStream {
                 self.blocks.push((index, kind));
                 match kind {
                     BlockKind::Text => {
-                        if let Some(t) = block.text.filter(|t| is_text(t)) {
+                        if let Some(t) = block.text.filter(is_text) {
                             self.content(t, out);
                         }
                     }
@@ -236,12 +236,12 @@ impl MessagesStream {
                     .map(|(_, k)| *k);
                 match (delta.kind.as_deref(), block) {
                     (Some("text_delta"), Some(BlockKind::Text) | None) => {
-                        if let Some(t) = delta.text.filter(|t| is_text(t)) {
+                        if let Some(t) = delta.text.filter(is_text) {
                             self.content(t, out);
                         }
                     }
                     (Some("input_json_delta"), Some(BlockKind::Tool(i))) => {
-                        let Some(p) = delta.partial_json.filter(|t| is_text(t)) else {
+                        let Some(p) = delta.partial_json.filter(is_text) else {
                             return;
                         };
                         self.content_events += 1;

@@ -194,13 +194,29 @@ fn the_usage_chunk_only_when_asked() {
     assert_eq!(stats.usage.map(|u| u.completion_tokens), Some(42));
 }
 
+/// `text` with every `"created":<seconds>` as `"created":0` (the clock may tick between runs).
+fn without_created(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("\"created\":") {
+        let (head, tail) = rest.split_at(i + "\"created\":".len());
+        out.push_str(head);
+        out.push('0');
+        rest = tail.trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    out.push_str(rest);
+    out
+}
+
 #[test]
 fn chunks_split_anywhere_give_the_same_output() {
     let text = tool_stream().replace('\n', "\r\n");
     let (whole, _, _) = run(&text, 0, true);
+    let whole = without_created(&whole);
+    assert!(whole.contains("\"created\":0,"), "{whole}");
     for size in [1, 2, 3, 7, 64, 1000] {
         let (split, stats, r) = run(&text, size, true);
-        assert_eq!(split, whole, "pieces of {size}");
+        assert_eq!(without_created(&split), whole, "pieces of {size}");
         assert!(r.complete());
         assert_eq!(stats.usage.map(|u| u.prompt_tokens), Some(24));
     }
@@ -635,4 +651,87 @@ fn include_usage_is_read_from_the_request() {
     assert!(!include_usage(br#"{"stream_options":null}"#));
     assert!(!include_usage(b"{}"));
     assert!(!include_usage(b"garbage"));
+}
+
+/// Relays `text` (the first `first` bytes as the first chunk, then pieces of 5 bytes) through
+/// the relay, as a client without a transform gets it; and how it ended.
+async fn relayed(text: &str, first: usize) -> (String, crate::upstream::StreamEnd, StreamStats) {
+    use crate::upstream::relay::{Limits, PendingStream};
+    use http_body_util::BodyExt;
+    let mut reader = api().stream(br#"{"stream_options":{"include_usage":true}}"#);
+    let mut stats = StreamStats::default();
+    let first_out = reader.read(
+        Bytes::copy_from_slice(&text.as_bytes()[..first]),
+        &mut stats,
+    );
+    let rest: Vec<Result<Bytes, hyper::Error>> = text.as_bytes()[first..]
+        .chunks(5)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let p = PendingStream {
+        first: first_out,
+        rest: Box::pin(futures_util::stream::iter(rest)),
+        limits: Limits {
+            idle: std::time::Duration::from_secs(5),
+            deadline: None,
+        },
+        label: "cloud(anthropic)".into(),
+        stats,
+        reader,
+    };
+    let end = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let e = end.clone();
+    let body = p.relay(Box::new(move |how, stats| {
+        *e.lock().unwrap() = Some((how, stats));
+    }));
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let (how, stats) = end.lock().unwrap().take().unwrap();
+    (String::from_utf8(bytes.to_vec()).unwrap(), how, stats)
+}
+
+#[tokio::test]
+async fn the_relay_ends_a_messages_stream_as_an_openai_one() {
+    use crate::upstream::StreamEnd;
+    let (out, end, stats) = relayed(&tool_stream(), 40).await;
+    assert_eq!(end, StreamEnd::Complete);
+    assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+    assert_eq!(stats.usage.map(|u| u.completion_tokens), Some(42));
+
+    // Its error event: relayed once, the stream ends there, no [DONE].
+    let text = format!(
+        "{}{}",
+        &tool_stream()[..tool_stream().find("event: content_block_start").unwrap()],
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"boom\"}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+    );
+    let (out, end, _) = relayed(&text, 10).await;
+    assert_eq!(end, StreamEnd::Failed);
+    assert_eq!(out.matches("event: error").count(), 1, "{out}");
+    assert!(out.contains("boom") && !out.contains("[DONE]"), "{out}");
+
+    // Cut before message_stop: the relay's own error event.
+    let cut = &tool_stream()[..tool_stream().find("event: message_delta").unwrap()];
+    let (out, end, stats) = relayed(cut, 10).await;
+    assert_eq!(end, StreamEnd::Failed);
+    assert_eq!(out.matches("event: error").count(), 1, "{out}");
+    assert!(
+        out.contains("upstream_disconnected") && !out.contains("[DONE]"),
+        "{out}"
+    );
+    // Billed what it streamed: the prompt, and at least a token per fragment.
+    assert_eq!(
+        stats.usage,
+        Some(Usage {
+            prompt_tokens: 24,
+            completion_tokens: 4
+        })
+    );
+
+    // An announced error whose data never came: the relay's event, once.
+    let text = format!(
+        "{}event: error\n",
+        &tool_stream()[..tool_stream().find("event: content_block_start").unwrap()]
+    );
+    let (out, end, _) = relayed(&text, 10).await;
+    assert_eq!(end, StreamEnd::Failed);
+    assert_eq!(out.matches("event: error").count(), 1, "{out}");
 }
