@@ -596,8 +596,10 @@ impl ApiError {
     }
 
     /// Maps a failed upstream call (nothing sent to the client yet) to the client's answer:
-    /// connect failure 502, timeout 504, upstream 429/503 503 with `Retry-After`, other 5xx 502,
-    /// other 4xx passed through with their status (wrapped in the envelope if they were not).
+    /// connect failure 502, timeout 504, upstream 429/503/529 503 with `Retry-After`, other 5xx
+    /// 502, other 4xx passed through with their status (wrapped in the envelope if they were
+    /// not); refused credentials 502; a request the deployment's API cannot carry 400 naming
+    /// the field.
     pub(crate) fn from_upstream(backend: &str, e: UpstreamError) -> Self {
         let source = e.to_string();
         let err = match e {
@@ -616,12 +618,32 @@ impl ApiError {
                 backend,
                 format!("its reply is larger than server.max_response_bytes ({limit})"),
             ),
+            // The client's key is not the one refused: never its 401.
+            UpstreamError::Credentials { status, kind } => Self::upstream_unavailable(
+                backend,
+                format!(
+                    "it refused the gateway's credentials for it ({}{}); check the deployment's api_key",
+                    status.as_u16(),
+                    kind.map(|k| format!(" {}", truncate(&k, 60))).unwrap_or_default()
+                ),
+            ),
+            UpstreamError::Unsupported { param, message } => {
+                let mut e = Self::new(
+                    ErrorKind::InvalidValue,
+                    format!("The backend {backend} cannot carry this request: {message}"),
+                )
+                .at(backend);
+                e.param = param;
+                e
+            }
             UpstreamError::Status {
                 status,
                 retry_after,
                 body,
             } => match status.as_u16() {
-                429 | 503 => Self::upstream_busy(backend, status, retry_after.unwrap_or(1)),
+                429 | 503 | 529 => {
+                    Self::upstream_busy(backend, status, retry_after.unwrap_or(1))
+                }
                 408 => Self::upstream_timeout(backend, "the backend answered 408"),
                 400..=499 => {
                     let mut e = Self::new(

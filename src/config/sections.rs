@@ -239,16 +239,24 @@ pub enum UpstreamApiKind {
     #[default]
     #[serde(rename = "openai")]
     OpenAi,
+    /// Anthropic's Messages API (`POST /v1/messages`), with `x-api-key` and
+    /// `anthropic-version`.
+    #[serde(rename = "anthropic")]
+    Anthropic,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentConfig {
     pub kind: DeploymentKind,
-    /// The API it speaks (`openai`, the default and only value for now).
+    /// The API it speaks: `openai` (the default) or `anthropic`.
     #[serde(default)]
     pub api: UpstreamApiKind,
-    /// Base URL of the OpenAI-compatible API, ending in `/v1` (not for `sim`).
+    /// `api = "anthropic"` only: the `anthropic-version` header (default `2023-06-01`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic_version: Option<String>,
+    /// Base URL of the API: an OpenAI-compatible one ending in `/v1`; Anthropic's root
+    /// (`https://api.anthropic.com`, a trailing `/v1` accepted). Not for `sim`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// `cloud` only: the provider's name, shown as `cloud(<provider>)`.
@@ -257,7 +265,8 @@ pub struct DeploymentConfig {
     /// A label for this variant (e.g. `q8`), shown as `local(<model>@<variant>)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
-    /// Sent upstream as `Authorization: Bearer <api_key>`. Use `${ENV_VAR}`.
+    /// Sent upstream as `Authorization: Bearer <api_key>` (`x-api-key` with
+    /// `api = "anthropic"`). Use `${ENV_VAR}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<Secret>,
     /// Replaces `model` in the forwarded request.

@@ -24,14 +24,16 @@ fn documented_examples_parse() {
         .skip(1)
         .map(|b| b.split("```").next().unwrap())
         .collect();
-    assert_eq!(blocks.len(), 3);
+    assert_eq!(blocks.len(), 4);
     assert_eq!(blocks[0].trim(), DEFAULT_CONFIG.trim());
     let c = Config::parse(blocks[1], &|k| Some(format!("value-of-{k}"))).unwrap();
     assert_eq!(c.models.len(), 3);
     assert_eq!(c.models[0].deployments.len(), 4);
     assert!(c.models[1].deployments[0].command.is_some());
     assert_eq!(c.admission.memory_capacity_mb, 24000);
-    let k = Config::parse(blocks[2], &|k| Some(format!("value-of-{k}"))).unwrap();
+    let a = Config::parse(blocks[2], &|k| Some(format!("value-of-{k}"))).unwrap();
+    assert_eq!(a.models[0].deployments[0].api, UpstreamApiKind::Anthropic);
+    let k = Config::parse(blocks[3], &|k| Some(format!("value-of-{k}"))).unwrap();
     assert_eq!(k.auth.mode, AuthMode::Keys);
     assert_eq!(k.auth.keys.len(), 2);
     assert_eq!(k.limits.store, LimitStore::Redis);
@@ -446,4 +448,55 @@ fn a_deployment_names_its_api() {
     let e = parse(&text).unwrap_err().to_string();
     assert!(e.starts_with("models[0].deployments[0].api:"), "{e}");
     assert!(e.contains("unknown variant") && e.contains("openai"), "{e}");
+}
+
+#[test]
+fn an_anthropic_deployment_and_its_keys() {
+    let anthropic = CLOUD
+        .replace("kind = \"cloud\"", "kind = \"cloud\"\napi = \"anthropic\"")
+        .replace("https://api.example.test/v1", "https://api.anthropic.com");
+    let cfg = parse(&anthropic).unwrap();
+    let d = &cfg.models[0].deployments[0];
+    assert_eq!(d.api, UpstreamApiKind::Anthropic);
+    assert_eq!(d.anthropic_version, None);
+
+    let text = format!(
+        "{anthropic}\nanthropic_version = \"2024-01-01\"\nheaders = {{ \"anthropic-beta\" = \"tools-2024\" }}"
+    );
+    let cfg = parse(&text).unwrap();
+    let d = &cfg.models[0].deployments[0];
+    assert_eq!(d.anthropic_version.as_deref(), Some("2024-01-01"));
+    assert_eq!(d.headers["anthropic-beta"], "tools-2024");
+
+    // Each refusal names its key.
+    for (extra, at) in [
+        ("anthropic_version = \"\"", "anthropic_version"),
+        ("anthropic_version = \"a\\nb\"", "anthropic_version"),
+        ("headers = { \"X-Api-Key\" = \"k\" }", "headers.X-Api-Key"),
+        (
+            "headers = { \"anthropic-version\" = \"x\" }",
+            "headers.anthropic-version",
+        ),
+        ("headers = { \"bad name\" = \"x\" }", "headers.bad name"),
+        (
+            "headers = { \"anthropic-beta\" = \"a\\u0001\" }",
+            "headers.anthropic-beta",
+        ),
+    ] {
+        let e = parse(&format!("{anthropic}\n{extra}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("models[0].deployments[0].{at}:")),
+            "{extra}: {e}"
+        );
+    }
+    // `anthropic_version` is Anthropic's only.
+    let e = parse(&format!("{CLOUD}\nanthropic_version = \"2023-06-01\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("models[0].deployments[0].anthropic_version:"),
+        "{e}"
+    );
 }

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 
 use super::auth::{AuthMode, FileKeys, KeyConfig};
 use super::error::{err, ConfigError};
-use super::{Config, DeploymentConfig, DeploymentKind, LimitStore, ModelConfig, UsageStore};
+use super::{
+    Config, DeploymentConfig, DeploymentKind, LimitStore, ModelConfig, UpstreamApiKind, UsageStore,
+};
 use crate::routing::Policy;
 
 type Check = Result<(), ConfigError>;
@@ -264,6 +266,7 @@ fn deployment(d: &DeploymentConfig, key: &str) -> Check {
     sizes(d, key)?;
     timeouts(d, key)?;
     headers(d, key)?;
+    anthropic(d, key)?;
     sim_only(d, key)
 }
 
@@ -322,6 +325,10 @@ fn url(d: &DeploymentConfig, key: &str) -> Check {
         (DeploymentKind::Sim, Some(_)) => err(
             format!("{key}.url"),
             "a \"sim\" deployment runs inside the gateway and takes no url; remove it, or use kind = \"local\" for a separate `mofa-gateway sim`",
+        ),
+        (DeploymentKind::Local | DeploymentKind::Cloud, None) if d.api == UpstreamApiKind::Anthropic => err(
+            format!("{key}.url"),
+            "required: the root URL of the Messages API, e.g. url = \"https://api.anthropic.com\"",
         ),
         (DeploymentKind::Local | DeploymentKind::Cloud, None) => err(
             format!("{key}.url"),
@@ -458,6 +465,43 @@ fn headers(d: &DeploymentConfig, key: &str) -> Check {
             return err(
                 format!("{key}.headers.{name}"),
                 "set the key with api_key instead, so that it stays masked",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `api = "anthropic"`: its `anthropic_version`, and no header that would carry a second key or
+/// version; `anthropic_version` with another API.
+fn anthropic(d: &DeploymentConfig, key: &str) -> Check {
+    if d.api != UpstreamApiKind::Anthropic {
+        if d.anthropic_version.is_some() {
+            return err(
+                format!("{key}.anthropic_version"),
+                "only applies with api = \"anthropic\"; remove it",
+            );
+        }
+        return Ok(());
+    }
+    if let Some(v) = &d.anthropic_version {
+        if v.trim().is_empty() || axum::http::HeaderValue::from_str(v).is_err() {
+            return err(
+                format!("{key}.anthropic_version"),
+                "is not a valid header value; write it as anthropic_version = \"2023-06-01\"",
+            );
+        }
+    }
+    for name in d.headers.keys() {
+        if name.eq_ignore_ascii_case("x-api-key") {
+            return err(
+                format!("{key}.headers.{name}"),
+                "set the key with api_key instead, so that it stays masked",
+            );
+        }
+        if name.eq_ignore_ascii_case("anthropic-version") {
+            return err(
+                format!("{key}.headers.{name}"),
+                "set it with anthropic_version instead",
             );
         }
     }

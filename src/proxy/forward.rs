@@ -79,10 +79,11 @@ impl Suspect {
     }
 }
 
-/// A 5xx answer that is not an overload signal: the request may have caused it.
+/// A 5xx answer that is not an overload signal (503, Anthropic's 529): the request may have
+/// caused it.
 fn maybe_the_requests_fault(e: &UpstreamError) -> bool {
     matches!(e, UpstreamError::Status { status, .. }
-        if status.is_server_error() && status.as_u16() != 503)
+        if status.is_server_error() && !matches!(status.as_u16(), 503 | 529))
 }
 
 /// Runs one try of `req` under `permit`; `start_by`: the latest a pool server may take to

@@ -1,12 +1,13 @@
 //! The seam of the APIs deployments speak ([`UpstreamApi`]): where each endpoint lives under a
 //! deployment's base URL, how its credentials are sent, how an OpenAI-form request becomes its
 //! body, how its replies, streams and errors read as the gateway's common form (OpenAI's reply,
-//! OpenAI's SSE chunks, an [`UpstreamError`]). A deployment names its API in the config
-//! (`api = "openai"`, the one value today: [`OpenAiCompatible`]).
+//! OpenAI's SSE chunks, an [`UpstreamError`]). A deployment names its API in the config:
+//! `api = "openai"` ([`OpenAiCompatible`], the default) or `api = "anthropic"`
+//! ([`super::messages::MessagesApi`]).
 //!
 //! Adding an upstream API is one module that implements [`UpstreamApi`] (and [`StreamReader`])
-//! plus its value in `config::UpstreamApiKind` and [`for_kind`]. The client, its timeouts, the
-//! relay and the breakers stay as they are.
+//! plus its value in `config::UpstreamApiKind` and [`for_deployment`]. The client, its
+//! timeouts, the relay and the breakers stay as they are.
 //!
 //! It must not do I/O (the client in `upstream` does), nor decide retries or routing: it says
 //! what a reply is, the caller decides what to do with it.
@@ -21,7 +22,7 @@ use serde::Deserialize;
 use super::relay::StreamStats;
 use super::wire::{error_message, retry_after_secs, sse_content_events, sse_error_in, sse_usage};
 use super::{Endpoint, UpstreamError, Usage};
-use crate::config::{Secret, UpstreamApiKind};
+use crate::config::{DeploymentConfig, Secret, UpstreamApiKind};
 
 /// An API a deployment speaks (see the module doc).
 pub(crate) trait UpstreamApi: Send + Sync {
@@ -31,8 +32,19 @@ pub(crate) trait UpstreamApi: Send + Sync {
     /// The path the health probe reads (2xx: healthy).
     fn probe_path(&self) -> &'static str;
 
+    /// The base URL the paths go under, from the configured `url` (without a trailing `/`).
+    fn base<'a>(&self, url: &'a str) -> &'a str {
+        url.trim_end_matches('/')
+    }
+
     /// The headers that carry the deployment's `api_key` (marked sensitive).
     fn credentials(&self, key: &Secret) -> Result<Vec<(HeaderName, HeaderValue)>, String>;
+
+    /// Headers every request of this API carries, the probe's included, beside the
+    /// credentials (a version header).
+    fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        Vec::new()
+    }
 
     /// The body to send for an OpenAI-form request body (already renamed and trimmed for the
     /// deployment); `Err`: this API cannot carry it.
@@ -42,8 +54,10 @@ pub(crate) trait UpstreamApi: Send + Sync {
     /// error inside a 2xx, or not what was asked for).
     fn read_reply(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), UpstreamError>;
 
-    /// A reader for one streamed reply.
-    fn stream(&self) -> Box<dyn StreamReader>;
+    /// A reader for one streamed reply to `request` (the OpenAI-form body given to
+    /// [`UpstreamApi::request_body`]: it says what the client asked for, such as the final
+    /// usage chunk).
+    fn stream(&self, request: &[u8]) -> Box<dyn StreamReader>;
 
     /// A non-2xx reply as an error: its status, retry advice and body.
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: Bytes) -> UpstreamError;
@@ -65,13 +79,23 @@ pub(crate) trait StreamReader: Send {
 
     /// The stream's end marker came (`data: [DONE]`): an end without it is a cut.
     fn complete(&self) -> bool;
+
+    /// [`StreamReader::error`] as a failure of the call, when it came before anything reached
+    /// the client (in the first chunk): by default a broken reply; an API whose in-stream
+    /// errors say more (an overload) says so.
+    fn failure(&self) -> Option<UpstreamError> {
+        self.error().map(|m| UpstreamError::Invalid(m.to_owned()))
+    }
 }
 
-/// The upstream API of a deployment configured with `kind`.
-pub(crate) fn for_kind(kind: UpstreamApiKind) -> Arc<dyn UpstreamApi> {
-    match kind {
+/// The upstream API of a deployment configured as `cfg` (its `api` and that API's keys).
+pub(crate) fn for_deployment(cfg: &DeploymentConfig) -> Result<Arc<dyn UpstreamApi>, String> {
+    Ok(match cfg.api {
         UpstreamApiKind::OpenAi => Arc::new(OpenAiCompatible),
-    }
+        UpstreamApiKind::Anthropic => Arc::new(super::messages::MessagesApi::new(
+            cfg.anthropic_version.as_deref(),
+        )?),
+    })
 }
 
 /// The OpenAI-compatible API (OpenAI, llama-server, vLLM, Ollama, the simulator): requests go
@@ -118,7 +142,7 @@ impl UpstreamApi for OpenAiCompatible {
         }
     }
 
-    fn stream(&self) -> Box<dyn StreamReader> {
+    fn stream(&self, _request: &[u8]) -> Box<dyn StreamReader> {
         Box::new(OpenAiStream::default())
     }
 
@@ -215,7 +239,7 @@ mod tests {
     #[test]
     fn openai_stream_reads_usage_content_errors_and_the_end() {
         let api = OpenAiCompatible;
-        let mut r = api.stream();
+        let mut r = api.stream(b"{}");
         let mut stats = StreamStats::default();
         let chunk = Bytes::from_static(
             b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n",
@@ -231,7 +255,7 @@ mod tests {
         assert!(r.complete());
         assert_eq!(r.error(), None);
 
-        let mut r = api.stream();
+        let mut r = api.stream(b"{}");
         r.read(Bytes::from_static(b"event: error\n"), &mut stats);
         assert!(r.error_announced());
         assert_eq!(r.error(), None);

@@ -21,6 +21,7 @@ use crate::headers::UPSTREAM_REQUEST_ID;
 
 mod api;
 mod client;
+mod messages;
 mod relay;
 mod wire;
 
@@ -48,7 +49,8 @@ pub(crate) struct Deployment {
     /// The variant (precision) label, e.g. `q4`, as the `x-mofa-precision` header value.
     pub variant_header: Option<HeaderValue>,
     pub upstream_model: Option<String>,
-    /// A cloud provider's API (it refuses parameters beyond OpenAI's, such as `top_k`).
+    /// A cloud provider's OpenAI API (it refuses parameters beyond OpenAI's, such as `top_k`;
+    /// Anthropic's Messages API takes `top_k`).
     pub cloud: bool,
     /// What its tokens cost (the usage ledger).
     pub prices: crate::usage::Prices,
@@ -104,6 +106,18 @@ pub(crate) enum UpstreamError {
     Invalid(String),
     /// A non-streaming reply larger than `server.max_response_bytes`.
     TooLarge(usize),
+    /// The deployment's API cannot carry the request as asked (a parameter it has no
+    /// equivalent for, an endpoint it lacks): never sent. `param`: the request field at fault.
+    Unsupported {
+        param: Option<&'static str>,
+        message: String,
+    },
+    /// The upstream refused the gateway's own credentials (its 401 or 403, with its error
+    /// type): the deployment's configuration is at fault, not the client's request.
+    Credentials {
+        status: StatusCode,
+        kind: Option<String>,
+    },
 }
 
 impl std::fmt::Display for UpstreamError {
@@ -114,6 +128,10 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::Status { status, .. } => write!(f, "answered {}", status.as_u16()),
             UpstreamError::Invalid(d) => write!(f, "invalid reply: {d}"),
             UpstreamError::TooLarge(n) => write!(f, "reply larger than {n} bytes"),
+            UpstreamError::Unsupported { message, .. } => write!(f, "unsupported: {message}"),
+            UpstreamError::Credentials { status, .. } => {
+                write!(f, "refused the credentials ({})", status.as_u16())
+            }
         }
     }
 }
@@ -122,12 +140,16 @@ impl std::error::Error for UpstreamError {}
 
 impl UpstreamError {
     /// Whether another deployment should be tried: connection failures, timeouts, broken
-    /// replies, 5xx, 408 and 429. Never a client error (other 4xx) or an oversized reply.
+    /// replies, refused credentials, 5xx (529 included), 408 and 429, and a request this API
+    /// cannot carry (another deployment's API may). Never a client error (other 4xx) or an
+    /// oversized reply.
     pub(crate) fn retryable(&self) -> bool {
         match self {
-            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::Invalid(_) => {
-                true
-            }
+            UpstreamError::Connect(_)
+            | UpstreamError::Timeout(_)
+            | UpstreamError::Invalid(_)
+            | UpstreamError::Unsupported { .. }
+            | UpstreamError::Credentials { .. } => true,
             UpstreamError::TooLarge(_) => false,
             UpstreamError::Status { status, .. } => {
                 status.is_server_error() || matches!(status.as_u16(), 408 | 429)
@@ -135,8 +157,9 @@ impl UpstreamError {
         }
     }
 
-    /// What it says of the deployment, for its breaker: a 429 (or a 503 with `Retry-After`)
-    /// asks for a pause; a client error says nothing bad of it.
+    /// What it says of the deployment, for its breaker: a 429 or a 529 (Anthropic's
+    /// `overloaded_error`), or a 503 with `Retry-After`, asks for a pause; a client error, or a
+    /// request its API cannot carry, says nothing bad of it.
     pub(crate) fn outcome(&self, now: std::time::Instant) -> Outcome {
         match self {
             UpstreamError::Status {
@@ -144,13 +167,13 @@ impl UpstreamError {
                 retry_after,
                 ..
             } => match (status.as_u16(), retry_after) {
-                (429, ra) | (503, ra @ Some(_)) => {
+                (429 | 529, ra) | (503, ra @ Some(_)) => {
                     Outcome::CoolDown(now + Duration::from_secs(ra.unwrap_or(1).min(3600)))
                 }
                 (s, _) if s >= 500 || s == 408 => Outcome::Failure,
                 _ => Outcome::Success,
             },
-            UpstreamError::TooLarge(_) => Outcome::Success,
+            UpstreamError::TooLarge(_) | UpstreamError::Unsupported { .. } => Outcome::Success,
             _ => Outcome::Failure,
         }
     }
@@ -181,11 +204,13 @@ impl Deployment {
         max_response_bytes: usize,
     ) -> Result<Deployment, String> {
         let client = HttpClient::new(Duration::from_millis(cfg.connect_timeout_ms))?;
-        let api = api::for_kind(cfg.api);
-        let credentials = match &cfg.api_key {
+        let api = api::for_deployment(cfg)?;
+        let mut credentials = match &cfg.api_key {
             Some(key) => api.credentials(key)?,
             None => Vec::new(),
         };
+        credentials.extend(api.headers());
+        let url = api.base(url);
         let extra_headers = cfg
             .headers
             .iter()
@@ -210,13 +235,12 @@ impl Deployment {
                 .as_deref()
                 .and_then(|v| HeaderValue::from_str(v).ok()),
             upstream_model: cfg.upstream_model.clone(),
-            cloud: cfg.kind == crate::config::DeploymentKind::Cloud,
+            cloud: cfg.kind == crate::config::DeploymentKind::Cloud
+                && cfg.api == crate::config::UpstreamApiKind::OpenAi,
             prices: crate::usage::Prices::of(cfg),
-            base_url: url.trim_end_matches('/').to_owned(),
+            base_url: url.to_owned(),
             urls,
-            models_url: format!("{}{}", url.trim_end_matches('/'), api.probe_path())
-                .parse()
-                .ok(),
+            models_url: format!("{url}{}", api.probe_path()).parse().ok(),
             api,
             dynamic_base,
             credentials,
@@ -235,7 +259,9 @@ impl Deployment {
     pub(crate) async fn probe(&self) -> bool {
         let url = match &self.dynamic_base {
             Some(m) => match m() {
-                Some(u) => format!("{u}{}", self.api.probe_path()).parse::<Uri>().ok(),
+                Some(u) => format!("{}{}", self.api.base(&u), self.api.probe_path())
+                    .parse::<Uri>()
+                    .ok(),
                 None => return true, // not running: the pool's business, not a failure
             },
             None => self.models_url.clone(),
@@ -279,6 +305,7 @@ impl Deployment {
             let fb = tokio::time::Instant::now() + self.first_byte_timeout;
             deadline.map_or(fb, |d| d.min(fb))
         };
+        let request = body.clone();
         let body = self.api.request_body(endpoint, body)?;
         let req = self.request(endpoint, body.clone(), request_id, stream)?;
         let again = || self.request(endpoint, body, request_id, stream).ok();
@@ -317,15 +344,15 @@ impl Deployment {
             .map_err(|_| UpstreamError::Timeout("first byte"))??;
         match got {
             Ok((first, rest)) => {
-                let mut reader = self.api.stream();
+                let mut reader = self.api.stream(&request);
                 let mut stats = StreamStats {
                     bytes: first.len() as u64,
                     chunks: 1,
                     ..StreamStats::default()
                 };
                 let first = reader.read(first, &mut stats);
-                if let Some(msg) = reader.error() {
-                    return Err(UpstreamError::Invalid(msg.to_owned()));
+                if let Some(e) = reader.failure() {
+                    return Err(e);
                 }
                 Ok(Reply::Stream(PendingStream {
                     first,
@@ -356,7 +383,7 @@ impl Deployment {
         let url = match &self.dynamic_base {
             Some(m) => {
                 let path = self.api.path(endpoint);
-                match m().and_then(|b| format!("{b}{path}").parse::<Uri>().ok()) {
+                match m().and_then(|b| format!("{}{path}", self.api.base(&b)).parse::<Uri>().ok()) {
                     Some(url) => url,
                     None => {
                         return Err(UpstreamError::Connect(
@@ -462,9 +489,9 @@ impl Deployment {
     }
 }
 
-/// The URL of each endpoint under `base`, in `Endpoint` order.
+/// The URL of each endpoint under `base` (as [`UpstreamApi::base`] gave it), in `Endpoint`
+/// order.
 fn endpoint_urls(api: &dyn UpstreamApi, base: &str) -> Option<[Uri; 3]> {
-    let base = base.trim_end_matches('/');
     let url = |e: Endpoint| format!("{base}{}", api.path(e)).parse::<Uri>().ok();
     Some([
         url(Endpoint::ChatCompletions)?,

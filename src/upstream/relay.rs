@@ -314,7 +314,7 @@ mod transform_tests {
             },
             label: "b".into(),
             stats: StreamStats::default(),
-            reader: super::super::api::OpenAiCompatible.stream(),
+            reader: super::super::api::OpenAiCompatible.stream(b"{}"),
         }
     }
 
