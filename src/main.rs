@@ -90,7 +90,7 @@ struct SimArgs {
     #[arg(long, default_value = "127.0.0.1:9001")]
     listen: SocketAddr,
     /// The API to speak: `openai` (/v1/chat/completions, ...) or `anthropic` (/v1/messages;
-    /// failures are 529 `overloaded_error`, the key comes in `x-api-key`).
+    /// failures are 529 `overloaded_error`, the key may come in `x-api-key`).
     #[arg(long, value_enum, default_value_t = SimApiArg::Openai)]
     api: SimApiArg,
     /// Model ids to serve (repeatable).
@@ -115,8 +115,8 @@ struct SimArgs {
     /// Never answer (requests hang until the client gives up).
     #[arg(long)]
     hang: bool,
-    /// Require `Authorization: Bearer <KEY>` (--api anthropic: `x-api-key: <KEY>`), read from
-    /// this environment variable.
+    /// Require `Authorization: Bearer <KEY>` (--api anthropic: or `x-api-key: <KEY>`), read
+    /// from this environment variable.
     #[arg(long, value_name = "ENV_VAR")]
     api_key_env: Option<String>,
     /// Request bodies larger than this many bytes get 413 (default: the gateway's 20 MiB).

@@ -1,7 +1,7 @@
 //! The simulator speaking Anthropic's Messages API (`SimApi::Anthropic`, `sim --api anthropic`),
 //! over TCP on loopback: the message and its event stream (order and shapes), the same words and
 //! tool calls as the OpenAI mode, `max_tokens` and `stop_sequences`, tool results, the faults
-//! (529, a stream cut with `event: error`), the key in `x-api-key`, the error envelope for bad
+//! (529, a stream cut with `event: error`), the key in `x-api-key` or as a bearer token, the error envelope for bad
 //! input, and `/sim/stats`.
 
 mod common;
@@ -489,7 +489,7 @@ fn assert_error(v: &Value, kind: &str) {
 }
 
 #[tokio::test]
-async fn the_key_comes_in_x_api_key() {
+async fn the_key_comes_in_x_api_key_or_as_a_bearer_token() {
     let addr = start(SimOptions {
         api_key: Some("sk-ant-sim".into()),
         ..anthropic()
@@ -499,12 +499,22 @@ async fn the_key_comes_in_x_api_key() {
     for headers in [
         vec![],
         vec![("x-api-key", "wrong")],
-        vec![("authorization", "Bearer sk-ant-sim")],
+        vec![("authorization", "Bearer wrong")],
+        vec![("authorization", "sk-ant-sim")],
     ] {
         let resp = post_with(addr, "/v1/messages", &body, &headers).await;
         assert_eq!(resp.status(), 401, "{headers:?}");
         assert_error(&resp.json().await.unwrap(), "authentication_error");
     }
+    // The newer official SDKs send the key as a bearer token.
+    let resp = post_with(
+        addr,
+        "/v1/messages",
+        &body,
+        &[("authorization", "Bearer sk-ant-sim")],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
     let resp = post_with(
         addr,
         "/v1/messages",
@@ -521,8 +531,8 @@ async fn the_key_comes_in_x_api_key() {
     assert_eq!(seen["anthropic_version"], "2023-06-01");
     assert_eq!(seen["body"], body);
     let stats = get_json(&format!("http://{addr}/sim/stats")).await;
-    assert_eq!(stats["requests"], 4);
-    assert_eq!(stats["completed"], 1);
+    assert_eq!(stats["requests"], 6);
+    assert_eq!(stats["completed"], 2);
 }
 
 #[tokio::test]

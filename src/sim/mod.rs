@@ -52,7 +52,7 @@ pub enum SimApi {
     #[default]
     OpenAi,
     /// Anthropic's Messages API: `/v1/messages` (and `/count_tokens`), `/v1/models`;
-    /// `x-api-key`; errors `{"type":"error","error":{...}}`, overload as 529.
+    /// `x-api-key` (or a bearer token); errors `{"type":"error","error":{...}}`, overload as 529.
     Anthropic,
 }
 
@@ -85,8 +85,8 @@ pub struct SimOptions {
     pub die_after_tokens: Option<u64>,
     /// Never answer.
     pub hang: bool,
-    /// If set, requests must carry `Authorization: Bearer <api_key>` (Anthropic: `x-api-key`),
-    /// else 401.
+    /// If set, requests must carry `Authorization: Bearer <api_key>` (Anthropic: or
+    /// `x-api-key: <api_key>`), else 401.
     pub api_key: Option<String>,
     /// Request bodies larger than this get 413 `request_too_large`.
     pub max_body_bytes: usize,
@@ -423,21 +423,23 @@ async fn admit(
     inject_failure(sim, &body, guard).map(|g| (g, req))
 }
 
-/// `Authorization: Bearer <api_key>` (Anthropic: `x-api-key: <api_key>`) when the sim has a
+/// `Authorization: Bearer <api_key>` (Anthropic: or `x-api-key: <api_key>`) when the sim has a
 /// key, else 401.
 #[allow(clippy::result_large_err)] // the reply to send, as the handlers return it
 fn check_key(sim: &Shared, headers: &HeaderMap) -> Result<(), Response> {
     let Some(key) = &sim.opts.api_key else {
         return Ok(());
     };
-    let given = match sim.opts.api {
-        SimApi::OpenAi => headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ")),
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Anthropic's own key header; its newer SDKs send the key as a bearer token instead.
+    let x_api_key = match sim.opts.api {
+        SimApi::OpenAi => None,
         SimApi::Anthropic => headers.get("x-api-key").and_then(|v| v.to_str().ok()),
     };
-    if given == Some(key.as_str()) {
+    if bearer == Some(key.as_str()) || x_api_key == Some(key.as_str()) {
         return Ok(());
     }
     Err(sim.error(
