@@ -627,6 +627,73 @@ mod tests {
         }
     }
 
+    /// JSON made of the words a Messages request uses, nested: mostly nonsense, sometimes a
+    /// request.
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        const WORDS: [&str; 22] = [
+            "model",
+            "max_tokens",
+            "messages",
+            "role",
+            "content",
+            "type",
+            "text",
+            "user",
+            "assistant",
+            "tool_result",
+            "tool_use",
+            "tool_use_id",
+            "tools",
+            "name",
+            "input_schema",
+            "tool_choice",
+            "stop_sequences",
+            "system",
+            "stream",
+            "any",
+            "call:f",
+            "say:x call:name",
+        ];
+        let word = proptest::sample::select(&WORDS[..]).prop_map(str::to_string);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            word.clone().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 64, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec((word.clone(), inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever the body, reading it and planning the reply answers (a reply or a 400's
+        /// message) and never panics.
+        #[test]
+        fn any_body_is_answered_without_a_panic(v in arb_json(), max in 0u64..40) {
+            let mut req = json!({"model": "m", "max_tokens": max, "messages": []});
+            if let Value::Object(extra) = v.clone() {
+                for (k, x) in extra {
+                    req[k] = x;
+                }
+            }
+            for body in [v, req] {
+                if let Ok(r) = read(body) {
+                    let _ = tools::plan(&r.chat);
+                    let (_, text) = prompt(&r.chat);
+                    let length = Length::ceiling(r.max_tokens);
+                    let (pieces, _) = super::super::text_reply(&r.chat, fnv(text.as_bytes()), length);
+                    proptest::prop_assert!(pieces.len() as u64 <= length.tokens);
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn error_statuses_and_types() {
         for (given, status, kind) in [
