@@ -56,17 +56,6 @@ pub enum SimApi {
     Anthropic,
 }
 
-impl std::str::FromStr for SimApi {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "openai" => Ok(SimApi::OpenAi),
-            "anthropic" => Ok(SimApi::Anthropic),
-            _ => Err(format!("unknown API `{s}` (openai or anthropic)")),
-        }
-    }
-}
-
 /// How the simulator behaves.
 #[derive(Clone)]
 pub struct SimOptions {
