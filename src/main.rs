@@ -21,7 +21,7 @@ mod logwriter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use mofa_gateway::config::{Config, LogFormat};
-use mofa_gateway::sim::SimOptions;
+use mofa_gateway::sim::{SimApi, SimOptions};
 use mofa_gateway::{shutdown_signal, Gateway};
 
 #[derive(Parser)]
@@ -43,7 +43,8 @@ struct Cli {
 enum Command {
     /// Serve the gateway (the default). Without --config: one simulated model, `mofa-sim`.
     Serve(ServeArgs),
-    /// Serve a simulated OpenAI-compatible model server (tests, benchmarks, demos).
+    /// Serve a simulated model server, OpenAI-compatible or (--api anthropic) speaking
+    /// Anthropic's Messages API (tests, benchmarks, demos).
     Sim(SimArgs),
     /// Validate a config file and print it resolved, with secrets masked.
     CheckConfig {
@@ -116,6 +117,10 @@ struct SimArgs {
     /// Address to listen on (port 0: any free port, printed at start).
     #[arg(long, default_value = "127.0.0.1:9001")]
     listen: SocketAddr,
+    /// The API to speak: `openai` (/v1/chat/completions, ...) or `anthropic` (/v1/messages;
+    /// failures are 529 `overloaded_error`, the key may come in `x-api-key`).
+    #[arg(long, value_enum, default_value_t = SimApiArg::Openai)]
+    api: SimApiArg,
     /// Model ids to serve (repeatable).
     #[arg(long = "model", default_values_t = vec!["mofa-sim".to_string()])]
     models: Vec<String>,
@@ -128,16 +133,18 @@ struct SimArgs {
     /// Requests in flight at once; more get 503. 0 means no limit.
     #[arg(long, default_value_t = 0)]
     max_concurrency: usize,
-    /// Share of requests answered with a 500, from 0 to 1.
+    /// Share of requests answered with a 500 (--api anthropic: 529), from 0 to 1.
     #[arg(long, default_value_t = 0.0)]
     fail_rate: f64,
-    /// Drop the connection after this many tokens.
+    /// Drop the connection after this many tokens (--api anthropic: a stream ends with an
+    /// `error` event instead).
     #[arg(long)]
     die_after_tokens: Option<u64>,
     /// Never answer (requests hang until the client gives up).
     #[arg(long)]
     hang: bool,
-    /// Require `Authorization: Bearer <KEY>`, read from this environment variable.
+    /// Require `Authorization: Bearer <KEY>` (--api anthropic: or `x-api-key: <KEY>`), read
+    /// from this environment variable.
     #[arg(long, value_name = "ENV_VAR")]
     api_key_env: Option<String>,
     /// Request bodies larger than this many bytes get 413 (default: the gateway's 20 MiB).
@@ -146,6 +153,13 @@ struct SimArgs {
     /// Answer 500 to every request whose raw body contains this string (counted `failed`).
     #[arg(long, value_name = "STR")]
     fail_marker: Option<String>,
+}
+
+/// `sim --api`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SimApiArg {
+    Openai,
+    Anthropic,
 }
 
 fn main() -> ExitCode {
@@ -458,6 +472,10 @@ async fn sim(args: SimArgs) -> Result<(), String> {
         None => None,
     };
     let opts = SimOptions {
+        api: match args.api {
+            SimApiArg::Openai => SimApi::OpenAi,
+            SimApiArg::Anthropic => SimApi::Anthropic,
+        },
         models: args.models,
         ttft: Duration::from_millis(args.ttft_ms),
         tokens_per_sec: args.tokens_per_sec,
@@ -475,7 +493,7 @@ async fn sim(args: SimArgs) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // Printed on stdout so that scripts and tests can read the port.
     startup_line(&format!("mofa-sim listening on http://{addr}/v1\n"));
-    tracing::info!(%addr, models = ?opts.models, "simulator listening");
+    tracing::info!(%addr, api = ?opts.api, models = ?opts.models, "simulator listening");
     tokio::select! {
         r = mofa_gateway::sim::serve(listener, opts) => r.map_err(|e| e.to_string()),
         _ = shutdown_signal() => Ok(()),

@@ -78,3 +78,53 @@ async fn official_anthropic_sdk_sees_429_as_rate_limit_error() {
         .await;
     run_checks(gw, &["rate_limited_429"]).await;
 }
+
+/// The simulator's own Messages mode (`sim --api anthropic`, with a key), no gateway
+/// between: the SDK reads its messages, streams (text, tool use), errors, 529 and cut stream.
+#[tokio::test]
+async fn official_anthropic_sdk_reads_the_anthropic_simulator() {
+    let env = [(
+        "MOFA_SIM_TEST_KEY".to_string(),
+        "sk-ant-sim-test".to_string(),
+    )];
+    let start = |extra: &'static [&'static str]| {
+        let mut args = vec![
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "anthropic",
+            "--api-key-env",
+            "MOFA_SIM_TEST_KEY",
+        ];
+        args.extend_from_slice(extra);
+        let env = env.clone();
+        async move { run_binary_env(&args, &env).await }
+    };
+    let (_ok, ok) = start(&[]).await;
+    let (_failing, failing) = start(&["--fail-rate", "1"]).await;
+    let (_cut, cut) = start(&["--die-after-tokens", "3", "--tokens-per-sec", "200"]).await;
+    let run = |url: String, checks: &'static [&'static str]| async move {
+        // The SDK adds /v1 itself.
+        let base = url.trim_end_matches("/v1").to_string();
+        run_sdk_checks("anthropic_sim.py", &base, checks, &["ANTHROPIC_BASE_URL"]).await
+    };
+    run(
+        ok,
+        &[
+            "create_text",
+            "create_max_tokens",
+            "create_stop_sequence",
+            "stream_text",
+            "create_tools",
+            "stream_tools",
+            "tool_round_trip",
+            "bad_request",
+            "not_found",
+            "auth_401",
+        ],
+    )
+    .await;
+    run(failing, &["overloaded_529"]).await;
+    run(cut, &["stream_cut"]).await;
+}

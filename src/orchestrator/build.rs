@@ -180,6 +180,7 @@ fn sim_spec(d: &DeploymentConfig) -> impl PartialEq + '_ {
         &d.upstream_model,
         d.ttft_ms,
         d.tokens_per_sec.map(f64::to_bits),
+        d.api,
     )
 }
 
@@ -406,6 +407,11 @@ async fn sim_url(m: &ModelConfig, d: &DeploymentConfig) -> Result<String, BuildE
         models: vec![d.upstream_model.clone().unwrap_or_else(|| m.name.clone())],
         ttft: Duration::from_millis(d.ttft_ms.unwrap_or(0)),
         tokens_per_sec: d.tokens_per_sec.unwrap_or(0.0),
+        // The simulator speaks the API the deployment is configured to call.
+        api: match d.api {
+            crate::config::UpstreamApiKind::OpenAi => crate::sim::SimApi::OpenAi,
+            crate::config::UpstreamApiKind::Anthropic => crate::sim::SimApi::Anthropic,
+        },
         ..Default::default()
     };
     let addr = crate::sim::spawn_local(opts)

@@ -15,7 +15,12 @@
 //!
 //! Faults: `fail_rate` and `fail_marker` (500), `max_concurrency` (503), `die_after_tokens`
 //! (connection dropped), `hang`; bodies over `max_body_bytes` get 413.
+//!
+//! With [`SimApi::Anthropic`] it speaks Anthropic's Messages API instead (`POST /v1/messages`,
+//! see [`messages`]): the same reply plan, counters, pacing and faults, written in that format.
+//! The API is one choice at the router and in the error envelope; everything between is shared.
 
+mod messages;
 mod reply;
 mod tools;
 
@@ -39,9 +44,23 @@ use reply::{Gen, Piece, ToolCall};
 /// The default request body limit: the gateway's `server.max_body_bytes` default (20 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
 
+/// The wire format the simulator speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SimApi {
+    /// OpenAI's: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`;
+    /// `Authorization: Bearer`; errors `{"error":{...}}`.
+    #[default]
+    OpenAi,
+    /// Anthropic's Messages API: `/v1/messages` (and `/count_tokens`), `/v1/models`;
+    /// `x-api-key` (or a bearer token); errors `{"type":"error","error":{...}}`, overload as 529.
+    Anthropic,
+}
+
 /// How the simulator behaves.
 #[derive(Clone)]
 pub struct SimOptions {
+    /// The wire format it speaks.
+    pub api: SimApi,
     /// Model ids it serves; any other gets 404 `model_not_found`.
     pub models: Vec<String>,
     pub ttft: Duration,
@@ -55,7 +74,8 @@ pub struct SimOptions {
     pub die_after_tokens: Option<u64>,
     /// Never answer.
     pub hang: bool,
-    /// If set, requests must carry `Authorization: Bearer <api_key>`, else 401.
+    /// If set, requests must carry `Authorization: Bearer <api_key>` (Anthropic: or
+    /// `x-api-key: <api_key>`), else 401.
     pub api_key: Option<String>,
     /// Request bodies larger than this get 413 `request_too_large`.
     pub max_body_bytes: usize,
@@ -67,6 +87,7 @@ pub struct SimOptions {
 impl std::fmt::Debug for SimOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SimOptions")
+            .field("api", &self.api)
             .field("models", &self.models)
             .field("ttft", &self.ttft)
             .field("tokens_per_sec", &self.tokens_per_sec)
@@ -84,6 +105,7 @@ impl std::fmt::Debug for SimOptions {
 impl Default for SimOptions {
     fn default() -> Self {
         SimOptions {
+            api: SimApi::OpenAi,
             models: vec!["mofa-sim".into()],
             ttft: Duration::ZERO,
             tokens_per_sec: 0.0,
@@ -140,13 +162,16 @@ pub fn router(opts: SimOptions) -> Router {
         created: unix_now(),
         last_request: Mutex::new(None),
     });
-    Router::new()
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{id}", get(get_model))
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/sim/stats", get(stats))
+    let api = match sim.opts.api {
+        SimApi::OpenAi => Router::new()
+            .route("/v1/models", get(list_models))
+            .route("/v1/models/{id}", get(get_model))
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/embeddings", post(embeddings)),
+        SimApi::Anthropic => messages::routes(),
+    };
+    api.route("/sim/stats", get(stats))
         .route("/sim/last_request", get(last_request))
         .with_state(sim)
 }
@@ -208,17 +233,28 @@ fn error_param(
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+impl Sim {
+    /// An error in the envelope of the API the simulator speaks: OpenAI's as given, or
+    /// Anthropic's for the same status (see [`messages::error`]).
+    fn error(&self, status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
+        match self.opts.api {
+            SimApi::OpenAi => error(status, kind, code, message),
+            SimApi::Anthropic => messages::error(status, message),
+        }
+    }
+}
+
 /// Reads the whole body within `limit`: 413 over it, 400 if it cannot be read.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+async fn read_body(sim: &Sim, body: Body, limit: usize) -> Result<Bytes, Response> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(error(
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(sim.error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "request_too_large",
             &format!("the request body is larger than {limit} bytes"),
         )),
-        Err(_) => Err(error(
+        Err(_) => Err(sim.error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "invalid_body",
@@ -334,11 +370,11 @@ async fn admit(
 ) -> Result<(InFlight, Value), Response> {
     sim.c.requests.fetch_add(1, Ordering::Relaxed);
     check_key(sim, headers)?;
-    let body = read_body(body, sim.opts.max_body_bytes).await?;
+    let body = read_body(sim, body, sim.opts.max_body_bytes).await?;
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
-            return Err(error(
+            return Err(sim.error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_json",
@@ -350,11 +386,18 @@ async fn admit(
         let rid = headers
             .get("x-mofa-request-id")
             .and_then(|v| v.to_str().ok());
-        *g = Some(json!({"path": path, "request_id": rid, "body": req.clone()}));
+        let mut seen = json!({"path": path, "request_id": rid, "body": req.clone()});
+        if sim.opts.api == SimApi::Anthropic {
+            seen["anthropic_version"] = headers
+                .get("anthropic-version")
+                .and_then(|v| v.to_str().ok())
+                .into();
+        }
+        *g = Some(seen);
     }
     let model = req.get("model").and_then(Value::as_str).unwrap_or_default();
     if !sim.opts.models.iter().any(|m| m == model) {
-        return Err(error(
+        return Err(sim.error(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
@@ -369,21 +412,26 @@ async fn admit(
     inject_failure(sim, &body, guard).map(|g| (g, req))
 }
 
-/// `Authorization: Bearer <api_key>` when the sim has a key, else 401.
+/// `Authorization: Bearer <api_key>` (Anthropic: or `x-api-key: <api_key>`) when the sim has a
+/// key, else 401.
 #[allow(clippy::result_large_err)] // the reply to send, as the handlers return it
 fn check_key(sim: &Shared, headers: &HeaderMap) -> Result<(), Response> {
     let Some(key) = &sim.opts.api_key else {
         return Ok(());
     };
-    let ok = headers
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        == Some(key.as_str());
-    if ok {
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Anthropic's own key header; its newer SDKs send the key as a bearer token instead.
+    let x_api_key = match sim.opts.api {
+        SimApi::OpenAi => None,
+        SimApi::Anthropic => headers.get("x-api-key").and_then(|v| v.to_str().ok()),
+    };
+    if bearer == Some(key.as_str()) || x_api_key == Some(key.as_str()) {
         return Ok(());
     }
-    Err(error(
+    Err(sim.error(
         StatusCode::UNAUTHORIZED,
         "authentication_error",
         "invalid_api_key",
@@ -402,7 +450,7 @@ fn take_slot(sim: &Shared) -> Result<InFlight, Response> {
     if sim.opts.max_concurrency > 0 && now > sim.opts.max_concurrency {
         sim.c.rejected.fetch_add(1, Ordering::Relaxed);
         guard.finished = true;
-        let mut r = error(
+        let mut r = sim.error(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
             "sim_overloaded",
@@ -429,12 +477,12 @@ fn inject_failure(sim: &Shared, body: &[u8], mut guard: InFlight) -> Result<InFl
         return Ok(guard);
     }
     guard.fail();
-    let message = if random {
-        "simulated failure"
-    } else {
-        "simulated failure: the request contains the fail marker"
+    let message = match (random, sim.opts.api) {
+        (true, SimApi::OpenAi) => "simulated failure",
+        (true, SimApi::Anthropic) => "Overloaded",
+        (false, _) => "simulated failure: the request contains the fail marker",
     };
-    Err(error(
+    Err(sim.error(
         StatusCode::INTERNAL_SERVER_ERROR,
         "server_error",
         "sim_failure",
@@ -485,8 +533,16 @@ async fn generate(sim: Shared, headers: HeaderMap, body: Body, kind: Kind) -> Re
     };
     let prompt_tokens = prompt_text.split_whitespace().count() as u64;
     let (pieces, tool_calls, finish) = match plan {
-        Some(plan) => tool_reply(&sim, plan),
-        None => text_reply(&req, fnv(prompt_text.as_bytes())),
+        Some(plan) => tool_reply(&sim, plan, "call_"),
+        None => {
+            let max = req
+                .get("max_completion_tokens")
+                .and_then(Value::as_u64)
+                .or_else(|| req.get("max_tokens").and_then(Value::as_u64));
+            let length = Length::exact(max);
+            let (pieces, stopped) = text_reply(&req, fnv(prompt_text.as_bytes()), length);
+            (pieces, Vec::new(), length.finish(stopped.is_some()))
+        }
     };
     let n = pieces.len() as u64;
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n});
@@ -526,29 +582,59 @@ fn per_token(tokens_per_sec: f64) -> Duration {
     }
 }
 
-/// A plain reply: `max_tokens` (or `max_completion_tokens`) words, finish `"length"`; else
-/// [`DEFAULT_TOKENS`] words, finish `"stop"`; cut before a `stop` sequence, finish `"stop"`.
-fn text_reply(req: &Value, seed: u64) -> (Vec<Piece>, Vec<ToolCall>, &'static str) {
-    let max = req
-        .get("max_completion_tokens")
-        .and_then(Value::as_u64)
-        .or_else(|| req.get("max_tokens").and_then(Value::as_u64));
-    let n_tokens = max.unwrap_or(DEFAULT_TOKENS).min(MAX_TOKENS);
-    let (text, stopped) = reply::text_pieces(seed, n_tokens, &reply::stop_sequences(req));
-    let finish = if stopped || max.is_none() {
-        "stop"
-    } else {
-        "length"
-    };
+/// How long a plain reply is: `tokens` words; `limited`: cut there by the request's limit
+/// (finish `"length"`) rather than ended by the model (finish `"stop"`).
+#[derive(Clone, Copy)]
+struct Length {
+    tokens: u64,
+    limited: bool,
+}
+
+impl Length {
+    /// OpenAI's rule: `max_tokens` words exactly, finish `"length"`; without it
+    /// [`DEFAULT_TOKENS`] words, finish `"stop"`.
+    fn exact(max: Option<u64>) -> Length {
+        Length {
+            tokens: max.unwrap_or(DEFAULT_TOKENS).min(MAX_TOKENS),
+            limited: max.is_some(),
+        }
+    }
+    /// Anthropic's rule (`max_tokens` is required there, and only a ceiling): the model says
+    /// [`DEFAULT_TOKENS`] words unless `max` cuts it shorter.
+    fn ceiling(max: u64) -> Length {
+        Length {
+            tokens: max.min(DEFAULT_TOKENS),
+            limited: max < DEFAULT_TOKENS,
+        }
+    }
+    /// The OpenAI finish reason, `stopped`: a stop sequence cut the text.
+    fn finish(self, stopped: bool) -> &'static str {
+        if self.limited && !stopped {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+}
+
+/// A plain reply of `length` words chosen from `seed`, cut before the first of the request's
+/// `stop` sequences; returns the pieces and the stop sequence that cut them, if one did.
+fn text_reply(req: &Value, seed: u64, length: Length) -> (Vec<Piece>, Option<String>) {
+    let stops = reply::stop_sequences(req);
+    let (text, stopped) = reply::text_pieces(seed, length.tokens, &stops);
     (
         text.into_iter().map(Piece::Text).collect(),
-        Vec::new(),
-        finish,
+        stopped.and_then(|i| stops.get(i).cloned()),
     )
 }
 
-/// A tool-calling reply: the `say:` text, then each call's start and argument fragments.
-fn tool_reply(sim: &Sim, plan: tools::ToolPlan) -> (Vec<Piece>, Vec<ToolCall>, &'static str) {
+/// A tool-calling reply: the `say:` text, then each call's start and argument fragments; call
+/// ids are `id_prefix` and a counter.
+fn tool_reply(
+    sim: &Sim,
+    plan: tools::ToolPlan,
+    id_prefix: &str,
+) -> (Vec<Piece>, Vec<ToolCall>, &'static str) {
     let mut pieces: Vec<Piece> = plan
         .say
         .as_deref()
@@ -559,7 +645,10 @@ fn tool_reply(sim: &Sim, plan: tools::ToolPlan) -> (Vec<Piece>, Vec<ToolCall>, &
         .collect();
     let mut calls = Vec::with_capacity(plan.calls.len());
     for (index, (name, arguments)) in plan.calls.into_iter().enumerate() {
-        let id = format!("call_{}", sim.c.tool_ids.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{id_prefix}{}",
+            sim.c.tool_ids.fetch_add(1, Ordering::Relaxed)
+        );
         pieces.push(Piece::ToolStart {
             index,
             id: id.clone(),

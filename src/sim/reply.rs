@@ -49,8 +49,13 @@ pub(super) struct ToolCall {
 }
 
 /// The generated text of a plain reply, as pieces (`"w0"`, `" w1"`, ...): `n_tokens` words
-/// chosen from `seed`, cut before the first `stop` sequence. Returns whether a stop cut it.
-pub(super) fn text_pieces(seed: u64, n_tokens: u64, stops: &[String]) -> (Vec<String>, bool) {
+/// chosen from `seed`, cut before the first `stop` sequence. Returns which stop (its index in
+/// `stops`) cut it, if one did.
+pub(super) fn text_pieces(
+    seed: u64,
+    n_tokens: u64,
+    stops: &[String],
+) -> (Vec<String>, Option<usize>) {
     let mut pieces: Vec<String> = (0..n_tokens)
         .map(|i| {
             let w = VOCAB[(splitmix(seed ^ i) % VOCAB.len() as u64) as usize];
@@ -62,8 +67,13 @@ pub(super) fn text_pieces(seed: u64, n_tokens: u64, stops: &[String]) -> (Vec<St
         })
         .collect();
     let full: String = pieces.concat();
-    let Some(cut) = stops.iter().filter_map(|s| full.find(s.as_str())).min() else {
-        return (pieces, false);
+    let Some((cut, which)) = stops
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some((full.find(s.as_str())?, i)))
+        .min()
+    else {
+        return (pieces, None);
     };
     let mut start = 0;
     let mut keep = 0;
@@ -80,7 +90,7 @@ pub(super) fn text_pieces(seed: u64, n_tokens: u64, stops: &[String]) -> (Vec<St
     }
     pieces.truncate(keep);
     pieces.retain(|p| !p.is_empty());
-    (pieces, true)
+    (pieces, Some(which))
 }
 
 /// The request's `stop`: a string or an array of strings; empty ones are ignored.
@@ -129,11 +139,17 @@ pub(super) struct Gen {
     pub per_token: Duration,
 }
 
+/// When piece `i` (0-based) is due, relative to the start: the first at `ttft`, then one every
+/// `per_token`.
+pub(super) fn due(ttft: Duration, per_token: Duration, i: usize) -> Duration {
+    let i = u32::try_from(i).unwrap_or(u32::MAX);
+    ttft.saturating_add(per_token.saturating_mul(i))
+}
+
 impl Gen {
     /// When piece `i` (0-based) is due, relative to the start.
     fn due(&self, i: usize) -> Duration {
-        let i = u32::try_from(i).unwrap_or(u32::MAX);
-        self.ttft.saturating_add(self.per_token.saturating_mul(i))
+        due(self.ttft, self.per_token, i)
     }
     fn text(&self) -> String {
         self.pieces
@@ -324,18 +340,18 @@ mod tests {
     #[test]
     fn stop_cuts_before_the_sequence() {
         let (all, cut) = text_pieces(42, 12, &[]);
-        assert!(!cut);
+        assert_eq!(cut, None);
         let full = all.concat();
         let words: Vec<&str> = full.split(' ').collect();
         // Cut in the middle of a word and at a piece boundary.
         let stop = format!("{} {}", words[4], &words[5][..1]);
         let (pieces, cut) = text_pieces(42, 12, &["zzz".into(), stop.clone()]);
-        assert!(cut);
+        assert_eq!(cut, Some(1));
         let text = pieces.concat();
         assert_eq!(text, full[..full.find(&stop).unwrap()]);
         assert!(!text.contains(&stop));
         let (pieces, cut) = text_pieces(42, 12, &[words[0].to_string()]);
-        assert!(cut);
+        assert_eq!(cut, Some(0));
         assert!(pieces.is_empty());
     }
 
