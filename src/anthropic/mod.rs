@@ -21,7 +21,7 @@ use crate::error::ApiError;
 use crate::headers::ANTHROPIC_REQUEST_ID;
 use crate::upstream::{Endpoint, Transform};
 use crate::wire::json::{self, Field};
-use crate::wire::{ClientApi, ClientRequest, Local, ReplyFormat};
+use crate::wire::{ClientApi, ClientRequest, Local, Native, ReplyFormat};
 
 pub(crate) mod request;
 pub(crate) mod response;
@@ -80,6 +80,12 @@ impl ClientApi for Messages {
             cloud_drops: if t.context.top_k { &["top_k"] } else { &[] },
             reply: Some(Box::new(Reply(t.context))),
             local,
+            // A deployment that speaks the Messages API gets the request as it came.
+            native: (!self.count).then(|| Native {
+                endpoint: Endpoint::Messages,
+                strip_priority: t.priority.is_some(),
+                body,
+            }),
         })
     }
 
@@ -104,6 +110,47 @@ impl ReplyFormat for Reply {
 
     fn stream(self: Box<Self>) -> Box<dyn Transform> {
         Box::new(Translator::new(self.0))
+    }
+
+    fn native(self: Box<Self>) -> Option<Box<dyn ReplyFormat>> {
+        Some(Box::new(Relayed))
+    }
+}
+
+/// A reply that came from a deployment speaking the Messages API: it goes back as it came;
+/// only the gateway's own failure mid-stream is written (as Anthropic's `error` event), unless
+/// the backend's own error event already ended the stream.
+struct Relayed;
+
+impl ReplyFormat for Relayed {
+    fn whole(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(body.to_vec())
+    }
+
+    fn stream(self: Box<Self>) -> Box<dyn Transform> {
+        Box::new(Passthrough { ended: false })
+    }
+}
+
+struct Passthrough {
+    /// The backend's `event: error` went through.
+    ended: bool,
+}
+
+impl Transform for Passthrough {
+    fn chunk(&mut self, upstream: &[u8], out: &mut Vec<u8>) {
+        self.ended |= upstream
+            .split(|b| *b == b'\n')
+            .any(|l| matches!(l.trim_ascii(), b"event: error" | b"event:error"));
+        out.extend_from_slice(upstream);
+    }
+
+    fn failed(&mut self, message: &str, _code: &str) -> Bytes {
+        if self.ended {
+            return Bytes::new();
+        }
+        self.ended = true;
+        error_event("api_error", message)
     }
 }
 

@@ -35,6 +35,8 @@ pub(crate) struct Forwarded {
     pub ttfb: Duration,
     /// The slot: a stream holds it until its end.
     pub permit: Permit,
+    /// The request went in the client's own API (its reply comes back in it).
+    pub native: bool,
 }
 
 /// A failed try: the answer it would give, and whether another deployment could do better.
@@ -106,20 +108,30 @@ pub(crate) async fn forward(
         }
     }
     let new_model = dep.upstream_model.as_deref().filter(|m| *m != req.model);
-    // What the client's API says a cloud deployment refuses (a Messages request's `top_k`).
-    let cloud_drops = if dep.cloud { req.cloud_drops } else { &[] };
-    let body = if new_model.is_some() || req.strip_priority || !cloud_drops.is_empty() {
-        rewrite(&req.body, new_model, req.strip_priority, cloud_drops).map_err(|error| Failed {
+    // A deployment that speaks the client's own API gets the request as the client sent it.
+    let native = req.native.as_ref().filter(|n| dep.takes(n.endpoint));
+    let (endpoint, body, strip_priority, cloud_drops) = match native {
+        Some(n) => (n.endpoint, &n.body, n.strip_priority, &[][..]),
+        // What the client's API says a cloud deployment refuses (a Messages request's `top_k`).
+        None => (
+            req.endpoint,
+            &req.body,
+            req.strip_priority,
+            if dep.cloud { req.cloud_drops } else { &[] },
+        ),
+    };
+    let body = if new_model.is_some() || strip_priority || !cloud_drops.is_empty() {
+        rewrite(body, new_model, strip_priority, cloud_drops).map_err(|error| Failed {
             error,
             retryable: false,
             suspect: None,
         })?
     } else {
-        req.body.clone()
+        body.clone()
     };
     let feedback = permit.feedback();
     let sent = Instant::now();
-    match dep.call(req.endpoint, body, request_id, req.stream).await {
+    match dep.call(endpoint, body, request_id, req.stream).await {
         Ok(reply) => {
             let ttfb = sent.elapsed();
             feedback.observe_ttfb(ttfb);
@@ -129,6 +141,7 @@ pub(crate) async fn forward(
                 dep,
                 ttfb,
                 permit,
+                native: native.is_some(),
             })
         }
         Err(e) => {

@@ -208,6 +208,7 @@ mod bench {
             cloud_drops: &[],
             reply: None,
             local: None,
+            native: None,
         }
     }
 

@@ -607,8 +607,18 @@ impl Pipeline {
         headers: HeaderMap,
     ) -> Response {
         let Forwarded {
-            reply, dep, permit, ..
+            reply,
+            dep,
+            permit,
+            native,
+            ..
         } = ok;
+        // A reply in the client's own API needs no translation.
+        let format = if native {
+            format.and_then(|f| f.native())
+        } else {
+            format
+        };
         let timing = ctx.server_timing();
         let attempts = ctx.attempts();
         let mut resp = match reply {

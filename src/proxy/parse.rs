@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::headers::{MAX_WAIT_MS, PRIORITY};
 use crate::upstream::Endpoint;
 use crate::wire::json::numbers_blanked;
-use crate::wire::{ClientApi, Local, ReplyFormat};
+use crate::wire::{ClientApi, Local, Native, ReplyFormat};
 
 /// Reads and checks a request for `endpoint` from a client speaking `client`: see the module
 /// doc. `named`: the `model` the body names, once known (also when the request is refused after
@@ -48,6 +48,7 @@ pub(crate) async fn parse(
         cloud_drops: r.cloud_drops,
         reply: r.reply,
         local: r.local,
+        native: r.native,
     })
 }
 
@@ -76,6 +77,8 @@ pub(crate) struct Parsed {
     pub reply: Option<Box<dyn ReplyFormat>>,
     /// Answered by the gateway itself (no backend).
     pub local: Option<Local>,
+    /// The request in the client's own API, for a deployment that speaks it.
+    pub native: Option<Native>,
 }
 
 /// The tokens a request is charged before it runs (see [`Parsed::token_estimate`]).
@@ -277,6 +280,7 @@ mod tests {
             cloud_drops: &[],
             reply: None,
             local: None,
+            native: None,
         };
         assert_eq!(p.token_estimate().prompt, 3, "\"user\" + 8 characters, / 4");
         assert_eq!(p.token_estimate().total(), 13);

@@ -54,6 +54,26 @@ pub(crate) trait UpstreamApi: Send + Sync {
     /// error inside a 2xx, or not what was asked for).
     fn read_reply(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), UpstreamError>;
 
+    /// Whether it takes requests to `endpoint` as they are: every OpenAI endpoint (or refuses
+    /// it in [`UpstreamApi::request_body`]); `Endpoint::Messages` only an API whose own it is.
+    fn takes(&self, endpoint: Endpoint) -> bool {
+        endpoint != Endpoint::Messages
+    }
+
+    /// A whole 2xx reply to an `Endpoint::Messages` request, as it goes back (unchanged), with
+    /// its usage (only for an API that [`UpstreamApi::takes`] it).
+    fn read_native(&self, _body: Bytes) -> Result<(Bytes, Option<Usage>), UpstreamError> {
+        Err(UpstreamError::Invalid(
+            "this API does not speak the client's".into(),
+        ))
+    }
+
+    /// A reader for one streamed reply to an `Endpoint::Messages` request: the bytes go on
+    /// unchanged, what they say is read (only for an API that [`UpstreamApi::takes`] it).
+    fn stream_native(&self) -> Box<dyn StreamReader> {
+        Box::new(OpenAiStream::default())
+    }
+
     /// A reader for one streamed reply to `request` (the OpenAI-form body given to
     /// [`UpstreamApi::request_body`]: it says what the client asked for, such as the final
     /// usage chunk).
@@ -109,6 +129,8 @@ impl UpstreamApi for OpenAiCompatible {
             Endpoint::ChatCompletions => "/chat/completions",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
+            // Never sent: `takes` says no.
+            Endpoint::Messages => "/messages",
         }
     }
 

@@ -32,12 +32,15 @@ pub(crate) use client::{set_lane, set_lanes};
 pub(crate) use relay::{OnEnd, PendingStream, StreamEnd, StreamStats, Transform};
 pub(crate) use wire::{envelope, error_message, is_envelope, Usage};
 
-/// The OpenAI endpoints the gateway forwards.
+/// The endpoints the gateway forwards: OpenAI's, and Anthropic's Messages for a deployment
+/// that speaks it natively (a Messages client's request as sent, see
+/// [`api::UpstreamApi::takes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    Messages,
 }
 
 /// One place a model can run, ready to be called.
@@ -59,7 +62,7 @@ pub(crate) struct Deployment {
     api: Arc<dyn UpstreamApi>,
     /// `base_url` + each endpoint's path, parsed once (indexed by `Endpoint as usize`); `None`
     /// for a server the pool runs, whose port changes.
-    urls: Option<[Uri; 3]>,
+    urls: Option<[Uri; 4]>,
     /// `<base>` + the API's probe path (`/models`), for the health probe.
     models_url: Option<Uri>,
     /// For a server the gateway runs: where it listens now (its port changes at each start;
@@ -255,6 +258,11 @@ impl Deployment {
         })
     }
 
+    /// Whether it takes `endpoint`'s requests as they are (see [`api::UpstreamApi::takes`]).
+    pub(crate) fn takes(&self, endpoint: Endpoint) -> bool {
+        self.api.takes(endpoint)
+    }
+
     /// `GET <base>/models`, the active health check: whether it answered 2xx in time.
     pub(crate) async fn probe(&self) -> bool {
         let url = match &self.dynamic_base {
@@ -344,7 +352,11 @@ impl Deployment {
             .map_err(|_| UpstreamError::Timeout("first byte"))??;
         match got {
             Ok((first, rest)) => {
-                let mut reader = self.api.stream(&request);
+                let mut reader = if endpoint == Endpoint::Messages {
+                    self.api.stream_native()
+                } else {
+                    self.api.stream(&request)
+                };
                 let mut stats = StreamStats {
                     bytes: first.len() as u64,
                     chunks: 1,
@@ -366,7 +378,7 @@ impl Deployment {
                     label: self.label.clone(),
                 }))
             }
-            Err(resp) => self.read_full(resp, deadline).await,
+            Err(resp) => self.read_full(endpoint, resp, deadline).await,
         }
     }
 
@@ -435,6 +447,7 @@ impl Deployment {
     /// Reads a whole (non-streaming or error) reply, bounded in size and idle time.
     async fn read_full(
         &self,
+        endpoint: Endpoint,
         resp: axum::http::Response<hyper::body::Incoming>,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Reply, UpstreamError> {
@@ -480,7 +493,11 @@ impl Deployment {
         if !head.status.is_success() {
             return Err(self.api.classify(head.status, &head.headers, body));
         }
-        let (body, usage) = self.api.read_reply(body)?;
+        let (body, usage) = if endpoint == Endpoint::Messages {
+            self.api.read_native(body)?
+        } else {
+            self.api.read_reply(body)?
+        };
         Ok(Reply::Full {
             content_type,
             body,
@@ -491,12 +508,13 @@ impl Deployment {
 
 /// The URL of each endpoint under `base` (as [`UpstreamApi::base`] gave it), in `Endpoint`
 /// order.
-fn endpoint_urls(api: &dyn UpstreamApi, base: &str) -> Option<[Uri; 3]> {
+fn endpoint_urls(api: &dyn UpstreamApi, base: &str) -> Option<[Uri; 4]> {
     let url = |e: Endpoint| format!("{base}{}", api.path(e)).parse::<Uri>().ok();
     Some([
         url(Endpoint::ChatCompletions)?,
         url(Endpoint::Completions)?,
         url(Endpoint::Embeddings)?,
+        url(Endpoint::Messages)?,
     ])
 }
 

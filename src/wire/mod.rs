@@ -59,6 +59,18 @@ pub(crate) struct ClientRequest {
     pub reply: Option<Box<dyn ReplyFormat>>,
     /// Answered by the gateway itself once the key may use the model, no backend called.
     pub local: Option<Local>,
+    /// The request as the client sent it, for a deployment whose API is the client's own.
+    pub native: Option<Native>,
+}
+
+/// A request in the client's own API (a Messages request), sent as it came (its model
+/// renamed) to a deployment that speaks that API, and its reply relayed as it came.
+#[derive(Debug, Clone)]
+pub(crate) struct Native {
+    pub endpoint: Endpoint,
+    pub body: Bytes,
+    /// The body has the gateway's `priority`: removed before sending.
+    pub strip_priority: bool,
 }
 
 /// A reply the gateway makes itself (Anthropic's `count_tokens`).
@@ -76,4 +88,11 @@ pub(crate) trait ReplyFormat: Send + Sync {
 
     /// The transform of a streamed reply (OpenAI chunks in, this format's events out).
     fn stream(self: Box<Self>) -> Box<dyn Transform>;
+
+    /// The format of a reply that came in the client's own API (the request went as
+    /// [`Native`]): nothing to translate, but the gateway's own failures still in the
+    /// client's format. `None`: as it came.
+    fn native(self: Box<Self>) -> Option<Box<dyn ReplyFormat>> {
+        None
+    }
 }

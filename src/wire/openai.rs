@@ -34,6 +34,7 @@ impl ClientApi for OpenAi {
             cloud_drops: &[],
             reply: None,
             local: None,
+            native: None,
         })
     }
 
@@ -152,6 +153,8 @@ fn check_input(endpoint: Endpoint, head: &Head) -> Result<(), ApiError> {
                 ))
             }
         },
+        // Not an OpenAI route (a Messages client's request is read by `anthropic`).
+        Endpoint::Messages => {}
     }
     Ok(())
 }

@@ -49,7 +49,23 @@ impl UpstreamApi for MessagesApi {
             Endpoint::ChatCompletions => "/v1/messages",
             Endpoint::Completions => "/v1/complete",
             Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Messages => "/v1/messages",
         }
+    }
+
+    /// A Messages client's request goes as it came (its model renamed), its reply back as
+    /// it came: no translation either way.
+    fn takes(&self, _endpoint: Endpoint) -> bool {
+        true
+    }
+
+    fn read_native(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), UpstreamError> {
+        let usage = reply::native_usage(&body)?;
+        Ok((body, Some(usage)))
+    }
+
+    fn stream_native(&self) -> Box<dyn StreamReader> {
+        Box::new(stream::MessagesStream::native())
     }
 
     fn probe_path(&self) -> &'static str {
@@ -77,6 +93,7 @@ impl UpstreamApi for MessagesApi {
 
     fn request_body(&self, endpoint: Endpoint, body: Bytes) -> Result<Bytes, UpstreamError> {
         let what = match endpoint {
+            Endpoint::Messages => return Ok(body),
             Endpoint::ChatCompletions => {
                 return request::to_messages(&body).map(Bytes::from).map_err(|r| {
                     UpstreamError::Unsupported {

@@ -199,6 +199,31 @@ struct Function {
     arguments: String,
 }
 
+/// The usage of a Messages reply `body` that goes back as it is (a Messages client's).
+pub(super) fn native_usage(body: &[u8]) -> Result<Usage, UpstreamError> {
+    #[derive(Deserialize)]
+    struct Native {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        error: Option<ErrorBody>,
+        usage: Option<TokenCounts>,
+    }
+    let r: Native = serde_json::from_slice(body)
+        .map_err(|_| UpstreamError::Invalid("the reply is not a Messages reply".into()))?;
+    if let Some(e) = r.error {
+        return Err(UpstreamError::Invalid(
+            e.message
+                .unwrap_or_else(|| "the reply carries an error".into()),
+        ));
+    }
+    if r.kind.as_deref() != Some("message") {
+        return Err(UpstreamError::Invalid(
+            "the reply is not a Messages reply".into(),
+        ));
+    }
+    Ok(r.usage.unwrap_or_default().usage())
+}
+
 /// The chat completion for a Messages reply `body`, and its usage.
 pub(super) fn to_openai(body: &[u8]) -> Result<(Bytes, Option<Usage>), UpstreamError> {
     let r: Reply = serde_json::from_slice(body)

@@ -50,6 +50,8 @@ enum BlockKind {
 /// Reads one streamed Messages reply (see the module doc).
 pub(super) struct MessagesStream {
     include_usage: bool,
+    /// The events go on as they came (a Messages client's stream); they are only read.
+    native: bool,
     /// The current line, until its end.
     line: Vec<u8>,
     /// The current event's `event:` name and `data:` lines (joined by `\n`).
@@ -75,6 +77,7 @@ impl MessagesStream {
     pub(super) fn new(include_usage: bool) -> MessagesStream {
         MessagesStream {
             include_usage,
+            native: false,
             line: Vec::new(),
             event: Vec::new(),
             data: Vec::new(),
@@ -90,6 +93,15 @@ impl MessagesStream {
             finished: false,
             error: None,
             done: false,
+        }
+    }
+
+    /// A reader whose output is its input (a Messages client's stream, relayed as it came):
+    /// only its usage, its end and its error are read.
+    pub(super) fn native() -> MessagesStream {
+        MessagesStream {
+            native: true,
+            ..MessagesStream::new(false)
         }
     }
 
@@ -415,6 +427,9 @@ impl StreamReader for MessagesStream {
         stats.content_events = self.content_events;
         if self.counts != TokenCounts::default() {
             stats.usage = Some(self.counts.usage());
+        }
+        if self.native {
+            return chunk;
         }
         Bytes::from(out)
     }
