@@ -880,6 +880,87 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
 
+    /// What a deployment's failure becomes for the client (the upstream APIs say which
+    /// failure a reply is: see their tests).
+    #[test]
+    fn upstream_failures_become_the_clients_answers() {
+        let status = |n| StatusCode::from_u16(n).unwrap();
+        // A request the deployment's API cannot carry: 400 naming the field and the deployment.
+        let err = ApiError::from_upstream(
+            "cloud(anthropic)",
+            UpstreamError::Unsupported {
+                param: Some("n"),
+                message: "one reply per request".into(),
+            },
+        );
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(err.kind, ErrorKind::InvalidValue);
+        assert_eq!(err.param, Some("n"));
+        assert!(err.message.contains("cloud(anthropic)"), "{}", err.message);
+        let env: serde_json::Value = serde_json::from_slice(&err.envelope()).unwrap();
+        assert_eq!(env["error"]["type"], "invalid_request_error");
+        assert_eq!(env["error"]["param"], "n");
+        // An overload (Anthropic's 529 as OpenAI's 429 and 503): 503 with its Retry-After.
+        for n in [529, 429, 503] {
+            let err = ApiError::from_upstream(
+                "b",
+                UpstreamError::Status {
+                    status: status(n),
+                    retry_after: Some(7),
+                    body: Bytes::new(),
+                },
+            );
+            assert_eq!(err.kind, ErrorKind::UpstreamOverloaded, "{n}");
+            assert_eq!(err.retry_after, Some(7), "{n}");
+        }
+        // The deployment's own key refused: a 502 naming it and the provider's error type,
+        // never the client's 401.
+        for n in [401, 403] {
+            let err = ApiError::from_upstream(
+                "cloud(anthropic)",
+                UpstreamError::Credentials {
+                    status: status(n),
+                    kind: Some("authentication_error".into()),
+                },
+            );
+            assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+            assert!(err.message.contains("cloud(anthropic)"), "{}", err.message);
+            assert!(
+                err.message.contains("authentication_error"),
+                "{}",
+                err.message
+            );
+        }
+        // A 400 in the OpenAI envelope: its status, the provider's message, passed through.
+        let body = crate::upstream::envelope(
+            "temperature: must be <= 1",
+            "invalid_request_error",
+            None,
+            "invalid_request_error",
+        );
+        let err = ApiError::from_upstream(
+            "cloud(anthropic)",
+            UpstreamError::Status {
+                status: StatusCode::BAD_REQUEST,
+                retry_after: None,
+                body,
+            },
+        );
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(err.message, "temperature: must be <= 1");
+        assert!(err.passthrough.is_some());
+        // Another 5xx: 502.
+        let err = ApiError::from_upstream(
+            "b",
+            UpstreamError::Status {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                retry_after: None,
+                body: Bytes::new(),
+            },
+        );
+        assert_eq!(err.kind, ErrorKind::UpstreamUnavailable);
+    }
+
     #[test]
     fn envelope_has_all_four_fields() {
         let v: serde_json::Value =

@@ -37,12 +37,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The code of a file without its unit tests (everything from the first `#[cfg(test)]`; a
-/// `tests.rs` is a unit-test module, declared `#[cfg(test)] mod tests;`, so none of it).
+/// The code of a file without its unit tests (everything from the first `#[cfg(test)]`).
 fn code_of(p: &Path) -> String {
-    if p.file_name().is_some_and(|n| n == "tests.rs") {
-        return String::new();
-    }
     let text = std::fs::read_to_string(p).unwrap();
     match text.find("#[cfg(test)]") {
         Some(i) => text[..i].to_string(),

@@ -2,7 +2,6 @@ use axum::http::header;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::error::{ApiError, ErrorKind};
 use crate::upstream::relay::StreamStats;
 
 fn api() -> MessagesApi {
@@ -500,7 +499,7 @@ fn a_deployment_sends_to_v1_messages_with_its_headers() {
 }
 
 #[test]
-fn refusals_reach_the_client_as_400_naming_the_field() {
+fn refusals_are_unsupported_naming_the_field() {
     let body = Bytes::from(
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}).to_string(),
     );
@@ -512,15 +511,16 @@ fn refusals_reach_the_client_as_400_naming_the_field() {
         e.outcome(std::time::Instant::now()),
         crate::admission::Outcome::Success
     );
-    let err = ApiError::from_upstream("cloud(anthropic)", e);
-    assert_eq!(err.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(err.kind, ErrorKind::InvalidValue);
-    assert_eq!(err.param, Some("n"));
-    assert!(err.message.contains("cloud(anthropic)"), "{}", err.message);
-    let env: Value = serde_json::from_slice(&err.envelope()).unwrap();
-    assert_eq!(env["error"]["type"], "invalid_request_error");
-    assert_eq!(env["error"]["param"], "n");
-
+    assert!(
+        matches!(
+            &e,
+            UpstreamError::Unsupported {
+                param: Some("n"),
+                ..
+            }
+        ),
+        "{e}"
+    );
     for endpoint in [Endpoint::Embeddings, Endpoint::Completions] {
         let e = api()
             .request_body(
@@ -528,12 +528,14 @@ fn refusals_reach_the_client_as_400_naming_the_field() {
                 Bytes::from_static(b"{\"model\":\"m\",\"input\":\"x\"}"),
             )
             .unwrap_err();
-        let err = ApiError::from_upstream("cloud(anthropic)", e);
-        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
-        assert!(err.message.contains("cloud(anthropic)") && err.message.contains("Messages API"));
+        assert!(
+            matches!(&e, UpstreamError::Unsupported { param: None, message } if message.contains("Messages API")),
+            "{e}"
+        );
     }
 }
 
+/// How `error` turns these into replies is tested there (`error::tests`).
 #[test]
 fn errors_classify_as_the_gateway_reads_them() {
     let api = api();
@@ -544,7 +546,7 @@ fn errors_classify_as_the_gateway_reads_them() {
     h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
     let now = std::time::Instant::now();
 
-    // 529: an overload, as a 503 with Retry-After: tried elsewhere, cooled down, 503 at the end.
+    // 529: an overload with its Retry-After: tried elsewhere, cooled down.
     let e = api.classify(
         StatusCode::from_u16(529).unwrap(),
         &h,
@@ -555,9 +557,9 @@ fn errors_classify_as_the_gateway_reads_them() {
         e.outcome(now),
         crate::admission::Outcome::CoolDown(_)
     ));
-    let err = ApiError::from_upstream("cloud(anthropic)", e);
-    assert_eq!(err.kind, ErrorKind::UpstreamOverloaded);
-    assert_eq!(err.retry_after, Some(7));
+    assert!(
+        matches!(e, UpstreamError::Status { status, retry_after: Some(7), .. } if status.as_u16() == 529)
+    );
     // Also without Retry-After.
     let e = api.classify(
         StatusCode::from_u16(529).unwrap(),
@@ -577,27 +579,20 @@ fn errors_classify_as_the_gateway_reads_them() {
     assert!(matches!(
         e,
         UpstreamError::Status {
+            status: StatusCode::TOO_MANY_REQUESTS,
             retry_after: Some(7),
             ..
         }
     ));
-    assert_eq!(
-        ApiError::from_upstream("b", e).kind,
-        ErrorKind::UpstreamOverloaded
-    );
 
-    // 401/403: the deployment's key, a 502 naming it; never the client's 401, never the key.
+    // 401/403: the deployment's key, never the client's.
     for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
         let e = api.classify(status, &h, env("authentication_error", "invalid x-api-key"));
         assert!(e.retryable());
         assert_eq!(e.outcome(now), crate::admission::Outcome::Failure);
-        let err = ApiError::from_upstream("cloud(anthropic)", e);
-        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
-        assert!(err.message.contains("cloud(anthropic)"), "{}", err.message);
         assert!(
-            err.message.contains("authentication_error"),
-            "{}",
-            err.message
+            matches!(&e, UpstreamError::Credentials { status: s, kind: Some(k) } if *s == status && k == "authentication_error"),
+            "{e}"
         );
     }
 
@@ -608,20 +603,24 @@ fn errors_classify_as_the_gateway_reads_them() {
         env("invalid_request_error", "temperature: must be <= 1"),
     );
     assert!(!e.retryable());
-    let err = ApiError::from_upstream("cloud(anthropic)", e);
-    assert_eq!(err.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(err.message, "temperature: must be <= 1");
-    let out: Value = serde_json::from_slice(err.passthrough.as_ref().unwrap()).unwrap();
+    let UpstreamError::Status { status, body, .. } = e else {
+        panic!("{e}")
+    };
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let out: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(out["error"]["message"], "temperature: must be <= 1");
     assert_eq!(out["error"]["type"], "invalid_request_error");
     assert!(out.get("type").is_none(), "not Anthropic's envelope: {out}");
 
-    // 500: a 502, as any 5xx; not an overload.
+    // 500: as any 5xx.
     let e = api.classify(StatusCode::INTERNAL_SERVER_ERROR, &h, env("api_error", "x"));
-    assert_eq!(
-        ApiError::from_upstream("b", e).kind,
-        ErrorKind::UpstreamUnavailable
-    );
+    assert!(matches!(
+        e,
+        UpstreamError::Status {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            ..
+        }
+    ));
 }
 
 #[test]
