@@ -103,7 +103,11 @@ fn accumulate(sse: &Sse) -> Streamed {
             s.usage = Some(c["usage"].clone());
             continue;
         }
-        assert!(s.usage.is_none(), "a chunk after the usage chunk: {}", sse.text);
+        assert!(
+            s.usage.is_none(),
+            "a chunk after the usage chunk: {}",
+            sse.text
+        );
         assert!(s.finish.is_none(), "a chunk after the finish: {}", sse.text);
         let ch = &choices[0];
         assert_eq!(ch["index"], 0);
@@ -185,7 +189,10 @@ async fn a_whole_reply_says_what_the_openai_mode_says_with_finish_reason_and_usa
         want["choices"][0]["message"]["content"]
     );
     assert_eq!(got["choices"][0]["finish_reason"], "stop");
-    assert_eq!(got["usage"]["prompt_tokens"], want["usage"]["prompt_tokens"]);
+    assert_eq!(
+        got["usage"]["prompt_tokens"],
+        want["usage"]["prompt_tokens"]
+    );
     assert_eq!(got["usage"]["completion_tokens"], 16);
     assert_eq!(got["usage"]["total_tokens"], want["usage"]["total_tokens"]);
     let seen = sim_saw(&a).await;
@@ -476,7 +483,7 @@ async fn tool_calls_whole_and_streamed_one_and_in_parallel() {
             .filter(|(j, _)| *j == i)
             .map(|(_, named)| *named)
             .collect();
-        assert_eq!(deltas[0], true, "{s:?}");
+        assert!(deltas[0], "{s:?}");
         assert!(deltas[1..].iter().all(|n| !n), "{s:?}");
         assert!(deltas.len() >= 3, "{s:?}");
     }
@@ -993,7 +1000,10 @@ async fn the_binary_reads_the_provider_key_from_the_environment_and_never_logs_i
     );
     for secret in [KEY, WRONG] {
         assert!(!log.contains(secret), "stderr holds a provider key: {log}");
-        assert!(!rest.contains(secret), "stdout holds a provider key: {rest}");
+        assert!(
+            !rest.contains(secret),
+            "stdout holds a provider key: {rest}"
+        );
     }
 }
 
@@ -1102,7 +1112,11 @@ async fn a_messages_client_gets_messages_replies_whole_and_streamed() {
     assert_eq!(r.status(), 200);
     assert_eq!(assert_stamped(&r), "cloud(anthropic)");
     let got: Value = r.json().await.unwrap();
-    let want: Value = post(direct, "/v1/messages", &body).await.json().await.unwrap();
+    let want: Value = post(direct, "/v1/messages", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(got["type"], "message", "{got}");
     assert_eq!(got["role"], "assistant");
     assert_eq!(got["content"], want["content"], "{got}");
