@@ -50,3 +50,36 @@ async fn official_python_sdk_sees_503_and_retries_after_retry_after() {
     // The script holds the slot from a thread of its own, then calls without and with retries.
     run_checks(&format!("http://{gw}/v1"), &["rejected_503", "retry_503"]).await;
 }
+
+/// The SDK in front of a gateway whose model `claude` speaks Anthropic's Messages API upstream
+/// (the simulator in its Messages mode); the model `oracle`, the same simulator in its OpenAI
+/// mode, says what `claude` must.
+#[tokio::test]
+async fn official_python_sdk_works_unchanged_on_an_anthropic_deployment() {
+    let anthropic = sim(SimOptions {
+        api: mofa_gateway::sim::SimApi::Anthropic,
+        ..sim_opts("m")
+    })
+    .await;
+    let oracle = sim(sim_opts("m")).await;
+    let gw = GatewayBuilder::new()
+        .model("claude", |m| {
+            m.deployment(
+                Deployment::cloud("anthropic", &anthropic)
+                    .api("anthropic")
+                    .upstream_model("m"),
+            )
+        })
+        .model("oracle", |m| {
+            m.deployment(Deployment::local(&oracle).upstream_model("m"))
+        })
+        .start()
+        .await;
+    run_sdk_checks(
+        "anthropic_provider.py",
+        &format!("http://{gw}/v1"),
+        &["chat", "stream", "tools", "stream_tools", "refused"],
+        &[],
+    )
+    .await;
+}

@@ -532,6 +532,10 @@ impl Model {
 pub struct Deployment {
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    api: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    anthropic_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     provider: Option<String>,
@@ -585,6 +589,8 @@ impl Deployment {
     fn of(kind: &'static str) -> Deployment {
         Deployment {
             kind,
+            api: None,
+            anthropic_version: None,
             url: None,
             provider: None,
             variant: None,
@@ -663,6 +669,10 @@ impl Deployment {
     }
 
     setters! {
+        /// The API it speaks: `openai` (the default) or `anthropic`.
+        api: &str,
+        /// `api = "anthropic"` only: the `anthropic-version` header.
+        anthropic_version: &str,
         url: &str,
         provider: &str,
         variant: &str,

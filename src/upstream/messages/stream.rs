@@ -589,3 +589,101 @@ struct FunctionDelta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     arguments: Option<&'a RawValue>,
 }
+
+/// The cost of reading one streamed Messages event into OpenAI chunks (bench/anthropic.sh).
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// `message_start` as Anthropic sends it (the prelude of every stream).
+    const MESSAGE_START: &[u8] = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01XFDUDYJgAACzvnptvVoYEL\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5-20250929\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":472,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n";
+
+    /// A text delta as Anthropic streams them: a few words per event, one event per read.
+    fn text_event(i: usize) -> Vec<u8> {
+        format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\" routes each request to a model that can serve it, quickly and safely (part {i:04}), then\\nwrites the reply back\"}}}}\n\n"
+        )
+        .into_bytes()
+    }
+
+    /// A fragment of a tool call's arguments (escaped JSON inside a JSON string).
+    fn args_event(i: usize) -> Vec<u8> {
+        format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":1,\"delta\":{{\"type\":\"input_json_delta\",\"partial_json\":\"\\\"location\\\": \\\"San Francisco, CA\\\", \\\"unit\\\": \\\"celsius\\\", \\\"days\\\": 3, \\\"lang\\\": 1, \\\"k{i:04}\\\": 1, \"}}}}\n\n"
+        )
+        .into_bytes()
+    }
+
+    /// ns per read of feeding `reads` to fresh readers (after `prelude`), the median of 7 rounds.
+    fn cost(prelude: &[Bytes], reads: &[Bytes]) -> f64 {
+        let mut rounds = Vec::new();
+        // One round to warm the caches and the allocator, then 7 measured.
+        for round in 0..8 {
+            let reps = 200;
+            let start = crate::benchclock::thread_cpu_ns();
+            for _ in 0..reps {
+                let mut r = MessagesStream::new(false);
+                let mut stats = StreamStats::default();
+                for c in prelude {
+                    r.read(c.clone(), &mut stats);
+                }
+                for c in reads {
+                    let out = r.read(std::hint::black_box(c.clone()), &mut stats);
+                    std::hint::black_box(out);
+                }
+                assert!(r.error().is_none());
+            }
+            if round > 0 {
+                rounds.push(
+                    (crate::benchclock::thread_cpu_ns() - start) as f64
+                        / (reps * reads.len()) as f64,
+                );
+            }
+        }
+        rounds.sort_by(f64::total_cmp);
+        rounds[3]
+    }
+
+    #[test]
+    #[ignore = "benchmark: bench/anthropic.sh runs it in release mode"]
+    fn provider_translation_cost_per_delta() {
+        let text: Vec<Vec<u8>> = (0..500).map(text_event).collect();
+        let args: Vec<Vec<u8>> = (0..500).map(args_event).collect();
+        let bytes = |v: &[Vec<u8>]| -> Vec<Bytes> { v.iter().cloned().map(Bytes::from).collect() };
+        let text_start = bytes(&[
+            MESSAGE_START.to_vec(),
+            b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n".to_vec(),
+        ]);
+        let tool_start = bytes(&[
+            MESSAGE_START.to_vec(),
+            b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n".to_vec(),
+            b"event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n".to_vec(),
+            b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_01T1x1fJ34qAmk2tNTrN7Up6\",\"name\":\"get_weather\",\"input\":{}}}\n\n".to_vec(),
+        ]);
+        // Check the shapes once: each delta is one OpenAI chunk.
+        let mut r = MessagesStream::new(false);
+        let mut stats = StreamStats::default();
+        for c in &tool_start {
+            r.read(c.clone(), &mut stats);
+        }
+        let out = r.read(Bytes::from(args[0].clone()), &mut stats);
+        let out = std::str::from_utf8(&out).unwrap();
+        assert!(out.starts_with("data: {") && out.ends_with("\n\n"), "{out}");
+        assert!(out.contains("\"arguments\":\"\\\"location"), "{out}");
+        let t = cost(&text_start, &bytes(&text));
+        let a = cost(&tool_start, &bytes(&args));
+        // The same text events split in two reads each (a line completed across reads).
+        let halves: Vec<Vec<u8>> = text
+            .iter()
+            .flat_map(|c| [c[..c.len() / 2].to_vec(), c[c.len() / 2..].to_vec()])
+            .collect();
+        let h = cost(&text_start, &bytes(&halves));
+        println!("anthropic provider stream translation (Messages events to OpenAI chunks), thread CPU ns per delta (median of 7 rounds x 200 streams x 500 deltas):");
+        println!("  text_delta event ({} B):        {t:.0} ns", text[0].len());
+        println!("  input_json_delta event ({} B):  {a:.0} ns", args[0].len());
+        println!(
+            "  text_delta split in 2 reads:     {:.0} ns per delta ({h:.0} ns per read)",
+            2.0 * h
+        );
+    }
+}
