@@ -369,26 +369,13 @@ impl Gen {
     }
 }
 
-async fn full_response(gen: Gen, mut guard: InFlight) -> Response {
+async fn full_response(gen: Gen, guard: InFlight) -> Response {
     let start = Instant::now();
     reply::pace(start, gen.due(gen.pieces.len().saturating_sub(1))).await;
     let body = serde_json::to_vec(&gen.message()).unwrap_or_default();
-    if gen.die_after.is_some_and(|d| d < gen.pieces.len() as u64) {
-        // As the OpenAI mode: half the body, then the connection breaks.
-        guard.fail();
-        let half = Bytes::copy_from_slice(&body[..body.len() / 2]);
-        let s = futures_util::stream::iter(vec![
-            Ok(half),
-            Err(std::io::Error::other("simulated connection drop")),
-        ]);
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            Body::from_stream(s),
-        )
-            .into_response();
-    }
-    guard.finish();
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    // As the OpenAI mode: half the body, then the connection breaks.
+    let cut = gen.die_after.is_some_and(|d| d < gen.pieces.len() as u64);
+    reply::whole_or_cut(body, cut, guard)
 }
 
 /// Writes one SSE event: `event: <its type>`, `data: <it>`.

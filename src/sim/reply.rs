@@ -202,7 +202,7 @@ pub(super) fn sse(v: &Value) -> Bytes {
     Bytes::from(out)
 }
 
-pub(super) async fn full_response(gen: Gen, mut guard: InFlight) -> Response {
+pub(super) async fn full_response(gen: Gen, guard: InFlight) -> Response {
     let start = Instant::now();
     pace(start, gen.due(gen.pieces.len().saturating_sub(1))).await;
     let text = gen.text();
@@ -227,8 +227,14 @@ pub(super) async fn full_response(gen: Gen, mut guard: InFlight) -> Response {
                "usage": gen.usage})
     };
     let body = serde_json::to_vec(&v).unwrap_or_default();
-    if gen.die_after.is_some_and(|d| d < gen.pieces.len() as u64) {
-        // Send half the body, then break the connection.
+    let cut = gen.die_after.is_some_and(|d| d < gen.pieces.len() as u64);
+    whole_or_cut(body, cut, guard)
+}
+
+/// A whole JSON reply; or, `cut` (the reply would pass `die_after_tokens`), half of it and
+/// then a broken connection.
+pub(super) fn whole_or_cut(body: Vec<u8>, cut: bool, mut guard: InFlight) -> Response {
+    if cut {
         guard.fail();
         let half = Bytes::copy_from_slice(&body[..body.len() / 2]);
         let s = futures_util::stream::iter(vec![

@@ -199,6 +199,22 @@ struct Function {
     arguments: String,
 }
 
+/// `Ok` for a reply whose `type` is `message` and that carries no `error`.
+fn is_message(kind: Option<&str>, error: Option<ErrorBody>) -> Result<(), UpstreamError> {
+    if let Some(e) = error {
+        return Err(UpstreamError::Invalid(
+            e.message
+                .unwrap_or_else(|| "the reply carries an error".into()),
+        ));
+    }
+    if kind != Some("message") {
+        return Err(UpstreamError::Invalid(
+            "the reply is not a Messages reply".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The usage of a Messages reply `body` that goes back as it is (a Messages client's).
 pub(super) fn native_usage(body: &[u8]) -> Result<Usage, UpstreamError> {
     #[derive(Deserialize)]
@@ -210,17 +226,7 @@ pub(super) fn native_usage(body: &[u8]) -> Result<Usage, UpstreamError> {
     }
     let r: Native = serde_json::from_slice(body)
         .map_err(|_| UpstreamError::Invalid("the reply is not a Messages reply".into()))?;
-    if let Some(e) = r.error {
-        return Err(UpstreamError::Invalid(
-            e.message
-                .unwrap_or_else(|| "the reply carries an error".into()),
-        ));
-    }
-    if r.kind.as_deref() != Some("message") {
-        return Err(UpstreamError::Invalid(
-            "the reply is not a Messages reply".into(),
-        ));
-    }
+    is_message(r.kind.as_deref(), r.error)?;
     Ok(r.usage.unwrap_or_default().usage())
 }
 
@@ -228,17 +234,7 @@ pub(super) fn native_usage(body: &[u8]) -> Result<Usage, UpstreamError> {
 pub(super) fn to_openai(body: &[u8]) -> Result<(Bytes, Option<Usage>), UpstreamError> {
     let r: Reply = serde_json::from_slice(body)
         .map_err(|_| UpstreamError::Invalid("the reply is not a Messages reply".into()))?;
-    if let Some(e) = r.error {
-        return Err(UpstreamError::Invalid(
-            e.message
-                .unwrap_or_else(|| "the reply carries an error".into()),
-        ));
-    }
-    if r.kind.as_deref() != Some("message") {
-        return Err(UpstreamError::Invalid(
-            "the reply is not a Messages reply".into(),
-        ));
-    }
+    is_message(r.kind.as_deref(), r.error)?;
     let mut text: Option<String> = None;
     let mut tool_calls = Vec::new();
     for b in r.content {
