@@ -35,12 +35,14 @@
 //! - `upstream` (one deployment's client, the API it speaks behind `upstream::api::UpstreamApi`,
 //!   and the stream relay) and `pool` (the process supervisor of the local model servers);
 //! - `quota`: the async shell of the rate limits (the memory and Redis stores);
-//! - the pure decision core: `admission`, `routing`, `breaker`, `limits` (GCRA buckets), with
-//!   `reason` (the closed set of rejections); no I/O, no HTTP crate;
+//! - the pure decision core: `admission`, `routing`, `prefix` (the index of prompt prefixes
+//!   sent to each deployment, for prefix-aware routing), `breaker`, `limits` (GCRA buckets),
+//!   with `reason` (the closed set of rejections); no I/O, no HTTP crate;
 //! - `anthropic`: the Messages API's formats and their translation to and from OpenAI's
 //!   (pure; used by `proxy` and `error`, plugged into the relay as a transform);
 //! - `config` (validated TOML, and the diff between two configs that a reload acts on) and
-//!   `headers` (names), used by all; `metrics` (the Prometheus
+//!   `headers` (names), used by all; `jsonspan` (where a body's top-level members lie) imports
+//!   nothing; `metrics` (the Prometheus
 //!   registry and the status page's windows, fed by `proxy::observe`) imports nothing of the
 //!   crate; `sim` stands alone.
 
@@ -70,10 +72,12 @@ mod breaker;
 mod budget;
 mod error;
 mod headers;
+mod jsonspan;
 mod limits;
 mod metrics;
 mod orchestrator;
 mod pool;
+mod prefix;
 mod proxy;
 mod quota;
 mod reason;
