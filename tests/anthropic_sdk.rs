@@ -128,3 +128,57 @@ async fn official_anthropic_sdk_reads_the_anthropic_simulator() {
     run(failing, &["overloaded_529"]).await;
     run(cut, &["stream_cut"]).await;
 }
+
+/// The same oracle through the gateway: a Messages client's requests to an `api = "anthropic"`
+/// deployment go as sent and come back as the provider sent them, so the official SDK reads
+/// the gateway exactly as it reads the simulator (create, streams, tools, a tool round trip,
+/// a cut stream), plus the gateway's own 400 and 404.
+#[tokio::test]
+async fn official_anthropic_sdk_reads_an_anthropic_deployment_through_the_gateway() {
+    let start_sim = |extra: &'static [&'static str]| async move {
+        let mut args = vec!["sim", "--listen", "127.0.0.1:0", "--api", "anthropic"];
+        args.extend_from_slice(extra);
+        run_binary(&args).await
+    };
+    let (_ok, ok) = start_sim(&[]).await;
+    let (_cut, cut) = start_sim(&["--die-after-tokens", "3", "--tokens-per-sec", "200"]).await;
+    let dir = TempDir::new("anthropic-sdk-native");
+    let gateway = |name: &str, sim: &str| {
+        // The simulator's URL ends in /v1; an Anthropic deployment takes the root or /v1.
+        let file = dir.write(
+            name,
+            &format!(
+                "[[models]]\nname = \"mofa-sim\"\n[[models.deployments]]\nkind = \"cloud\"\n\
+                 provider = \"anthropic\"\napi = \"anthropic\"\nurl = \"{sim}\"\n"
+            ),
+        );
+        async move { run_gateway_file(&file, &[]).await }
+    };
+    let (_gw_ok, gw_ok) = gateway("ok.toml", &ok).await;
+    let (_gw_cut, gw_cut) = gateway("cut.toml", &cut).await;
+    let run = |gw: std::net::SocketAddr, checks: &'static [&'static str]| async move {
+        run_sdk_checks(
+            "anthropic_sim.py",
+            &format!("http://{gw}"),
+            checks,
+            &["ANTHROPIC_BASE_URL"],
+        )
+        .await
+    };
+    run(
+        gw_ok,
+        &[
+            "create_text",
+            "create_max_tokens",
+            "create_stop_sequence",
+            "stream_text",
+            "create_tools",
+            "stream_tools",
+            "tool_round_trip",
+            "bad_request",
+            "not_found",
+        ],
+    )
+    .await;
+    run(gw_cut, &["stream_cut"]).await;
+}
