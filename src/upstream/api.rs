@@ -6,23 +6,20 @@
 //! ([`super::messages::MessagesApi`]).
 //!
 //! Adding an upstream API is one module that implements [`UpstreamApi`] (and [`StreamReader`])
-//! plus its value in `config::UpstreamApiKind` and [`for_deployment`]. The client, its
+//! plus its value in `config::UpstreamApiKind` and `upstream::for_deployment`. The client, its
 //! timeouts, the relay and the breakers stay as they are.
 //!
 //! It must not do I/O (the client in `upstream` does), nor decide retries or routing: it says
 //! what a reply is, the caller decides what to do with it.
-
-use std::sync::Arc;
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use super::relay::StreamStats;
 use super::wire::{error_message, retry_after_secs, sse_content_events, sse_error_in, sse_usage};
 use super::{Endpoint, UpstreamError, Usage};
-use crate::config::{DeploymentConfig, Secret, UpstreamApiKind};
+use crate::config::Secret;
 
 /// An API a deployment speaks (see the module doc).
 pub(crate) trait UpstreamApi: Send + Sync {
@@ -83,6 +80,17 @@ pub(crate) trait UpstreamApi: Send + Sync {
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: Bytes) -> UpstreamError;
 }
 
+/// What was relayed.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StreamStats {
+    pub bytes: u64,
+    pub chunks: u64,
+    /// The usage chunk's counts, when the upstream sent one.
+    pub usage: Option<Usage>,
+    /// Events that carried generated text (the output estimate without a usage chunk).
+    pub content_events: u64,
+}
+
 /// Reads one streamed reply of a deployment into the common events: OpenAI SSE chunks, and
 /// what they say (usage, generated text, an error, the end).
 pub(crate) trait StreamReader: Send {
@@ -106,16 +114,6 @@ pub(crate) trait StreamReader: Send {
     fn failure(&self) -> Option<UpstreamError> {
         self.error().map(|m| UpstreamError::Invalid(m.to_owned()))
     }
-}
-
-/// The upstream API of a deployment configured as `cfg` (its `api` and that API's keys).
-pub(crate) fn for_deployment(cfg: &DeploymentConfig) -> Result<Arc<dyn UpstreamApi>, String> {
-    Ok(match cfg.api {
-        UpstreamApiKind::OpenAi => Arc::new(OpenAiCompatible),
-        UpstreamApiKind::Anthropic => Arc::new(super::messages::MessagesApi::new(
-            cfg.anthropic_version.as_deref(),
-        )?),
-    })
 }
 
 /// The OpenAI-compatible API (OpenAI, llama-server, vLLM, Ollama, the simulator): requests go

@@ -28,8 +28,9 @@ mod wire;
 use api::UpstreamApi;
 use client::{Coalesce, HttpClient};
 
+pub(crate) use api::StreamStats;
 pub(crate) use client::{set_lane, set_lanes};
-pub(crate) use relay::{OnEnd, PendingStream, StreamEnd, StreamStats, Transform};
+pub(crate) use relay::{OnEnd, PendingStream, StreamEnd, Transform};
 pub(crate) use wire::{envelope, error_message, is_envelope, Usage};
 
 /// The endpoints the gateway forwards: OpenAI's, and Anthropic's Messages for a deployment
@@ -207,7 +208,7 @@ impl Deployment {
         max_response_bytes: usize,
     ) -> Result<Deployment, String> {
         let client = HttpClient::new(Duration::from_millis(cfg.connect_timeout_ms))?;
-        let api = api::for_deployment(cfg)?;
+        let api = for_deployment(cfg)?;
         let mut credentials = match &cfg.api_key {
             Some(key) => api.credentials(key)?,
             None => Vec::new(),
@@ -504,6 +505,16 @@ impl Deployment {
             usage,
         })
     }
+}
+
+/// The upstream API of a deployment configured as `cfg` (its `api` and that API's keys).
+pub(crate) fn for_deployment(cfg: &DeploymentConfig) -> Result<Arc<dyn api::UpstreamApi>, String> {
+    Ok(match cfg.api {
+        crate::config::UpstreamApiKind::OpenAi => Arc::new(api::OpenAiCompatible),
+        crate::config::UpstreamApiKind::Anthropic => Arc::new(messages::MessagesApi::new(
+            cfg.anthropic_version.as_deref(),
+        )?),
+    })
 }
 
 /// The URL of each endpoint under `base` (as [`UpstreamApi::base`] gave it), in `Endpoint`

@@ -15,9 +15,9 @@ use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::api::StreamReader;
+use super::api::{StreamReader, StreamStats};
 use super::error_chain;
-use super::wire::{sse_error_event, Usage};
+use super::wire::sse_error_event;
 
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,17 +28,6 @@ pub(crate) enum StreamEnd {
     Failed,
     /// The client went away before the end.
     ClientGone,
-}
-
-/// What was relayed.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct StreamStats {
-    pub bytes: u64,
-    pub chunks: u64,
-    /// The usage chunk's counts, when the upstream sent one.
-    pub usage: Option<Usage>,
-    /// Events that carried generated text (the output estimate without a usage chunk).
-    pub content_events: u64,
 }
 
 /// Told how a stream ended, once; what it holds (a slot) is freed with it.

@@ -28,7 +28,7 @@ use serde_json::value::RawValue;
 
 use super::reply::{finish_reason, now, ErrorBody, TokenCounts};
 use crate::upstream::api::StreamReader;
-use crate::upstream::relay::StreamStats;
+use crate::upstream::api::StreamStats;
 use crate::upstream::wire::envelope;
 use crate::upstream::UpstreamError;
 

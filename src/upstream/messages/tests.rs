@@ -2,7 +2,7 @@ use axum::http::header;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::upstream::relay::StreamStats;
+use crate::upstream::api::StreamStats;
 
 fn api() -> MessagesApi {
     MessagesApi::new(None).unwrap()
