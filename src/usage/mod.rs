@@ -176,8 +176,8 @@ impl Ledger {
                 .map_or(0, |d| d.as_secs());
             let tokens = rec.tokens_in.saturating_add(rec.tokens_out);
             if self.budgets.spend(key, unix, rec.cost, tokens) {
-                if let Some(c) = &self.counters {
-                    c.add(key.into(), unix, rec.cost, tokens);
+                if let (Some(c), Some(k)) = (&self.counters, &rec.key) {
+                    c.add(k.clone(), unix, rec.cost, tokens);
                 }
             }
         }
