@@ -365,6 +365,10 @@ impl MessagesStream {
     }
 
     fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&'static str>, out: &mut Vec<u8>) {
+        // A native stream goes on as it came: no chunk of OpenAI's to write.
+        if self.native {
+            return;
+        }
         let choices = [ChunkChoice {
             index: 0,
             delta,
