@@ -10,6 +10,20 @@ mod common;
 use common::*;
 use mofa_gateway::sim::SimOptions;
 
+/// The checks of tests/sdk/anthropic_sim.py that the simulator passes and, relayed as it
+/// answers, the gateway in front of it.
+const SIM_CHECKS: &[&str] = &[
+    "create_text",
+    "create_max_tokens",
+    "create_stop_sequence",
+    "stream_text",
+    "create_tools",
+    "stream_tools",
+    "tool_round_trip",
+    "bad_request",
+    "not_found",
+];
+
 /// Runs the named checks of tests/sdk/anthropic_conformance.py against the gateway at `gw`.
 async fn run_checks(gw: std::net::SocketAddr, checks: &[&str]) {
     let base_url = format!("http://{gw}");
@@ -104,29 +118,14 @@ async fn official_anthropic_sdk_reads_the_anthropic_simulator() {
     let (_ok, ok) = start(&[]).await;
     let (_failing, failing) = start(&["--fail-rate", "1"]).await;
     let (_cut, cut) = start(&["--die-after-tokens", "3", "--tokens-per-sec", "200"]).await;
-    let run = |url: String, checks: &'static [&'static str]| async move {
+    let run = |url: String, checks: Vec<&'static str>| async move {
         // The SDK adds /v1 itself.
         let base = url.trim_end_matches("/v1").to_string();
-        run_sdk_checks("anthropic_sim.py", &base, checks, &["ANTHROPIC_BASE_URL"]).await
+        run_sdk_checks("anthropic_sim.py", &base, &checks, &["ANTHROPIC_BASE_URL"]).await
     };
-    run(
-        ok,
-        &[
-            "create_text",
-            "create_max_tokens",
-            "create_stop_sequence",
-            "stream_text",
-            "create_tools",
-            "stream_tools",
-            "tool_round_trip",
-            "bad_request",
-            "not_found",
-            "auth_401",
-        ],
-    )
-    .await;
-    run(failing, &["overloaded_529"]).await;
-    run(cut, &["stream_cut"]).await;
+    run(ok, [SIM_CHECKS, &["auth_401"]].concat()).await;
+    run(failing, vec!["overloaded_529"]).await;
+    run(cut, vec!["stream_cut"]).await;
 }
 
 /// The same oracle through the gateway: a Messages client's requests to an `api = "anthropic"`
@@ -165,20 +164,6 @@ async fn official_anthropic_sdk_reads_an_anthropic_deployment_through_the_gatewa
         )
         .await
     };
-    run(
-        gw_ok,
-        &[
-            "create_text",
-            "create_max_tokens",
-            "create_stop_sequence",
-            "stream_text",
-            "create_tools",
-            "stream_tools",
-            "tool_round_trip",
-            "bad_request",
-            "not_found",
-        ],
-    )
-    .await;
+    run(gw_ok, SIM_CHECKS).await;
     run(gw_cut, &["stream_cut"]).await;
 }

@@ -407,6 +407,29 @@ async fn pg_totals(pg: &PgServer, status: i32) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// Two clients on each replica spend key `sk-team` on model `m`, each sequentially until it is
+/// refused (429 `insufficient_quota`); the tokens they were told in all, and the most a request
+/// spent.
+async fn spend_on_two_replicas(
+    gw_a: std::net::SocketAddr,
+    gw_b: std::net::SocketAddr,
+) -> (u64, u64) {
+    let clients: Vec<_> = [gw_a, gw_a, gw_b, gw_b]
+        .into_iter()
+        .map(|gw| tokio::spawn(async move { spend_until_refused(gw, "sk-team", "m").await }))
+        .collect();
+    let mut told = 0;
+    let mut most = 0;
+    for c in clients {
+        let (spent, n, refused) = c.await.unwrap();
+        assert_eq!(refused.status(), 429);
+        assert_eq!(envelope(refused).await["code"], "insufficient_quota");
+        told += spent;
+        most = most.max(spent / u64::from(n.max(1)));
+    }
+    (told, most)
+}
+
 #[tokio::test]
 async fn two_replicas_on_one_postgres_stop_a_budget_at_the_same_total() {
     let pg = PgServer::start().await;
@@ -429,19 +452,7 @@ async fn two_replicas_on_one_postgres_stop_a_budget_at_the_same_total() {
     let (_b, gw_b) = run_gateway_file(&file, &[]).await;
 
     // Two clients on each replica, each sequential, until each is refused.
-    let clients: Vec<_> = [gw_a, gw_a, gw_b, gw_b]
-        .into_iter()
-        .map(|gw| tokio::spawn(async move { spend_until_refused(gw, "sk-team", "m").await }))
-        .collect();
-    let mut told = 0;
-    let mut most = 0;
-    for c in clients {
-        let (spent, n, refused) = c.await.unwrap();
-        assert_eq!(refused.status(), 429);
-        assert_eq!(envelope(refused).await["code"], "insufficient_quota");
-        told += spent;
-        most = most.max(spent / u64::from(n.max(1)));
-    }
+    let (told, most) = spend_on_two_replicas(gw_a, gw_b).await;
     // Every record is in, and the ledger agrees with the clients.
     eventually("the replicas' records", WAIT, || async {
         pg_totals(&pg, 200).await.1 as u64 == told
@@ -906,19 +917,7 @@ async fn replicas_with_their_own_sqlite_share_a_budget_through_redis_even_after_
     let (mut bin_a, gw_a) = run_gateway_file(&file_a, &[]).await;
     let (_b, gw_b) = run_gateway_file(&file_b, &[]).await;
 
-    let clients: Vec<_> = [gw_a, gw_a, gw_b, gw_b]
-        .into_iter()
-        .map(|gw| tokio::spawn(async move { spend_until_refused(gw, "sk-team", "m").await }))
-        .collect();
-    let mut told = 0;
-    let mut most = 0;
-    for c in clients {
-        let (spent, n, refused) = c.await.unwrap();
-        assert_eq!(refused.status(), 429);
-        assert_eq!(envelope(refused).await["code"], "insufficient_quota");
-        told += spent;
-        most = most.max(spent / u64::from(n.max(1)));
-    }
+    let (told, most) = spend_on_two_replicas(gw_a, gw_b).await;
     // Without a shared count each replica would spend a whole budget of its own.
     assert!(told >= budget, "stopped early: {told} < {budget}");
     assert!(
