@@ -20,6 +20,10 @@ pub(crate) const PRECISION: HeaderName = HeaderName::from_static("x-mofa-precisi
 pub(crate) const PRIORITY: HeaderName = HeaderName::from_static("x-mofa-priority");
 /// The longest a request will wait in the queue, in ms (only lowers the configured bound).
 pub(crate) const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-mofa-max-wait-ms");
+/// A client's session, for the `session` routing policy (wins over the body's `user`).
+pub(crate) const SESSION: HeaderName = HeaderName::from_static("x-mofa-session");
+/// Under `prefix-aware`: the share of the prompt the deployment chosen was sent before.
+pub(crate) const PREFIX_MATCH: HeaderName = HeaderName::from_static("x-mofa-prefix-match");
 /// How many deployments were tried for the request.
 pub(crate) const ATTEMPTS: HeaderName = HeaderName::from_static("x-mofa-attempts");
 /// The request id as sent upstream. Not `x-request-id`: some servers (llama-cpp-python's)

@@ -48,6 +48,14 @@ const CONFIG_INFO: &str = "mofa_gateway_config_info";
 const COST: &str = "mofa_gateway_cost_total";
 const USAGE_WRITTEN: &str = "mofa_gateway_usage_written_total";
 const USAGE_DROPPED: &str = "mofa_gateway_usage_dropped_total";
+const PREFIX_MATCH: &str = "mofa_gateway_prefix_match_ratio";
+const AFFINITY_ENTRIES: &str = "mofa_gateway_affinity_entries";
+const AFFINITY_CAPACITY: &str = "mofa_gateway_affinity_capacity_entries";
+const AFFINITY_BYTES: &str = "mofa_gateway_affinity_bytes";
+
+/// Shares of the prompt found on the deployment chosen (0: none; 1: all).
+pub(crate) const PREFIX_BUCKETS: [f64; 12] =
+    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0];
 
 /// OpenTelemetry GenAI `gen_ai.server.time_to_first_token` buckets.
 pub(crate) const TTFT_BUCKETS: [f64; 16] = [
@@ -86,6 +94,8 @@ pub(crate) struct Sample<'a> {
     pub queue_wait: Option<(&'static str, Duration)>,
     /// Input and output tokens, from the upstream's `usage`.
     pub tokens: Option<(u64, u64)>,
+    /// Under `prefix-aware`: the share of the prompt the deployment was sent before.
+    pub prefix_match: Option<f64>,
 }
 
 /// The registry, its recent-history windows, and when it started.
@@ -124,6 +134,8 @@ struct Series {
     tpot: Histogram,
     tokens_in: Counter,
     tokens_out: Counter,
+    /// `prefix_match_ratio`, registered on first use (only `prefix-aware` models have it).
+    prefix_match: std::sync::OnceLock<Histogram>,
     /// `requests_total` by (status, reason).
     requests: Mutex<Vec<((u16, &'static str), Counter)>>,
 }
@@ -139,6 +151,7 @@ impl Series {
             tokens_in: counter!(TOKENS, "model" => m.clone(), "backend" => b.clone(), "type" => "input"),
             tokens_out: counter!(TOKENS, "model" => m.clone(), "backend" => b.clone(), "type" => "output"),
             requests: Mutex::new(Vec::new()),
+            prefix_match: std::sync::OnceLock::new(),
             model: m,
             backend: b,
         }
@@ -182,6 +195,7 @@ impl Metrics {
             (DURATION, &DURATION_BUCKETS[..]),
             (TPOT, &TPOT_BUCKETS[..]),
             (QUEUE_WAIT, &QUEUE_BUCKETS[..]),
+            (PREFIX_MATCH, &PREFIX_BUCKETS[..]),
         ] {
             b = b
                 .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
@@ -252,6 +266,14 @@ impl Metrics {
         if let Some((input, output)) = s.tokens {
             series.tokens_in.increment(input);
             series.tokens_out.increment(output);
+        }
+        if let Some(share) = s.prefix_match {
+            let h = series.prefix_match.get_or_init(|| {
+                metrics::with_local_recorder(&self.recorder, || {
+                    histogram!(PREFIX_MATCH, "model" => series.model.clone(), "backend" => series.backend.clone())
+                })
+            });
+            h.record(share);
         }
         self.recent.record(s);
     }
@@ -452,6 +474,26 @@ fn describe() {
         RATE_LIMITED,
         "Requests refused with 429, by key name and the limit hit."
     );
+    describe_histogram!(
+        PREFIX_MATCH,
+        "prefix-aware models: the share of each request's prompt that the deployment chosen had \
+         been sent before (likely still in its KV cache)."
+    );
+    describe_gauge!(
+        AFFINITY_ENTRIES,
+        "Entries the affinity policy of a model remembers: prompt blocks (kind=prefix) or \
+         sessions (kind=session)."
+    );
+    describe_gauge!(
+        AFFINITY_CAPACITY,
+        "The most entries the affinity policy of a model remembers (routing.prefix_cache_entries \
+         or routing.session_cache_entries)."
+    );
+    describe_gauge!(
+        AFFINITY_BYTES,
+        Unit::Bytes,
+        "Memory the affinity policy's index of a model takes, approximately."
+    );
     describe_gauge!(IN_FLIGHT, "Requests running on a deployment now.");
     describe_gauge!(MAX_CONCURRENCY, "Slots of a deployment.");
     describe_gauge!(QUEUE_DEPTH, "Requests waiting for a slot, by priority.");
@@ -482,6 +524,13 @@ fn set_gauges(orch: &Value, pool: &Value) {
             for prio in PRIORITIES {
                 let depth = m["queue"]["by_priority"][prio].as_f64().unwrap_or(0.0);
                 gauge!(QUEUE_DEPTH, "model" => name.clone(), "priority" => prio).set(depth);
+            }
+            let a = &m["affinity"];
+            if let Some(kind) = a["kind"].as_str() {
+                let labels = [("model", name.clone()), ("kind", kind.to_owned())];
+                gauge!(AFFINITY_ENTRIES, &labels).set(a["entries"].as_f64().unwrap_or(0.0));
+                gauge!(AFFINITY_CAPACITY, &labels).set(a["capacity"].as_f64().unwrap_or(0.0));
+                gauge!(AFFINITY_BYTES, &labels).set(a["bytes"].as_f64().unwrap_or(0.0));
             }
             for d in m["deployments"].as_array().into_iter().flatten() {
                 let dep = d["backend"].as_str().unwrap_or_default().to_owned();
@@ -805,6 +854,7 @@ mod tests {
             ttft: Some(Duration::from_millis(ms / 2)),
             queue_wait: Some(("normal", Duration::ZERO)),
             tokens: Some((3, 5)),
+            prefix_match: None,
         }
     }
 

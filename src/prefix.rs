@@ -6,20 +6,252 @@
 //! Owns: the rendering of a request as bytes ([`chat_prompt`]), the prompt's chained block
 //! hashes ([`blocks`]), the bounded index of the prefixes recently sent to each deployment
 //! ([`PrefixIndex`], one per model), the choice between the longest match and the least load
-//! ([`choose`]), and the bounded session-affinity map ([`Sessions`]).
+//! ([`choose`]), the bounded session-affinity map ([`Sessions`]), and [`Recall`], which holds
+//! the one of them a model's policy uses and answers admission's questions.
 //!
-//! Must not: do I/O, read a clock, take a lock, or panic on any input. The caller keeps one
-//! index per model behind its own lock, records a prompt on the deployment it was sent to,
-//! forgets a deployment that was removed or broke, and reports [`PrefixIndex::len`] and
-//! [`PrefixIndex::bytes`] as gauges. A deployment is its slot in the model's list; slots
-//! 0..[`MAX_SLOTS`] are indexed, a higher one is neither recorded nor matched.
-
-// Wired into routing in the next step (issue 24); until then only the tests use it.
-#![allow(dead_code)]
+//! Must not: do I/O, read a clock, take a lock, or panic on any input. Admission keeps one
+//! [`Recall`] per model in its core, under the model's lock: it asks it where a request belongs
+//! ([`Recall::prefer`]) as it routes, tells it where the request went ([`Recall::ran`]), and
+//! has it forget a deployment that was removed or broke. A deployment is its slot in the
+//! model's list (slots keep their places across reloads); slots 0..[`MAX_SLOTS`] are indexed,
+//! a higher one is neither recorded nor matched. A request's [`Affinity`] (its block hashes,
+//! its session) is computed before the lock is taken, and travels with it through the queue.
 
 use std::hash::{BuildHasher, Hasher};
 
+use serde::{Deserialize, Serialize};
+
 use crate::jsonspan::{member_key, top_level_members};
+use crate::routing::Policy;
+
+/// What a request brings to the affinity policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) enum Affinity {
+    /// Nothing (the model's policy has no affinity, or the request has no prompt or session).
+    #[default]
+    None,
+    /// Its prompt's block hashes ([`blocks`] of [`chat_prompt`]).
+    Prompt(Box<[u64]>),
+    /// Its session as sent (hashed before it is kept, see [`Sessions`]).
+    Session(Box<[u8]>),
+}
+
+impl Affinity {
+    /// What `body` (an OpenAI request) brings to `policy`: its prompt's blocks under
+    /// `prefix-aware`; under `session`, `session` (the `x-mofa-session` header) or else the
+    /// body's `user` (its raw JSON value, a string or anything else).
+    pub(crate) fn of(policy: Policy, body: &[u8], session: Option<&[u8]>) -> Affinity {
+        match policy {
+            Policy::PrefixAware => match chat_prompt(body) {
+                Some(p) => Affinity::Prompt(blocks(p, DEFAULT_BLOCK_BYTES).into()),
+                None => Affinity::None,
+            },
+            Policy::Session => match session.or_else(|| member(body, "user")) {
+                Some(s) if !s.is_empty() && s != b"null" => Affinity::Session(s.into()),
+                _ => Affinity::None,
+            },
+            _ => Affinity::None,
+        }
+    }
+}
+
+/// The raw value of the top-level member `name` of a JSON object.
+fn member<'a>(body: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let members = top_level_members(body)?;
+    let m = members.iter().find(|m| member_key(body, m) == name)?;
+    body.get(m.value.clone())
+}
+
+/// The least match that makes a prefix choice: a share of the prompt (a float in [0, 1]) or
+/// a length in bytes (an integer; about 4 bytes a token).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum MinMatch {
+    Bytes(u64),
+    Share(f64),
+}
+
+impl Default for MinMatch {
+    fn default() -> Self {
+        MinMatch::Share(0.5)
+    }
+}
+
+impl MinMatch {
+    /// As a share of a prompt of `total_blocks`: a length becomes the share its blocks are
+    /// (above 1 when the prompt is shorter: no choice).
+    fn share(self, total_blocks: u32) -> f64 {
+        match self {
+            MinMatch::Share(s) => s,
+            MinMatch::Bytes(b) => {
+                let blocks = b.div_ceil(DEFAULT_BLOCK_BYTES as u64);
+                blocks as f64 / f64::from(total_blocks.max(1))
+            }
+        }
+    }
+}
+
+/// The affinity policies' settings (`[routing]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Settings {
+    /// `prefix_min_match`.
+    pub min_match: MinMatch,
+    /// `prefix_balance_threshold`: how many more requests in flight than the least-loaded
+    /// deployment the preferred one may have and still be chosen.
+    pub balance: u32,
+    /// `prefix_cache_entries`: blocks remembered per model.
+    pub prefix_entries: usize,
+    /// `session_cache_entries`: sessions remembered per model.
+    pub session_entries: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            min_match: MinMatch::default(),
+            balance: 8,
+            prefix_entries: 65_536,
+            session_entries: 65_536,
+        }
+    }
+}
+
+/// What one model remembers for its affinity policy.
+pub(crate) enum Recall {
+    /// Its policy has no affinity.
+    Nothing,
+    Prefixes(PrefixIndex),
+    Sessions(Sessions),
+}
+
+impl std::fmt::Debug for Recall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Recall::Nothing => f.write_str("Nothing"),
+            Recall::Prefixes(i) => write!(f, "Prefixes({} entries)", i.len()),
+            Recall::Sessions(s) => write!(f, "Sessions({} entries)", s.len()),
+        }
+    }
+}
+
+/// Where a request belongs, as [`Recall::prefer`] judged it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Preference {
+    /// The deployment to take if it is free (already within the balance threshold).
+    pub dep: Option<usize>,
+    /// Per slot, the leading blocks of the prompt it holds (all 0 without a prompt).
+    matched: [u32; MAX_SLOTS],
+    /// The prompt's blocks (`None`: the request brought no prompt).
+    total: Option<u32>,
+}
+
+impl Preference {
+    /// No preference.
+    pub(crate) const NONE: Preference = Preference {
+        dep: None,
+        matched: [0; MAX_SLOTS],
+        total: None,
+    };
+
+    /// The share of the prompt that deployment `dep` holds (for `x-mofa-prefix-match`);
+    /// `None` when the request brought no prompt.
+    pub(crate) fn share_on(&self, dep: usize) -> Option<f64> {
+        let total = self.total?;
+        Some(share(self.matched.get(dep).copied().unwrap_or(0), total))
+    }
+}
+
+/// The memory a model keeps for `policy`: an index of prefixes, a map of sessions, or nothing.
+impl Recall {
+    pub(crate) fn new(policy: Policy, s: &Settings) -> Recall {
+        match policy {
+            Policy::PrefixAware => Recall::Prefixes(PrefixIndex::new(s.prefix_entries)),
+            Policy::Session => Recall::Sessions(Sessions::new(s.session_entries)),
+            _ => Recall::Nothing,
+        }
+    }
+
+    /// It is what `policy` with settings `s` would make (a reload keeps it then).
+    pub(crate) fn fits(&self, policy: Policy, s: &Settings) -> bool {
+        match self {
+            Recall::Nothing => !policy.has_affinity(),
+            Recall::Prefixes(i) => {
+                policy == Policy::PrefixAware && i.capacity() == s.prefix_entries.max(1)
+            }
+            Recall::Sessions(m) => {
+                policy == Policy::Session && m.capacity() == s.session_entries.max(1)
+            }
+        }
+    }
+
+    /// Where a request bringing `wants` belongs: the deployment with the longest prefix of
+    /// its prompt ([`choose`]), or the one its session last ran on, provided it can take the
+    /// request now and is within `s.balance` requests in flight of the least loaded.
+    /// `loads[i]`: `Some(in_flight)` for a deployment that can take the request now.
+    pub(crate) fn prefer(
+        &mut self,
+        wants: &Affinity,
+        loads: &[Option<u32>],
+        s: &Settings,
+    ) -> Preference {
+        match (self, wants) {
+            (Recall::Prefixes(index), Affinity::Prompt(blocks)) => {
+                let total = u32::try_from(blocks.len()).unwrap_or(u32::MAX);
+                let matched = index.matches(blocks);
+                let n = loads.len().min(MAX_SLOTS);
+                let min = s.min_match.share(total);
+                let dep = match choose(&matched[..n], total, &loads[..n], min, s.balance) {
+                    Choice::Prefix { dep, .. } => Some(dep),
+                    Choice::LeastLoad => None,
+                };
+                Preference {
+                    dep,
+                    matched,
+                    total: Some(total),
+                }
+            }
+            (Recall::Sessions(map), Affinity::Session(key)) => {
+                let least = loads.iter().flatten().min().copied();
+                let dep = map.get(key).filter(|&d| {
+                    let load = loads.get(d).copied().flatten();
+                    matches!((load, least), (Some(l), Some(m)) if l <= m.saturating_add(s.balance))
+                });
+                Preference {
+                    dep,
+                    ..Preference::NONE
+                }
+            }
+            _ => Preference::NONE,
+        }
+    }
+
+    /// The request bringing `wants` was sent to `dep`.
+    pub(crate) fn ran(&mut self, wants: &Affinity, dep: usize) {
+        match (self, wants) {
+            (Recall::Prefixes(index), Affinity::Prompt(blocks)) => index.record(blocks, dep),
+            (Recall::Sessions(map), Affinity::Session(key)) => map.set(key, dep),
+            _ => {}
+        }
+    }
+
+    /// Forgets deployment `dep` (removed, or broken: its cache is gone or unusable).
+    pub(crate) fn forget(&mut self, dep: usize) {
+        match self {
+            Recall::Nothing => {}
+            Recall::Prefixes(index) => index.forget(dep),
+            Recall::Sessions(map) => map.forget(dep),
+        }
+    }
+
+    /// `(kind, entries, capacity, bytes)` for the admin view and the gauges.
+    pub(crate) fn size(&self) -> Option<(&'static str, usize, usize, usize)> {
+        match self {
+            Recall::Nothing => None,
+            Recall::Prefixes(i) => Some(("prefix", i.len(), i.capacity(), i.bytes())),
+            Recall::Sessions(m) => Some(("session", m.len(), m.capacity(), m.bytes())),
+        }
+    }
+}
 
 /// The block size a model's index uses unless configured: 256 bytes, about 64 tokens of
 /// English or JSON. Fine enough that a match's resolution (one block) is small against the
@@ -85,7 +317,7 @@ fn bit(dep: usize) -> Option<u64> {
 /// A model's index of the prompt prefixes recently sent to each deployment, bounded in
 /// entries (one per block hash), evicting the least recently used.
 ///
-/// `record` and `matches` are O(blocks); `forget` and `renumber` walk the whole index.
+/// `record` and `matches` are O(blocks); `forget` walks the whole index.
 pub(crate) struct PrefixIndex {
     /// Block hash -> the deployments (bits) that were sent a prompt with that prefix.
     lru: Lru<u64>,
@@ -137,33 +369,6 @@ impl PrefixIndex {
                 *deps != 0
             });
         }
-    }
-
-    /// Keeps slots `0..n` only: for a model whose list shrank from the end.
-    pub(crate) fn retain_slots(&mut self, n: usize) {
-        let keep = bit(n).map_or(u64::MAX, |b| b - 1);
-        self.lru.retain(|deps| {
-            *deps &= keep;
-            *deps != 0
-        });
-    }
-
-    /// For a model whose deployments were renumbered (a reload): old slot i is now
-    /// `new_slot_of[i]` (`None`, or beyond the slice: removed).
-    pub(crate) fn renumber(&mut self, new_slot_of: &[Option<usize>]) {
-        self.lru.retain(|deps| {
-            let mut old = *deps;
-            let mut new = 0;
-            while old != 0 {
-                let slot = old.trailing_zeros() as usize;
-                old &= old - 1;
-                if let Some(b) = new_slot_of.get(slot).copied().flatten().and_then(bit) {
-                    new |= b;
-                }
-            }
-            *deps = new;
-            new != 0
-        });
     }
 
     /// Entries (blocks) held now.
@@ -693,29 +898,6 @@ mod tests {
     }
 
     #[test]
-    fn renumbering_moves_and_drops_slots() {
-        let mut index = PrefixIndex::new(100);
-        let p: Vec<Vec<u64>> = (0..4).map(|i| blocks(&[i as u8; 2 * BB], BB)).collect();
-        for (dep, b) in p.iter().enumerate() {
-            index.record(b, dep);
-        }
-        // Slot 1 removed: 2 -> 1, 3 -> 2.
-        index.renumber(&[Some(0), None, Some(1), Some(2)]);
-        assert_eq!(index.matches(&p[0])[0], 2);
-        assert_eq!(index.matches(&p[1]), [0; MAX_SLOTS]);
-        assert_eq!(index.matches(&p[2])[1], 2);
-        assert_eq!(index.matches(&p[3])[2], 2);
-        assert_eq!(index.len(), 6);
-        index.retain_slots(2);
-        assert_eq!(index.matches(&p[3]), [0; MAX_SLOTS]);
-        assert_eq!(index.len(), 4);
-        index.retain_slots(64);
-        assert_eq!(index.len(), 4);
-        index.retain_slots(0);
-        assert_eq!(index.len(), 0);
-    }
-
-    #[test]
     fn sessions_are_bounded_hashed_and_forgotten() {
         let mut s = Sessions::new(2);
         assert_eq!(s.get(b"alice"), None);
@@ -750,9 +932,8 @@ mod tests {
         assert_eq!(index.matches(&[1])[MAX_SLOTS - 1], 1);
         assert_eq!(index.matches(&[]), [0; MAX_SLOTS]);
         index.forget(usize::MAX);
-        index.renumber(&[]);
+        index.forget(MAX_SLOTS - 1);
         assert_eq!(index.len(), 0);
-        index.retain_slots(usize::MAX);
         let mut index = PrefixIndex::new(usize::MAX);
         index.record(&[9], 0);
         assert_eq!(index.len(), 1);

@@ -2,7 +2,9 @@
 //!
 //! Pure: takes a snapshot of the deployments (slots, observed latency, price, memory verdicts)
 //! and returns a choice, a reason to wait, or a reason to reject. No I/O, no clock reads, no
-//! locks; randomness (for the power of two choices) comes in as a number.
+//! locks; randomness (for the power of two choices), the round-robin turn and the affinity
+//! policies' preferred deployment (from [`crate::prefix`], judged by the caller) come in as
+//! [`Draw`].
 
 use std::fmt;
 
@@ -27,6 +29,24 @@ pub enum Policy {
     Cost,
     /// The highest-precision local variant admitted now, else cloud.
     DegradationLadder,
+    /// The free deployment with the fewest requests in flight.
+    LeastLoad,
+    /// The free deployments in turn.
+    RoundRobin,
+    /// The deployment that was sent the longest prefix of the prompt (its KV cache likely
+    /// holds it) unless it is busier than the least-loaded by more than the balance
+    /// threshold; else least-load.
+    PrefixAware,
+    /// A session (`x-mofa-session`, else the body's `user`) stays on the deployment it ran
+    /// on while that one is free, healthy and within the balance threshold; else least-load.
+    Session,
+}
+
+impl Policy {
+    /// It routes by what the gateway remembers of earlier requests (a prefix, a session).
+    pub(crate) fn has_affinity(self) -> bool {
+        matches!(self, Policy::PrefixAware | Policy::Session)
+    }
 }
 
 impl fmt::Display for Policy {
@@ -38,6 +58,10 @@ impl fmt::Display for Policy {
             Policy::Latency => "latency",
             Policy::Cost => "cost",
             Policy::DegradationLadder => "degradation-ladder",
+            Policy::LeastLoad => "least-load",
+            Policy::RoundRobin => "round-robin",
+            Policy::PrefixAware => "prefix-aware",
+            Policy::Session => "session",
         })
     }
 }
@@ -87,9 +111,29 @@ pub(crate) enum Route {
     Reject(RejectReason),
 }
 
-/// Picks a deployment for a request under `policy`. `cost_wait_ms` is how long the cost policy
-/// waits for a cheaper deployment before paying for a dearer one.
-pub(crate) fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Route {
+/// What a decision draws on beyond the candidates.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Draw {
+    /// A random number (the power of two choices).
+    pub rng: u64,
+    /// The deployment whose turn it is (the one after the last chosen): round-robin's next,
+    /// and how least-load breaks ties (in turn, so that equal deployments alternate).
+    pub turn: usize,
+    /// The affinity policies: the deployment the request belongs on, if any (already judged
+    /// against the balance threshold); taken when it is free, else least-load decides.
+    pub preferred: Option<usize>,
+    /// How long the cost policy waits for a cheaper deployment before paying for a dearer one.
+    pub cost_wait_ms: f64,
+}
+
+/// Picks a deployment for a request under `policy`.
+pub(crate) fn route(policy: Policy, c: &[Candidate], draw: &Draw) -> Route {
+    let Draw {
+        rng,
+        turn,
+        preferred,
+        cost_wait_ms,
+    } = *draw;
     let eligible: Vec<usize> = (0..c.len())
         .filter(|&i| match policy {
             Policy::LocalOnly => c[i].local,
@@ -115,6 +159,11 @@ pub(crate) fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64
         Policy::DegradationLadder => ladder(c, &eligible, rng).or_else(cloud),
         Policy::Latency => fastest(c, &eligible),
         Policy::Cost => cheapest(c, &eligible, rng, cost_wait_ms),
+        Policy::LeastLoad => least_load(c, &eligible, turn),
+        Policy::RoundRobin => in_turn(c, eligible.iter().copied().filter(|&i| free(c, i)), turn),
+        Policy::PrefixAware | Policy::Session => preferred
+            .filter(|&i| eligible.contains(&i) && free(c, i))
+            .or_else(|| least_load(c, &eligible, turn)),
     };
     match pick {
         Some(i) => Route::Run(i),
@@ -124,6 +173,20 @@ pub(crate) fn route(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64
 
 fn free(c: &[Candidate], i: usize) -> bool {
     c[i].block.is_none()
+}
+
+/// The free deployment with the fewest in flight; ties taken in turn (so that equal
+/// deployments share the traffic rather than the first taking it all).
+fn least_load(c: &[Candidate], eligible: &[usize], turn: usize) -> Option<usize> {
+    let free = || eligible.iter().copied().filter(|&i| free(c, i));
+    let least = free().map(|i| c[i].in_flight).min()?;
+    in_turn(c, free().filter(|&i| c[i].in_flight == least), turn)
+}
+
+/// Of `pool`, the first at or after `turn` in the list's order (wrapping around).
+fn in_turn(c: &[Candidate], pool: impl Iterator<Item = usize>, turn: usize) -> Option<usize> {
+    let n = c.len().max(1);
+    pool.min_by_key(|&i| (i + n - turn % n) % n)
 }
 
 /// The highest-precision local rank with a free deployment (p2c within the rank).
@@ -223,6 +286,15 @@ fn p2c(c: &[Candidate], pool: impl Iterator<Item = usize>, rng: u64) -> Option<u
 mod tests {
     use super::*;
 
+    fn rt(policy: Policy, c: &[Candidate], rng: u64, cost_wait_ms: f64) -> Route {
+        let draw = Draw {
+            rng,
+            cost_wait_ms,
+            ..Draw::default()
+        };
+        route(policy, c, &draw)
+    }
+
     fn cand(local: bool, block: Option<Block>) -> Candidate {
         Candidate {
             local,
@@ -238,38 +310,35 @@ mod tests {
     #[test]
     fn local_first_falls_back_to_cloud_then_waits() {
         let free = [cand(true, None), cand(false, None)];
-        assert_eq!(route(Policy::LocalFirst, &free, 7, 0.0), Route::Run(0));
+        assert_eq!(rt(Policy::LocalFirst, &free, 7, 0.0), Route::Run(0));
         let local_full = [cand(true, Some(Block::Full)), cand(false, None)];
-        assert_eq!(
-            route(Policy::LocalFirst, &local_full, 7, 0.0),
-            Route::Run(1)
-        );
+        assert_eq!(rt(Policy::LocalFirst, &local_full, 7, 0.0), Route::Run(1));
         let both_full = [
             cand(true, Some(Block::Full)),
             cand(false, Some(Block::Full)),
         ];
         assert_eq!(
-            route(Policy::LocalFirst, &both_full, 7, 0.0),
+            rt(Policy::LocalFirst, &both_full, 7, 0.0),
             Route::Wait { memory: false }
         );
         let deferred = [cand(true, Some(Block::MemoryDefer)), cand(false, None)];
-        assert_eq!(route(Policy::LocalFirst, &deferred, 7, 0.0), Route::Run(1));
+        assert_eq!(rt(Policy::LocalFirst, &deferred, 7, 0.0), Route::Run(1));
     }
 
     #[test]
     fn only_policies_never_cross() {
         let c = [cand(true, Some(Block::Full)), cand(false, None)];
         assert_eq!(
-            route(Policy::LocalOnly, &c, 1, 0.0),
+            rt(Policy::LocalOnly, &c, 1, 0.0),
             Route::Wait { memory: false }
         );
         let c = [cand(true, None), cand(false, Some(Block::Full))];
         assert_eq!(
-            route(Policy::CloudOnly, &c, 1, 0.0),
+            rt(Policy::CloudOnly, &c, 1, 0.0),
             Route::Wait { memory: false }
         );
         assert_eq!(
-            route(Policy::CloudOnly, &[cand(true, None)], 1, 0.0),
+            rt(Policy::CloudOnly, &[cand(true, None)], 1, 0.0),
             Route::Reject(RejectReason::NoHealthyBackend)
         );
     }
@@ -277,7 +346,7 @@ mod tests {
     #[test]
     fn memory_reasons() {
         assert_eq!(
-            route(
+            rt(
                 Policy::LocalOnly,
                 &[cand(true, Some(Block::TooLarge))],
                 1,
@@ -286,7 +355,7 @@ mod tests {
             Route::Reject(RejectReason::ModelTooLarge)
         );
         assert_eq!(
-            route(
+            rt(
                 Policy::LocalOnly,
                 &[cand(true, Some(Block::MemoryExhausted))],
                 1,
@@ -295,7 +364,7 @@ mod tests {
             Route::Reject(RejectReason::MemoryExhausted)
         );
         assert_eq!(
-            route(
+            rt(
                 Policy::LocalOnly,
                 &[cand(true, Some(Block::MemoryDefer))],
                 1,
@@ -309,7 +378,7 @@ mod tests {
             cand(false, Some(Block::Full)),
         ];
         assert_eq!(
-            route(Policy::LocalFirst, &c, 1, 0.0),
+            rt(Policy::LocalFirst, &c, 1, 0.0),
             Route::Wait { memory: false }
         );
     }
@@ -325,13 +394,13 @@ mod tests {
         for (i, x) in c.iter_mut().take(3).enumerate() {
             x.rank = i;
         }
-        assert_eq!(route(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(0));
+        assert_eq!(rt(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(0));
         c[0].block = Some(Block::MemoryExhausted);
-        assert_eq!(route(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(1));
+        assert_eq!(rt(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(1));
         c[1].block = Some(Block::MemoryDefer);
-        assert_eq!(route(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(2));
+        assert_eq!(rt(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(2));
         c[2].block = Some(Block::Full);
-        assert_eq!(route(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(3));
+        assert_eq!(rt(Policy::DegradationLadder, &c, 3, 0.0), Route::Run(3));
     }
 
     #[test]
@@ -339,14 +408,14 @@ mod tests {
         let mut c = vec![cand(true, None), cand(false, None)];
         c[0].ttfb_ms = Some(50.0);
         c[1].ttfb_ms = Some(20.0);
-        assert_eq!(route(Policy::Latency, &c, 0, 0.0), Route::Run(1));
+        assert_eq!(rt(Policy::Latency, &c, 0, 0.0), Route::Run(1));
         // Full, and its expected wait makes it slower than the other.
         c[1].block = Some(Block::Full);
-        assert_eq!(route(Policy::Latency, &c, 0, 0.0), Route::Run(0));
+        assert_eq!(rt(Policy::Latency, &c, 0, 0.0), Route::Run(0));
         // Full but barely: better to wait for it.
         c[1].wait_ms = 5.0;
         assert_eq!(
-            route(Policy::Latency, &c, 0, 0.0),
+            rt(Policy::Latency, &c, 0, 0.0),
             Route::Wait { memory: false }
         );
     }
@@ -355,12 +424,12 @@ mod tests {
     fn cost_waits_for_cheap_up_to_a_bound() {
         let c = [cand(true, Some(Block::Full)), cand(false, None)];
         assert_eq!(
-            route(Policy::Cost, &c, 0, 2000.0),
+            rt(Policy::Cost, &c, 0, 2000.0),
             Route::Wait { memory: false }
         );
-        assert_eq!(route(Policy::Cost, &c, 0, 10.0), Route::Run(1));
+        assert_eq!(rt(Policy::Cost, &c, 0, 10.0), Route::Run(1));
         let c = [cand(false, None), cand(true, None)];
-        assert_eq!(route(Policy::Cost, &c, 0, 0.0), Route::Run(1));
+        assert_eq!(rt(Policy::Cost, &c, 0, 0.0), Route::Run(1));
     }
 
     #[test]
@@ -373,6 +442,76 @@ mod tests {
         let c: Vec<Candidate> = (0..5).map(|_| cand(true, None)).collect();
         for rng in 0..1000u64 {
             assert!(p2c(&c, 0..5, rng.wrapping_mul(0x9e3779b97f4a7c15)).unwrap() < 5);
+        }
+    }
+
+    #[test]
+    fn least_load_takes_the_fewest_in_flight_and_spreads_ties() {
+        let mut c = vec![cand(true, None), cand(true, None), cand(false, None)];
+        c[0].in_flight = 3;
+        c[1].in_flight = 1;
+        c[2].in_flight = 2;
+        assert_eq!(rt(Policy::LeastLoad, &c, 0, 0.0), Route::Run(1));
+        c[1].block = Some(Block::Full);
+        assert_eq!(rt(Policy::LeastLoad, &c, 0, 0.0), Route::Run(2));
+        // Ties: taken in turn.
+        let c = vec![cand(true, None), cand(true, None), cand(true, None)];
+        for turn in 0..6 {
+            let draw = Draw {
+                turn,
+                ..Draw::default()
+            };
+            assert_eq!(route(Policy::LeastLoad, &c, &draw), Route::Run(turn % 3));
+        }
+        let full = [cand(true, Some(Block::Full))];
+        assert_eq!(
+            rt(Policy::LeastLoad, &full, 0, 0.0),
+            Route::Wait { memory: false }
+        );
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_skips_the_busy() {
+        let mut c = vec![cand(true, None), cand(true, None), cand(true, None)];
+        let at = |c: &[Candidate], turn| {
+            let draw = Draw {
+                turn,
+                ..Draw::default()
+            };
+            route(Policy::RoundRobin, c, &draw)
+        };
+        assert_eq!(at(&c, 0), Route::Run(0));
+        assert_eq!(at(&c, 1), Route::Run(1));
+        assert_eq!(at(&c, 2), Route::Run(2));
+        assert_eq!(at(&c, 3), Route::Run(0));
+        c[1].block = Some(Block::Full);
+        assert_eq!(at(&c, 1), Route::Run(2), "the next free one after the busy");
+        c[0].block = Some(Block::Unavailable);
+        c[2].block = Some(Block::Full);
+        assert_eq!(at(&c, 2), Route::Wait { memory: false });
+    }
+
+    #[test]
+    fn affinity_policies_take_the_preferred_when_free_else_least_load() {
+        let mut c = vec![cand(true, None), cand(true, None)];
+        c[0].in_flight = 2;
+        for policy in [Policy::PrefixAware, Policy::Session] {
+            let with = |c: &[Candidate], preferred| {
+                let draw = Draw {
+                    preferred,
+                    ..Draw::default()
+                };
+                route(policy, c, &draw)
+            };
+            assert_eq!(with(&c, Some(0)), Route::Run(0), "{policy}");
+            assert_eq!(with(&c, None), Route::Run(1), "{policy}");
+            // A preference for a busy, broken or unknown deployment falls to least-load.
+            let mut busy = c.clone();
+            busy[0].block = Some(Block::Full);
+            assert_eq!(with(&busy, Some(0)), Route::Run(1), "{policy}");
+            busy[0].block = Some(Block::Unavailable);
+            assert_eq!(with(&busy, Some(0)), Route::Run(1), "{policy}");
+            assert_eq!(with(&c, Some(9)), Route::Run(1), "{policy}");
         }
     }
 }

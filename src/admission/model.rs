@@ -15,9 +15,10 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{Ledger, MemVerdict, Priority, Push, WaitKey, WaitQueue};
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, State as BreakerState};
+use crate::prefix::{Affinity, Preference, Recall, Settings as AffinitySettings, MAX_SLOTS};
 use crate::reason::{RejectReason, Rejection, RETRY_AFTER_MAX_MS, RETRY_AFTER_MIN_MS};
-use crate::routing::{route, Block, Candidate, Policy, Route};
+use crate::routing::{route, Block, Candidate, Draw, Policy, Route};
 
 // ---------------------------------------------------------------------------------------------
 // One model's core
@@ -28,6 +29,8 @@ pub(crate) struct ModelLimits {
     pub policy: Policy,
     pub max_queue: usize,
     pub cost_wait_ms: f64,
+    /// The affinity policies' settings (`prefix-aware`, `session`).
+    pub affinity: AffinitySettings,
 }
 
 /// One deployment as admission sees it.
@@ -179,6 +182,18 @@ pub(crate) struct Grant {
     pub evicted: Vec<usize>,
     /// It is its deployment's half-open probe: report its outcome.
     pub probe: bool,
+    /// Under `prefix-aware`: the share of the prompt the deployment was last sent (likely
+    /// still in its KV cache), for `x-mofa-prefix-match`.
+    pub prefix_share: Option<f64>,
+}
+
+/// A request in the wait queue: its priority, what it brings to an affinity policy (it is
+/// routed when a slot frees), and the caller's item.
+#[derive(Debug)]
+pub(crate) struct Waiting<T> {
+    prio: Priority,
+    wants: Affinity,
+    item: T,
 }
 
 /// Why a request cannot run now.
@@ -212,8 +227,12 @@ pub(crate) enum Wake<T> {
 pub(crate) struct ModelCore<T> {
     pub limits: ModelLimits,
     pub slots: Vec<Slot>,
-    pub queue: WaitQueue<(Priority, T)>,
+    pub queue: WaitQueue<Waiting<T>>,
     rng: u64,
+    /// Round-robin: the deployment whose turn is next.
+    turn: usize,
+    /// What the affinity policy remembers (prefixes sent, sessions' deployments).
+    recall: Recall,
     /// Completions seen (for the admin view).
     pub completed: u64,
     /// Arrival rate of each priority, lowest first.
@@ -267,9 +286,11 @@ impl<T> ModelCore<T> {
         let slots_len = slots.len();
         ModelCore {
             queue: WaitQueue::new(limits.max_queue),
+            recall: Recall::new(limits.policy, &limits.affinity),
             limits,
             slots,
             rng: seed | 1,
+            turn: 0,
             completed: 0,
             arrivals: Default::default(),
             observed: vec![Observed::default(); slots_len],
@@ -499,13 +520,31 @@ impl<T> ModelCore<T> {
         &mut self,
         ledger: &mut Ledger,
         prio: Priority,
+        wants: &Affinity,
         exclude: u64,
         now: Instant,
     ) -> Result<Grant, NotNow> {
         let (cands, mut verdicts) = self.candidates(ledger, prio, exclude, now);
-        let rng = self.next_rng();
-        match route(self.limits.policy, &cands, rng, self.limits.cost_wait_ms) {
+        let preference = if self.limits.policy.has_affinity() {
+            let loads: Vec<Option<u32>> = cands
+                .iter()
+                .take(MAX_SLOTS)
+                .map(|c| c.block.is_none().then_some(c.in_flight))
+                .collect();
+            self.recall.prefer(wants, &loads, &self.limits.affinity)
+        } else {
+            Preference::NONE
+        };
+        let draw = Draw {
+            rng: self.next_rng(),
+            turn: self.turn,
+            preferred: preference.dep,
+            cost_wait_ms: self.limits.cost_wait_ms,
+        };
+        match route(self.limits.policy, &cands, &draw) {
             Route::Run(i) => {
+                self.turn = i + 1;
+                self.recall.ran(wants, i);
                 self.slots[i].in_flight += 1;
                 self.observed[i].running.push(now);
                 let evicted = match verdicts.swap_remove(i) {
@@ -520,6 +559,7 @@ impl<T> ModelCore<T> {
                     dep: i,
                     evicted,
                     probe,
+                    prefix_share: preference.share_on(i),
                 })
             }
             Route::Wait { memory } => Err(NotNow::Wait { memory }),
@@ -529,7 +569,9 @@ impl<T> ModelCore<T> {
 
     /// A new request of priority `prio` that may wait until `deadline` (`None`: may not wait).
     /// `exclude` is a bit set of deployments not to use (already tried by this request): a
-    /// retry, which runs now on another deployment or not at all (it never waits).
+    /// retry, which runs now on another deployment or not at all (it never waits). `wants`:
+    /// what it brings to an affinity policy (kept with it while it waits).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn admit(
         &mut self,
         ledger: &mut Ledger,
@@ -537,6 +579,7 @@ impl<T> ModelCore<T> {
         deadline: Option<Instant>,
         exclude: u64,
         now: Instant,
+        wants: Affinity,
         item: T,
     ) -> Admit<T> {
         // Waiters of at least this priority go first: only run now if none are waiting.
@@ -547,7 +590,7 @@ impl<T> ModelCore<T> {
         }
         let may_run_now = retry || self.queue.ahead_of(prio) == 0;
         let route = if may_run_now {
-            self.try_run(ledger, prio, exclude, now)
+            self.try_run(ledger, prio, &wants, exclude, now)
         } else {
             Err(NotNow::Wait { memory: false })
         };
@@ -588,11 +631,14 @@ impl<T> ModelCore<T> {
         {
             return Admit::Reject(self.rejection(RejectReason::QueueFull, prio, now));
         }
-        match self.queue.push(prio, deadline, (prio, item)) {
+        match self
+            .queue
+            .push(prio, deadline, Waiting { prio, wants, item })
+        {
             Push::Queued(key) => Admit::Queued { key, shed: None },
-            Push::Displaced(key, (_, shed)) => Admit::Queued {
+            Push::Displaced(key, shed) => Admit::Queued {
                 key,
-                shed: Some(shed),
+                shed: Some(shed.item),
             },
             Push::Full(_) => Admit::Reject(self.rejection(RejectReason::QueueFull, prio, now)),
         }
@@ -611,6 +657,9 @@ impl<T> ModelCore<T> {
         now: Instant,
     ) -> (Vec<usize>, Vec<Wake<T>>) {
         let mut continued = vec![false; self.slots.len()];
+        if !self.recall.fits(limits.policy, &limits.affinity) {
+            self.recall = Recall::new(limits.policy, &limits.affinity);
+        }
         let mut order = Vec::with_capacity(next.len());
         for r in next {
             match r {
@@ -624,6 +673,8 @@ impl<T> ModelCore<T> {
                     s.mem = fresh.mem;
                     s.retired = false;
                     if reset {
+                        // Another backend now: what it was sent is not in its cache.
+                        self.recall.forget(idx);
                         s.breaker = fresh.breaker;
                         s.ttfb_ms = None;
                         s.service_ms = None;
@@ -643,9 +694,10 @@ impl<T> ModelCore<T> {
                 }
             }
         }
-        for (s, kept) in self.slots.iter_mut().zip(continued) {
+        for (i, (s, kept)) in self.slots.iter_mut().zip(continued).enumerate() {
             if !kept {
                 s.retired = true;
+                self.recall.forget(i);
             }
         }
         self.queue.set_cap(limits.max_queue);
@@ -655,22 +707,45 @@ impl<T> ModelCore<T> {
 
     /// Removes every waiter (shutdown).
     pub(crate) fn drain(&mut self) -> Vec<T> {
-        std::iter::from_fn(|| self.queue.pop().map(|(_, (_, t))| t)).collect()
+        std::iter::from_fn(|| self.queue.pop().map(|(_, w)| w.item)).collect()
     }
 
     /// A waiter that gave up (deadline, disconnect): removes it if still queued.
     pub(crate) fn cancel(&mut self, key: &WaitKey) -> Option<T> {
-        self.queue.remove(key).map(|(_, t)| t)
+        self.queue.remove(key).map(|w| w.item)
     }
 
-    /// Feeds what became of a request on `dep` to its breaker.
+    /// Feeds what became of a request on `dep` to its breaker. A breaker that opens makes
+    /// the affinity policy forget the deployment (a server that failed may have restarted
+    /// with an empty cache; its sessions move on).
     pub(crate) fn record(&mut self, dep: usize, outcome: Outcome, now: Instant) {
         let b = &mut self.slots[dep].breaker;
         match outcome {
             Outcome::Success => b.on_success(),
-            Outcome::Failure => b.on_failure(now),
+            Outcome::Failure => {
+                let open = |b: &Breaker| matches!(b.state(), BreakerState::Open { .. });
+                let was_open = open(b);
+                b.on_failure(now);
+                if open(b) && !was_open {
+                    self.recall.forget(dep);
+                }
+            }
             Outcome::CoolDown(until) => b.cool_down(until),
         }
+    }
+
+    /// Per slot, the leading blocks of `blocks` the prefix index holds (tests).
+    #[cfg(test)]
+    fn recall_matches(&self, blocks: &[u64]) -> [u32; MAX_SLOTS] {
+        match &self.recall {
+            Recall::Prefixes(index) => index.matches(blocks),
+            _ => [0; MAX_SLOTS],
+        }
+    }
+
+    /// What the affinity policy remembers: `(kind, entries, capacity, bytes)`.
+    pub(crate) fn recall_size(&self) -> Option<(&'static str, usize, usize, usize)> {
+        self.recall.size()
     }
 
     /// The rejection of a request of priority `prio` with `code`, with its wait: for
@@ -731,25 +806,36 @@ impl<T> ModelCore<T> {
     /// Serves waiters in order while they can run; rejects those past their deadline.
     pub(crate) fn pump(&mut self, ledger: &mut Ledger, now: Instant) -> Vec<Wake<T>> {
         let mut out = Vec::new();
-        for (prio, t) in self.queue.expire(now) {
-            let r = self.rejection(RejectReason::QueueTimeout, prio, now);
-            out.push(Wake::Reject(t, r));
+        for w in self.queue.expire(now) {
+            let r = self.rejection(RejectReason::QueueTimeout, w.prio, now);
+            out.push(Wake::Reject(w.item, r));
         }
         while let Some(((Reverse(prio), _), _)) = self.queue.peek() {
-            match self.try_run(ledger, prio, 0, now) {
+            // The head's affinity, lent to the decision (put back if it keeps waiting).
+            let wants = self
+                .queue
+                .first_mut()
+                .map(|w| std::mem::take(&mut w.wants))
+                .unwrap_or_default();
+            match self.try_run(ledger, prio, &wants, 0, now) {
                 Ok(grant) => {
-                    if let Some((_, (_, t))) = self.queue.pop() {
-                        out.push(Wake::Run(t, grant));
+                    if let Some((_, w)) = self.queue.pop() {
+                        out.push(Wake::Run(w.item, grant));
                     }
                 }
                 Err(NotNow::Reject(code)) => {
                     let r = self.rejection(code, prio, now);
-                    if let Some((_, (_, t))) = self.queue.pop() {
-                        out.push(Wake::Reject(t, r));
+                    if let Some((_, w)) = self.queue.pop() {
+                        out.push(Wake::Reject(w.item, r));
                     }
                 }
                 // The first in line cannot run: nobody behind it may (strict priority order).
-                Err(NotNow::Wait { .. }) => break,
+                Err(NotNow::Wait { .. }) => {
+                    if let Some(w) = self.queue.first_mut() {
+                        w.wants = wants;
+                    }
+                    break;
+                }
             }
         }
         out
@@ -791,6 +877,7 @@ mod tests {
             policy,
             max_queue,
             cost_wait_ms: 0.0,
+            affinity: Default::default(),
         }
     }
 
@@ -803,10 +890,254 @@ mod tests {
     }
 
     fn run(core: &mut ModelCore<u32>, l: &mut Ledger, now: Instant) -> Option<usize> {
-        match core.admit(l, Priority::Normal, None, 0, now, 0) {
+        match core.admit(l, Priority::Normal, None, 0, now, Affinity::None, 0) {
             Admit::Run(g) => Some(g.dep),
             _ => None,
         }
+    }
+
+    /// A prompt: `conversation`'s 2 KB system prompt and `turns` turns, as block hashes.
+    fn prompt(conversation: u8, turns: usize) -> Affinity {
+        let mut text = vec![b'a' + conversation; 2048];
+        for t in 0..turns {
+            text.extend(format!(",{{\"role\":\"user\",\"content\":\"turn {t}\"}}").bytes());
+            text.extend(std::iter::repeat_n(b'x', 300));
+        }
+        let blocks = crate::prefix::blocks(&text, crate::prefix::DEFAULT_BLOCK_BYTES);
+        Affinity::Prompt(blocks.into())
+    }
+
+    /// Admits `wants` now: (deployment, share of the prompt it held).
+    fn run_with(
+        core: &mut ModelCore<u32>,
+        l: &mut Ledger,
+        wants: Affinity,
+        now: Instant,
+    ) -> Option<(usize, Option<f64>)> {
+        match core.admit(l, Priority::Normal, None, 0, now, wants, 0) {
+            Admit::Run(g) => Some((g.dep, g.prefix_share)),
+            _ => None,
+        }
+    }
+
+    fn done(core: &mut ModelCore<u32>, l: &mut Ledger, dep: usize, now: Instant) {
+        core.release(l, dep, Duration::from_millis(5), false, now);
+    }
+
+    #[test]
+    fn prefix_aware_keeps_a_conversation_on_its_deployment_and_spreads_new_ones() {
+        let now = t0();
+        let mut l = no_memory();
+        let slots = vec![slot(true, 8), slot(true, 8), slot(true, 8)];
+        let mut core: ModelCore<u32> = ModelCore::new(limits(Policy::PrefixAware, 4), slots, 3);
+        // Three conversations, one request each in flight: least-load puts them on three
+        // deployments (no prompt matches anywhere yet: share 0).
+        let mut home = Vec::new();
+        for c in 0..3 {
+            let (dep, share) = run_with(&mut core, &mut l, prompt(c, 1), now).unwrap();
+            assert_eq!(share, Some(0.0));
+            home.push(dep);
+        }
+        home.sort_unstable();
+        assert_eq!(home, [0, 1, 2], "least-load spreads new conversations");
+        let home: Vec<usize> = (0..3)
+            .map(|c| {
+                let Affinity::Prompt(b) = prompt(c, 1) else {
+                    unreachable!()
+                };
+                (0..3).find(|&d| core.recall_matches(&b)[d] > 0).unwrap()
+            })
+            .collect();
+        for d in 0..3 {
+            done(&mut core, &mut l, d, now);
+        }
+        // Later turns go home, whatever the load elsewhere, within the balance threshold.
+        for turn in 2..6 {
+            for c in 0..3u8 {
+                let (dep, share) = run_with(&mut core, &mut l, prompt(c, turn), now).unwrap();
+                assert_eq!(dep, home[c as usize], "conversation {c} turn {turn}");
+                assert!(share.unwrap() > 0.5, "{share:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn prefix_aware_moves_off_a_deployment_busier_than_the_balance_allows() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut lim = limits(Policy::PrefixAware, 4);
+        lim.affinity.balance = 2;
+        let mut core: ModelCore<u32> = ModelCore::new(lim, vec![slot(true, 16), slot(true, 16)], 3);
+        let (home, _) = run_with(&mut core, &mut l, prompt(0, 1), now).unwrap();
+        let other = 1 - home;
+        // The home deployment gets busier: up to balance (2) more than the other, it keeps the
+        // conversation.
+        for _ in 0..2 {
+            assert_eq!(
+                run_with(&mut core, &mut l, prompt(0, 2), now).unwrap().0,
+                home
+            );
+        }
+        assert_eq!(core.slots[home].in_flight, 3);
+        // 3 in flight against 0: past the threshold, least-load takes the next turn.
+        let (dep, share) = run_with(&mut core, &mut l, prompt(0, 3), now).unwrap();
+        assert_eq!(dep, other);
+        assert_eq!(share, Some(0.0), "the other deployment was never sent it");
+        // Saturated (every slot taken): the other, too.
+        let mut core: ModelCore<u32> = ModelCore::new(
+            limits(Policy::PrefixAware, 4),
+            vec![slot(true, 1), slot(true, 1)],
+            3,
+        );
+        let (home, _) = run_with(&mut core, &mut l, prompt(1, 1), now).unwrap();
+        assert_eq!(
+            run_with(&mut core, &mut l, prompt(1, 2), now).unwrap().0,
+            1 - home
+        );
+    }
+
+    #[test]
+    fn a_queued_request_keeps_its_prompt_and_is_routed_by_it_when_slots_free() {
+        let now = t0();
+        let later = now + Duration::from_secs(60);
+        let mut l = no_memory();
+        let mut core: ModelCore<u32> = ModelCore::new(
+            limits(Policy::PrefixAware, 4),
+            vec![slot(true, 1), slot(true, 1)],
+            5,
+        );
+        let (a, _) = run_with(&mut core, &mut l, prompt(0, 1), now).unwrap();
+        let (b, _) = run_with(&mut core, &mut l, prompt(1, 1), now).unwrap();
+        assert_ne!(a, b);
+        // Both full: conversation 1's next turn waits.
+        assert!(matches!(
+            core.admit(
+                &mut l,
+                Priority::Normal,
+                Some(later),
+                0,
+                now,
+                prompt(1, 2),
+                7
+            ),
+            Admit::Queued { .. }
+        ));
+        // Both free up at once (a reload raises the limits): it goes to b, which holds its
+        // prefix, though a is as free.
+        let keep = |idx| Reslot::Keep {
+            idx,
+            fresh: slot(true, 2),
+            reset: false,
+        };
+        let (_, wakes) = core.reconfigure(
+            &mut l,
+            limits(Policy::PrefixAware, 4),
+            vec![keep(0), keep(1)],
+            now,
+        );
+        match wakes.as_slice() {
+            [Wake::Run(7, g)] => {
+                assert_eq!(g.dep, b);
+                assert!(g.prefix_share.unwrap() > 0.5);
+            }
+            w => panic!("{w:?}"),
+        }
+    }
+
+    #[test]
+    fn a_broken_or_removed_deployment_is_forgotten() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut core: ModelCore<u32> = ModelCore::new(
+            limits(Policy::PrefixAware, 4),
+            vec![slot(true, 4), slot(true, 4)],
+            5,
+        );
+        let (a, _) = run_with(&mut core, &mut l, prompt(0, 1), now).unwrap();
+        let (b, _) = run_with(&mut core, &mut l, prompt(1, 1), now).unwrap();
+        let Affinity::Prompt(pa) = prompt(0, 1) else {
+            unreachable!()
+        };
+        let Affinity::Prompt(pb) = prompt(1, 1) else {
+            unreachable!()
+        };
+        assert!(core.recall_matches(&pa)[a] > 0 && core.recall_matches(&pb)[b] > 0);
+        let entries = core.recall_size().unwrap().1;
+        // a's breaker opens (5 failures): what it was sent is forgotten, b's stays.
+        for _ in 0..5 {
+            core.record(a, Outcome::Failure, now);
+        }
+        assert_eq!(core.recall_matches(&pa)[a], 0);
+        assert!(core.recall_matches(&pb)[b] > 0);
+        assert!(core.recall_size().unwrap().1 < entries);
+        // b removed by a reload: forgotten too.
+        let (_, _) = core.reconfigure(
+            &mut l,
+            limits(Policy::PrefixAware, 4),
+            vec![Reslot::Keep {
+                idx: a,
+                fresh: slot(true, 4),
+                reset: false,
+            }],
+            now,
+        );
+        assert_eq!(core.recall_matches(&pb)[b], 0);
+        assert_eq!(core.recall_size().unwrap().1, 0);
+        // Another policy: nothing remembered at all.
+        core.reconfigure(&mut l, limits(Policy::LeastLoad, 4), vec![], now);
+        assert_eq!(core.recall_size(), None);
+    }
+
+    #[test]
+    fn a_session_stays_on_its_deployment_until_it_is_busy_or_broken() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut lim = limits(Policy::Session, 4);
+        lim.affinity.balance = 1;
+        let mut core: ModelCore<u32> = ModelCore::new(lim, vec![slot(true, 8), slot(true, 8)], 9);
+        let alice = || Affinity::Session(b"alice".as_slice().into());
+        let (home, share) = run_with(&mut core, &mut l, alice(), now).unwrap();
+        assert_eq!(share, None, "no prefix share under session");
+        done(&mut core, &mut l, home, now);
+        for _ in 0..5 {
+            let (dep, _) = run_with(&mut core, &mut l, alice(), now).unwrap();
+            assert_eq!(dep, home);
+            done(&mut core, &mut l, dep, now);
+        }
+        // Two more in flight at home than elsewhere (balance 1): alice moves, and stays moved.
+        run_with(&mut core, &mut l, alice(), now).unwrap();
+        run_with(&mut core, &mut l, alice(), now).unwrap();
+        assert_eq!(core.slots[home].in_flight, 2);
+        let (moved, _) = run_with(&mut core, &mut l, alice(), now).unwrap();
+        assert_eq!(moved, 1 - home);
+        done(&mut core, &mut l, home, now);
+        done(&mut core, &mut l, home, now);
+        assert_eq!(run_with(&mut core, &mut l, alice(), now).unwrap().0, moved);
+        // Its deployment breaks: the session is forgotten, and runs elsewhere.
+        for _ in 0..5 {
+            core.record(moved, Outcome::Failure, now);
+        }
+        assert_eq!(core.recall_size().unwrap().1, 0);
+        assert_eq!(run_with(&mut core, &mut l, alice(), now).unwrap().0, home);
+    }
+
+    #[test]
+    fn round_robin_and_least_load_in_the_core() {
+        let now = t0();
+        let mut l = no_memory();
+        let mut core: ModelCore<u32> =
+            ModelCore::new(limits(Policy::RoundRobin, 4), vec![slot(true, 8); 3], 9);
+        let order: Vec<usize> = (0..6)
+            .map(|_| run_with(&mut core, &mut l, Affinity::None, now).unwrap().0)
+            .collect();
+        assert_eq!(order, [0, 1, 2, 0, 1, 2]);
+        let mut core: ModelCore<u32> =
+            ModelCore::new(limits(Policy::LeastLoad, 4), vec![slot(true, 8); 3], 9);
+        for _ in 0..9 {
+            run_with(&mut core, &mut l, Affinity::None, now).unwrap();
+        }
+        let loads: Vec<u32> = core.slots.iter().map(|s| s.in_flight).collect();
+        assert_eq!(loads, [3, 3, 3]);
     }
 
     #[test]
@@ -856,7 +1187,15 @@ mod tests {
         // Two waiters.
         for item in [7, 8] {
             assert!(matches!(
-                core.admit(&mut l, Priority::Normal, Some(later), 0, now, item),
+                core.admit(
+                    &mut l,
+                    Priority::Normal,
+                    Some(later),
+                    0,
+                    now,
+                    Affinity::None,
+                    item
+                ),
                 Admit::Queued { .. }
             ));
         }
@@ -888,7 +1227,15 @@ mod tests {
         core.release(&mut l, 0, Duration::from_millis(5), false, now);
         assert_eq!(core.slots[0].in_flight, 0);
         assert!(matches!(
-            core.admit(&mut l, Priority::Normal, Some(later), 0, now, 9),
+            core.admit(
+                &mut l,
+                Priority::Normal,
+                Some(later),
+                0,
+                now,
+                Affinity::None,
+                9
+            ),
             Admit::Queued { .. }
         ));
         // Every deployment removed: the waiter is refused with no_healthy_backend.
@@ -899,7 +1246,7 @@ mod tests {
             [Wake::Reject(9, r)] if r.reason == RejectReason::NoHealthyBackend
         ));
         assert!(matches!(
-            core.admit(&mut l, Priority::Normal, Some(later), 0, now, 10),
+            core.admit(&mut l, Priority::Normal, Some(later), 0, now, Affinity::None, 10),
             Admit::Reject(r) if r.reason == RejectReason::NoHealthyBackend
         ));
     }
@@ -1029,19 +1376,27 @@ mod tests {
             ModelCore::new(limits(Policy::LocalOnly, 8), vec![slot(true, 1)], 1);
         let later = Some(now + Duration::from_secs(10));
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, later, 0, now, "a"),
+            m.admit(&mut l, Priority::Normal, later, 0, now, Affinity::None, "a"),
             Admit::Run(Grant { dep: 0, .. })
         ));
         assert!(matches!(
-            m.admit(&mut l, Priority::Low, later, 0, now, "low"),
+            m.admit(&mut l, Priority::Low, later, 0, now, Affinity::None, "low"),
             Admit::Queued { .. }
         ));
         assert!(matches!(
-            m.admit(&mut l, Priority::Critical, later, 0, now, "crit"),
+            m.admit(
+                &mut l,
+                Priority::Critical,
+                later,
+                0,
+                now,
+                Affinity::None,
+                "crit"
+            ),
             Admit::Queued { .. }
         ));
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, None, 0, now, "x"),
+            m.admit(&mut l, Priority::Normal, None, 0, now, Affinity::None, "x"),
             Admit::Reject(Rejection {
                 reason: RejectReason::CapacityExceeded,
                 ..
@@ -1065,24 +1420,24 @@ mod tests {
         let soon = |now: Instant| Some(now + Duration::from_millis(500));
         // Service observed: 100 ms. Capacity: 10/s.
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, soon(t), 0, t, 0),
+            m.admit(&mut l, Priority::Normal, soon(t), 0, t, Affinity::None, 0),
             Admit::Run(_)
         ));
         m.release(&mut l, 0, Duration::from_millis(100), false, t);
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, soon(t), 0, t, 1),
+            m.admit(&mut l, Priority::Normal, soon(t), 0, t, Affinity::None, 1),
             Admit::Run(_)
         ));
         // Up to four ahead (500 ms expected) fit a 500 ms deadline...
         for i in 2..7 {
             assert!(matches!(
-                m.admit(&mut l, Priority::Normal, soon(t), 0, t, i),
+                m.admit(&mut l, Priority::Normal, soon(t), 0, t, Affinity::None, i),
                 Admit::Queued { .. }
             ));
         }
         // ... a sixth (600 ms) does not: refused at once, not after waiting 500 ms.
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, soon(t), 0, t, 7),
+            m.admit(&mut l, Priority::Normal, soon(t), 0, t, Affinity::None, 7),
             Admit::Reject(Rejection {
                 reason: RejectReason::CapacityExceeded,
                 ..
@@ -1099,6 +1454,7 @@ mod tests {
                 Some(now + Duration::from_secs(60)),
                 0,
                 now,
+                Affinity::None,
                 100 + i,
             );
         }
@@ -1124,6 +1480,7 @@ mod tests {
             Some(now + Duration::from_secs(1)),
             0,
             now,
+            Affinity::None,
             0,
         );
         m.admit(
@@ -1132,6 +1489,7 @@ mod tests {
             Some(now + Duration::from_millis(100)),
             0,
             now,
+            Affinity::None,
             1,
         );
         m.admit(
@@ -1140,6 +1498,7 @@ mod tests {
             Some(now + Duration::from_secs(5)),
             0,
             now,
+            Affinity::None,
             2,
         );
         let w = m.release(
@@ -1173,7 +1532,7 @@ mod tests {
             ModelCore::new(limits(Policy::LocalOnly, 100), vec![slot(true, 1)], 1);
         // Before any observation: the prior (2 s), then as long again as it has run.
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, None, 0, t, 0),
+            m.admit(&mut l, Priority::Normal, None, 0, t, Affinity::None, 0),
             Admit::Run(_)
         ));
         assert_eq!(m.slot_wait_ms(0, 1.0, t).round(), 2000.0);
@@ -1183,12 +1542,12 @@ mod tests {
         m.release(&mut l, 0, Duration::from_secs(4), false, at(4000));
         let now = at(4000);
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, None, 0, now, 1),
+            m.admit(&mut l, Priority::Normal, None, 0, now, Affinity::None, 1),
             Admit::Run(_)
         ));
         for i in 0..5 {
             let d = Some(now + Duration::from_secs(100));
-            m.admit(&mut l, Priority::Normal, d, 0, now, i);
+            m.admit(&mut l, Priority::Normal, d, 0, now, Affinity::None, i);
         }
         let later = now + Duration::from_secs(1);
         // Rejected together, told apart: each behind those told before it.
@@ -1205,7 +1564,7 @@ mod tests {
         // Beyond a minute: 60 s, and no promise.
         for i in 0..50 {
             let d = Some(now + Duration::from_secs(100));
-            m.admit(&mut l, Priority::Normal, d, 0, now, i);
+            m.admit(&mut l, Priority::Normal, d, 0, now, Affinity::None, i);
         }
         let r = m.rejection(RejectReason::QueueFull, Priority::Normal, later);
         assert_eq!((r.retry_after_ms, r.retry_after_s()), (60_000, 60));
@@ -1215,22 +1574,30 @@ mod tests {
             ModelCore::new(limits(Policy::LocalOnly, 1), vec![slot(true, 1)], 1);
         let d = |n: Instant| Some(n + Duration::from_secs(60));
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, d(t), 0, t, 0),
+            m.admit(&mut l, Priority::Normal, d(t), 0, t, Affinity::None, 0),
             Admit::Run(_)
         ));
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, d(t), 0, t, 1),
+            m.admit(&mut l, Priority::Normal, d(t), 0, t, Affinity::None, 1),
             Admit::Queued { .. }
         ));
-        let Admit::Reject(r) = m.admit(&mut l, Priority::Normal, d(t), 0, t, 2) else {
+        let Admit::Reject(r) = m.admit(&mut l, Priority::Normal, d(t), 0, t, Affinity::None, 2)
+        else {
             panic!("the queue is full");
         };
         // Prior: 2 s for the one in flight, 2 s for the one queued.
         assert_eq!(r.retry_after_ms, 4000);
         m.release(&mut l, 0, Duration::from_secs(2), false, at(2000));
         // At 3 s the queue has room, but it is promised (at 4 s): refused, and told 6 s.
-        let Admit::Reject(r) = m.admit(&mut l, Priority::Normal, d(at(3000)), 0, at(3000), 3)
-        else {
+        let Admit::Reject(r) = m.admit(
+            &mut l,
+            Priority::Normal,
+            d(at(3000)),
+            0,
+            at(3000),
+            Affinity::None,
+            3,
+        ) else {
             panic!("the room is promised");
         };
         assert_eq!(r.reason, RejectReason::QueueFull);
@@ -1238,7 +1605,15 @@ mod tests {
         // At 4 s the first promise is due: the one told to come then gets in (the one told
         // 6 s needs no place before the slot is expected free, at 4.5 s).
         assert!(matches!(
-            m.admit(&mut l, Priority::Normal, d(at(4000)), 0, at(4000), 4),
+            m.admit(
+                &mut l,
+                Priority::Normal,
+                d(at(4000)),
+                0,
+                at(4000),
+                Affinity::None,
+                4
+            ),
             Admit::Queued { .. }
         ));
     }
@@ -1298,13 +1673,13 @@ mod tests {
                 }
             }
             for i in 0..total as usize {
-                let ran = matches!(m.admit(&mut l, Priority::Normal, None, 0, t, i), Admit::Run(_));
+                let ran = matches!(m.admit(&mut l, Priority::Normal, None, 0, t, Affinity::None, i), Admit::Run(_));
                 prop_assert!(ran);
             }
             let now = t + Duration::from_millis(held);
             for i in 0..queued {
                 let d = Some(now + Duration::from_secs(600));
-                let queued = matches!(m.admit(&mut l, Priority::Normal, d, 0, now, i), Admit::Queued { .. });
+                let queued = matches!(m.admit(&mut l, Priority::Normal, d, 0, now, Affinity::None, i), Admit::Queued { .. });
                 prop_assert!(queued);
             }
             let told: Vec<u64> = (0..n).map(|_| m.retry_after_ms(Priority::Normal, now)).collect();
@@ -1352,8 +1727,8 @@ mod tests {
         #[test]
         // One property over whole sequences of operations (admit, release, cancel, tick):
         // its checks are the invariants, and they read best side by side.
-        fn core_invariants(ops in proptest::collection::vec(op(), 1..200), maxes in proptest::collection::vec(1..4u32, 1..4), mems in proptest::collection::vec(0..60u64, 1..4), policy in 0..6usize) {
-            let policies = [Policy::LocalOnly, Policy::CloudOnly, Policy::LocalFirst, Policy::Latency, Policy::Cost, Policy::DegradationLadder];
+        fn core_invariants(ops in proptest::collection::vec(op(), 1..200), maxes in proptest::collection::vec(1..4u32, 1..4), mems in proptest::collection::vec(0..60u64, 1..4), policy in 0..10usize) {
+            let policies = [Policy::LocalOnly, Policy::CloudOnly, Policy::LocalFirst, Policy::Latency, Policy::Cost, Policy::DegradationLadder, Policy::LeastLoad, Policy::RoundRobin, Policy::PrefixAware, Policy::Session];
             let policy = policies[policy];
             let start = t0();
             let mut now = start;
@@ -1370,7 +1745,7 @@ mod tests {
                 slots.push(s);
             }
             let n = slots.len();
-            let mut m: ModelCore<(u64, Priority, Instant)> = ModelCore::new(ModelLimits { policy, max_queue: 5, cost_wait_ms: 500.0 }, slots, 42);
+            let mut m: ModelCore<(u64, Priority, Instant)> = ModelCore::new(ModelLimits { policy, max_queue: 5, cost_wait_ms: 500.0, affinity: Default::default() }, slots, 42);
             let mut running: Vec<(usize, Instant)> = Vec::new();
             let mut id = 0u64;
             let mut served: Vec<(Priority, u64)> = Vec::new();
@@ -1409,8 +1784,18 @@ mod tests {
                         }
                         let full = m.queue.len() == 5;
                         let promised = m.promised.iter().any(|(t, q)| *t > now && *q >= p);
-                        match m.admit(&mut ledger, p, (wait > 0).then_some(deadline), 0, now, (id, p, deadline)) {
-                            Admit::Run(g) => running.push((g.dep, now)),
+                        // A few conversations (or sessions), a few turns each.
+                        let wants = match policy {
+                            Policy::PrefixAware => prompt((wait % 3) as u8, (id % 4) as usize),
+                            Policy::Session => Affinity::Session(vec![(wait % 3) as u8].into()),
+                            _ => Affinity::None,
+                        };
+                        match m.admit(&mut ledger, p, (wait > 0).then_some(deadline), 0, now, wants, (id, p, deadline)) {
+                            Admit::Run(g) => {
+                                assert_eq!(g.prefix_share.is_some(), policy == Policy::PrefixAware);
+                                assert!(g.prefix_share.is_none_or(|x| (0.0..=1.0).contains(&x)));
+                                running.push((g.dep, now));
+                            }
                             Admit::Queued { shed, .. } => {
                                 if let Some((_, sp, _)) = shed {
                                     assert!(full);

@@ -82,6 +82,11 @@ impl<T> WaitQueue<T> {
         self.items.first_key_value().map(|(k, (d, _))| (*k, *d))
     }
 
+    /// The first waiter in service order, to change in place.
+    pub(crate) fn first_mut(&mut self) -> Option<&mut T> {
+        self.items.first_entry().map(|e| &mut e.into_mut().1)
+    }
+
     pub(crate) fn pop(&mut self) -> Option<(WaitKey, T)> {
         let (k, (_, t)) = self.items.pop_first()?;
         self.counts[k.0 .0 as usize] -= 1;

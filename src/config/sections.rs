@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::Secret;
+use crate::prefix::MinMatch;
 use crate::routing::Policy;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -121,6 +122,20 @@ pub struct RoutingConfig {
     /// `cost` policy: the longest expected wait worth taking for a cheaper deployment.
     #[serde(default = "default_cost_max_queue_wait_ms")]
     pub cost_max_queue_wait_ms: u64,
+    /// `prefix-aware`: the least match that sends a request to the deployment holding its
+    /// prefix: a share of the prompt (a float) or bytes (an integer).
+    #[serde(default)]
+    pub prefix_min_match: MinMatch,
+    /// `prefix-aware` and `session`: how many more requests in flight than the least-loaded
+    /// deployment the preferred one may have and still be chosen.
+    #[serde(default = "default_prefix_balance_threshold")]
+    pub prefix_balance_threshold: u32,
+    /// `prefix-aware`: prompt blocks (256 bytes each) remembered per model.
+    #[serde(default = "default_affinity_entries")]
+    pub prefix_cache_entries: usize,
+    /// `session`: sessions remembered per model.
+    #[serde(default = "default_affinity_entries")]
+    pub session_cache_entries: usize,
 }
 
 impl Default for RoutingConfig {
@@ -128,8 +143,31 @@ impl Default for RoutingConfig {
         RoutingConfig {
             policy: Policy::default(),
             cost_max_queue_wait_ms: default_cost_max_queue_wait_ms(),
+            prefix_min_match: MinMatch::default(),
+            prefix_balance_threshold: default_prefix_balance_threshold(),
+            prefix_cache_entries: default_affinity_entries(),
+            session_cache_entries: default_affinity_entries(),
         }
     }
+}
+
+impl RoutingConfig {
+    /// The affinity policies' settings.
+    pub(crate) fn affinity(&self) -> crate::prefix::Settings {
+        crate::prefix::Settings {
+            min_match: self.prefix_min_match,
+            balance: self.prefix_balance_threshold,
+            prefix_entries: self.prefix_cache_entries,
+            session_entries: self.session_cache_entries,
+        }
+    }
+}
+
+fn default_prefix_balance_threshold() -> u32 {
+    crate::prefix::Settings::default().balance
+}
+fn default_affinity_entries() -> usize {
+    crate::prefix::Settings::default().prefix_entries
 }
 
 fn default_cost_max_queue_wait_ms() -> u64 {

@@ -9,6 +9,7 @@ use super::error::{err, ConfigError};
 use super::{
     Config, DeploymentConfig, DeploymentKind, LimitStore, ModelConfig, UpstreamApiKind, UsageStore,
 };
+use crate::prefix::MinMatch;
 use crate::routing::Policy;
 
 type Check = Result<(), ConfigError>;
@@ -18,6 +19,7 @@ pub(super) fn config(cfg: &Config, file_keys: Option<&FileKeys>) -> Check {
     server(cfg)?;
     resilience(cfg)?;
     admission(cfg)?;
+    routing(cfg)?;
     models(cfg)?;
     auth(cfg, file_keys)?;
     limits(cfg)?;
@@ -71,6 +73,30 @@ fn usage(cfg: &Config, file_keys: Option<&FileKeys>) -> Check {
             "usage.flush_interval_ms",
             "must be from 1 to 1000 (milliseconds)",
         );
+    }
+    Ok(())
+}
+
+fn routing(cfg: &Config) -> Check {
+    let r = &cfg.routing;
+    if let MinMatch::Share(s) = r.prefix_min_match {
+        if !(0.0..=1.0).contains(&s) {
+            return err(
+                "routing.prefix_min_match",
+                "a share of the prompt must be from 0.0 to 1.0 (e.g. 0.5); an integer is a length in bytes (e.g. 4096)",
+            );
+        }
+    }
+    for (key, n) in [
+        ("routing.prefix_cache_entries", r.prefix_cache_entries),
+        ("routing.session_cache_entries", r.session_cache_entries),
+    ] {
+        if n == 0 || n > 100_000_000 {
+            return err(
+                key,
+                "must be from 1 to 100000000 (entries; about 80 bytes each)",
+            );
+        }
     }
     Ok(())
 }

@@ -311,6 +311,7 @@ async fn prepare(
             policy,
             max_queue: a.max_queue,
             cost_wait_ms: cfg.routing.cost_max_queue_wait_ms as f64,
+            affinity: cfg.routing.affinity(),
         },
         max_wait: Duration::from_millis(a.max_queue_wait_ms),
         seed: 0x9e37_79b9_7f4a_7c15 ^ mi as u64,

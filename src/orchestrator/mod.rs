@@ -26,6 +26,7 @@ use crate::admission::{
 };
 use crate::config::DeploymentConfig;
 use crate::pool::Managed;
+use crate::prefix::Affinity;
 use crate::reason::{RejectReason, Rejection};
 use crate::routing::Policy;
 use crate::upstream::Deployment;
@@ -91,6 +92,8 @@ pub(crate) struct Permit {
     start: Instant,
     /// It is the breaker's half-open probe.
     probe: bool,
+    /// Under `prefix-aware`: the share of its prompt the deployment was sent before.
+    prefix_share: Option<f64>,
     /// Its outcome was reported to the breaker (by the permit's [`Feedback`]).
     reported: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -124,6 +127,12 @@ impl Permit {
     /// Which of its model's deployments (its index, for retries' exclusions).
     pub(crate) fn dep_index(&self) -> usize {
         self.dep
+    }
+
+    /// Under `prefix-aware`: the share of the prompt its deployment was sent before (likely
+    /// still in its KV cache).
+    pub(crate) fn prefix_share(&self) -> Option<f64> {
+        self.prefix_share
     }
 
     /// A handle to report on this request after the permit moved on (into a stream).
@@ -197,12 +206,14 @@ impl ModelRt {
     /// Admits a request of priority `prio` that may wait up to `max_wait` (capped by the
     /// config): a permit to run, or the rejection to answer with.
     /// `exclude`: deployments (a bit each) this request already failed on; a retry runs now on
-    /// another deployment or is refused, it never queues.
+    /// another deployment or is refused, it never queues. `wants`: what the request brings to
+    /// an affinity policy ([`Self::policy`]).
     pub(crate) async fn admit(
         self: &Arc<Self>,
         prio: Priority,
         max_wait: Option<Duration>,
         exclude: u64,
+        wants: Affinity,
     ) -> Result<Permit, Rejection> {
         let now = Instant::now();
         let limit = self.conf.load().max_wait;
@@ -210,7 +221,7 @@ impl ModelRt {
         let deadline = (!wait.is_zero()).then(|| now + wait);
         let (tx, mut rx) = oneshot::channel();
         let decision =
-            self.decide(|core, ledger| core.admit(ledger, prio, deadline, exclude, now, tx));
+            self.decide(|core, ledger| core.admit(ledger, prio, deadline, exclude, now, wants, tx));
         let key = match decision {
             Admit::Run(g) => {
                 self.retire(&g.evicted);
@@ -266,6 +277,11 @@ impl ModelRt {
         }
     }
 
+    /// The model's routing policy now.
+    pub(crate) fn policy(&self) -> Policy {
+        self.conf.load().policy
+    }
+
     /// When a request arriving now must be served by, at the latest, given its `max_wait`.
     pub(crate) fn deadline(&self, arrival: Instant, max_wait: Option<Duration>) -> Instant {
         let limit = self.conf.load().max_wait;
@@ -305,6 +321,7 @@ impl ModelRt {
             managed: slot.managed.clone(),
             start,
             probe: g.probe,
+            prefix_share: g.prefix_share,
             reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
@@ -350,8 +367,12 @@ impl ModelRt {
                 })
             })
             .collect();
+        let affinity = core.recall_size().map(|(kind, entries, capacity, bytes)| {
+            json!({"kind": kind, "entries": entries, "capacity": capacity, "bytes": bytes})
+        });
         json!({
             "policy": conf.policy.to_string(),
+            "affinity": affinity,
             "queue": {
                 "depth": core.queue.len(),
                 "by_priority": {"low": by_prio[0], "normal": by_prio[1], "high": by_prio[2], "critical": by_prio[3]},

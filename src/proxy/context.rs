@@ -86,11 +86,24 @@ impl Ctx {
         self.rec.queue_wait.get_or_insert(d);
     }
 
-    /// Try number `attempt` goes to the deployment labelled `backend`.
-    pub(crate) fn trying(&mut self, attempt: u32, backend: Arc<str>, prices: Prices) {
+    /// Try number `attempt` goes to the deployment labelled `backend`, which (under
+    /// `prefix-aware`) was sent `prefix_match` of the prompt before.
+    pub(crate) fn trying(
+        &mut self,
+        attempt: u32,
+        backend: Arc<str>,
+        prices: Prices,
+        prefix_match: Option<f64>,
+    ) {
         self.rec.attempts = attempt;
         self.rec.backend = Some(backend);
         self.rec.prices = prices;
+        self.rec.prefix_match = prefix_match;
+    }
+
+    /// Under `prefix-aware`: the share of the prompt the deployment tried last was sent before.
+    pub(crate) fn prefix_match(&self) -> Option<f64> {
+        self.rec.prefix_match
     }
 
     /// The route the request came in on.
@@ -202,7 +215,7 @@ mod tests {
     fn a_context_finishes_once_and_a_dropped_one_is_a_disconnect() {
         let obs = Arc::new(Observer::default());
         let mut c = ctx(&obs);
-        c.trying(3, "b".into(), Prices::default());
+        c.trying(3, "b".into(), Prices::default(), None);
         c.finish(StatusCode::OK, Reason::Ok);
         drop(ctx(&obs));
         let v = obs.snapshot();

@@ -209,6 +209,7 @@ mod bench {
             reply: None,
             local: None,
             native: None,
+            session: None,
         }
     }
 

@@ -36,7 +36,7 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::headers::{ATTEMPTS, BACKEND, PRECISION, SERVER_TIMING};
+use crate::headers::{ATTEMPTS, BACKEND, PRECISION, PREFIX_MATCH, SERVER_TIMING};
 use crate::orchestrator::{BuildError, ModelRt, Orchestrator};
 use crate::reason::{RejectReason, Rejection};
 use crate::upstream::{Deployment, Endpoint, Reply, StreamEnd};
@@ -560,10 +560,11 @@ impl Pipeline {
         let mut attempts = Attempts::new(g.max_attempts, g.retry_budget, accepted.arrival);
         let start_by = model.deadline(accepted.arrival, req.max_wait);
         let rid = accepted.id.to_str().unwrap_or_default();
+        let wants = admit::affinity(model, req);
         loop {
             // Decided before the first byte, for streams as for the rest. A retry goes to
             // another deployment with a free slot now, or not at all.
-            let permit = match admit::admit(model, req, attempts.exclude()).await {
+            let permit = match admit::admit(model, req, &wants, attempts.exclude()).await {
                 Ok((permit, waited)) => {
                     ctx.admitted(waited);
                     permit
@@ -573,7 +574,12 @@ impl Pipeline {
             };
             attempts.trying(permit.dep_index());
             let dep = permit.deployment();
-            ctx.trying(attempts.count(), dep.label.clone(), dep.prices);
+            ctx.trying(
+                attempts.count(),
+                dep.label.clone(),
+                dep.prices,
+                permit.prefix_share(),
+            );
             match forward::forward(permit, req, rid, start_by).await {
                 Ok(ok) => {
                     attempts.succeeded();
@@ -621,6 +627,7 @@ impl Pipeline {
         };
         let timing = ctx.server_timing();
         let attempts = ctx.attempts();
+        let ctx_prefix = ctx.prefix_match();
         let mut resp = match reply {
             Reply::Full {
                 content_type,
@@ -694,6 +701,10 @@ impl Pipeline {
             }
         };
         stamp_backend(&mut resp, &dep, attempts, timing);
+        if let Some(share) = ctx_prefix {
+            resp.headers_mut()
+                .insert(PREFIX_MATCH, prefix_header(share));
+        }
         resp.headers_mut().extend(headers);
         resp
     }
@@ -713,6 +724,16 @@ fn fail(e: ApiError, client: &'static dyn ClientApi, ctx: Ctx, headers: HeaderMa
     resp.headers_mut().extend(headers);
     ctx.finish(resp.status(), reason);
     resp
+}
+
+/// `x-mofa-prefix-match`: a share in [0, 1], two decimals.
+fn prefix_header(share: f64) -> HeaderValue {
+    let share = if share.is_finite() {
+        share.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    HeaderValue::try_from(format!("{share:.2}")).unwrap_or(HeaderValue::from_static("0.00"))
 }
 
 /// The headers of a reply that ran on `dep`.

@@ -115,6 +115,8 @@ pub(crate) struct Record {
     pub endpoint: &'static str,
     /// The prices of the deployment that served it (the last one tried).
     pub prices: Prices,
+    /// Under `prefix-aware`: the share of the prompt that deployment was sent before.
+    pub prefix_match: Option<f64>,
 }
 
 impl Record {
@@ -142,6 +144,7 @@ impl Record {
             tokens: None,
             endpoint: "",
             prices: Prices::default(),
+            prefix_match: None,
         }
     }
 }
@@ -205,6 +208,7 @@ impl Observer {
                 .tokens
                 .filter(|t| !t.estimated)
                 .map(|t| (t.input, t.output)),
+            prefix_match: rec.prefix_match,
         });
         line::Line {
             request_id: rec.request_id.to_str().unwrap_or_default(),

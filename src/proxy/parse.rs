@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::accept::Limits;
 use crate::admission::Priority;
 use crate::error::ApiError;
-use crate::headers::{MAX_WAIT_MS, PRIORITY};
+use crate::headers::{MAX_WAIT_MS, PRIORITY, SESSION};
 use crate::upstream::Endpoint;
 use crate::wire::json::numbers_blanked;
 use crate::wire::{ClientApi, Local, Native, ReplyFormat};
@@ -32,6 +32,7 @@ pub(crate) async fn parse(
     named: &mut Option<String>,
 ) -> Result<Parsed, ApiError> {
     let (header_priority, max_wait) = admission_headers(req.headers())?;
+    let session = req.headers().get(SESSION).map(|v| v.as_bytes().into());
     let body = read_body(limits, req).await?;
     let r = client.parse(endpoint, body, named)?;
     Ok(Parsed {
@@ -49,6 +50,7 @@ pub(crate) async fn parse(
         reply: r.reply,
         local: r.local,
         native: r.native,
+        session,
     })
 }
 
@@ -79,6 +81,8 @@ pub(crate) struct Parsed {
     pub local: Option<Local>,
     /// The request in the client's own API, for a deployment that speaks it.
     pub native: Option<Native>,
+    /// `x-mofa-session`, for the `session` routing policy.
+    pub session: Option<Box<[u8]>>,
 }
 
 /// The tokens a request is charged before it runs (see [`Parsed::token_estimate`]).
@@ -281,6 +285,7 @@ mod tests {
             reply: None,
             local: None,
             native: None,
+            session: None,
         };
         assert_eq!(p.token_estimate().prompt, 3, "\"user\" + 8 characters, / 4");
         assert_eq!(p.token_estimate().total(), 13);

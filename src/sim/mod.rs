@@ -2,8 +2,9 @@
 //! real pacing (time to first token, tokens per second) and fault injection.
 //!
 //! It is the gateway's default backend (run in-process), the upstream of the tests and of the
-//! benchmarks (`mofa-gateway sim`). It owns only its own counters (`GET /sim/stats`) and the last
-//! request it saw (`GET /sim/last_request`, without credentials). It must depend on nothing of
+//! benchmarks (`mofa-gateway sim`). It owns only its own counters (`GET /sim/stats`), the last
+//! request it saw (`GET /sim/last_request`, without credentials), and a model of a prompt cache
+//! (which prompt prefixes it was sent: `prompt_cache` in the stats, see [`cache`]). It must depend on nothing of
 //! the gateway (it could be its own crate): its envelope and helpers are its own.
 //!
 //! Output: `max_tokens` (or `max_completion_tokens`) words, finish `"length"`; without them 16
@@ -20,6 +21,7 @@
 //! see [`messages`]): the same reply plan, counters, pacing and faults, written in that format.
 //! The API is one choice at the router and in the error envelope; everything between is shared.
 
+mod cache;
 mod messages;
 mod reply;
 mod tools;
@@ -150,6 +152,8 @@ struct Sim {
     c: Counters,
     created: u64,
     last_request: Mutex<Option<Value>>,
+    /// The prompts it was sent, as a server's prompt cache would hold them.
+    prompts: Mutex<cache::PromptCache>,
 }
 
 type Shared = Arc<Sim>;
@@ -161,6 +165,7 @@ pub fn router(opts: SimOptions) -> Router {
         c: Counters::default(),
         created: unix_now(),
         last_request: Mutex::new(None),
+        prompts: Mutex::new(cache::PromptCache::default()),
     });
     let api = match sim.opts.api {
         SimApi::OpenAi => Router::new()
@@ -313,6 +318,12 @@ async fn stats(State(sim): State<Shared>) -> Response {
         "rejected": c.rejected.load(Ordering::Relaxed),
         "in_flight": c.in_flight.load(Ordering::Relaxed),
         "peak_in_flight": c.peak_in_flight.load(Ordering::Relaxed),
+        "prompt_cache": sim.prompts.lock().map(|p| json!({
+            "prompts": p.prompts,
+            "bytes": p.bytes,
+            "cached_bytes": p.cached_bytes,
+            "entries": p.entries(),
+        })).unwrap_or(Value::Null),
     }))
 }
 
@@ -532,6 +543,13 @@ async fn generate(sim: Shared, headers: HeaderMap, body: Body, kind: Kind) -> Re
         Kind::Completion => req.get("prompt").map(message_text).unwrap_or_default(),
     };
     let prompt_tokens = prompt_text.split_whitespace().count() as u64;
+    let field = if chat { "messages" } else { "prompt" };
+    if let Some(p) = req.get(field) {
+        let bytes = serde_json::to_vec(p).unwrap_or_default();
+        if let Ok(mut cache) = sim.prompts.lock() {
+            cache.see(&bytes);
+        }
+    }
     let (pieces, tool_calls, finish) = match plan {
         Some(plan) => tool_reply(&sim, plan, "call_"),
         None => {

@@ -324,6 +324,14 @@ pub struct Routing {
     policy: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cost_max_queue_wait_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix_min_match: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix_balance_threshold: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix_cache_entries: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_cache_entries: Option<u64>,
 }
 
 impl Routing {
@@ -331,6 +339,11 @@ impl Routing {
         /// The default policy, as the file spells it (`local-first`, `cost`, ...).
         policy: &str,
         cost_max_queue_wait_ms: u64,
+        /// A share (`json!(0.5)`) or bytes (`json!(4096)`).
+        prefix_min_match: Value,
+        prefix_balance_threshold: u64,
+        prefix_cache_entries: u64,
+        session_cache_entries: u64,
     }
 }
 
