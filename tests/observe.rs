@@ -173,29 +173,6 @@ async fn metrics_after(gw: SocketAddr, n: f64) -> (String, Samples) {
     .await
 }
 
-fn promtool_check(text: &str) {
-    let mut child = Command::new(require_binary("promtool", "prometheus"))
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_sequence_exactly_and_pass_promtool() {
     let (ok, slow, cut) = backends().await;

@@ -204,6 +204,7 @@ async fn a_conversations_turns_land_on_one_deployment_and_hit_its_cache() {
 
     // Observable: the histogram of matched shares and the index's size.
     let text = get(gw, "/metrics").await.text().await.unwrap();
+    promtool_check(&text);
     let count: f64 = text
         .lines()
         .filter(|l| l.starts_with("mofa_gateway_prefix_match_ratio_count{"))

@@ -1245,6 +1245,31 @@ pub async fn run_binary_env(args: &[&str], env: &[(String, String)]) -> (Binary,
     (Binary(child), url)
 }
 
+/// `promtool check metrics` (Debian's `prometheus`) passes on `text`.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(require_binary("promtool", "prometheus"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `mofa-gateway serve --config file` (on an ephemeral port) with `extra` arguments
 /// (`--watch`); the file stays, for tests that change it and reload.
 pub async fn run_gateway_file(file: &std::path::Path, extra: &[&str]) -> (Binary, SocketAddr) {
