@@ -17,7 +17,7 @@
 #     and shutdown cancel out.
 #
 # Traffic goes to 127.0.0.1 only. Every process started here is killed on exit.
-# Usage: bench/instructions.sh    (env: BIN_B EXTRA EXTRA_B N1 N2)
+# Usage: bench/instructions.sh    (env: BIN_B EXTRA EXTRA_B N1 N2; BODY: the request, JSON)
 
 set -euo pipefail
 export LC_ALL=C
@@ -32,7 +32,7 @@ command -v valgrind >/dev/null 2>&1 || {
 source "$ROOT/bench/lib.sh"
 
 sim_ready --model m
-BODY='{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'
+BODY=${BODY:-'{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'}
 
 # count BIN N EXTRA: the gateway's instructions for warm-up + N requests.
 count() {

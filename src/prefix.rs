@@ -275,7 +275,7 @@ const BLOCK_SEED: u64 = 0x6d6f_6661_7072_6566; // "mofapref"
 /// Raw bytes are a stable rendering of a conversation: a client (the official SDKs, LangChain,
 /// `curl` scripts) serializes the earlier turns the same way every time, so turn n+1's
 /// `messages` starts with turn n's bytes up to the `]` after its last message. Only the
-/// request's own bytes are read (no parse, no re-serialization: found by the same scan that
+/// request's own bytes are read (no parse, no re-serialization: found by the scanner that
 /// rewrites the body, [`crate::jsonspan`]). A client that re-serializes earlier turns
 /// differently (other spacing, key order) simply matches less; `tools` and sampling fields are
 /// not part of the rendering.
@@ -290,15 +290,22 @@ pub(crate) fn chat_prompt(body: &[u8]) -> Option<&[u8]> {
     body.get(value("messages").or_else(|| value("prompt"))?)
 }
 
+/// The most blocks of a prompt that are hashed, matched and recorded: its first 512 KB at the
+/// default block size (some 130 000 tokens). Bounds the work per request (hashing, and the
+/// lookups under the model's lock) and what one request can push out of the index, whatever
+/// the body's size; a longer prompt is routed by its beginning, which is what a prefix is.
+pub(crate) const MAX_BLOCKS: usize = 2048;
+
 /// The chained hashes of `prompt`'s full blocks of `block_bytes` (at least
-/// [`MIN_BLOCK_BYTES`]): hash i covers bytes `[0, (i+1) * block_bytes)`, computed as
-/// `h_i = hash(h_{i-1}, block_i)`, so equal hashes at i mean (but for a 64-bit collision)
-/// equal prefixes. A trailing partial block is not indexed.
+/// [`MIN_BLOCK_BYTES`]), at most [`MAX_BLOCKS`]: hash i covers bytes
+/// `[0, (i+1) * block_bytes)`, computed as `h_i = hash(h_{i-1}, block_i)`, so equal hashes at i
+/// mean (but for a 64-bit collision) equal prefixes. A trailing partial block is not indexed.
 pub(crate) fn blocks(prompt: &[u8], block_bytes: usize) -> Vec<u64> {
     let state = foldhash::quality::FixedState::with_seed(BLOCK_SEED);
     let mut prev = 0u64;
     prompt
         .chunks_exact(block_bytes.max(MIN_BLOCK_BYTES))
+        .take(MAX_BLOCKS)
         .map(|block| {
             let mut h = state.build_hasher();
             h.write_u64(prev);
@@ -922,6 +929,14 @@ mod tests {
         assert!(blocks(&[], 0).is_empty());
         assert_eq!(blocks(&[1; 40], 0).len(), 40 / MIN_BLOCK_BYTES);
         assert_eq!(blocks(&[1; 40], usize::MAX).len(), 0);
+        // A huge prompt: only its beginning is hashed.
+        let huge = vec![7u8; (MAX_BLOCKS + 10) * DEFAULT_BLOCK_BYTES];
+        let b = blocks(&huge, DEFAULT_BLOCK_BYTES);
+        assert_eq!(b.len(), MAX_BLOCKS);
+        assert_eq!(
+            b[..5],
+            blocks(&huge[..5 * DEFAULT_BLOCK_BYTES], DEFAULT_BLOCK_BYTES)[..]
+        );
         let mut index = PrefixIndex::new(0);
         assert_eq!(index.capacity(), 1);
         index.record(&[], 0);

@@ -3,8 +3,8 @@
 //! Pure: takes a snapshot of the deployments (slots, observed latency, price, memory verdicts)
 //! and returns a choice, a reason to wait, or a reason to reject. No I/O, no clock reads, no
 //! locks; randomness (for the power of two choices), the round-robin turn and the affinity
-//! policies' preferred deployment (from [`crate::prefix`], judged by the caller) come in as
-//! [`Draw`].
+//! policies' preferred deployment (judged by the caller from what it remembers of earlier
+//! requests) come in as [`Draw`].
 
 use std::fmt;
 
