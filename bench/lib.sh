@@ -5,10 +5,13 @@
 # on exit: never by name), the readiness waits and the /proc readings (CPU ticks, RSS).
 # Must not: reach anything but 127.0.0.1, or stop a process it did not start.
 # Needs ROOT (the repository). Sets BIN, LOADGEN, TMP. SKIP_BUILD=1 skips the build; KEEP_TMP=1
-# keeps TMP (the processes' logs) at exit.
+# keeps TMP (the processes' logs) at exit. CARGO_TARGET_DIR is honoured (a relative one is taken
+# from ROOT, where cargo runs).
 
-BIN="$ROOT/target/release/mofa-gateway"
-LOADGEN="$ROOT/target/release/examples/loadgen"
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+BIN="$TARGET_DIR/release/mofa-gateway"
+LOADGEN="$TARGET_DIR/release/examples/loadgen"
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     echo "== building (cargo build --release --bin mofa-gateway --example loadgen --example floor_proxy)" >&2
     (cd "$ROOT" && cargo build --release --quiet --bin mofa-gateway --example loadgen --example floor_proxy)
