@@ -14,22 +14,9 @@ use serde_json::Value;
 
 /// Runs `mofa-gateway keys ARGS` with `stdin`; returns its stdout.
 fn keys_cmd(args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"))
-        .arg("keys")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mofa-gateway"));
+    cmd.arg("keys").args(args);
+    let out = run_with_stdin(cmd, stdin);
     assert!(
         out.status.success(),
         "keys {args:?}: {}",

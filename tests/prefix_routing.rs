@@ -80,6 +80,15 @@ async fn send(gw: std::net::SocketAddr, body: &Value, headers: &[(&str, &str)]) 
     }
 }
 
+/// `n` requests of `body` at once; their answers in the order they end.
+async fn at_once(gw: std::net::SocketAddr, body: &Value, n: usize) -> Vec<Answer> {
+    stream::iter(0..n)
+        .map(|_| send(gw, body, &[]))
+        .buffer_unordered(n)
+        .collect()
+        .await
+}
+
 /// Two simulators serving `MODEL` with `opts`; their base URLs.
 async fn two_sims(opts: impl Fn() -> SimOptions) -> [String; 2] {
     [sim(opts()).await, sim(opts()).await]
@@ -256,12 +265,7 @@ async fn the_balance_threshold_and_a_full_replica_move_a_conversation() {
     let home = first.backend.clone();
     // Four requests of the next turn at once: the home replica takes them while it is within 2
     // in flight of the other (0, 1, 2 against 0); the fourth (3 against 0) goes to the other.
-    let next = conv.ask(2);
-    let answers: Vec<Answer> = stream::iter(0..4)
-        .map(|_| send(gw, &next, &[]))
-        .buffer_unordered(4)
-        .collect()
-        .await;
+    let answers = at_once(gw, &conv.ask(2), 4).await;
     let at_home = answers.iter().filter(|a| a.backend == home).count();
     assert_eq!(
         at_home,
@@ -282,12 +286,7 @@ async fn the_balance_threshold_and_a_full_replica_move_a_conversation() {
     let mut conv = Conversation::new(2);
     let first = send(gw, &conv.ask(1), &[]).await;
     conv.answered(&first.body);
-    let next = conv.ask(2);
-    let answers: Vec<Answer> = stream::iter(0..4)
-        .map(|_| send(gw, &next, &[]))
-        .buffer_unordered(4)
-        .collect()
-        .await;
+    let answers = at_once(gw, &conv.ask(2), 4).await;
     assert!(answers.iter().all(|a| a.status == 200));
     let at_home = answers
         .iter()

@@ -1245,23 +1245,31 @@ pub async fn run_binary_env(args: &[&str], env: &[(String, String)]) -> (Binary,
     (Binary(child), url)
 }
 
-/// `promtool check metrics` (Debian's `prometheus`) passes on `text`.
-pub fn promtool_check(text: &str) {
+/// Runs `cmd` with `input` on its stdin, its stdout and stderr captured; its output once it
+/// exits.
+pub fn run_with_stdin(mut cmd: std::process::Command, input: &str) -> std::process::Output {
     use std::io::Write;
-    let mut child = std::process::Command::new(require_binary("promtool", "prometheus"))
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(text.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `promtool check metrics` (Debian's `prometheus`) passes on `text`.
+pub fn promtool_check(text: &str) {
+    let mut cmd = std::process::Command::new(require_binary("promtool", "prometheus"));
+    cmd.args(["check", "metrics"]);
+    let out = run_with_stdin(cmd, text);
     assert!(
         out.status.success(),
         "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
