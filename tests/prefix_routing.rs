@@ -436,6 +436,59 @@ async fn a_broken_deployment_is_forgotten_and_a_removed_one_too() {
     assert!(a.prefix.unwrap() >= 0.8);
 }
 
+/// The pool stops a replica's server when it is idle: its cache goes with it, and so does
+/// what the gateway remembered of it; the conversation's next turn is a first turn again.
+#[tokio::test]
+async fn a_replica_the_pool_stopped_is_forgotten() {
+    let replica = |v: &str| {
+        Deployment::sim_command(&[])
+            .variant(v)
+            .memory_mb(40)
+            .idle_ttl_s(1)
+            .startup_timeout_s(20)
+    };
+    let gw = GatewayBuilder::new()
+        .admission(|a| a.memory_capacity_mb(100))
+        .model(MODEL, |m| {
+            m.policy("prefix-aware")
+                .deployment(replica("a"))
+                .deployment(replica("b"))
+        })
+        .start()
+        .await;
+    let mut conv = Conversation::new(1);
+    let turn = |conv: &mut Conversation, n: usize| {
+        let body = conv.ask(n);
+        async move { send(gw, &body, &[]).await }
+    };
+    let first = turn(&mut conv, 1).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    conv.answered(&first.body);
+    let second = turn(&mut conv, 2).await;
+    assert_eq!(second.backend, first.backend);
+    assert!(second.prefix.unwrap() >= 0.5, "{:?}", second.prefix);
+    conv.answered(&second.body);
+
+    eventually(
+        "both servers stopped after their idle TTL",
+        Duration::from_secs(10),
+        || async {
+            let pool = admin(gw, "pool").await;
+            let procs = pool["models"].as_array().unwrap().clone();
+            procs.len() == 2 && procs.iter().all(|p| p["state"] == "stopped")
+        },
+    )
+    .await;
+    let third = turn(&mut conv, 3).await;
+    assert_eq!(third.status, 200, "{}", third.body);
+    assert_eq!(third.prefix, Some(0.0), "a stopped server's cache is gone");
+    conv.answered(&third.body);
+    // And learned again from there.
+    let fourth = turn(&mut conv, 4).await;
+    assert_eq!(fourth.backend, third.backend);
+    assert!(fourth.prefix.unwrap() >= 0.5, "{:?}", fourth.prefix);
+}
+
 #[tokio::test]
 async fn a_session_stays_on_its_deployment() {
     let urls = two_sims(sims_opts).await;

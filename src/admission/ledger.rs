@@ -35,6 +35,9 @@ pub(crate) struct MemEntry {
     pub in_flight: u32,
     pub last_used: Option<Instant>,
     pub last_priority: Priority,
+    /// How many times it stopped being resident (evicted, unloaded, its process gone): what
+    /// a server kept in memory (its prompt cache) is gone each time.
+    pub unloads: u64,
 }
 
 /// The memory budget shared by all local models: what is resident, what is in use.
@@ -66,6 +69,7 @@ impl Ledger {
         self.entries.push(MemEntry {
             mb,
             resident: false,
+            unloads: 0,
             in_flight: 0,
             last_used: None,
             last_priority: Priority::Low,
@@ -134,7 +138,7 @@ impl Ledger {
     /// Starts a request on entry `id`: evicts `evict`, makes it resident, counts it in use.
     pub(crate) fn acquire(&mut self, id: usize, prio: Priority, evict: &[usize], now: Instant) {
         for &i in evict {
-            self.entries[i].resident = false;
+            self.not_resident(i);
         }
         let e = &mut self.entries[id];
         e.resident = true;
@@ -156,7 +160,7 @@ impl Ledger {
             MemVerdict::Blocked(b) => return Err(b),
         };
         for &i in &evict {
-            self.entries[i].resident = false;
+            self.not_resident(i);
         }
         let e = &mut self.entries[id];
         e.resident = true;
@@ -168,7 +172,7 @@ impl Ledger {
     /// The model's process is gone (crashed, failed to start): its memory is free, whatever is
     /// still counted in flight on it (those requests fail on their own).
     pub(crate) fn force_unload(&mut self, id: usize) {
-        self.entries[id].resident = false;
+        self.not_resident(id);
     }
 
     pub(crate) fn release(&mut self, id: usize, now: Instant) {
@@ -183,7 +187,20 @@ impl Ledger {
         if e.in_flight > 0 {
             return false;
         }
-        e.resident = false;
+        self.not_resident(id);
         true
+    }
+
+    /// How many times entry `id` stopped being resident (0 for an unknown one).
+    pub(crate) fn unloads(&self, id: usize) -> u64 {
+        self.entries.get(id).map_or(0, |e| e.unloads)
+    }
+
+    fn not_resident(&mut self, id: usize) {
+        let e = &mut self.entries[id];
+        if e.resident {
+            e.unloads += 1;
+        }
+        e.resident = false;
     }
 }

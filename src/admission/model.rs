@@ -233,6 +233,9 @@ pub(crate) struct ModelCore<T> {
     turn: usize,
     /// What the affinity policy remembers (prefixes sent, sessions' deployments).
     recall: Recall,
+    /// Per slot with a memory entry: the entry's unload count when `recall` last knew it (a
+    /// server stopped since has lost its cache: see [`Self::forget_unloaded`]).
+    seen_unloads: Vec<u64>,
     /// Completions seen (for the admin view).
     pub completed: u64,
     /// Arrival rate of each priority, lowest first.
@@ -287,6 +290,7 @@ impl<T> ModelCore<T> {
         ModelCore {
             queue: WaitQueue::new(limits.max_queue),
             recall: Recall::new(limits.policy, &limits.affinity),
+            seen_unloads: Vec::new(),
             limits,
             slots,
             rng: seed | 1,
@@ -515,6 +519,25 @@ impl<T> ModelCore<T> {
         (cands, verdicts)
     }
 
+    /// Forgets, in the affinity policy's memory, every deployment whose server stopped being
+    /// resident since it was last looked at (evicted, unloaded when idle, its process gone):
+    /// whatever it had cached went with it, so a stale match must not draw a request there
+    /// (and, for a server stopped meanwhile, start it again). Compares one counter a slot; the
+    /// walk of the index happens once per stop.
+    fn forget_unloaded(&mut self, ledger: &Ledger) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Some(id) = slot.mem else { continue };
+            let unloads = ledger.unloads(id);
+            if self.seen_unloads.len() <= i {
+                self.seen_unloads.resize(i + 1, 0);
+            }
+            if self.seen_unloads[i] != unloads {
+                self.seen_unloads[i] = unloads;
+                self.recall.forget(i);
+            }
+        }
+    }
+
     /// Routes without queueing; on `Run`, takes the slot (and the memory) and returns the grant.
     fn try_run(
         &mut self,
@@ -526,6 +549,7 @@ impl<T> ModelCore<T> {
     ) -> Result<Grant, NotNow> {
         let (cands, mut verdicts) = self.candidates(ledger, prio, exclude, now);
         let preference = if self.limits.policy.has_affinity() {
+            self.forget_unloaded(ledger);
             let loads: Vec<Option<u32>> = cands
                 .iter()
                 .take(MAX_SLOTS)
@@ -994,6 +1018,45 @@ mod tests {
             run_with(&mut core, &mut l, prompt(1, 2), now).unwrap().0,
             1 - home
         );
+    }
+
+    #[test]
+    fn a_server_stopped_since_is_forgotten_before_its_prefixes_draw_a_request() {
+        let now = t0();
+        let mut l = Ledger::new(MemoryLimits {
+            capacity_mb: 1000,
+            defer: 1.0,
+            reject: 1.0,
+        });
+        let mut slots = vec![slot(true, 4), slot(true, 4)];
+        let mems: Vec<usize> = slots
+            .iter_mut()
+            .map(|s| *s.mem.insert(l.register(100)))
+            .collect();
+        let mut core: ModelCore<u32> = ModelCore::new(limits(Policy::PrefixAware, 4), slots, 3);
+        // Two conversations, one on each server (both resident now).
+        let (home1, _) = run_with(&mut core, &mut l, prompt(1, 1), now).unwrap();
+        let (home2, _) = run_with(&mut core, &mut l, prompt(2, 1), now).unwrap();
+        assert_ne!(home1, home2);
+        done(&mut core, &mut l, home1, now);
+        done(&mut core, &mut l, home2, now);
+        let (dep, share) = run_with(&mut core, &mut l, prompt(1, 2), now).unwrap();
+        assert_eq!(dep, home1);
+        assert!(share.unwrap() > 0.5, "{share:?}");
+        done(&mut core, &mut l, dep, now);
+        // The pool stops conversation 1's server (idle): its cache is gone, and so is what the
+        // index remembered of it; the other server's conversation still matches.
+        assert!(l.unload(mems[home1]));
+        let (_, share) = run_with(&mut core, &mut l, prompt(1, 3), now).unwrap();
+        assert_eq!(share, Some(0.0));
+        let (dep, share) = run_with(&mut core, &mut l, prompt(2, 2), now).unwrap();
+        assert_eq!(dep, home2);
+        assert!(share.unwrap() > 0.5, "{share:?}");
+        // Evicted (or crashed) counts the same as unloaded.
+        done(&mut core, &mut l, dep, now);
+        l.force_unload(mems[home2]);
+        let (_, share) = run_with(&mut core, &mut l, prompt(2, 3), now).unwrap();
+        assert_eq!(share, Some(0.0));
     }
 
     #[test]
