@@ -17,6 +17,22 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     (cd "$ROOT" && cargo build --release --quiet --bin mofa-gateway --example loadgen --example floor_proxy)
 fi
 
+# terminate TENTHS PID...: SIGTERM to the processes, up to TENTHS tenths of a second for them
+# to exit, then SIGKILL to any left; reaps them.
+terminate() {
+    local tenths=$1 pid i any
+    shift
+    for pid; do kill -TERM "$pid" 2>/dev/null || true; done
+    for ((i = 0; i < tenths; i++)); do
+        any=0
+        for pid; do kill -0 "$pid" 2>/dev/null && any=1; done
+        ((any)) || break
+        sleep 0.1
+    done
+    for pid; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid; do wait "$pid" 2>/dev/null || true; done
+}
+
 TMP=$(mktemp -d)
 PIDS=()      # started by `start` (or added by a script), stopped on exit, in reverse order
 PID_FILES=() # files holding the PID of a process a subshell (re)started; stopped on exit
@@ -26,16 +42,8 @@ cleanup() {
     for f in "${PID_FILES[@]}"; do
         [[ -s $f ]] && live+=("$(<"$f")")
     done
-    for pid in "${live[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     # Up to 5 s for a graceful exit (the gateway drains), then SIGKILL.
-    for ((i = 0; i < 50; i++)); do
-        local any=0
-        for pid in "${live[@]}"; do kill -0 "$pid" 2>/dev/null && any=1; done
-        ((any)) || break
-        sleep 0.1
-    done
-    for pid in "${live[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    for pid in "${live[@]}"; do wait "$pid" 2>/dev/null || true; done
+    terminate 50 "${live[@]}"
     if [[ ${KEEP_TMP:-0} == 1 ]]; then
         echo "kept the run's files (logs, configs, raw results) in $TMP" >&2
     else

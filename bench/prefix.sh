@@ -135,18 +135,8 @@ export HF_HUB_OFFLINE=1 # the model is a local file: nothing to fetch
 
 # stop PID...: stops these processes (SIGTERM, up to 10 s, then SIGKILL) and forgets them.
 stop() {
-    local pid i any keep=()
-    for pid; do kill -TERM "$pid" 2>/dev/null || true; done
-    for ((i = 0; i < 100; i++)); do
-        any=0
-        for pid; do kill -0 "$pid" 2>/dev/null && any=1; done
-        ((any)) || break
-        sleep 0.1
-    done
-    for pid; do
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    local pid keep=()
+    terminate 100 "$@"
     for pid in "${PIDS[@]}"; do
         [[ " $* " == *" $pid "* ]] || keep+=("$pid")
     done

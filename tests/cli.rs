@@ -5,7 +5,7 @@ mod common;
 
 use common::TempDir;
 
-use common::{addr_of, chat, model_ids, run_binary as start};
+use common::{addr_of, chat, free_port, model_ids, run_binary as start};
 use std::process::{Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mofa-gateway");
@@ -242,11 +242,7 @@ fn commands_exit_quietly_when_the_reader_of_stdout_has_gone() {
 async fn sim_and_serve_serve_on_when_their_startup_line_cannot_be_printed() {
     for command in ["sim", "serve"] {
         // A free port, named up front: the line that would have said it is lost.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut child = tokio::process::Command::new(BIN)
             .args([command, "--listen", &listen])

@@ -158,10 +158,7 @@ struct LlamaServer {
 
 impl LlamaServer {
     async fn start(python: &str, model: &str, dir: &TempDir, name: &str) -> LlamaServer {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let log = dir.0.join(format!("{name}.log"));
         let child = tokio::process::Command::new(python)
             .args(["-m", "llama_cpp.server", "--model", model])

@@ -1323,12 +1323,18 @@ async fn run_gateway_binary_env(config: &str, env: &[(String, String)]) -> (Bina
 // ---------------------------------------------------------------------------------------------
 // Upstreams made for a test.
 
+/// A loopback port free now (bound and released), for a server a test starts on it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A loopback URL on which nothing listens.
 pub async fn dead_url() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    format!("http://{addr}/v1")
+    format!("http://127.0.0.1:{}/v1", free_port())
 }
 
 /// An upstream that answers every request with this status, content type and body.
@@ -1471,9 +1477,7 @@ impl PgServer {
                 .unwrap();
             assert!(ok.success(), "chown {} to {u}", dir.0.display());
         }
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
+        let port = free_port();
         let pg = PgServer {
             dir,
             port,
@@ -1615,9 +1619,7 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
+        let port = free_port();
         let mut r = Redis { child: None, port };
         r.restart().await;
         r
